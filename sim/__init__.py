@@ -1,0 +1,1 @@
+"""sparsa verification: cocotb testbenches and the launcher that builds and runs them."""

@@ -1,0 +1,126 @@
+"""Build generated Verilog once per configuration and run cocotb testbenches against it.
+
+A :class:`Design` names a top module and how to generate its Verilog. :func:`run` builds it for a
+simulator (once per process and design, and incrementally on disk) and runs one cocotb test of a
+testbench module, handing the testbench its settings as JSON in ``SPARSA_TB``. :func:`check` runs a
+test and, when it fails, runs it again with waveform tracing and raises with the waveform's path.
+
+Builds live under ``$SPARSA_BUILD_DIR`` (default ``build/sim`` in the current folder).
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import toolchain
+
+# Amaranth writes every register with an initial value *and* a reset, so the FPGA's power-on
+# state equals the reset state; Verilator calls that PROCASSINIT. Its width style (explicit
+# truncation through .eq) is what -Wno-WIDTH accepts.
+VERILATOR_WAIVERS = ("-Wno-WIDTH", "-Wno-PROCASSINIT")
+
+
+@dataclass(frozen=True)
+class Design:
+    """A top module ``top`` whose Verilog ``generate()`` returns; ``key`` names the configuration."""
+
+    key: str
+    top: str
+    generate: Callable[[], str]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    passed: bool
+    tests: int
+    failed: int
+    results_xml: Path
+    waveform: Path | None
+
+
+def build_root():
+    return Path(os.environ.get("SPARSA_BUILD_DIR", Path.cwd() / "build" / "sim")).resolve()
+
+
+_built = {}
+
+
+def _build_dir(design, simulator, waves):
+    return build_root() / f"{design.key}-{simulator}{'-waves' if waves else ''}"
+
+
+def build(design, simulator, waves=False):
+    """Build ``design`` for ``simulator``; returns (runner, build folder). Cached per process."""
+    key = (design.key, simulator, waves)
+    if key in _built:
+        return _built[key]
+    reason = toolchain.missing(simulator)
+    if reason:
+        raise RuntimeError(reason)
+    from cocotb_tools.runner import get_runner
+
+    folder = _build_dir(design, simulator, waves)
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / f"{design.top}.v"
+    text = design.generate()
+    # Rewrite only on change, so the simulators' own up-to-date checks skip unchanged builds.
+    if not source.exists() or source.read_text() != text:
+        source.write_text(text)
+    runner = get_runner(simulator)
+    runner.build(
+        sources=[source],
+        hdl_toplevel=design.top,
+        build_dir=folder,
+        build_args=list(VERILATOR_WAIVERS) if simulator == "verilator" else [],
+        timescale=("1ns", "1ps"),
+        waves=waves,
+    )
+    _built[key] = runner, folder
+    return runner, folder
+
+
+def run(design, simulator, test_module, testcase, settings=None, waves=False):
+    """Run one cocotb test; returns a :class:`RunResult` (never raises on a failing test)."""
+    from cocotb_tools.check_results import get_results
+
+    runner, folder = build(design, simulator, waves)
+    test_dir = folder / "runs" / testcase
+    test_dir.mkdir(parents=True, exist_ok=True)
+    results_xml = test_dir / "results.xml"
+    results_xml.unlink(missing_ok=True)
+    try:
+        runner.test(
+            test_module=test_module,
+            hdl_toplevel=design.top,
+            testcase=testcase,
+            build_dir=folder,
+            test_dir=test_dir,
+            results_xml=str(results_xml),
+            extra_env={"SPARSA_TB": json.dumps(settings or {})},
+            waves=waves,
+            timescale=("1ns", "1ps"),
+        )
+    except SystemExit:
+        # Under pytest the runner exits on a failing test; the results file says what failed.
+        pass
+    if not results_xml.exists():
+        return RunResult(False, 0, 0, results_xml, None)
+    tests, failed = get_results(results_xml)
+    waveform = None
+    if waves:
+        waveform = test_dir / "dump.vcd" if simulator == "verilator" else folder / f"{design.top}.fst"
+    return RunResult(tests > 0 and failed == 0, tests, failed, results_xml, waveform)
+
+
+def check(design, simulator, test_module, testcase, settings=None):
+    """Run a test; on failure rerun it with tracing and raise ``AssertionError`` naming the trace."""
+    result = run(design, simulator, test_module, testcase, settings)
+    if result.passed:
+        return result
+    traced = run(design, simulator, test_module, testcase, settings, waves=True)
+    raise AssertionError(
+        f"{test_module}.{testcase} failed on {simulator} ({result.failed} of {result.tests} "
+        f"tests failed; results in {result.results_xml}); waveform of the rerun: {traced.waveform}"
+    )

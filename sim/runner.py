@@ -10,17 +10,12 @@ Builds live under ``$SPARSA_BUILD_DIR`` (default ``build/sim`` in the current fo
 
 import json
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import toolchain
-
-# Amaranth writes every register with an initial value *and* a reset, so the FPGA's power-on
-# state equals the reset state; Verilator calls that PROCASSINIT. Its width style (explicit
-# truncation through .eq) is what -Wno-WIDTH accepts.
-VERILATOR_WAIVERS = ("-Wno-WIDTH", "-Wno-PROCASSINIT")
-
 
 @dataclass(frozen=True)
 class Design:
@@ -37,7 +32,12 @@ class RunResult:
     tests: int
     failed: int
     results_xml: Path
+    log: Path
     waveform: Path | None
+
+    def log_tail(self, lines=40):
+        text = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
+        return "\n".join(text[-lines:])
 
 
 def build_root():
@@ -69,14 +69,20 @@ def build(design, simulator, waves=False):
     if not source.exists() or source.read_text() != text:
         source.write_text(text)
     runner = get_runner(simulator)
-    runner.build(
-        sources=[source],
-        hdl_toplevel=design.top,
-        build_dir=folder,
-        build_args=list(VERILATOR_WAIVERS) if simulator == "verilator" else [],
-        timescale=("1ns", "1ps"),
-        waves=waves,
-    )
+    log = folder / "build.log"
+    try:
+        runner.build(
+            sources=[source],
+            hdl_toplevel=design.top,
+            build_dir=folder,
+            build_args=list(toolchain.VERILATOR_WAIVERS) if simulator == "verilator" else [],
+            timescale=("1ns", "1ps"),
+            waves=waves,
+            log_file=log,
+        )
+    except subprocess.CalledProcessError as error:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"building {design.key} for {simulator} failed ({log}):\n{tail}") from error
     _built[key] = runner, folder
     return runner, folder
 
@@ -90,6 +96,7 @@ def run(design, simulator, test_module, testcase, settings=None, waves=False):
     test_dir.mkdir(parents=True, exist_ok=True)
     results_xml = test_dir / "results.xml"
     results_xml.unlink(missing_ok=True)
+    log = test_dir / "sim.log"
     try:
         runner.test(
             test_module=test_module,
@@ -101,17 +108,18 @@ def run(design, simulator, test_module, testcase, settings=None, waves=False):
             extra_env={"SPARSA_TB": json.dumps(settings or {})},
             waves=waves,
             timescale=("1ns", "1ps"),
+            log_file=log,
         )
     except SystemExit:
         # Under pytest the runner exits on a failing test; the results file says what failed.
         pass
     if not results_xml.exists():
-        return RunResult(False, 0, 0, results_xml, None)
+        return RunResult(False, 0, 0, results_xml, log, None)
     tests, failed = get_results(results_xml)
     waveform = None
     if waves:
         waveform = test_dir / "dump.vcd" if simulator == "verilator" else folder / f"{design.top}.fst"
-    return RunResult(tests > 0 and failed == 0, tests, failed, results_xml, waveform)
+    return RunResult(tests > 0 and failed == 0, tests, failed, results_xml, log, waveform)
 
 
 def check(design, simulator, test_module, testcase, settings=None):
@@ -121,6 +129,6 @@ def check(design, simulator, test_module, testcase, settings=None):
         return result
     traced = run(design, simulator, test_module, testcase, settings, waves=True)
     raise AssertionError(
-        f"{test_module}.{testcase} failed on {simulator} ({result.failed} of {result.tests} "
-        f"tests failed; results in {result.results_xml}); waveform of the rerun: {traced.waveform}"
+        f"{test_module}.{testcase} failed on {simulator}; log: {result.log}; "
+        f"waveform of the rerun: {traced.waveform}\n{result.log_tail()}"
     )

@@ -12,10 +12,27 @@ second than Icarus. Icarus runs a smoke subset so the Verilog stays portable.
 
 import os
 import shutil
+import subprocess
 from importlib import util
 from pathlib import Path
 
 SIMULATORS = ("verilator", "icarus")
+
+# Verilator warnings that Amaranth's Verilog style raises on every design, waived for lint and
+# builds alike. Everything else `-Wall` reports is a real finding.
+VERILATOR_WAIVERS = (
+    # Amaranth sizes arithmetic exactly and truncates on assignment (how INT32 wrap is written).
+    "-Wno-WIDTH",
+    # Amaranth gives each register an initial value *and* a reset, so an FPGA's power-on state
+    # equals the reset state.
+    "-Wno-PROCASSINIT",
+    # One generated file holds the whole module hierarchy, so only the top can match its name.
+    "-Wno-DECLFILENAME",
+    # Amaranth emits a named wire for every HDL signal, for waveforms, including ones nothing
+    # reads (a PE's operand outputs at the array's edge, the carry bit a wrapping add drops);
+    # synthesis removes them.
+    "-Wno-UNUSEDSIGNAL",
+)
 DEFAULT_SIMULATOR = "verilator"
 
 
@@ -52,3 +69,13 @@ def missing(simulator):
     if shutil.which("iverilog") is None or shutil.which("vvp") is None:
         return "Icarus Verilog not found: install it (apt-get install iverilog)"
     return None
+
+
+def lint(path):
+    """Run ``verilator --lint-only -Wall`` on ``path``; returns (ok, Verilator's output)."""
+    prepare_environment()
+    if shutil.which("verilator") is None:
+        raise RuntimeError(missing("verilator"))
+    done = subprocess.run(["verilator", "--lint-only", "-Wall", *VERILATOR_WAIVERS, str(path)],
+                          capture_output=True, text=True)
+    return done.returncode == 0, done.stdout + done.stderr

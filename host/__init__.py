@@ -1,0 +1,1 @@
+"""sparsa host runtime."""

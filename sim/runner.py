@@ -9,6 +9,7 @@ Builds live under ``$SPARSA_BUILD_DIR`` (default ``build/sim`` in the current fo
 """
 
 import json
+import logging
 import os
 import subprocess
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ def build(design, simulator, waves=False):
     if not source.exists() or source.read_text() != text:
         source.write_text(text)
     runner = get_runner(simulator)
+    runner.log.setLevel(logging.WARNING)  # the commands it runs; their output goes to the logs
     log = folder / "build.log"
     try:
         runner.build(

@@ -1,6 +1,7 @@
 """sparsa gateware (Amaranth HDL 0.5): PE -> systolic array -> accelerator top level."""
 
-from .pe import ProcessingElement
+from .accelerator import Accelerator
 from .array import SystolicArray
+from .pe import ProcessingElement
 
-__all__ = ["ProcessingElement", "SystolicArray"]
+__all__ = ["Accelerator", "ProcessingElement", "SystolicArray"]

@@ -38,13 +38,18 @@ from .pe import ACCUMULATOR, OPERAND, ProcessingElement
 MAX_DIMENSION = 32
 
 
+def check_dimensions(rows, cols):
+    """Raise a clear error unless ``rows`` and ``cols`` are ints from 1 to MAX_DIMENSION."""
+    for name, value in (("rows", rows), ("cols", cols)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if not 1 <= value <= MAX_DIMENSION:
+            raise ValueError(f"{name} must be between 1 and {MAX_DIMENSION}, not {value}")
+
+
 class SystolicArray(wiring.Component):
     def __init__(self, rows, cols):
-        for name, value in (("rows", rows), ("cols", cols)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-            if not 1 <= value <= MAX_DIMENSION:
-                raise ValueError(f"{name} must be between 1 and {MAX_DIMENSION}, not {value}")
+        check_dimensions(rows, cols)
         self.rows = rows
         self.cols = cols
         super().__init__({

@@ -2,6 +2,7 @@
 
 from amaranth.back import verilog
 
+from .accelerator import Accelerator
 from .array import SystolicArray
 
 ARRAY_TOP = "sparsa_array"
@@ -14,3 +15,13 @@ def array_verilog(rows, cols, name=ARRAY_TOP):
     """
     array = SystolicArray(rows, cols)
     return verilog.convert(array, name=name, emit_src=False)
+
+
+ACCELERATOR_TOP = "sparsa_accel"
+
+
+def accelerator_verilog(rows=8, cols=8, stream_width=64, max_k=256, max_n=256,
+                        name=ACCELERATOR_TOP):
+    """Verilog text of the AXI top level :class:`Accelerator` as module ``name``."""
+    top = Accelerator(rows, cols, stream_width, max_k, max_n)
+    return verilog.convert(top, name=name, emit_src=False)

@@ -1,0 +1,422 @@
+"""The sparsa accelerator: an AXI-attached GEMM engine around the systolic array.
+
+``Accelerator(rows, cols, stream_width, max_k, max_n)`` is the top level. Ports, named as Vivado
+infers them: ``aclk``; ``aresetn`` (active-low, synchronous, AXI style); ``s_axis_*`` (operands
+in: tdata, tvalid, tready, tlast); ``m_axis_*`` (results out: tdata, tvalid, tready, tlast);
+``s_axi_*`` (AXI4-Lite registers, :mod:`.regs`). The stream layouts, register map and
+arithmetic are those of :mod:`sparsa.protocol`.
+
+Dataflow of one job (``C = A @ B``, ``M x K @ K x N``):
+
+- **Loader** (s_axis -> on-chip memories): the bias and the whole B panel go to memories that
+  stay resident for the job, B as ``ceil(N/cols) x K`` words of ``cols`` bytes; then A arrives
+  one m-tile (``rows x K``) at a time into one of two banks (double buffering: the next m-tile
+  loads while the current one computes).
+- **Sequencer** (memories -> array): for each m-tile, for each n-tile, issues the K k-steps of
+  that output tile to the output-stationary :class:`.SystolicArray`, one per cycle, so each A
+  panel is reused across all n-tiles and B across all m-tiles. Before a tile's last k-step it
+  reserves room for the tile's result rows downstream, so nothing ever overflows.
+- **Drain** (array -> post-processing -> FIFO -> m_axis): finished rows go through
+  :class:`.PostProcessor` into a FIFO of ``2 x rows`` rows and out as stream vectors, while
+  the array already works on the next tile.
+
+A dense job on an 8x8 array with a 64-bit stream is compute-bound once ``N > cols``: an m-tile
+brings ``K`` beats and keeps the array busy ``ceil(N/cols) x K`` cycles.
+
+Control: writing ``CONTROL.START`` resets the datapath (abandoning any job), then starts the job
+with the registers' values; ``CONTROL.SOFT_RESET`` only resets the datapath. Bad jobs set
+``ERROR`` instead of hanging; see :mod:`sparsa.protocol`.
+"""
+
+from amaranth import ClockDomain, Const, Module, Mux, ResetInserter, Signal, signed, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import bits_for
+
+from sparsa import protocol
+from sparsa.protocol import Control, Error, Feature, Option
+
+from .array import SystolicArray, check_dimensions
+from .postproc import PostProcessor
+from .regs import RegisterBlock
+
+STREAM_WIDTHS = (8, 16, 32, 64, 128, 256, 512, 1024)
+FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU
+KNOWN_OPTIONS = Option.BIAS | Option.REQUANT | Option.RELU
+
+
+class GemmCore(wiring.Component):
+    """Loader, sequencer, array and drain of one job; reset between jobs by the top level."""
+
+    def __init__(self, geometry):
+        g = self.geometry = geometry
+        super().__init__({
+            "start": In(1),
+            "m": In(32), "k": In(32), "n": In(32), "options": In(32),
+            "quant_mult": In(32), "quant_shift": In(32), "quant_zero": In(32),
+            "s_axis_tdata": In(g.stream_width), "s_axis_tvalid": In(1),
+            "s_axis_tready": Out(1), "s_axis_tlast": In(1),
+            "m_axis_tdata": Out(g.stream_width), "m_axis_tvalid": Out(1),
+            "m_axis_tready": In(1), "m_axis_tlast": Out(1),
+            "busy": Out(1), "done": Out(1), "error": Out(8),
+            "cycles": Out(32), "stall_in": Out(32), "stall_out": Out(32), "macs": Out(32),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        g = self.geometry
+        rows, cols, width = g.rows, g.cols, g.stream_width
+        n_tiles_max = -(-g.max_n // cols)
+        fifo_rows = 2 * rows
+        gap = max(rows, cols)
+
+        # ---- the job, latched at start -------------------------------------------------------
+        job_m = Signal(32)
+        job_k = Signal(range(g.max_k + 1))
+        job_n = Signal(range(g.max_n + 1))
+        bias_en, requant, relu = Signal(), Signal(), Signal()
+        mult = Signal(signed(32))
+        shift = Signal(unsigned(5))
+        zero = Signal(signed(8))
+        closing = Signal()  # no more tiles will be issued; close the output packet when drained
+        check = Signal(8)
+        zero_signed = self.quant_zero.as_signed()
+        m.d.comb += check.eq(
+            Mux((self.m == 0) | (self.k == 0) | (self.n == 0), Error.ZERO_DIMENSION,
+                Mux(self.k > g.max_k, Error.K_TOO_LARGE,
+                    Mux(self.n > g.max_n, Error.N_TOO_LARGE,
+                        Mux((self.options & ~Const(KNOWN_OPTIONS, 32)) != 0, Error.BAD_OPTION,
+                            Mux((self.options & Option.REQUANT).any()
+                                & ((self.quant_shift > 31) | (zero_signed < -128)
+                                   | (zero_signed > 127)), Error.BAD_QUANT, Error.NONE))))))
+        rejected = Signal()
+        with m.If(self.start):
+            m.d.sync += [
+                job_m.eq(self.m), job_k.eq(self.k), job_n.eq(self.n),
+                bias_en.eq(self.options & Option.BIAS),
+                requant.eq((self.options & Option.REQUANT).any()),
+                relu.eq((self.options & Option.RELU).any()),
+                mult.eq(self.quant_mult), shift.eq(self.quant_shift), zero.eq(self.quant_zero),
+                self.busy.eq(1), self.error.eq(check),
+            ]
+            m.d.comb += rejected.eq(check != Error.NONE)
+            with m.If(rejected):
+                m.d.sync += closing.eq(1)
+
+        # ---- memories ------------------------------------------------------------------------
+        m.submodules.bias_mem = bias_mem = Memory(shape=32 * cols, depth=n_tiles_max, init=[])
+        m.submodules.b_mem = b_mem = Memory(shape=8 * cols, depth=n_tiles_max * g.max_k, init=[])
+        m.submodules.a_mem = a_mem = Memory(shape=8 * rows, depth=2 * g.max_k, init=[])
+        bias_wr, b_wr, a_wr = bias_mem.write_port(), b_mem.write_port(), a_mem.write_port()
+        bias_rd = bias_mem.read_port(domain="comb")
+        b_rd, a_rd = b_mem.read_port(), a_mem.read_port()
+        panel_full = Signal(2)  # per A bank: loaded and not yet consumed
+
+        # ---- loader: s_axis -> memories ------------------------------------------------------
+        beats_bias = g.vector_beats(4 * cols)
+        beats_b = g.vector_beats(cols)
+        beats_a = g.vector_beats(rows)
+        beats_max = max(beats_bias, beats_b, beats_a)
+        beat = Signal(range(beats_max))
+        partial = Signal(width * max(beats_max - 1, 1))
+        ld_k = Signal(range(g.max_k))
+        ld_j0 = Signal(range(g.max_n + cols))
+        ld_i0 = Signal(33)
+        ld_bias_addr = Signal(range(n_tiles_max))
+        ld_b_addr = Signal(range(n_tiles_max * g.max_k))
+        ld_bank = Signal()
+        word = Signal(width * beats_max)
+        take = Signal()
+        m.d.comb += [
+            take.eq(self.s_axis_tvalid & self.s_axis_tready),
+            word.eq((self.s_axis_tdata << (beat * width)) | partial),
+            bias_wr.addr.eq(ld_bias_addr), bias_wr.data.eq(word),
+            b_wr.addr.eq(ld_b_addr), b_wr.data.eq(word),
+            a_wr.addr.eq(Mux(ld_bank, g.max_k, 0) + ld_k), a_wr.data.eq(word),
+        ]
+        last_k = ld_k == job_k - 1
+        last_n_tile = ld_j0 + cols >= job_n
+
+        def collect(beats):
+            """Gather ``beats`` beats into ``word``; true on the beat that completes it."""
+            complete = Signal(name=f"complete{beats}")
+            m.d.comb += complete.eq(take & (beat == beats - 1))
+            with m.If(take):
+                with m.If(complete):
+                    m.d.sync += [beat.eq(0), partial.eq(0)]
+                with m.Else():
+                    m.d.sync += [beat.eq(beat + 1), partial.eq(word)]
+            return complete
+
+        def early_tlast(final):
+            with m.If(take & self.s_axis_tlast & ~final):
+                m.d.sync += [self.error.eq(Error.TLAST_EARLY), closing.eq(1)]
+
+        with m.FSM(name="loader"):
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += [ld_k.eq(0), ld_j0.eq(0), ld_i0.eq(0), ld_bias_addr.eq(0),
+                                 ld_b_addr.eq(0), ld_bank.eq(0), beat.eq(0), partial.eq(0)]
+                    with m.If(rejected):
+                        m.next = "DRAIN"
+                    with m.Elif(self.options & Option.BIAS):
+                        m.next = "BIAS"
+                    with m.Else():
+                        m.next = "B"
+            with m.State("BIAS"):
+                m.d.comb += self.s_axis_tready.eq(1)
+                complete = collect(beats_bias)
+                early_tlast(Const(0))
+                m.d.comb += bias_wr.en.eq(complete)
+                with m.If(complete):
+                    m.d.sync += [ld_bias_addr.eq(ld_bias_addr + 1), ld_j0.eq(ld_j0 + cols)]
+                    with m.If(last_n_tile):
+                        m.d.sync += ld_j0.eq(0)
+                        m.next = "B"
+                with m.If(take & self.s_axis_tlast):
+                    m.next = "IDLE"
+            with m.State("B"):
+                m.d.comb += self.s_axis_tready.eq(1)
+                complete = collect(beats_b)
+                early_tlast(Const(0))
+                m.d.comb += b_wr.en.eq(complete)
+                with m.If(complete):
+                    m.d.sync += [ld_b_addr.eq(ld_b_addr + 1), ld_k.eq(ld_k + 1)]
+                    with m.If(last_k):
+                        m.d.sync += [ld_k.eq(0), ld_j0.eq(ld_j0 + cols)]
+                        with m.If(last_n_tile):
+                            m.next = "A"
+                with m.If(take & self.s_axis_tlast):
+                    m.next = "IDLE"
+            with m.State("A"):
+                m.d.comb += self.s_axis_tready.eq(~panel_full.bit_select(ld_bank, 1))
+                complete = collect(beats_a)
+                final = complete & last_k & (ld_i0 + rows >= job_m)
+                early_tlast(final)
+                m.d.comb += a_wr.en.eq(complete)
+                with m.If(complete):
+                    m.d.sync += ld_k.eq(ld_k + 1)
+                    with m.If(last_k):
+                        m.d.sync += [ld_k.eq(0), ld_bank.eq(~ld_bank), ld_i0.eq(ld_i0 + rows)]
+                with m.If(take & self.s_axis_tlast):
+                    m.next = "IDLE"
+                with m.Elif(final):
+                    m.d.sync += self.error.eq(Error.TLAST_MISSING)
+                    m.next = "DRAIN"
+            with m.State("DRAIN"):
+                m.d.comb += self.s_axis_tready.eq(1)
+                with m.If(take & self.s_axis_tlast):
+                    m.next = "IDLE"
+
+        # ---- sequencer: memories -> array ----------------------------------------------------
+        m.submodules.array = array = SystolicArray(rows, cols)
+        sq_k = Signal(range(g.max_k))
+        sq_j0 = Signal(range(g.max_n + cols))
+        sq_i0 = Signal(33)
+        sq_b_base = Signal(range(n_tiles_max * g.max_k + 1))
+        sq_bank = Signal()
+        since_last = Signal(range(gap + 1))
+        reserved = Signal(range(fifo_rows + rows + 1))
+        issue = Signal()
+        issue_last = Signal()
+        row_popped = Signal()
+        rows_real = Signal(range(rows + 1))
+        cols_real = Signal(range(cols + 1))
+        m.d.comb += [
+            rows_real.eq(Mux(job_m - sq_i0 >= rows, rows, job_m - sq_i0)),
+            cols_real.eq(Mux(job_n - sq_j0 >= cols, cols, job_n - sq_j0)),
+            a_rd.addr.eq(Mux(sq_bank, g.max_k, 0) + sq_k),
+            b_rd.addr.eq(sq_b_base + sq_k),
+        ]
+        sq_last_k = sq_k == job_k - 1
+        room = reserved + rows <= fifo_rows
+        with m.If(since_last < gap):
+            m.d.sync += since_last.eq(since_last + 1)
+
+        with m.FSM(name="sequencer"):
+            with m.State("IDLE"):
+                with m.If(self.start & ~rejected):
+                    m.d.sync += [sq_k.eq(0), sq_j0.eq(0), sq_i0.eq(0), sq_b_base.eq(0),
+                                 sq_bank.eq(0), since_last.eq(gap)]
+                    m.next = "WAIT"
+            with m.State("WAIT"):
+                with m.If(closing):
+                    m.next = "IDLE"
+                with m.Elif(panel_full.bit_select(sq_bank, 1)):
+                    m.next = "ISSUE"
+                with m.Else():
+                    m.d.sync += self.stall_in.eq(self.stall_in + 1)
+            with m.State("ISSUE"):
+                with m.If(closing):
+                    m.next = "IDLE"
+                with m.Elif(~sq_last_k):
+                    m.d.comb += issue.eq(1)
+                    m.d.sync += sq_k.eq(sq_k + 1)
+                with m.Elif(~room):
+                    m.d.sync += self.stall_out.eq(self.stall_out + 1)
+                with m.Elif(since_last >= gap - 1):
+                    m.d.comb += [issue.eq(1), issue_last.eq(1)]
+                    m.d.sync += [sq_k.eq(0), since_last.eq(0), sq_j0.eq(sq_j0 + cols),
+                                 sq_b_base.eq(sq_b_base + job_k)]
+                    with m.If(sq_j0 + cols >= job_n):
+                        m.d.sync += [sq_j0.eq(0), sq_b_base.eq(0), sq_bank.eq(~sq_bank),
+                                     sq_i0.eq(sq_i0 + rows)]
+                        with m.If(sq_i0 + rows >= job_m):
+                            m.d.sync += closing.eq(1)
+                            m.next = "IDLE"
+                        with m.Else():
+                            m.next = "WAIT"
+        with m.If(issue):
+            m.d.sync += self.macs.eq(self.macs + rows_real * cols_real)
+
+        # Panel bookkeeping: the loader fills a bank, the sequencer frees it after its last tile.
+        release = issue_last & (sq_j0 + cols >= job_n)
+        for bank in range(2):
+            with m.If(a_wr.en & last_k & (ld_bank == bank)):
+                m.d.sync += panel_full[bank].eq(1)
+            with m.If(release & (sq_bank == bank)):
+                m.d.sync += panel_full[bank].eq(0)
+
+        # The memories answer one cycle after the address; the flags follow them.
+        for i in range(rows):
+            m.d.comb += array.a[i].eq(a_rd.data[8 * i:8 * i + 8])
+        for j in range(cols):
+            m.d.comb += array.b[j].eq(b_rd.data[8 * j:8 * j + 8])
+        m.d.sync += [
+            array.valid.eq(issue),
+            array.first.eq(issue & (sq_k == 0)),
+            array.last.eq(issue_last),
+        ]
+
+        # ---- drain: array -> post-processing -> FIFO -> m_axis -------------------------------
+        m.submodules.post = post = PostProcessor(cols)
+        dr_j0 = Signal(range(g.max_n + cols))
+        dr_tile = Signal(range(n_tiles_max))
+        m.d.comb += bias_rd.addr.eq(dr_tile)
+        with m.If(array.out_valid & (array.out_row == rows - 1)):
+            m.d.sync += [dr_j0.eq(dr_j0 + cols), dr_tile.eq(dr_tile + 1)]
+            with m.If(dr_j0 + cols >= job_n):
+                m.d.sync += [dr_j0.eq(0), dr_tile.eq(0)]
+        m.d.comb += [
+            post.in_valid.eq(array.out_valid),
+            post.bias_en.eq(bias_en), post.requant.eq(requant), post.relu.eq(relu),
+            post.mult.eq(mult), post.shift.eq(shift), post.zero.eq(zero),
+        ]
+        for j in range(cols):
+            m.d.comb += [post.acc[j].eq(array.c[j]),
+                         post.bias[j].eq(bias_rd.data[32 * j:32 * j + 32])]
+
+        m.submodules.fifo = fifo = SyncFIFOBuffered(width=32 * cols, depth=fifo_rows)
+        m.d.comb += [fifo.w_en.eq(post.out_valid), fifo.w_data.eq(post.out_word)]
+
+        beats_int32 = g.vector_beats(4 * cols)
+        beats_int8 = g.vector_beats(cols)
+        out_beat = Signal(range(beats_int32))
+        out_row = Signal(range(rows))
+        out_j0 = Signal(range(g.max_n + cols))
+        out_i0 = Signal(33)
+        padded = Signal(width * beats_int32)
+        m.d.comb += padded.eq(fifo.r_data)
+        row_end = out_beat == Mux(requant, beats_int8, beats_int32) - 1
+        final_row = ((out_row == rows - 1) & (out_j0 + cols >= job_n)
+                     & (out_i0 + rows >= job_m))
+        out_take = self.m_axis_tvalid & self.m_axis_tready
+        with m.If(fifo.r_rdy):
+            m.d.comb += [
+                self.m_axis_tvalid.eq(1),
+                self.m_axis_tdata.eq(padded.word_select(out_beat, width)),
+                self.m_axis_tlast.eq(row_end & final_row),
+            ]
+            with m.If(out_take):
+                m.d.sync += out_beat.eq(out_beat + 1)
+                with m.If(row_end):
+                    m.d.comb += [fifo.r_en.eq(1), row_popped.eq(1)]
+                    m.d.sync += [out_beat.eq(0), out_row.eq(out_row + 1)]
+                    with m.If(out_row == rows - 1):
+                        m.d.sync += [out_row.eq(0), out_j0.eq(out_j0 + cols)]
+                        with m.If(out_j0 + cols >= job_n):
+                            m.d.sync += [out_j0.eq(0), out_i0.eq(out_i0 + rows)]
+                    with m.If(final_row):
+                        m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+        with m.Elif(closing & (reserved == 0) & self.busy):
+            # A job that ended early still closes its output packet: one zero beat with TLAST.
+            m.d.comb += [self.m_axis_tvalid.eq(1), self.m_axis_tlast.eq(1)]
+            with m.If(out_take):
+                m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+
+        m.d.sync += reserved.eq(reserved + Mux(issue_last, rows, 0) - row_popped)
+        with m.If(self.busy):
+            m.d.sync += self.cycles.eq(self.cycles + 1)
+        return m
+
+
+class Accelerator(wiring.Component):
+    def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256):
+        check_dimensions(rows, cols)
+        if stream_width not in STREAM_WIDTHS:
+            raise ValueError(f"stream_width must be one of {STREAM_WIDTHS}, not {stream_width}")
+        for name, value in (("max_k", max_k), ("max_n", max_n)):
+            if not isinstance(value, int) or not 1 <= value <= 65536:
+                raise ValueError(f"{name} must be an int between 1 and 65536, not {value!r}")
+        self.geometry = protocol.Geometry(rows, cols, stream_width, max_k, max_n)
+        self._regs = RegisterBlock()
+        members = {"aclk": In(1), "aresetn": In(1)}
+        members.update({name: member for name, member in self._regs.signature.members.items()
+                        if name.startswith("s_axi_")})
+        members.update({
+            "s_axis_tdata": In(stream_width), "s_axis_tvalid": In(1),
+            "s_axis_tready": Out(1), "s_axis_tlast": In(1),
+            "m_axis_tdata": Out(stream_width), "m_axis_tvalid": Out(1),
+            "m_axis_tready": In(1), "m_axis_tlast": Out(1),
+        })
+        super().__init__(members)
+
+    def capabilities(self):
+        g = self.geometry
+        return {"ROWS": g.rows, "COLS": g.cols, "STREAM_WIDTH": g.stream_width,
+                "MAX_K": g.max_k, "MAX_N": g.max_n, "FEATURES": FEATURES}
+
+    def elaborate(self, platform):
+        m = Module()
+        m.domains.sync = sync = ClockDomain("sync")
+        m.d.comb += [sync.clk.eq(self.aclk), sync.rst.eq(~self.aresetn)]
+
+        m.submodules.regs = regs = self._regs
+        for name in regs.signature.members:
+            if name.startswith("s_axi_"):
+                port, inner = getattr(self, name), getattr(regs, name)
+                if regs.signature.members[name].flow == wiring.In:
+                    m.d.comb += inner.eq(port)
+                else:
+                    m.d.comb += port.eq(inner)
+
+        control = regs.CONTROL_write
+        start = control & regs.CONTROL[Control.START.bit_length() - 1]
+        soft_reset = control & regs.CONTROL[Control.SOFT_RESET.bit_length() - 1]
+        # START first resets the datapath, then starts it one cycle later from a clean slate.
+        core = ResetInserter(start | soft_reset)(GemmCore(self.geometry))
+        m.submodules.core = core
+        start_next = Signal()
+        m.d.sync += start_next.eq(start & ~soft_reset)
+        m.d.comb += [
+            core.start.eq(start_next),
+            core.m.eq(regs.M), core.k.eq(regs.K), core.n.eq(regs.N),
+            core.options.eq(regs.OPTIONS), core.quant_mult.eq(regs.QUANT_MULT),
+            core.quant_shift.eq(regs.QUANT_SHIFT), core.quant_zero.eq(regs.QUANT_ZERO),
+            core.s_axis_tdata.eq(self.s_axis_tdata), core.s_axis_tvalid.eq(self.s_axis_tvalid),
+            core.s_axis_tlast.eq(self.s_axis_tlast), self.s_axis_tready.eq(core.s_axis_tready),
+            self.m_axis_tdata.eq(core.m_axis_tdata), self.m_axis_tvalid.eq(core.m_axis_tvalid),
+            self.m_axis_tlast.eq(core.m_axis_tlast), core.m_axis_tready.eq(self.m_axis_tready),
+            regs.STATUS.eq(core.busy * protocol.Status.BUSY | core.done * protocol.Status.DONE
+                           | (core.error != 0) * protocol.Status.ERROR),
+            regs.ERROR.eq(core.error),
+            regs.CYCLES.eq(core.cycles), regs.STALL_IN.eq(core.stall_in),
+            regs.STALL_OUT.eq(core.stall_out), regs.MACS.eq(core.macs),
+            regs.ID.eq(protocol.MAGIC),
+            regs.VERSION.eq(protocol.REGISTER["VERSION"].reset),
+        ]
+        for name, value in self.capabilities().items():
+            m.d.comb += getattr(regs, name).eq(value)
+        return m

@@ -1,0 +1,355 @@
+"""cocotb testbench for the AXI top level :class:`sparsa.hw.Accelerator` (generated Verilog).
+
+Bus models are cocotbext-axi's: an ``AxiStreamSource`` on ``s_axis``, an ``AxiStreamSink`` on
+``m_axis`` and an ``AxiLiteMaster`` on ``s_axi``, with random pause generators on both streams.
+Jobs are laid out with :mod:`sparsa.protocol` and checked against :func:`sparsa.sim.golden.gemm`.
+Settings arrive as JSON in ``SPARSA_TB``: the build's ``rows``, ``cols``, ``stream_width``,
+``max_k``, ``max_n`` and per-test knobs.
+"""
+
+import json
+import logging
+import os
+
+import cocotb
+import numpy as np
+from cocotb.clock import Clock
+from cocotb.triggers import ClockCycles, with_timeout
+from cocotbext.axi import (AxiLiteBus, AxiLiteMaster, AxiStreamBus, AxiStreamFrame,
+                           AxiStreamSink, AxiStreamSource)
+
+from sparsa import protocol
+from sparsa.protocol import REGISTER, Control, Error, Option, Status
+
+from .golden import gemm
+
+
+def settings():
+    return json.loads(os.environ.get("SPARSA_TB", "{}"))
+
+
+def geometry_of(cfg):
+    return protocol.Geometry(cfg["rows"], cfg["cols"], cfg["stream_width"], cfg["max_k"],
+                             cfg["max_n"])
+
+
+def pauses(rng, probability):
+    """An endless random pause pattern: True (pause) with the given probability per cycle."""
+    while True:
+        yield bool(rng.random() < probability)
+
+
+class AccelTB:
+    def __init__(self, dut, geometry):
+        self.dut = dut
+        self.geometry = geometry
+        Clock(dut.aclk, 10, unit="ns").start()
+        self.source = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis"), dut.aclk,
+                                      dut.aresetn, reset_active_level=False)
+        self.sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_axis"), dut.aclk,
+                                  dut.aresetn, reset_active_level=False)
+        self.axil = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi"), dut.aclk,
+                                  dut.aresetn, reset_active_level=False)
+        for prefix in ("s_axis", "m_axis", "s_axi"):
+            logging.getLogger(f"cocotb.{dut._name}.{prefix}").setLevel(logging.WARNING)
+
+    def set_pauses(self, rng, idle=0.0, backpressure=0.0):
+        self.source.set_pause_generator(pauses(rng, idle) if idle else None)
+        self.sink.set_pause_generator(pauses(rng, backpressure) if backpressure else None)
+
+    async def reset(self):
+        self.dut.aresetn.value = 0
+        await ClockCycles(self.dut.aclk, 4)
+        self.dut.aresetn.value = 1
+        await ClockCycles(self.dut.aclk, 2)
+
+    async def write(self, name, value):
+        response = await self.axil.write_dword(REGISTER[name].address, value & 0xFFFFFFFF)
+        return response
+
+    async def read(self, name):
+        return await self.axil.read_dword(REGISTER[name].address)
+
+    async def counters(self):
+        return {name: await self.read(name) for name in protocol.COUNTERS}
+
+    async def start(self, m, k, n, options=0, quant=(1 << 30, 0, 0)):
+        for name, value in (("M", m), ("K", k), ("N", n), ("OPTIONS", options),
+                            ("QUANT_MULT", quant[0]), ("QUANT_SHIFT", quant[1]),
+                            ("QUANT_ZERO", quant[2])):
+            await self.write(name, value)
+        await self.write("CONTROL", Control.START)
+
+    async def wait_done(self, cycles):
+        for _ in range(max(cycles // 50, 10)):
+            status = await self.read("STATUS")
+            if status & Status.DONE:
+                return status
+            await ClockCycles(self.dut.aclk, 50)
+        raise AssertionError(f"device not done after {cycles} cycles, STATUS={status:#x}, "
+                             f"ERROR={await self.read('ERROR')}")
+
+    def budget(self, m, k, n):
+        """A generous cycle bound for a job, so a hang fails the test instead of stalling it."""
+        g = self.geometry
+        m_tiles, n_tiles = g.tiles(m, n)
+        work = m_tiles * n_tiles * (max(k, g.rows, g.cols) + 4 * g.rows * g.vector_beats(4 * g.cols))
+        return 20 * (work + g.input_beats(m, k, n, True) + 1000)
+
+    async def receive(self, cycles):
+        frame = await with_timeout(self.sink.recv(), 10 * cycles, "ns")
+        return frame.tdata
+
+    async def gemm(self, a, b, bias=None, requant=None, relu=False):
+        """Run one job; returns (C, STATUS, ERROR, counters)."""
+        m, k = a.shape
+        n = b.shape[1]
+        options = (Option.BIAS if bias is not None else 0) | \
+            (Option.REQUANT if requant is not None else 0) | (Option.RELU if relu else 0)
+        await self.start(m, k, n, options, requant or (1 << 30, 0, 0))
+        await self.source.send(AxiStreamFrame(protocol.pack_input(self.geometry, a, b, bias).tobytes()))
+        cycles = self.budget(m, k, n)
+        data = await self.receive(cycles)
+        status = await self.wait_done(cycles)
+        c = protocol.unpack_output(self.geometry, data, m, n, requant is not None)
+        return c, status, await self.read("ERROR"), await self.counters()
+
+
+def random_matrix(rng, shape):
+    kind = rng.integers(3)
+    if kind == 0:
+        return rng.integers(-128, 128, shape, dtype=np.int8)
+    if kind == 1:
+        values = rng.integers(-128, 128, shape, dtype=np.int8)
+        return np.where(rng.random(shape) < 0.5, 0, values).astype(np.int8)
+    return rng.choice(np.array([-128, -1, 0, 1, 127], dtype=np.int8), shape)
+
+
+def random_options(rng, n):
+    bias = rng.integers(-2**31, 2**31, n, dtype=np.int64).astype(np.int32) \
+        if rng.random() < 0.5 else None
+    if bias is not None and rng.random() < 0.5:
+        bias = (bias // 2**16).astype(np.int32)
+    requant = None
+    if rng.random() < 0.5:
+        requant = (int(rng.choice([rng.integers(-2**31, 2**31), rng.integers(1 << 30, 2**31),
+                                   -2**31, 2**31 - 1])),
+                   int(rng.integers(0, 32)), int(rng.integers(-128, 128)))
+    return bias, requant, bool(rng.random() < 0.5)
+
+
+def assert_job(got, want, status, error, counters, m, k, n, label):
+    assert error == Error.NONE, f"{label}: ERROR={Error(error).name}"
+    assert status == Status.DONE, f"{label}: STATUS={status:#x}"
+    if not np.array_equal(got, want):
+        bad = tuple(np.argwhere(got != want)[0])
+        raise AssertionError(f"{label}: C{bad} = {got[bad]}, expected {want[bad]}")
+    assert counters["MACS"] == (m * k * n) % 2**32, f"{label}: MACS={counters['MACS']}"
+    assert counters["CYCLES"] > 0
+
+
+@cocotb.test()
+async def test_random_jobs(dut):
+    """Random shapes, values and options, back to back without reset, with random pauses."""
+    cfg = settings()
+    g = geometry_of(cfg)
+    rng = np.random.default_rng(cfg.get("seed", 0))
+    tb = AccelTB(dut, g)
+    await tb.reset()
+    max_dim = cfg.get("max_dim", 40)
+    for job in range(cfg.get("count", 20)):
+        tb.set_pauses(rng, idle=float(rng.choice([0, 0.2, 0.6])),
+                      backpressure=float(rng.choice([0, 0.2, 0.6])))
+        m = int(rng.integers(1, max_dim + 1))
+        k = int(rng.integers(1, min(max_dim, g.max_k) + 1))
+        n = int(rng.integers(1, min(max_dim, g.max_n) + 1))
+        a, b = random_matrix(rng, (m, k)), random_matrix(rng, (k, n))
+        bias, requant, relu = random_options(rng, n)
+        got, status, error, counters = await tb.gemm(a, b, bias, requant, relu)
+        label = (f"job {job}: M={m} K={k} N={n} bias={bias is not None} requant={requant} "
+                 f"relu={relu}")
+        assert_job(got, gemm(a, b, bias, requant, relu), status, error, counters, m, k, n, label)
+    dut._log.info("%d random jobs bit-exact", cfg.get("count", 20))
+
+
+@cocotb.test()
+async def test_directed_jobs(dut):
+    """Edge shapes: 1x1x1, capacity limits, extremes, requantization corner cases."""
+    cfg = settings()
+    g = geometry_of(cfg)
+    tb = AccelTB(dut, g)
+    await tb.reset()
+    rng = np.random.default_rng(5)
+    full = lambda shape, value: np.full(shape, value, np.int8)  # noqa: E731
+    jobs = [
+        (full((1, 1), -128), full((1, 1), -128), None, None, False),
+        (full((3, g.max_k), -128), full((g.max_k, 2), -128), None, None, False),
+        (rng.integers(-128, 128, (2, 3), dtype=np.int8),
+         rng.integers(-128, 128, (3, g.max_n), dtype=np.int8), None, None, True),
+        (full((5, 7), 127), full((7, 9), 127), np.arange(9, dtype=np.int32) * -1000,
+         (2**31 - 1, 31, 127), False),
+        (full((5, 7), -128), full((7, 9), 127), None, (-2**31, 0, -128), True),
+        (full((4, 4), -128), full((4, 4), -128), np.full(4, 2**31 - 65536, np.int32),
+         (-2**31, 0, 0), False),  # bias wraps INT32, then the saturating multiply corner
+        (np.zeros((9, 9), np.int8), full((9, 9), 5), np.full(9, -7, np.int32),
+         (1 << 30, 1, 3), True),
+    ]
+    for number, (a, b, bias, requant, relu) in enumerate(jobs):
+        got, status, error, counters = await tb.gemm(a, b, bias, requant, relu)
+        assert_job(got, gemm(a, b, bias, requant, relu), status, error, counters,
+                   a.shape[0], a.shape[1], b.shape[1], f"directed job {number}")
+
+
+@cocotb.test()
+async def test_registers(dut):
+    """Capability registers describe the build; configuration registers read back."""
+    cfg = settings()
+    g = geometry_of(cfg)
+    tb = AccelTB(dut, g)
+    await tb.reset()
+    assert await tb.read("ID") == protocol.MAGIC
+    assert await tb.read("VERSION") == protocol.VERSION[0] << 16 | protocol.VERSION[1]
+    for name, value in (("ROWS", g.rows), ("COLS", g.cols), ("STREAM_WIDTH", g.stream_width),
+                        ("MAX_K", g.max_k), ("MAX_N", g.max_n)):
+        assert await tb.read(name) == value, name
+    assert await tb.read("FEATURES") == protocol.Feature.BIAS | protocol.Feature.REQUANT | \
+        protocol.Feature.RELU
+    for register in protocol.REGISTERS:
+        if register.access == "rw":
+            assert await tb.read(register.name) == register.reset, register.name
+    for name, value in (("M", 123456), ("K", 77), ("N", 0xFFFFFFFF), ("QUANT_ZERO", -5 & 0xFFFFFFFF)):
+        await tb.write(name, value)
+        assert await tb.read(name) == value, name
+    assert await tb.read("STATUS") == 0
+    unmapped = await tb.axil.read(0xFFC, 4)
+    assert unmapped.resp != 0, "unmapped addresses answer with an error response"
+
+
+@cocotb.test()
+async def test_errors(dut):
+    """Malformed jobs set ERROR, close the output packet, and the next job still works."""
+    cfg = settings()
+    g = geometry_of(cfg)
+    tb = AccelTB(dut, g)
+    await tb.reset()
+    tb.set_pauses(np.random.default_rng(9), idle=0.3, backpressure=0.3)
+    rng = np.random.default_rng(10)
+    a = rng.integers(-128, 128, (g.rows + 3, 11), dtype=np.int8)
+    b = rng.integers(-128, 128, (11, g.cols + 2), dtype=np.int8)
+    packet = protocol.pack_input(g, a, b)
+    good = (a.shape[0], a.shape[1], b.shape[1])
+
+    async def expect_error(code, m, k, n, options=0, quant=(1 << 30, 0, 0), data=None):
+        await tb.start(m, k, n, options, quant)
+        if data is not None:
+            await tb.source.send(AxiStreamFrame(data))
+        closing = await tb.receive(tb.budget(*good))
+        await tb.source.wait()  # as a host waits for its DMA's send channel
+        status = await tb.wait_done(tb.budget(*good))
+        assert await tb.read("ERROR") == code, f"expected {code.name}"
+        assert status & Status.ERROR and not status & Status.BUSY, f"{code.name}: {status:#x}"
+        return closing
+
+    async def expect_good_job():
+        got, status, error, counters = await tb.gemm(a, b)
+        assert_job(got, gemm(a, b), status, error, counters, *good, "job after an error")
+
+    beat = g.beat_bytes
+    # Rejected at START: the input (if any) is discarded, the output packet is one zero beat.
+    assert await expect_error(Error.ZERO_DIMENSION, 0, 4, 4) == bytes(beat)
+    await expect_good_job()
+    await expect_error(Error.ZERO_DIMENSION, 4, 4, 0, data=packet.tobytes())
+    await expect_good_job()
+    await expect_error(Error.K_TOO_LARGE, 4, g.max_k + 1, 4)
+    await expect_error(Error.N_TOO_LARGE, 4, 4, g.max_n + 1)
+    await expect_error(Error.BAD_OPTION, 4, 4, 4, options=1 << 7)
+    await expect_error(Error.BAD_QUANT, 4, 4, 4, options=Option.REQUANT, quant=(1, 32, 0))
+    await expect_error(Error.BAD_QUANT, 4, 4, 4, options=Option.REQUANT, quant=(1, 3, 128))
+    await expect_good_job()
+    # TLAST too early: the job ends, the output packet is closed.
+    await expect_error(Error.TLAST_EARLY, *good, data=packet[:-beat].tobytes())
+    await expect_good_job()
+    await expect_error(Error.TLAST_EARLY, *good, data=packet[:beat].tobytes())
+    await expect_good_job()
+    # TLAST missing (more beats than the job needs): results complete, extra beats discarded.
+    await tb.start(*good)
+    await tb.source.send(AxiStreamFrame(packet.tobytes() + bytes(3 * beat)))
+    data = await tb.receive(tb.budget(*good))
+    await tb.wait_done(tb.budget(*good))
+    assert await tb.read("ERROR") == Error.TLAST_MISSING
+    assert np.array_equal(protocol.unpack_output(g, data, *good[::2], False), gemm(a, b))
+    await tb.source.wait()
+    await expect_good_job()
+
+
+@cocotb.test()
+async def test_abandoned_jobs(dut):
+    """Soft reset clears an abandoned job; a hard reset in mid-job is followed by a good job."""
+    cfg = settings()
+    g = geometry_of(cfg)
+    tb = AccelTB(dut, g)
+    await tb.reset()
+    rng = np.random.default_rng(11)
+    a = rng.integers(-128, 128, (3 * g.rows, 40), dtype=np.int8)
+    b = rng.integers(-128, 128, (40, 2 * g.cols + 1), dtype=np.int8)
+    shape = (a.shape[0], a.shape[1], b.shape[1])
+
+    async def good_job():
+        got, status, error, counters = await tb.gemm(a, b)
+        assert_job(got, gemm(a, b), status, error, counters, *shape, "job after reset")
+
+    # Started, then abandoned before any data: SOFT_RESET returns the device to idle.
+    await tb.start(*shape)
+    await ClockCycles(dut.aclk, 50)
+    assert await tb.read("STATUS") == Status.BUSY
+    await tb.write("CONTROL", Control.SOFT_RESET)
+    assert await tb.read("STATUS") == 0
+    assert await tb.read("CYCLES") == 0
+    await good_job()
+
+    # Abandoned halfway (input stops mid-packet): SOFT_RESET clears the device; the bus models'
+    # half-sent and half-received packets are dropped by pulsing their reset.
+    await tb.start(*shape)
+    tb.sink.pause = True
+    send = cocotb.start_soon(tb.source.send(AxiStreamFrame(protocol.pack_input(g, a, b).tobytes())))
+    await ClockCycles(dut.aclk, g.input_beats(*shape, False) // 2)
+    tb.source.pause = True
+    await ClockCycles(dut.aclk, 20)
+    assert await tb.read("STATUS") == Status.BUSY
+    await tb.write("CONTROL", Control.SOFT_RESET)
+    assert await tb.read("STATUS") == 0
+    await send
+    tb.source.clear()
+    await tb.reset()
+    tb.source.pause = tb.sink.pause = False
+    tb.sink.clear()
+    await good_job()
+
+    # Hard reset in the middle of a job, then a good job.
+    await tb.start(*shape)
+    await tb.source.send(AxiStreamFrame(protocol.pack_input(g, a, b).tobytes()))
+    await ClockCycles(dut.aclk, 300)
+    await tb.reset()
+    tb.source.clear()
+    tb.sink.clear()
+    assert await tb.read("STATUS") == 0
+    await good_job()
+
+
+@cocotb.test()
+async def test_bench(dut):
+    """Run dense jobs without pauses; write their counters to ``report`` (a JSON list)."""
+    cfg = settings()
+    g = geometry_of(cfg)
+    tb = AccelTB(dut, g)
+    await tb.reset()
+    rng = np.random.default_rng(cfg.get("seed", 0))
+    results = []
+    for m, k, n in cfg["shapes"]:
+        a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+        b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+        got, status, error, counters = await tb.gemm(a, b)
+        assert_job(got, gemm(a, b), status, error, counters, m, k, n, f"bench {m}x{k}x{n}")
+        results.append({"m": m, "k": k, "n": n, **counters})
+    with open(cfg["report"], "w") as f:
+        json.dump(results, f)

@@ -1,0 +1,223 @@
+"""The sparsa wire protocol: register map, stream formats and arithmetic, defined once.
+
+Both the gateware (:mod:`sparsa.hw`) and the host (:mod:`sparsa.host`) import this module; it
+needs nothing but NumPy, so a board's host can use it without Amaranth.
+
+Registers (AXI4-Lite, 32-bit, byte addresses)
+==============================================
+
+See :data:`REGISTERS`. ID/capability registers are read-only and describe the build, so one
+host runtime serves every generated configuration. ``CONTROL`` is write-only and self-clearing:
+``START`` begins a job with the values of ``M``, ``K``, ``N``, ``OPTIONS`` and the quantization
+registers at that moment (a START also abandons any job in progress and clears the counters);
+``SOFT_RESET`` returns the datapath to idle and clears ``STATUS``, ``ERROR`` and the counters,
+keeping the configuration registers. Counters are 32 bits and wrap modulo 2**32.
+
+A job is checked at START. A rejected job (``ERROR`` is a :class:`Error` code, ``STATUS.ERROR``
+set at once) consumes and discards its input packet up to TLAST and still closes its output
+packet, so a DMA engine driving it never hangs. Output then is one all-zero beat with TLAST.
+
+Streams (AXI4-Stream, TDATA ``W`` bits, byte 0 of a beat in TDATA[7:0])
+======================================================================
+
+A *vector* is a run of bytes zero-padded to a whole number of beats. An ``M x K @ K x N`` job on
+a ``rows x cols`` array is tiled into ``ceil(M/rows)`` m-tiles and ``ceil(N/cols)`` n-tiles;
+rows past ``M`` and columns past ``N`` are zero padding that the host never sees.
+
+Input packet (one per job, TLAST on its final beat):
+
+1. bias, when ``OPTIONS.BIAS``: per n-tile ``t``, one vector of ``cols`` int32 (little-endian),
+   ``bias[t*cols + j]``;
+2. B, kept on chip for the whole job: per n-tile ``t``, per ``k < K``, one vector of ``cols``
+   int8, ``B[k, t*cols + j]``;
+3. A, streamed: per m-tile ``t``, per ``k < K``, one vector of ``rows`` int8, ``A[t*rows + i, k]``.
+
+TLAST on any other beat ends the job with ``TLAST_EARLY`` (the output packet is closed after the
+rows already under way); a final beat without TLAST sets ``TLAST_MISSING``, and the device
+discards beats up to the next TLAST (the results are still complete).
+
+Output packet (TLAST on its final beat): per m-tile, per n-tile, per tile row ``i < rows``, one
+vector of ``cols`` results: int32 little-endian, or int8 when ``OPTIONS.REQUANT``.
+
+Arithmetic
+==========
+
+Products are INT8 x INT8, summed in INT32 with two's-complement wrap. Per output, in order:
+
+1. ``OPTIONS.BIAS``: ``x = wrap32(acc + bias[col])``.
+2. ``OPTIONS.REQUANT`` (the gemmlowp/TFLite fixed-point scheme), with ``mult`` = ``QUANT_MULT``
+   (int32), ``shift`` = ``QUANT_SHIFT`` (0..31), ``zp`` = ``QUANT_ZERO`` (-128..127):
+
+   - saturating rounding doubling high multiply: if ``x == mult == -2**31`` the result is
+     ``2**31 - 1``; otherwise with ``p = x * mult`` (exact, 64-bit) and
+     ``nudge = 2**30 if p >= 0 else 1 - 2**30``, the result is ``(p + nudge) / 2**31`` truncated
+     toward zero;
+   - rounding divide by ``2**shift``: with ``mask = 2**shift - 1``, ``r = h & mask``,
+     ``threshold = (mask >> 1) + (1 if h < 0 else 0)``, the result is
+     ``(h >> shift) + (1 if r > threshold else 0)`` (``>>`` arithmetic), i.e. round half away
+     from zero;
+   - add ``zp``, then saturate to [-128, 127].
+
+3. ``OPTIONS.RELU``: clamp below at ``zp`` for requantized outputs (the real value 0), at 0 for
+   int32 outputs.
+"""
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+MAGIC = 0x53505253  # "SPRS"
+VERSION = (1, 0)
+ADDRESS_WIDTH = 12  # a 4 KiB AXI4-Lite window
+
+
+class Error(IntEnum):
+    NONE = 0
+    ZERO_DIMENSION = 1
+    K_TOO_LARGE = 2
+    N_TOO_LARGE = 3
+    BAD_OPTION = 4
+    BAD_QUANT = 5
+    TLAST_EARLY = 6
+    TLAST_MISSING = 7
+
+
+class Option(IntEnum):
+    BIAS = 1 << 0
+    REQUANT = 1 << 1
+    RELU = 1 << 2
+
+
+class Feature(IntEnum):
+    BIAS = 1 << 0
+    REQUANT = 1 << 1
+    RELU = 1 << 2
+
+
+class Control(IntEnum):
+    START = 1 << 0
+    SOFT_RESET = 1 << 1
+
+
+class Status(IntEnum):
+    BUSY = 1 << 0
+    DONE = 1 << 1
+    ERROR = 1 << 2
+
+
+@dataclass(frozen=True)
+class Register:
+    name: str
+    address: int
+    access: str  # "ro", "rw" or "wo"
+    reset: int = 0
+    doc: str = ""
+    fields: type | None = field(default=None, compare=False)
+
+
+REGISTERS = (
+    Register("ID", 0x00, "ro", MAGIC, "magic word 'SPRS'"),
+    Register("VERSION", 0x04, "ro", VERSION[0] << 16 | VERSION[1], "protocol version major.minor"),
+    Register("ROWS", 0x08, "ro", doc="array rows"),
+    Register("COLS", 0x0C, "ro", doc="array columns"),
+    Register("STREAM_WIDTH", 0x10, "ro", doc="TDATA width in bits, both streams"),
+    Register("MAX_K", 0x14, "ro", doc="largest K a job may have"),
+    Register("MAX_N", 0x18, "ro", doc="largest N a job may have"),
+    Register("FEATURES", 0x1C, "ro", doc="Feature bits", fields=Feature),
+    Register("CONTROL", 0x20, "wo", doc="Control bits, self-clearing", fields=Control),
+    Register("STATUS", 0x24, "ro", doc="Status bits", fields=Status),
+    Register("ERROR", 0x28, "ro", doc="Error code of the current/last job", fields=Error),
+    Register("M", 0x30, "rw", 1, "rows of A and C"),
+    Register("K", 0x34, "rw", 1, "columns of A, rows of B"),
+    Register("N", 0x38, "rw", 1, "columns of B and C"),
+    Register("OPTIONS", 0x3C, "rw", 0, "Option bits", fields=Option),
+    Register("QUANT_MULT", 0x40, "rw", 1 << 30, "requantization multiplier (int32)"),
+    Register("QUANT_SHIFT", 0x44, "rw", 0, "requantization right shift, 0..31"),
+    Register("QUANT_ZERO", 0x48, "rw", 0, "output zero point (int32 register, -128..127)"),
+    Register("CYCLES", 0x50, "ro", doc="cycles from START to the last output beat"),
+    Register("STALL_IN", 0x54, "ro", doc="cycles the array waited for operands"),
+    Register("STALL_OUT", 0x58, "ro", doc="cycles the array waited for room in the output"),
+    Register("MACS", 0x5C, "ro", doc="multiply-accumulates issued on real (unpadded) data"),
+)
+
+REGISTER = {register.name: register for register in REGISTERS}
+COUNTERS = ("CYCLES", "STALL_IN", "STALL_OUT", "MACS")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a host needs to know of a build to lay out its streams."""
+
+    rows: int
+    cols: int
+    stream_width: int  # bits
+    max_k: int
+    max_n: int
+
+    @property
+    def beat_bytes(self):
+        return self.stream_width // 8
+
+    def vector_beats(self, nbytes):
+        return -(-nbytes // self.beat_bytes)
+
+    def tiles(self, m, n):
+        return -(-m // self.rows), -(-n // self.cols)
+
+    def input_beats(self, m, k, n, bias):
+        m_tiles, n_tiles = self.tiles(m, n)
+        return (n_tiles * self.vector_beats(4 * self.cols) * bool(bias)
+                + n_tiles * k * self.vector_beats(self.cols)
+                + m_tiles * k * self.vector_beats(self.rows))
+
+    def output_beats(self, m, n, requant):
+        m_tiles, n_tiles = self.tiles(m, n)
+        width = 1 if requant else 4
+        return m_tiles * n_tiles * self.rows * self.vector_beats(width * self.cols)
+
+
+def _vectors(values, beat_bytes):
+    """Rows of ``values`` (any dtype) as little-endian bytes, each padded to whole beats."""
+    raw = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"))).view(np.uint8)
+    raw = raw.reshape(values.shape[0], -1)
+    pad = -raw.shape[1] % beat_bytes
+    return np.pad(raw, ((0, 0), (0, pad))) if pad else raw
+
+
+def pack_input(geometry, a, b, bias=None):
+    """The input packet for ``a @ b (+ bias)`` as a flat uint8 array (see the module docstring)."""
+    g = geometry
+    m, k = a.shape
+    n = b.shape[1]
+    m_tiles, n_tiles = g.tiles(m, n)
+    a_pad = np.zeros((m_tiles * g.rows, k), np.int8)
+    a_pad[:m] = a
+    b_pad = np.zeros((k, n_tiles * g.cols), np.int8)
+    b_pad[:, :n] = b
+    parts = []
+    if bias is not None:
+        bias_pad = np.zeros(n_tiles * g.cols, np.int32)
+        bias_pad[:n] = bias
+        parts.append(_vectors(bias_pad.reshape(n_tiles, g.cols), g.beat_bytes))
+    # B: [n-tile][k][col]; A: [m-tile][k][row].
+    parts.append(_vectors(b_pad.reshape(k, n_tiles, g.cols).transpose(1, 0, 2)
+                          .reshape(n_tiles * k, g.cols), g.beat_bytes))
+    parts.append(_vectors(a_pad.reshape(m_tiles, g.rows, k).transpose(0, 2, 1)
+                          .reshape(m_tiles * k, g.rows), g.beat_bytes))
+    return np.concatenate([part.reshape(-1) for part in parts])
+
+
+def unpack_output(geometry, data, m, n, requant):
+    """C (M x N, int32 or int8 when ``requant``) from an output packet's bytes."""
+    g = geometry
+    m_tiles, n_tiles = g.tiles(m, n)
+    dtype = np.dtype("<i1") if requant else np.dtype("<i4")
+    row_bytes = g.vector_beats(dtype.itemsize * g.cols) * g.beat_bytes
+    data = np.frombuffer(bytes(data) if not isinstance(data, np.ndarray) else data, np.uint8)
+    expected = m_tiles * n_tiles * g.rows * row_bytes
+    if data.size != expected:
+        raise ValueError(f"output packet has {data.size} bytes, expected {expected}")
+    rows = data.reshape(-1, row_bytes)[:, :dtype.itemsize * g.cols].copy().view(dtype)
+    tiles = rows.reshape(m_tiles, n_tiles, g.rows, g.cols).transpose(0, 2, 1, 3)
+    return tiles.reshape(m_tiles * g.rows, n_tiles * g.cols)[:m, :n].astype(dtype.newbyteorder("="))

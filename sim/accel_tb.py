@@ -43,19 +43,22 @@ class AccelTB:
     def __init__(self, dut, geometry):
         self.dut = dut
         self.geometry = geometry
+        dut.aresetn.value = 0  # held in reset from time zero, so no register starts out as X
         Clock(dut.aclk, 10, unit="ns").start()
+        for prefix in ("s_axis", "m_axis", "s_axi"):
+            logging.getLogger(f"cocotb.{dut._name}.{prefix}").setLevel(logging.WARNING)
         self.source = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis"), dut.aclk,
                                       dut.aresetn, reset_active_level=False)
         self.sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_axis"), dut.aclk,
                                   dut.aresetn, reset_active_level=False)
         self.axil = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi"), dut.aclk,
                                   dut.aresetn, reset_active_level=False)
-        for prefix in ("s_axis", "m_axis", "s_axi"):
-            logging.getLogger(f"cocotb.{dut._name}.{prefix}").setLevel(logging.WARNING)
 
     def set_pauses(self, rng, idle=0.0, backpressure=0.0):
-        self.source.set_pause_generator(pauses(rng, idle) if idle else None)
-        self.sink.set_pause_generator(pauses(rng, backpressure) if backpressure else None)
+        for model, probability in ((self.source, idle), (self.sink, backpressure)):
+            model.set_pause_generator(pauses(rng, probability) if probability else None)
+            if not probability:
+                model.pause = False  # a stopped generator leaves its last value behind
 
     async def reset(self):
         self.dut.aresetn.value = 0
@@ -165,9 +168,10 @@ async def test_random_jobs(dut):
         n = int(rng.integers(1, min(max_dim, g.max_n) + 1))
         a, b = random_matrix(rng, (m, k)), random_matrix(rng, (k, n))
         bias, requant, relu = random_options(rng, n)
-        got, status, error, counters = await tb.gemm(a, b, bias, requant, relu)
         label = (f"job {job}: M={m} K={k} N={n} bias={bias is not None} requant={requant} "
                  f"relu={relu}")
+        dut._log.info(label)
+        got, status, error, counters = await tb.gemm(a, b, bias, requant, relu)
         assert_job(got, gemm(a, b, bias, requant, relu), status, error, counters, m, k, n, label)
     dut._log.info("%d random jobs bit-exact", cfg.get("count", 20))
 
@@ -353,3 +357,21 @@ async def test_bench(dut):
         results.append({"m": m, "k": k, "n": n, **counters})
     with open(cfg["report"], "w") as f:
         json.dump(results, f)
+
+
+@cocotb.test()
+async def test_job(dut):
+    """Run the job in the ``.npz`` file ``job`` (a, b, optional bias, requant, relu) with the
+    pauses ``idle``/``backpressure``; write the result and counters to ``report``."""
+    cfg = settings()
+    g = geometry_of(cfg)
+    job = np.load(cfg["job"])
+    tb = AccelTB(dut, g)
+    await tb.reset()
+    tb.set_pauses(np.random.default_rng(cfg.get("seed", 0)), cfg.get("idle", 0.0),
+                  cfg.get("backpressure", 0.0))
+    bias = job["bias"] if "bias" in job else None
+    requant = tuple(int(v) for v in job["requant"]) if "requant" in job else None
+    relu = bool(job["relu"]) if "relu" in job else False
+    c, status, error, counters = await tb.gemm(job["a"], job["b"], bias, requant, relu)
+    np.savez(cfg["report"], c=c, status=status, error=error, **counters)

@@ -69,6 +69,10 @@ def build(design, simulator, waves=False):
     # Rewrite only on change, so the simulators' own up-to-date checks skip unchanged builds.
     if not source.exists() or source.read_text() != text:
         source.write_text(text)
+    # The simulators' own checks look at the sources only; a change of flags forces a rebuild.
+    args = list(toolchain.BUILD_ARGS[simulator])
+    stamp = folder / "build-args.json"
+    flags_changed = not stamp.exists() or json.loads(stamp.read_text()) != args
     runner = get_runner(simulator)
     runner.log.setLevel(logging.WARNING)  # the commands it runs; their output goes to the logs
     log = folder / "build.log"
@@ -77,7 +81,8 @@ def build(design, simulator, waves=False):
             sources=[source],
             hdl_toplevel=design.top,
             build_dir=folder,
-            build_args=list(toolchain.VERILATOR_WAIVERS) if simulator == "verilator" else [],
+            build_args=args,
+            always=flags_changed,
             timescale=("1ns", "1ps"),
             waves=waves,
             log_file=log,
@@ -85,6 +90,7 @@ def build(design, simulator, waves=False):
     except subprocess.CalledProcessError as error:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"building {design.key} for {simulator} failed ({log}):\n{tail}") from error
+    stamp.write_text(json.dumps(args))
     _built[key] = runner, folder
     return runner, folder
 

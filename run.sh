@@ -58,7 +58,7 @@ case "$command" in
     demo)
         setup_tools
         setup_python
-        "$VENV/bin/sparsa" verilog --rows 8 --cols 8 --lint -o build/sparsa_array.v
+        "$VENV/bin/sparsa" verilog --lint -o build/sparsa_accel.v
         exec "$VENV/bin/sparsa" demo "$@"
         ;;
     test)

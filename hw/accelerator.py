@@ -36,13 +36,12 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
 from sparsa import protocol
-from sparsa.protocol import Control, Error, Feature, Option
+from sparsa.protocol import STREAM_WIDTHS, Control, Error, Feature, Option
 
 from .array import SystolicArray, check_dimensions
 from .postproc import PostProcessor
 from .regs import RegisterBlock
 
-STREAM_WIDTHS = (8, 16, 32, 64, 128, 256, 512, 1024)
 FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU
 KNOWN_OPTIONS = Option.BIAS | Option.REQUANT | Option.RELU
 

@@ -1,7 +1,7 @@
 """The ``sparsa`` command line."""
 
 import argparse
-import functools
+import json
 import logging
 import sys
 import tempfile
@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from sparsa.protocol import STREAM_WIDTHS
 
 
 def _positive(text):
@@ -27,13 +29,24 @@ def _dimension(text):
     return value
 
 
-def cmd_verilog(args):
-    from sparsa.hw.verilog import ARRAY_TOP, array_verilog
+def _build_config(args):
+    return {"rows": args.rows, "cols": args.cols, "stream_width": args.stream_width,
+            "max_k": args.max_k, "max_n": args.max_n}
 
-    text = array_verilog(args.rows, args.cols, name=args.name or ARRAY_TOP)
+
+def cmd_verilog(args):
+    from sparsa.hw.verilog import ACCELERATOR_TOP, ARRAY_TOP, accelerator_verilog, array_verilog
+
+    if args.top == "array":
+        text = array_verilog(args.rows, args.cols, name=args.name or ARRAY_TOP)
+        what = f"{args.rows}x{args.cols} systolic array"
+    else:
+        text = accelerator_verilog(**_build_config(args), name=args.name or ACCELERATOR_TOP)
+        what = (f"accelerator: {args.rows}x{args.cols} array, {args.stream_width}-bit streams, "
+                f"K <= {args.max_k}, N <= {args.max_n}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
-    print(f"wrote {args.output} ({args.rows}x{args.cols} array, {len(text.splitlines())} lines)")
+    print(f"wrote {args.output} ({what}; {len(text.splitlines())} lines)")
     if args.lint:
         from sparsa.sim import toolchain
 
@@ -43,93 +56,112 @@ def cmd_verilog(args):
     return 0
 
 
-def tile_jobs(a, b, rows, cols):
-    """Split C = A @ B into rows x cols output tiles (zero-padded); each tile is one array pass."""
-    m, n = a.shape[0], b.shape[1]
-    pad_m, pad_n = -m % rows, -n % cols
-    a = np.pad(a, ((0, pad_m), (0, 0)))
-    b = np.pad(b, ((0, 0), (0, pad_n)))
-    return [(a[i:i + rows], b[:, j:j + cols])
-            for i in range(0, a.shape[0], rows) for j in range(0, b.shape[1], cols)]
-
-
-def untile(results, m, n, rows, cols):
-    tiles_n = -(-n // cols)
-    c = np.zeros((-(-m // rows) * rows, tiles_n * cols), np.int32)
-    for t, tile in enumerate(results):
-        i, j = divmod(t, tiles_n)
-        c[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols] = tile
-    return c[:m, :n]
-
-
 def cmd_demo(args):
-    from sparsa.hw.verilog import ARRAY_TOP, array_verilog
+    from sparsa import bench, protocol
     from sparsa.sim import golden, runner, toolchain
 
     reason = toolchain.missing(args.sim)
     if reason:
         print(f"cannot run the demo: {reason}", file=sys.stderr)
         return 2
+    cfg = _build_config(args)
+    g = protocol.Geometry(**cfg)
     rng = np.random.default_rng(args.seed)
     a = rng.integers(-128, 128, (args.m, args.k), dtype=np.int8)
+    a[a < 0] = 0  # ReLU-like activations: about half zeros
     b = rng.integers(-128, 128, (args.k, args.n), dtype=np.int8)
-    b[rng.random(b.shape) < 0.25] = 0
-    tiles = tile_jobs(a, b, args.rows, args.cols)
-
-    design = runner.Design(f"array_{args.rows}x{args.cols}", ARRAY_TOP,
-                           functools.partial(array_verilog, args.rows, args.cols))
-    print(f"sparsa demo: C = A({args.m}x{args.k}) @ B({args.k}x{args.n}), int8 -> int32, "
-          f"on a {args.rows}x{args.cols} output-stationary array simulated by {args.sim}")
+    bias = rng.integers(-5000, 5000, args.n, dtype=np.int32)
+    requant = (1 << 30, 10, -3)  # multiply by 0.5, divide by 2**10, zero point -3
+    print(f"sparsa demo: C = requant(A({args.m}x{args.k}) @ B({args.k}x{args.n}) + bias) "
+          f"on the simulated accelerator ({args.rows}x{args.cols} array, "
+          f"{args.stream_width}-bit AXI streams, {args.sim})")
+    design = bench.accelerator_design(cfg)
     started = time.perf_counter()
     runner.build(design, args.sim)
-    print(f"  Verilog generated and built in {time.perf_counter() - started:.1f} s "
-          f"({runner.build_root()})")
-    with tempfile.TemporaryDirectory() as folder:
-        job, report = Path(folder) / "job.npz", Path(folder) / "report.npz"
-        np.savez(job, tiles=len(tiles), **{f"a{t}": ta for t, (ta, _) in enumerate(tiles)},
-                 **{f"b{t}": tb for t, (_, tb) in enumerate(tiles)})
-        result = runner.run(design, args.sim, "sparsa.sim.array_tb", "test_job",
-                            {"rows": args.rows, "cols": args.cols, "job": str(job),
-                             "report": str(report)})
-        if not result.passed:
-            print(f"  simulation failed, see {result.results_xml}", file=sys.stderr)
+    print(f"  Verilog generated and built in {time.perf_counter() - started:.1f} s")
+    for label, job in (("int32", {}), ("int8 ", {"bias": bias, "requant": np.array(requant)})):
+        with tempfile.TemporaryDirectory() as folder:
+            job_file, report = Path(folder) / "job.npz", Path(folder) / "report.npz"
+            np.savez(job_file, a=a, b=b, **job)
+            started = time.perf_counter()
+            result = runner.run(design, args.sim, "sparsa.sim.accel_tb", "test_job",
+                                {**cfg, "job": str(job_file), "report": str(report)})
+            seconds = time.perf_counter() - started
+            if not result.passed:
+                print(f"  simulation failed; log: {result.log}\n{result.log_tail()}",
+                      file=sys.stderr)
+                return 1
+            out = dict(np.load(report))
+        want = golden.gemm(a, b, job.get("bias"), requant if job else None)
+        exact = np.array_equal(out["c"], want)
+        cycles = int(out["CYCLES"])
+        macs = args.m * args.k * args.n
+        print(f"  {label} output: {cycles} cycles from START to the last output beat, "
+              f"{macs / cycles:.1f} MACs/cycle, utilization "
+              f"{100 * macs / (cycles * g.rows * g.cols):.1f}% "
+              f"(stalled on input {int(out['STALL_IN'])}, on output {int(out['STALL_OUT'])}); "
+              f"{seconds:.1f} s of simulation")
+        print(f"         check against NumPy: {'bit-exact' if exact else 'MISMATCH'} "
+              f"({np.count_nonzero(out['c'] != want)} of {want.size} differ)")
+        if not exact:
             return 1
-        out = np.load(report)
-        c = untile([out[f"c{t}"] for t in range(len(tiles))], args.m, args.n, args.rows, args.cols)
-        cycles, seconds = int(out["cycles"]), float(out["seconds"])
-    want = golden.matmul_int32(a, b)
-    exact = np.array_equal(c, want)
-    macs = args.m * args.k * args.n
-    print(f"  {len(tiles)} tiles of K={args.k}: {cycles} cycles, {macs} MACs "
-          f"({macs / cycles:.1f} MACs/cycle), simulated at {cycles / seconds:,.0f} cycles/s")
-    print(f"  check against NumPy (int64 matmul wrapped to int32): "
-          f"{'bit-exact' if exact else 'MISMATCH'} ({np.count_nonzero(c != want)} of {c.size} differ)")
-    print("  C[:4, :8] =\n" + "\n".join("    " + " ".join(f"{v:8d}" for v in row)
-                                        for row in c[:4, :8]))
-    return 0 if exact else 1
+    print("  C[:3, :8] (int8) =\n" + "\n".join(
+        "    " + " ".join(f"{v:5d}" for v in row) for row in want[:3, :8]))
+    return 0
+
+
+def cmd_bench(args):
+    from sparsa import bench
+
+    if args.what == "array":
+        rows = bench.run_dense([[size, size, size] for size in args.sizes], _build_config(args),
+                               args.sim)
+        print(bench.format_dense(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_build_options(parser):
+    parser.add_argument("--rows", type=_dimension, default=8)
+    parser.add_argument("--cols", type=_dimension, default=8)
+    parser.add_argument("--stream-width", type=int, default=64, choices=STREAM_WIDTHS,
+                        help="AXI4-Stream TDATA bits")
+    parser.add_argument("--max-k", type=_positive, default=256)
+    parser.add_argument("--max-n", type=_positive, default=256)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="sparsa", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    verilog = commands.add_parser("verilog", help="write the Verilog of a systolic array")
-    verilog.add_argument("--rows", type=_dimension, default=8)
-    verilog.add_argument("--cols", type=_dimension, default=8)
-    verilog.add_argument("--name", help="top module name (default sparsa_array)")
+    verilog = commands.add_parser("verilog", help="write the Verilog of the accelerator or array")
+    _add_build_options(verilog)
+    verilog.add_argument("--top", choices=("accelerator", "array"), default="accelerator",
+                         help="the AXI top level (default) or the bare systolic array")
+    verilog.add_argument("--name", help="top module name (default sparsa_accel / sparsa_array)")
     verilog.add_argument("--lint", action="store_true", help="then run verilator --lint-only -Wall")
     verilog.add_argument("-o", "--output", type=Path, required=True)
     verilog.set_defaults(func=cmd_verilog)
 
-    demo = commands.add_parser("demo", help="multiply random matrices on the simulated array")
-    demo.add_argument("--rows", type=_dimension, default=8)
-    demo.add_argument("--cols", type=_dimension, default=8)
-    demo.add_argument("-m", type=_positive, default=16)
-    demo.add_argument("-k", type=_positive, default=64)
-    demo.add_argument("-n", type=_positive, default=16)
+    demo = commands.add_parser("demo", help="run a GEMM on the simulated accelerator")
+    _add_build_options(demo)
+    demo.add_argument("-m", type=_positive, default=50)
+    demo.add_argument("-k", type=_positive, default=100)
+    demo.add_argument("-n", type=_positive, default=70)
     demo.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     demo.add_argument("--seed", type=int, default=2026)
     demo.set_defaults(func=cmd_demo)
+
+    bench = commands.add_parser("bench", help="measure cycles on the simulated RTL")
+    bench.add_argument("what", choices=("array",), help="array: dense GEMMs, utilization")
+    _add_build_options(bench)
+    bench.add_argument("--sizes", type=_positive, nargs="+", default=[64, 128, 256],
+                       help="cube sizes M=K=N")
+    bench.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
+    bench.add_argument("--json", type=Path, help="also write the rows as JSON")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

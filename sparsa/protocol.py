@@ -70,6 +70,7 @@ import numpy as np
 MAGIC = 0x53505253  # "SPRS"
 VERSION = (1, 0)
 ADDRESS_WIDTH = 12  # a 4 KiB AXI4-Lite window
+STREAM_WIDTHS = (8, 16, 32, 64, 128, 256, 512, 1024)  # TDATA widths a build may have
 
 
 class Error(IntEnum):

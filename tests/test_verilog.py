@@ -18,7 +18,8 @@ def verilator():
 @pytest.mark.parametrize("rows,cols", [(8, 8), (3, 5), (1, 1)])
 def test_generated_array_is_lint_clean(tmp_path, verilator, rows, cols, capsys):
     out = tmp_path / "sparsa_array.v"
-    assert cli.main(["verilog", "--rows", str(rows), "--cols", str(cols), "-o", str(out), "--lint"]) == 0
+    assert cli.main(["verilog", "--top", "array", "--rows", str(rows), "--cols", str(cols),
+                     "-o", str(out), "--lint"]) == 0
     assert "lint-only -Wall: clean" in capsys.readouterr().out
     header = re.search(r"module sparsa_array\(([^)]*)\);", out.read_text())
     ports = {p.strip() for p in header.group(1).split(",")}
@@ -27,6 +28,23 @@ def test_generated_array_is_lint_clean(tmp_path, verilator, rows, cols, capsys):
         *(f"a__{i}" for i in range(rows)), *(f"b__{j}" for j in range(cols)),
         *(f"c__{j}" for j in range(cols)),
     }
+
+
+@pytest.mark.parametrize("argv", [[], ["--rows", "3", "--cols", "5", "--stream-width", "16",
+                                         "--max-k", "32", "--max-n", "40"]],
+                         ids=["default", "3x5_w16"])
+def test_generated_accelerator_is_lint_clean(tmp_path, verilator, argv, capsys):
+    out = tmp_path / "sparsa_accel.v"
+    assert cli.main(["verilog", *argv, "-o", str(out), "--lint"]) == 0
+    assert "lint-only -Wall: clean" in capsys.readouterr().out
+    header = re.search(r"module sparsa_accel\(([^)]*)\);", out.read_text())
+    ports = {p.strip() for p in header.group(1).split(",")}
+    axi_lite = {f"s_axi_{name}" for name in (
+        "awaddr", "awvalid", "awready", "wdata", "wstrb", "wvalid", "wready", "bresp", "bvalid",
+        "bready", "araddr", "arvalid", "arready", "rdata", "rresp", "rvalid", "rready")}
+    streams = {f"{prefix}_{name}" for prefix in ("s_axis", "m_axis")
+               for name in ("tdata", "tvalid", "tready", "tlast")}
+    assert ports == {"aclk", "aresetn"} | axi_lite | streams
 
 
 def test_lint_reports_real_findings(tmp_path, verilator):
@@ -41,6 +59,7 @@ def test_lint_reports_real_findings(tmp_path, verilator):
 @pytest.mark.parametrize("argv,message", [
     (["verilog", "--rows", "0", "-o", "x.v"], "must be a positive integer, not 0"),
     (["verilog", "--cols", "33", "-o", "x.v"], "must be at most 32, not 33"),
+    (["verilog", "--stream-width", "48", "-o", "x.v"], "invalid choice: 48"),
 ])
 def test_cli_rejects_bad_sizes(argv, message, capsys):
     with pytest.raises(SystemExit):

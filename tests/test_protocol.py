@@ -1,0 +1,95 @@
+"""The protocol module's stream layouts and the golden model's arithmetic, in plain Python."""
+
+# amaranth: UnusedElaboratable=no
+import numpy as np
+import pytest
+
+from sparsa import protocol
+from sparsa.hw import Accelerator
+from sparsa.sim import golden
+
+GEOMETRIES = [protocol.Geometry(8, 8, 64, 256, 256), protocol.Geometry(3, 5, 16, 32, 40),
+              protocol.Geometry(4, 4, 256, 64, 48)]
+
+
+@pytest.mark.parametrize("g", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (9, 7, 13), (16, 3, 8)])
+def test_input_packet_layout(g, m, k, n):
+    rng = np.random.default_rng(m * k * n)
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    bias = rng.integers(-2**31, 2**31, n, dtype=np.int64).astype(np.int32)
+    packet = protocol.pack_input(g, a, b, bias)
+    assert packet.dtype == np.uint8
+    assert packet.size == g.input_beats(m, k, n, bias=True) * g.beat_bytes
+    # Spot-check the documented layout element by element.
+    m_tiles, n_tiles = g.tiles(m, n)
+    bias_vec = g.vector_beats(4 * g.cols) * g.beat_bytes
+    b_vec = g.vector_beats(g.cols) * g.beat_bytes
+    a_vec = g.vector_beats(g.rows) * g.beat_bytes
+    b_start = n_tiles * bias_vec
+    a_start = b_start + n_tiles * k * b_vec
+    j = n - 1
+    t, col = divmod(j, g.cols)
+    assert packet[t * bias_vec + 4 * col:t * bias_vec + 4 * col + 4].view("<i4")[0] == bias[j]
+    kk = k - 1
+    assert packet[b_start + (t * k + kk) * b_vec + col].view(np.int8) == b[kk, j]
+    i = m - 1
+    t, row = divmod(i, g.rows)
+    assert packet[a_start + (t * k + kk) * a_vec + row].view(np.int8) == a[i, kk]
+    assert packet[a_start + (t * k + kk) * a_vec + g.rows:a_start + (t * k + kk + 1) * a_vec].sum() == 0
+
+
+@pytest.mark.parametrize("g", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("requant", [False, True])
+def test_output_packet_round_trip(g, requant):
+    m, n = 11, 9
+    m_tiles, n_tiles = g.tiles(m, n)
+    dtype = np.int8 if requant else np.int32
+    full = np.arange(m_tiles * g.rows * n_tiles * g.cols).astype(dtype).reshape(
+        m_tiles * g.rows, n_tiles * g.cols)
+    row_bytes = g.vector_beats(np.dtype(dtype).itemsize * g.cols) * g.beat_bytes
+    # Build the packet the way the device emits it: tile by tile, row by row, padded vectors.
+    packet = bytearray()
+    for ti in range(m_tiles):
+        for tj in range(n_tiles):
+            for r in range(g.rows):
+                row = full[ti * g.rows + r, tj * g.cols:(tj + 1) * g.cols].astype(
+                    np.dtype(dtype).newbyteorder("<")).tobytes()
+                packet += row + bytes(row_bytes - len(row))
+    assert len(packet) == g.output_beats(m, n, requant) * g.beat_bytes
+    assert np.array_equal(protocol.unpack_output(g, bytes(packet), m, n, requant), full[:m, :n])
+    with pytest.raises(ValueError, match="output packet has"):
+        protocol.unpack_output(g, bytes(packet[:-1]), m, n, requant)
+
+
+def test_requantization_by_hand():
+    # (2**30 * 2**30 + 2**30) / 2**31 = 2**29 + 0.5, truncated toward zero.
+    assert golden.saturating_rounding_doubling_high_mul(2**30, 2**30) == 2**29
+    assert golden.saturating_rounding_doubling_high_mul(-(2**30), 2**30) == -(2**29)
+    assert golden.saturating_rounding_doubling_high_mul(-(2**31), -(2**31)) == 2**31 - 1
+    # Ties: +1.5 rounds up to 2, but gemmlowp's nudge 1 - 2**30 sends -1.5 to -1.
+    assert golden.saturating_rounding_doubling_high_mul(3, 2**30) == 2
+    assert golden.saturating_rounding_doubling_high_mul(-3, 2**30) == -1
+    assert golden.saturating_rounding_doubling_high_mul(-5, 2**30) == -2  # -2.5 -> -2
+    assert list(golden.rounding_divide_by_pot(np.array([5, -5, 6, -6, 7, -7]), 2)) == \
+        [1, -1, 2, -2, 2, -2]
+    a = np.array([[100]], np.int8)
+    b = np.array([[100]], np.int8)
+    # 10000 * 0.5 / 2**5 = 156.25 -> 156, + zero point 10 -> 166 -> saturates to 127.
+    assert golden.gemm(a, b, requant=(1 << 30, 5, 10))[0, 0] == 127
+    assert golden.gemm(a, -b, requant=(1 << 30, 8, 10))[0, 0] == -10  # -19.53 -> -20, +10
+    assert golden.gemm(a, -b, requant=(1 << 30, 8, 10), relu=True)[0, 0] == 10
+    assert golden.gemm(a, -b, relu=True)[0, 0] == 0
+    assert golden.gemm(a, b, bias=[2**31 - 1])[0, 0] == -(2**31) + 9999  # INT32 wrap
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"stream_width": 48}, "stream_width must be one of"),
+    ({"max_k": 0}, "max_k must be an int between 1 and 65536"),
+    ({"max_n": 70000}, "max_n must be an int between 1 and 65536"),
+    ({"rows": 0}, "rows must be between 1 and 32"),
+])
+def test_accelerator_rejects_bad_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Accelerator(**kwargs)

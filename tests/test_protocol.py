@@ -1,6 +1,6 @@
+# amaranth: UnusedElaboratable=no
 """The protocol module's stream layouts and the golden model's arithmetic, in plain Python."""
 
-# amaranth: UnusedElaboratable=no
 import numpy as np
 import pytest
 

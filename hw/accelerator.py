@@ -28,7 +28,7 @@ with the registers' values; ``CONTROL.SOFT_RESET`` only resets the datapath. Bad
 ``ERROR`` instead of hanging; see :mod:`sparsa.protocol`.
 """
 
-from amaranth import ClockDomain, Const, Module, Mux, ResetInserter, Signal, signed, unsigned
+from amaranth import Cat, ClockDomain, Const, Module, Mux, ResetInserter, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -42,15 +42,16 @@ from .array import SystolicArray, check_dimensions
 from .postproc import PostProcessor
 from .regs import RegisterBlock
 
-FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU
-KNOWN_OPTIONS = Option.BIAS | Option.REQUANT | Option.RELU
+FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP
+KNOWN_OPTIONS = Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP
 
 
 class GemmCore(wiring.Component):
     """Loader, sequencer, array and drain of one job; reset between jobs by the top level."""
 
-    def __init__(self, geometry):
+    def __init__(self, geometry, sparse_skip=True):
         g = self.geometry = geometry
+        self.sparse_skip = sparse_skip
         super().__init__({
             "start": In(1),
             "m": In(32), "k": In(32), "n": In(32), "options": In(32),
@@ -61,6 +62,7 @@ class GemmCore(wiring.Component):
             "m_axis_tready": In(1), "m_axis_tlast": Out(1),
             "busy": Out(1), "done": Out(1), "error": Out(8),
             "cycles": Out(32), "stall_in": Out(32), "stall_out": Out(32), "macs": Out(32),
+            "macs_skipped": Out(32), "ksteps_skipped": Out(32),
         })
 
     def elaborate(self, platform):
@@ -75,7 +77,7 @@ class GemmCore(wiring.Component):
         job_m = Signal(32)
         job_k = Signal(range(g.max_k + 1))
         job_n = Signal(range(g.max_n + 1))
-        bias_en, requant, relu = Signal(), Signal(), Signal()
+        bias_en, requant, relu, no_skip = Signal(), Signal(), Signal(), Signal()
         mult = Signal(signed(32))
         shift = Signal(unsigned(5))
         zero = Signal(signed(8))
@@ -97,6 +99,7 @@ class GemmCore(wiring.Component):
                 bias_en.eq(self.options & Option.BIAS),
                 requant.eq((self.options & Option.REQUANT).any()),
                 relu.eq((self.options & Option.RELU).any()),
+                no_skip.eq((self.options & Option.NO_SKIP).any()),
                 mult.eq(self.quant_mult), shift.eq(self.quant_shift), zero.eq(self.quant_zero),
                 self.busy.eq(1), self.error.eq(check),
             ]
@@ -112,6 +115,14 @@ class GemmCore(wiring.Component):
         bias_rd = bias_mem.read_port(domain="comb")
         b_rd, a_rd = b_mem.read_port(), a_mem.read_port()
         panel_full = Signal(2)  # per A bank: loaded and not yet consumed
+        if self.sparse_skip:
+            # Nonzero masks, bit k set when the k-step's vector has a nonzero (or skipping is
+            # off): one per A bank (registers) and one per n-tile of B (a small memory).
+            a_nonzero = [Signal(g.max_k, name=f"a_nonzero{bank}") for bank in range(2)]
+            m.submodules.b_nonzero_mem = b_nonzero_mem = Memory(
+                shape=g.max_k, depth=n_tiles_max, init=[])
+            b_nonzero_wr = b_nonzero_mem.write_port()
+            b_nonzero_rd = b_nonzero_mem.read_port(domain="comb")
 
         # ---- loader: s_axis -> memories ------------------------------------------------------
         beats_bias = g.vector_beats(4 * cols)
@@ -123,7 +134,8 @@ class GemmCore(wiring.Component):
         ld_k = Signal(range(g.max_k))
         ld_j0 = Signal(range(g.max_n + cols))
         ld_i0 = Signal(33)
-        ld_bias_addr = Signal(range(n_tiles_max))
+        ld_nt = Signal(range(n_tiles_max))
+        b_nonzero = Signal(g.max_k)  # the mask of the n-tile being loaded
         ld_b_addr = Signal(range(n_tiles_max * g.max_k))
         ld_bank = Signal()
         word = Signal(width * beats_max)
@@ -131,12 +143,18 @@ class GemmCore(wiring.Component):
         m.d.comb += [
             take.eq(self.s_axis_tvalid & self.s_axis_tready),
             word.eq((self.s_axis_tdata << (beat * width)) | partial),
-            bias_wr.addr.eq(ld_bias_addr), bias_wr.data.eq(word),
+            bias_wr.addr.eq(ld_nt), bias_wr.data.eq(word),
             b_wr.addr.eq(ld_b_addr), b_wr.data.eq(word),
             a_wr.addr.eq(Mux(ld_bank, g.max_k, 0) + ld_k), a_wr.data.eq(word),
         ]
         last_k = ld_k == job_k - 1
         last_n_tile = ld_j0 + cols >= job_n
+        if self.sparse_skip:
+            # Bit ld_k set when the B (or A) word being completed is not all zero.
+            word_bit = Signal(g.max_k)
+            m.d.comb += word_bit.eq(Mux(no_skip | word[:8 * cols].any(), 1, 0) << ld_k)
+            a_word_bit = Signal(g.max_k)
+            m.d.comb += a_word_bit.eq(Mux(no_skip | word[:8 * rows].any(), 1, 0) << ld_k)
 
         def collect(beats):
             """Gather ``beats`` beats into ``word``; true on the beat that completes it."""
@@ -156,8 +174,9 @@ class GemmCore(wiring.Component):
         with m.FSM(name="loader"):
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [ld_k.eq(0), ld_j0.eq(0), ld_i0.eq(0), ld_bias_addr.eq(0),
-                                 ld_b_addr.eq(0), ld_bank.eq(0), beat.eq(0), partial.eq(0)]
+                    m.d.sync += [ld_k.eq(0), ld_j0.eq(0), ld_i0.eq(0), ld_nt.eq(0),
+                                 ld_b_addr.eq(0), ld_bank.eq(0), beat.eq(0), partial.eq(0),
+                                 b_nonzero.eq(0)]
                     with m.If(rejected):
                         m.next = "DRAIN"
                     with m.Elif(self.options & Option.BIAS):
@@ -170,9 +189,9 @@ class GemmCore(wiring.Component):
                 early_tlast(Const(0))
                 m.d.comb += bias_wr.en.eq(complete)
                 with m.If(complete):
-                    m.d.sync += [ld_bias_addr.eq(ld_bias_addr + 1), ld_j0.eq(ld_j0 + cols)]
+                    m.d.sync += [ld_nt.eq(ld_nt + 1), ld_j0.eq(ld_j0 + cols)]
                     with m.If(last_n_tile):
-                        m.d.sync += ld_j0.eq(0)
+                        m.d.sync += [ld_j0.eq(0), ld_nt.eq(0)]
                         m.next = "B"
                 with m.If(take & self.s_axis_tlast):
                     m.next = "IDLE"
@@ -181,10 +200,18 @@ class GemmCore(wiring.Component):
                 complete = collect(beats_b)
                 early_tlast(Const(0))
                 m.d.comb += b_wr.en.eq(complete)
+                if self.sparse_skip:
+                    m.d.comb += [
+                        b_nonzero_wr.addr.eq(ld_nt),
+                        b_nonzero_wr.data.eq(b_nonzero | word_bit),
+                        b_nonzero_wr.en.eq(complete & last_k),
+                    ]
+                    with m.If(complete):
+                        m.d.sync += b_nonzero.eq(Mux(last_k, 0, b_nonzero | word_bit))
                 with m.If(complete):
                     m.d.sync += [ld_b_addr.eq(ld_b_addr + 1), ld_k.eq(ld_k + 1)]
                     with m.If(last_k):
-                        m.d.sync += [ld_k.eq(0), ld_j0.eq(ld_j0 + cols)]
+                        m.d.sync += [ld_k.eq(0), ld_j0.eq(ld_j0 + cols), ld_nt.eq(ld_nt + 1)]
                         with m.If(last_n_tile):
                             m.next = "A"
                 with m.If(take & self.s_axis_tlast):
@@ -197,6 +224,11 @@ class GemmCore(wiring.Component):
                 m.d.comb += a_wr.en.eq(complete)
                 with m.If(complete):
                     m.d.sync += ld_k.eq(ld_k + 1)
+                    for bank in range(2 if self.sparse_skip else 0):
+                        with m.If(ld_bank == bank):
+                            # A new panel starts its mask afresh at k = 0.
+                            m.d.sync += a_nonzero[bank].eq(
+                                Mux(ld_k == 0, 0, a_nonzero[bank]) | a_word_bit)
                     with m.If(last_k):
                         m.d.sync += [ld_k.eq(0), ld_bank.eq(~ld_bank), ld_i0.eq(ld_i0 + rows)]
                 with m.If(take & self.s_axis_tlast):
@@ -210,65 +242,114 @@ class GemmCore(wiring.Component):
                     m.next = "IDLE"
 
         # ---- sequencer: memories -> array ----------------------------------------------------
+        # With sparse-skip, the k-steps to issue for an output tile are the set bits of
+        # ``pending``: the A panel's nonzero mask AND the n-tile's B mask. Each cycle issues the
+        # lowest one (isolated with a two's-complement carry chain, then encoded), so all-zero
+        # k-steps cost no cycle. Without it (a build for comparison), a counter walks k.
         m.submodules.array = array = SystolicArray(rows, cols)
-        sq_k = Signal(range(g.max_k))
+        sq_nt = Signal(range(n_tiles_max))
         sq_j0 = Signal(range(g.max_n + cols))
         sq_i0 = Signal(33)
         sq_b_base = Signal(range(n_tiles_max * g.max_k + 1))
         sq_bank = Signal()
+        issued = Signal(range(g.max_k + 1))  # k-steps of this tile issued so far
+        slot = Signal(range(rows * cols + 1))  # real products per k-step of this tile
         since_last = Signal(range(gap + 1))
         reserved = Signal(range(fifo_rows + rows + 1))
         issue = Signal()
         issue_last = Signal()
+        tile_load = Signal()  # the next tile's k-steps are set up
+        k_index = Signal(max(1, bits_for(g.max_k - 1)))  # the k-step to issue now
+        more = Signal()  # another k-step of this tile follows the one at k_index
+        empty = Signal()  # this tile has no k-step to issue at all
+        kill = Signal()  # a zero k-step: a tile with nothing to issue still yields its results
         row_popped = Signal()
         rows_real = Signal(range(rows + 1))
         cols_real = Signal(range(cols + 1))
+        if self.sparse_skip:
+            pending = Signal(g.max_k)
+            lowest = Signal(g.max_k)
+            rest = Signal(g.max_k)
+            m.d.comb += [
+                lowest.eq(pending & (~pending + 1)),
+                rest.eq(pending & ~lowest),
+                k_index.eq(Cat(*(
+                    Cat(*(lowest[i] for i in range(g.max_k) if i >> bit & 1)).any()
+                    if g.max_k > 1 << bit else Const(0) for bit in range(len(k_index))))),
+                more.eq(rest != 0),
+                empty.eq(pending == 0),
+                b_nonzero_rd.addr.eq(sq_nt),
+            ]
+            with m.If(tile_load):
+                m.d.sync += pending.eq(
+                    Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & b_nonzero_rd.data)
+            with m.Elif(issue):
+                m.d.sync += pending.eq(rest)
+        else:
+            step = Signal(range(g.max_k))
+            m.d.comb += [k_index.eq(step), more.eq(step != job_k - 1)]
+            with m.If(tile_load | issue_last):
+                m.d.sync += step.eq(0)
+            with m.Elif(issue):
+                m.d.sync += step.eq(step + 1)
         m.d.comb += [
             rows_real.eq(Mux(job_m - sq_i0 >= rows, rows, job_m - sq_i0)),
             cols_real.eq(Mux(job_n - sq_j0 >= cols, cols, job_n - sq_j0)),
-            a_rd.addr.eq(Mux(sq_bank, g.max_k, 0) + sq_k),
-            b_rd.addr.eq(sq_b_base + sq_k),
+            a_rd.addr.eq(Mux(sq_bank, g.max_k, 0) + k_index),
+            b_rd.addr.eq(sq_b_base + k_index),
         ]
-        sq_last_k = sq_k == job_k - 1
         room = reserved + rows <= fifo_rows
+        skipped = Signal(range(g.max_k + 1))  # k-steps of this tile not issued, at its end
+        m.d.comb += skipped.eq(job_k - issued - ~empty)
         with m.If(since_last < gap):
             m.d.sync += since_last.eq(since_last + 1)
 
         with m.FSM(name="sequencer"):
             with m.State("IDLE"):
                 with m.If(self.start & ~rejected):
-                    m.d.sync += [sq_k.eq(0), sq_j0.eq(0), sq_i0.eq(0), sq_b_base.eq(0),
+                    m.d.sync += [sq_nt.eq(0), sq_j0.eq(0), sq_i0.eq(0), sq_b_base.eq(0),
                                  sq_bank.eq(0), since_last.eq(gap)]
                     m.next = "WAIT"
             with m.State("WAIT"):
                 with m.If(closing):
                     m.next = "IDLE"
                 with m.Elif(panel_full.bit_select(sq_bank, 1)):
-                    m.next = "ISSUE"
+                    m.next = "TILE"
                 with m.Else():
                     m.d.sync += self.stall_in.eq(self.stall_in + 1)
+            with m.State("TILE"):
+                m.d.comb += tile_load.eq(1)
+                m.d.sync += [issued.eq(0), slot.eq(rows_real * cols_real)]
+                m.next = "ISSUE"
+                with m.If(closing):
+                    m.next = "IDLE"
             with m.State("ISSUE"):
                 with m.If(closing):
                     m.next = "IDLE"
-                with m.Elif(~sq_last_k):
+                with m.Elif(more):
                     m.d.comb += issue.eq(1)
-                    m.d.sync += sq_k.eq(sq_k + 1)
+                    m.d.sync += issued.eq(issued + 1)
                 with m.Elif(~room):
                     m.d.sync += self.stall_out.eq(self.stall_out + 1)
                 with m.Elif(since_last >= gap - 1):
-                    m.d.comb += [issue.eq(1), issue_last.eq(1)]
-                    m.d.sync += [sq_k.eq(0), since_last.eq(0), sq_j0.eq(sq_j0 + cols),
-                                 sq_b_base.eq(sq_b_base + job_k)]
+                    m.d.comb += [issue.eq(1), issue_last.eq(1), kill.eq(empty)]
+                    m.d.sync += [
+                        since_last.eq(0),
+                        self.ksteps_skipped.eq(self.ksteps_skipped + skipped),
+                        sq_j0.eq(sq_j0 + cols), sq_nt.eq(sq_nt + 1),
+                        sq_b_base.eq(sq_b_base + job_k),
+                    ]
+                    m.next = "TILE"
                     with m.If(sq_j0 + cols >= job_n):
-                        m.d.sync += [sq_j0.eq(0), sq_b_base.eq(0), sq_bank.eq(~sq_bank),
-                                     sq_i0.eq(sq_i0 + rows)]
+                        m.d.sync += [sq_j0.eq(0), sq_nt.eq(0), sq_b_base.eq(0),
+                                     sq_bank.eq(~sq_bank), sq_i0.eq(sq_i0 + rows)]
                         with m.If(sq_i0 + rows >= job_m):
                             m.d.sync += closing.eq(1)
                             m.next = "IDLE"
                         with m.Else():
                             m.next = "WAIT"
-        with m.If(issue):
-            m.d.sync += self.macs.eq(self.macs + rows_real * cols_real)
+        with m.If(issue & ~kill):
+            m.d.sync += self.macs.eq(self.macs + slot)
 
         # Panel bookkeeping: the loader fills a bank, the sequencer frees it after its last tile.
         release = issue_last & (sq_j0 + cols >= job_n)
@@ -279,15 +360,34 @@ class GemmCore(wiring.Component):
                 m.d.sync += panel_full[bank].eq(0)
 
         # The memories answer one cycle after the address; the flags follow them.
-        for i in range(rows):
-            m.d.comb += array.a[i].eq(a_rd.data[8 * i:8 * i + 8])
-        for j in range(cols):
-            m.d.comb += array.b[j].eq(b_rd.data[8 * j:8 * j + 8])
+        kill_q = Signal()
+        counted_q = Signal()
+        slot_q = Signal.like(slot)
         m.d.sync += [
             array.valid.eq(issue),
-            array.first.eq(issue & (sq_k == 0)),
+            array.first.eq(issue & (issued == 0)),
             array.last.eq(issue_last),
+            kill_q.eq(kill),
+            counted_q.eq(issue & ~kill),
+            slot_q.eq(slot),
         ]
+        a_lanes = [a_rd.data[8 * i:8 * i + 8] for i in range(rows)]
+        b_lanes = [b_rd.data[8 * j:8 * j + 8] for j in range(cols)]
+        for i, lane in enumerate(a_lanes):
+            m.d.comb += array.a[i].eq(Mux(kill_q, 0, lane))
+        for j, lane in enumerate(b_lanes):
+            m.d.comb += array.b[j].eq(Mux(kill_q, 0, lane))
+
+        # MACs skipped: of an issued k-step, the products with a zero operand (popcounts of the
+        # nonzero lanes at the array edge); of a skipped k-step, all its products.
+        nonzero_a = Signal(range(rows + 1))
+        nonzero_b = Signal(range(cols + 1))
+        m.d.comb += [nonzero_a.eq(sum(lane.any() for lane in a_lanes)),
+                     nonzero_b.eq(sum(lane.any() for lane in b_lanes))]
+        m.d.sync += self.macs_skipped.eq(
+            self.macs_skipped
+            + Mux(counted_q, slot_q - nonzero_a * nonzero_b, 0)
+            + Mux(issue_last, slot * skipped, 0))
 
         # ---- drain: array -> post-processing -> FIFO -> m_axis -------------------------------
         m.submodules.post = post = PostProcessor(cols)
@@ -352,7 +452,7 @@ class GemmCore(wiring.Component):
 
 
 class Accelerator(wiring.Component):
-    def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256):
+    def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256, sparse_skip=True):
         check_dimensions(rows, cols)
         if stream_width not in STREAM_WIDTHS:
             raise ValueError(f"stream_width must be one of {STREAM_WIDTHS}, not {stream_width}")
@@ -360,6 +460,7 @@ class Accelerator(wiring.Component):
             if not isinstance(value, int) or not 1 <= value <= 65536:
                 raise ValueError(f"{name} must be an int between 1 and 65536, not {value!r}")
         self.geometry = protocol.Geometry(rows, cols, stream_width, max_k, max_n)
+        self.sparse_skip = sparse_skip
         self._regs = RegisterBlock()
         members = {"aclk": In(1), "aresetn": In(1)}
         members.update({name: member for name, member in self._regs.signature.members.items()
@@ -375,7 +476,8 @@ class Accelerator(wiring.Component):
     def capabilities(self):
         g = self.geometry
         return {"ROWS": g.rows, "COLS": g.cols, "STREAM_WIDTH": g.stream_width,
-                "MAX_K": g.max_k, "MAX_N": g.max_n, "FEATURES": FEATURES}
+                "MAX_K": g.max_k, "MAX_N": g.max_n,
+                "FEATURES": FEATURES if self.sparse_skip else FEATURES & ~Feature.SPARSE_SKIP}
 
     def elaborate(self, platform):
         m = Module()
@@ -395,7 +497,7 @@ class Accelerator(wiring.Component):
         start = control & regs.CONTROL[Control.START.bit_length() - 1]
         soft_reset = control & regs.CONTROL[Control.SOFT_RESET.bit_length() - 1]
         # START first resets the datapath, then starts it one cycle later from a clean slate.
-        core = ResetInserter(start | soft_reset)(GemmCore(self.geometry))
+        core = ResetInserter(start | soft_reset)(GemmCore(self.geometry, self.sparse_skip))
         m.submodules.core = core
         start_next = Signal()
         m.d.sync += start_next.eq(start & ~soft_reset)
@@ -413,6 +515,7 @@ class Accelerator(wiring.Component):
             regs.ERROR.eq(core.error),
             regs.CYCLES.eq(core.cycles), regs.STALL_IN.eq(core.stall_in),
             regs.STALL_OUT.eq(core.stall_out), regs.MACS.eq(core.macs),
+            regs.MACS_SKIPPED.eq(core.macs_skipped), regs.KSTEPS_SKIPPED.eq(core.ksteps_skipped),
             regs.ID.eq(protocol.MAGIC),
             regs.VERSION.eq(protocol.REGISTER["VERSION"].reset),
         ]

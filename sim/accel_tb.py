@@ -21,7 +21,8 @@ from cocotbext.axi import (AxiLiteBus, AxiLiteMaster, AxiStreamBus, AxiStreamFra
 from sparsa import protocol
 from sparsa.protocol import REGISTER, Control, Error, Option, Status
 
-from .golden import gemm
+from . import patterns
+from .golden import gemm, sparse_counters
 
 
 def settings():
@@ -33,6 +34,12 @@ def geometry_of(cfg):
                              cfg["max_n"])
 
 
+def features(cfg):
+    """The FEATURES bits a build with these settings reports."""
+    bits = protocol.Feature.BIAS | protocol.Feature.REQUANT | protocol.Feature.RELU
+    return bits | (protocol.Feature.SPARSE_SKIP if cfg.get("sparse_skip", True) else 0)
+
+
 def pauses(rng, probability):
     """An endless random pause pattern: True (pause) with the given probability per cycle."""
     while True:
@@ -40,9 +47,10 @@ def pauses(rng, probability):
 
 
 class AccelTB:
-    def __init__(self, dut, geometry):
+    def __init__(self, dut, geometry, skips=True):
         self.dut = dut
         self.geometry = geometry
+        self.skips = skips  # the build skips zero k-steps (FEATURES.SPARSE_SKIP)
         dut.aresetn.value = 0  # held in reset from time zero, so no register starts out as X
         Clock(dut.aclk, 10, unit="ns").start()
         for prefix in ("s_axis", "m_axis", "s_axi"):
@@ -103,12 +111,13 @@ class AccelTB:
         frame = await with_timeout(self.sink.recv(), 10 * cycles, "ns")
         return frame.tdata
 
-    async def gemm(self, a, b, bias=None, requant=None, relu=False):
+    async def gemm(self, a, b, bias=None, requant=None, relu=False, skip=True):
         """Run one job; returns (C, STATUS, ERROR, counters)."""
         m, k = a.shape
         n = b.shape[1]
         options = (Option.BIAS if bias is not None else 0) | \
-            (Option.REQUANT if requant is not None else 0) | (Option.RELU if relu else 0)
+            (Option.REQUANT if requant is not None else 0) | (Option.RELU if relu else 0) | \
+            (0 if skip else Option.NO_SKIP)
         await self.start(m, k, n, options, requant or (1 << 30, 0, 0))
         await self.source.send(AxiStreamFrame(protocol.pack_input(self.geometry, a, b, bias).tobytes()))
         cycles = self.budget(m, k, n)
@@ -119,12 +128,18 @@ class AccelTB:
 
 
 def random_matrix(rng, shape):
-    kind = rng.integers(3)
+    kind = rng.integers(5)
+    values = rng.integers(-128, 128, shape, dtype=np.int8)
     if kind == 0:
-        return rng.integers(-128, 128, shape, dtype=np.int8)
-    if kind == 1:
-        values = rng.integers(-128, 128, shape, dtype=np.int8)
-        return np.where(rng.random(shape) < 0.5, 0, values).astype(np.int8)
+        return values
+    if kind == 1:  # unstructured zeros, 0 to 95%
+        return np.where(rng.random(shape) < rng.random() * 0.95, 0, values).astype(np.int8)
+    if kind == 2:  # whole zero rows and columns: skipped k-steps in A and B alike
+        values[rng.random(shape[0]) < 0.5, :] = 0
+        values[:, rng.random(shape[1]) < 0.5] = 0
+        return values
+    if kind == 3:
+        return np.zeros(shape, np.int8) if rng.random() < 0.3 else values
     return rng.choice(np.array([-128, -1, 0, 1, 127], dtype=np.int8), shape)
 
 
@@ -141,13 +156,18 @@ def random_options(rng, n):
     return bias, requant, bool(rng.random() < 0.5)
 
 
-def assert_job(got, want, status, error, counters, m, k, n, label):
+def assert_job(tb, got, status, error, counters, a, b, bias=None, requant=None, relu=False,
+               skip=True, label="job"):
+    """The job finished cleanly, its result is NumPy's and its counters are the golden ones."""
     assert error == Error.NONE, f"{label}: ERROR={Error(error).name}"
     assert status == Status.DONE, f"{label}: STATUS={status:#x}"
+    want = gemm(a, b, bias, requant, relu)
     if not np.array_equal(got, want):
         bad = tuple(np.argwhere(got != want)[0])
         raise AssertionError(f"{label}: C{bad} = {got[bad]}, expected {want[bad]}")
-    assert counters["MACS"] == (m * k * n) % 2**32, f"{label}: MACS={counters['MACS']}"
+    expected = sparse_counters(a, b, tb.geometry.rows, tb.geometry.cols, skip and tb.skips)
+    for name, value in expected.items():
+        assert counters[name] == value, f"{label}: {name}={counters[name]}, expected {value}"
     assert counters["CYCLES"] > 0
 
 
@@ -168,11 +188,12 @@ async def test_random_jobs(dut):
         n = int(rng.integers(1, min(max_dim, g.max_n) + 1))
         a, b = random_matrix(rng, (m, k)), random_matrix(rng, (k, n))
         bias, requant, relu = random_options(rng, n)
+        skip = bool(rng.random() < 0.7)
         label = (f"job {job}: M={m} K={k} N={n} bias={bias is not None} requant={requant} "
-                 f"relu={relu}")
+                 f"relu={relu} skip={skip}")
         dut._log.info(label)
-        got, status, error, counters = await tb.gemm(a, b, bias, requant, relu)
-        assert_job(got, gemm(a, b, bias, requant, relu), status, error, counters, m, k, n, label)
+        got, status, error, counters = await tb.gemm(a, b, bias, requant, relu, skip)
+        assert_job(tb, got, status, error, counters, a, b, bias, requant, relu, skip, label)
     dut._log.info("%d random jobs bit-exact", cfg.get("count", 20))
 
 
@@ -200,8 +221,8 @@ async def test_directed_jobs(dut):
     ]
     for number, (a, b, bias, requant, relu) in enumerate(jobs):
         got, status, error, counters = await tb.gemm(a, b, bias, requant, relu)
-        assert_job(got, gemm(a, b, bias, requant, relu), status, error, counters,
-                   a.shape[0], a.shape[1], b.shape[1], f"directed job {number}")
+        assert_job(tb, got, status, error, counters, a, b, bias, requant, relu,
+                   label=f"directed job {number}")
 
 
 @cocotb.test()
@@ -216,8 +237,7 @@ async def test_registers(dut):
     for name, value in (("ROWS", g.rows), ("COLS", g.cols), ("STREAM_WIDTH", g.stream_width),
                         ("MAX_K", g.max_k), ("MAX_N", g.max_n)):
         assert await tb.read(name) == value, name
-    assert await tb.read("FEATURES") == protocol.Feature.BIAS | protocol.Feature.REQUANT | \
-        protocol.Feature.RELU
+    assert await tb.read("FEATURES") == features(cfg)
     for register in protocol.REGISTERS:
         if register.access == "rw":
             assert await tb.read(register.name) == register.reset, register.name
@@ -256,7 +276,7 @@ async def test_errors(dut):
 
     async def expect_good_job():
         got, status, error, counters = await tb.gemm(a, b)
-        assert_job(got, gemm(a, b), status, error, counters, *good, "job after an error")
+        assert_job(tb, got, status, error, counters, a, b, label="job after an error")
 
     beat = g.beat_bytes
     # Rejected at START: the input (if any) is discarded, the output packet is one zero beat.
@@ -300,7 +320,7 @@ async def test_abandoned_jobs(dut):
 
     async def good_job():
         got, status, error, counters = await tb.gemm(a, b)
-        assert_job(got, gemm(a, b), status, error, counters, *shape, "job after reset")
+        assert_job(tb, got, status, error, counters, a, b, label="job after reset")
 
     # Started, then abandoned before any data: SOFT_RESET returns the device to idle.
     await tb.start(*shape)
@@ -341,20 +361,60 @@ async def test_abandoned_jobs(dut):
 
 
 @cocotb.test()
+async def test_sparse_patterns(dut):
+    """Dense, all-zero, unstructured, block-sparse and 2:4 operands, skip on and off: results
+    identical and exact, counters equal NumPy's counts, and skipping never costs cycles."""
+    cfg = settings()
+    g = geometry_of(cfg)
+    tb = AccelTB(dut, g, cfg.get("sparse_skip", True))
+    await tb.reset()
+    rng = np.random.default_rng(cfg.get("seed", 0))
+    tb.set_pauses(rng, idle=0.2, backpressure=0.2)
+    m, k, n = cfg.get("shape", (3 * g.rows + 1, 4 * g.rows, 2 * g.cols + 3))
+    k = min(k, g.max_k)
+    n = min(n, g.max_n)
+    cases = [
+        ("dense", patterns.dense(rng, (m, k)), patterns.dense(rng, (k, n))),
+        ("all-zero A", np.zeros((m, k), np.int8), patterns.dense(rng, (k, n))),
+        ("all-zero B", patterns.dense(rng, (m, k)), np.zeros((k, n), np.int8)),
+        *((f"unstructured {f:.0%}", patterns.relu_like(rng, (m, k), f), patterns.dense(rng, (k, n)))
+          for f in (0.0, 0.3, 0.6, 0.8, 0.95)),
+        *((f"block-sparse B {f:.0%}", patterns.dense(rng, (m, k)),
+           patterns.block_sparse(rng, (k, n), f, g.rows, g.cols)) for f in (0.5, 0.75)),
+        ("2:4 B", patterns.dense(rng, (m, k)), patterns.two_four(rng, (k, n))),
+    ]
+    for label, a, b in cases:
+        cycles = {}
+        results = {}
+        for skip in (True, False):
+            got, status, error, counters = await tb.gemm(a, b, skip=skip)
+            assert_job(tb, got, status, error, counters, a, b, skip=skip,
+                       label=f"{label}, skip={skip}")
+            cycles[skip] = counters["CYCLES"]
+            results[skip] = got
+        assert np.array_equal(results[True], results[False])
+        dut._log.info("%s: %d cycles with skipping, %d without", label, cycles[True],
+                      cycles[False])
+        # Pauses jitter the cycle count a little; skipping must never be clearly slower.
+        assert cycles[True] <= cycles[False] * 1.1 + 50, f"{label}: {cycles}"
+
+
+@cocotb.test()
 async def test_bench(dut):
-    """Run dense jobs without pauses; write their counters to ``report`` (a JSON list)."""
+    """Run the jobs in the ``.npz`` file ``jobs`` (a0, b0, skip0, ...) without pauses; write their
+    counters and NumPy's expected counters to ``report`` (a JSON list)."""
     cfg = settings()
     g = geometry_of(cfg)
     tb = AccelTB(dut, g)
     await tb.reset()
-    rng = np.random.default_rng(cfg.get("seed", 0))
+    jobs = np.load(cfg["jobs"])
     results = []
-    for m, k, n in cfg["shapes"]:
-        a = rng.integers(-128, 128, (m, k), dtype=np.int8)
-        b = rng.integers(-128, 128, (k, n), dtype=np.int8)
-        got, status, error, counters = await tb.gemm(a, b)
-        assert_job(got, gemm(a, b), status, error, counters, m, k, n, f"bench {m}x{k}x{n}")
-        results.append({"m": m, "k": k, "n": n, **counters})
+    for index in range(int(jobs["count"])):
+        a, b, skip = jobs[f"a{index}"], jobs[f"b{index}"], bool(jobs[f"skip{index}"])
+        got, status, error, counters = await tb.gemm(a, b, skip=skip)
+        assert_job(tb, got, status, error, counters, a, b, skip=skip, label=f"bench job {index}")
+        results.append({"m": a.shape[0], "k": a.shape[1], "n": b.shape[1], "skip": skip,
+                        **counters})
     with open(cfg["report"], "w") as f:
         json.dump(results, f)
 

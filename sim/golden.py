@@ -48,3 +48,32 @@ def gemm(a, b, bias=None, requant=None, relu=False):
     if relu:
         out = np.maximum(out, zero_point)
     return out.astype(np.int8)
+
+
+def sparse_counters(a, b, rows, cols, skip=True):
+    """What the accelerator's counters must read after ``a @ b`` on a rows x cols array.
+
+    ``MACS_SKIPPED``: products with a zero operand, over the real matrices. ``KSTEPS_SKIPPED``:
+    per output tile, the k-steps whose A column (tile rows) or B row (tile columns) is all zero,
+    when skipping is on. ``MACS``: real products of the k-steps issued.
+    """
+    a = np.asarray(a)
+    b = np.asarray(b)
+    m, k = a.shape
+    n = b.shape[1]
+    products = m * k * n
+    nonzero_pairs = int(((a != 0).sum(axis=0).astype(np.int64) * (b != 0).sum(axis=1)).sum())
+    m_tiles, n_tiles = -(-m // rows), -(-n // cols)
+    a_pad = np.zeros((m_tiles * rows, k), bool)
+    a_pad[:m] = a != 0
+    b_pad = np.zeros((k, n_tiles * cols), bool)
+    b_pad[:, :n] = b != 0
+    a_live = a_pad.reshape(m_tiles, rows, k).any(axis=1)  # [m-tile, k]
+    b_live = b_pad.reshape(k, n_tiles, cols).any(axis=2).T  # [n-tile, k]
+    issued = a_live[:, None, :] & b_live[None, :, :] if skip else \
+        np.ones((m_tiles, n_tiles, k), bool)
+    rows_real = np.minimum(rows, m - rows * np.arange(m_tiles))
+    cols_real = np.minimum(cols, n - cols * np.arange(n_tiles))
+    macs = int((issued.sum(axis=2) * rows_real[:, None] * cols_real[None, :]).sum())
+    return {"MACS": macs % 2**32, "MACS_SKIPPED": (products - nonzero_pairs) % 2**32,
+            "KSTEPS_SKIPPED": int((~issued).sum()) % 2**32}

@@ -117,6 +117,13 @@ def cmd_bench(args):
         rows = bench.run_dense([[size, size, size] for size in args.sizes], _build_config(args),
                                args.sim)
         print(bench.format_dense(rows))
+    else:
+        rows = bench.run_sparse(_build_config(args), args.size, args.sim)
+        print(bench.format_sparse(rows))
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        bench.plot_sparse(rows, args.plot, f"sparsa sparse-skip: {args.rows}x{args.cols} array, "
+                          f"M=K=N={args.size}, {args.stream_width}-bit streams (RTL cycles)")
+        print(f"wrote {args.plot}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}")
@@ -155,10 +162,14 @@ def build_parser():
     demo.set_defaults(func=cmd_demo)
 
     bench = commands.add_parser("bench", help="measure cycles on the simulated RTL")
-    bench.add_argument("what", choices=("array",), help="array: dense GEMMs, utilization")
+    bench.add_argument("what", choices=("array", "sparse"),
+                       help="array: dense GEMMs, utilization; sparse: sparse-skip speedups")
     _add_build_options(bench)
     bench.add_argument("--sizes", type=_positive, nargs="+", default=[64, 128, 256],
-                       help="cube sizes M=K=N")
+                       help="array: cube sizes M=K=N")
+    bench.add_argument("--size", type=_positive, default=256, help="sparse: M=K=N")
+    bench.add_argument("--plot", type=Path, default=Path("build/sparse_speedup.png"),
+                       help="sparse: where to save the speedup plot")
     bench.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     bench.add_argument("--json", type=Path, help="also write the rows as JSON")
     bench.set_defaults(func=cmd_bench)

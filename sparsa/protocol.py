@@ -39,6 +39,25 @@ discards beats up to the next TLAST (the results are still complete).
 Output packet (TLAST on its final beat): per m-tile, per n-tile, per tile row ``i < rows``, one
 vector of ``cols`` results: int32 little-endian, or int8 when ``OPTIONS.REQUANT``.
 
+Sparse-skip
+===========
+
+Zero work is skipped at two levels, with no mask in the stream: the device notes, as operands
+arrive, which A vectors (a k-step of an m-tile) and which B vectors (a k-step of an n-tile) are
+all zero.
+
+- In a PE, a zero operand leaves the accumulator untouched (its clock enable drops).
+- In the schedule, a k-step whose A or B vector is all zero is not issued to the array for that
+  output tile, so it costs no cycle (the tile's remaining k-steps are found by a priority
+  encoder over the tile's nonzero mask, one per cycle). A tile whose k-steps are all skipped
+  still yields its (bias-only) results through one zero k-step. ``OPTIONS.NO_SKIP`` issues every
+  k-step; results are identical, only cycles and ``MACS``/``KSTEPS_SKIPPED`` differ.
+
+``MACS_SKIPPED`` counts the products ``(i, j, k)``, ``i < M``, ``j < N``, ``k < K``, with
+``A[i,k] == 0`` or ``B[k,j] == 0`` (those the PEs did not accumulate, whether or not their
+k-step was issued); ``MACS`` counts the real products of the issued k-steps, so with skipping on
+``MACS + (products of skipped k-steps) == M*K*N``.
+
 Arithmetic
 ==========
 
@@ -88,12 +107,14 @@ class Option(IntEnum):
     BIAS = 1 << 0
     REQUANT = 1 << 1
     RELU = 1 << 2
+    NO_SKIP = 1 << 3  # issue every k-step, zero or not (for A/B comparison in one build)
 
 
 class Feature(IntEnum):
     BIAS = 1 << 0
     REQUANT = 1 << 1
     RELU = 1 << 2
+    SPARSE_SKIP = 1 << 3
 
 
 class Control(IntEnum):
@@ -139,11 +160,14 @@ REGISTERS = (
     Register("CYCLES", 0x50, "ro", doc="cycles from START to the last output beat"),
     Register("STALL_IN", 0x54, "ro", doc="cycles the array waited for operands"),
     Register("STALL_OUT", 0x58, "ro", doc="cycles the array waited for room in the output"),
-    Register("MACS", 0x5C, "ro", doc="multiply-accumulates issued on real (unpadded) data"),
+    Register("MACS", 0x5C, "ro", doc="multiply-accumulate slots issued on real (unpadded) data"),
+    Register("MACS_SKIPPED", 0x60, "ro",
+             doc="products (i, j, k) of the job with A[i,k] == 0 or B[k,j] == 0"),
+    Register("KSTEPS_SKIPPED", 0x64, "ro", doc="k-steps of output tiles not issued"),
 )
 
 REGISTER = {register.name: register for register in REGISTERS}
-COUNTERS = ("CYCLES", "STALL_IN", "STALL_OUT", "MACS")
+COUNTERS = ("CYCLES", "STALL_IN", "STALL_OUT", "MACS", "MACS_SKIPPED", "KSTEPS_SKIPPED")
 
 
 @dataclass(frozen=True)

@@ -4,22 +4,15 @@ Every job is checked bit-exactly against NumPy (sparsa.sim.golden). Verilator ru
 on the default 8x8 / 64-bit build and on two other geometries; Icarus runs a smoke subset.
 """
 
-import functools
-
 import pytest
 
-from sparsa.hw.verilog import ACCELERATOR_TOP, accelerator_verilog
+from sparsa.bench import accelerator_design as design
 from sparsa.sim import runner, toolchain
 
 TB = "sparsa.sim.accel_tb"
 DEFAULT = {"rows": 8, "cols": 8, "stream_width": 64, "max_k": 256, "max_n": 256}
 SMALL_K = {"rows": 4, "cols": 4, "stream_width": 32, "max_k": 64, "max_n": 48}
 ODD = {"rows": 3, "cols": 5, "stream_width": 16, "max_k": 32, "max_n": 40}
-
-
-def design(cfg):
-    key = "accel_{rows}x{cols}_w{stream_width}_k{max_k}_n{max_n}".format(**cfg)
-    return runner.Design(key, ACCELERATOR_TOP, functools.partial(accelerator_verilog, **cfg))
 
 
 def needs(simulator):
@@ -29,7 +22,7 @@ def needs(simulator):
 
 
 @pytest.mark.parametrize("testcase", ["test_registers", "test_directed_jobs", "test_errors",
-                                      "test_abandoned_jobs"])
+                                      "test_abandoned_jobs", "test_sparse_patterns"])
 def test_default_build(testcase):
     needs("verilator")
     runner.check(design(DEFAULT), "verilator", TB, testcase, DEFAULT)
@@ -49,6 +42,15 @@ def test_other_geometries(cfg):
     runner.check(design(cfg), "verilator", TB, "test_errors", cfg)
     runner.check(design(cfg), "verilator", TB, "test_random_jobs",
                  {**cfg, "seed": 100 + cfg["rows"], "count": 40, "max_dim": 50})
+    runner.check(design(cfg), "verilator", TB, "test_sparse_patterns", {**cfg, "seed": 3})
+
+
+def test_build_without_sparse_skip():
+    """The comparison build (no schedule skipping) is exact too, and says so in FEATURES."""
+    needs("verilator")
+    cfg = {**SMALL_K, "sparse_skip": False}
+    runner.check(design(cfg), "verilator", TB, "test_registers", cfg)
+    runner.check(design(cfg), "verilator", TB, "test_sparse_patterns", cfg)
 
 
 def test_smoke_icarus():

@@ -1,0 +1,44 @@
+"""Operand patterns for sparse-skip tests and benchmarks (inputs only; results come from NumPy)."""
+
+import numpy as np
+
+
+def dense(rng, shape):
+    """Uniform int8 with no zeros."""
+    values = rng.integers(1, 128, shape, dtype=np.int8)
+    return np.where(rng.random(shape) < 0.5, -values, values).astype(np.int8)
+
+
+def relu_like(rng, shape, zero_fraction):
+    """Activations after a ReLU: a normal sample shifted so ``zero_fraction`` of it is <= 0,
+    then scaled to 1..127; zeros fall anywhere (unstructured)."""
+    x = rng.standard_normal(shape)
+    shifted = x - np.quantile(x, zero_fraction)
+    scale = 127 / max(shifted.max(), 1e-9)
+    return np.where(shifted <= 0, 0, np.clip(np.ceil(shifted * scale), 1, 127)).astype(np.int8)
+
+
+def block_sparse(rng, shape, zero_fraction, block_k, block_n):
+    """Dense values with exactly ``zero_fraction`` of the block_k x block_n blocks zeroed."""
+    k, n = shape
+    out = dense(rng, shape)
+    blocks_k, blocks_n = -(-k // block_k), -(-n // block_n)
+    count = blocks_k * blocks_n
+    zero = np.zeros(count, bool)
+    zero[rng.choice(count, int(round(zero_fraction * count)), replace=False)] = True
+    for index in np.flatnonzero(zero):
+        bk, bn = divmod(index, blocks_n)
+        out[bk * block_k:(bk + 1) * block_k, bn * block_n:(bn + 1) * block_n] = 0
+    return out
+
+
+def two_four(rng, shape):
+    """2:4 structured sparsity along K: in every group of 4 consecutive k of a column, 2 zeros."""
+    k, n = shape
+    out = dense(rng, shape)
+    groups = -(-k // 4)
+    for g in range(groups):
+        for j in range(n):
+            lanes = g * 4 + rng.choice(4, 2, replace=False)
+            out[lanes[lanes < k], j] = 0
+    return out

@@ -116,9 +116,13 @@ class GemmCore(wiring.Component):
         b_rd, a_rd = b_mem.read_port(), a_mem.read_port()
         panel_full = Signal(2)  # per A bank: loaded and not yet consumed
         if self.sparse_skip:
-            # Nonzero masks, bit k set when the k-step's vector has a nonzero (or skipping is
-            # off): one per A bank (registers) and one per n-tile of B (a small memory).
+            # Nonzero masks: one per A bank (registers) and one per n-tile of B (a small memory).
+            # Each is a shift register: a word's "not all zero" bit enters at the top, so after
+            # the K words of a panel, k-step k sits at bit max_k - K + k (no index decoders).
+            # Bits below max_k - K are stale and masked off by ``k_valid``, whose top K bits are
+            # set while the first n-tile of B arrives.
             a_nonzero = [Signal(g.max_k, name=f"a_nonzero{bank}") for bank in range(2)]
+            k_valid = Signal(g.max_k)
             m.submodules.b_nonzero_mem = b_nonzero_mem = Memory(
                 shape=g.max_k, depth=n_tiles_max, init=[])
             b_nonzero_wr = b_nonzero_mem.write_port()
@@ -135,7 +139,7 @@ class GemmCore(wiring.Component):
         ld_j0 = Signal(range(g.max_n + cols))
         ld_i0 = Signal(33)
         ld_nt = Signal(range(n_tiles_max))
-        b_nonzero = Signal(g.max_k)  # the mask of the n-tile being loaded
+        b_nonzero = Signal(g.max_k)  # the mask of the n-tile being loaded, shifted in
         ld_b_addr = Signal(range(n_tiles_max * g.max_k))
         ld_bank = Signal()
         word = Signal(width * beats_max)
@@ -150,11 +154,10 @@ class GemmCore(wiring.Component):
         last_k = ld_k == job_k - 1
         last_n_tile = ld_j0 + cols >= job_n
         if self.sparse_skip:
-            # Bit ld_k set when the B (or A) word being completed is not all zero.
-            word_bit = Signal(g.max_k)
-            m.d.comb += word_bit.eq(Mux(no_skip | word[:8 * cols].any(), 1, 0) << ld_k)
-            a_word_bit = Signal(g.max_k)
-            m.d.comb += a_word_bit.eq(Mux(no_skip | word[:8 * rows].any(), 1, 0) << ld_k)
+            b_shifted = Signal(g.max_k)  # b_nonzero with the completed B word's bit shifted in
+            m.d.comb += b_shifted.eq(Cat(b_nonzero[1:], no_skip | word[:8 * cols].any()))
+            a_live = Signal()  # the completed A word is not all zero
+            m.d.comb += a_live.eq(no_skip | word[:8 * rows].any())
 
         def collect(beats):
             """Gather ``beats`` beats into ``word``; true on the beat that completes it."""
@@ -175,8 +178,7 @@ class GemmCore(wiring.Component):
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += [ld_k.eq(0), ld_j0.eq(0), ld_i0.eq(0), ld_nt.eq(0),
-                                 ld_b_addr.eq(0), ld_bank.eq(0), beat.eq(0), partial.eq(0),
-                                 b_nonzero.eq(0)]
+                                 ld_b_addr.eq(0), ld_bank.eq(0), beat.eq(0), partial.eq(0)]
                     with m.If(rejected):
                         m.next = "DRAIN"
                     with m.Elif(self.options & Option.BIAS):
@@ -203,11 +205,13 @@ class GemmCore(wiring.Component):
                 if self.sparse_skip:
                     m.d.comb += [
                         b_nonzero_wr.addr.eq(ld_nt),
-                        b_nonzero_wr.data.eq(b_nonzero | word_bit),
+                        b_nonzero_wr.data.eq(b_shifted),
                         b_nonzero_wr.en.eq(complete & last_k),
                     ]
                     with m.If(complete):
-                        m.d.sync += b_nonzero.eq(Mux(last_k, 0, b_nonzero | word_bit))
+                        m.d.sync += b_nonzero.eq(b_shifted)
+                        with m.If(ld_nt == 0):
+                            m.d.sync += k_valid.eq(Cat(k_valid[1:], 1))
                 with m.If(complete):
                     m.d.sync += [ld_b_addr.eq(ld_b_addr + 1), ld_k.eq(ld_k + 1)]
                     with m.If(last_k):
@@ -226,9 +230,7 @@ class GemmCore(wiring.Component):
                     m.d.sync += ld_k.eq(ld_k + 1)
                     for bank in range(2 if self.sparse_skip else 0):
                         with m.If(ld_bank == bank):
-                            # A new panel starts its mask afresh at k = 0.
-                            m.d.sync += a_nonzero[bank].eq(
-                                Mux(ld_k == 0, 0, a_nonzero[bank]) | a_word_bit)
+                            m.d.sync += a_nonzero[bank].eq(Cat(a_nonzero[bank][1:], a_live))
                     with m.If(last_k):
                         m.d.sync += [ld_k.eq(0), ld_bank.eq(~ld_bank), ld_i0.eq(ld_i0 + rows)]
                 with m.If(take & self.s_axis_tlast):
@@ -270,19 +272,23 @@ class GemmCore(wiring.Component):
             pending = Signal(g.max_k)
             lowest = Signal(g.max_k)
             rest = Signal(g.max_k)
+            position = Signal.like(k_index)  # of the lowest pending bit; k = position - offset
+            offset = Signal(range(g.max_k))
+            m.d.sync += offset.eq(g.max_k - job_k)
             m.d.comb += [
                 lowest.eq(pending & (~pending + 1)),
                 rest.eq(pending & ~lowest),
-                k_index.eq(Cat(*(
+                position.eq(Cat(*(
                     Cat(*(lowest[i] for i in range(g.max_k) if i >> bit & 1)).any()
-                    if g.max_k > 1 << bit else Const(0) for bit in range(len(k_index))))),
+                    if g.max_k > 1 << bit else Const(0) for bit in range(len(position))))),
+                k_index.eq(position - offset),
                 more.eq(rest != 0),
                 empty.eq(pending == 0),
                 b_nonzero_rd.addr.eq(sq_nt),
             ]
             with m.If(tile_load):
                 m.d.sync += pending.eq(
-                    Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & b_nonzero_rd.data)
+                    Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & b_nonzero_rd.data & k_valid)
             with m.Elif(issue):
                 m.d.sync += pending.eq(rest)
         else:

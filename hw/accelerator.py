@@ -117,10 +117,12 @@ class GemmCore(wiring.Component):
         panel_full = Signal(2)  # per A bank: loaded and not yet consumed
         if self.sparse_skip:
             # Nonzero masks: one per A bank (registers) and one per n-tile of B (a small memory).
-            # Each is a shift register that a panel's first word clears: a word's "not all zero"
-            # bit enters at the top, so after the K words of a panel, k-step k sits at bit
-            # max_k - K + k and the bits below are zero (no index decoders, no extra masking).
+            # Each is a shift register: a word's "not all zero" bit enters at the top, so after
+            # the K words of a panel, k-step k sits at bit max_k - K + k (no index decoders).
+            # Bits below max_k - K are stale and masked off by ``k_valid``, whose top K bits are
+            # set while the first n-tile of B arrives.
             a_nonzero = [Signal(g.max_k, name=f"a_nonzero{bank}") for bank in range(2)]
+            k_valid = Signal(g.max_k)
             m.submodules.b_nonzero_mem = b_nonzero_mem = Memory(
                 shape=g.max_k, depth=n_tiles_max, init=[])
             b_nonzero_wr = b_nonzero_mem.write_port()
@@ -153,8 +155,7 @@ class GemmCore(wiring.Component):
         last_n_tile = ld_j0 + cols >= job_n
         if self.sparse_skip:
             b_shifted = Signal(g.max_k)  # b_nonzero with the completed B word's bit shifted in
-            m.d.comb += b_shifted.eq(Cat(Mux(ld_k == 0, 0, b_nonzero[1:]),
-                                         no_skip | word[:8 * cols].any()))
+            m.d.comb += b_shifted.eq(Cat(b_nonzero[1:], no_skip | word[:8 * cols].any()))
             a_live = Signal()  # the completed A word is not all zero
             m.d.comb += a_live.eq(no_skip | word[:8 * rows].any())
 
@@ -209,6 +210,8 @@ class GemmCore(wiring.Component):
                     ]
                     with m.If(complete):
                         m.d.sync += b_nonzero.eq(b_shifted)
+                        with m.If(ld_nt == 0):
+                            m.d.sync += k_valid.eq(Cat(k_valid[1:], 1))
                 with m.If(complete):
                     m.d.sync += [ld_b_addr.eq(ld_b_addr + 1), ld_k.eq(ld_k + 1)]
                     with m.If(last_k):
@@ -227,8 +230,7 @@ class GemmCore(wiring.Component):
                     m.d.sync += ld_k.eq(ld_k + 1)
                     for bank in range(2 if self.sparse_skip else 0):
                         with m.If(ld_bank == bank):
-                            m.d.sync += a_nonzero[bank].eq(
-                                Cat(Mux(ld_k == 0, 0, a_nonzero[bank][1:]), a_live))
+                            m.d.sync += a_nonzero[bank].eq(Cat(a_nonzero[bank][1:], a_live))
                     with m.If(last_k):
                         m.d.sync += [ld_k.eq(0), ld_bank.eq(~ld_bank), ld_i0.eq(ld_i0 + rows)]
                 with m.If(take & self.s_axis_tlast):
@@ -286,7 +288,7 @@ class GemmCore(wiring.Component):
             ]
             with m.If(tile_load):
                 m.d.sync += pending.eq(
-                    Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & b_nonzero_rd.data)
+                    Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & b_nonzero_rd.data & k_valid)
             with m.Elif(issue):
                 m.d.sync += pending.eq(rest)
         else:

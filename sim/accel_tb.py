@@ -40,6 +40,14 @@ def features(cfg):
     return bits | (protocol.Feature.SPARSE_SKIP if cfg.get("sparse_skip", True) else 0)
 
 
+async def make_tb(dut):
+    """The settings of this run and a reset testbench for the build they describe."""
+    cfg = settings()
+    tb = AccelTB(dut, geometry_of(cfg), cfg.get("sparse_skip", True))
+    await tb.reset()
+    return cfg, tb
+
+
 def pauses(rng, probability):
     """An endless random pause pattern: True (pause) with the given probability per cycle."""
     while True:
@@ -174,11 +182,9 @@ def assert_job(tb, got, status, error, counters, a, b, bias=None, requant=None, 
 @cocotb.test()
 async def test_random_jobs(dut):
     """Random shapes, values and options, back to back without reset, with random pauses."""
-    cfg = settings()
-    g = geometry_of(cfg)
+    cfg, tb = await make_tb(dut)
+    g = tb.geometry
     rng = np.random.default_rng(cfg.get("seed", 0))
-    tb = AccelTB(dut, g)
-    await tb.reset()
     max_dim = cfg.get("max_dim", 40)
     for job in range(cfg.get("count", 20)):
         tb.set_pauses(rng, idle=float(rng.choice([0, 0.2, 0.6])),
@@ -200,10 +206,8 @@ async def test_random_jobs(dut):
 @cocotb.test()
 async def test_directed_jobs(dut):
     """Edge shapes: 1x1x1, capacity limits, extremes, requantization corner cases."""
-    cfg = settings()
-    g = geometry_of(cfg)
-    tb = AccelTB(dut, g)
-    await tb.reset()
+    cfg, tb = await make_tb(dut)
+    g = tb.geometry
     rng = np.random.default_rng(5)
     full = lambda shape, value: np.full(shape, value, np.int8)  # noqa: E731
     jobs = [
@@ -228,10 +232,8 @@ async def test_directed_jobs(dut):
 @cocotb.test()
 async def test_registers(dut):
     """Capability registers describe the build; configuration registers read back."""
-    cfg = settings()
-    g = geometry_of(cfg)
-    tb = AccelTB(dut, g)
-    await tb.reset()
+    cfg, tb = await make_tb(dut)
+    g = tb.geometry
     assert await tb.read("ID") == protocol.MAGIC
     assert await tb.read("VERSION") == protocol.VERSION[0] << 16 | protocol.VERSION[1]
     for name, value in (("ROWS", g.rows), ("COLS", g.cols), ("STREAM_WIDTH", g.stream_width),
@@ -252,10 +254,8 @@ async def test_registers(dut):
 @cocotb.test()
 async def test_errors(dut):
     """Malformed jobs set ERROR, close the output packet, and the next job still works."""
-    cfg = settings()
-    g = geometry_of(cfg)
-    tb = AccelTB(dut, g)
-    await tb.reset()
+    cfg, tb = await make_tb(dut)
+    g = tb.geometry
     tb.set_pauses(np.random.default_rng(9), idle=0.3, backpressure=0.3)
     rng = np.random.default_rng(10)
     a = rng.integers(-128, 128, (g.rows + 3, 11), dtype=np.int8)
@@ -309,10 +309,8 @@ async def test_errors(dut):
 @cocotb.test()
 async def test_abandoned_jobs(dut):
     """Soft reset clears an abandoned job; a hard reset in mid-job is followed by a good job."""
-    cfg = settings()
-    g = geometry_of(cfg)
-    tb = AccelTB(dut, g)
-    await tb.reset()
+    cfg, tb = await make_tb(dut)
+    g = tb.geometry
     rng = np.random.default_rng(11)
     a = rng.integers(-128, 128, (3 * g.rows, 40), dtype=np.int8)
     b = rng.integers(-128, 128, (40, 2 * g.cols + 1), dtype=np.int8)
@@ -364,10 +362,8 @@ async def test_abandoned_jobs(dut):
 async def test_sparse_patterns(dut):
     """Dense, all-zero, unstructured, block-sparse and 2:4 operands, skip on and off: results
     identical and exact, counters equal NumPy's counts, and skipping never costs cycles."""
-    cfg = settings()
-    g = geometry_of(cfg)
-    tb = AccelTB(dut, g, cfg.get("sparse_skip", True))
-    await tb.reset()
+    cfg, tb = await make_tb(dut)
+    g = tb.geometry
     rng = np.random.default_rng(cfg.get("seed", 0))
     tb.set_pauses(rng, idle=0.2, backpressure=0.2)
     m, k, n = cfg.get("shape", (3 * g.rows + 1, 4 * g.rows, 2 * g.cols + 3))
@@ -401,12 +397,9 @@ async def test_sparse_patterns(dut):
 
 @cocotb.test()
 async def test_bench(dut):
-    """Run the jobs in the ``.npz`` file ``jobs`` (a0, b0, skip0, ...) without pauses; write their
-    counters and NumPy's expected counters to ``report`` (a JSON list)."""
-    cfg = settings()
-    g = geometry_of(cfg)
-    tb = AccelTB(dut, g)
-    await tb.reset()
+    """Run the jobs in the ``.npz`` file ``jobs`` (a0, b0, skip0, ...) without pauses, checking
+    each against NumPy; write their counters to ``report`` (a JSON list)."""
+    cfg, tb = await make_tb(dut)
     jobs = np.load(cfg["jobs"])
     results = []
     for index in range(int(jobs["count"])):
@@ -423,11 +416,8 @@ async def test_bench(dut):
 async def test_job(dut):
     """Run the job in the ``.npz`` file ``job`` (a, b, optional bias, requant, relu) with the
     pauses ``idle``/``backpressure``; write the result and counters to ``report``."""
-    cfg = settings()
-    g = geometry_of(cfg)
+    cfg, tb = await make_tb(dut)
     job = np.load(cfg["job"])
-    tb = AccelTB(dut, g)
-    await tb.reset()
     tb.set_pauses(np.random.default_rng(cfg.get("seed", 0)), cfg.get("idle", 0.0),
                   cfg.get("backpressure", 0.0))
     bias = job["bias"] if "bias" in job else None

@@ -123,10 +123,12 @@ class GemmCore(wiring.Component):
             # set while the first n-tile of B arrives.
             a_nonzero = [Signal(g.max_k, name=f"a_nonzero{bank}") for bank in range(2)]
             k_valid = Signal(g.max_k)
+            # Few words but wide: block RAM, so the masks cost no LUTs (ram_style is the
+            # attribute Vivado and Yosys both read).
             m.submodules.b_nonzero_mem = b_nonzero_mem = Memory(
-                shape=g.max_k, depth=n_tiles_max, init=[])
+                shape=g.max_k, depth=n_tiles_max, init=[], attrs={"ram_style": "block"})
             b_nonzero_wr = b_nonzero_mem.write_port()
-            b_nonzero_rd = b_nonzero_mem.read_port(domain="comb")
+            b_nonzero_rd = b_nonzero_mem.read_port()  # addressed a cycle ahead of TILE
 
         # ---- loader: s_axis -> memories ------------------------------------------------------
         beats_bias = g.vector_beats(4 * cols)
@@ -271,20 +273,24 @@ class GemmCore(wiring.Component):
         if self.sparse_skip:
             pending = Signal(g.max_k)
             lowest = Signal(g.max_k)
+            negated = Signal(g.max_k)
             rest = Signal(g.max_k)
             position = Signal.like(k_index)  # of the lowest pending bit; k = position - offset
             offset = Signal(range(g.max_k))
             m.d.sync += offset.eq(g.max_k - job_k)
             m.d.comb += [
-                lowest.eq(pending & (~pending + 1)),
+                Cat(negated, empty).eq(~pending + 1),  # carries out only when pending == 0
+                lowest.eq(pending & negated),
                 rest.eq(pending & ~lowest),
                 position.eq(Cat(*(
                     Cat(*(lowest[i] for i in range(g.max_k) if i >> bit & 1)).any()
                     if g.max_k > 1 << bit else Const(0) for bit in range(len(position))))),
                 k_index.eq(position - offset),
                 more.eq(rest != 0),
-                empty.eq(pending == 0),
-                b_nonzero_rd.addr.eq(sq_nt),
+                # The mask of the tile TILE loads next: the following n-tile once this tile's
+                # last k-step issues, else the current one (held while WAIT waits).
+                b_nonzero_rd.addr.eq(Mux(issue_last, Mux(sq_j0 + cols >= job_n, 0, sq_nt + 1),
+                                         sq_nt)),
             ]
             with m.If(tile_load):
                 m.d.sync += pending.eq(

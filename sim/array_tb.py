@@ -1,7 +1,7 @@
 """cocotb testbench for :class:`sparsa.hw.SystolicArray` (the generated Verilog).
 
 Settings arrive as JSON in ``SPARSA_TB`` (see :mod:`sparsa.sim.runner`): ``rows``, ``cols`` and
-per-test knobs (``count``, ``seed``, ``max_k``, ``bubbles``, ``job``, ``report``).
+per-test knobs (``count``, ``seed``, ``max_k``, ``bubbles``, ``report``).
 
 The driver streams tiles back to back, one k-step per cycle with random bubbles, honouring the
 array's issue rule; a monitor collects result rows on the falling edge. Every row is compared
@@ -197,19 +197,3 @@ async def test_random(dut):
     if "report" in cfg:
         with open(cfg["report"], "w") as f:
             json.dump({"tiles": len(tiles), "cycles": cycles, "seconds": seconds}, f)
-
-
-@cocotb.test()
-async def test_job(dut):
-    """Run the tiles in the ``.npz`` file ``job`` and write the results and cycles to ``report``."""
-    cfg = settings()
-    rows, cols = cfg["rows"], cfg["cols"]
-    job = np.load(cfg["job"])
-    tiles = [(job[f"a{t}"], job[f"b{t}"]) for t in range(int(job["tiles"]))]
-    tb = ArrayTB(dut, rows, cols)
-    await tb.reset()
-    start = time.perf_counter()
-    results, cycles = await tb.run(tiles)
-    seconds = time.perf_counter() - start
-    np.savez(cfg["report"], cycles=cycles, seconds=seconds,
-             **{f"c{t}": result for t, result in enumerate(results)})

@@ -142,7 +142,7 @@ def cmd_bench(args):
         for r in rows:
             print(f"| {r['build']} | {r['luts']} ({r['logic_luts']} + {r['lutram_luts']}) | "
                   f"{r['flip_flops']} | {r['bram36']:g} | {r['dsp']} | {r['carry4']} |")
-        print(f"sparse-skip costs {100 * (sparse['luts'] / dense['luts'] - 1):+.1f}% LUTs, "
+        print(f"sparse-skip costs {100 * (sparse['luts'] / dense['luts'] - 1):+.2f}% LUTs, "
               f"{100 * (sparse['flip_flops'] / dense['flip_flops'] - 1):+.1f}% flip-flops")
     else:
         rows = bench.run_sparse(_build_config(args), args.size, args.sim)

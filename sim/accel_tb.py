@@ -25,6 +25,10 @@ from . import patterns
 from .golden import gemm, sparse_counters
 
 
+# The quantization registers' reset values: what a job without requantization leaves in place.
+RESET_QUANT = tuple(REGISTER[name].reset for name in ("QUANT_MULT", "QUANT_SHIFT", "QUANT_ZERO"))
+
+
 def settings():
     return json.loads(os.environ.get("SPARSA_TB", "{}"))
 
@@ -83,8 +87,7 @@ class AccelTB:
         await ClockCycles(self.dut.aclk, 2)
 
     async def write(self, name, value):
-        response = await self.axil.write_dword(REGISTER[name].address, value & 0xFFFFFFFF)
-        return response
+        await self.axil.write_dword(REGISTER[name].address, value & 0xFFFFFFFF)
 
     async def read(self, name):
         return await self.axil.read_dword(REGISTER[name].address)
@@ -92,7 +95,7 @@ class AccelTB:
     async def counters(self):
         return {name: await self.read(name) for name in protocol.COUNTERS}
 
-    async def start(self, m, k, n, options=0, quant=(1 << 30, 0, 0)):
+    async def start(self, m, k, n, options=0, quant=RESET_QUANT):
         for name, value in (("M", m), ("K", k), ("N", n), ("OPTIONS", options),
                             ("QUANT_MULT", quant[0]), ("QUANT_SHIFT", quant[1]),
                             ("QUANT_ZERO", quant[2])):
@@ -126,7 +129,7 @@ class AccelTB:
         options = (Option.BIAS if bias is not None else 0) | \
             (Option.REQUANT if requant is not None else 0) | (Option.RELU if relu else 0) | \
             (0 if skip else Option.NO_SKIP)
-        await self.start(m, k, n, options, requant or (1 << 30, 0, 0))
+        await self.start(m, k, n, options, requant or RESET_QUANT)
         await self.source.send(AxiStreamFrame(protocol.pack_input(self.geometry, a, b, bias).tobytes()))
         cycles = self.budget(m, k, n)
         data = await self.receive(cycles)
@@ -263,7 +266,7 @@ async def test_errors(dut):
     packet = protocol.pack_input(g, a, b)
     good = (a.shape[0], a.shape[1], b.shape[1])
 
-    async def expect_error(code, m, k, n, options=0, quant=(1 << 30, 0, 0), data=None):
+    async def expect_error(code, m, k, n, options=0, quant=RESET_QUANT, data=None):
         await tb.start(m, k, n, options, quant)
         if data is not None:
             await tb.source.send(AxiStreamFrame(data))

@@ -1,1 +1,11 @@
-"""sparsa host runtime."""
+"""The host runtime: one driver for the PYNQ board, the simulated RTL and a NumPy reference.
+
+``sparsa.open(backend)`` gives an accelerator whose ``matmul`` takes int8 NumPy arrays of any
+shape. The driver's core (:mod:`.jobs`) plans jobs and packs/unpacks stream bytes without I/O;
+transports move the bytes: :mod:`.board` (PYNQ MMIO + AXI DMA), :mod:`.simulation` (the same
+transport over the RTL in cocotb) and :mod:`.reference` (a NumPy model of the device).
+"""
+
+from .driver import Accelerator, DeviceError, Info, open  # noqa: F401
+from .quant import (choose_qparams, dequantize, quantize, quantize_multiplier,  # noqa: F401
+                    requant_params)

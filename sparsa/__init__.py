@@ -1,7 +1,11 @@
 """sparsa: a verified INT8 systolic-array GEMM accelerator with sparse-skip.
 
-Subpackages: :mod:`sparsa.hw` (Amaranth gateware), :mod:`sparsa.sim` (cocotb verification),
-:mod:`sparsa.host` (host runtime).
+``sparsa.open(backend)`` returns an accelerator (:mod:`sparsa.host`); ``sparsa.quantize`` and
+friends turn floats into its int8 operands. Subpackages: :mod:`sparsa.hw` (Amaranth gateware),
+:mod:`sparsa.sim` (cocotb verification), :mod:`sparsa.host` (host runtime).
 """
 
 __version__ = "0.1.0"
+
+from sparsa.host import (Accelerator, DeviceError, Info, choose_qparams,  # noqa: E402,F401
+                         dequantize, open, quantize, quantize_multiplier, requant_params)

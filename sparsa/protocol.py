@@ -89,6 +89,9 @@ import numpy as np
 MAGIC = 0x53505253  # "SPRS"
 VERSION = (1, 0)
 ADDRESS_WIDTH = 12  # a 4 KiB AXI4-Lite window
+# The IP's vendor:library:name:version, as the Vivado packaging script names it and the PYNQ
+# driver (sparsa.host.board.SparsaIP.bindto) binds to it.
+IP_VLNV = "sparsa.dev:sparsa:sparsa_accel:1.0"
 STREAM_WIDTHS = (8, 16, 32, 64, 128, 256, 512, 1024)  # TDATA widths a build may have
 
 

@@ -1,0 +1,91 @@
+"""The device's arithmetic on the host, fast and bit-exact (see :mod:`sparsa.protocol`, "Arithmetic").
+
+INT8 x INT8 products summed in INT32 go through floating-point BLAS, which is exact here: every
+partial sum of ``K`` products is an integer of magnitude at most ``K * 2**14``, and float32
+represents every integer up to ``2**24`` exactly, whatever order BLAS adds in. So K is cut into
+chunks of at most :data:`FLOAT32_EXACT_K` = 1024, each chunk's float32 sums are converted to
+int32 exactly, and the chunks are added in int32 with two's-complement wrap, as the device's
+accumulators do.
+"""
+
+import numpy as np
+
+FLOAT32_EXACT_K = 1024  # 1024 * 128 * 128 == 2**24: the largest K whose sums float32 holds exactly
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+
+class Workspace:
+    """Scratch arrays kept between calls. Fresh multi-megabyte arrays come from new pages that
+    the kernel must fault in, which costs about as much as the float32 GEMM itself at 512^3."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def get(self, name, shape, dtype):
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.size < size:
+            buffer = self._buffers[name] = np.empty(size, np.uint8)
+        return buffer[:size].view(dtype).reshape(shape)
+
+
+def matmul(a, b, out=None, workspace=None):
+    """``a @ b`` for int8 ``a`` (M x K) and ``b`` (K x N) as int32 with wrap-around."""
+    (m, k), n = a.shape, b.shape[1]
+    workspace = workspace or Workspace()
+    if out is None:
+        out = np.empty((m, n), np.int32)
+    product = workspace.get("product", (m, n), np.float32)
+    for start in range(0, k, FLOAT32_EXACT_K):
+        stop = min(start + FLOAT32_EXACT_K, k)
+        a_float = workspace.get("a", (m, stop - start), np.float32)
+        b_float = workspace.get("b", (stop - start, n), np.float32)
+        np.copyto(a_float, a[:, start:stop])
+        np.copyto(b_float, b[start:stop])
+        np.matmul(a_float, b_float, out=product)
+        if start == 0:
+            np.copyto(out, product, casting="unsafe")  # exact: |product| <= 2**24
+        else:
+            out += product.astype(np.int32)  # int32 addition wraps, like the accumulators
+    return out
+
+
+def requantize(x, multiplier, shift, zero_point):
+    """gemmlowp requantization of int32 ``x`` to int8: saturating rounding doubling high multiply
+    by ``multiplier``, rounding right shift by ``shift``, plus ``zero_point``, saturated.
+
+    ``multiplier`` and ``shift`` may be scalars or arrays broadcasting against ``x`` (one per
+    output column: per-channel requantization, done on the host only).
+    """
+    x = x.astype(np.int64)
+    multiplier = np.asarray(multiplier, np.int64)
+    shift = np.asarray(shift, np.int64)
+    p = x * multiplier  # |p| <= 2**62: exact in int64
+    p += np.where(p >= 0, 1 << 30, 1 - (1 << 30))
+    # Division by 2**31 truncating toward zero: floor division, then +1 where a negative
+    # dividend left a remainder.
+    high = (p >> 31) + ((p < 0) & ((p & 0x7FFFFFFF) != 0))
+    high = np.where((x == INT32_MIN) & (multiplier == INT32_MIN), INT32_MAX, high)
+    mask = (np.int64(1) << shift) - 1
+    threshold = (mask >> 1) + (high < 0)
+    scaled = (high >> shift) + ((high & mask) > threshold)
+    return np.clip(scaled + zero_point, -128, 127).astype(np.int8)
+
+
+def postprocess(acc, bias=None, requant=None, relu=False):
+    """Bias, requantization and ReLU of int32 accumulators, in the device's order."""
+    if bias is not None:
+        acc = acc + bias  # int32 + int32 wraps
+    if requant is None:
+        return np.maximum(acc, 0, out=acc if bias is not None else None) if relu else acc
+    multiplier, shift, zero_point = requant
+    out = requantize(acc, multiplier, shift, zero_point)
+    if relu:
+        np.maximum(out, np.int8(zero_point), out=out)
+    return out
+
+
+def gemm(a, b, bias=None, requant=None, relu=False, workspace=None):
+    """The device's result for one job: ``postprocess(a @ b)``."""
+    return postprocess(matmul(a, b, workspace=workspace), bias, requant, relu)

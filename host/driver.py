@@ -1,0 +1,286 @@
+"""What users call: ``sparsa.open(backend)`` and the accelerator object's ``matmul``."""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparsa import protocol
+from sparsa.protocol import REGISTER, Control, Error, Feature, Status
+
+from . import arith, jobs, reference
+from .validate import check_matmul
+
+log = logging.getLogger("sparsa")
+
+COUNTER_KEYS = {"CYCLES": "cycles", "MACS": "macs", "MACS_SKIPPED": "macs_skipped",
+                "STALL_IN": "stall_in", "STALL_OUT": "stall_out",
+                "KSTEPS_SKIPPED": "ksteps_skipped"}
+
+
+class DeviceError(RuntimeError):
+    """The device refused a job or did not finish it; the message quotes STATUS and ERROR."""
+
+
+@dataclass(frozen=True)
+class Info:
+    """A build's configuration, as its ID/capability registers describe it."""
+
+    rows: int
+    cols: int
+    stream_width: int
+    max_k: int
+    max_n: int
+    features: tuple  # names of the Feature bits set
+    version: tuple  # protocol (major, minor)
+
+    @property
+    def geometry(self):
+        return protocol.Geometry(self.rows, self.cols, self.stream_width, self.max_k, self.max_n)
+
+
+def read_info(transport):
+    """Read and check the ID/capability registers."""
+    ident = transport.read(REGISTER["ID"].address)
+    if ident != protocol.MAGIC:
+        raise DeviceError(f"no sparsa accelerator here: ID register reads {ident:#010x}, "
+                          f"expected {protocol.MAGIC:#010x}")
+    version = transport.read(REGISTER["VERSION"].address)
+    version = (version >> 16, version & 0xFFFF)
+    if version[0] != protocol.VERSION[0]:
+        raise DeviceError(f"the device speaks protocol {version[0]}.{version[1]}, this runtime "
+                          f"{protocol.VERSION[0]}.{protocol.VERSION[1]}")
+    values = {name: transport.read(REGISTER[name].address)
+              for name in ("ROWS", "COLS", "STREAM_WIDTH", "MAX_K", "MAX_N", "FEATURES")}
+    features = tuple(feature.name for feature in Feature if values["FEATURES"] & feature)
+    return Info(values["ROWS"], values["COLS"], values["STREAM_WIDTH"], values["MAX_K"],
+                values["MAX_N"], features, version)
+
+
+class Accelerator:
+    """An INT8 GEMM accelerator; see :meth:`matmul`. Use as a context manager or ``close()``."""
+
+    backend = None
+    info = None
+
+    def __init__(self):
+        self.last_counters = None
+        self.closed = False
+
+    def matmul(self, A, B, *, bias=None, requant=None, relu=False, sparse_skip=True, out=None):
+        """``C = A @ B`` (A: M x K int8, B: K x N int8), any M, K, N >= 1.
+
+        ``bias``: int32 of shape (N,), added to the int32 sums (with wrap). ``requant``:
+        ``(multiplier, shift, zero_point)`` (see :func:`sparsa.quant.requant_params`) makes C
+        int8; multiplier and shift may be arrays of N (per-channel; applied on the host).
+        ``relu``: clamp at 0 (int32) or at the zero point (int8). ``sparse_skip=False`` issues
+        every k-step (same result; only the counters differ). ``out``: a C-contiguous array to
+        write C into. Returns C: int32 (M, N), or int8 with ``requant``. Inputs are not modified.
+        """
+        if self.closed:
+            raise RuntimeError("matmul on a closed accelerator")
+        requant = check_matmul(A, B, bias, requant, relu, sparse_skip, out)
+        dtype = np.int8 if requant is not None else np.int32
+        if out is None:
+            out = np.empty((A.shape[0], B.shape[1]), dtype)
+        return self._matmul(A, B, bias, requant, bool(relu), bool(sparse_skip), out)
+
+    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
+        raise NotImplementedError
+
+    def close(self):
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        i = self.info
+        return (f"<sparsa {self.backend}: {i.rows}x{i.cols} array, {i.stream_width}-bit streams, "
+                f"K <= {i.max_k}, N <= {i.max_n}, {'/'.join(i.features)}>")
+
+
+def _report(counts, estimated):
+    report = {key: int(counts[name]) for name, key in COUNTER_KEYS.items()}
+    report["estimated"] = estimated
+    return report
+
+
+class ReferenceAccelerator(Accelerator):
+    """The NumPy fallback: the device's arithmetic straight on the operands (no packing), with
+    the counters the device would report (cycles estimated)."""
+
+    backend = "reference"
+
+    def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256, sparse_skip=True):
+        super().__init__()
+        device = reference.ReferenceDevice(rows, cols, stream_width, max_k, max_n, sparse_skip)
+        self.info = read_info(device)
+        self._skips = sparse_skip
+        self._workspace = arith.Workspace()
+
+    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
+        if requant is None:
+            arith.matmul(a, b, out=out, workspace=self._workspace)
+            if bias is not None:
+                np.add(out, bias, out=out)  # int32 wrap
+            if relu:
+                np.maximum(out, 0, out=out)
+        else:
+            np.copyto(out, arith.gemm(a, b, bias, requant, relu, self._workspace))
+        counts = reference.counters(self.info.geometry, a, b, sparse_skip and self._skips,
+                                    requant is not None)
+        self.last_counters = _report(counts, estimated=True)
+        return out
+
+
+class DeviceAccelerator(Accelerator):
+    """The driver over a transport (board, simulated RTL or the reference device model)."""
+
+    def __init__(self, transport, backend, max_transfer=None):
+        super().__init__()
+        self.transport = transport
+        self.backend = backend
+        self.info = read_info(transport)
+        self.geometry = self.info.geometry
+        self.max_transfer = (max_transfer or getattr(transport, "max_transfer", None)
+                             or jobs.DEFAULT_MAX_TRANSFER)
+        self._send = self._receive = None
+        self._write("CONTROL", Control.SOFT_RESET)
+
+    def _write(self, name, value):
+        self.transport.write(REGISTER[name].address, value)
+
+    def _read(self, name):
+        return self.transport.read(REGISTER[name].address)
+
+    def _buffers(self, send_bytes, receive_bytes):
+        if self._send is None or self._send.size < send_bytes:
+            self._send = self.transport.allocate(send_bytes)
+        if self._receive is None or self._receive.size < receive_bytes:
+            self._receive = self.transport.allocate(receive_bytes)
+        return self._send, self._receive
+
+    def _timeout(self, job):
+        """Seconds to wait for a job: ten times a generous cycle bound, at least one second."""
+        rate = self.transport.cycles_per_second
+        if rate is None:
+            return None
+        g = self.geometry
+        m_tiles, n_tiles = g.tiles(job.m, job.n)
+        bound = (m_tiles * n_tiles * (max(job.k, g.rows, g.cols) + 2) + job.input_bytes
+                 + job.output_bytes + 1000)
+        return 1.0 + 10 * bound / rate
+
+    def run_job(self, job, a, b, bias, out, accumulate=False):
+        """Run one planned job; its result goes into ``out`` (a view of C). Returns counters."""
+        g = self.geometry
+        send, receive = self._buffers(job.input_bytes, job.output_bytes)
+        pack_into_bias = bias[job.n0:job.n0 + job.n] if job.bias else None
+        jobs.pack_into(g, send, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
+                       b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n], pack_into_bias)
+        for name, value in job.registers():
+            self._write(name, value)
+        self._write("CONTROL", Control.START)
+        try:
+            self.transport.transfer(send, job.input_bytes, receive, job.output_bytes,
+                                    self._timeout(job))
+        except TimeoutError as error:
+            status, code = self._read("STATUS"), self._read("ERROR")
+            self._write("CONTROL", Control.SOFT_RESET)
+            if hasattr(self.transport, "recover"):
+                self.transport.recover()
+            raise DeviceError(f"job M={job.m} K={job.k} N={job.n} timed out ({error}); "
+                              f"STATUS={status:#x}, ERROR={_error_name(code)}; the device "
+                              f"was soft-reset") from error
+        status, code = self._read("STATUS"), self._read("ERROR")
+        if code != Error.NONE or status != Status.DONE:
+            raise DeviceError(f"job M={job.m} K={job.k} N={job.n} failed: STATUS={status:#x}, "
+                              f"ERROR={_error_name(code)}")
+        counts = {name: self._read(name) for name in protocol.COUNTERS}
+        jobs.unpack_into(g, receive, out, job.requant, accumulate)
+        return counts
+
+    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
+        m, k = a.shape
+        n = b.shape[1]
+        plan = jobs.plan(self.geometry, m, k, n, bias is not None, requant, relu,
+                         sparse_skip, self.max_transfer)
+        acc = out if plan.on_device else np.empty((m, n), np.int32)
+        totals = dict.fromkeys(protocol.COUNTERS, 0)
+        for job in plan.jobs:
+            view = acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n]
+            counts = self.run_job(job, a, b, bias, view, accumulate=job.k0 > 0)
+            for name, value in counts.items():
+                totals[name] += value
+        if not plan.on_device:
+            np.copyto(out, arith.postprocess(acc, bias, requant, relu), casting="unsafe")
+        self.last_counters = _report(totals, estimated=self.backend == "reference-device")
+        return out
+
+    def close(self):
+        if not self.closed:
+            self.transport.close()
+        super().close()
+
+
+def _error_name(code):
+    try:
+        return Error(code).name
+    except ValueError:
+        return str(code)
+
+
+def open(backend="auto", **config):
+    """An :class:`Accelerator`.
+
+    - ``"pynq"``: the board; ``overlay`` (an ``Overlay`` or bitstream path; default the loaded
+      one), ``ip``/``dma`` (names in the overlay; default found by type).
+    - ``"sim"``: the generated Verilog in a cocotb simulation started for this object;
+      ``simulator`` (``"verilator"`` or ``"icarus"``), the build's ``rows``, ``cols``,
+      ``stream_width``, ``max_k``, ``max_n``, ``sparse_skip``, and stream ``idle``/
+      ``backpressure`` probabilities.
+    - ``"reference"``: NumPy, bit-exact and fast; the build's geometry (for counters).
+      ``device_model=True`` runs the full driver against the byte-level device model instead.
+    - ``"auto"``: the board when PYNQ is importable and an overlay is given or loaded with the
+      sparsa IP, else the reference; logs which and why.
+    """
+    if backend == "auto":
+        from . import board
+
+        if config.get("overlay") is not None:
+            backend, why = "pynq", "an overlay was given"
+        else:
+            usable, why = board.loaded_overlay_has_sparsa()
+            backend = "pynq" if usable else "reference"
+        log.info("sparsa backend: %s (%s)", backend, why)
+    if backend == "pynq":
+        from . import board
+
+        unknown = set(config) - {"overlay", "ip", "dma", "max_transfer"}
+        _no_unknown(unknown, backend)
+        transport = board.open_board(config.get("overlay"), config.get("ip"), config.get("dma"))
+        return DeviceAccelerator(transport, "pynq", config.get("max_transfer"))
+    if backend == "sim":
+        from . import simulation
+
+        return simulation.open_sim(**config)
+    if backend == "reference":
+        device_model = config.pop("device_model", False)
+        _no_unknown(set(config) - {"rows", "cols", "stream_width", "max_k", "max_n",
+                                   "sparse_skip", "max_transfer"}, backend)
+        max_transfer = config.pop("max_transfer", None)
+        if device_model:
+            return DeviceAccelerator(reference.ReferenceDevice(**config), "reference-device",
+                                     max_transfer)
+        return ReferenceAccelerator(**config)
+    raise ValueError(f"backend: expected 'auto', 'pynq', 'sim' or 'reference', got {backend!r}")
+
+
+def _no_unknown(unknown, backend):
+    if unknown:
+        raise TypeError(f"open(backend={backend!r}): unexpected options {sorted(unknown)}")

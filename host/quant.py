@@ -1,0 +1,126 @@
+"""Float <-> int8 quantization, and the integer requantization parameters the device takes.
+
+A quantized tensor is ``q = clip(round(x / scale) + zero_point, -128, 127)`` (round half to even,
+as NumPy and most frameworks round), per tensor (scalar ``scale``/``zero_point``) or per channel
+(one per index of ``axis``). Symmetric quantization has ``zero_point == 0`` and uses -127..127.
+
+For ``C = A @ B`` with ``A = sa * (qa - za)`` and ``B = sb * qb`` (weights symmetric), the int32
+accumulators ``qa @ qb`` (corrected for ``za`` by the bias) are requantized to the output scale
+``so`` with the real multiplier ``sa * sb / so``; :func:`quantize_multiplier` turns it into the
+device's ``(QUANT_MULT, QUANT_SHIFT)`` pair.
+"""
+
+import math
+
+import numpy as np
+
+from .validate import check_float_array, check_int8_array
+
+
+def _per_axis(value, x, axis, name):
+    """``value`` (scalar, or one per index of ``axis`` of ``x``) shaped to broadcast against x."""
+    value = np.asarray(value)
+    if axis is None:
+        if value.ndim != 0:
+            raise ValueError(f"{name}: expected a scalar for per-tensor quantization (axis=None), "
+                             f"got shape {value.shape}")
+        return value
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis: expected an axis of a {x.ndim}-d array, got {axis}")
+    axis %= x.ndim
+    if value.shape != (x.shape[axis],):
+        raise ValueError(f"{name}: expected shape ({x.shape[axis]},) for axis={axis}, "
+                         f"got {value.shape}")
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    return value.reshape(shape)
+
+
+def _check_scale(scale):
+    scale = np.asarray(scale, np.float64)
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise ValueError(f"scale: expected finite values > 0, got {scale}")
+    return scale
+
+
+def _check_zero_point(zero_point):
+    zero_point = np.asarray(zero_point)
+    if zero_point.dtype.kind not in "iu":
+        raise TypeError(f"zero_point: expected integers, got dtype {zero_point.dtype}")
+    if np.any(zero_point < -128) or np.any(zero_point > 127):
+        raise ValueError(f"zero_point: expected values in -128..127, got {zero_point}")
+    return zero_point.astype(np.int64)
+
+
+def choose_qparams(x, symmetric=True, axis=None):
+    """``(scale, zero_point)`` covering the range of float ``x`` (per tensor, or per channel
+    along ``axis``); symmetric maps ``max|x|`` to 127 with zero point 0, asymmetric maps
+    ``[min(x, 0), max(x, 0)]`` onto -128..127."""
+    x = check_float_array(x, "x")
+    reduce = None if axis is None else tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    if symmetric:
+        bound = np.max(np.abs(x), axis=reduce)
+        scale = np.where(bound > 0, bound / 127.0, 1.0)
+        return scale, np.zeros_like(scale, np.int64)
+    low = np.minimum(np.min(x, axis=reduce), 0.0)
+    high = np.maximum(np.max(x, axis=reduce), 0.0)
+    scale = np.where(high > low, (high - low) / 255.0, 1.0)
+    zero_point = np.clip(np.round(-128 - low / scale), -128, 127).astype(np.int64)
+    return scale, zero_point
+
+
+def quantize(x, scale, zero_point=0, axis=None, symmetric=None):
+    """Float ``x`` to int8. ``symmetric`` (default: ``zero_point`` is 0) clamps to -127..127."""
+    x = check_float_array(x, "x")
+    scale = _per_axis(_check_scale(scale), x, axis, "scale")
+    zero_point = _per_axis(_check_zero_point(zero_point), x, axis, "zero_point")
+    if symmetric is None:
+        symmetric = not np.any(zero_point)
+    low = -127 if symmetric else -128
+    return np.clip(np.round(x / scale) + zero_point, low, 127).astype(np.int8)
+
+
+def dequantize(q, scale, zero_point=0, axis=None):
+    """int8 ``q`` back to float32: ``scale * (q - zero_point)``."""
+    q = check_int8_array(q, "q")
+    scale = _per_axis(_check_scale(scale), q, axis, "scale")
+    zero_point = _per_axis(_check_zero_point(zero_point), q, axis, "zero_point")
+    return (scale * (q.astype(np.int64) - zero_point)).astype(np.float32)
+
+
+def quantize_multiplier(real_multiplier):
+    """``(multiplier, shift)`` with ``real_multiplier ~= multiplier * 2**-31 * 2**-shift``,
+    ``multiplier`` in [2**30, 2**31) and ``shift`` in 0..31, as the device's QUANT_MULT and
+    QUANT_SHIFT take them. ``real_multiplier`` must be in (0, 1) (the device only shifts right);
+    an array gives arrays (per-channel requantization, applied on the host)."""
+    values = np.asarray(real_multiplier, np.float64)
+    if not np.all(np.isfinite(values)) or np.any(values <= 0) or np.any(values >= 1):
+        raise ValueError(f"real_multiplier: expected values in (0, 1), got {real_multiplier}")
+    multipliers, shifts = [], []
+    for value in values.reshape(-1):
+        fraction, exponent = math.frexp(float(value))  # value = fraction * 2**exponent
+        multiplier = round(fraction * 2**31)
+        if multiplier == 2**31:  # rounding carried into the next power of two
+            multiplier //= 2
+            exponent += 1
+        shift = -exponent
+        if shift > 31:
+            raise ValueError(f"real_multiplier: {value} is below the smallest the device "
+                             f"can apply (2**-32)")
+        multipliers.append(multiplier)
+        shifts.append(shift)
+    if values.ndim == 0:
+        return multipliers[0], shifts[0]
+    return (np.array(multipliers, np.int64).reshape(values.shape),
+            np.array(shifts, np.int64).reshape(values.shape))
+
+
+def requant_params(input_scale, weight_scale, output_scale, output_zero_point=0):
+    """The ``requant=(multiplier, shift, zero_point)`` argument of ``matmul`` for int8 inputs of
+    scale ``input_scale`` times weights of ``weight_scale`` (scalar, or one per output column)
+    to outputs of ``output_scale``/``output_zero_point``."""
+    real = (np.asarray(input_scale, np.float64) * np.asarray(weight_scale, np.float64)
+            / float(_check_scale(output_scale)))
+    multiplier, shift = quantize_multiplier(real)
+    zero_point = int(_check_zero_point(output_zero_point))
+    return multiplier, shift, zero_point

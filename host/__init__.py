@@ -6,6 +6,8 @@ transports move the bytes: :mod:`.board` (PYNQ MMIO + AXI DMA), :mod:`.simulatio
 transport over the RTL in cocotb) and :mod:`.reference` (a NumPy model of the device).
 """
 
-from .driver import Accelerator, DeviceError, Info, open  # noqa: F401
-from .quant import (choose_qparams, dequantize, quantize, quantize_multiplier,  # noqa: F401
-                    requant_params)
+from .driver import Accelerator, DeviceError, Info, open
+from .quant import choose_qparams, dequantize, quantize, quantize_multiplier, requant_params
+
+__all__ = ["Accelerator", "DeviceError", "Info", "open", "choose_qparams", "dequantize",
+           "quantize", "quantize_multiplier", "requant_params"]

@@ -1,7 +1,6 @@
 """What users call: ``sparsa.open(backend)`` and the accelerator object's ``matmul``."""
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np

@@ -176,18 +176,28 @@ def pack_into(geometry, buffer, a, b, bias=None):
     return size
 
 
-def unpack_into(geometry, data, out, requant, accumulate=False):
-    """Read an output packet (uint8 ``data``) into ``out`` (m x n, int8 when ``requant`` else
-    int32; may be a view); with ``accumulate`` add to ``out`` with int32 wrap instead."""
+def output_rows(geometry, data, m, n, requant):
+    """An output packet in ``data`` (uint8) as [m-tile][n-tile][row][padded row] of int32, or
+    int8 when ``requant``."""
     g = geometry
-    m, n = out.shape
     m_tiles, n_tiles = g.tiles(m, n)
     dtype = np.dtype("<i1") if requant else np.dtype("<i4")
     row_bytes = g.vector_beats(dtype.itemsize * g.cols) * g.beat_bytes
     size = m_tiles * n_tiles * g.rows * row_bytes
     if data.size < size:
         raise ValueError(f"data: expected {size} bytes of output packet, got {data.size}")
-    rows = data[:size].view(dtype).reshape(m_tiles, n_tiles, g.rows, row_bytes // dtype.itemsize)
+    return data[:size].view(dtype).reshape(m_tiles, n_tiles, g.rows, row_bytes // dtype.itemsize)
+
+
+def unpack_into(geometry, data, out, requant, accumulate=False):
+    """Read an output packet (uint8 ``data``) into ``out`` (m x n, int8 when ``requant`` else
+    int32; may be a view); with ``accumulate`` add to ``out`` with int32 wrap instead."""
+    g = geometry
+    m, n = out.shape
+    rows = output_rows(g, data, m, n, requant)
+    m_tiles, n_tiles = rows.shape[:2]
+    dtype = rows.dtype
+    row_bytes = rows.shape[3] * dtype.itemsize
     tiles = rows[:, :, :, :g.cols].transpose(0, 2, 1, 3)  # [m-tile][row][n-tile][col]
     full_m, full_n = m // g.rows, n // g.cols
     if full_m and full_n:  # whole tiles: one strided copy, no temporary

@@ -20,7 +20,7 @@ import numpy as np
 from sparsa import protocol
 from sparsa.protocol import REGISTERS, Control, Error, Feature, Option, Status
 
-from . import arith
+from . import arith, jobs
 
 KNOWN_OPTIONS = 0
 for _option in Option:
@@ -112,16 +112,13 @@ def pack_output(geometry, c, buffer, requant):
     """Write C's output packet into ``buffer``; returns its size in bytes."""
     g = geometry
     m, n = c.shape
-    m_tiles, n_tiles = g.tiles(m, n)
-    dtype = np.dtype("<i1") if requant else np.dtype("<i4")
-    row_bytes = g.vector_beats(dtype.itemsize * g.cols) * g.beat_bytes
-    size = m_tiles * n_tiles * g.rows * row_bytes
-    rows = buffer[:size].view(dtype).reshape(m_tiles, n_tiles, g.rows, row_bytes // dtype.itemsize)
+    rows = jobs.output_rows(g, buffer, m, n, requant)
+    m_tiles, n_tiles = rows.shape[:2]
     rows[...] = 0
-    padded = np.zeros((m_tiles * g.rows, n_tiles * g.cols), dtype)
+    padded = np.zeros((m_tiles * g.rows, n_tiles * g.cols), rows.dtype)
     padded[:m, :n] = c
     rows[:, :, :, :g.cols] = padded.reshape(m_tiles, g.rows, n_tiles, g.cols).transpose(0, 2, 1, 3)
-    return size
+    return rows.nbytes
 
 
 class ReferenceDevice:

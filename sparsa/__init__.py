@@ -7,5 +7,8 @@ friends turn floats into its int8 operands. Subpackages: :mod:`sparsa.hw` (Amara
 
 __version__ = "0.1.0"
 
-from sparsa.host import (Accelerator, DeviceError, Info, choose_qparams,  # noqa: E402,F401
+from sparsa.host import (Accelerator, DeviceError, Info, choose_qparams,  # noqa: E402
                          dequantize, open, quantize, quantize_multiplier, requant_params)
+
+__all__ = ["Accelerator", "DeviceError", "Info", "open", "choose_qparams", "dequantize",
+           "quantize", "quantize_multiplier", "requant_params"]

@@ -204,7 +204,6 @@ def _best(function, budget=0.4, runs=(3, 50)):
 def _onnxruntime_matmul_integer():
     """A runner of onnxruntime's MatMulInteger (int8 x int8 -> int32), or None without it."""
     try:
-        import onnx
         import onnxruntime
         from onnx import TensorProto, helper
     except ImportError:

@@ -399,3 +399,21 @@ def test_quantized_linear_layer_end_to_end():
         qy = acc.matmul(qx, qw, bias=bias, requant=requant)
     error = np.abs(quant.dequantize(qy, sy, zy) - y)
     assert error.max() <= 3 * float(sy), error.max() / float(sy)
+
+
+def test_cli_run_and_bench_host(capsys, tmp_path):
+    from sparsa import cli
+
+    assert cli.main(["run", "--backend", "reference", "-m", "40", "-k", "300", "-n", "30",
+                     "--sparsity", "0.5", "--bias", "--requant", "--relu"]) == 0
+    printed = capsys.readouterr().out
+    assert "check against NumPy: bit-exact (0 of 1200 differ)" in printed
+    assert "macs_skipped" in printed and "(estimated)" in printed
+    report = tmp_path / "host.json"
+    assert cli.main(["bench", "host", "--sizes", "48", "--json", str(report)]) == 0
+    import json
+
+    (row,) = json.loads(report.read_text())
+    assert {"m", "k", "n", "reference_s", "numpy_int32_s", "numpy_float32_s", "exact",
+            "pack_gbps", "copy_gbps"} <= set(row)
+    assert row["exact"] is True and row["m"] == 48

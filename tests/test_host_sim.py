@@ -96,3 +96,18 @@ def test_driver_inside_cocotb(tmp_path):
     rows = json.loads(report.read_text())
     assert [(row["m"], row["k"], row["n"]) for row in rows] == [case[:3] for case in cases]
     assert all(row["cycles"] > 0 and row["estimated"] is False for row in rows)
+
+
+def test_sim_backend_on_icarus():
+    """The sim backend on the other simulator (the 3x5 build the Icarus smoke test uses)."""
+    reason = toolchain.missing("icarus")
+    if reason:
+        pytest.skip(reason)
+    odd = {"rows": 3, "cols": 5, "stream_width": 16, "max_k": 32, "max_n": 40}
+    rng = np.random.default_rng(4)
+    a = rng.integers(-128, 128, (7, 40), dtype=np.int8)  # K past max_k: two jobs
+    b = rng.integers(-128, 128, (40, 12), dtype=np.int8)
+    bias = rng.integers(-9999, 9999, 12, dtype=np.int32)
+    with sparsa.open("sim", simulator="icarus", **odd, backpressure=0.3) as acc:
+        got = acc.matmul(a, b, bias=bias, requant=(1 << 30, 6, 2), relu=True)
+    assert np.array_equal(got, golden.gemm(a, b, bias, (1 << 30, 6, 2), True))

@@ -133,17 +133,27 @@ class ReferenceAccelerator(Accelerator):
             np.copyto(out, arith.gemm(a, b, bias, requant, relu, self._workspace))
         # The counters take a fifth of the GEMM's time at 512^3; they are worked out when first
         # asked for, from copies of the operands (the caller may change its arrays meanwhile).
-        self._pending = (a.copy(), b.copy(), sparse_skip and self._skips, requant is not None)
+        self._pending = (a.copy(), b.copy(), bias is not None, requant, relu, sparse_skip)
         self._last_counters = None
         return out
 
     @property
     def last_counters(self):
+        """The counters the device would report: summed over the jobs the driver would run."""
         if self._pending is not None:
-            a, b, skip, requant = self._pending
+            a, b, bias, requant, relu, sparse_skip = self._pending
             self._pending = None
-            counts = reference.counters(self.info.geometry, a, b, skip, requant)
-            self._last_counters = _report(counts, estimated=True)
+            g = self.info.geometry
+            plan = jobs.plan(g, a.shape[0], a.shape[1], b.shape[1], bias, requant, relu,
+                             sparse_skip)
+            totals = dict.fromkeys(protocol.COUNTERS, 0)
+            for job in plan.jobs:
+                counts = reference.counters(g, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
+                                            b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n],
+                                            sparse_skip and self._skips, job.requant)
+                for name, value in counts.items():
+                    totals[name] += value
+            self._last_counters = _report(totals, estimated=True)
         return self._last_counters
 
     @last_counters.setter

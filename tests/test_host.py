@@ -112,6 +112,22 @@ def test_counters():
                                          "stall_out", "ksteps_skipped", "estimated"}
 
 
+def test_reference_counters_are_the_device_models():
+    """The fast reference reports what the driver over the device model reports, all counters
+    (estimated cycles too), also when the job is split."""
+    rng = np.random.default_rng(13)
+    for config in ({}, SMALL, ODD):
+        fast = sparsa.open("reference", **config)
+        model = sparsa.open("reference", device_model=True, **config)
+        for m, k, n in [(5, 7, 9), (40, 300, 100), (9, 70, 45)]:
+            a, b = operands(rng, m, k, n, zeros=0.5)
+            for options in ({}, {"bias": np.ones(n, np.int32), "requant": (1 << 30, 3, 0)},
+                            {"sparse_skip": False}):
+                fast.matmul(a, b, **options)
+                model.matmul(a, b, **options)
+                assert fast.last_counters == model.last_counters, (config, m, k, n, options)
+
+
 def test_cycle_estimate_matches_measured_dense_figures():
     """The estimate against the RTL's dense cycle counts quoted in the README (8x8, 64-bit)."""
     measured = {64: 4791, 128: 35263, 256: 271695}  # sparsa bench array, Verilator

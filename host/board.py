@@ -29,7 +29,10 @@ class PynqTransport:
         self._allocate = allocate
         self.cycles_per_second = cycles_per_second  # to turn a cycle budget into a timeout
         self.poll_interval = poll_interval
-        self.max_transfer = getattr(dma, "buffer_max_size", None)
+        # PYNQ's DMA driver knows its length register's width; one byte below its size is safe
+        # whether it counts the limit inclusively or not.
+        limit = getattr(dma, "buffer_max_size", None)
+        self.max_transfer = limit - 1 if limit else None
 
     def read(self, address):
         return int(self.mmio.read(address))

@@ -23,12 +23,14 @@ DMA_VLNV_PREFIX = "xilinx.com:ip:axi_dma:"
 class PynqTransport:
     """Registers through ``mmio``, packets through ``dma``; waits poll the DMA channels."""
 
-    def __init__(self, mmio, dma, allocate, cycles_per_second=100e6, poll_interval=0.0):
+    def __init__(self, mmio, dma, allocate, cycles_per_second=100e6, poll_interval=0.0,
+                 on_close=None):
         self.mmio = mmio
         self.dma = dma
         self._allocate = allocate
         self.cycles_per_second = cycles_per_second  # to turn a cycle budget into a timeout
         self.poll_interval = poll_interval
+        self._on_close = on_close  # e.g. stopping the simulator behind stand-in MMIO and DMA
         # PYNQ's DMA driver knows its length register's width; one byte below its size is safe
         # whether it counts the limit inclusively or not.
         limit = getattr(dma, "buffer_max_size", None)
@@ -69,7 +71,9 @@ class PynqTransport:
                 channel.start()
 
     def close(self):
-        pass
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
 
 
 try:  # PYNQ is only on boards; without it the driver class is not defined.

@@ -103,8 +103,11 @@ class Accelerator:
                 f"K <= {i.max_k}, N <= {i.max_n}, {'/'.join(i.features)}>")
 
 
-def _report(counts, estimated):
-    report = {key: int(counts[name]) for name, key in COUNTER_KEYS.items()}
+def _report(per_job, estimated):
+    """``last_counters`` for a call: the device counters of its jobs, summed."""
+    per_job = list(per_job)
+    report = {key: sum(int(counts[name]) for counts in per_job)
+              for name, key in COUNTER_KEYS.items()}
     report["estimated"] = estimated
     return report
 
@@ -146,14 +149,11 @@ class ReferenceAccelerator(Accelerator):
             g = self.info.geometry
             plan = jobs.plan(g, a.shape[0], a.shape[1], b.shape[1], bias, requant, relu,
                              sparse_skip)
-            totals = dict.fromkeys(protocol.COUNTERS, 0)
-            for job in plan.jobs:
-                counts = reference.counters(g, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
-                                            b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n],
-                                            sparse_skip and self._skips, job.requant)
-                for name, value in counts.items():
-                    totals[name] += value
-            self._last_counters = _report(totals, estimated=True)
+            self._last_counters = _report(
+                (reference.counters(g, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
+                                    b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n],
+                                    sparse_skip and self._skips, job.requant)
+                 for job in plan.jobs), estimated=True)
         return self._last_counters
 
     @last_counters.setter
@@ -235,15 +235,11 @@ class DeviceAccelerator(Accelerator):
         plan = jobs.plan(self.geometry, m, k, n, bias is not None, requant, relu,
                          sparse_skip, self.max_transfer)
         acc = out if plan.on_device else np.empty((m, n), np.int32)
-        totals = dict.fromkeys(protocol.COUNTERS, 0)
-        for job in plan.jobs:
-            view = acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n]
-            counts = self.run_job(job, a, b, bias, view, accumulate=job.k0 > 0)
-            for name, value in counts.items():
-                totals[name] += value
+        per_job = [self.run_job(job, a, b, bias, acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
+                                accumulate=job.k0 > 0) for job in plan.jobs]
         if not plan.on_device:
             np.copyto(out, arith.postprocess(acc, bias, requant, relu), casting="unsafe")
-        self.last_counters = _report(totals, estimated=self.backend == "reference-device")
+        self.last_counters = _report(per_job, estimated=self.backend == "reference-device")
         return out
 
     def close(self):

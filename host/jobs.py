@@ -18,10 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsa.protocol import REGISTER, Option
-
-# The reset values of the quantization registers, written for jobs without requantization.
-RESET_QUANT = tuple(REGISTER[name].reset for name in ("QUANT_MULT", "QUANT_SHIFT", "QUANT_ZERO"))
+from sparsa.protocol import RESET_QUANT, Option
 DEFAULT_MAX_TRANSFER = 2**26 - 1  # AXI DMA with a 26-bit buffer length register
 
 

@@ -18,13 +18,10 @@ hardware holds TREADY low, so the DMA would time out).
 import numpy as np
 
 from sparsa import protocol
-from sparsa.protocol import REGISTERS, Control, Error, Feature, Option, Status
+from sparsa.protocol import KNOWN_OPTIONS, REGISTERS, Control, Error, Feature, Option, Status
 
 from . import arith, jobs
 
-KNOWN_OPTIONS = 0
-for _option in Option:
-    KNOWN_OPTIONS |= _option
 ALL_FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP
 
 
@@ -121,6 +118,14 @@ def pack_output(geometry, c, buffer, requant):
     return rows.nbytes
 
 
+def _fits(size, receive_bytes):
+    """``size``, if an output packet of that many bytes fits the receive transfer."""
+    if receive_bytes < size:
+        raise RuntimeError(f"receive buffer of {receive_bytes} bytes is too small for the "
+                           f"{size}-byte output packet")
+    return size
+
+
 class ReferenceDevice:
     """The device as a transport: ``read``/``write`` registers, ``transfer`` packets."""
 
@@ -199,18 +204,12 @@ class ReferenceDevice:
         elif error == Error.NONE and send_bytes > expected:
             error = Error.TLAST_MISSING  # extra beats discarded; results complete
         if error not in (Error.NONE, Error.TLAST_MISSING):
-            size = beat
-            if receive_bytes < size:
-                raise RuntimeError(f"receive buffer of {receive_bytes} bytes is too small for "
-                                   f"the {size}-byte output packet")
+            size = _fits(beat, receive_bytes)
             receive[:size] = 0
             self.registers.update(STATUS=Status.DONE | Status.ERROR, ERROR=error)
             return size
         a, b, bias_values = unpack_input(g, send[:expected], m, k, n, bias)
-        size = g.output_beats(m, n, requant) * beat
-        if receive_bytes < size:
-            raise RuntimeError(f"receive buffer of {receive_bytes} bytes is too small for the "
-                               f"{size}-byte output packet")
+        size = _fits(g.output_beats(m, n, requant) * beat, receive_bytes)
         c = arith.gemm(a, b, bias_values, quant if requant else None, bool(options & Option.RELU))
         pack_output(g, c, receive, requant)
         skip = bool(self.features & Feature.SPARSE_SKIP) and not options & Option.NO_SKIP

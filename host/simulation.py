@@ -101,10 +101,11 @@ def allocate(shape, dtype):
     return np.zeros(shape, dtype)
 
 
-def accelerator(call, backend="sim", max_transfer=None):
-    """The driver on the PYNQ transport over simulated MMIO/DMA reached through ``call``."""
+def accelerator(call, backend="sim", max_transfer=None, on_close=None):
+    """The driver on the PYNQ transport over simulated MMIO/DMA reached through ``call``;
+    ``on_close`` runs when it is closed."""
     transport = PynqTransport(SimMMIO(call), SimDMA(call), allocate,
-                              cycles_per_second=SIM_CYCLES_PER_SECOND)
+                              cycles_per_second=SIM_CYCLES_PER_SECOND, on_close=on_close)
     return DeviceAccelerator(transport, backend, max_transfer)
 
 
@@ -171,16 +172,6 @@ class SimServer:
         self._folder.cleanup()
 
 
-class _SimTransport(PynqTransport):
-    def __init__(self, server):
-        super().__init__(SimMMIO(server.call), SimDMA(server.call), allocate,
-                         cycles_per_second=SIM_CYCLES_PER_SECOND)
-        self.server = server
-
-    def close(self):
-        self.server.close()
-
-
 def open_sim(simulator="verilator", idle=0.0, backpressure=0.0, seed=0, max_transfer=None,
              **build):
     """``sparsa.open("sim", ...)``: start a simulation of the build and return its driver."""
@@ -200,7 +191,7 @@ def open_sim(simulator="verilator", idle=0.0, backpressure=0.0, seed=0, max_tran
     server = SimServer(cfg, simulator, {"idle": idle, "backpressure": backpressure,
                                         "seed": seed})
     try:
-        return DeviceAccelerator(_SimTransport(server), "sim", max_transfer)
+        return accelerator(server.call, "sim", max_transfer, on_close=server.close)
     except BaseException:
         server.close()
         raise

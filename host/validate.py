@@ -4,8 +4,7 @@ import numbers
 
 import numpy as np
 
-INT32_MIN = -(2**31)
-INT32_MAX = 2**31 - 1
+from .arith import INT32_MAX, INT32_MIN
 
 
 def _describe(value):

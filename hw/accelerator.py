@@ -36,14 +36,13 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
 from sparsa import protocol
-from sparsa.protocol import STREAM_WIDTHS, Control, Error, Feature, Option
+from sparsa.protocol import KNOWN_OPTIONS, STREAM_WIDTHS, Control, Error, Feature, Option
 
 from .array import SystolicArray, check_dimensions
 from .postproc import PostProcessor
 from .regs import RegisterBlock
 
 FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP
-KNOWN_OPTIONS = Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP
 
 
 class GemmCore(wiring.Component):

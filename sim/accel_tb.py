@@ -19,14 +19,12 @@ from cocotbext.axi import (AxiLiteBus, AxiLiteMaster, AxiStreamBus, AxiStreamFra
                            AxiStreamSink, AxiStreamSource)
 
 from sparsa import protocol
-from sparsa.protocol import REGISTER, Control, Error, Option, Status
+from sparsa.protocol import REGISTER, RESET_QUANT, Control, Error, Option, Status
 
 from . import patterns
 from .golden import gemm, sparse_counters
 
 
-# The quantization registers' reset values: what a job without requantization leaves in place.
-RESET_QUANT = tuple(REGISTER[name].reset for name in ("QUANT_MULT", "QUANT_SHIFT", "QUANT_ZERO"))
 
 
 def settings():

@@ -170,6 +170,9 @@ REGISTERS = (
 )
 
 REGISTER = {register.name: register for register in REGISTERS}
+# The quantization registers' reset values: what a job without requantization leaves in place.
+RESET_QUANT = tuple(REGISTER[name].reset for name in ("QUANT_MULT", "QUANT_SHIFT", "QUANT_ZERO"))
+KNOWN_OPTIONS = Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP  # others: BAD_OPTION
 COUNTERS = ("CYCLES", "STALL_IN", "STALL_OUT", "MACS", "MACS_SKIPPED", "KSTEPS_SKIPPED")
 
 

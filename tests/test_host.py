@@ -285,10 +285,10 @@ def test_device_model_errors():
     device = reference.ReferenceDevice(**SMALL)
     acc = driver.DeviceAccelerator(device, "reference-device")
     a, b = operands(np.random.default_rng(8), 5, 70, 9)
-    job = jobs.Job(0, 5, 0, 70, 0, 9, 0, jobs.RESET_QUANT, 4 * 1000, 4 * 100)
+    job = jobs.Job(0, 5, 0, 70, 0, 9, 0, protocol.RESET_QUANT, 4 * 1000, 4 * 100)
     with pytest.raises(driver.DeviceError, match="K_TOO_LARGE"):
         acc.run_job(job, a, b, None, np.zeros((5, 9), np.int32))
-    short = jobs.Job(0, 5, 0, 7, 0, 9, 0, jobs.RESET_QUANT, 8, 4 * 100)
+    short = jobs.Job(0, 5, 0, 7, 0, 9, 0, protocol.RESET_QUANT, 8, 4 * 100)
     with pytest.raises(driver.DeviceError, match="TLAST_EARLY"):
         acc.run_job(short, a, b, None, np.zeros((5, 9), np.int32))
     assert_same(acc.matmul(a[:, :7], b[:7]), golden.matmul_int32(a[:, :7], b[:7]), "after errors")

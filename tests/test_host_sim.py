@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import sparsa
+from sparsa import protocol
 from sparsa.bench import accelerator_design as design
 from sparsa.host import driver, jobs
 from sparsa.sim import golden, runner, toolchain
@@ -67,7 +68,7 @@ def test_sim_refused_job_raises_device_error(sim):
     next job works."""
     a = np.ones((4, 70), np.int8)
     b = np.ones((70, 4), np.int8)
-    job = jobs.Job(0, 4, 0, 70, 0, 4, 0, jobs.RESET_QUANT, 4 * 140, 4 * 16)
+    job = jobs.Job(0, 4, 0, 70, 0, 4, 0, protocol.RESET_QUANT, 4 * 140, 4 * 16)
     with pytest.raises(driver.DeviceError, match="K_TOO_LARGE"):
         sim.run_job(job, a, b, None, np.zeros((4, 4), np.int32))
     assert np.array_equal(sim.matmul(a[:, :60], b[:60]), np.full((4, 4), 60, np.int32))

@@ -56,7 +56,7 @@ def requantize(x, multiplier, shift, zero_point):
     by ``multiplier``, rounding right shift by ``shift``, plus ``zero_point``, saturated.
 
     ``multiplier`` and ``shift`` may be scalars or arrays broadcasting against ``x`` (one per
-    output column: per-channel requantization, done on the host only).
+    output column: per-channel requantization).
     """
     x = x.astype(np.int64)
     multiplier = np.asarray(multiplier, np.int64)

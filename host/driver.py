@@ -72,7 +72,8 @@ class Accelerator:
 
         ``bias``: int32 of shape (N,), added to the int32 sums (with wrap). ``requant``:
         ``(multiplier, shift, zero_point)`` (see :func:`sparsa.quant.requant_params`) makes C
-        int8; multiplier and shift may be arrays of N (per-channel; applied on the host).
+        int8; multiplier and shift may be arrays of N (per-channel: an array of multipliers
+        with one shift runs on the device, per-channel shifts on the host).
         ``relu``: clamp at 0 (int32) or at the zero point (int8). ``sparse_skip=False`` issues
         every k-step (same result; only the counters differ). ``out``: a C-contiguous array to
         write C into. Returns C: int32 (M, N), or int8 with ``requant``. Inputs are not modified.
@@ -200,13 +201,15 @@ class DeviceAccelerator(Accelerator):
                  + job.output_bytes + 1000)
         return 1.0 + 10 * bound / rate
 
-    def run_job(self, job, a, b, bias, out, accumulate=False):
-        """Run one planned job; its result goes into ``out`` (a view of C). Returns counters."""
+    def run_job(self, job, a, b, bias, out, accumulate=False, mult=None):
+        """Run one planned job; its result goes into ``out`` (a view of C). Returns counters.
+        ``mult``: the per-column multipliers of the whole GEMM, for a CHANNEL_QUANT job."""
         g = self.geometry
         send, receive = self._buffers(job.input_bytes, job.output_bytes)
-        pack_into_bias = bias[job.n0:job.n0 + job.n] if job.bias else None
+        columns = slice(job.n0, job.n0 + job.n)
         jobs.pack_into(g, send, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
-                       b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n], pack_into_bias)
+                       b[job.k0:job.k0 + job.k, columns], bias[columns] if job.bias else None,
+                       mult[columns] if job.channel_quant else None)
         for name, value in job.registers():
             self._write(name, value)
         self._write("CONTROL", Control.START)
@@ -233,10 +236,11 @@ class DeviceAccelerator(Accelerator):
         m, k = a.shape
         n = b.shape[1]
         plan = jobs.plan(self.geometry, m, k, n, bias is not None, requant, relu,
-                         sparse_skip, self.max_transfer)
+                         sparse_skip, self.max_transfer, "CHANNEL_QUANT" in self.info.features)
         acc = out if plan.on_device else np.empty((m, n), np.int32)
+        mult = requant[0] if requant is not None else None
         per_job = [self.run_job(job, a, b, bias, acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
-                                accumulate=job.k0 > 0) for job in plan.jobs]
+                                accumulate=job.k0 > 0, mult=mult) for job in plan.jobs]
         if not plan.on_device:
             np.copyto(out, arith.postprocess(acc, bias, requant, relu), casting="unsafe")
         self.last_counters = _report(per_job, estimated=self.backend == "reference-device")

@@ -11,7 +11,9 @@ poke registers.
 
 When K is cut, each K chunk runs as a plain int32 job, the host adds the chunks with int32
 wrap (what the device's accumulators would have done) and applies bias, requantization and ReLU
-itself (:mod:`sparsa.host.arith`), so the result is the same as one job would give.
+itself (:mod:`sparsa.host.arith`), so the result is the same as one job would give. So it does
+for per-column shifts, which the device does not take (per-column multipliers with one shift go
+to the device, ``OPTIONS.CHANNEL_QUANT``).
 """
 
 from dataclasses import dataclass
@@ -45,6 +47,10 @@ class Job:
     def requant(self):
         return bool(self.options & Option.REQUANT)
 
+    @property
+    def channel_quant(self):
+        return bool(self.options & Option.CHANNEL_QUANT)
+
     def registers(self):
         """The register writes that configure this job, in order (CONTROL.START comes after)."""
         return (("M", self.m), ("K", self.k), ("N", self.n), ("OPTIONS", self.options),
@@ -64,31 +70,35 @@ def _chunks(total, size):
 
 
 def plan(geometry, m, k, n, bias=False, requant=None, relu=False, sparse_skip=True,
-         max_transfer=DEFAULT_MAX_TRANSFER):
+         max_transfer=DEFAULT_MAX_TRANSFER, channel_quant=True):
     """The jobs for ``C[m, n] = A[m, k] @ B[k, n]`` with these options on ``geometry``.
 
-    ``requant`` is ``(multiplier, shift, zero_point)``; scalars go to the device, per-column
-    arrays make the host requantize. Jobs are ordered m-chunk, n-chunk, k-chunk.
+    ``requant`` is ``(multiplier, shift, zero_point)``: scalars go to the device's registers, a
+    per-column multiplier array into the input packet (when the device has ``channel_quant``);
+    a per-column shift makes the host requantize. Jobs are ordered m-chunk, n-chunk, k-chunk.
     """
     g = geometry
-    per_column = requant is not None and any(isinstance(v, np.ndarray) for v in requant[:2])
+    column_mult = requant is not None and isinstance(requant[0], np.ndarray)
+    column_shift = requant is not None and isinstance(requant[1], np.ndarray)
     split_k = k > g.max_k
-    on_device = not split_k and not per_column
+    on_device = not split_k and not column_shift and (channel_quant or not column_mult)
     options = 0 if sparse_skip else Option.NO_SKIP
     quant = RESET_QUANT
     if on_device:
         options |= (Option.BIAS if bias else 0) | (Option.RELU if relu else 0)
         if requant is not None:
-            options |= Option.REQUANT
-            quant = tuple(int(v) for v in requant)
+            options |= Option.REQUANT | (Option.CHANNEL_QUANT if column_mult else 0)
+            quant = (RESET_QUANT[0] if column_mult else int(requant[0]), int(requant[1]),
+                     int(requant[2]))
     device_bias, device_requant = bool(options & Option.BIAS), bool(options & Option.REQUANT)
+    device_mult = bool(options & Option.CHANNEL_QUANT)
     # N chunks are whole n-tiles where the build allows; K chunks as large as the build takes.
     n_size = g.max_n - g.max_n % g.cols if g.max_n >= g.cols else g.max_n
     k_size = g.max_k
     # M chunks: whole m-tiles, as many as keep both packets within the DMA's limit.
     widest = min(n, n_size)
     deepest = min(k, k_size)
-    fixed = g.input_beats(0, deepest, widest, device_bias) * g.beat_bytes
+    fixed = g.input_beats(0, deepest, widest, device_bias, device_mult) * g.beat_bytes
     per_tile_in = g.input_beats(g.rows, deepest, 0, False) * g.beat_bytes
     per_tile_out = g.output_beats(g.rows, widest, device_requant) * g.beat_bytes
     tiles = min((max_transfer - fixed) // per_tile_in if max_transfer > fixed else 0,
@@ -103,7 +113,8 @@ def plan(geometry, m, k, n, bias=False, requant=None, relu=False, sparse_skip=Tr
         for n0, nc in _chunks(n, n_size):
             for k0, kc in _chunks(k, k_size):
                 jobs.append(Job(m0, mc, k0, kc, n0, nc, options, quant,
-                                g.input_beats(mc, kc, nc, device_bias) * g.beat_bytes,
+                                g.input_beats(mc, kc, nc, device_bias, device_mult)
+                                * g.beat_bytes,
                                 g.output_beats(mc, nc, device_requant) * g.beat_bytes))
     return Plan(tuple(jobs), on_device, split_k)
 
@@ -141,26 +152,28 @@ def _fill(region, values, lanes):
         region[:, :, lanes:] = 0
 
 
-def pack_into(geometry, buffer, a, b, bias=None):
-    """Write the input packet of ``a @ b (+ bias)`` into ``buffer`` (uint8, at least the packet's
-    size; e.g. a DMA buffer); returns the packet's size in bytes. ``a``/``b`` may be views."""
+def pack_into(geometry, buffer, a, b, bias=None, mult=None):
+    """Write the input packet of ``a @ b (+ bias)`` (with per-column multipliers ``mult`` for
+    ``OPTIONS.CHANNEL_QUANT``) into ``buffer`` (uint8, at least the packet's size; e.g. a DMA
+    buffer); returns the packet's size in bytes. ``a``/``b`` may be views."""
     g = geometry
     m, k = a.shape
     n = b.shape[1]
     m_tiles, n_tiles = g.tiles(m, n)
-    size = g.input_beats(m, k, n, bias is not None) * g.beat_bytes
+    size = g.input_beats(m, k, n, bias is not None, mult is not None) * g.beat_bytes
     if buffer.size < size:
         raise ValueError(f"buffer: expected at least {size} bytes, got {buffer.size}")
     out = buffer[:size].view(np.int8)
     position = 0
-    if bias is not None:
-        vector = g.vector_beats(4 * g.cols) * g.beat_bytes
-        padded = np.zeros(n_tiles * g.cols, "<i4")
-        padded[:n] = bias
-        region = out[:n_tiles * vector].reshape(n_tiles, vector)
-        region[:, :4 * g.cols] = padded.view(np.int8).reshape(n_tiles, 4 * g.cols)
-        region[:, 4 * g.cols:] = 0
-        position = n_tiles * vector
+    for column_values in (bias, mult):
+        if column_values is not None:
+            vector = g.vector_beats(4 * g.cols) * g.beat_bytes
+            padded = np.zeros(n_tiles * g.cols, "<i4")
+            padded[:n] = column_values
+            region = out[position:position + n_tiles * vector].reshape(n_tiles, vector)
+            region[:, :4 * g.cols] = padded.view(np.int8).reshape(n_tiles, 4 * g.cols)
+            region[:, 4 * g.cols:] = 0
+            position += n_tiles * vector
     # B: [n-tile][k][col]
     vector = g.vector_beats(g.cols) * g.beat_bytes
     span = n_tiles * k * vector

@@ -88,11 +88,17 @@ def dequantize(q, scale, zero_point=0, axis=None):
     return (scale * (q.astype(np.int64) - zero_point)).astype(np.float32)
 
 
-def quantize_multiplier(real_multiplier):
+def quantize_multiplier(real_multiplier, shared_shift=False):
     """``(multiplier, shift)`` with ``real_multiplier ~= multiplier * 2**-31 * 2**-shift``,
     ``multiplier`` in [2**30, 2**31) and ``shift`` in 0..31, as the device's QUANT_MULT and
-    QUANT_SHIFT take them. ``real_multiplier`` must be in (0, 1) (the device only shifts right);
-    an array gives arrays (per-channel requantization, applied on the host)."""
+    QUANT_SHIFT take them. ``real_multiplier`` must be in (0, 1) (the device only shifts right).
+
+    An array gives an array of multipliers and, with ``shared_shift``, one shift for all (that
+    of the largest value; the others get smaller multipliers, which the device applies per
+    column: ``OPTIONS.CHANNEL_QUANT``), else an array of shifts (requantized on the host). A
+    shared shift costs no accuracy that matters: a multiplier's rounding error is at most
+    ``2**-(32 + shift)`` of the accumulator, below a thousandth of an output step for any
+    accumulator that does not saturate."""
     values = np.asarray(real_multiplier, np.float64)
     if not np.all(np.isfinite(values)) or np.any(values <= 0) or np.any(values >= 1):
         raise ValueError(f"real_multiplier: expected values in (0, 1), got {real_multiplier}")
@@ -111,16 +117,24 @@ def quantize_multiplier(real_multiplier):
         shifts.append(shift)
     if values.ndim == 0:
         return multipliers[0], shifts[0]
+    if shared_shift:
+        shift = min(shifts)
+        # Exact in float64: a power-of-two scaling, then one rounding, as for the largest value.
+        scaled = np.round(np.ldexp(values, 31 + shift)).astype(np.int64)
+        return scaled, shift
     return (np.array(multipliers, np.int64).reshape(values.shape),
             np.array(shifts, np.int64).reshape(values.shape))
 
 
-def requant_params(input_scale, weight_scale, output_scale, output_zero_point=0):
+def requant_params(input_scale, weight_scale, output_scale, output_zero_point=0,
+                   shared_shift=True):
     """The ``requant=(multiplier, shift, zero_point)`` argument of ``matmul`` for int8 inputs of
     scale ``input_scale`` times weights of ``weight_scale`` (scalar, or one per output column)
-    to outputs of ``output_scale``/``output_zero_point``."""
+    to outputs of ``output_scale``/``output_zero_point``. Per-column weight scales give one
+    multiplier per column and, with ``shared_shift`` (the default; see
+    :func:`quantize_multiplier`), one shift, so the device requantizes."""
     real = (np.asarray(input_scale, np.float64) * np.asarray(weight_scale, np.float64)
             / float(_check_scale(output_scale)))
-    multiplier, shift = quantize_multiplier(real)
+    multiplier, shift = quantize_multiplier(real, shared_shift)
     zero_point = int(_check_zero_point(output_zero_point))
     return multiplier, shift, zero_point

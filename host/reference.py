@@ -22,7 +22,8 @@ from sparsa.protocol import KNOWN_OPTIONS, REGISTERS, Control, Error, Feature, O
 
 from . import arith, jobs
 
-ALL_FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP
+ALL_FEATURES = (Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP
+                | Feature.CHANNEL_QUANT)
 
 
 def _signed(value):
@@ -81,18 +82,21 @@ def counters(geometry, a, b, skip=True, requant=False):
             "KSTEPS_SKIPPED": wrap(m_tiles * n_tiles * k - issued.sum())}
 
 
-def unpack_input(geometry, data, m, k, n, bias):
-    """Views of the operands in an input packet: (a, b, bias or None)."""
+def unpack_input(geometry, data, m, k, n, bias, channel_quant=False):
+    """Views of the operands in an input packet: (a, b, bias or None, multipliers or None)."""
     g = geometry
     m_tiles, n_tiles = g.tiles(m, n)
     data = data.view(np.int8)
     position = 0
-    bias_values = None
-    if bias:
-        vector = g.vector_beats(4 * g.cols) * g.beat_bytes
-        region = data[:n_tiles * vector].reshape(n_tiles, vector)[:, :4 * g.cols]
-        bias_values = np.ascontiguousarray(region).view("<i4").reshape(-1)[:n]
-        position = n_tiles * vector
+    columns = []
+    for present in (bias, channel_quant):
+        values = None
+        if present:
+            vector = g.vector_beats(4 * g.cols) * g.beat_bytes
+            region = data[position:position + n_tiles * vector].reshape(n_tiles, vector)
+            values = np.ascontiguousarray(region[:, :4 * g.cols]).view("<i4").reshape(-1)[:n]
+            position += n_tiles * vector
+        columns.append(values)
     vector = g.vector_beats(g.cols) * g.beat_bytes
     span = n_tiles * k * vector
     b_tiles = data[position:position + span].reshape(n_tiles, k, vector)[:, :, :g.cols]
@@ -102,7 +106,7 @@ def unpack_input(geometry, data, m, k, n, bias):
     span = m_tiles * k * vector
     a_tiles = data[position:position + span].reshape(m_tiles, k, vector)[:, :, :g.rows]
     a = a_tiles.transpose(0, 2, 1).reshape(m_tiles * g.rows, k)[:m]
-    return a, b, bias_values
+    return a, b, *columns
 
 
 def pack_output(geometry, c, buffer, requant):
@@ -175,7 +179,8 @@ class ReferenceDevice:
             error = Error.K_TOO_LARGE
         elif n > g.max_n:
             error = Error.N_TOO_LARGE
-        elif options & ~KNOWN_OPTIONS:
+        elif options & ~KNOWN_OPTIONS or (options & Option.CHANNEL_QUANT
+                                          and not options & Option.REQUANT):
             error = Error.BAD_OPTION
         elif options & Option.REQUANT and not (r["QUANT_SHIFT"] <= 31 and -128 <= zero <= 127):
             error = Error.BAD_QUANT
@@ -198,7 +203,8 @@ class ReferenceDevice:
         self._job = None
         beat = g.beat_bytes
         bias, requant = bool(options & Option.BIAS), bool(options & Option.REQUANT)
-        expected = g.input_beats(m, k, n, bias) * beat if error == Error.NONE else 0
+        channel_quant = bool(options & Option.CHANNEL_QUANT)
+        expected = g.input_beats(m, k, n, bias, channel_quant) * beat if error == Error.NONE else 0
         if error == Error.NONE and send_bytes < expected:
             error = Error.TLAST_EARLY
         elif error == Error.NONE and send_bytes > expected:
@@ -208,7 +214,9 @@ class ReferenceDevice:
             receive[:size] = 0
             self.registers.update(STATUS=Status.DONE | Status.ERROR, ERROR=error)
             return size
-        a, b, bias_values = unpack_input(g, send[:expected], m, k, n, bias)
+        a, b, bias_values, mult = unpack_input(g, send[:expected], m, k, n, bias, channel_quant)
+        if channel_quant:
+            quant = (mult.astype(np.int64), *quant[1:])
         size = _fits(g.output_beats(m, n, requant) * beat, receive_bytes)
         c = arith.gemm(a, b, bias_values, quant if requant else None, bool(options & Option.RELU))
         pack_output(g, c, receive, requant)

@@ -8,7 +8,8 @@ arithmetic are those of :mod:`sparsa.protocol`.
 
 Dataflow of one job (``C = A @ B``, ``M x K @ K x N``):
 
-- **Loader** (s_axis -> on-chip memories): the bias and the whole B panel go to memories that
+- **Loader** (s_axis -> on-chip memories): the bias, per-column requantization multipliers
+  and the whole B panel go to memories that
   stay resident for the job, B as ``ceil(N/cols) x K`` words of ``cols`` bytes; then A arrives
   one m-tile (``rows x K``) at a time into one of two banks (double buffering: the next m-tile
   loads while the current one computes).
@@ -42,7 +43,8 @@ from .array import SystolicArray, check_dimensions
 from .postproc import PostProcessor
 from .regs import RegisterBlock
 
-FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP
+FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP | \
+    Feature.CHANNEL_QUANT
 
 
 class GemmCore(wiring.Component):
@@ -77,6 +79,7 @@ class GemmCore(wiring.Component):
         job_k = Signal(range(g.max_k + 1))
         job_n = Signal(range(g.max_n + 1))
         bias_en, requant, relu, no_skip = Signal(), Signal(), Signal(), Signal()
+        channel_quant = Signal()
         mult = Signal(signed(32))
         shift = Signal(unsigned(5))
         zero = Signal(signed(8))
@@ -87,7 +90,9 @@ class GemmCore(wiring.Component):
             Mux((self.m == 0) | (self.k == 0) | (self.n == 0), Error.ZERO_DIMENSION,
                 Mux(self.k > g.max_k, Error.K_TOO_LARGE,
                     Mux(self.n > g.max_n, Error.N_TOO_LARGE,
-                        Mux((self.options & ~Const(KNOWN_OPTIONS, 32)) != 0, Error.BAD_OPTION,
+                        Mux(((self.options & ~Const(KNOWN_OPTIONS, 32)) != 0)
+                            | ((self.options & Option.CHANNEL_QUANT).any()
+                               & ~(self.options & Option.REQUANT).any()), Error.BAD_OPTION,
                             Mux((self.options & Option.REQUANT).any()
                                 & ((self.quant_shift > 31) | (zero_signed < -128)
                                    | (zero_signed > 127)), Error.BAD_QUANT, Error.NONE))))))
@@ -99,6 +104,7 @@ class GemmCore(wiring.Component):
                 requant.eq((self.options & Option.REQUANT).any()),
                 relu.eq((self.options & Option.RELU).any()),
                 no_skip.eq((self.options & Option.NO_SKIP).any()),
+                channel_quant.eq((self.options & Option.CHANNEL_QUANT).any()),
                 mult.eq(self.quant_mult), shift.eq(self.quant_shift), zero.eq(self.quant_zero),
                 self.busy.eq(1), self.error.eq(check),
             ]
@@ -108,10 +114,12 @@ class GemmCore(wiring.Component):
 
         # ---- memories ------------------------------------------------------------------------
         m.submodules.bias_mem = bias_mem = Memory(shape=32 * cols, depth=n_tiles_max, init=[])
+        m.submodules.mult_mem = mult_mem = Memory(shape=32 * cols, depth=n_tiles_max, init=[])
         m.submodules.b_mem = b_mem = Memory(shape=8 * cols, depth=n_tiles_max * g.max_k, init=[])
         m.submodules.a_mem = a_mem = Memory(shape=8 * rows, depth=2 * g.max_k, init=[])
         bias_wr, b_wr, a_wr = bias_mem.write_port(), b_mem.write_port(), a_mem.write_port()
         bias_rd = bias_mem.read_port(domain="comb")
+        mult_wr, mult_rd = mult_mem.write_port(), mult_mem.read_port(domain="comb")
         b_rd, a_rd = b_mem.read_port(), a_mem.read_port()
         panel_full = Signal(2)  # per A bank: loaded and not yet consumed
         if self.sparse_skip:
@@ -149,6 +157,7 @@ class GemmCore(wiring.Component):
             take.eq(self.s_axis_tvalid & self.s_axis_tready),
             word.eq((self.s_axis_tdata << (beat * width)) | partial),
             bias_wr.addr.eq(ld_nt), bias_wr.data.eq(word),
+            mult_wr.addr.eq(ld_nt), mult_wr.data.eq(word),
             b_wr.addr.eq(ld_b_addr), b_wr.data.eq(word),
             a_wr.addr.eq(Mux(ld_bank, g.max_k, 0) + ld_k), a_wr.data.eq(word),
         ]
@@ -175,6 +184,18 @@ class GemmCore(wiring.Component):
             with m.If(take & self.s_axis_tlast & ~final):
                 m.d.sync += [self.error.eq(Error.TLAST_EARLY), closing.eq(1)]
 
+        def column_vectors(port):
+            """Load one vector of ``cols`` int32 per n-tile into ``port``; true after the last."""
+            m.d.comb += self.s_axis_tready.eq(1)
+            complete = collect(beats_bias)
+            early_tlast(Const(0))
+            m.d.comb += port.en.eq(complete)
+            with m.If(complete):
+                m.d.sync += [ld_nt.eq(ld_nt + 1), ld_j0.eq(ld_j0 + cols)]
+                with m.If(last_n_tile):
+                    m.d.sync += [ld_j0.eq(0), ld_nt.eq(0)]
+            return complete & last_n_tile
+
         with m.FSM(name="loader"):
             with m.State("IDLE"):
                 with m.If(self.start):
@@ -184,18 +205,20 @@ class GemmCore(wiring.Component):
                         m.next = "DRAIN"
                     with m.Elif(self.options & Option.BIAS):
                         m.next = "BIAS"
+                    with m.Elif(self.options & Option.CHANNEL_QUANT):
+                        m.next = "MULT"
                     with m.Else():
                         m.next = "B"
             with m.State("BIAS"):
-                m.d.comb += self.s_axis_tready.eq(1)
-                complete = collect(beats_bias)
-                early_tlast(Const(0))
-                m.d.comb += bias_wr.en.eq(complete)
-                with m.If(complete):
-                    m.d.sync += [ld_nt.eq(ld_nt + 1), ld_j0.eq(ld_j0 + cols)]
-                    with m.If(last_n_tile):
-                        m.d.sync += [ld_j0.eq(0), ld_nt.eq(0)]
-                        m.next = "B"
+                with m.If(column_vectors(bias_wr)):
+                    m.next = "B"
+                    with m.If(channel_quant):
+                        m.next = "MULT"
+                with m.If(take & self.s_axis_tlast):
+                    m.next = "IDLE"
+            with m.State("MULT"):
+                with m.If(column_vectors(mult_wr)):
+                    m.next = "B"
                 with m.If(take & self.s_axis_tlast):
                     m.next = "IDLE"
             with m.State("B"):
@@ -404,7 +427,7 @@ class GemmCore(wiring.Component):
         m.submodules.post = post = PostProcessor(cols)
         dr_j0 = Signal(range(g.max_n + cols))
         dr_tile = Signal(range(n_tiles_max))
-        m.d.comb += bias_rd.addr.eq(dr_tile)
+        m.d.comb += [bias_rd.addr.eq(dr_tile), mult_rd.addr.eq(dr_tile)]
         with m.If(array.out_valid & (array.out_row == rows - 1)):
             m.d.sync += [dr_j0.eq(dr_j0 + cols), dr_tile.eq(dr_tile + 1)]
             with m.If(dr_j0 + cols >= job_n):
@@ -412,11 +435,13 @@ class GemmCore(wiring.Component):
         m.d.comb += [
             post.in_valid.eq(array.out_valid),
             post.bias_en.eq(bias_en), post.requant.eq(requant), post.relu.eq(relu),
-            post.mult.eq(mult), post.shift.eq(shift), post.zero.eq(zero),
+            post.shift.eq(shift), post.zero.eq(zero),
         ]
         for j in range(cols):
             m.d.comb += [post.acc[j].eq(array.c[j]),
-                         post.bias[j].eq(bias_rd.data[32 * j:32 * j + 32])]
+                         post.bias[j].eq(bias_rd.data[32 * j:32 * j + 32]),
+                         post.mult[j].eq(Mux(channel_quant, mult_rd.data[32 * j:32 * j + 32],
+                                             mult))]
 
         m.submodules.fifo = fifo = SyncFIFOBuffered(width=32 * cols, depth=fifo_rows)
         m.d.comb += [fifo.w_en.eq(post.out_valid), fifo.w_data.eq(post.out_word)]

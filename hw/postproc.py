@@ -5,13 +5,14 @@ the ``cols`` lanes does it independently. Four registered stages, one row per cy
 backpressure (whoever issues rows reserves room downstream first):
 
 1. ``x = acc + bias`` (INT32 wrap) when ``bias_en``;
-2. ``p = x * mult`` (exact 64-bit product);
+2. ``p = x * mult[j]`` (exact 64-bit product; one multiplier per lane);
 3. ``h`` = saturating rounding doubling high half of ``p``;
 4. rounding right shift by ``shift``, add ``zero``, saturate to INT8, ReLU.
 
 ``out_word`` packs lane ``j`` at bits ``[32j, 32j+32)`` for INT32 output, or at ``[8j, 8j+8)``
 for INT8 output (``requant``), which is the byte layout of an output-stream vector.
-Configuration inputs must hold still while rows are in flight.
+``acc``, ``bias`` and ``mult`` are sampled together with ``in_valid``; the other configuration
+inputs must hold still while rows are in flight.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
@@ -33,7 +34,7 @@ class PostProcessor(wiring.Component):
             "bias_en": In(1),
             "requant": In(1),
             "relu": In(1),
-            "mult": In(signed(32)),
+            "mult": In(signed(32)).array(cols),
             "shift": In(unsigned(5)),
             "zero": In(signed(8)),
             "out_valid": Out(1),
@@ -51,13 +52,15 @@ class PostProcessor(wiring.Component):
         lanes = []
         for j in range(self.cols):
             x1 = Signal(signed(32), name=f"x1_{j}")
-            m.d.sync += x1.eq(self.acc[j] + Mux(self.bias_en, self.bias[j], 0))
+            mult1 = Signal(signed(32), name=f"mult1_{j}")  # sampled with the row, like bias
+            m.d.sync += [x1.eq(self.acc[j] + Mux(self.bias_en, self.bias[j], 0)),
+                         mult1.eq(self.mult[j])]
 
             x2 = Signal(signed(32), name=f"x2_{j}")
             p2 = Signal(signed(64), name=f"p2_{j}")
-            m.d.sync += [x2.eq(x1), p2.eq(x1 * self.mult)]
+            m.d.sync += [x2.eq(x1), p2.eq(x1 * mult1)]
             overflow2 = Signal(name=f"overflow2_{j}")
-            m.d.sync += overflow2.eq((x1 == INT32_MIN) & (self.mult == INT32_MIN))
+            m.d.sync += overflow2.eq((x1 == INT32_MIN) & (mult1 == INT32_MIN))
 
             # (p + nudge) / 2**31, truncated toward zero: floor division after adding
             # 2**31 - 1 to a negative dividend.

@@ -38,7 +38,8 @@ def geometry_of(cfg):
 
 def features(cfg):
     """The FEATURES bits a build with these settings reports."""
-    bits = protocol.Feature.BIAS | protocol.Feature.REQUANT | protocol.Feature.RELU
+    bits = (protocol.Feature.BIAS | protocol.Feature.REQUANT | protocol.Feature.RELU
+            | protocol.Feature.CHANNEL_QUANT)
     return bits | (protocol.Feature.SPARSE_SKIP if cfg.get("sparse_skip", True) else 0)
 
 
@@ -114,21 +115,26 @@ class AccelTB:
         g = self.geometry
         m_tiles, n_tiles = g.tiles(m, n)
         work = m_tiles * n_tiles * (max(k, g.rows, g.cols) + 4 * g.rows * g.vector_beats(4 * g.cols))
-        return 20 * (work + g.input_beats(m, k, n, True) + 1000)
+        return 20 * (work + g.input_beats(m, k, n, True, True) + 1000)
 
     async def receive(self, cycles):
         frame = await with_timeout(self.sink.recv(), 10 * cycles, "ns")
         return frame.tdata
 
     async def gemm(self, a, b, bias=None, requant=None, relu=False, skip=True):
-        """Run one job; returns (C, STATUS, ERROR, counters)."""
+        """Run one job; returns (C, STATUS, ERROR, counters). A ``requant`` multiplier that is
+        an array (one per column) goes in the input packet (``OPTIONS.CHANNEL_QUANT``)."""
         m, k = a.shape
         n = b.shape[1]
+        mult = requant[0] if requant is not None and np.ndim(requant[0]) else None
         options = (Option.BIAS if bias is not None else 0) | \
             (Option.REQUANT if requant is not None else 0) | (Option.RELU if relu else 0) | \
-            (0 if skip else Option.NO_SKIP)
-        await self.start(m, k, n, options, requant or RESET_QUANT)
-        await self.source.send(AxiStreamFrame(protocol.pack_input(self.geometry, a, b, bias).tobytes()))
+            (0 if skip else Option.NO_SKIP) | (Option.CHANNEL_QUANT if mult is not None else 0)
+        quant = RESET_QUANT if requant is None else \
+            (RESET_QUANT[0] if mult is not None else requant[0], *requant[1:])
+        await self.start(m, k, n, options, quant)
+        packet = protocol.pack_input(self.geometry, a, b, bias, mult)
+        await self.source.send(AxiStreamFrame(packet.tobytes()))
         cycles = self.budget(m, k, n)
         data = await self.receive(cycles)
         status = await self.wait_done(cycles)
@@ -162,6 +168,10 @@ def random_options(rng, n):
         requant = (int(rng.choice([rng.integers(-2**31, 2**31), rng.integers(1 << 30, 2**31),
                                    -2**31, 2**31 - 1])),
                    int(rng.integers(0, 32)), int(rng.integers(-128, 128)))
+        if rng.random() < 0.4:  # per-column multipliers (OPTIONS.CHANNEL_QUANT)
+            mult = rng.integers(-2**31, 2**31, n, dtype=np.int64)
+            mult[rng.random(n) < 0.2] = -2**31
+            requant = (mult, *requant[1:])
     return bias, requant, bool(rng.random() < 0.5)
 
 
@@ -223,6 +233,10 @@ async def test_directed_jobs(dut):
          (-2**31, 0, 0), False),  # bias wraps INT32, then the saturating multiply corner
         (np.zeros((9, 9), np.int8), full((9, 9), 5), np.full(9, -7, np.int32),
          (1 << 30, 1, 3), True),
+        # Per-column multipliers across several n-tiles, with the saturating corner.
+        (full((2 * g.rows + 1, 5), -128), full((5, 2 * g.cols + 3), -128),
+         np.full(2 * g.cols + 3, -2**31 + 81920, np.int32),
+         (np.array([-2**31, 2**31 - 1, 1 << 30, 0, -1] * g.cols)[:2 * g.cols + 3], 4, -2), True),
     ]
     for number, (a, b, bias, requant, relu) in enumerate(jobs):
         got, status, error, counters = await tb.gemm(a, b, bias, requant, relu)
@@ -288,6 +302,7 @@ async def test_errors(dut):
     await expect_error(Error.K_TOO_LARGE, 4, g.max_k + 1, 4)
     await expect_error(Error.N_TOO_LARGE, 4, 4, g.max_n + 1)
     await expect_error(Error.BAD_OPTION, 4, 4, 4, options=1 << 7)
+    await expect_error(Error.BAD_OPTION, 4, 4, 4, options=Option.CHANNEL_QUANT)  # no REQUANT
     await expect_error(Error.BAD_QUANT, 4, 4, 4, options=Option.REQUANT, quant=(1, 32, 0))
     await expect_error(Error.BAD_QUANT, 4, 4, 4, options=Option.REQUANT, quant=(1, 3, 128))
     await expect_good_job()
@@ -295,6 +310,11 @@ async def test_errors(dut):
     await expect_error(Error.TLAST_EARLY, *good, data=packet[:-beat].tobytes())
     await expect_good_job()
     await expect_error(Error.TLAST_EARLY, *good, data=packet[:beat].tobytes())
+    await expect_good_job()
+    # ... and inside the per-column multipliers.
+    with_mult = protocol.pack_input(g, a, b, None, np.arange(b.shape[1]))
+    await expect_error(Error.TLAST_EARLY, *good, options=Option.REQUANT | Option.CHANNEL_QUANT,
+                       data=with_mult[:beat].tobytes())
     await expect_good_job()
     # TLAST missing (more beats than the job needs): results complete, extra beats discarded.
     await tb.start(*good)

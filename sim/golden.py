@@ -37,12 +37,19 @@ def rounding_divide_by_pot(x, exponent):
 def gemm(a, b, bias=None, requant=None, relu=False):
     """The accelerator's result for ``a @ b``: bias, requantization ``(multiplier, shift,
     zero_point)`` to int8 and ReLU as specified in :mod:`sparsa.protocol`."""
-    acc = matmul_int32(a, b)
+    return postprocess(matmul_int32(a, b), bias, requant, relu)
+
+
+def postprocess(acc, bias=None, requant=None, relu=False):
+    """Bias, requantization and ReLU of int32 sums ``acc``; ``bias`` and the multiplier may
+    have one value per column."""
+    acc = np.asarray(acc, np.int32)
     if bias is not None:
         acc = (acc.astype(np.int64) + np.asarray(bias, np.int64)).astype(np.int32)
     if requant is None:
         return np.maximum(acc, 0) if relu else acc
     multiplier, shift, zero_point = requant
+    multiplier = np.asarray(multiplier, np.int64)
     scaled = rounding_divide_by_pot(saturating_rounding_doubling_high_mul(acc, multiplier), shift)
     out = np.clip(scaled + zero_point, -128, 127)
     if relu:

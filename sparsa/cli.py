@@ -1,6 +1,7 @@
 """The ``sparsa`` command line."""
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -63,49 +64,22 @@ def cmd_verilog(args):
 
 
 def cmd_demo(args):
-    import sparsa
-    from sparsa.sim import golden, toolchain
+    from sparsa import demo
+    from sparsa.sim import toolchain
 
     reason = toolchain.missing(args.sim)
     if reason:
         print(f"cannot run the demo: {reason}", file=sys.stderr)
         return 2
-    cfg = _build_config(args)
-    rng = np.random.default_rng(args.seed)
-    a = rng.integers(-128, 128, (args.m, args.k), dtype=np.int8)
-    a[a < 0] = 0  # ReLU-like activations: about half zeros
-    b = rng.integers(-128, 128, (args.k, args.n), dtype=np.int8)
-    bias = rng.integers(-5000, 5000, args.n, dtype=np.int32)
-    requant = (1 << 30, 10, -3)  # multiply by 0.5, divide by 2**10, zero point -3
-    print(f"sparsa demo: C = requant(A({args.m}x{args.k}) @ B({args.k}x{args.n}) + bias) "
-          f"through the host driver on the simulated accelerator ({args.rows}x{args.cols} array, "
-          f"{args.stream_width}-bit AXI streams, {args.sim})")
-    started = time.perf_counter()
-    with sparsa.open("sim", simulator=args.sim, **cfg) as acc:
-        print(f"  {acc!r}: Verilog generated, built and started in "
-              f"{time.perf_counter() - started:.1f} s")
-        for label, options in (("int32", {}), ("int8 ", {"bias": bias, "requant": requant})):
-            started = time.perf_counter()
-            c = acc.matmul(a, b, **options)
-            seconds = time.perf_counter() - started
-            want = golden.gemm(a, b, options.get("bias"), options.get("requant"))
-            counters = acc.last_counters
-            cycles = counters["cycles"]
-            macs = args.m * args.k * args.n
-            print(f"  {label} output: {cycles} cycles from START to the last output beat, "
-                  f"{macs / cycles:.1f} MACs/cycle, utilization "
-                  f"{100 * macs / (cycles * args.rows * args.cols):.1f}% (stalled on input "
-                  f"{counters['stall_in']}, on output {counters['stall_out']}; "
-                  f"{counters['macs_skipped']} of {macs} products skipped as zero); "
-                  f"{seconds:.1f} s of simulation")
-            exact = np.array_equal(c, want)
-            print(f"         check against NumPy: {'bit-exact' if exact else 'MISMATCH'} "
-                  f"({np.count_nonzero(c != want)} of {want.size} differ)")
-            if not exact:
-                return 1
-    print("  C[:3, :8] (int8) =\n" + "\n".join(
-        "    " + " ".join(f"{v:5d}" for v in row) for row in c[:3, :8]))
-    return 0
+    if importlib.util.find_spec("sklearn") is None:
+        print("the demo needs scikit-learn: pip install 'sparsa[demo]'", file=sys.stderr)
+        return 2
+    figures = demo.run(_build_config(args), args.sim, args.batch, args.clock_mhz,
+                       tuple(args.hidden), args.seed)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
+    return figures["status"]
 
 
 def cmd_run(args):
@@ -221,13 +195,18 @@ def build_parser():
     verilog.add_argument("-o", "--output", type=Path, required=True)
     verilog.set_defaults(func=cmd_verilog)
 
-    demo = commands.add_parser("demo", help="run a GEMM on the simulated accelerator")
+    demo = commands.add_parser(
+        "demo", help="an INT8 MLP on scikit-learn's digits, on the simulated accelerator "
+                     "and the reference backend")
     _add_build_options(demo)
-    demo.add_argument("-m", type=_positive, default=50)
-    demo.add_argument("-k", type=_positive, default=100)
-    demo.add_argument("-n", type=_positive, default=70)
     demo.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
-    demo.add_argument("--seed", type=int, default=2026)
+    demo.add_argument("--batch", type=_positive, default=50, help="images per accelerator call")
+    demo.add_argument("--hidden", type=_positive, nargs="+", default=[64, 32],
+                      help="hidden layer widths")
+    demo.add_argument("--clock-mhz", type=float, default=100.0,
+                      help="clock for the projected hardware time")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", type=Path, help="also write the figures as JSON")
     demo.set_defaults(func=cmd_demo)
 
     run = commands.add_parser("run", help="a random GEMM on a backend, checked against NumPy")

@@ -28,9 +28,11 @@ Input packet (one per job, TLAST on its final beat):
 
 1. bias, when ``OPTIONS.BIAS``: per n-tile ``t``, one vector of ``cols`` int32 (little-endian),
    ``bias[t*cols + j]``;
-2. B, kept on chip for the whole job: per n-tile ``t``, per ``k < K``, one vector of ``cols``
+2. per-column requantization multipliers, when ``OPTIONS.CHANNEL_QUANT``: per n-tile ``t``, one
+   vector of ``cols`` int32 (little-endian), ``mult[t*cols + j]``;
+3. B, kept on chip for the whole job: per n-tile ``t``, per ``k < K``, one vector of ``cols``
    int8, ``B[k, t*cols + j]``;
-3. A, streamed: per m-tile ``t``, per ``k < K``, one vector of ``rows`` int8, ``A[t*rows + i, k]``.
+4. A, streamed: per m-tile ``t``, per ``k < K``, one vector of ``rows`` int8, ``A[t*rows + i, k]``.
 
 TLAST on any other beat ends the job with ``TLAST_EARLY`` (the output packet is closed after the
 rows already under way); a final beat without TLAST sets ``TLAST_MISSING``, and the device
@@ -65,7 +67,9 @@ Products are INT8 x INT8, summed in INT32 with two's-complement wrap. Per output
 
 1. ``OPTIONS.BIAS``: ``x = wrap32(acc + bias[col])``.
 2. ``OPTIONS.REQUANT`` (the gemmlowp/TFLite fixed-point scheme), with ``mult`` = ``QUANT_MULT``
-   (int32), ``shift`` = ``QUANT_SHIFT`` (0..31), ``zp`` = ``QUANT_ZERO`` (-128..127):
+   (int32), or ``mult[col]`` from the input packet when ``OPTIONS.CHANNEL_QUANT`` (per-channel
+   weight scales; only with ``REQUANT``, else ``BAD_OPTION``), ``shift`` = ``QUANT_SHIFT``
+   (0..31, shared by all columns), ``zp`` = ``QUANT_ZERO`` (-128..127):
 
    - saturating rounding doubling high multiply: if ``x == mult == -2**31`` the result is
      ``2**31 - 1``; otherwise with ``p = x * mult`` (exact, 64-bit) and
@@ -87,7 +91,7 @@ from enum import IntEnum
 import numpy as np
 
 MAGIC = 0x53505253  # "SPRS"
-VERSION = (1, 0)
+VERSION = (1, 1)  # 1.1: OPTIONS.CHANNEL_QUANT
 ADDRESS_WIDTH = 12  # a 4 KiB AXI4-Lite window
 # The IP's vendor:library:name:version, as the Vivado packaging script names it and the PYNQ
 # driver (sparsa.host.board.SparsaIP.bindto) binds to it.
@@ -111,6 +115,7 @@ class Option(IntEnum):
     REQUANT = 1 << 1
     RELU = 1 << 2
     NO_SKIP = 1 << 3  # issue every k-step, zero or not (for A/B comparison in one build)
+    CHANNEL_QUANT = 1 << 4  # per-column requantization multipliers in the input packet
 
 
 class Feature(IntEnum):
@@ -118,6 +123,7 @@ class Feature(IntEnum):
     REQUANT = 1 << 1
     RELU = 1 << 2
     SPARSE_SKIP = 1 << 3
+    CHANNEL_QUANT = 1 << 4
 
 
 class Control(IntEnum):
@@ -172,7 +178,9 @@ REGISTERS = (
 REGISTER = {register.name: register for register in REGISTERS}
 # The quantization registers' reset values: what a job without requantization leaves in place.
 RESET_QUANT = tuple(REGISTER[name].reset for name in ("QUANT_MULT", "QUANT_SHIFT", "QUANT_ZERO"))
-KNOWN_OPTIONS = Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP  # others: BAD_OPTION
+# Other bits, or CHANNEL_QUANT without REQUANT: BAD_OPTION.
+KNOWN_OPTIONS = (Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP
+                 | Option.CHANNEL_QUANT)
 COUNTERS = ("CYCLES", "STALL_IN", "STALL_OUT", "MACS", "MACS_SKIPPED", "KSTEPS_SKIPPED")
 
 
@@ -196,9 +204,9 @@ class Geometry:
     def tiles(self, m, n):
         return -(-m // self.rows), -(-n // self.cols)
 
-    def input_beats(self, m, k, n, bias):
+    def input_beats(self, m, k, n, bias, channel_quant=False):
         m_tiles, n_tiles = self.tiles(m, n)
-        return (n_tiles * self.vector_beats(4 * self.cols) * bool(bias)
+        return (n_tiles * self.vector_beats(4 * self.cols) * (bool(bias) + bool(channel_quant))
                 + n_tiles * k * self.vector_beats(self.cols)
                 + m_tiles * k * self.vector_beats(self.rows))
 
@@ -216,8 +224,9 @@ def _vectors(values, beat_bytes):
     return np.pad(raw, ((0, 0), (0, pad))) if pad else raw
 
 
-def pack_input(geometry, a, b, bias=None):
-    """The input packet for ``a @ b (+ bias)`` as a flat uint8 array (see the module docstring)."""
+def pack_input(geometry, a, b, bias=None, mult=None):
+    """The input packet for ``a @ b (+ bias)`` (with per-column multipliers ``mult`` for
+    ``OPTIONS.CHANNEL_QUANT``) as a flat uint8 array (see the module docstring)."""
     g = geometry
     m, k = a.shape
     n = b.shape[1]
@@ -227,10 +236,11 @@ def pack_input(geometry, a, b, bias=None):
     b_pad = np.zeros((k, n_tiles * g.cols), np.int8)
     b_pad[:, :n] = b
     parts = []
-    if bias is not None:
-        bias_pad = np.zeros(n_tiles * g.cols, np.int32)
-        bias_pad[:n] = bias
-        parts.append(_vectors(bias_pad.reshape(n_tiles, g.cols), g.beat_bytes))
+    for column_values in (bias, mult):
+        if column_values is not None:
+            padded = np.zeros(n_tiles * g.cols, np.int32)
+            padded[:n] = column_values
+            parts.append(_vectors(padded.reshape(n_tiles, g.cols), g.beat_bytes))
     # B: [n-tile][k][col]; A: [m-tile][k][row].
     parts.append(_vectors(b_pad.reshape(k, n_tiles, g.cols).transpose(1, 0, 2)
                           .reshape(n_tiles * k, g.cols), g.beat_bytes))

@@ -31,6 +31,8 @@ def random_options(rng, n):
         if rng.random() < 0.5 else None
     requant = (int(rng.integers(-2**31, 2**31)), int(rng.integers(0, 32)),
                int(rng.integers(-128, 128))) if rng.random() < 0.5 else None
+    if requant is not None and rng.random() < 0.4:  # per-column multipliers, one shift
+        requant = (rng.integers(-2**31, 2**31, n), *requant[1:])
     return bias, requant, bool(rng.random() < 0.5)
 
 
@@ -143,7 +145,7 @@ def test_info_and_repr():
     acc = sparsa.open("reference", **ODD, sparse_skip=False)
     assert (acc.info.rows, acc.info.cols, acc.info.stream_width, acc.info.max_k,
             acc.info.max_n) == (3, 5, 16, 32, 40)
-    assert acc.info.features == ("BIAS", "REQUANT", "RELU")
+    assert acc.info.features == ("BIAS", "REQUANT", "RELU", "CHANNEL_QUANT")
     assert acc.info.version == protocol.VERSION
     assert "3x5" in repr(acc)
     acc.close()
@@ -162,11 +164,12 @@ def test_pack_and_unpack_match_protocol_layout(geometry):
         big_a, big_b = operands(rng, m + 3, k + 5, n + 9)
         a, b = big_a[1:m + 1, 2:k + 2], big_b[3:k + 3, 4:n + 4]  # non-contiguous views
         bias = rng.integers(-2**31, 2**31, n, dtype=np.int64).astype(np.int32)
-        for with_bias in (None, bias):
+        mult = rng.integers(-2**31, 2**31, n)
+        for with_bias, with_mult in ((None, None), (bias, None), (None, mult), (bias, mult)):
             want = protocol.pack_input(g, np.ascontiguousarray(a), np.ascontiguousarray(b),
-                                       with_bias)
+                                       with_bias, with_mult)
             buffer = np.full(want.size + 7, 0xA5, np.uint8)
-            assert jobs.pack_into(g, buffer, a, b, with_bias) == want.size
+            assert jobs.pack_into(g, buffer, a, b, with_bias, with_mult) == want.size
             assert np.array_equal(buffer[:want.size], want), (geometry, m, k, n)
             assert (buffer[want.size:] == 0xA5).all()
         for requant in (False, True):
@@ -196,6 +199,13 @@ def test_plan_splits():
     assert plan.on_device and job.options == (protocol.Option.BIAS | protocol.Option.REQUANT
                                               | protocol.Option.RELU | protocol.Option.NO_SKIP)
     assert dict(job.registers())["QUANT_MULT"] == 1 << 30
+    # Per-column multipliers with one shift: on the device (when it has CHANNEL_QUANT).
+    mult = np.full(40, 1 << 30)
+    (job,) = jobs.plan(g, 10, 50, 40, requant=(mult, 3, -1)).jobs
+    assert job.channel_quant and job.requant and dict(job.registers())["QUANT_SHIFT"] == 3
+    assert job.input_bytes == g.input_beats(10, 50, 40, False, True) * g.beat_bytes
+    assert not jobs.plan(g, 10, 50, 40, requant=(mult, 3, -1), channel_quant=False).on_device
+    assert not jobs.plan(g, 10, 50, 40, requant=(mult, np.full(40, 3), -1)).on_device
     plan = jobs.plan(g, 100, 50, 40, max_transfer=3000)  # M cut to fit the DMA's limit
     assert len(plan.jobs) > 1 and all(job.input_bytes <= 3000 and job.output_bytes <= 3000
                                       for job in plan.jobs)
@@ -395,6 +405,27 @@ def test_quantize_multiplier_accuracy():
         assert abs(got - (1 << 24) * real) <= 1
     multipliers, shifts = quant.quantize_multiplier(np.array([0.25, 0.75]))
     assert multipliers.tolist() == [2**30, 3 * 2**29] and shifts.tolist() == [1, 0]
+    multipliers, shift = quant.quantize_multiplier(np.array([0.25, 0.75, 2**-20]),
+                                                   shared_shift=True)
+    assert multipliers.tolist() == [2**29, 3 * 2**29, 2**11] and shift == 0
+
+
+def test_shared_shift_matches_per_column_shifts():
+    """Per-channel requantization with one shared shift (what the device takes) gives the
+    per-column-shift result to within one step, and exactly the golden model's result for the
+    parameters it uses."""
+    rng = np.random.default_rng(12)
+    a, b = operands(rng, 40, 200, 30)
+    real = rng.uniform(1e-6, 1e-4, 30)
+    per_column = quant.quantize_multiplier(real)
+    shared = quant.quantize_multiplier(real, shared_shift=True)
+    assert isinstance(shared[1], int) and np.all(shared[0] < 2**31)
+    acc = sparsa.open("reference", device_model=True)
+    got = acc.matmul(a, b, requant=(*shared, 3))
+    assert_same(got, golden.gemm(a, b, None, (*shared, 3)), "shared shift")
+    separate = acc.matmul(a, b, requant=(*per_column, 3))
+    assert np.abs(got.astype(int) - separate).max() <= 1
+    assert np.mean(got == separate) > 0.99
 
 
 def test_quantized_linear_layer_end_to_end():

@@ -47,7 +47,9 @@ def test_sim_matches_reference(sim):
         options = [{}, {"bias": bias, "relu": True},
                    {"bias": bias, "requant": (int(rng.integers(1 << 30, 2**31)),
                                               int(rng.integers(0, 12)), -5), "relu": True},
-                   {"requant": (-2**31, 0, 127), "sparse_skip": False}]
+                   {"requant": (-2**31, 0, 127), "sparse_skip": False},
+                   {"bias": bias, "relu": True,  # per-column multipliers: CHANNEL_QUANT
+                    "requant": (rng.integers(-2**31, 2**31, n), int(rng.integers(0, 12)), 3)}]
         for option in options:
             label = f"M={m} K={k} N={n} {sorted(option)}"
             got = sim.matmul(a, b, **option)
@@ -61,6 +63,33 @@ def test_sim_matches_reference(sim):
             for key in ("macs", "macs_skipped", "ksteps_skipped"):
                 assert measured[key] == estimated[key], (label, key)
             assert measured["cycles"] > 0
+
+
+def test_int8_cnn_on_sim_matches_reference(sim):
+    """A quantized CNN (im2col convolutions, per-channel requantization on the device between
+    layers) gives the reference backend's integers, with the same work counters."""
+    from sparsa.host import model
+
+    rng = np.random.default_rng(5)
+    layers = [
+        model.Conv2d(rng.normal(0, 0.3, (6, 2, 3, 3)), rng.normal(0, 0.1, 6), padding=1,
+                     relu=True),
+        model.Conv2d(rng.normal(0, 0.2, (5, 6, 3, 3)), rng.normal(0, 0.1, 5), stride=2,
+                     relu=True),
+        model.Flatten(),
+        model.Linear(rng.normal(0, 0.1, (7, 5 * 3 * 3)), rng.normal(0, 0.1, 7)),
+    ]
+    qmodel = model.quantize_model(layers, rng.normal(0, 1, (16, 2, 7, 7)))
+    x_q = qmodel.quantize_input(rng.normal(0, 1, (4, 2, 7, 7)))
+    results = []
+    for acc in (sim, sparsa.open("reference", **SMALL)):
+        qmodel.reset_counters()
+        results.append((qmodel.run_int(acc, x_q), [dict(c) for c in qmodel.counters]))
+    (got, measured), (want, estimated) = results
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+    for layer, (m, e) in enumerate(zip(measured, estimated)):
+        for key in ("macs", "macs_skipped", "ksteps_skipped", "zero_activation_products"):
+            assert m[key] == e[key], (layer, key)
 
 
 def test_sim_refused_job_raises_device_error(sim):

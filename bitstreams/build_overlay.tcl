@@ -58,13 +58,16 @@ connect_bd_intf_net [get_bd_intf_pins sparsa/m_axis] [get_bd_intf_pins axi_dma/S
 
 # Register paths from the GP port, memory paths to the HP port; the automation adds the
 # interconnects, the proc_sys_reset and the clock nets.
-foreach slave {sparsa/s_axi axi_dma/S_AXI_LITE} {
+set clocks {Clk_master Auto Clk_slave Auto Clk_xbar Auto}
+foreach slave {/sparsa/s_axi /axi_dma/S_AXI_LITE} {
     apply_bd_automation -rule xilinx.com:bd_rule:axi4 \
-        -config [list Master /ps7/M_AXI_GP0 Clk Auto] [get_bd_intf_pins $slave]
+        -config [list {*}$clocks Master /ps7/M_AXI_GP0 Slave $slave intc_ip {New AXI Interconnect}] \
+        [get_bd_intf_pins $slave]
 }
-foreach master {axi_dma/M_AXI_MM2S axi_dma/M_AXI_S2MM} {
+foreach master {/axi_dma/M_AXI_MM2S /axi_dma/M_AXI_S2MM} {
     apply_bd_automation -rule xilinx.com:bd_rule:axi4 \
-        -config [list Slave /ps7/S_AXI_HP0 Clk Auto] [get_bd_intf_pins $master]
+        -config [list {*}$clocks Master $master Slave /ps7/S_AXI_HP0 intc_ip {Auto}] \
+        [get_bd_intf_pins /ps7/S_AXI_HP0]
 }
 set reset [get_bd_cells -filter {VLNV =~ "*:proc_sys_reset:*"}]
 if {[get_bd_nets -quiet -of_objects [get_bd_pins sparsa/aclk]] eq ""} {

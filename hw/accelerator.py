@@ -47,12 +47,66 @@ FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP |
     Feature.CHANNEL_QUANT
 
 
+class LowestSet(wiring.Component):
+    """The lowest set bit of ``mask`` (combinational): its ``position``, the mask without it
+    (``rest``), whether it is the only one (``last``) and whether there is none (``empty``).
+
+    Two levels, so no carry chain or encoder spans all the bits: groups of 16, the lowest
+    nonempty group, and in every group (all at once) its lowest bit.
+    """
+
+    def __init__(self, width, group=16):
+        self.width = width
+        self.group = min(group, width)
+        super().__init__({
+            "mask": In(width),
+            "position": Out(max(1, bits_for(width - 1))),
+            "rest": Out(width),
+            "last": Out(1),
+            "empty": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        groups = [self.mask[start:start + self.group]
+                  for start in range(0, self.width, self.group)]
+        count = len(groups)
+        nonempty = Signal(count)
+        first = Signal(count)  # one-hot: the lowest nonempty group
+        m.d.comb += [
+            nonempty.eq(Cat(*(group.any() for group in groups))),
+            first.eq(nonempty & (~nonempty + 1)),  # two's complement isolates the lowest bit
+            self.empty.eq(~nonempty.any()),
+        ]
+        index_bits = max(1, bits_for(self.group - 1))
+        index = Const(0, index_bits)
+        rests, others = [], [(nonempty & ~first).any()]
+        for number, group in enumerate(groups):
+            lowest = Signal(len(group), name=f"lowest{number}")
+            m.d.comb += lowest.eq(group & (~group + 1))
+            chosen = first[number]
+            index = index | Mux(chosen, Cat(*(
+                Cat(*(lowest[i] for i in range(len(group)) if i >> bit & 1)).any()
+                for bit in range(index_bits))), 0)
+            rests.append(group & ~Mux(chosen, lowest, 0))
+            others.append(chosen & (group & ~lowest).any())
+        group_index = [Cat(*(first[n] for n in range(count) if n >> bit & 1)).any()
+                       for bit in range(bits_for(count - 1))] if count > 1 else []
+        m.d.comb += [
+            self.position.eq(Cat(index, *group_index)),
+            self.rest.eq(Cat(*rests)),
+            self.last.eq(~Cat(*others).any()),
+        ]
+        return m
+
+
 class GemmCore(wiring.Component):
     """Loader, sequencer, array and drain of one job; reset between jobs by the top level."""
 
-    def __init__(self, geometry, sparse_skip=True):
+    def __init__(self, geometry, sparse_skip=True, lut_columns=0):
         g = self.geometry = geometry
         self.sparse_skip = sparse_skip
+        self.lut_columns = lut_columns
         super().__init__({
             "start": In(1),
             "m": In(32), "k": In(32), "n": In(32), "options": In(32),
@@ -269,10 +323,13 @@ class GemmCore(wiring.Component):
 
         # ---- sequencer: memories -> array ----------------------------------------------------
         # With sparse-skip, the k-steps to issue for an output tile are the set bits of
-        # ``pending``: the A panel's nonzero mask AND the n-tile's B mask. Each cycle issues the
-        # lowest one (isolated with a two's-complement carry chain, then encoded), so all-zero
-        # k-steps cost no cycle. Without it (a build for comparison), a counter walks k.
-        m.submodules.array = array = SystolicArray(rows, cols)
+        # the tile's mask: the A panel's nonzero mask AND the n-tile's B mask. Each cycle issues
+        # the lowest one, so all-zero k-steps cost no cycle. The choice is a stage ahead of the
+        # issue: the k-step issued now (``position_q``) was picked from the mask last cycle,
+        # while the next one is picked from what remains (``pending``), so the priority
+        # encoder's depth and the control and memory addressing after it fall in different
+        # cycles. Without sparse-skip (a build for comparison), a counter walks k.
+        m.submodules.array = array = SystolicArray(rows, cols, self.lut_columns)
         sq_nt = Signal(range(n_tiles_max))
         sq_j0 = Signal(range(g.max_n + cols))
         sq_i0 = Signal(33)
@@ -284,44 +341,52 @@ class GemmCore(wiring.Component):
         reserved = Signal(range(fifo_rows + rows + 1))
         issue = Signal()
         issue_last = Signal()
-        tile_load = Signal()  # the next tile's k-steps are set up
-        k_index = Signal(max(1, bits_for(g.max_k - 1)))  # the k-step to issue now
-        more = Signal()  # another k-step of this tile follows the one at k_index
+        tile_load = Signal()  # TILE: the next tile's mask is read
+        tile_decide = Signal()  # DECIDE: its first k-step is picked
+        in_issue = Signal()  # the sequencer is in ISSUE
+        # The k-step to issue now is k_position - k_offset (the nonzero masks hold k-step k at
+        # bit max_k - K + k); the offset is folded into registered memory base addresses.
+        k_position = Signal(max(1, bits_for(g.max_k - 1)))
+        k_offset = Signal(range(g.max_k))
+        more = Signal()  # another k-step of this tile follows the one issued now
+        # Memory bases minus the offset, modulo the address width (the sums are always in range).
+        a_base, b_base = Signal.like(a_rd.addr), Signal.like(b_rd.addr)
+        m.d.sync += [a_base.eq(Mux(sq_bank, g.max_k, 0) - k_offset),
+                     b_base.eq(sq_b_base - k_offset)]
         empty = Signal()  # this tile has no k-step to issue at all
         kill = Signal()  # a zero k-step: a tile with nothing to issue still yields its results
         row_popped = Signal()
         rows_real = Signal(range(rows + 1))
         cols_real = Signal(range(cols + 1))
         if self.sparse_skip:
-            pending = Signal(g.max_k)
-            lowest = Signal(g.max_k)
-            negated = Signal(g.max_k)
-            rest = Signal(g.max_k)
-            position = Signal.like(k_index)  # of the lowest pending bit; k = position - offset
-            offset = Signal(range(g.max_k))
-            m.d.sync += offset.eq(g.max_k - job_k)
+            loaded = Signal(g.max_k)  # the tile's mask, registered out of the block RAM
+            pending = Signal(g.max_k)  # its k-steps not yet picked
+            position_q = Signal.like(k_position)
+            more_q, empty_q = Signal(), Signal()
+            next_nt = Signal.like(sq_nt)
+            m.d.sync += [k_offset.eq(g.max_k - job_k),
+                         next_nt.eq(Mux(sq_j0 + cols >= job_n, 0, sq_nt + 1))]
+            m.submodules.lowest = lowest = LowestSet(g.max_k)
             m.d.comb += [
-                Cat(negated, empty).eq(~pending + 1),  # carries out only when pending == 0
-                lowest.eq(pending & negated),
-                rest.eq(pending & ~lowest),
-                position.eq(Cat(*(
-                    Cat(*(lowest[i] for i in range(g.max_k) if i >> bit & 1)).any()
-                    if g.max_k > 1 << bit else Const(0) for bit in range(len(position))))),
-                k_index.eq(position - offset),
-                more.eq(rest != 0),
-                # The mask of the tile TILE loads next: the following n-tile once this tile's
-                # last k-step issues, else the current one (held while WAIT waits).
-                b_nonzero_rd.addr.eq(Mux(issue_last, Mux(sq_j0 + cols >= job_n, 0, sq_nt + 1),
-                                         sq_nt)),
+                lowest.mask.eq(Mux(tile_decide, loaded, pending)),
+                k_position.eq(position_q),
+                more.eq(more_q),
+                empty.eq(empty_q),
+                # The B mask TILE reads next: the following n-tile's while issuing (only the
+                # last k-step's cycle leads to TILE), else the current one (WAIT).
+                b_nonzero_rd.addr.eq(Mux(in_issue, next_nt, sq_nt)),
             ]
             with m.If(tile_load):
-                m.d.sync += pending.eq(
+                m.d.sync += loaded.eq(
                     Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & b_nonzero_rd.data & k_valid)
-            with m.Elif(issue):
-                m.d.sync += pending.eq(rest)
+            with m.If(tile_decide | (issue & more_q)):
+                m.d.sync += [position_q.eq(lowest.position), pending.eq(lowest.rest),
+                             more_q.eq(~lowest.last)]
+            with m.If(tile_decide):
+                m.d.sync += empty_q.eq(lowest.empty)
         else:
             step = Signal(range(g.max_k))
-            m.d.comb += [k_index.eq(step), more.eq(step != job_k - 1)]
+            m.d.comb += [k_position.eq(step), more.eq(step != job_k - 1)]
             with m.If(tile_load | issue_last):
                 m.d.sync += step.eq(0)
             with m.Elif(issue):
@@ -329,8 +394,8 @@ class GemmCore(wiring.Component):
         m.d.comb += [
             rows_real.eq(Mux(job_m - sq_i0 >= rows, rows, job_m - sq_i0)),
             cols_real.eq(Mux(job_n - sq_j0 >= cols, cols, job_n - sq_j0)),
-            a_rd.addr.eq(Mux(sq_bank, g.max_k, 0) + k_index),
-            b_rd.addr.eq(sq_b_base + k_index),
+            a_rd.addr.eq(a_base + k_position),
+            b_rd.addr.eq(b_base + k_position),
         ]
         room = reserved + rows <= fifo_rows
         skipped = Signal(range(g.max_k + 1))  # k-steps of this tile not issued, at its end
@@ -338,7 +403,7 @@ class GemmCore(wiring.Component):
         with m.If(since_last < gap):
             m.d.sync += since_last.eq(since_last + 1)
 
-        with m.FSM(name="sequencer"):
+        with m.FSM(name="sequencer") as sequencer:
             with m.State("IDLE"):
                 with m.If(self.start & ~rejected):
                     m.d.sync += [sq_nt.eq(0), sq_j0.eq(0), sq_i0.eq(0), sq_b_base.eq(0),
@@ -354,6 +419,11 @@ class GemmCore(wiring.Component):
             with m.State("TILE"):
                 m.d.comb += tile_load.eq(1)
                 m.d.sync += [issued.eq(0), slot.eq(rows_real * cols_real)]
+                m.next = "DECIDE"
+                with m.If(closing):
+                    m.next = "IDLE"
+            with m.State("DECIDE"):
+                m.d.comb += tile_decide.eq(1)
                 m.next = "ISSUE"
                 with m.If(closing):
                     m.next = "IDLE"
@@ -369,7 +439,6 @@ class GemmCore(wiring.Component):
                     m.d.comb += [issue.eq(1), issue_last.eq(1), kill.eq(empty)]
                     m.d.sync += [
                         since_last.eq(0),
-                        self.ksteps_skipped.eq(self.ksteps_skipped + skipped),
                         sq_j0.eq(sq_j0 + cols), sq_nt.eq(sq_nt + 1),
                         sq_b_base.eq(sq_b_base + job_k),
                     ]
@@ -382,6 +451,7 @@ class GemmCore(wiring.Component):
                             m.next = "IDLE"
                         with m.Else():
                             m.next = "WAIT"
+        m.d.comb += in_issue.eq(sequencer.ongoing("ISSUE"))
         with m.If(issue & ~kill):
             m.d.sync += self.macs.eq(self.macs + slot)
 
@@ -435,6 +505,7 @@ class GemmCore(wiring.Component):
             issued_zeros4.eq(Mux(counted3, slot3 - nonzero_a3 * nonzero_b3, 0)),
             skipped_products2.eq(skipped1 * skipped_slot1),
             self.macs_skipped.eq(self.macs_skipped + issued_zeros4 + skipped_products2),
+            self.ksteps_skipped.eq(self.ksteps_skipped + skipped1),
         ]
 
         # ---- drain: array -> post-processing -> FIFO -> m_axis -------------------------------
@@ -502,8 +573,16 @@ class GemmCore(wiring.Component):
 
 
 class Accelerator(wiring.Component):
-    def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256, sparse_skip=True):
+    """The top level. ``lut_columns``: how many of the array's columns (the last ones) multiply
+    in LUTs instead of DSP slices, for arrays with more PEs than the part has DSPs."""
+
+    def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256, sparse_skip=True,
+                 lut_columns=0):
         check_dimensions(rows, cols)
+        if not isinstance(lut_columns, int) or not 0 <= lut_columns <= cols:
+            raise ValueError(f"lut_columns must be an int between 0 and cols ({cols}), "
+                             f"not {lut_columns!r}")
+        self.lut_columns = lut_columns
         if stream_width not in STREAM_WIDTHS:
             raise ValueError(f"stream_width must be one of {STREAM_WIDTHS}, not {stream_width}")
         for name, value in (("max_k", max_k), ("max_n", max_n)):
@@ -547,7 +626,8 @@ class Accelerator(wiring.Component):
         start = control & regs.CONTROL[Control.START.bit_length() - 1]
         soft_reset = control & regs.CONTROL[Control.SOFT_RESET.bit_length() - 1]
         # START first resets the datapath, then starts it one cycle later from a clean slate.
-        core = ResetInserter(start | soft_reset)(GemmCore(self.geometry, self.sparse_skip))
+        core = ResetInserter(start | soft_reset)(GemmCore(self.geometry, self.sparse_skip,
+                                                               self.lut_columns))
         m.submodules.core = core
         start_next = Signal()
         m.d.sync += start_next.eq(start & ~soft_reset)

@@ -53,10 +53,13 @@ def check_dimensions(rows, cols):
 
 
 class SystolicArray(wiring.Component):
-    def __init__(self, rows, cols):
+    """``lut_columns``: the last that many columns use LUT multipliers (see :mod:`.pe`)."""
+
+    def __init__(self, rows, cols, lut_columns=0):
         check_dimensions(rows, cols)
         self.rows = rows
         self.cols = cols
+        self.lut_columns = lut_columns
         super().__init__({
             "a": In(OPERAND).array(rows),
             "b": In(OPERAND).array(cols),
@@ -82,7 +85,8 @@ class SystolicArray(wiring.Component):
         m = Module()
         rows, cols = self.rows, self.cols
 
-        pes = [[ProcessingElement() for _ in range(cols)] for _ in range(rows)]
+        pes = [[ProcessingElement("lut" if j >= cols - self.lut_columns else "dsp")
+                for j in range(cols)] for _ in range(rows)]
         for i in range(rows):
             for j in range(cols):
                 m.submodules[f"pe_{i}_{j}"] = pes[i][j]

@@ -50,6 +50,35 @@ class ProcessingElement(wiring.Component):
     result: Out(ACCUMULATOR)
     zero: Out(1)
 
+    def __init__(self, multiplier="dsp"):
+        """``multiplier``: ``"dsp"`` (a plain product, which synthesis maps to a DSP slice) or
+        ``"lut"`` (the same product from 4x4-bit partial products, which stay in LUTs: for
+        arrays with more PEs than the part has DSP slices)."""
+        if multiplier not in ("dsp", "lut"):
+            raise ValueError(f"multiplier: expected 'dsp' or 'lut', got {multiplier!r}")
+        self.multiplier = multiplier
+        super().__init__()
+
+    def _product(self, m):
+        a, b = self.a_in, self.b_in
+        if self.multiplier == "dsp":
+            return a * b
+        # a * b from 4x4-bit unsigned products (8-bit results, which Yosys leaves to LUTs;
+        # Vivado reads use_dsp): with a = a_u - 256 a7 (a_u the unsigned byte, a7 the sign),
+        # a * b = a_u b_u - 256 (a7 b_u + b7 a_u) modulo 2**16, which is all 16 bits hold.
+        a_u, b_u = a.as_unsigned(), b.as_unsigned()
+        parts = []
+        for name, x, y, shift in (("ll", a_u[:4], b_u[:4], 0), ("lh", a_u[:4], b_u[4:], 4),
+                                  ("hl", a_u[4:], b_u[:4], 4), ("hh", a_u[4:], b_u[4:], 8)):
+            part = Signal(8, name=f"pp_{name}", attrs={"use_dsp": "no"})
+            m.d.comb += part.eq(x * y)
+            parts.append(part << shift)
+        correction = Signal(8, name="sign_correction")
+        m.d.comb += correction.eq(Mux(a[7], b_u, 0) + Mux(b[7], a_u, 0))
+        product = Signal(16, name="product_u")
+        m.d.comb += product.eq(parts[0] + parts[1] + parts[2] + parts[3] - (correction << 8))
+        return product.as_signed()
+
     def elaborate(self, platform):
         m = Module()
 
@@ -59,7 +88,7 @@ class ProcessingElement(wiring.Component):
         product = Signal(signed(16))
         valid, first, last, zero = Signal(), Signal(), Signal(), Signal()
         m.d.sync += [
-            product.eq(self.a_in * self.b_in),
+            product.eq(self._product(m)),
             valid.eq(self.valid_in), first.eq(self.first_in), last.eq(self.last_in),
             zero.eq(self.zero),
         ]

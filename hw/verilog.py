@@ -21,7 +21,7 @@ ACCELERATOR_TOP = "sparsa_accel"
 
 
 def accelerator_verilog(rows=8, cols=8, stream_width=64, max_k=256, max_n=256,
-                        sparse_skip=True, name=ACCELERATOR_TOP):
+                        sparse_skip=True, name=ACCELERATOR_TOP, lut_columns=0):
     """Verilog text of the AXI top level :class:`Accelerator` as module ``name``."""
-    top = Accelerator(rows, cols, stream_width, max_k, max_n, sparse_skip)
+    top = Accelerator(rows, cols, stream_width, max_k, max_n, sparse_skip, lut_columns)
     return verilog.convert(top, name=name, emit_src=False)

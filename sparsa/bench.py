@@ -17,6 +17,8 @@ def accelerator_design(cfg):
     key = "accel_{rows}x{cols}_w{stream_width}_k{max_k}_n{max_n}".format(**cfg)
     if not cfg.get("sparse_skip", True):
         key += "_dense"
+    if cfg.get("lut_columns"):
+        key += "_lut{lut_columns}".format(**cfg)
     return runner.Design(key, ACCELERATOR_TOP, functools.partial(accelerator_verilog, **cfg))
 
 

@@ -48,7 +48,8 @@ def cmd_verilog(args):
         text = array_verilog(args.rows, args.cols, name=args.name or ARRAY_TOP)
         what = f"{args.rows}x{args.cols} systolic array"
     else:
-        text = accelerator_verilog(**_build_config(args), name=args.name or ACCELERATOR_TOP)
+        text = accelerator_verilog(**_build_config(args), name=args.name or ACCELERATOR_TOP,
+                                   lut_columns=args.lut_columns)
         what = (f"accelerator: {args.rows}x{args.cols} array, {args.stream_width}-bit streams, "
                 f"K <= {args.max_k}, N <= {args.max_n}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -199,19 +200,21 @@ def cmd_synth(args):
         return 2
     cfg = _build_config(args)
     what = (f"sparsa_accel: {args.rows}x{args.cols} array, {args.stream_width}-bit streams, "
-            f"max_k {args.max_k}, max_n {args.max_n}")
+            f"max_k {args.max_k}, max_n {args.max_n}"
+            + (f", {args.lut_columns} columns of LUT multipliers" if args.lut_columns else ""))
     print(f"sparsa synth --target {args.target}: {what} ...", flush=True)
     started = time.perf_counter()
-    verilog = accelerator_verilog(**cfg)
+    verilog = accelerator_verilog(**cfg, lut_columns=args.lut_columns)
     if args.target == "xc7":
         report = synth.xc7(verilog, ACCELERATOR_TOP, args.workdir)
     else:
         report = synth.ecp5(verilog, ACCELERATOR_TOP, args.freq, args.seed, args.workdir)
-    report.update(build=cfg, seconds=round(time.perf_counter() - started, 1))
+    report.update(build={**cfg, "lut_columns": args.lut_columns},
+                  seconds=round(time.perf_counter() - started, 1))
     print(synth.format_report(report))
     path = args.json or Path("build/synth") / (
         f"{args.target}_{args.rows}x{args.cols}_w{args.stream_width}_k{args.max_k}"
-        f"_n{args.max_n}.json")
+        f"_n{args.max_n}" + (f"_lut{args.lut_columns}" if args.lut_columns else "") + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
@@ -238,6 +241,8 @@ def build_parser():
     verilog.add_argument("--top", choices=("accelerator", "array"), default="accelerator",
                          help="the AXI top level (default) or the bare systolic array")
     verilog.add_argument("--name", help="top module name (default sparsa_accel / sparsa_array)")
+    verilog.add_argument("--lut-columns", type=int, default=0,
+                         help="array columns whose PEs multiply in LUTs, not DSP slices")
     verilog.add_argument("--lint", action="store_true", help="then run verilator --lint-only -Wall")
     verilog.add_argument("-o", "--output", type=Path, required=True)
     verilog.set_defaults(func=cmd_verilog)
@@ -300,6 +305,8 @@ def build_parser():
                        help="xc7: synth_xilinx, shares of an xc7z020; ecp5: place and route "
                             "on an LFE5U-85F")
     _add_build_options(synth)
+    synth.add_argument("--lut-columns", type=int, default=0,
+                       help="array columns whose PEs multiply in LUTs, not DSP slices")
     synth.add_argument("--freq", type=float, default=125.0, help="ecp5: target clock (MHz)")
     synth.add_argument("--seed", type=int, default=1, help="ecp5: placer seed")
     synth.add_argument("--check", action="store_true",

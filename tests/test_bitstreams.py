@@ -14,7 +14,7 @@ import pytest
 from sparsa import protocol
 from sparsa.host import jobs
 from sparsa.hw.verilog import ACCELERATOR_TOP, accelerator_verilog
-from sparsa.synth import ports, tool
+from sparsa.synth import ports
 
 BITSTREAMS = Path(__file__).resolve().parent.parent / "bitstreams"
 PACKAGE = (BITSTREAMS / "package_ip.tcl").read_text()

@@ -10,10 +10,10 @@ from sparsa.hw import ProcessingElement, SystolicArray
 from sparsa.hw.pe import LATENCY
 
 
-def simulate(steps):
+def simulate(steps, multiplier="dsp"):
     """Feed ``steps`` ((a, b, first, last) per cycle) to one PE; returns, per step, the
     (acc, result) the step leaves (LATENCY cycles after it) and its ``zero`` flag."""
-    pe = ProcessingElement()
+    pe = ProcessingElement(multiplier)
     seen, zeros = [], []
 
     async def bench(ctx):
@@ -66,6 +66,15 @@ def test_random_dot_products():
         b[rng.random(depth) < 0.3] = 0
         *_, (acc, result, _) = run_tile(a.tolist(), b.tolist())
         assert result == int(a @ b)
+
+
+def test_lut_multiplier_matches_on_every_operand_pair():
+    """The LUT-multiplier PE's products for all 65536 operand pairs, one k-step tiles."""
+    values = np.arange(-128, 128)
+    a, b = (grid.reshape(-1) for grid in np.meshgrid(values, values))
+    steps = [(int(x), int(y), 1, 1) for x, y in zip(a, b)]
+    results = [result for _, result, _ in simulate(steps, multiplier="lut")]
+    assert results == (a * b).tolist()
 
 
 def test_result_holds_while_next_tile_accumulates():
@@ -126,3 +135,33 @@ def test_array_elaborates_for_every_size(rows, cols):
 def test_array_rejects_bad_sizes(rows, cols, error):
     with pytest.raises((ValueError, TypeError), match=error):
         SystolicArray(rows, cols)
+
+
+@pytest.mark.parametrize("width", [1, 10, 16, 32, 64, 256])
+def test_lowest_set_bit(width):
+    """The sequencer's two-level priority encoder against Python on random and edge masks."""
+    from sparsa.hw.accelerator import LowestSet
+
+    dut = LowestSet(width)
+    rng = np.random.default_rng(width)
+    masks = [0, 1, (1 << width) - 1, 1 << (width - 1)]
+    masks += [int(rng.integers(0, 2**min(width, 62))) << int(rng.integers(0, max(1, width - 62)))
+              for _ in range(60)]
+    masks += [sum(1 << int(bit) for bit in rng.choice(width, size=min(width, 2), replace=False))
+              for _ in range(30)]
+
+    async def bench(ctx):
+        for mask in masks:
+            ctx.set(dut.mask, mask)
+            if mask == 0:
+                assert ctx.get(dut.empty) == 1 and ctx.get(dut.last) == 1, mask
+                continue
+            lowest = (mask & -mask).bit_length() - 1
+            assert ctx.get(dut.empty) == 0, mask
+            assert ctx.get(dut.position) == lowest, (hex(mask), ctx.get(dut.position), lowest)
+            assert ctx.get(dut.rest) == mask & ~(1 << lowest), hex(mask)
+            assert ctx.get(dut.last) == (mask & (mask - 1) == 0), hex(mask)
+
+    sim = Simulator(dut)
+    sim.add_testbench(bench)
+    sim.run()

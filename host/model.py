@@ -35,8 +35,29 @@ from .validate import check_float_array, check_int8_array
 
 # ---- the float network ----------------------------------------------------------------------
 
+class _GemmLayer:
+    """What Linear and Conv2d share: one GEMM ``A @ weight_matrix() + bias`` per batch, with
+    ``A`` from :meth:`gemm_operands` and the result rows shaped back by :meth:`output`."""
+
+    def _check_weight(self, ndim, layout):
+        self.weight = check_float_array(np.asarray(self.weight, np.float64), "weight")
+        if self.weight.ndim != ndim:
+            raise ValueError(f"weight: expected a {ndim}-d {layout} array, got shape "
+                             f"{self.weight.shape}")
+        self.bias = _check_bias(self.bias, self.weight.shape[0])
+
+    @property
+    def out_channels(self):
+        return self.weight.shape[0]
+
+    def forward(self, x):
+        a, shape = self.gemm_operands(x)
+        y = self.output(a @ self.weight_matrix() + self.bias, shape)
+        return np.maximum(y, 0) if self.relu else y
+
+
 @dataclass
-class Linear:
+class Linear(_GemmLayer):
     """``y = x @ weight.T + bias`` (weight: out x in, as PyTorch stores it), then ReLU if set."""
 
     weight: np.ndarray
@@ -44,15 +65,7 @@ class Linear:
     relu: bool = False
 
     def __post_init__(self):
-        self.weight = check_float_array(np.asarray(self.weight, np.float64), "weight")
-        if self.weight.ndim != 2:
-            raise ValueError(f"weight: expected a 2-d (out_features, in_features) array, got "
-                             f"shape {self.weight.shape}")
-        self.bias = _check_bias(self.bias, self.weight.shape[0])
-
-    @property
-    def out_channels(self):
-        return self.weight.shape[0]
+        self._check_weight(2, "(out_features, in_features)")
 
     def check_input(self, x, name):
         if x.ndim != 2 or x.shape[1] != self.weight.shape[1]:
@@ -60,19 +73,18 @@ class Linear:
                              f"Linear layer of {self.weight.shape[1]} inputs, got {x.shape}")
 
     def gemm_operands(self, x):
-        """``(A, output shape of A @ B)`` for an input batch (the columns of B are channels)."""
+        """``(A, None)``: the batch is A."""
         return x, None
 
     def weight_matrix(self):
         return self.weight.T  # (in, out)
 
-    def forward(self, x):
-        y = x @ self.weight.T + self.bias
-        return np.maximum(y, 0) if self.relu else y
+    def output(self, y, shape):
+        return y
 
 
 @dataclass
-class Conv2d:
+class Conv2d(_GemmLayer):
     """2-d convolution of NCHW inputs (weight: out_channels x in_channels x KH x KW), with
     ``stride`` and zero ``padding``, then ReLU if set."""
 
@@ -83,21 +95,13 @@ class Conv2d:
     relu: bool = False
 
     def __post_init__(self):
-        self.weight = check_float_array(np.asarray(self.weight, np.float64), "weight")
-        if self.weight.ndim != 4:
-            raise ValueError(f"weight: expected a 4-d (out_channels, in_channels, KH, KW) array, "
-                             f"got shape {self.weight.shape}")
+        self._check_weight(4, "(out_channels, in_channels, KH, KW)")
         for name in ("stride", "padding"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
                     value < (1 if name == "stride" else 0):
                 raise ValueError(f"{name}: expected an integer >= {1 if name == 'stride' else 0}, "
                                  f"got {value!r}")
-        self.bias = _check_bias(self.bias, self.weight.shape[0])
-
-    @property
-    def out_channels(self):
-        return self.weight.shape[0]
 
     def check_input(self, x, name):
         _, channels, kh, kw = self.weight.shape
@@ -122,11 +126,10 @@ class Conv2d:
     def weight_matrix(self):
         return self.weight.reshape(self.weight.shape[0], -1).T  # (C*KH*KW, out)
 
-    def forward(self, x):
-        a, (batch, oh, ow) = self.gemm_operands(x)
-        y = a @ self.weight_matrix() + self.bias
-        y = y.reshape(batch, oh, ow, -1).transpose(0, 3, 1, 2)
-        return np.maximum(y, 0) if self.relu else y
+    def output(self, y, shape):
+        """GEMM rows (one per output pixel) back to NCHW."""
+        batch, oh, ow = shape
+        return np.ascontiguousarray(y.reshape(batch, oh, ow, -1).transpose(0, 3, 1, 2))
 
 
 @dataclass
@@ -216,7 +219,7 @@ class QuantizedModel:
                 x = q.forward(x)
                 continue
             q.layer.check_input(x, "x")
-            a, pixels = q.layer.gemm_operands(x)
+            a, shape = q.layer.gemm_operands(x)
             y = accelerator.matmul(a, q.weight, bias=q.bias, requant=q.requant,
                                    relu=q.layer.relu, sparse_skip=sparse_skip)
             counts = accelerator.last_counters
@@ -228,10 +231,7 @@ class QuantizedModel:
             total["products"] += a.shape[0] * a.shape[1] * q.weight.shape[1]
             # Products whose activation is zero (whatever the weight): what ReLU zeros save.
             total["zero_activation_products"] += int(np.count_nonzero(a == 0)) * q.weight.shape[1]
-            if pixels is not None:  # im2col rows back to NCHW
-                batch, oh, ow = pixels
-                y = np.ascontiguousarray(y.reshape(batch, oh, ow, -1).transpose(0, 3, 1, 2))
-            x = y
+            x = q.layer.output(y, shape)
             gemm_index += 1
         return x
 

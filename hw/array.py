@@ -28,12 +28,13 @@ shorter tile with cycles where ``valid`` is low). Then result rows of two tiles 
 same cycle, and a PE's result register is read before the next tile overwrites it.
 """
 
-from amaranth import Module, Signal
+from amaranth import Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
 from .pe import ACCUMULATOR, LATENCY, OPERAND, ProcessingElement
+from .pipeline import delay
 
 MAX_DIMENSION = 32
 
@@ -93,11 +94,7 @@ class SystolicArray(wiring.Component):
 
         def skew(signal, depth, name):
             """``signal`` delayed by ``depth`` registers."""
-            for stage in range(depth):
-                delayed = Signal.like(signal, name=f"{name}_skew{stage}")
-                m.d.sync += delayed.eq(signal)
-                signal = delayed
-            return signal
+            return delay(m, signal, depth, f"{name}_skew")
 
         # Row i enters i cycles late and column j enters j cycles late, so the operands of one
         # k-step meet at PE (i, j) exactly i + j cycles after they entered the array.

@@ -26,6 +26,8 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from .pipeline import delay
+
 LATENCY = 8
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -50,25 +52,13 @@ class PostProcessor(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        valid = [Signal(name=f"valid{stage}") for stage in range(1, LATENCY + 1)]
-        m.d.sync += valid[0].eq(self.in_valid)
-        for stage in range(1, LATENCY):
-            m.d.sync += valid[stage].eq(valid[stage - 1])
-        m.d.comb += self.out_valid.eq(valid[-1])
+        m.d.comb += self.out_valid.eq(delay(m, self.in_valid, LATENCY, "valid"))
 
         lanes = []
         for j in range(self.cols):
             def registered(value, name, shape=None):
                 """``value`` registered (one pipeline stage)."""
-                register = Signal(shape if shape is not None else value.shape(),
-                                  name=f"{name}_{j}")
-                m.d.sync += register.eq(value)
-                return register
-
-            def delayed(value, name, stages):
-                for index in range(stages):
-                    value = registered(value, f"{name}{index}")
-                return value
+                return delay(m, value, 1, f"{name}_{j}_", shape)
 
             x1 = registered(self.acc[j] + Mux(self.bias_en, self.bias[j], 0), "x1", signed(32))
             mult1 = registered(self.mult[j], "mult1")  # sampled with the row, like bias
@@ -89,7 +79,7 @@ class PostProcessor(wiring.Component):
             # dividend with a remainder.
             n5 = registered(p4 + Mux(p4 >= 0, 1 << 30, 1 - (1 << 30)), "n5", signed(65))
             quotient = (n5 >> 31) + ((n5 < 0) & (n5[:31] != 0))
-            overflow5 = delayed(overflow2, "overflow", 3)
+            overflow5 = delay(m, overflow2, 3, f"overflow_{j}_")
             h6 = registered(Mux(overflow5, INT32_MAX, quotient), "h6", signed(32))
 
             mask = Signal(unsigned(32), name=f"mask_{j}")
@@ -104,7 +94,7 @@ class PostProcessor(wiring.Component):
             m.d.comb += saturated.eq(Mux(rounded > 127, 127, Mux(rounded < -128, -128, rounded)))
             q8 = registered(Mux(self.relu & (saturated < self.zero), self.zero, saturated), "q8",
                        signed(8))
-            x7 = delayed(x1, "x", LATENCY - 2)
+            x7 = delay(m, x1, LATENCY - 2, f"x_{j}_")
             x8 = registered(Mux(self.relu & (x7 < 0), 0, x7), "x8", signed(32))
             lanes.append((x8, q8))
 

@@ -1,0 +1,16 @@
+"""Register chains, the one building block of the pipelines in :mod:`.array` (operand skew)
+and :mod:`.postproc` (stages)."""
+
+from amaranth import Signal, Value
+
+
+def delay(m, value, depth, name, shape=None):
+    """``value`` through ``depth`` registers of ``m``'s sync domain (``value`` itself when
+    ``depth`` is 0), each register named ``name`` plus its stage number and of ``shape``
+    (default: the shape of ``value``)."""
+    shape = Value.cast(value).shape() if shape is None else shape
+    for stage in range(depth):
+        register = Signal(shape, name=f"{name}{stage}")
+        m.d.sync += register.eq(value)
+        value = register
+    return value

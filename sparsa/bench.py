@@ -154,13 +154,20 @@ def format_sparse(rows):
     return "\n".join(lines)
 
 
-def plot_sparse(rows, path, title="sparsa sparse-skip"):
-    """Speedup against zero fraction, with the ideal 1 / (1 - zeros) line, as a PNG."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sparse(rows, path, title="sparsa sparse-skip"):
+    """Speedup against zero fraction, with the ideal 1 / (1 - zeros) line, as a PNG."""
     import numpy as np
+
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     ideal = np.linspace(0, 0.92, 100)
@@ -295,15 +302,6 @@ def format_host(rows):
             + f"{'yes' if r['exact'] else 'NO'} | {r['pack_gbps']:.2f} GB/s | "
             f"{r['copy_gbps']:.2f} GB/s | {100 * r['pack_gbps'] / r['copy_gbps']:.0f}% |")
     return "\n".join(lines)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_dense(rows, path, title):

@@ -35,12 +35,13 @@ def counters(geometry, a, b, skip=True, requant=False):
     """The counters of ``a @ b`` on ``geometry``: exact work counts, estimated cycles.
 
     The cycle estimate follows the schedule: B (and bias) and the first A panel stream in before
-    the first tile starts (``STALL_IN``); each output tile then takes two set-up cycles (read
-    its mask, pick its first k-step) plus its issued k-steps, at least ``max(rows, cols)`` (the array's issue rule) and at least its output
-    beats; an m-tile cannot finish before the next A panel has arrived; the last tile drains in
-    about ``rows + cols`` cycles plus its output beats and the pipeline (operand registers,
-    the PE's product stage, eight post-processing stages). On the default 8x8 build it is within
-    0.1% of the RTL on dense cubes from 64 to 256.
+    the first tile starts (``STALL_IN``); each output tile then takes three set-up cycles (load
+    its mask into the k-step picker, fetch a group of it, pick the first k-step) plus its
+    issued k-steps, at least ``max(rows, cols)`` (the array's issue rule) and at least its
+    output beats; an m-tile cannot finish before the next A panel has arrived; the last tile
+    drains in about ``rows + cols`` cycles plus its output beats and the pipeline (operand
+    registers, the PE's product stage, nine post-processing stages). On the default 8x8 build
+    it is within 0.1% of the RTL on dense cubes from 64 to 256.
     """
     g = geometry
     m, k = a.shape
@@ -70,7 +71,7 @@ def counters(geometry, a, b, skip=True, requant=False):
     cols_real = np.minimum(g.cols, n - g.cols * np.arange(n_tiles))
     macs = int(rows_real @ issued @ cols_real)
     tile_out = g.rows * g.vector_beats((1 if requant else 4) * g.cols)
-    tile_cycles = np.maximum(issued + 2, max(g.rows, g.cols) + 1)
+    tile_cycles = np.maximum(issued + 3, max(g.rows, g.cols) + 1)
     per_m_tile = np.maximum(tile_cycles, tile_out).sum(axis=1)
     panel = k * g.vector_beats(g.rows)
     per_m_tile[:-1] = np.maximum(per_m_tile[:-1], panel)  # waiting for the next A panel

@@ -39,7 +39,9 @@ from amaranth.utils import bits_for
 from sparsa import protocol
 from sparsa.protocol import KNOWN_OPTIONS, STREAM_WIDTHS, Control, Error, Feature, Option
 
-from .array import SystolicArray, check_dimensions
+from .array import SystolicArray, check_dimensions, check_lut_columns
+from .picker import StepPicker
+from .pipeline import delay
 from .postproc import PostProcessor
 from .regs import RegisterBlock
 
@@ -47,66 +49,14 @@ FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP |
     Feature.CHANNEL_QUANT
 
 
-class LowestSet(wiring.Component):
-    """The lowest set bit of ``mask`` (combinational): its ``position``, the mask without it
-    (``rest``), whether it is the only one (``last``) and whether there is none (``empty``).
-
-    Two levels, so no carry chain or encoder spans all the bits: groups of 16, the lowest
-    nonempty group, and in every group (all at once) its lowest bit.
-    """
-
-    def __init__(self, width, group=16):
-        self.width = width
-        self.group = min(group, width)
-        super().__init__({
-            "mask": In(width),
-            "position": Out(max(1, bits_for(width - 1))),
-            "rest": Out(width),
-            "last": Out(1),
-            "empty": Out(1),
-        })
-
-    def elaborate(self, platform):
-        m = Module()
-        groups = [self.mask[start:start + self.group]
-                  for start in range(0, self.width, self.group)]
-        count = len(groups)
-        nonempty = Signal(count)
-        first = Signal(count)  # one-hot: the lowest nonempty group
-        m.d.comb += [
-            nonempty.eq(Cat(*(group.any() for group in groups))),
-            first.eq(nonempty & (~nonempty + 1)),  # two's complement isolates the lowest bit
-            self.empty.eq(~nonempty.any()),
-        ]
-        index_bits = max(1, bits_for(self.group - 1))
-        index = Const(0, index_bits)
-        rests, others = [], [(nonempty & ~first).any()]
-        for number, group in enumerate(groups):
-            lowest = Signal(len(group), name=f"lowest{number}")
-            m.d.comb += lowest.eq(group & (~group + 1))
-            chosen = first[number]
-            index = index | Mux(chosen, Cat(*(
-                Cat(*(lowest[i] for i in range(len(group)) if i >> bit & 1)).any()
-                for bit in range(index_bits))), 0)
-            rests.append(group & ~Mux(chosen, lowest, 0))
-            others.append(chosen & (group & ~lowest).any())
-        group_index = [Cat(*(first[n] for n in range(count) if n >> bit & 1)).any()
-                       for bit in range(bits_for(count - 1))] if count > 1 else []
-        m.d.comb += [
-            self.position.eq(Cat(index, *group_index)),
-            self.rest.eq(Cat(*rests)),
-            self.last.eq(~Cat(*others).any()),
-        ]
-        return m
-
-
 class GemmCore(wiring.Component):
     """Loader, sequencer, array and drain of one job; reset between jobs by the top level."""
 
-    def __init__(self, geometry, sparse_skip=True, lut_columns=0):
+    def __init__(self, geometry, sparse_skip=True, lut_columns=0, dsp_packing=False):
         g = self.geometry = geometry
         self.sparse_skip = sparse_skip
         self.lut_columns = lut_columns
+        self.dsp_packing = dsp_packing
         super().__init__({
             "start": In(1),
             "m": In(32), "k": In(32), "n": In(32), "options": In(32),
@@ -138,9 +88,11 @@ class GemmCore(wiring.Component):
         shift = Signal(unsigned(5))
         zero = Signal(signed(8))
         closing = Signal()  # no more tiles will be issued; close the output packet when drained
+        # The job's registers are checked a cycle ahead of ``start`` (the top level starts the
+        # core two cycles after the START write), so the compares are registered.
         check = Signal(8)
         zero_signed = self.quant_zero.as_signed()
-        m.d.comb += check.eq(
+        m.d.sync += check.eq(
             Mux((self.m == 0) | (self.k == 0) | (self.n == 0), Error.ZERO_DIMENSION,
                 Mux(self.k > g.max_k, Error.K_TOO_LARGE,
                     Mux(self.n > g.max_n, Error.N_TOO_LARGE,
@@ -191,6 +143,18 @@ class GemmCore(wiring.Component):
             b_nonzero_wr = b_nonzero_mem.write_port()
             b_nonzero_rd = b_nonzero_mem.read_port()  # addressed a cycle ahead of TILE
 
+        def walk_flag(value, step, limit, register, name):
+            """A register holding ``value + step >= limit`` while ``value`` walks 0, step,
+            2 step, ... (a position in the job against one of its dimensions). Returns it with
+            the statements that keep it true to ``value`` where ``value`` steps on and where it
+            returns to 0. Both outcomes are compared from registers beforehand, so the flag
+            costs the control logic one multiplexer, not an adder and a compare. At ``start``
+            it is set from the job's ``register`` (``value`` starts at 0)."""
+            flag = Signal(name=name)
+            with m.If(self.start):
+                m.d.sync += flag.eq(step >= register)
+            return flag, flag.eq(value + 2 * step >= limit), flag.eq(step >= limit)
+
         # ---- loader: s_axis -> memories ------------------------------------------------------
         beats_bias = g.vector_beats(4 * cols)
         beats_b = g.vector_beats(cols)
@@ -215,8 +179,10 @@ class GemmCore(wiring.Component):
             b_wr.addr.eq(ld_b_addr), b_wr.data.eq(word),
             a_wr.addr.eq(Mux(ld_bank, g.max_k, 0) + ld_k), a_wr.data.eq(word),
         ]
-        last_k = ld_k == job_k - 1
-        last_n_tile = ld_j0 + cols >= job_n
+        last_k, next_k, restart_k = walk_flag(ld_k, 1, job_k, self.k, "last_k")
+        last_n_tile, next_n_tile, restart_n_tile = walk_flag(ld_j0, cols, job_n, self.n,
+                                                             "last_n_tile")
+        last_m_tile, next_m_tile, _ = walk_flag(ld_i0, rows, job_m, self.m, "last_m_tile")
         if self.sparse_skip:
             b_shifted = Signal(g.max_k)  # b_nonzero with the completed B word's bit shifted in
             m.d.comb += b_shifted.eq(Cat(b_nonzero[1:], no_skip | word[:8 * cols].any()))
@@ -245,9 +211,9 @@ class GemmCore(wiring.Component):
             early_tlast(Const(0))
             m.d.comb += port.en.eq(complete)
             with m.If(complete):
-                m.d.sync += [ld_nt.eq(ld_nt + 1), ld_j0.eq(ld_j0 + cols)]
+                m.d.sync += [ld_nt.eq(ld_nt + 1), ld_j0.eq(ld_j0 + cols), next_n_tile]
                 with m.If(last_n_tile):
-                    m.d.sync += [ld_j0.eq(0), ld_nt.eq(0)]
+                    m.d.sync += [ld_j0.eq(0), ld_nt.eq(0), restart_n_tile]
             return complete & last_n_tile
 
         with m.FSM(name="loader"):
@@ -291,9 +257,10 @@ class GemmCore(wiring.Component):
                         with m.If(ld_nt == 0):
                             m.d.sync += k_valid.eq(Cat(k_valid[1:], 1))
                 with m.If(complete):
-                    m.d.sync += [ld_b_addr.eq(ld_b_addr + 1), ld_k.eq(ld_k + 1)]
+                    m.d.sync += [ld_b_addr.eq(ld_b_addr + 1), ld_k.eq(ld_k + 1), next_k]
                     with m.If(last_k):
-                        m.d.sync += [ld_k.eq(0), ld_j0.eq(ld_j0 + cols), ld_nt.eq(ld_nt + 1)]
+                        m.d.sync += [ld_k.eq(0), restart_k, ld_j0.eq(ld_j0 + cols), next_n_tile,
+                                     ld_nt.eq(ld_nt + 1)]
                         with m.If(last_n_tile):
                             m.next = "A"
                 with m.If(take & self.s_axis_tlast):
@@ -301,16 +268,17 @@ class GemmCore(wiring.Component):
             with m.State("A"):
                 m.d.comb += self.s_axis_tready.eq(~panel_full.bit_select(ld_bank, 1))
                 complete = collect(beats_a)
-                final = complete & last_k & (ld_i0 + rows >= job_m)
+                final = complete & last_k & last_m_tile
                 early_tlast(final)
                 m.d.comb += a_wr.en.eq(complete)
                 with m.If(complete):
-                    m.d.sync += ld_k.eq(ld_k + 1)
+                    m.d.sync += [ld_k.eq(ld_k + 1), next_k]
                     for bank in range(2 if self.sparse_skip else 0):
                         with m.If(ld_bank == bank):
                             m.d.sync += a_nonzero[bank].eq(Cat(a_nonzero[bank][1:], a_live))
                     with m.If(last_k):
-                        m.d.sync += [ld_k.eq(0), ld_bank.eq(~ld_bank), ld_i0.eq(ld_i0 + rows)]
+                        m.d.sync += [ld_k.eq(0), restart_k, ld_bank.eq(~ld_bank),
+                                     ld_i0.eq(ld_i0 + rows), next_m_tile]
                 with m.If(take & self.s_axis_tlast):
                     m.next = "IDLE"
                 with m.Elif(final):
@@ -322,82 +290,105 @@ class GemmCore(wiring.Component):
                     m.next = "IDLE"
 
         # ---- sequencer: memories -> array ----------------------------------------------------
-        # With sparse-skip, the k-steps to issue for an output tile are the set bits of
-        # the tile's mask: the A panel's nonzero mask AND the n-tile's B mask. Each cycle issues
-        # the lowest one, so all-zero k-steps cost no cycle. The choice is a stage ahead of the
-        # issue: the k-step issued now (``position_q``) was picked from the mask last cycle,
-        # while the next one is picked from what remains (``pending``), so the priority
-        # encoder's depth and the control and memory addressing after it fall in different
-        # cycles. Without sparse-skip (a build for comparison), a counter walks k.
-        m.submodules.array = array = SystolicArray(rows, cols, self.lut_columns)
+        # With sparse-skip, the k-steps to issue for an output tile are the set bits of the
+        # tile's mask: the A panel's nonzero mask AND the n-tile's B mask. A StepPicker hands
+        # them out lowest first, one per cycle, so all-zero k-steps cost no cycle. Without
+        # sparse-skip (a build for comparison), a counter walks k.
+        #
+        # Per tile, LOAD starts the picker (or the counter) and ISSUE issues a k-step per cycle
+        # as they come; the last one waits until the FIFO has room for the tile's rows and the
+        # array's issue rule allows. Every decision reads registers: where the tile is in the
+        # job (``sq_last_n``/``sq_last_m``), its real size (``slot``), the memory bases and the
+        # B mask (out of its block RAM, registered, read while the previous tile issues) are all
+        # prepared cycles ahead, since a tile lasts at least three cycles past LOAD.
+        m.submodules.array = array = SystolicArray(rows, cols, self.lut_columns,
+                                                   self.dsp_packing)
         sq_nt = Signal(range(n_tiles_max))
-        sq_j0 = Signal(range(g.max_n + cols))
-        sq_i0 = Signal(33)
+        sq_n_left = Signal(range(g.max_n + 1))  # columns of C from this tile's on
+        sq_m_left = Signal(32)  # rows of C from this tile's on
         sq_b_base = Signal(range(n_tiles_max * g.max_k + 1))
         sq_bank = Signal()
+        sq_last_n, sq_last_m = Signal(), Signal()  # the tile is in the last n-tile / m-tile
         issued = Signal(range(g.max_k + 1))  # k-steps of this tile issued so far
         slot = Signal(range(rows * cols + 1))  # real products per k-step of this tile
         since_last = Signal(range(gap + 1))
         reserved = Signal(range(fifo_rows + rows + 1))
         issue = Signal()
         issue_last = Signal()
-        tile_load = Signal()  # TILE: the next tile's mask is read
-        tile_decide = Signal()  # DECIDE: its first k-step is picked
+        tile_load = Signal()  # LOAD: the tile's k-steps start
         in_issue = Signal()  # the sequencer is in ISSUE
         # The k-step to issue now is k_position - k_offset (the nonzero masks hold k-step k at
         # bit max_k - K + k); the offset is folded into registered memory base addresses.
         k_position = Signal(max(1, bits_for(g.max_k - 1)))
         k_offset = Signal(range(g.max_k))
+        ready = Signal()  # a k-step is there to issue
         more = Signal()  # another k-step of this tile follows the one issued now
+        empty = Signal()  # this tile has no k-step to issue at all
+        mask_ready = Signal()  # LOAD may start the tile (its B mask is out of the block RAM)
         # Memory bases minus the offset, modulo the address width (the sums are always in range).
         a_base, b_base = Signal.like(a_rd.addr), Signal.like(b_rd.addr)
-        m.d.sync += [a_base.eq(Mux(sq_bank, g.max_k, 0) - k_offset),
-                     b_base.eq(sq_b_base - k_offset)]
-        empty = Signal()  # this tile has no k-step to issue at all
-        kill = Signal()  # a zero k-step: a tile with nothing to issue still yields its results
-        row_popped = Signal()
         rows_real = Signal(range(rows + 1))
         cols_real = Signal(range(cols + 1))
+        m.d.sync += [
+            a_base.eq(Mux(sq_bank, g.max_k, 0) - k_offset),
+            b_base.eq(sq_b_base - k_offset),
+            sq_last_n.eq(sq_n_left <= cols),
+            sq_last_m.eq(sq_m_left <= rows),
+            rows_real.eq(Mux(sq_m_left >= rows, rows, sq_m_left)),
+            cols_real.eq(Mux(sq_n_left >= cols, cols, sq_n_left)),
+            slot.eq(rows_real * cols_real),
+        ]
+        kill = Signal()  # a zero k-step: a tile with nothing to issue still yields its results
+        row_popped = Signal()
         if self.sparse_skip:
-            loaded = Signal(g.max_k)  # the tile's mask, registered out of the block RAM
-            pending = Signal(g.max_k)  # its k-steps not yet picked
-            position_q = Signal.like(k_position)
-            more_q, empty_q = Signal(), Signal()
+            m.submodules.picker = picker = StepPicker(g.max_k)
             next_nt = Signal.like(sq_nt)
-            m.d.sync += [k_offset.eq(g.max_k - job_k),
-                         next_nt.eq(Mux(sq_j0 + cols >= job_n, 0, sq_nt + 1))]
-            m.submodules.lowest = lowest = LowestSet(g.max_k)
+            # The B mask is read for the tile after this one while issuing, else for this one;
+            # the tags follow the address through the block RAM and its output register.
+            b_addr, b_tag1, b_tag2 = Signal.like(sq_nt), Signal.like(sq_nt), Signal.like(sq_nt)
+            b_mask = Signal(g.max_k)
+            a_mask = Signal(g.max_k)
             m.d.comb += [
-                lowest.mask.eq(Mux(tile_decide, loaded, pending)),
-                k_position.eq(position_q),
-                more.eq(more_q),
-                empty.eq(empty_q),
-                # The B mask TILE reads next: the following n-tile's while issuing (only the
-                # last k-step's cycle leads to TILE), else the current one (WAIT).
-                b_nonzero_rd.addr.eq(Mux(in_issue, next_nt, sq_nt)),
+                b_addr.eq(Mux(in_issue, next_nt, sq_nt)),
+                b_nonzero_rd.addr.eq(b_addr),
+                mask_ready.eq(b_tag2 == sq_nt),
+                picker.mask.eq(a_mask & b_mask),
+                picker.load.eq(tile_load),
+                picker.take.eq(issue),
+                k_position.eq(picker.position),
+                ready.eq(picker.valid),
+                more.eq(~picker.last),
+                empty.eq(picker.none),
             ]
-            with m.If(tile_load):
-                m.d.sync += loaded.eq(
-                    Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & b_nonzero_rd.data & k_valid)
-            with m.If(tile_decide | (issue & more_q)):
-                m.d.sync += [position_q.eq(lowest.position), pending.eq(lowest.rest),
-                             more_q.eq(~lowest.last)]
-            with m.If(tile_decide):
-                m.d.sync += empty_q.eq(lowest.empty)
+            m.d.sync += [
+                k_offset.eq(g.max_k - job_k),
+                next_nt.eq(Mux(sq_last_n, 0, sq_nt + 1)),
+                b_tag1.eq(b_addr), b_tag2.eq(b_tag1), b_mask.eq(b_nonzero_rd.data),
+                a_mask.eq(Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & k_valid),
+            ]
         else:
             step = Signal(range(g.max_k))
-            m.d.comb += [k_position.eq(step), more.eq(step != job_k - 1)]
+            m.d.comb += [k_position.eq(step), more.eq(step != job_k - 1), mask_ready.eq(1)]
+            # The first k-step goes in the same cycle after LOAD as with the picker (and the
+            # registered tile size, ``slot``, is ready by then).
+            warm = delay(m, tile_load, 2, "warming")
+            with m.If(tile_load):
+                m.d.sync += ready.eq(0)
+            with m.Elif(warm):
+                m.d.sync += ready.eq(1)
             with m.If(tile_load | issue_last):
                 m.d.sync += step.eq(0)
             with m.Elif(issue):
                 m.d.sync += step.eq(step + 1)
         m.d.comb += [
-            rows_real.eq(Mux(job_m - sq_i0 >= rows, rows, job_m - sq_i0)),
-            cols_real.eq(Mux(job_n - sq_j0 >= cols, cols, job_n - sq_j0)),
             a_rd.addr.eq(a_base + k_position),
             b_rd.addr.eq(b_base + k_position),
         ]
-        room = reserved + rows <= fifo_rows
+        # Both registered: ``room`` lags ``reserved`` by a cycle, which only errs on the safe
+        # side (no tile ends within three cycles of the last); ``gap_ok`` is exact.
+        room, gap_ok = Signal(), Signal()
+        m.d.sync += [room.eq(reserved <= fifo_rows - rows),
+                     gap_ok.eq(~issue_last & (since_last >= gap - 2))]
         skipped = Signal(range(g.max_k + 1))  # k-steps of this tile not issued, at its end
         m.d.comb += skipped.eq(job_k - issued - ~empty)
         with m.If(since_last < gap):
@@ -406,47 +397,46 @@ class GemmCore(wiring.Component):
         with m.FSM(name="sequencer") as sequencer:
             with m.State("IDLE"):
                 with m.If(self.start & ~rejected):
-                    m.d.sync += [sq_nt.eq(0), sq_j0.eq(0), sq_i0.eq(0), sq_b_base.eq(0),
-                                 sq_bank.eq(0), since_last.eq(gap)]
+                    m.d.sync += [sq_nt.eq(0), sq_n_left.eq(self.n), sq_m_left.eq(self.m),
+                                 sq_b_base.eq(0),
+                                 sq_bank.eq(0), since_last.eq(gap), gap_ok.eq(1)]
                     m.next = "WAIT"
             with m.State("WAIT"):
                 with m.If(closing):
                     m.next = "IDLE"
                 with m.Elif(panel_full.bit_select(sq_bank, 1)):
-                    m.next = "TILE"
+                    m.next = "LOAD"
                 with m.Else():
                     m.d.sync += self.stall_in.eq(self.stall_in + 1)
-            with m.State("TILE"):
-                m.d.comb += tile_load.eq(1)
-                m.d.sync += [issued.eq(0), slot.eq(rows_real * cols_real)]
-                m.next = "DECIDE"
+            with m.State("LOAD"):
                 with m.If(closing):
                     m.next = "IDLE"
-            with m.State("DECIDE"):
-                m.d.comb += tile_decide.eq(1)
-                m.next = "ISSUE"
-                with m.If(closing):
-                    m.next = "IDLE"
+                with m.Elif(mask_ready):
+                    m.d.comb += tile_load.eq(1)
+                    m.d.sync += issued.eq(0)
+                    m.next = "ISSUE"
             with m.State("ISSUE"):
                 with m.If(closing):
                     m.next = "IDLE"
+                with m.Elif(~ready):
+                    pass  # the first k-step is still on its way out of the picker
                 with m.Elif(more):
                     m.d.comb += issue.eq(1)
                     m.d.sync += issued.eq(issued + 1)
                 with m.Elif(~room):
                     m.d.sync += self.stall_out.eq(self.stall_out + 1)
-                with m.Elif(since_last >= gap - 1):
+                with m.Elif(gap_ok):
                     m.d.comb += [issue.eq(1), issue_last.eq(1), kill.eq(empty)]
                     m.d.sync += [
                         since_last.eq(0),
-                        sq_j0.eq(sq_j0 + cols), sq_nt.eq(sq_nt + 1),
+                        sq_n_left.eq(sq_n_left - cols), sq_nt.eq(sq_nt + 1),
                         sq_b_base.eq(sq_b_base + job_k),
                     ]
-                    m.next = "TILE"
-                    with m.If(sq_j0 + cols >= job_n):
-                        m.d.sync += [sq_j0.eq(0), sq_nt.eq(0), sq_b_base.eq(0),
-                                     sq_bank.eq(~sq_bank), sq_i0.eq(sq_i0 + rows)]
-                        with m.If(sq_i0 + rows >= job_m):
+                    m.next = "LOAD"
+                    with m.If(sq_last_n):
+                        m.d.sync += [sq_n_left.eq(job_n), sq_nt.eq(0), sq_b_base.eq(0),
+                                     sq_bank.eq(~sq_bank), sq_m_left.eq(sq_m_left - rows)]
+                        with m.If(sq_last_m):
                             m.d.sync += closing.eq(1)
                             m.next = "IDLE"
                         with m.Else():
@@ -456,7 +446,7 @@ class GemmCore(wiring.Component):
             m.d.sync += self.macs.eq(self.macs + slot)
 
         # Panel bookkeeping: the loader fills a bank, the sequencer frees it after its last tile.
-        release = issue_last & (sq_j0 + cols >= job_n)
+        release = issue_last & sq_last_n
         for bank in range(2):
             with m.If(a_wr.en & last_k & (ld_bank == bank)):
                 m.d.sync += panel_full[bank].eq(1)
@@ -488,23 +478,25 @@ class GemmCore(wiring.Component):
 
         # MACs skipped: of an issued k-step, the products with a zero operand (popcounts of the
         # nonzero lanes at the array edge); of a skipped k-step, all its products. Registered in
-        # stages (counts, then products, then the sum), so no cycle holds more than one small
-        # multiply or one wide add; the counters are read only after DONE, which comes many
+        # stages (counts, their product, the zeros, the sum), so no cycle holds more than one
+        # small multiply or one wide add; the counters are read only after DONE, which comes many
         # cycles after the last k-step.
         nonzero_a3 = Signal(range(rows + 1))
         nonzero_b3 = Signal(range(cols + 1))
-        counted2, slot2, counted3, slot3 = Signal(), Signal.like(slot), Signal(), Signal.like(slot)
+        nonzero4 = Signal(range(rows * cols + 1))
+        counted4 = delay(m, counted_q, 3, "counted")
+        slot4 = delay(m, slot_q, 3, "slot")
         skipped1, skipped_slot1 = Signal.like(skipped), Signal.like(slot)
-        issued_zeros4 = Signal(range(rows * cols + 1))
+        issued_zeros5 = Signal(range(rows * cols + 1))
         skipped_products2 = Signal(range(rows * cols * g.max_k + 1))
         m.d.sync += [
-            counted2.eq(counted_q), slot2.eq(slot_q), counted3.eq(counted2), slot3.eq(slot2),
             nonzero_a3.eq(sum(lane.any() for lane in a_lanes)),
             nonzero_b3.eq(sum(lane.any() for lane in b_lanes)),
+            nonzero4.eq(nonzero_a3 * nonzero_b3),
             skipped1.eq(Mux(issue_last, skipped, 0)), skipped_slot1.eq(slot),
-            issued_zeros4.eq(Mux(counted3, slot3 - nonzero_a3 * nonzero_b3, 0)),
+            issued_zeros5.eq(Mux(counted4, slot4 - nonzero4, 0)),
             skipped_products2.eq(skipped1 * skipped_slot1),
-            self.macs_skipped.eq(self.macs_skipped + issued_zeros4 + skipped_products2),
+            self.macs_skipped.eq(self.macs_skipped + issued_zeros5 + skipped_products2),
             self.ksteps_skipped.eq(self.ksteps_skipped + skipped1),
         ]
 
@@ -540,8 +532,10 @@ class GemmCore(wiring.Component):
         padded = Signal(width * beats_int32)
         m.d.comb += padded.eq(fifo.r_data)
         row_end = out_beat == Mux(requant, beats_int8, beats_int32) - 1
-        final_row = ((out_row == rows - 1) & (out_j0 + cols >= job_n)
-                     & (out_i0 + rows >= job_m))
+        out_last_n, next_out_n, restart_out_n = walk_flag(out_j0, cols, job_n, self.n,
+                                                          "out_last_n")
+        out_last_m, next_out_m, _ = walk_flag(out_i0, rows, job_m, self.m, "out_last_m")
+        final_row = (out_row == rows - 1) & out_last_n & out_last_m
         out_take = self.m_axis_tvalid & self.m_axis_tready
         with m.If(fifo.r_rdy):
             m.d.comb += [
@@ -555,9 +549,10 @@ class GemmCore(wiring.Component):
                     m.d.comb += [fifo.r_en.eq(1), row_popped.eq(1)]
                     m.d.sync += [out_beat.eq(0), out_row.eq(out_row + 1)]
                     with m.If(out_row == rows - 1):
-                        m.d.sync += [out_row.eq(0), out_j0.eq(out_j0 + cols)]
-                        with m.If(out_j0 + cols >= job_n):
-                            m.d.sync += [out_j0.eq(0), out_i0.eq(out_i0 + rows)]
+                        m.d.sync += [out_row.eq(0), out_j0.eq(out_j0 + cols), next_out_n]
+                        with m.If(out_last_n):
+                            m.d.sync += [out_j0.eq(0), restart_out_n, out_i0.eq(out_i0 + rows),
+                                         next_out_m]
                     with m.If(final_row):
                         m.d.sync += [self.busy.eq(0), self.done.eq(1)]
         with m.Elif(closing & (reserved == 0) & self.busy):
@@ -573,16 +568,16 @@ class GemmCore(wiring.Component):
 
 
 class Accelerator(wiring.Component):
-    """The top level. ``lut_columns``: how many of the array's columns (the last ones) multiply
-    in LUTs instead of DSP slices, for arrays with more PEs than the part has DSPs."""
+    """The top level. For arrays with more PEs than the part has DSP slices: ``lut_columns``,
+    how many of the array's columns (the last ones) multiply in LUTs; ``dsp_packing``, the
+    other columns in pairs with two INT8 MACs per DSP slice (:class:`.PackedPair`)."""
 
     def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256, sparse_skip=True,
-                 lut_columns=0):
+                 lut_columns=0, dsp_packing=False):
         check_dimensions(rows, cols)
-        if not isinstance(lut_columns, int) or not 0 <= lut_columns <= cols:
-            raise ValueError(f"lut_columns must be an int between 0 and cols ({cols}), "
-                             f"not {lut_columns!r}")
+        check_lut_columns(lut_columns, cols)
         self.lut_columns = lut_columns
+        self.dsp_packing = bool(dsp_packing)
         if stream_width not in STREAM_WIDTHS:
             raise ValueError(f"stream_width must be one of {STREAM_WIDTHS}, not {stream_width}")
         for name, value in (("max_k", max_k), ("max_n", max_n)):
@@ -625,14 +620,14 @@ class Accelerator(wiring.Component):
         control = regs.CONTROL_write
         start = control & regs.CONTROL[Control.START.bit_length() - 1]
         soft_reset = control & regs.CONTROL[Control.SOFT_RESET.bit_length() - 1]
-        # START first resets the datapath, then starts it one cycle later from a clean slate.
+        # START first resets the datapath, then starts it two cycles later from a clean slate
+        # (the core checks the job's registers in between).
         core = ResetInserter(start | soft_reset)(GemmCore(self.geometry, self.sparse_skip,
-                                                               self.lut_columns))
+                                                               self.lut_columns,
+                                                               self.dsp_packing))
         m.submodules.core = core
-        start_next = Signal()
-        m.d.sync += start_next.eq(start & ~soft_reset)
         m.d.comb += [
-            core.start.eq(start_next),
+            core.start.eq(delay(m, start & ~soft_reset, 2, "start_")),
             core.m.eq(regs.M), core.k.eq(regs.K), core.n.eq(regs.N),
             core.options.eq(regs.OPTIONS), core.quant_mult.eq(regs.QUANT_MULT),
             core.quant_shift.eq(regs.QUANT_SHIFT), core.quant_zero.eq(regs.QUANT_ZERO),

@@ -20,8 +20,13 @@ Interface (one k-step per cycle, unskewed: the array adds the skewing registers 
   ``last`` on its final one (both on the same cycle when K = 1).
 - ``out_valid``, ``out_row``, ``c[j]``: one finished result row per cycle, row 0 first.
 
-Latency: row ``i`` of a tile appears on ``c`` ``cols + i + pe.LATENCY`` cycles after the cycle
-that carried the tile's ``last`` k-step, so the last row leaves :func:`latency` cycles after it.
+Columns are built in groups (:func:`column_groups`): a single PE, or with ``dsp_packing`` a
+:class:`.PackedPair` of two DSP columns sharing one multiplier. The columns of a group enter
+together and A crosses one register per group.
+
+Latency: row ``i`` of a tile appears on ``c`` ``groups + i + pe.LATENCY`` cycles after the
+cycle that carried the tile's ``last`` k-step (``groups`` = ``cols`` unless packed), so the last
+row leaves :func:`latency` cycles after it.
 
 Issue rule: consecutive ``last`` k-steps must be at least ``max(rows, cols)`` cycles apart (pad a
 shorter tile with cycles where ``valid`` is low). Then result rows of two tiles never leave on the
@@ -33,15 +38,32 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
-from .pe import ACCUMULATOR, LATENCY, OPERAND, ProcessingElement
+from .pe import ACCUMULATOR, LATENCY, OPERAND, PackedPair, ProcessingElement
 from .pipeline import delay
 
 MAX_DIMENSION = 32
 
 
-def latency(rows, cols):
+def column_groups(cols, lut_columns=0, dsp_packing=False):
+    """The array's columns as built, west to east: lists of the column numbers sharing one
+    element. DSP columns (all but the last ``lut_columns``) go in pairs with ``dsp_packing``
+    (an odd one out stays single); LUT-multiplier columns are always single."""
+    dsp = cols - lut_columns
+    step = 2 if dsp_packing else 1
+    groups = [list(range(j, min(j + step, dsp))) for j in range(0, dsp, step)]
+    return groups + [[j] for j in range(dsp, cols)]
+
+
+def latency(rows, cols, lut_columns=0, dsp_packing=False):
     """Cycles from a tile's ``last`` k-step entering the array to its final result row."""
-    return rows + cols + LATENCY - 1
+    return rows + len(column_groups(cols, lut_columns, dsp_packing)) + LATENCY - 1
+
+
+def check_lut_columns(lut_columns, cols):
+    if not isinstance(lut_columns, int) or isinstance(lut_columns, bool) \
+            or not 0 <= lut_columns <= cols:
+        raise ValueError(f"lut_columns must be an int between 0 and cols ({cols}), "
+                         f"not {lut_columns!r}")
 
 
 def check_dimensions(rows, cols):
@@ -54,13 +76,17 @@ def check_dimensions(rows, cols):
 
 
 class SystolicArray(wiring.Component):
-    """``lut_columns``: the last that many columns use LUT multipliers (see :mod:`.pe`)."""
+    """``lut_columns``: the last that many columns use LUT multipliers (see :mod:`.pe`);
+    ``dsp_packing``: the other columns go in pairs, two INT8 MACs per multiplier."""
 
-    def __init__(self, rows, cols, lut_columns=0):
+    def __init__(self, rows, cols, lut_columns=0, dsp_packing=False):
         check_dimensions(rows, cols)
+        check_lut_columns(lut_columns, cols)
         self.rows = rows
         self.cols = cols
         self.lut_columns = lut_columns
+        self.dsp_packing = bool(dsp_packing)
+        self.groups = column_groups(cols, lut_columns, dsp_packing)
         super().__init__({
             "a": In(OPERAND).array(rows),
             "b": In(OPERAND).array(cols),
@@ -80,24 +106,36 @@ class SystolicArray(wiring.Component):
     @property
     def latency(self):
         """Cycles from a tile's ``last`` k-step to its final result row on ``c``."""
-        return latency(self.rows, self.cols)
+        return latency(self.rows, self.cols, self.lut_columns, self.dsp_packing)
 
     def elaborate(self, platform):
         m = Module()
         rows, cols = self.rows, self.cols
 
-        pes = [[ProcessingElement("lut" if j >= cols - self.lut_columns else "dsp")
-                for j in range(cols)] for _ in range(rows)]
+        def element(columns):
+            if len(columns) == 2:
+                return PackedPair()
+            return ProcessingElement("lut" if columns[0] >= cols - self.lut_columns else "dsp")
+
+        # pes[i][g]: row i's element of column group g; lanes[j]: (group, lane) of column j.
+        pes = [[element(columns) for columns in self.groups] for _ in range(rows)]
+        lanes = [(g, lane) for g, columns in enumerate(self.groups) for lane in range(len(columns))]
         for i in range(rows):
-            for j in range(cols):
-                m.submodules[f"pe_{i}_{j}"] = pes[i][j]
+            for g in range(len(self.groups)):
+                m.submodules[f"pe_{i}_{g}"] = pes[i][g]
+
+        def port(pe, name, lane):
+            """A per-column port of a PE (plain) or of one lane of a pair (arrays)."""
+            value = getattr(pe, name)
+            return value if isinstance(pe, ProcessingElement) else value[lane]
 
         def skew(signal, depth, name):
             """``signal`` delayed by ``depth`` registers."""
             return delay(m, signal, depth, f"{name}_skew")
 
-        # Row i enters i cycles late and column j enters j cycles late, so the operands of one
-        # k-step meet at PE (i, j) exactly i + j cycles after they entered the array.
+        # Row i enters i cycles late and column group g enters g cycles late, so the operands
+        # of one k-step meet at element (i, g) exactly i + g cycles after they entered.
+        east = len(self.groups) - 1
         for i in range(rows):
             west = pes[i][0]
             m.d.comb += [
@@ -106,25 +144,25 @@ class SystolicArray(wiring.Component):
                 west.first_in.eq(skew(self.first, i, f"first{i}")),
                 west.last_in.eq(skew(self.last, i, f"last{i}")),
             ]
-            for j in range(1, cols):
-                left, pe = pes[i][j - 1], pes[i][j]
+            for g in range(1, len(self.groups)):
+                left, pe = pes[i][g - 1], pes[i][g]
                 m.d.comb += [
                     pe.a_in.eq(left.a_out),
                     pe.valid_in.eq(left.valid_out),
                     pe.first_in.eq(left.first_out),
                     pe.last_in.eq(left.last_out),
                 ]
-        for j in range(cols):
-            m.d.comb += pes[0][j].b_in.eq(skew(self.b[j], j, f"b{j}"))
+        for j, (g, lane) in enumerate(lanes):
+            m.d.comb += port(pes[0][g], "b_in", lane).eq(skew(self.b[j], g, f"b{j}"))
             for i in range(1, rows):
-                m.d.comb += pes[i][j].b_in.eq(pes[i - 1][j].b_out)
+                m.d.comb += port(pes[i][g], "b_in", lane).eq(port(pes[i - 1][g], "b_out", lane))
 
         # A row is finished when its last k-step has left the east edge and the east PE has added
         # it (LATENCY - 1 cycles later). By the issue rule at most one row finishes per cycle, so
         # the selection below never has to arbitrate.
         row_done = []
         for i in range(rows):
-            done = pes[i][cols - 1].valid_out & pes[i][cols - 1].last_out
+            done = pes[i][east].valid_out & pes[i][east].last_out
             row_done.append(skew(done, LATENCY - 1, f"done{i}"))
         m.d.sync += self.out_valid.eq(0)
         for i in range(rows):
@@ -132,6 +170,7 @@ class SystolicArray(wiring.Component):
                 m.d.sync += [
                     self.out_valid.eq(1),
                     self.out_row.eq(i),
-                    *(self.c[j].eq(pes[i][j].result) for j in range(cols)),
+                    *(self.c[j].eq(port(pes[i][g], "result", lane))
+                      for j, (g, lane) in enumerate(lanes)),
                 ]
         return m

@@ -19,12 +19,15 @@ Sparse-skip hook: ``zero`` is high when either operand is zero. The accumulator'
 is then dropped (only a ``first`` k-step still clears it), so a zero operand costs no register
 update; the product would have been zero, so the sum is unchanged.
 
+:class:`PackedPair` is two PEs of one row in one multiplier: both take the same A operand, so
+``a * (b0 * 2**16 + b1)`` (an 8 x 25-bit product, one DSP48E1) holds both INT8 products.
+
 Latency: ``acc`` and ``result`` update at the end of the cycle *after* the operands are
 presented (:data:`LATENCY` cycles from operands to a visible sum); ``a_out``/``b_out`` and the
 flags are one cycle behind the inputs.
 """
 
-from amaranth import Module, Mux, Signal, signed
+from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -106,6 +109,80 @@ class ProcessingElement(wiring.Component):
         m.d.sync += [
             self.a_out.eq(self.a_in),
             self.b_out.eq(self.b_in),
+            self.valid_out.eq(self.valid_in),
+            self.first_out.eq(self.first_in),
+            self.last_out.eq(self.last_in),
+        ]
+        return m
+
+
+class PackedPair(wiring.Component):
+    """Two neighbouring PEs of a row (columns ``2p`` and ``2p + 1``) sharing one multiplier.
+
+    Both see the same A operand in the same cycle (the array skews the pair's two B columns
+    alike), so one signed 8 x 25-bit product ``P = a * (b[0] * 2**16 + b[1])`` carries both
+    INT8 products: ``a * b[1]`` lies in [-16256, 16384], so it is ``P``'s low 16 bits read as
+    signed; ``a * b[0]`` is ``P >> 16`` plus bit 15 of ``P`` (the borrow a negative low product
+    took from the upper half). A DSP48E1's 25 x 18 multiplier does this in one slice, two
+    INT8 MACs per DSP. ``|P| < 2**31``, so a 32-bit product register holds it exactly.
+
+    Ports are those of :class:`ProcessingElement`, with ``b_in``, ``b_out``, ``acc``,
+    ``result`` and ``zero`` one per lane (lane ``l`` is column ``2p + l``); each lane's
+    accumulator is gated by its own ``zero``. Same :data:`LATENCY`.
+    """
+
+    a_in: In(OPERAND)
+    b_in: In(OPERAND).array(2)
+    valid_in: In(1)
+    first_in: In(1)
+    last_in: In(1)
+
+    a_out: Out(OPERAND)
+    b_out: Out(OPERAND).array(2)
+    valid_out: Out(1)
+    first_out: Out(1)
+    last_out: Out(1)
+
+    acc: Out(ACCUMULATOR).array(2)
+    result: Out(ACCUMULATOR).array(2)
+    zero: Out(1).array(2)
+
+    def elaborate(self, platform):
+        m = Module()
+
+        packed = Signal(signed(25))
+        m.d.comb += packed.eq((self.b_in[0] << 16) + self.b_in[1])
+        for lane in range(2):
+            m.d.comb += self.zero[lane].eq((self.a_in == 0) | (self.b_in[lane] == 0))
+
+        # Stage 1: the packed product and the k-step's flags.
+        product = Signal(signed(32))
+        valid, first, last = Signal(), Signal(), Signal()
+        zero = Signal(2)
+        m.d.sync += [
+            product.eq(self.a_in * packed),
+            valid.eq(self.valid_in), first.eq(self.first_in), last.eq(self.last_in),
+            zero.eq(Cat(*self.zero)),
+        ]
+
+        # Stage 2: each lane's sum. Lane 1 adds the low half; lane 0 adds the high half plus
+        # the borrow bit, as the carry into one adder: ({acc, 1} + {P[31:16], P[15]}) >> 1.
+        low = product[:16].as_signed()
+        high = Cat(product[15], product[16:]).as_signed()
+        totals = [Signal(ACCUMULATOR, name="total0"), Signal(ACCUMULATOR, name="total1")]
+        m.d.comb += [
+            totals[0].eq((Cat(Const(1, 1), Mux(first, 0, self.acc[0])) + high)[1:33]),
+            totals[1].eq(Mux(first, 0, self.acc[1]) + low),
+        ]
+        for lane in range(2):
+            with m.If(valid & (first | ~zero[lane])):
+                m.d.sync += self.acc[lane].eq(totals[lane])
+            with m.If(valid & last):
+                m.d.sync += self.result[lane].eq(totals[lane])
+
+        m.d.sync += [
+            self.a_out.eq(self.a_in),
+            *(self.b_out[lane].eq(self.b_in[lane]) for lane in range(2)),
             self.valid_out.eq(self.valid_in),
             self.first_out.eq(self.first_in),
             self.last_out.eq(self.last_in),

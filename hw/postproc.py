@@ -1,10 +1,10 @@
 """Post-processing of one result row: bias, gemmlowp requantization to INT8, ReLU.
 
 The arithmetic is specified in :mod:`sparsa.protocol` (module docstring, "Arithmetic"); each of
-the ``cols`` lanes does it independently. Eight registered stages, one row per cycle, no
+the ``cols`` lanes does it independently. Nine registered stages, one row per cycle, no
 backpressure (whoever issues rows reserves room downstream first). The stages are cut so that no
 cycle holds more than one wide adder or one 18x18 multiplier (what an ECP5 or 7-series DSP
-slice does), which keeps this block off the critical path:
+slice does) or one compare, which keeps this block off the critical path:
 
 1. ``x = acc + bias`` (INT32 wrap) when ``bias_en``;
 2. the four 17x17 partial products of ``x * mult[j]`` (halves of ``x`` and the multiplier);
@@ -14,12 +14,14 @@ slice does), which keeps this block off the critical path:
 6. ``h``: that divided by ``2**31``, truncated toward zero, or ``INT32_MAX`` in the one
    saturating case;
 7. ``h >> shift`` and whether the remainder rounds up;
-8. round, add ``zero``, saturate to INT8, ReLU.
+8. round and add ``zero`` (and, beside it, whether the result is below ``zero``);
+9. saturate to INT8 and ReLU: a clamp by bit tests, no compare.
 
 ``out_word`` packs lane ``j`` at bits ``[32j, 32j+32)`` for INT32 output, or at ``[8j, 8j+8)``
 for INT8 output (``requant``), which is the byte layout of an output-stream vector.
 ``acc``, ``bias`` and ``mult`` are sampled together with ``in_valid``; the other configuration
-inputs must hold still while rows are in flight.
+inputs must hold still while rows are in flight (and from a cycle before: the shift's mask
+and thresholds are registered from ``shift``).
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
@@ -28,7 +30,7 @@ from amaranth.lib.wiring import In, Out
 
 from .pipeline import delay
 
-LATENCY = 8
+LATENCY = 9
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
@@ -53,6 +55,11 @@ class PostProcessor(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.d.comb += self.out_valid.eq(delay(m, self.in_valid, LATENCY, "valid"))
+
+        # The shift's mask and rounding thresholds, prepared once from the job's shift.
+        mask, half1, half2 = Signal(32), Signal(32), Signal(32)
+        m.d.sync += [mask.eq((Const(1, 33) << self.shift) - 1),
+                     half1.eq((mask >> 1) + 1), half2.eq((mask >> 1) + 2)]
 
         lanes = []
         for j in range(self.cols):
@@ -82,21 +89,28 @@ class PostProcessor(wiring.Component):
             overflow5 = delay(m, overflow2, 3, f"overflow_{j}_")
             h6 = registered(Mux(overflow5, INT32_MAX, quotient), "h6", signed(32))
 
-            mask = Signal(unsigned(32), name=f"mask_{j}")
-            m.d.comb += mask.eq((Const(1, 33) << self.shift) - 1)
-            threshold = (mask >> 1) + (h6 < 0)
+            # Rounding of the shift: up when the remainder exceeds half, or reaches it for a
+            # negative h: remainder >= half + 1 (+ 1 when h < 0), against thresholds prepared
+            # from the job's shift, so the stage holds one compare after the masking.
+            remainder = Signal(unsigned(32), name=f"remainder_{j}")
+            m.d.comb += remainder.eq(h6.as_unsigned() & mask)
             shifted7 = registered(h6 >> self.shift, "shifted7", signed(32))
-            up7 = registered((h6.as_unsigned() & mask) > threshold, "up7")
+            up7 = registered(Mux(h6 < 0, remainder >= half2, remainder >= half1), "up7")
 
-            rounded = Signal(signed(33), name=f"rounded_{j}")
-            m.d.comb += rounded.eq(shifted7 + up7 + self.zero)
-            saturated = Signal(signed(8), name=f"saturated_{j}")
-            m.d.comb += saturated.eq(Mux(rounded > 127, 127, Mux(rounded < -128, -128, rounded)))
-            q8 = registered(Mux(self.relu & (saturated < self.zero), self.zero, saturated), "q8",
-                       signed(8))
+            rounded8 = registered(shifted7 + up7 + self.zero, "rounded8", signed(33))
+            # ReLU keeps what is at least the zero point: rounded8 < zero, i.e. shifted7 + up7
+            # < 0, decided beside the adder.
+            below8 = registered(shifted7[31] & ~(up7 & (shifted7 == -1)), "below8")
+            # Clamp to [zero (ReLU) or -128, 127] by bit tests: out of INT8 range when bits 7
+            # and up are not all equal to the sign.
+            top = rounded8[7:]
+            over = ~rounded8[-1] & (top != 0)
+            under = Mux(self.relu, below8, rounded8[-1] & (top != (1 << len(top)) - 1))
+            q9 = registered(Mux(over, 127, Mux(under, Mux(self.relu, self.zero, -128),
+                                               rounded8[:8])), "q9", signed(8))
             x7 = delay(m, x1, LATENCY - 2, f"x_{j}_")
-            x8 = registered(Mux(self.relu & (x7 < 0), 0, x7), "x8", signed(32))
-            lanes.append((x8, q8))
+            x9 = registered(Mux(self.relu & (x7 < 0), 0, x7), "x9", signed(32))
+            lanes.append((x9, q9))
 
         int32_word = Cat(*(x for x, _ in lanes))
         int8_word = Cat(*(q for _, q in lanes))

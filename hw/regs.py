@@ -8,12 +8,12 @@ register towards the datapath:
 - a write-only register ``NAME`` pulses ``NAME_write`` for one cycle with ``NAME`` = the data.
 
 A write is taken when address and data are both valid (the AXI rule lets a slave wait for both)
-and answered the next cycle; a read is answered the cycle after its address. Unmapped addresses
+and answered the next cycle; a read is answered two cycles after its address. Unmapped addresses
 answer DECERR (reads return 0); writes to read-only registers are ignored with OKAY. Byte strobes
 are honoured on read-write registers.
 """
 
-from amaranth import Module
+from amaranth import Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -85,15 +85,22 @@ class RegisterBlock(wiring.Component):
                             m.d.sync += [target.eq(self.s_axi_wdata),
                                          getattr(self, f"{register.name}_write").eq(1)]
 
-        # Read channel: one outstanding read, answered on R the next cycle.
-        take_read = self.s_axi_arvalid & ~self.s_axi_rvalid
+        # Read channel: one outstanding read. The address is registered when taken and the
+        # word selected from it in the next cycle, so the decoder and the 32-bit multiplexer
+        # have a cycle of their own; R answers two cycles after AR.
+        read_address = Signal(self.address_width)
+        reading = Signal()
+        take_read = self.s_axi_arvalid & ~self.s_axi_rvalid & ~reading
         m.d.comb += self.s_axi_arready.eq(take_read)
         with m.If(self.s_axi_rvalid & self.s_axi_rready):
             m.d.sync += self.s_axi_rvalid.eq(0)
+        m.d.sync += reading.eq(take_read)
         with m.If(take_read):
+            m.d.sync += read_address.eq(self.s_axi_araddr)
+        with m.If(reading):
             m.d.sync += [self.s_axi_rvalid.eq(1), self.s_axi_rresp.eq(DECERR),
                          self.s_axi_rdata.eq(0)]
-            with m.Switch(word(self.s_axi_araddr)):
+            with m.Switch(word(read_address)):
                 for register in self.registers:
                     with m.Case(register.address >> 2):
                         m.d.sync += self.s_axi_rresp.eq(OKAY)

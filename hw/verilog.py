@@ -8,12 +8,12 @@ from .array import SystolicArray
 ARRAY_TOP = "sparsa_array"
 
 
-def array_verilog(rows, cols, name=ARRAY_TOP):
+def array_verilog(rows, cols, name=ARRAY_TOP, lut_columns=0, dsp_packing=False):
     """Verilog text of a rows x cols :class:`SystolicArray` as module ``name``.
 
     Source-location attributes are left out so the text depends only on the parameters.
     """
-    array = SystolicArray(rows, cols)
+    array = SystolicArray(rows, cols, lut_columns, dsp_packing)
     return verilog.convert(array, name=name, emit_src=False)
 
 
@@ -21,7 +21,9 @@ ACCELERATOR_TOP = "sparsa_accel"
 
 
 def accelerator_verilog(rows=8, cols=8, stream_width=64, max_k=256, max_n=256,
-                        sparse_skip=True, name=ACCELERATOR_TOP, lut_columns=0):
+                        sparse_skip=True, name=ACCELERATOR_TOP, lut_columns=0,
+                        dsp_packing=False):
     """Verilog text of the AXI top level :class:`Accelerator` as module ``name``."""
-    top = Accelerator(rows, cols, stream_width, max_k, max_n, sparse_skip, lut_columns)
+    top = Accelerator(rows, cols, stream_width, max_k, max_n, sparse_skip, lut_columns,
+                      dsp_packing)
     return verilog.convert(top, name=name, emit_src=False)

@@ -1,7 +1,7 @@
 """cocotb testbench for :class:`sparsa.hw.SystolicArray` (the generated Verilog).
 
-Settings arrive as JSON in ``SPARSA_TB`` (see :mod:`sparsa.sim.runner`): ``rows``, ``cols`` and
-per-test knobs (``count``, ``seed``, ``max_k``, ``bubbles``, ``report``).
+Settings arrive as JSON in ``SPARSA_TB`` (see :mod:`sparsa.sim.runner`): ``rows``, ``cols``,
+the build's ``lut_columns`` and ``dsp_packing`` (for its latency) and per-test knobs (``count``, ``seed``, ``max_k``, ``bubbles``, ``report``).
 
 The driver streams tiles back to back, one k-step per cycle with random bubbles, honouring the
 array's issue rule; a monitor collects result rows on the falling edge. Every row is compared
@@ -27,15 +27,16 @@ def settings():
 
 
 class ArrayTB:
-    def __init__(self, dut, rows, cols):
+    def __init__(self, dut, cfg):
         self.dut = dut
-        self.rows = rows
-        self.cols = cols
+        self.rows = rows = cfg["rows"]
+        self.cols = cols = cfg["cols"]
         self.a = [getattr(dut, f"a__{i}") for i in range(rows)]
         self.b = [getattr(dut, f"b__{j}") for j in range(cols)]
         self.c = [getattr(dut, f"c__{j}") for j in range(cols)]
         self.min_tile_cycles = max(rows, cols)
-        self.latency = latency(rows, cols)
+        self.latency = latency(rows, cols, cfg.get("lut_columns", 0),
+                               cfg.get("dsp_packing", False))
         self.cycles = 0
         Clock(dut.clk, 10, unit="ns").start()
 
@@ -138,7 +139,7 @@ def random_operand(rng, shape):
 async def test_directed(dut):
     cfg = settings()
     rows, cols = cfg["rows"], cfg["cols"]
-    tb = ArrayTB(dut, rows, cols)
+    tb = ArrayTB(dut, cfg)
     await tb.reset()
     n = max(rows, cols)
     identity = np.eye(n, dtype=np.int8)
@@ -167,7 +168,7 @@ async def test_accumulator_wraps(dut):
     """Sums beyond INT32 wrap modulo 2**32, as NumPy int32 does: 140000 x (-128 x -128)."""
     cfg = settings()
     rows, cols = cfg["rows"], cfg["cols"]
-    tb = ArrayTB(dut, rows, cols)
+    tb = ArrayTB(dut, cfg)
     await tb.reset()
     depth = 140_000
     a = np.full((rows, depth), -128, np.int8)
@@ -183,7 +184,7 @@ async def test_random(dut):
     cfg = settings()
     rows, cols = cfg["rows"], cfg["cols"]
     rng = np.random.default_rng(cfg.get("seed", 0))
-    tb = ArrayTB(dut, rows, cols)
+    tb = ArrayTB(dut, cfg)
     await tb.reset()
     max_k = cfg.get("max_k", 4 * max(rows, cols))
     tiles = []

@@ -19,6 +19,8 @@ def accelerator_design(cfg):
         key += "_dense"
     if cfg.get("lut_columns"):
         key += "_lut{lut_columns}".format(**cfg)
+    if cfg.get("dsp_packing"):
+        key += "_packed"
     return runner.Design(key, ACCELERATOR_TOP, functools.partial(accelerator_verilog, **cfg))
 
 

@@ -41,15 +41,33 @@ def _build_config(args):
             "max_k": args.max_k, "max_n": args.max_n}
 
 
+def _add_multiplier_options(parser):
+    parser.add_argument("--lut-columns", type=int, default=0,
+                        help="array columns whose PEs multiply in LUTs, not DSP slices")
+    parser.add_argument("--dsp-packing", action="store_true",
+                        help="the other columns in pairs, two INT8 MACs per DSP slice")
+
+
+def _multipliers(args):
+    """The multiplier options: as keyword arguments, as words and as a file-name suffix."""
+    options = {"lut_columns": args.lut_columns, "dsp_packing": args.dsp_packing}
+    words = ((f", {args.lut_columns} columns of LUT multipliers" if args.lut_columns else "")
+             + (", two MACs per DSP" if args.dsp_packing else ""))
+    suffix = ((f"_lut{args.lut_columns}" if args.lut_columns else "")
+              + ("_packed" if args.dsp_packing else ""))
+    return options, words, suffix
+
+
 def cmd_verilog(args):
     from sparsa.hw.verilog import ACCELERATOR_TOP, ARRAY_TOP, accelerator_verilog, array_verilog
 
     if args.top == "array":
-        text = array_verilog(args.rows, args.cols, name=args.name or ARRAY_TOP)
+        text = array_verilog(args.rows, args.cols, name=args.name or ARRAY_TOP,
+                             **_multipliers(args)[0])
         what = f"{args.rows}x{args.cols} systolic array"
     else:
         text = accelerator_verilog(**_build_config(args), name=args.name or ACCELERATOR_TOP,
-                                   lut_columns=args.lut_columns)
+                                   **_multipliers(args)[0])
         what = (f"accelerator: {args.rows}x{args.cols} array, {args.stream_width}-bit streams, "
                 f"K <= {args.max_k}, N <= {args.max_n}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -199,22 +217,22 @@ def cmd_synth(args):
               f"pip install 'sparsa[synth]'", file=sys.stderr)
         return 2
     cfg = _build_config(args)
+    multipliers, words, suffix = _multipliers(args)
     what = (f"sparsa_accel: {args.rows}x{args.cols} array, {args.stream_width}-bit streams, "
-            f"max_k {args.max_k}, max_n {args.max_n}"
-            + (f", {args.lut_columns} columns of LUT multipliers" if args.lut_columns else ""))
+            f"max_k {args.max_k}, max_n {args.max_n}{words}")
     print(f"sparsa synth --target {args.target}: {what} ...", flush=True)
     started = time.perf_counter()
-    verilog = accelerator_verilog(**cfg, lut_columns=args.lut_columns)
+    verilog = accelerator_verilog(**cfg, **multipliers)
     if args.target == "xc7":
         report = synth.xc7(verilog, ACCELERATOR_TOP, args.workdir)
     else:
         report = synth.ecp5(verilog, ACCELERATOR_TOP, args.freq, args.seed, args.workdir)
-    report.update(build={**cfg, "lut_columns": args.lut_columns},
+    report.update(build={**cfg, **multipliers},
                   seconds=round(time.perf_counter() - started, 1))
     print(synth.format_report(report))
     path = args.json or Path("build/synth") / (
         f"{args.target}_{args.rows}x{args.cols}_w{args.stream_width}_k{args.max_k}"
-        f"_n{args.max_n}" + (f"_lut{args.lut_columns}" if args.lut_columns else "") + ".json")
+        f"_n{args.max_n}{suffix}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")
@@ -241,8 +259,7 @@ def build_parser():
     verilog.add_argument("--top", choices=("accelerator", "array"), default="accelerator",
                          help="the AXI top level (default) or the bare systolic array")
     verilog.add_argument("--name", help="top module name (default sparsa_accel / sparsa_array)")
-    verilog.add_argument("--lut-columns", type=int, default=0,
-                         help="array columns whose PEs multiply in LUTs, not DSP slices")
+    _add_multiplier_options(verilog)
     verilog.add_argument("--lint", action="store_true", help="then run verilator --lint-only -Wall")
     verilog.add_argument("-o", "--output", type=Path, required=True)
     verilog.set_defaults(func=cmd_verilog)
@@ -305,8 +322,7 @@ def build_parser():
                        help="xc7: synth_xilinx, shares of an xc7z020; ecp5: place and route "
                             "on an LFE5U-85F")
     _add_build_options(synth)
-    synth.add_argument("--lut-columns", type=int, default=0,
-                       help="array columns whose PEs multiply in LUTs, not DSP slices")
+    _add_multiplier_options(synth)
     synth.add_argument("--freq", type=float, default=125.0, help="ecp5: target clock (MHz)")
     synth.add_argument("--seed", type=int, default=1, help="ecp5: placer seed")
     synth.add_argument("--check", action="store_true",

@@ -60,9 +60,10 @@ def test_smoke_icarus():
                  {**ODD, "seed": 7, "count": 6, "max_dim": 12})
 
 
-def test_lut_multiplier_columns():
-    """A build whose last two columns multiply in LUTs (for arrays past the DSP count)."""
+def test_lut_multipliers_and_dsp_packing():
+    """A build for arrays past the DSP count: its first two columns are a packed pair (two MACs
+    per multiplier) and its last two multiply in LUTs."""
     needs("verilator")
-    cfg = {**SMALL_K, "lut_columns": 2}
+    cfg = {**SMALL_K, "lut_columns": 2, "dsp_packing": True}
     runner.check(design(cfg), "verilator", TB, "test_random_jobs",
                  {**cfg, "seed": 11, "count": 15, "max_dim": 30})

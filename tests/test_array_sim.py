@@ -15,9 +15,11 @@ TB = "sparsa.sim.array_tb"
 SHAPES = [(2, 2), (4, 4), (8, 8), (3, 5)]
 
 
-def design(rows, cols):
-    return runner.Design(f"array_{rows}x{cols}", ARRAY_TOP,
-                         functools.partial(array_verilog, rows, cols))
+def design(rows, cols, lut_columns=0, dsp_packing=False):
+    key = f"array_{rows}x{cols}" + (f"_lut{lut_columns}" if lut_columns else "") \
+        + ("_packed" if dsp_packing else "")
+    return runner.Design(key, ARRAY_TOP, functools.partial(
+        array_verilog, rows, cols, lut_columns=lut_columns, dsp_packing=dsp_packing))
 
 
 def needs(simulator):
@@ -54,3 +56,16 @@ def test_smoke_icarus(rows, cols):
     runner.check(design(rows, cols), "icarus", TB, "test_directed", settings)
     runner.check(design(rows, cols), "icarus", TB, "test_random",
                  {**settings, "count": 12, "max_k": 12, "seed": 7, "bubbles": 0.2})
+
+
+# Packed pairs (two MACs per multiplier), an odd DSP column left single, and LUT columns east of
+# them: 5 DSP columns make pairs (0, 1) and (2, 3), single column 4, LUT columns 5 and 6.
+@pytest.mark.parametrize("rows,cols,lut_columns", [(4, 4, 0), (3, 7, 2)], ids=["4x4", "3x7_lut2"])
+def test_dsp_packing_verilator(rows, cols, lut_columns):
+    needs("verilator")
+    build = {"rows": rows, "cols": cols, "lut_columns": lut_columns, "dsp_packing": True}
+    packed = design(**build)
+    runner.check(packed, "verilator", TB, "test_directed", build)
+    runner.check(packed, "verilator", TB, "test_random",
+                 {**build, "count": 60, "max_k": 40, "seed": 5, "bubbles": 0.15})
+    runner.check(packed, "verilator", TB, "test_accumulator_wraps", build)

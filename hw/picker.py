@@ -1,0 +1,137 @@
+"""The sequencer's k-step picker: the set bits of a tile's nonzero mask, lowest first, one per
+cycle, with no path through all the mask's bits in one cycle.
+
+A plain priority encoder over the mask and the "clear the bit I just took" loop around it put
+a 256-bit encoder in every cycle (the accelerator's critical path on an ECP5). The picker splits
+the mask into groups of 16 and works in three registered stages:
+
+- ``avail``: which groups still hold bits not yet fetched (set from the mask on ``load``);
+- ``nxt``: the bits of the lowest such group, fetched a cycle ahead (a one-hot multiplexer of
+  the groups, by a registered one-hot ``first``, the lowest bit of ``avail``);
+- ``cur``: the group being picked from. The token stage takes the lowest bit of ``cur`` (or of
+  ``nxt`` when ``cur`` is spent) into the output registers, and the rest stays in ``cur``.
+
+Each loop is a 16-bit isolate plus a few gates. Tokens flow one per cycle once started: the
+first is offered in the third cycle after the ``load`` cycle (``avail``, ``nxt``, token). A
+mask with no bit at all gives a single token with ``none`` (and ``last``) set, in the second.
+
+Interface: ``load`` (one cycle) takes ``mask`` and drops any token in flight; ``valid``,
+``position``, ``last`` (no bit follows) and ``none`` describe the token offered now, and ``take``
+consumes it (the next one is offered in the following cycle).
+"""
+
+from amaranth import Cat, Const, Module, Mux, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import bits_for
+
+GROUP = 16
+
+
+def _isolate_lowest(m, value, name):
+    """``value`` with only its lowest set bit kept (two's complement: ``x & -x``)."""
+    lowest = Signal(len(value), name=name)
+    m.d.comb += lowest.eq(value & (~value + 1))
+    return lowest
+
+
+def _encode(one_hot, bits):
+    """The index of the set bit of ``one_hot`` (an OR per index bit; 0 when none is set)."""
+    return Cat(*(Cat(*(one_hot[i] for i in range(len(one_hot)) if i >> bit & 1)).any()
+                 for bit in range(bits)))
+
+
+class StepPicker(wiring.Component):
+    def __init__(self, width):
+        self.width = width
+        self.group = min(GROUP, width)
+        self.groups = -(-width // self.group)
+        super().__init__({
+            "mask": In(width),
+            "load": In(1),
+            "take": In(1),
+            "valid": Out(1),
+            "position": Out(max(1, bits_for(width - 1))),
+            "last": Out(1),
+            "none": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        size, count = self.group, self.groups
+        index_bits = max(1, bits_for(size - 1))
+        group_bits = max(1, bits_for(count - 1))
+
+        padded = Cat(self.mask, Const(0, size * count - self.width))
+        bits = Signal(size * count)
+        groups = [bits[g * size:(g + 1) * size] for g in range(count)]
+        avail = Signal(count)
+        fresh = Signal()  # the cycle after load: the empty-mask check
+        nxt_bits, cur_bits = Signal(size), Signal(size)
+        nxt_group, cur_group = Signal(group_bits), Signal(group_bits)
+        nxt_valid, cur_valid = Signal(), Signal()
+
+        # The token stage picks from cur, or from nxt once cur is spent.
+        advance = ~self.valid | self.take
+        source_bits = Signal(size)
+        source_group = Signal(group_bits)
+        m.d.comb += [source_bits.eq(Mux(cur_valid, cur_bits, nxt_bits)),
+                     source_group.eq(Mux(cur_valid, cur_group, nxt_group))]
+        source_valid = cur_valid | nxt_valid
+        lowest = _isolate_lowest(m, source_bits, "lowest")
+        rest = Signal(size)
+        m.d.comb += rest.eq(source_bits & ~lowest)
+        more_here = rest.any()
+        # Bits left after this pick: the rest of the source, nxt (when cur is the source), and
+        # the groups not fetched yet.
+        last = ~more_here & ~(cur_valid & nxt_valid) & ~avail.any()
+        nxt_taken = advance & ~cur_valid & nxt_valid
+
+        # The next group to fetch, one-hot, registered with avail (so the fetch is only the
+        # multiplexer): isolated from the mask's groups on load, from what is left after each
+        # fetch.
+        first = Signal(count)
+        fetched = Signal(size)
+        m.d.comb += fetched.eq(_or_all([Mux(first[g], groups[g], 0) for g in range(count)]))
+
+        loaded = Signal(count)
+        m.d.comb += loaded.eq(Cat(*(padded[g * size:(g + 1) * size].any() for g in range(count))))
+        remaining = Signal(count)
+        m.d.comb += remaining.eq(avail & ~first)
+        first_loaded = _isolate_lowest(m, loaded, "first_loaded")
+        first_remaining = _isolate_lowest(m, remaining, "first_remaining")
+        with m.If(self.load):
+            m.d.sync += [
+                bits.eq(padded),
+                avail.eq(loaded), first.eq(first_loaded),
+                fresh.eq(1), nxt_valid.eq(0), cur_valid.eq(0), self.valid.eq(0),
+            ]
+        with m.Else():
+            m.d.sync += fresh.eq(0)
+            with m.If(advance):
+                with m.If(source_valid):
+                    m.d.sync += [
+                        self.valid.eq(1), self.none.eq(0), self.last.eq(last),
+                        self.position.eq(Cat(_encode(lowest, index_bits), source_group)
+                                         if count > 1 else _encode(lowest, index_bits)),
+                        cur_bits.eq(rest), cur_group.eq(source_group), cur_valid.eq(more_here),
+                    ]
+                with m.Elif(fresh & ~avail.any()):
+                    m.d.sync += [self.valid.eq(1), self.none.eq(1), self.last.eq(1),
+                                 self.position.eq(0)]
+                with m.Else():
+                    m.d.sync += self.valid.eq(0)
+            with m.If(~nxt_valid | nxt_taken):
+                m.d.sync += nxt_valid.eq(avail.any())
+                with m.If(avail.any()):
+                    m.d.sync += [nxt_bits.eq(fetched), nxt_group.eq(_encode(first, group_bits)),
+                                 avail.eq(remaining),
+                                 first.eq(first_remaining)]
+        return m
+
+
+def _or_all(values):
+    result = values[0]
+    for value in values[1:]:
+        result = result | value
+    return result

@@ -40,7 +40,7 @@ def counters(geometry, a, b, skip=True, requant=False):
     issued k-steps, at least ``max(rows, cols)`` (the array's issue rule) and at least its
     output beats; an m-tile cannot finish before the next A panel has arrived; the last tile
     drains in about ``rows + cols`` cycles plus its output beats and the pipeline (operand
-    registers, the PE's product stage, nine post-processing stages). On the default 8x8 build
+    registers, the PE's product stage, eleven post-processing stages). On the default 8x8 build
     it is within 0.1% of the RTL on dense cubes from 64 to 256.
     """
     g = geometry

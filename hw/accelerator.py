@@ -88,20 +88,27 @@ class GemmCore(wiring.Component):
         shift = Signal(unsigned(5))
         zero = Signal(signed(8))
         closing = Signal()  # no more tiles will be issued; close the output packet when drained
-        # The job's registers are checked a cycle ahead of ``start`` (the top level starts the
-        # core two cycles after the START write), so the compares are registered.
-        check = Signal(8)
+        # The job's registers are checked ahead of ``start`` (the top level starts the core
+        # three cycles after the START write): each condition is registered, then the first
+        # that fails gives the error code, so neither stage holds more than one wide compare.
         zero_signed = self.quant_zero.as_signed()
-        m.d.sync += check.eq(
-            Mux((self.m == 0) | (self.k == 0) | (self.n == 0), Error.ZERO_DIMENSION,
-                Mux(self.k > g.max_k, Error.K_TOO_LARGE,
-                    Mux(self.n > g.max_n, Error.N_TOO_LARGE,
-                        Mux(((self.options & ~Const(KNOWN_OPTIONS, 32)) != 0)
-                            | ((self.options & Option.CHANNEL_QUANT).any()
-                               & ~(self.options & Option.REQUANT).any()), Error.BAD_OPTION,
-                            Mux((self.options & Option.REQUANT).any()
-                                & ((self.quant_shift > 31) | (zero_signed < -128)
-                                   | (zero_signed > 127)), Error.BAD_QUANT, Error.NONE))))))
+        requant_asked = (self.options & Option.REQUANT).any()
+        conditions = [
+            (Error.ZERO_DIMENSION, (self.m == 0) | (self.k == 0) | (self.n == 0)),
+            (Error.K_TOO_LARGE, self.k > g.max_k),
+            (Error.N_TOO_LARGE, self.n > g.max_n),
+            (Error.BAD_OPTION, ((self.options & ~Const(KNOWN_OPTIONS, 32)) != 0)
+                | ((self.options & Option.CHANNEL_QUANT).any() & ~requant_asked)),
+            (Error.BAD_QUANT, requant_asked & ((self.quant_shift > 31) | (zero_signed < -128)
+                                               | (zero_signed > 127))),
+        ]
+        failed = Signal(len(conditions))
+        m.d.sync += failed.eq(Cat(*(condition for _, condition in conditions)))
+        check = Signal(8)
+        verdict = Const(Error.NONE, 8)
+        for index, (error, _) in reversed(list(enumerate(conditions))):
+            verdict = Mux(failed[index], error, verdict)
+        m.d.sync += check.eq(verdict)
         rejected = Signal()
         with m.If(self.start):
             m.d.sync += [
@@ -183,11 +190,7 @@ class GemmCore(wiring.Component):
         last_n_tile, next_n_tile, restart_n_tile = walk_flag(ld_j0, cols, job_n, self.n,
                                                              "last_n_tile")
         last_m_tile, next_m_tile, _ = walk_flag(ld_i0, rows, job_m, self.m, "last_m_tile")
-        if self.sparse_skip:
-            b_shifted = Signal(g.max_k)  # b_nonzero with the completed B word's bit shifted in
-            m.d.comb += b_shifted.eq(Cat(b_nonzero[1:], no_skip | word[:8 * cols].any()))
-            a_live = Signal()  # the completed A word is not all zero
-            m.d.comb += a_live.eq(no_skip | word[:8 * rows].any())
+        b_done, a_done = Signal(), Signal()  # a B / an A word is complete
 
         def collect(beats):
             """Gather ``beats`` beats into ``word``; true on the beat that completes it."""
@@ -245,17 +248,7 @@ class GemmCore(wiring.Component):
                 m.d.comb += self.s_axis_tready.eq(1)
                 complete = collect(beats_b)
                 early_tlast(Const(0))
-                m.d.comb += b_wr.en.eq(complete)
-                if self.sparse_skip:
-                    m.d.comb += [
-                        b_nonzero_wr.addr.eq(ld_nt),
-                        b_nonzero_wr.data.eq(b_shifted),
-                        b_nonzero_wr.en.eq(complete & last_k),
-                    ]
-                    with m.If(complete):
-                        m.d.sync += b_nonzero.eq(b_shifted)
-                        with m.If(ld_nt == 0):
-                            m.d.sync += k_valid.eq(Cat(k_valid[1:], 1))
+                m.d.comb += [b_wr.en.eq(complete), b_done.eq(complete)]
                 with m.If(complete):
                     m.d.sync += [ld_b_addr.eq(ld_b_addr + 1), ld_k.eq(ld_k + 1), next_k]
                     with m.If(last_k):
@@ -270,12 +263,9 @@ class GemmCore(wiring.Component):
                 complete = collect(beats_a)
                 final = complete & last_k & last_m_tile
                 early_tlast(final)
-                m.d.comb += a_wr.en.eq(complete)
+                m.d.comb += [a_wr.en.eq(complete), a_done.eq(complete)]
                 with m.If(complete):
                     m.d.sync += [ld_k.eq(ld_k + 1), next_k]
-                    for bank in range(2 if self.sparse_skip else 0):
-                        with m.If(ld_bank == bank):
-                            m.d.sync += a_nonzero[bank].eq(Cat(a_nonzero[bank][1:], a_live))
                     with m.If(last_k):
                         m.d.sync += [ld_k.eq(0), restart_k, ld_bank.eq(~ld_bank),
                                      ld_i0.eq(ld_i0 + rows), next_m_tile]
@@ -288,6 +278,35 @@ class GemmCore(wiring.Component):
                 m.d.comb += self.s_axis_tready.eq(1)
                 with m.If(take & self.s_axis_tlast):
                     m.next = "IDLE"
+
+        # The masks and the panel flags take a completed word's news a cycle later, from
+        # registers, so their wide shift registers' enables are not on the loader's own path.
+        # (The sequencer looks at a panel only once its flag is set, and at B's masks later.)
+        a_event, a_bank, panel_event = Signal(), Signal(), Signal()
+        m.d.sync += [a_event.eq(a_done), a_bank.eq(ld_bank), panel_event.eq(a_done & last_k)]
+        if self.sparse_skip:
+            b_event, b_last, b_first = Signal(), Signal(), Signal()
+            b_bit, a_bit = Signal(), Signal()
+            b_nt = Signal.like(ld_nt)
+            m.d.sync += [
+                b_event.eq(b_done), b_last.eq(last_k), b_first.eq(ld_nt == 0), b_nt.eq(ld_nt),
+                b_bit.eq(no_skip | word[:8 * cols].any()),
+                a_bit.eq(no_skip | word[:8 * rows].any()),
+            ]
+            b_shifted = Signal(g.max_k)  # b_nonzero with the completed B word's bit shifted in
+            m.d.comb += [
+                b_shifted.eq(Cat(b_nonzero[1:], b_bit)),
+                b_nonzero_wr.addr.eq(b_nt),
+                b_nonzero_wr.data.eq(b_shifted),
+                b_nonzero_wr.en.eq(b_event & b_last),
+            ]
+            with m.If(b_event):
+                m.d.sync += b_nonzero.eq(b_shifted)
+                with m.If(b_first):
+                    m.d.sync += k_valid.eq(Cat(k_valid[1:], 1))
+            for bank in range(2):
+                with m.If(a_event & (a_bank == bank)):
+                    m.d.sync += a_nonzero[bank].eq(Cat(a_nonzero[bank][1:], a_bit))
 
         # ---- sequencer: memories -> array ----------------------------------------------------
         # With sparse-skip, the k-steps to issue for an output tile are the set bits of the
@@ -381,9 +400,10 @@ class GemmCore(wiring.Component):
             with m.Elif(issue):
                 m.d.sync += step.eq(step + 1)
         m.d.comb += [
-            a_rd.addr.eq(a_base + k_position),
-            b_rd.addr.eq(b_base + k_position),
         ]
+        # The k-step's memory addresses are registered (the sum is not in the block RAMs'
+        # address set-up).
+        m.d.sync += [a_rd.addr.eq(a_base + k_position), b_rd.addr.eq(b_base + k_position)]
         # Both registered: ``room`` lags ``reserved`` by a cycle, which only errs on the safe
         # side (no tile ends within three cycles of the last); ``gap_ok`` is exact.
         room, gap_ok = Signal(), Signal()
@@ -448,24 +468,24 @@ class GemmCore(wiring.Component):
         # Panel bookkeeping: the loader fills a bank, the sequencer frees it after its last tile.
         release = issue_last & sq_last_n
         for bank in range(2):
-            with m.If(a_wr.en & last_k & (ld_bank == bank)):
+            with m.If(panel_event & (a_bank == bank)):
                 m.d.sync += panel_full[bank].eq(1)
             with m.If(release & (sq_bank == bank)):
                 m.d.sync += panel_full[bank].eq(0)
 
-        # The memories answer one cycle after the address, and their data is registered once
-        # more before the array (a block RAM's clock-to-output takes most of a cycle on an ECP5);
-        # the k-step's flags follow the data.
-        kill_q = Signal()
-        counted_q = Signal()
-        slot_q = Signal.like(slot)
-        valid_q, first_q, last_q = Signal(), Signal(), Signal()
+        # The addresses are registered, the memories answer one cycle later, and their data is
+        # registered once more before the array (a block RAM's clock-to-output takes most of a
+        # cycle on an ECP5); the k-step's flags follow the data.
+        def follow(value, name):
+            return delay(m, value, 2, name)
+
+        kill_q = follow(kill, "kill")
+        counted_q = follow(issue & ~kill, "counted_q")
+        slot_q = follow(slot, "slot_q")
         m.d.sync += [
-            valid_q.eq(issue), first_q.eq(issue & (issued == 0)), last_q.eq(issue_last),
-            array.valid.eq(valid_q), array.first.eq(first_q), array.last.eq(last_q),
-            kill_q.eq(kill),
-            counted_q.eq(issue & ~kill),
-            slot_q.eq(slot),
+            array.valid.eq(follow(issue, "valid")),
+            array.first.eq(follow(issue & (issued == 0), "first")),
+            array.last.eq(follow(issue_last, "last")),
         ]
         a_lanes = [Signal(signed(8), name=f"a_lane{i}") for i in range(rows)]
         b_lanes = [Signal(signed(8), name=f"b_lane{j}") for j in range(cols)]
@@ -478,25 +498,28 @@ class GemmCore(wiring.Component):
 
         # MACs skipped: of an issued k-step, the products with a zero operand (popcounts of the
         # nonzero lanes at the array edge); of a skipped k-step, all its products. Registered in
-        # stages (counts, their product, the zeros, the sum), so no cycle holds more than one
-        # small multiply or one wide add; the counters are read only after DONE, which comes many
-        # cycles after the last k-step.
-        nonzero_a3 = Signal(range(rows + 1))
-        nonzero_b3 = Signal(range(cols + 1))
-        nonzero4 = Signal(range(rows * cols + 1))
-        counted4 = delay(m, counted_q, 3, "counted")
-        slot4 = delay(m, slot_q, 3, "slot")
+        # stages (live lanes, counts, their product, the zeros, the sum), so no cycle holds more
+        # than one small multiply or one wide add; the counters are read only after DONE, which
+        # comes many cycles after the last k-step.
+        live_a3, live_b3 = Signal(rows), Signal(cols)  # the lanes that are not zero
+        nonzero_a4 = Signal(range(rows + 1))
+        nonzero_b4 = Signal(range(cols + 1))
+        nonzero5 = Signal(range(rows * cols + 1))
+        counted5 = delay(m, counted_q, 4, "counted")
+        slot5 = delay(m, slot_q, 4, "slot")
         skipped1, skipped_slot1 = Signal.like(skipped), Signal.like(slot)
-        issued_zeros5 = Signal(range(rows * cols + 1))
+        issued_zeros6 = Signal(range(rows * cols + 1))
         skipped_products2 = Signal(range(rows * cols * g.max_k + 1))
         m.d.sync += [
-            nonzero_a3.eq(sum(lane.any() for lane in a_lanes)),
-            nonzero_b3.eq(sum(lane.any() for lane in b_lanes)),
-            nonzero4.eq(nonzero_a3 * nonzero_b3),
+            live_a3.eq(Cat(*(lane.any() for lane in a_lanes))),
+            live_b3.eq(Cat(*(lane.any() for lane in b_lanes))),
+            nonzero_a4.eq(sum(live_a3)),
+            nonzero_b4.eq(sum(live_b3)),
+            nonzero5.eq(nonzero_a4 * nonzero_b4),
+            issued_zeros6.eq(Mux(counted5, slot5 - nonzero5, 0)),
             skipped1.eq(Mux(issue_last, skipped, 0)), skipped_slot1.eq(slot),
-            issued_zeros5.eq(Mux(counted4, slot4 - nonzero4, 0)),
             skipped_products2.eq(skipped1 * skipped_slot1),
-            self.macs_skipped.eq(self.macs_skipped + issued_zeros5 + skipped_products2),
+            self.macs_skipped.eq(self.macs_skipped + issued_zeros6 + skipped_products2),
             self.ksteps_skipped.eq(self.ksteps_skipped + skipped1),
         ]
 
@@ -620,14 +643,14 @@ class Accelerator(wiring.Component):
         control = regs.CONTROL_write
         start = control & regs.CONTROL[Control.START.bit_length() - 1]
         soft_reset = control & regs.CONTROL[Control.SOFT_RESET.bit_length() - 1]
-        # START first resets the datapath, then starts it two cycles later from a clean slate
+        # START first resets the datapath, then starts it three cycles later from a clean slate
         # (the core checks the job's registers in between).
         core = ResetInserter(start | soft_reset)(GemmCore(self.geometry, self.sparse_skip,
                                                                self.lut_columns,
                                                                self.dsp_packing))
         m.submodules.core = core
         m.d.comb += [
-            core.start.eq(delay(m, start & ~soft_reset, 2, "start_")),
+            core.start.eq(delay(m, start & ~soft_reset, 3, "start_")),
             core.m.eq(regs.M), core.k.eq(regs.K), core.n.eq(regs.N),
             core.options.eq(regs.OPTIONS), core.quant_mult.eq(regs.QUANT_MULT),
             core.quant_shift.eq(regs.QUANT_SHIFT), core.quant_zero.eq(regs.QUANT_ZERO),

@@ -13,7 +13,7 @@ answer DECERR (reads return 0); writes to read-only registers are ignored with O
 are honoured on read-write registers.
 """
 
-from amaranth import Module, Signal
+from amaranth import Cat, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -85,25 +85,29 @@ class RegisterBlock(wiring.Component):
                             m.d.sync += [target.eq(self.s_axi_wdata),
                                          getattr(self, f"{register.name}_write").eq(1)]
 
-        # Read channel: one outstanding read. The address is registered when taken and the
-        # word selected from it in the next cycle, so the decoder and the 32-bit multiplexer
-        # have a cycle of their own; R answers two cycles after AR.
-        read_address = Signal(self.address_width)
-        reading = Signal()
+        # Read channel: one outstanding read. The address is decoded when taken (one flag per
+        # register, registered) and the word selected by those flags in the next cycle (an
+        # AND-OR tree), so neither the decoder nor the multiplexer shares its cycle; R answers
+        # two cycles after AR.
+        readable = [register for register in self.registers if register.access != "wo"]
+        selected = Signal(len(readable))
+        mapped, reading = Signal(), Signal()
         take_read = self.s_axi_arvalid & ~self.s_axi_rvalid & ~reading
         m.d.comb += self.s_axi_arready.eq(take_read)
         with m.If(self.s_axi_rvalid & self.s_axi_rready):
             m.d.sync += self.s_axi_rvalid.eq(0)
         m.d.sync += reading.eq(take_read)
         with m.If(take_read):
-            m.d.sync += read_address.eq(self.s_axi_araddr)
+            address = word(self.s_axi_araddr)
+            m.d.sync += [
+                selected.eq(Cat(*(address == register.address >> 2 for register in readable))),
+                mapped.eq(Cat(*(address == register.address >> 2
+                                for register in self.registers)).any()),
+            ]
         with m.If(reading):
-            m.d.sync += [self.s_axi_rvalid.eq(1), self.s_axi_rresp.eq(DECERR),
-                         self.s_axi_rdata.eq(0)]
-            with m.Switch(word(read_address)):
-                for register in self.registers:
-                    with m.Case(register.address >> 2):
-                        m.d.sync += self.s_axi_rresp.eq(OKAY)
-                        if register.access != "wo":
-                            m.d.sync += self.s_axi_rdata.eq(getattr(self, register.name))
+            value = 0
+            for flag, register in zip(selected, readable):
+                value = value | Mux(flag, getattr(self, register.name), 0)
+            m.d.sync += [self.s_axi_rvalid.eq(1), self.s_axi_rresp.eq(Mux(mapped, OKAY, DECERR)),
+                         self.s_axi_rdata.eq(value)]
         return m

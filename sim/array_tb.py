@@ -1,7 +1,8 @@
 """cocotb testbench for :class:`sparsa.hw.SystolicArray` (the generated Verilog).
 
 Settings arrive as JSON in ``SPARSA_TB`` (see :mod:`sparsa.sim.runner`): ``rows``, ``cols``,
-the build's ``lut_columns`` and ``dsp_packing`` (for its latency) and per-test knobs (``count``, ``seed``, ``max_k``, ``bubbles``, ``report``).
+the build's ``lut_columns`` and ``dsp_packing`` (for its latency) and per-test knobs
+(``count``, ``seed``, ``max_k``, ``bubbles``, ``report``).
 
 The driver streams tiles back to back, one k-step per cycle with random bubbles, honouring the
 array's issue rule; a monitor collects result rows on the falling edge. Every row is compared

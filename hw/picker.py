@@ -11,7 +11,7 @@ the mask into groups of 16 and works in three registered stages:
 - ``cur``: the group being picked from. The token stage takes the lowest bit of ``cur`` (or of
   ``nxt`` when ``cur`` is spent) into the output registers, and the rest stays in ``cur``.
 
-Each loop is a 16-bit isolate plus a few gates. Tokens flow one per cycle once started: the
+Each loop is a 16-bit isolate (a few levels of LUTs) plus a few gates. Tokens flow one per cycle once started: the
 first is offered in the third cycle after the ``load`` cycle (``avail``, ``nxt``, token). A
 mask with no bit at all gives a single token with ``none`` (and ``last``) set, in the second.
 
@@ -29,10 +29,25 @@ GROUP = 16
 
 
 def _isolate_lowest(m, value, name):
-    """``value`` with only its lowest set bit kept (two's complement: ``x & -x``)."""
+    """``value`` with only its lowest set bit kept: bit i survives when no lower bit is set.
+    (Written as ORs, not as ``x & -x``: synthesis maps the subtraction to a carry chain, which
+    LUT mapping cannot flatten; this is a shallow tree of LUTs.)"""
     lowest = Signal(len(value), name=name)
-    m.d.comb += lowest.eq(value & (~value + 1))
+    m.d.comb += lowest.eq(Cat(*(value[i] & ~value[:i].any() if i else value[0]
+                                for i in range(len(value)))))
     return lowest
+
+
+def _several(value):
+    """Whether ``value`` has two or more bits set, from its nibbles: one with two or more, or
+    two that are not empty (each test is one LUT on four signals)."""
+    nibbles = [value[k:k + 4] for k in range(0, len(value), 4)]
+
+    def two_of(bits):
+        return Cat(*(bits[a] & bits[b] for a in range(len(bits))
+                     for b in range(a + 1, len(bits)))).any()
+    return Cat(*(two_of(nibble) for nibble in nibbles),
+               two_of(Cat(*(nibble.any() for nibble in nibbles)))).any()
 
 
 def _encode(one_hot, bits):
@@ -73,15 +88,20 @@ class StepPicker(wiring.Component):
 
         # The token stage picks from cur, or from nxt once cur is spent.
         advance = ~self.valid | self.take
-        source_bits = Signal(size)
+        # Both candidates are worked out in parallel and the choice comes last.
         source_group = Signal(group_bits)
-        m.d.comb += [source_bits.eq(Mux(cur_valid, cur_bits, nxt_bits)),
-                     source_group.eq(Mux(cur_valid, cur_group, nxt_group))]
+        m.d.comb += source_group.eq(Mux(cur_valid, cur_group, nxt_group))
         source_valid = cur_valid | nxt_valid
-        lowest = _isolate_lowest(m, source_bits, "lowest")
+        lowest_cur = _isolate_lowest(m, cur_bits, "lowest_cur")
+        lowest_nxt = _isolate_lowest(m, nxt_bits, "lowest_nxt")
+        index = Signal(index_bits)
         rest = Signal(size)
-        m.d.comb += rest.eq(source_bits & ~lowest)
-        more_here = rest.any()
+        m.d.comb += [
+            index.eq(Mux(cur_valid, _encode(lowest_cur, index_bits),
+                         _encode(lowest_nxt, index_bits))),
+            rest.eq(Mux(cur_valid, cur_bits & ~lowest_cur, nxt_bits & ~lowest_nxt)),
+        ]
+        more_here = Mux(cur_valid, _several(cur_bits), _several(nxt_bits))
         # Bits left after this pick: the rest of the source, nxt (when cur is the source), and
         # the groups not fetched yet.
         last = ~more_here & ~(cur_valid & nxt_valid) & ~avail.any()
@@ -112,8 +132,7 @@ class StepPicker(wiring.Component):
                 with m.If(source_valid):
                     m.d.sync += [
                         self.valid.eq(1), self.none.eq(0), self.last.eq(last),
-                        self.position.eq(Cat(_encode(lowest, index_bits), source_group)
-                                         if count > 1 else _encode(lowest, index_bits)),
+                        self.position.eq(Cat(index, source_group) if count > 1 else index),
                         cur_bits.eq(rest), cur_group.eq(source_group), cur_valid.eq(more_here),
                     ]
                 with m.Elif(fresh & ~avail.any()):

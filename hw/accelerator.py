@@ -323,8 +323,8 @@ class GemmCore(wiring.Component):
         m.submodules.array = array = SystolicArray(rows, cols, self.lut_columns,
                                                    self.dsp_packing)
         sq_nt = Signal(range(n_tiles_max))
-        sq_n_left = Signal(range(g.max_n + 1))  # columns of C from this tile's on
-        sq_m_left = Signal(32)  # rows of C from this tile's on
+        sq_n_left = Signal(range(g.max_n + 1))  # columns of C from this tile's first one on
+        sq_m_left = Signal(32)  # rows of C from this tile's first one on
         sq_b_base = Signal(range(n_tiles_max * g.max_k + 1))
         sq_bank = Signal()
         sq_last_n, sq_last_m = Signal(), Signal()  # the tile is in the last n-tile / m-tile

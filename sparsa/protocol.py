@@ -50,8 +50,8 @@ all zero.
 
 - In a PE, a zero operand leaves the accumulator untouched (its clock enable drops).
 - In the schedule, a k-step whose A or B vector is all zero is not issued to the array for that
-  output tile, so it costs no cycle (the tile's remaining k-steps are found by a priority
-  encoder over the tile's nonzero mask, one per cycle). A tile whose k-steps are all skipped
+  output tile, so it costs no cycle (the tile's k-steps are taken from its nonzero mask,
+  lowest first, one per cycle). A tile whose k-steps are all skipped
   still yields its (bias-only) results through one zero k-step. ``OPTIONS.NO_SKIP`` issues every
   k-step; results are identical, only cycles and ``MACS``/``KSTEPS_SKIPPED`` differ.
 

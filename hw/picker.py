@@ -11,9 +11,10 @@ the mask into groups of 16 and works in three registered stages:
 - ``cur``: the group being picked from. The token stage takes the lowest bit of ``cur`` (or of
   ``nxt`` when ``cur`` is spent) into the output registers, and the rest stays in ``cur``.
 
-Each loop is a 16-bit isolate (a few levels of LUTs) plus a few gates. Tokens flow one per cycle once started: the
-first is offered in the third cycle after the ``load`` cycle (``avail``, ``nxt``, token). A
-mask with no bit at all gives a single token with ``none`` (and ``last``) set, in the second.
+Each loop is a 16-bit isolate (a few levels of LUTs) plus a few gates. Tokens flow one per
+cycle once started: the first is offered in the third cycle after the ``load`` cycle
+(``avail``, ``nxt``, token). A mask with no bit at all gives a single token with ``none`` (and
+``last``) set, in the second.
 
 Interface: ``load`` (one cycle) takes ``mask`` and drops any token in flight; ``valid``,
 ``position``, ``last`` (no bit follows) and ``none`` describe the token offered now, and ``take``

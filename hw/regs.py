@@ -89,9 +89,8 @@ class RegisterBlock(wiring.Component):
         # register, registered) and the word selected by those flags in the next cycle (an
         # AND-OR tree), so neither the decoder nor the multiplexer shares its cycle; R answers
         # two cycles after AR.
-        readable = [register for register in self.registers if register.access != "wo"]
-        selected = Signal(len(readable))
-        mapped, reading = Signal(), Signal()
+        selected = Signal(len(self.registers))
+        reading = Signal()
         take_read = self.s_axi_arvalid & ~self.s_axi_rvalid & ~reading
         m.d.comb += self.s_axi_arready.eq(take_read)
         with m.If(self.s_axi_rvalid & self.s_axi_rready):
@@ -99,15 +98,14 @@ class RegisterBlock(wiring.Component):
         m.d.sync += reading.eq(take_read)
         with m.If(take_read):
             address = word(self.s_axi_araddr)
-            m.d.sync += [
-                selected.eq(Cat(*(address == register.address >> 2 for register in readable))),
-                mapped.eq(Cat(*(address == register.address >> 2
-                                for register in self.registers)).any()),
-            ]
+            m.d.sync += selected.eq(Cat(*(address == register.address >> 2
+                                          for register in self.registers)))
         with m.If(reading):
             value = 0
-            for flag, register in zip(selected, readable):
-                value = value | Mux(flag, getattr(self, register.name), 0)
-            m.d.sync += [self.s_axi_rvalid.eq(1), self.s_axi_rresp.eq(Mux(mapped, OKAY, DECERR)),
+            for flag, register in zip(selected, self.registers):
+                if register.access != "wo":  # write-only registers read as 0
+                    value = value | Mux(flag, getattr(self, register.name), 0)
+            m.d.sync += [self.s_axi_rvalid.eq(1),
+                         self.s_axi_rresp.eq(Mux(selected.any(), OKAY, DECERR)),
                          self.s_axi_rdata.eq(value)]
         return m

@@ -162,6 +162,33 @@ class GemmCore(wiring.Component):
                 m.d.sync += flag.eq(step >= register)
             return flag, flag.eq(value + 2 * step >= limit), flag.eq(step >= limit)
 
+        # ---- stream register slices ----------------------------------------------------------
+        # Each stream port goes through a three-entry FIFO (registered data and valid, ready
+        # from a registered level; full throughput), so the DMA's handshake signals and the
+        # loader's and the drain's decisions never share a cycle. The input slice takes beats
+        # only from ``start`` to the first TLAST, as the loader alone did: a following packet
+        # waits outside for its job, and nothing is held across the START reset.
+        m.submodules.s_slice = s_slice = SyncFIFOBuffered(width=width + 1, depth=3)
+        m.submodules.m_slice = m_slice = SyncFIFOBuffered(width=width + 1, depth=3)
+        accepting = Signal()
+        in_valid, in_ready, in_last, in_data = Signal(), Signal(), Signal(), Signal(width)
+        out_valid, out_ready, out_last, out_data = Signal(), Signal(), Signal(), Signal(width)
+        m.d.comb += [
+            self.s_axis_tready.eq(s_slice.w_rdy & accepting),
+            s_slice.w_en.eq(self.s_axis_tvalid & accepting),
+            s_slice.w_data.eq(Cat(self.s_axis_tdata, self.s_axis_tlast)),
+            in_valid.eq(s_slice.r_rdy), s_slice.r_en.eq(in_ready),
+            in_data.eq(s_slice.r_data[:width]), in_last.eq(s_slice.r_data[width]),
+            m_slice.w_en.eq(out_valid), out_ready.eq(m_slice.w_rdy),
+            m_slice.w_data.eq(Cat(out_data, out_last)),
+            self.m_axis_tvalid.eq(m_slice.r_rdy), m_slice.r_en.eq(self.m_axis_tready),
+            self.m_axis_tdata.eq(m_slice.r_data[:width]), self.m_axis_tlast.eq(m_slice.r_data[width]),
+        ]
+        with m.If(self.start):
+            m.d.sync += accepting.eq(1)
+        with m.If(self.s_axis_tvalid & self.s_axis_tready & self.s_axis_tlast):
+            m.d.sync += accepting.eq(0)
+
         # ---- loader: s_axis -> memories ------------------------------------------------------
         beats_bias = g.vector_beats(4 * cols)
         beats_b = g.vector_beats(cols)
@@ -179,8 +206,8 @@ class GemmCore(wiring.Component):
         word = Signal(width * beats_max)
         take = Signal()
         m.d.comb += [
-            take.eq(self.s_axis_tvalid & self.s_axis_tready),
-            word.eq((self.s_axis_tdata << (beat * width)) | partial),
+            take.eq(in_valid & in_ready),
+            word.eq((in_data << (beat * width)) | partial),
             bias_wr.addr.eq(ld_nt), bias_wr.data.eq(word),
             mult_wr.addr.eq(ld_nt), mult_wr.data.eq(word),
             b_wr.addr.eq(ld_b_addr), b_wr.data.eq(word),
@@ -204,12 +231,12 @@ class GemmCore(wiring.Component):
             return complete
 
         def early_tlast(final):
-            with m.If(take & self.s_axis_tlast & ~final):
+            with m.If(take & in_last & ~final):
                 m.d.sync += [self.error.eq(Error.TLAST_EARLY), closing.eq(1)]
 
         def column_vectors(port):
             """Load one vector of ``cols`` int32 per n-tile into ``port``; true after the last."""
-            m.d.comb += self.s_axis_tready.eq(1)
+            m.d.comb += in_ready.eq(1)
             complete = collect(beats_bias)
             early_tlast(Const(0))
             m.d.comb += port.en.eq(complete)
@@ -237,15 +264,15 @@ class GemmCore(wiring.Component):
                     m.next = "B"
                     with m.If(channel_quant):
                         m.next = "MULT"
-                with m.If(take & self.s_axis_tlast):
+                with m.If(take & in_last):
                     m.next = "IDLE"
             with m.State("MULT"):
                 with m.If(column_vectors(mult_wr)):
                     m.next = "B"
-                with m.If(take & self.s_axis_tlast):
+                with m.If(take & in_last):
                     m.next = "IDLE"
             with m.State("B"):
-                m.d.comb += self.s_axis_tready.eq(1)
+                m.d.comb += in_ready.eq(1)
                 complete = collect(beats_b)
                 early_tlast(Const(0))
                 m.d.comb += [b_wr.en.eq(complete), b_done.eq(complete)]
@@ -256,10 +283,10 @@ class GemmCore(wiring.Component):
                                      ld_nt.eq(ld_nt + 1)]
                         with m.If(last_n_tile):
                             m.next = "A"
-                with m.If(take & self.s_axis_tlast):
+                with m.If(take & in_last):
                     m.next = "IDLE"
             with m.State("A"):
-                m.d.comb += self.s_axis_tready.eq(~panel_full.bit_select(ld_bank, 1))
+                m.d.comb += in_ready.eq(~panel_full.bit_select(ld_bank, 1))
                 complete = collect(beats_a)
                 final = complete & last_k & last_m_tile
                 early_tlast(final)
@@ -269,14 +296,14 @@ class GemmCore(wiring.Component):
                     with m.If(last_k):
                         m.d.sync += [ld_k.eq(0), restart_k, ld_bank.eq(~ld_bank),
                                      ld_i0.eq(ld_i0 + rows), next_m_tile]
-                with m.If(take & self.s_axis_tlast):
+                with m.If(take & in_last):
                     m.next = "IDLE"
                 with m.Elif(final):
                     m.d.sync += self.error.eq(Error.TLAST_MISSING)
                     m.next = "DRAIN"
             with m.State("DRAIN"):
-                m.d.comb += self.s_axis_tready.eq(1)
-                with m.If(take & self.s_axis_tlast):
+                m.d.comb += in_ready.eq(1)
+                with m.If(take & in_last):
                     m.next = "IDLE"
 
         # The masks and the panel flags take a completed word's news a cycle later, from
@@ -559,12 +586,13 @@ class GemmCore(wiring.Component):
                                                           "out_last_n")
         out_last_m, next_out_m, _ = walk_flag(out_i0, rows, job_m, self.m, "out_last_m")
         final_row = (out_row == rows - 1) & out_last_n & out_last_m
-        out_take = self.m_axis_tvalid & self.m_axis_tready
+        out_take = out_valid & out_ready
+        finished = Signal()  # the last beat is in the output slice
         with m.If(fifo.r_rdy):
             m.d.comb += [
-                self.m_axis_tvalid.eq(1),
-                self.m_axis_tdata.eq(padded.word_select(out_beat, width)),
-                self.m_axis_tlast.eq(row_end & final_row),
+                out_valid.eq(1),
+                out_data.eq(padded.word_select(out_beat, width)),
+                out_last.eq(row_end & final_row),
             ]
             with m.If(out_take):
                 m.d.sync += out_beat.eq(out_beat + 1)
@@ -577,12 +605,15 @@ class GemmCore(wiring.Component):
                             m.d.sync += [out_j0.eq(0), restart_out_n, out_i0.eq(out_i0 + rows),
                                          next_out_m]
                     with m.If(final_row):
-                        m.d.sync += [self.busy.eq(0), self.done.eq(1)]
-        with m.Elif(closing & (reserved == 0) & self.busy):
+                        m.d.sync += finished.eq(1)
+        with m.Elif(closing & (reserved == 0) & self.busy & ~finished):
             # A job that ended early still closes its output packet: one zero beat with TLAST.
-            m.d.comb += [self.m_axis_tvalid.eq(1), self.m_axis_tlast.eq(1)]
+            m.d.comb += [out_valid.eq(1), out_last.eq(1)]
             with m.If(out_take):
-                m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+                m.d.sync += finished.eq(1)
+        # The job is done when its last beat has left the output slice.
+        with m.If(finished & (m_slice.level == 0)):
+            m.d.sync += [finished.eq(0), self.busy.eq(0), self.done.eq(1)]
 
         m.d.sync += reserved.eq(reserved + Mux(issue_last, rows, 0) - row_popped)
         with m.If(self.busy):

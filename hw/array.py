@@ -24,7 +24,7 @@ Columns are built in groups (:func:`column_groups`): a single PE, or with ``dsp_
 :class:`.PackedPair` of two DSP columns sharing one multiplier. The columns of a group enter
 together and A crosses one register per group.
 
-Latency: row ``i`` of a tile appears on ``c`` ``groups + i + pe.LATENCY`` cycles after the
+Latency: row ``i`` of a tile appears on ``c`` ``groups + i + pe.LATENCY + 1`` cycles after the
 cycle that carried the tile's ``last`` k-step (``groups`` = ``cols`` unless packed), so the last
 row leaves :func:`latency` cycles after it.
 
@@ -33,7 +33,7 @@ shorter tile with cycles where ``valid`` is low). Then result rows of two tiles 
 same cycle, and a PE's result register is read before the next tile overwrites it.
 """
 
-from amaranth import Module
+from amaranth import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
@@ -42,6 +42,15 @@ from .pe import ACCUMULATOR, LATENCY, OPERAND, PackedPair, ProcessingElement
 from .pipeline import delay
 
 MAX_DIMENSION = 32
+ROW_GROUP = 4  # rows gathered per register in the first stage of the result read-out
+GATHER_STAGES = 2
+
+
+def _or_all(values):
+    result = values[0]
+    for value in values[1:]:
+        result = result | value
+    return result
 
 
 def column_groups(cols, lut_columns=0, dsp_packing=False):
@@ -56,7 +65,7 @@ def column_groups(cols, lut_columns=0, dsp_packing=False):
 
 def latency(rows, cols, lut_columns=0, dsp_packing=False):
     """Cycles from a tile's ``last`` k-step entering the array to its final result row."""
-    return rows + len(column_groups(cols, lut_columns, dsp_packing)) + LATENCY - 1
+    return rows + len(column_groups(cols, lut_columns, dsp_packing)) + LATENCY - 2 + GATHER_STAGES
 
 
 def check_lut_columns(lut_columns, cols):
@@ -164,13 +173,24 @@ class SystolicArray(wiring.Component):
         for i in range(rows):
             done = pes[i][east].valid_out & pes[i][east].last_out
             row_done.append(skew(done, LATENCY - 1, f"done{i}"))
-        m.d.sync += self.out_valid.eq(0)
-        for i in range(rows):
-            with m.If(row_done[i]):
-                m.d.sync += [
-                    self.out_valid.eq(1),
-                    self.out_row.eq(i),
-                    *(self.c[j].eq(port(pes[i][g], "result", lane))
-                      for j, (g, lane) in enumerate(lanes)),
-                ]
+        # The finished row is gathered in two registered stages, because the rows' result
+        # registers lie across the whole array: an AND-OR of up to four rows per group, then of
+        # the groups. A row's result register holds still for a whole tile after its row_done
+        # (the issue rule), and row_done is one-hot, so an OR suffices.
+        groups = [list(range(i, min(i + ROW_GROUP, rows))) for i in range(0, rows, ROW_GROUP)]
+        gathered = []
+        for number, members in enumerate(groups):
+            part = [Signal(ACCUMULATOR, name=f"gather{number}_c{j}") for j in range(cols)]
+            for j, (g, lane) in enumerate(lanes):
+                terms = [Mux(row_done[i], port(pes[i][g], "result", lane), 0) for i in members]
+                m.d.sync += part[j].eq(_or_all(terms))
+            gathered.append(part)
+        valid1, row1 = Signal(), Signal.like(self.out_row)
+        m.d.sync += [
+            valid1.eq(_or_all(row_done)),
+            row1.eq(_or_all([Mux(row_done[i], i, 0) for i in range(rows)])),
+            self.out_valid.eq(valid1), self.out_row.eq(row1),
+        ]
+        for j in range(cols):
+            m.d.sync += self.c[j].eq(_or_all([part[j] for part in gathered]))
         return m

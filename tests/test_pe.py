@@ -219,8 +219,10 @@ def simulate_pair(steps):
             await ctx.tick()
             seen.append([(ctx.get(pair.acc[lane]), ctx.get(pair.result[lane])) for lane in (0, 1)])
         ctx.set(pair.valid_in, 0)
-        await ctx.tick().repeat(LATENCY - 1)
-        seen.append([(ctx.get(pair.acc[lane]), ctx.get(pair.result[lane])) for lane in (0, 1)])
+        for _ in range(LATENCY - 1):
+            await ctx.tick()
+            seen.append([(ctx.get(pair.acc[lane]), ctx.get(pair.result[lane]))
+                         for lane in (0, 1)])
 
     sim = Simulator(pair)
     sim.add_clock(1e-6)

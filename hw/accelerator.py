@@ -182,7 +182,8 @@ class GemmCore(wiring.Component):
             m_slice.w_en.eq(out_valid), out_ready.eq(m_slice.w_rdy),
             m_slice.w_data.eq(Cat(out_data, out_last)),
             self.m_axis_tvalid.eq(m_slice.r_rdy), m_slice.r_en.eq(self.m_axis_tready),
-            self.m_axis_tdata.eq(m_slice.r_data[:width]), self.m_axis_tlast.eq(m_slice.r_data[width]),
+            self.m_axis_tdata.eq(m_slice.r_data[:width]),
+            self.m_axis_tlast.eq(m_slice.r_data[width]),
         ]
         with m.If(self.start):
             m.d.sync += accepting.eq(1)

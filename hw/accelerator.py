@@ -21,6 +21,10 @@ Dataflow of one job (``C = A @ B``, ``M x K @ K x N``):
   :class:`.PostProcessor` into a FIFO of ``2 x rows`` rows and out as stream vectors, while
   the array already works on the next tile.
 
+Both stream ports pass through three-entry register slices (FIFOs with registered outputs and
+a ready from a registered level), so no path runs from the DMA's handshake into the loader's
+or the drain's decisions; the job is done when its last beat has left the output slice.
+
 A dense job on an 8x8 array with a 64-bit stream is compute-bound once ``N > cols``: an m-tile
 brings ``K`` beats and keeps the array busy ``ceil(N/cols) x K`` cycles.
 

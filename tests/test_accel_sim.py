@@ -22,7 +22,8 @@ def needs(simulator):
 
 
 @pytest.mark.parametrize("testcase", ["test_registers", "test_directed_jobs", "test_errors",
-                                      "test_abandoned_jobs", "test_sparse_patterns"])
+                                      "test_abandoned_jobs", "test_sparse_patterns",
+                                      "test_queued_packets"])
 def test_default_build(testcase):
     needs("verilator")
     runner.check(design(DEFAULT), "verilator", TB, testcase, DEFAULT)

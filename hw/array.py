@@ -39,18 +39,11 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
 from .pe import ACCUMULATOR, LATENCY, OPERAND, PackedPair, ProcessingElement
-from .pipeline import delay
+from .pipeline import delay, or_all
 
 MAX_DIMENSION = 32
 ROW_GROUP = 4  # rows gathered per register in the first stage of the result read-out
 GATHER_STAGES = 2
-
-
-def _or_all(values):
-    result = values[0]
-    for value in values[1:]:
-        result = result | value
-    return result
 
 
 def column_groups(cols, lut_columns=0, dsp_packing=False):
@@ -183,14 +176,14 @@ class SystolicArray(wiring.Component):
             part = [Signal(ACCUMULATOR, name=f"gather{number}_c{j}") for j in range(cols)]
             for j, (g, lane) in enumerate(lanes):
                 terms = [Mux(row_done[i], port(pes[i][g], "result", lane), 0) for i in members]
-                m.d.sync += part[j].eq(_or_all(terms))
+                m.d.sync += part[j].eq(or_all(terms))
             gathered.append(part)
         valid1, row1 = Signal(), Signal.like(self.out_row)
         m.d.sync += [
-            valid1.eq(_or_all(row_done)),
-            row1.eq(_or_all([Mux(row_done[i], i, 0) for i in range(rows)])),
+            valid1.eq(or_all(row_done)),
+            row1.eq(or_all([Mux(row_done[i], i, 0) for i in range(rows)])),
             self.out_valid.eq(valid1), self.out_row.eq(row1),
         ]
         for j in range(cols):
-            m.d.sync += self.c[j].eq(_or_all([part[j] for part in gathered]))
+            m.d.sync += self.c[j].eq(or_all([part[j] for part in gathered]))
         return m

@@ -27,6 +27,8 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
+from .pipeline import or_all
+
 GROUP = 16
 
 
@@ -132,7 +134,7 @@ class StepPicker(wiring.Component):
         # fetch.
         first = Signal(count)
         fetched = Signal(size)
-        m.d.comb += fetched.eq(_or_all([Mux(first[g], groups[g], 0) for g in range(count)]))
+        m.d.comb += fetched.eq(or_all([Mux(first[g], groups[g], 0) for g in range(count)]))
 
         loaded = Signal(count)
         m.d.comb += loaded.eq(Cat(*(padded[g * size:(g + 1) * size].any() for g in range(count))))
@@ -166,10 +168,3 @@ class StepPicker(wiring.Component):
                                  avail.eq(remaining),
                                  first.eq(first_remaining)]
         return m
-
-
-def _or_all(values):
-    result = values[0]
-    for value in values[1:]:
-        result = result | value
-    return result

@@ -1,5 +1,5 @@
 """Register chains, the one building block of the pipelines in :mod:`.array` (operand skew)
-and :mod:`.postproc` (stages)."""
+and :mod:`.postproc` (stages), and an OR over a list of values (one-hot selections)."""
 
 from amaranth import Signal, Value
 
@@ -14,3 +14,11 @@ def delay(m, value, depth, name, shape=None):
         m.d.sync += register.eq(value)
         value = register
     return value
+
+
+def or_all(values):
+    """``values[0] | values[1] | ...`` (at least one value)."""
+    result = values[0]
+    for value in values[1:]:
+        result = result | value
+    return result

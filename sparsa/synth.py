@@ -89,7 +89,7 @@ def harness(verilog_text, top, clock="aclk", stages=HARNESS_STAGES):
     out_bits = sum(width for _, width in outputs)
     connections, position = [f"    .{clock}(clk)"], {"input": 0, "output": 0}
     for kind, group in (("input", inputs), ("output", outputs)):
-        vector = f"in{stages}" if kind == "input" else "result"
+        vector = (f"in{stages}" if stages else "shift") if kind == "input" else "result"
         for name, width in group:
             low = position[kind]
             connections.append(f"    .{name}({vector}[{low + width - 1}:{low}])")

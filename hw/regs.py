@@ -19,6 +19,8 @@ from amaranth.lib.wiring import In, Out
 
 from sparsa import protocol
 
+from .pipeline import or_all
+
 OKAY, DECERR = 0b00, 0b11
 
 
@@ -101,10 +103,10 @@ class RegisterBlock(wiring.Component):
             m.d.sync += selected.eq(Cat(*(address == register.address >> 2
                                           for register in self.registers)))
         with m.If(reading):
-            value = 0
-            for flag, register in zip(selected, self.registers):
-                if register.access != "wo":  # write-only registers read as 0
-                    value = value | Mux(flag, getattr(self, register.name), 0)
+            # Write-only registers read as 0.
+            value = or_all([Mux(flag, getattr(self, register.name), 0)
+                            for flag, register in zip(selected, self.registers)
+                            if register.access != "wo"])
             m.d.sync += [self.s_axi_rvalid.eq(1),
                          self.s_axi_rresp.eq(Mux(selected.any(), OKAY, DECERR)),
                          self.s_axi_rdata.eq(value)]

@@ -21,9 +21,10 @@ Dataflow of one job (``C = A @ B``, ``M x K @ K x N``):
   :class:`.PostProcessor` into a FIFO of ``2 x rows`` rows and out as stream vectors, while
   the array already works on the next tile.
 
-Both stream ports pass through three-entry register slices (FIFOs with registered outputs and
-a ready from a registered level), so no path runs from the DMA's handshake into the loader's
-or the drain's decisions; the job is done when its last beat has left the output slice.
+Both stream ports are credit-based links (:class:`.CreditLink`): the handshake with the DMA is
+answered beside the port, and the beats cross the die through registers, so no path runs from
+the DMA's handshake into the loader's or the drain's decisions; the job is done when its last
+beat has left the output link.
 
 A dense job on an 8x8 array with a 64-bit stream is compute-bound once ``N > cols``: an m-tile
 brings ``K`` beats and keeps the array busy ``ceil(N/cols) x K`` cycles.
@@ -33,7 +34,8 @@ with the registers' values; ``CONTROL.SOFT_RESET`` only resets the datapath. Bad
 ``ERROR`` instead of hanging; see :mod:`sparsa.protocol`.
 """
 
-from amaranth import Cat, ClockDomain, Const, Module, Mux, ResetInserter, Signal, signed, unsigned
+from amaranth import (Cat, ClockDomain, Const, DomainRenamer, Module, Mux, Signal, signed,
+                      unsigned)
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.memory import Memory
@@ -44,6 +46,7 @@ from sparsa import protocol
 from sparsa.protocol import KNOWN_OPTIONS, STREAM_WIDTHS, Control, Error, Feature, Option
 
 from .array import SystolicArray, check_dimensions, check_lut_columns
+from .link import CreditLink
 from .picker import StepPicker
 from .pipeline import delay
 from .postproc import PostProcessor
@@ -95,6 +98,8 @@ class GemmCore(wiring.Component):
         # The job's registers are checked ahead of ``start`` (the top level starts the core
         # three cycles after the START write): each condition is registered, then the first
         # that fails gives the error code, so neither stage holds more than one wide compare.
+        # Both registers follow the job's registers in every cycle, through the core's reset
+        # too (which comes a cycle after the START write), so ``check`` is right at ``start``.
         zero_signed = self.quant_zero.as_signed()
         requant_asked = (self.options & Option.REQUANT).any()
         conditions = [
@@ -106,9 +111,9 @@ class GemmCore(wiring.Component):
             (Error.BAD_QUANT, requant_asked & ((self.quant_shift > 31) | (zero_signed < -128)
                                                | (zero_signed > 127))),
         ]
-        failed = Signal(len(conditions))
+        failed = Signal(len(conditions), reset_less=True)
         m.d.sync += failed.eq(Cat(*(condition for _, condition in conditions)))
-        check = Signal(8)
+        check = Signal(8, reset_less=True)
         verdict = Const(Error.NONE, 8)
         for index, (error, _) in reversed(list(enumerate(conditions))):
             verdict = Mux(failed[index], error, verdict)
@@ -166,34 +171,35 @@ class GemmCore(wiring.Component):
                 m.d.sync += flag.eq(step >= register)
             return flag, flag.eq(value + 2 * step >= limit), flag.eq(step >= limit)
 
-        # ---- stream register slices ----------------------------------------------------------
-        # Each stream port goes through a three-entry FIFO (registered data and valid, ready
-        # from a registered level; full throughput), so the DMA's handshake signals and the
-        # loader's and the drain's decisions never share a cycle. The input slice takes beats
-        # only from ``start`` to the first TLAST, as the loader alone did: a following packet
-        # waits outside for its job, and nothing is held across the START reset.
-        m.submodules.s_slice = s_slice = SyncFIFOBuffered(width=width + 1, depth=3)
-        m.submodules.m_slice = m_slice = SyncFIFOBuffered(width=width + 1, depth=3)
+        # ---- stream links ----------------------------------------------------------------------
+        # Each stream port is a credit-based link (:class:`.CreditLink`): the port's handshake
+        # is answered beside the port, from a credit count, and the beats cross to the loader
+        # (from the drain) through registers into a FIFO, so no path runs from the DMA's
+        # handshake into the loader's or the drain's decisions, nor between the two ends of a
+        # link. The input link takes beats only from ``start`` to the first TLAST, as the loader
+        # alone did: a following packet waits outside for its job, and nothing is held across
+        # the START reset.
+        m.submodules.s_link = s_link = CreditLink(width + 1, buffered=True)
+        m.submodules.m_link = m_link = CreditLink(width + 1)
         accepting = Signal()
         in_valid, in_ready, in_last, in_data = Signal(), Signal(), Signal(), Signal(width)
         out_valid, out_ready, out_last, out_data = Signal(), Signal(), Signal(), Signal(width)
         m.d.comb += [
-            self.s_axis_tready.eq(s_slice.w_rdy & accepting),
-            s_slice.w_en.eq(self.s_axis_tvalid & accepting),
-            s_slice.w_data.eq(Cat(self.s_axis_tdata, self.s_axis_tlast)),
-            in_valid.eq(s_slice.r_rdy), s_slice.r_en.eq(in_ready),
-            in_data.eq(s_slice.r_data[:width]), in_last.eq(s_slice.r_data[width]),
-            m_slice.w_en.eq(out_valid), out_ready.eq(m_slice.w_rdy),
-            m_slice.w_data.eq(Cat(out_data, out_last)),
-            self.m_axis_tvalid.eq(m_slice.r_rdy), m_slice.r_en.eq(self.m_axis_tready),
-            self.m_axis_tdata.eq(m_slice.r_data[:width]),
-            self.m_axis_tlast.eq(m_slice.r_data[width]),
+            self.s_axis_tready.eq(s_link.i.ready & accepting),
+            s_link.i.valid.eq(self.s_axis_tvalid & accepting),
+            s_link.i.payload.eq(Cat(self.s_axis_tdata, self.s_axis_tlast)),
+            in_valid.eq(s_link.o.valid), s_link.o.ready.eq(in_ready),
+            in_data.eq(s_link.o.payload[:width]), in_last.eq(s_link.o.payload[width]),
+            m_link.i.valid.eq(out_valid), out_ready.eq(m_link.i.ready),
+            m_link.i.payload.eq(Cat(out_data, out_last)),
+            self.m_axis_tvalid.eq(m_link.o.valid), m_link.o.ready.eq(self.m_axis_tready),
+            self.m_axis_tdata.eq(m_link.o.payload[:width]),
+            self.m_axis_tlast.eq(m_link.o.payload[width]),
         ]
         with m.If(self.start):
             m.d.sync += accepting.eq(1)
         with m.If(self.s_axis_tvalid & self.s_axis_tready & self.s_axis_tlast):
             m.d.sync += accepting.eq(0)
-
         # ---- loader: s_axis -> memories ------------------------------------------------------
         beats_bias = g.vector_beats(4 * cols)
         beats_b = g.vector_beats(cols)
@@ -592,7 +598,7 @@ class GemmCore(wiring.Component):
         out_last_m, next_out_m, _ = walk_flag(out_i0, rows, job_m, self.m, "out_last_m")
         final_row = (out_row == rows - 1) & out_last_n & out_last_m
         out_take = out_valid & out_ready
-        finished = Signal()  # the last beat is in the output slice
+        finished = Signal()  # the last beat is in the output link
         with m.If(fifo.r_rdy):
             m.d.comb += [
                 out_valid.eq(1),
@@ -616,8 +622,8 @@ class GemmCore(wiring.Component):
             m.d.comb += [out_valid.eq(1), out_last.eq(1)]
             with m.If(out_take):
                 m.d.sync += finished.eq(1)
-        # The job is done when its last beat has left the output slice.
-        with m.If(finished & (m_slice.level == 0)):
+        # The job is done when its last beat has left the output link.
+        with m.If(finished & m_link.idle):
             m.d.sync += [finished.eq(0), self.busy.eq(0), self.done.eq(1)]
 
         m.d.sync += reserved.eq(reserved + Mux(issue_last, rows, 0) - row_popped)
@@ -680,10 +686,16 @@ class Accelerator(wiring.Component):
         start = control & regs.CONTROL[Control.START.bit_length() - 1]
         soft_reset = control & regs.CONTROL[Control.SOFT_RESET.bit_length() - 1]
         # START first resets the datapath, then starts it three cycles later from a clean slate
-        # (the core checks the job's registers in between).
-        core = ResetInserter(start | soft_reset)(GemmCore(self.geometry, self.sparse_skip,
-                                                               self.lut_columns,
-                                                               self.dsp_packing))
+        # (the core checks the job's registers all the while). The core has a clock domain of
+        # its own whose reset is one register, set by aresetn, START or SOFT_RESET: a net from a
+        # single flip-flop, which reaches the core's registers all over the die without logic
+        # on the way (nextpnr puts it on a global network).
+        m.domains.core = core_domain = ClockDomain("core")
+        core_reset = Signal(init=1)
+        m.d.sync += core_reset.eq(start | soft_reset)
+        m.d.comb += [core_domain.clk.eq(self.aclk), core_domain.rst.eq(core_reset)]
+        core = DomainRenamer("core")(GemmCore(self.geometry, self.sparse_skip,
+                                              self.lut_columns, self.dsp_packing))
         m.submodules.core = core
         m.d.comb += [
             core.start.eq(delay(m, start & ~soft_reset, 3, "start_")),

@@ -206,7 +206,10 @@ class GemmCore(wiring.Component):
         beats_a = g.vector_beats(rows)
         beats_max = max(beats_bias, beats_b, beats_a)
         beat = Signal(range(beats_max))
-        partial = Signal(width * max(beats_max - 1, 1))
+        # A word's earlier beats, each in its own register (written when its beat is taken and
+        # never cleared: a word uses only the beats it has, and the memories' widths cut off
+        # the rest), so no data register waits on whether the word is complete.
+        partial = [Signal(width, name=f"partial{index}") for index in range(beats_max - 1)]
         ld_k = Signal(range(g.max_k))
         ld_j0 = Signal(range(g.max_n + cols))
         ld_i0 = Signal(33)
@@ -218,7 +221,8 @@ class GemmCore(wiring.Component):
         take = Signal()
         m.d.comb += [
             take.eq(in_valid & in_ready),
-            word.eq((in_data << (beat * width)) | partial),
+            word.eq(Cat(*(Mux(beat == index, in_data, part)
+                          for index, part in enumerate(partial)), in_data)),
             bias_wr.addr.eq(ld_nt), bias_wr.data.eq(word),
             mult_wr.addr.eq(ld_nt), mult_wr.data.eq(word),
             b_wr.addr.eq(ld_b_addr), b_wr.data.eq(word),
@@ -235,10 +239,13 @@ class GemmCore(wiring.Component):
             complete = Signal(name=f"complete{beats}")
             m.d.comb += complete.eq(take & (beat == beats - 1))
             with m.If(take):
+                for index, part in enumerate(partial[:beats - 1]):
+                    with m.If(beat == index):
+                        m.d.sync += part.eq(in_data)
                 with m.If(complete):
-                    m.d.sync += [beat.eq(0), partial.eq(0)]
+                    m.d.sync += beat.eq(0)
                 with m.Else():
-                    m.d.sync += [beat.eq(beat + 1), partial.eq(word)]
+                    m.d.sync += beat.eq(beat + 1)
             return complete
 
         def early_tlast(final):
@@ -257,11 +264,20 @@ class GemmCore(wiring.Component):
                     m.d.sync += [ld_j0.eq(0), ld_nt.eq(0), restart_n_tile]
             return complete & last_n_tile
 
+        # Whether the A bank being loaded is free, from registers of the cycle before. A bank
+        # turns full only by the loader's own panel event, which comes after the loader has
+        # moved on to the other bank, and the loader waits in the cycle after each move
+        # (``panel_event``); so the lag never lets it write a full bank, and costs only a cycle
+        # when the sequencer frees one. In A, the loader's ready is a choice between registers.
+        bank_free, panel_event = Signal(), Signal()
+        m.d.sync += [bank_free.eq(~panel_full.bit_select(ld_bank, 1)),
+                     panel_event.eq(a_done & last_k)]
+
         with m.FSM(name="loader"):
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += [ld_k.eq(0), ld_j0.eq(0), ld_i0.eq(0), ld_nt.eq(0),
-                                 ld_b_addr.eq(0), ld_bank.eq(0), beat.eq(0), partial.eq(0)]
+                                 ld_b_addr.eq(0), ld_bank.eq(0), beat.eq(0)]
                     with m.If(rejected):
                         m.next = "DRAIN"
                     with m.Elif(self.options & Option.BIAS):
@@ -297,7 +313,7 @@ class GemmCore(wiring.Component):
                 with m.If(take & in_last):
                     m.next = "IDLE"
             with m.State("A"):
-                m.d.comb += in_ready.eq(~panel_full.bit_select(ld_bank, 1))
+                m.d.comb += in_ready.eq(bank_free & ~panel_event)
                 complete = collect(beats_a)
                 final = complete & last_k & last_m_tile
                 early_tlast(final)
@@ -320,8 +336,8 @@ class GemmCore(wiring.Component):
         # The masks and the panel flags take a completed word's news a cycle later, from
         # registers, so their wide shift registers' enables are not on the loader's own path.
         # (The sequencer looks at a panel only once its flag is set, and at B's masks later.)
-        a_event, a_bank, panel_event = Signal(), Signal(), Signal()
-        m.d.sync += [a_event.eq(a_done), a_bank.eq(ld_bank), panel_event.eq(a_done & last_k)]
+        a_event, a_bank = Signal(), Signal()
+        m.d.sync += [a_event.eq(a_done), a_bank.eq(ld_bank)]
         if self.sparse_skip:
             b_event, b_last, b_first = Signal(), Signal(), Signal()
             b_bit, a_bit = Signal(), Signal()
@@ -370,6 +386,7 @@ class GemmCore(wiring.Component):
         slot = Signal(range(rows * cols + 1))  # real products per k-step of this tile
         since_last = Signal(range(gap + 1))
         reserved = Signal(range(fifo_rows + rows + 1))
+        reserve, popped = Signal(), Signal()  # issue_last and row_popped, a cycle late
         issue = Signal()
         issue_last = Signal()
         tile_load = Signal()  # LOAD: the tile's k-steps start
@@ -404,11 +421,12 @@ class GemmCore(wiring.Component):
             # the tags follow the address through the block RAM and its output register.
             b_addr, b_tag1, b_tag2 = Signal.like(sq_nt), Signal.like(sq_nt), Signal.like(sq_nt)
             b_mask = Signal(g.max_k)
+            tag_on_this, tag_on_next, moved = Signal(), Signal(), Signal()
+            m.d.comb += mask_ready.eq(Mux(moved, tag_on_next, tag_on_this))
             a_mask = Signal(g.max_k)
             m.d.comb += [
                 b_addr.eq(Mux(in_issue, next_nt, sq_nt)),
                 b_nonzero_rd.addr.eq(b_addr),
-                mask_ready.eq(b_tag2 == sq_nt),
                 picker.mask.eq(a_mask & b_mask),
                 picker.load.eq(tile_load),
                 picker.take.eq(issue),
@@ -421,6 +439,12 @@ class GemmCore(wiring.Component):
                 k_offset.eq(g.max_k - job_k),
                 next_nt.eq(Mux(sq_last_n, 0, sq_nt + 1)),
                 b_tag1.eq(b_addr), b_tag2.eq(b_tag1), b_mask.eq(b_nonzero_rd.data),
+                # Whether b_tag2 will equal sq_nt in the next cycle, for sq_nt staying and for
+                # sq_nt moving on (it moves to next_nt on issue_last; at start it returns to
+                # 0 while the sequencer waits, not in LOAD), so ``mask_ready`` is a choice
+                # between registers and LOAD's decision has no compare in it.
+                tag_on_this.eq(b_tag1 == sq_nt), tag_on_next.eq(b_tag1 == next_nt),
+                moved.eq(issue_last),
                 a_mask.eq(Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & k_valid),
             ]
         else:
@@ -437,13 +461,13 @@ class GemmCore(wiring.Component):
                 m.d.sync += step.eq(0)
             with m.Elif(issue):
                 m.d.sync += step.eq(step + 1)
-        m.d.comb += [
-        ]
         # The k-step's memory addresses are registered (the sum is not in the block RAMs'
         # address set-up).
         m.d.sync += [a_rd.addr.eq(a_base + k_position), b_rd.addr.eq(b_base + k_position)]
-        # Both registered: ``room`` lags ``reserved`` by a cycle, which only errs on the safe
-        # side (no tile ends within three cycles of the last); ``gap_ok`` is exact.
+        # Both registered: ``room`` lags ``reserved`` by a cycle, and ``reserved`` takes the
+        # sequencer's and the drain's news a cycle late (``reserve``, ``popped``, registers),
+        # which only errs on the safe side: no tile ends within three cycles of the last, and a
+        # row freed late only delays the next reservation. ``gap_ok`` is exact.
         room, gap_ok = Signal(), Signal()
         m.d.sync += [room.eq(reserved <= fifo_rows - rows),
                      gap_ok.eq(~issue_last & (since_last >= gap - 2))]
@@ -617,7 +641,7 @@ class GemmCore(wiring.Component):
                                          next_out_m]
                     with m.If(final_row):
                         m.d.sync += finished.eq(1)
-        with m.Elif(closing & (reserved == 0) & self.busy & ~finished):
+        with m.Elif(closing & (reserved == 0) & ~reserve & self.busy & ~finished):
             # A job that ended early still closes its output packet: one zero beat with TLAST.
             m.d.comb += [out_valid.eq(1), out_last.eq(1)]
             with m.If(out_take):
@@ -626,7 +650,8 @@ class GemmCore(wiring.Component):
         with m.If(finished & m_link.idle):
             m.d.sync += [finished.eq(0), self.busy.eq(0), self.done.eq(1)]
 
-        m.d.sync += reserved.eq(reserved + Mux(issue_last, rows, 0) - row_popped)
+        m.d.sync += [reserve.eq(issue_last), popped.eq(row_popped),
+                     reserved.eq(reserved + Mux(reserve, rows, 0) - popped)]
         with m.If(self.busy):
             m.d.sync += self.cycles.eq(self.cycles + 1)
         return m

@@ -86,14 +86,17 @@ class GemmCore(wiring.Component):
         gap = max(rows, cols)
 
         # ---- the job, latched at start -------------------------------------------------------
-        job_m = Signal(32)
-        job_k = Signal(range(g.max_k + 1))
-        job_n = Signal(range(g.max_n + 1))
+        # The job's values are latched at start and read only after it, so they need no reset
+        # (nor do the other data registers marked ``reset_less`` below: the fewer loads on the
+        # core's reset, the shorter its net).
+        job_m = Signal(32, reset_less=True)
+        job_k = Signal(range(g.max_k + 1), reset_less=True)
+        job_n = Signal(range(g.max_n + 1), reset_less=True)
         bias_en, requant, relu, no_skip = Signal(), Signal(), Signal(), Signal()
         channel_quant = Signal()
-        mult = Signal(signed(32))
-        shift = Signal(unsigned(5))
-        zero = Signal(signed(8))
+        mult = Signal(signed(32), reset_less=True)
+        shift = Signal(unsigned(5), reset_less=True)
+        zero = Signal(signed(8), reset_less=True)
         closing = Signal()  # no more tiles will be issued; close the output packet when drained
         # The job's registers are checked ahead of ``start`` (the top level starts the core
         # three cycles after the START write): each condition is registered, then the first
@@ -150,7 +153,8 @@ class GemmCore(wiring.Component):
             # the K words of a panel, k-step k sits at bit max_k - K + k (no index decoders).
             # Bits below max_k - K are stale and masked off by ``k_valid``, whose top K bits are
             # set while the first n-tile of B arrives.
-            a_nonzero = [Signal(g.max_k, name=f"a_nonzero{bank}") for bank in range(2)]
+            a_nonzero = [Signal(g.max_k, name=f"a_nonzero{bank}", reset_less=True)
+                         for bank in range(2)]
             k_valid = Signal(g.max_k)
             # Few words but wide: block RAM, so the masks cost no LUTs (ram_style is the
             # attribute Vivado and Yosys both read).
@@ -209,25 +213,49 @@ class GemmCore(wiring.Component):
         # A word's earlier beats, each in its own register (written when its beat is taken and
         # never cleared: a word uses only the beats it has, and the memories' widths cut off
         # the rest), so no data register waits on whether the word is complete.
-        partial = [Signal(width, name=f"partial{index}") for index in range(beats_max - 1)]
+        partial = [Signal(width, name=f"partial{index}", reset_less=True)
+                   for index in range(beats_max - 1)]
         ld_k = Signal(range(g.max_k))
         ld_j0 = Signal(range(g.max_n + cols))
         ld_i0 = Signal(33)
         ld_nt = Signal(range(n_tiles_max))
-        b_nonzero = Signal(g.max_k)  # the mask of the n-tile being loaded, shifted in
+        # The mask of the n-tile being loaded, shifted in (no reset: bits that were not shifted
+        # in during this job are masked off by ``k_valid``, as are a_nonzero's).
+        b_nonzero = Signal(g.max_k, reset_less=True)
         ld_b_addr = Signal(range(n_tiles_max * g.max_k))
         ld_bank = Signal()
         word = Signal(width * beats_max)
         take = Signal()
+        # The loader's ready: always, but while loading A into a bank that is not yet free.
+        # (In IDLE nothing is waiting: the input link stops taking beats at TLAST, and before
+        # the job starts it is empty.) ``loading_a`` follows the FSM into and out of A, so the
+        # ready is one LUT of registers.
+        loading_a = Signal()
+        bank_free, panel_event = Signal(), Signal()  # see below
         m.d.comb += [
+            in_ready.eq(~loading_a | (bank_free & ~panel_event)),
             take.eq(in_valid & in_ready),
             word.eq(Cat(*(Mux(beat == index, in_data, part)
                           for index, part in enumerate(partial)), in_data)),
-            bias_wr.addr.eq(ld_nt), bias_wr.data.eq(word),
-            mult_wr.addr.eq(ld_nt), mult_wr.data.eq(word),
-            b_wr.addr.eq(ld_b_addr), b_wr.data.eq(word),
-            a_wr.addr.eq(Mux(ld_bank, g.max_k, 0) + ld_k), a_wr.data.eq(word),
         ]
+        # Completed words reach the memories a cycle later, through registers (enable, address
+        # and the word), so the memories' write enables are not on the loader's decisions'
+        # path. Nothing reads a word that soon: the sequencer looks at a panel only once its
+        # flag is set (itself a cycle after the word), the drain at bias and multipliers much
+        # later.
+        word_q = Signal.like(word, reset_less=True)
+        m.d.sync += word_q.eq(word)
+
+        def write_later(port, address, name):
+            enable = Signal(name=f"{name}_write")
+            m.d.sync += [port.en.eq(enable), port.addr.eq(address)]
+            m.d.comb += port.data.eq(word_q)
+            return enable
+
+        bias_write = write_later(bias_wr, ld_nt, "bias")
+        mult_write = write_later(mult_wr, ld_nt, "mult")
+        b_write = write_later(b_wr, ld_b_addr, "b")
+        a_write = write_later(a_wr, Mux(ld_bank, g.max_k, 0) + ld_k, "a")
         last_k, next_k, restart_k = walk_flag(ld_k, 1, job_k, self.k, "last_k")
         last_n_tile, next_n_tile, restart_n_tile = walk_flag(ld_j0, cols, job_n, self.n,
                                                              "last_n_tile")
@@ -237,7 +265,9 @@ class GemmCore(wiring.Component):
         def collect(beats):
             """Gather ``beats`` beats into ``word``; true on the beat that completes it."""
             complete = Signal(name=f"complete{beats}")
-            m.d.comb += complete.eq(take & (beat == beats - 1))
+            # (A one-beat word needs no compare: beat is 0 in its states, since every word
+            # before it completed or the job started.)
+            m.d.comb += complete.eq(take & (beat == beats - 1) if beats > 1 else take)
             with m.If(take):
                 for index, part in enumerate(partial[:beats - 1]):
                     with m.If(beat == index):
@@ -248,16 +278,24 @@ class GemmCore(wiring.Component):
                     m.d.sync += beat.eq(beat + 1)
             return complete
 
+        # A packet of the wrong length is reported a cycle later, from registered events, so
+        # the error code and ``closing`` are not on the loader's own path.
+        tlast_early, tlast_missing = Signal(), Signal()
+        with m.If(delay(m, tlast_early, 1, "tlast_early_q")):
+            m.d.sync += [self.error.eq(Error.TLAST_EARLY), closing.eq(1)]
+        with m.If(delay(m, tlast_missing, 1, "tlast_missing_q")):
+            m.d.sync += self.error.eq(Error.TLAST_MISSING)
+
         def early_tlast(final):
             with m.If(take & in_last & ~final):
-                m.d.sync += [self.error.eq(Error.TLAST_EARLY), closing.eq(1)]
+                m.d.comb += tlast_early.eq(1)
 
-        def column_vectors(port):
-            """Load one vector of ``cols`` int32 per n-tile into ``port``; true after the last."""
-            m.d.comb += in_ready.eq(1)
+        def column_vectors(write):
+            """Load one vector of ``cols`` int32 per n-tile (``write``: the memory's enable);
+            true after the last."""
             complete = collect(beats_bias)
             early_tlast(Const(0))
-            m.d.comb += port.en.eq(complete)
+            m.d.comb += write.eq(complete)
             with m.If(complete):
                 m.d.sync += [ld_nt.eq(ld_nt + 1), ld_j0.eq(ld_j0 + cols), next_n_tile]
                 with m.If(last_n_tile):
@@ -269,7 +307,6 @@ class GemmCore(wiring.Component):
         # moved on to the other bank, and the loader waits in the cycle after each move
         # (``panel_event``); so the lag never lets it write a full bank, and costs only a cycle
         # when the sequencer frees one. In A, the loader's ready is a choice between registers.
-        bank_free, panel_event = Signal(), Signal()
         m.d.sync += [bank_free.eq(~panel_full.bit_select(ld_bank, 1)),
                      panel_event.eq(a_done & last_k)]
 
@@ -287,49 +324,50 @@ class GemmCore(wiring.Component):
                     with m.Else():
                         m.next = "B"
             with m.State("BIAS"):
-                with m.If(column_vectors(bias_wr)):
+                with m.If(column_vectors(bias_write)):
                     m.next = "B"
                     with m.If(channel_quant):
                         m.next = "MULT"
                 with m.If(take & in_last):
                     m.next = "IDLE"
             with m.State("MULT"):
-                with m.If(column_vectors(mult_wr)):
+                with m.If(column_vectors(mult_write)):
                     m.next = "B"
                 with m.If(take & in_last):
                     m.next = "IDLE"
             with m.State("B"):
-                m.d.comb += in_ready.eq(1)
                 complete = collect(beats_b)
                 early_tlast(Const(0))
-                m.d.comb += [b_wr.en.eq(complete), b_done.eq(complete)]
+                m.d.comb += [b_write.eq(complete), b_done.eq(complete)]
                 with m.If(complete):
                     m.d.sync += [ld_b_addr.eq(ld_b_addr + 1), ld_k.eq(ld_k + 1), next_k]
                     with m.If(last_k):
                         m.d.sync += [ld_k.eq(0), restart_k, ld_j0.eq(ld_j0 + cols), next_n_tile,
                                      ld_nt.eq(ld_nt + 1)]
                         with m.If(last_n_tile):
+                            m.d.sync += loading_a.eq(1)
                             m.next = "A"
                 with m.If(take & in_last):
+                    m.d.sync += loading_a.eq(0)
                     m.next = "IDLE"
             with m.State("A"):
-                m.d.comb += in_ready.eq(bank_free & ~panel_event)
                 complete = collect(beats_a)
                 final = complete & last_k & last_m_tile
                 early_tlast(final)
-                m.d.comb += [a_wr.en.eq(complete), a_done.eq(complete)]
+                m.d.comb += [a_write.eq(complete), a_done.eq(complete)]
                 with m.If(complete):
                     m.d.sync += [ld_k.eq(ld_k + 1), next_k]
                     with m.If(last_k):
                         m.d.sync += [ld_k.eq(0), restart_k, ld_bank.eq(~ld_bank),
                                      ld_i0.eq(ld_i0 + rows), next_m_tile]
                 with m.If(take & in_last):
+                    m.d.sync += loading_a.eq(0)
                     m.next = "IDLE"
                 with m.Elif(final):
-                    m.d.sync += self.error.eq(Error.TLAST_MISSING)
+                    m.d.comb += tlast_missing.eq(1)
+                    m.d.sync += loading_a.eq(0)
                     m.next = "DRAIN"
             with m.State("DRAIN"):
-                m.d.comb += in_ready.eq(1)
                 with m.If(take & in_last):
                     m.next = "IDLE"
 
@@ -383,7 +421,7 @@ class GemmCore(wiring.Component):
         sq_bank = Signal()
         sq_last_n, sq_last_m = Signal(), Signal()  # the tile is in the last n-tile / m-tile
         issued = Signal(range(g.max_k + 1))  # k-steps of this tile issued so far
-        slot = Signal(range(rows * cols + 1))  # real products per k-step of this tile
+        slot = Signal(range(rows * cols + 1), reset_less=True)  # real products per k-step of this tile
         since_last = Signal(range(gap + 1))
         reserved = Signal(range(fifo_rows + rows + 1))
         reserve, popped = Signal(), Signal()  # issue_last and row_popped, a cycle late
@@ -394,15 +432,15 @@ class GemmCore(wiring.Component):
         # The k-step to issue now is k_position - k_offset (the nonzero masks hold k-step k at
         # bit max_k - K + k); the offset is folded into registered memory base addresses.
         k_position = Signal(max(1, bits_for(g.max_k - 1)))
-        k_offset = Signal(range(g.max_k))
+        k_offset = Signal(range(g.max_k), reset_less=True)
         ready = Signal()  # a k-step is there to issue
         more = Signal()  # another k-step of this tile follows the one issued now
         empty = Signal()  # this tile has no k-step to issue at all
         mask_ready = Signal()  # LOAD may start the tile (its B mask is out of the block RAM)
         # Memory bases minus the offset, modulo the address width (the sums are always in range).
         a_base, b_base = Signal.like(a_rd.addr), Signal.like(b_rd.addr)
-        rows_real = Signal(range(rows + 1))
-        cols_real = Signal(range(cols + 1))
+        rows_real = Signal(range(rows + 1), reset_less=True)
+        cols_real = Signal(range(cols + 1), reset_less=True)
         m.d.sync += [
             a_base.eq(Mux(sq_bank, g.max_k, 0) - k_offset),
             b_base.eq(sq_b_base - k_offset),
@@ -420,10 +458,10 @@ class GemmCore(wiring.Component):
             # The B mask is read for the tile after this one while issuing, else for this one;
             # the tags follow the address through the block RAM and its output register.
             b_addr, b_tag1, b_tag2 = Signal.like(sq_nt), Signal.like(sq_nt), Signal.like(sq_nt)
-            b_mask = Signal(g.max_k)
+            b_mask = Signal(g.max_k, reset_less=True)
             tag_on_this, tag_on_next, moved = Signal(), Signal(), Signal()
             m.d.comb += mask_ready.eq(Mux(moved, tag_on_next, tag_on_this))
-            a_mask = Signal(g.max_k)
+            a_mask = Signal(g.max_k, reset_less=True)
             m.d.comb += [
                 b_addr.eq(Mux(in_issue, next_nt, sq_nt)),
                 b_nonzero_rd.addr.eq(b_addr),
@@ -549,8 +587,8 @@ class GemmCore(wiring.Component):
             array.first.eq(follow(issue & (issued == 0), "first")),
             array.last.eq(follow(issue_last, "last")),
         ]
-        a_lanes = [Signal(signed(8), name=f"a_lane{i}") for i in range(rows)]
-        b_lanes = [Signal(signed(8), name=f"b_lane{j}") for j in range(cols)]
+        a_lanes = [Signal(signed(8), name=f"a_lane{i}", reset_less=True) for i in range(rows)]
+        b_lanes = [Signal(signed(8), name=f"b_lane{j}", reset_less=True) for j in range(cols)]
         for i, lane in enumerate(a_lanes):
             m.d.sync += lane.eq(Mux(kill_q, 0, a_rd.data[8 * i:8 * i + 8]))
             m.d.comb += array.a[i].eq(lane)

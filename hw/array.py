@@ -131,9 +131,10 @@ class SystolicArray(wiring.Component):
             value = getattr(pe, name)
             return value if isinstance(pe, ProcessingElement) else value[lane]
 
-        def skew(signal, depth, name):
-            """``signal`` delayed by ``depth`` registers."""
-            return delay(m, signal, depth, f"{name}_skew")
+        def skew(signal, depth, name, reset_less=False):
+            """``signal`` delayed by ``depth`` registers (all but ``valid``: ``reset_less``,
+            being read only with ``valid``)."""
+            return delay(m, signal, depth, f"{name}_skew", reset_less=reset_less)
 
         # Row i enters i cycles late and column group g enters g cycles late, so the operands
         # of one k-step meet at element (i, g) exactly i + g cycles after they entered.
@@ -141,10 +142,10 @@ class SystolicArray(wiring.Component):
         for i in range(rows):
             west = pes[i][0]
             m.d.comb += [
-                west.a_in.eq(skew(self.a[i], i, f"a{i}")),
+                west.a_in.eq(skew(self.a[i], i, f"a{i}", reset_less=True)),
                 west.valid_in.eq(skew(self.valid, i, f"valid{i}")),
-                west.first_in.eq(skew(self.first, i, f"first{i}")),
-                west.last_in.eq(skew(self.last, i, f"last{i}")),
+                west.first_in.eq(skew(self.first, i, f"first{i}", reset_less=True)),
+                west.last_in.eq(skew(self.last, i, f"last{i}", reset_less=True)),
             ]
             for g in range(1, len(self.groups)):
                 left, pe = pes[i][g - 1], pes[i][g]
@@ -155,7 +156,7 @@ class SystolicArray(wiring.Component):
                     pe.last_in.eq(left.last_out),
                 ]
         for j, (g, lane) in enumerate(lanes):
-            m.d.comb += port(pes[0][g], "b_in", lane).eq(skew(self.b[j], g, f"b{j}"))
+            m.d.comb += port(pes[0][g], "b_in", lane).eq(skew(self.b[j], g, f"b{j}", reset_less=True))
             for i in range(1, rows):
                 m.d.comb += port(pes[i][g], "b_in", lane).eq(port(pes[i - 1][g], "b_out", lane))
 
@@ -173,7 +174,8 @@ class SystolicArray(wiring.Component):
         groups = [list(range(i, min(i + ROW_GROUP, rows))) for i in range(0, rows, ROW_GROUP)]
         gathered = []
         for number, members in enumerate(groups):
-            part = [Signal(ACCUMULATOR, name=f"gather{number}_c{j}") for j in range(cols)]
+            part = [Signal(ACCUMULATOR, name=f"gather{number}_c{j}", reset_less=True)
+                    for j in range(cols)]
             for j, (g, lane) in enumerate(lanes):
                 terms = [Mux(row_done[i], port(pes[i][g], "result", lane), 0) for i in members]
                 m.d.sync += part[j].eq(or_all(terms))
@@ -185,5 +187,7 @@ class SystolicArray(wiring.Component):
             self.out_valid.eq(valid1), self.out_row.eq(row1),
         ]
         for j in range(cols):
-            m.d.sync += self.c[j].eq(or_all([part[j] for part in gathered]))
+            c = Signal(ACCUMULATOR, name=f"c{j}", reset_less=True)
+            m.d.sync += c.eq(or_all([part[j] for part in gathered]))
+            m.d.comb += self.c[j].eq(c)
         return m

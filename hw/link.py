@@ -52,7 +52,7 @@ class CreditLink(wiring.Component):
             self.idle.eq(credits == self.depth),
         ]
         valid = delay(m, take, self.stages, "valid")
-        data = delay(m, self.i.payload, self.stages, "data")
+        data = delay(m, self.i.payload, self.stages, "data", reset_less=True)
         m.d.comb += [
             fifo.w_en.eq(valid), fifo.w_data.eq(data),
             self.o.valid.eq(fifo.r_rdy), self.o.payload.eq(fifo.r_data),

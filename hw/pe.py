@@ -45,21 +45,46 @@ def _product_registers(m, product):
     beside the multiplier and the last product register beside the accumulator, so no path
     has both the multiplier and a long route in it."""
     shape = product.shape()
-    first = Signal(shape, name="product_raw")
-    second = Signal(shape, name="product")
+    first = Signal(shape, name="product_raw", reset_less=True)
+    second = Signal(shape, name="product", reset_less=True)
     m.d.sync += [first.eq(product), second.eq(first)]
     return second
 
 
-def _flags(m, *flags):
-    """The k-step's flags delayed to meet its product (MULTIPLIER_STAGES registers)."""
-    packed = delay(m, Cat(*flags), MULTIPLIER_STAGES, "flags")
-    out, low = [], 0
+def _flags(m, valid, *flags):
+    """The k-step's flags delayed to meet its product (MULTIPLIER_STAGES registers): ``valid``
+    with a reset, the others without (they are read only with ``valid``)."""
+    valid = delay(m, valid, MULTIPLIER_STAGES, "valid")
+    packed = delay(m, Cat(*flags), MULTIPLIER_STAGES, "flags", reset_less=True)
+    out, low = [valid], 0
     for flag in flags:
         width = len(flag)
         out.append(packed[low:low + width])
         low += width
     return out
+
+
+def _data(m, shape, name, port=None):
+    """A data register with no reset (the reset reaches only a PE's ``valid`` flags: the
+    accumulator starts from ``first``, the result is read after ``last``, and operands and
+    flags travel with ``valid``), driving ``port`` when given."""
+    register = Signal(shape, name=name, reset_less=True)
+    if port is not None:
+        m.d.comb += port.eq(register)
+    return register
+
+
+def _pass_on(m, pe, b_pairs):
+    """Register the operands and flags on to the next PEs (``b_pairs``: (b_in, b_out) per
+    lane)."""
+    m.d.sync += [
+        _data(m, OPERAND, "a_out_q", pe.a_out).eq(pe.a_in),
+        *(_data(m, OPERAND, f"b_out{lane}_q", b_out).eq(b_in)
+          for lane, (b_in, b_out) in enumerate(b_pairs)),
+        pe.valid_out.eq(pe.valid_in),
+        _data(m, 1, "first_out_q", pe.first_out).eq(pe.first_in),
+        _data(m, 1, "last_out_q", pe.last_out).eq(pe.last_in),
+    ]
 
 
 class ProcessingElement(wiring.Component):
@@ -114,7 +139,7 @@ class ProcessingElement(wiring.Component):
 
         # Stages 1-3: the multiplier's own operand registers, the product, and the product
         # again (see MULTIPLIER_STAGES); the k-step's flags keep pace.
-        a, b = Signal(OPERAND), Signal(OPERAND)
+        a, b = Signal(OPERAND, reset_less=True), Signal(OPERAND, reset_less=True)
         m.d.sync += [a.eq(self.a_in), b.eq(self.b_in)]
         product = _product_registers(m, self._product(m, a, b))
         valid, first, last, zero = _flags(m, self.valid_in, self.first_in, self.last_in,
@@ -122,21 +147,17 @@ class ProcessingElement(wiring.Component):
 
         # Stage 4: the sum this k-step leaves in the accumulator; .eq() truncates to 32 bits,
         # which is the two's-complement wrap of INT32 accumulation.
+        acc = _data(m, ACCUMULATOR, "acc_q", self.acc)
+        result = _data(m, ACCUMULATOR, "result_q", self.result)
         total = Signal(ACCUMULATOR)
-        m.d.comb += total.eq(Mux(first, 0, self.acc) + product)
+        m.d.comb += total.eq(Mux(first, 0, acc) + product)
 
         with m.If(valid & (first | ~zero)):
-            m.d.sync += self.acc.eq(total)
+            m.d.sync += acc.eq(total)
         with m.If(valid & last):
-            m.d.sync += self.result.eq(total)
+            m.d.sync += result.eq(total)
 
-        m.d.sync += [
-            self.a_out.eq(self.a_in),
-            self.b_out.eq(self.b_in),
-            self.valid_out.eq(self.valid_in),
-            self.first_out.eq(self.first_in),
-            self.last_out.eq(self.last_in),
-        ]
+        _pass_on(m, self, [(self.b_in, self.b_out)])
         return m
 
 
@@ -181,7 +202,7 @@ class PackedPair(wiring.Component):
 
         # Stages 1-3 as in the plain PE: operand registers (B already packed), the product
         # and the product again, with the flags beside them.
-        a, b = Signal(OPERAND), Signal(signed(25))
+        a, b = Signal(OPERAND, reset_less=True), Signal(signed(25), reset_less=True)
         m.d.sync += [a.eq(self.a_in), b.eq(packed)]
         product = _product_registers(m, a * b)
         valid, first, last, zero = _flags(m, self.valid_in, self.first_in, self.last_in,
@@ -191,22 +212,18 @@ class PackedPair(wiring.Component):
         # the borrow bit, as the carry into one adder: ({acc, 1} + {P[31:16], P[15]}) >> 1.
         low = product[:16].as_signed()
         high = Cat(product[15], product[16:]).as_signed()
+        acc = [_data(m, ACCUMULATOR, f"acc{lane}_q", self.acc[lane]) for lane in range(2)]
         totals = [Signal(ACCUMULATOR, name="total0"), Signal(ACCUMULATOR, name="total1")]
         m.d.comb += [
-            totals[0].eq((Cat(Const(1, 1), Mux(first, 0, self.acc[0])) + high)[1:33]),
-            totals[1].eq(Mux(first, 0, self.acc[1]) + low),
+            totals[0].eq((Cat(Const(1, 1), Mux(first, 0, acc[0])) + high)[1:33]),
+            totals[1].eq(Mux(first, 0, acc[1]) + low),
         ]
         for lane in range(2):
+            result = _data(m, ACCUMULATOR, f"result{lane}_q", self.result[lane])
             with m.If(valid & (first | ~zero[lane])):
-                m.d.sync += self.acc[lane].eq(totals[lane])
+                m.d.sync += acc[lane].eq(totals[lane])
             with m.If(valid & last):
-                m.d.sync += self.result[lane].eq(totals[lane])
+                m.d.sync += result.eq(totals[lane])
 
-        m.d.sync += [
-            self.a_out.eq(self.a_in),
-            *(self.b_out[lane].eq(self.b_in[lane]) for lane in range(2)),
-            self.valid_out.eq(self.valid_in),
-            self.first_out.eq(self.first_in),
-            self.last_out.eq(self.last_in),
-        ]
+        _pass_on(m, self, [(self.b_in[lane], self.b_out[lane]) for lane in range(2)])
         return m

@@ -82,11 +82,11 @@ class StepPicker(wiring.Component):
         group_bits = max(1, bits_for(count - 1))
 
         padded = Cat(self.mask, Const(0, size * count - self.width))
-        bits = Signal(size * count)
+        bits = Signal(size * count, reset_less=True)  # data: read under avail, *_valid
         groups = [bits[g * size:(g + 1) * size] for g in range(count)]
         avail = Signal(count)
         fresh = Signal()  # the cycle after load: the empty-mask check
-        nxt_bits, cur_bits = Signal(size), Signal(size)
+        nxt_bits, cur_bits = Signal(size, reset_less=True), Signal(size, reset_less=True)
         nxt_group, cur_group = Signal(group_bits), Signal(group_bits)
         nxt_valid, cur_valid = Signal(), Signal()
 

@@ -59,8 +59,9 @@ class PostProcessor(wiring.Component):
 
         # The shift's mask and rounding thresholds, prepared once from the job's shift.
         # The clamp's floor: the zero point with ReLU, else -128.
-        mask, half1, half2 = Signal(32), Signal(32), Signal(32)
-        floor = Signal(signed(8))
+        # Everything but the valid flag is data, registered without reset.
+        mask, half1, half2 = (Signal(32, reset_less=True) for _ in range(3))
+        floor = Signal(signed(8), reset_less=True)
         m.d.sync += [mask.eq((Const(1, 33) << self.shift) - 1),
                      half1.eq((mask >> 1) + 1), half2.eq((mask >> 1) + 2),
                      floor.eq(Mux(self.relu, self.zero, -128))]
@@ -69,7 +70,7 @@ class PostProcessor(wiring.Component):
         for j in range(self.cols):
             def registered(value, name, shape=None):
                 """``value`` registered (one pipeline stage)."""
-                return delay(m, value, 1, f"{name}_{j}_", shape)
+                return delay(m, value, 1, f"{name}_{j}_", shape, reset_less=True)
 
             # Each lane's shifter reads its own copy of the job's shift (a register per lane,
             # not one register driving every lane's 32-bit barrel shifter).
@@ -94,7 +95,7 @@ class PostProcessor(wiring.Component):
             n5 = registered(p4 + Mux(p4 >= 0, 1 << 30, 1 - (1 << 30)), "n5", signed(65))
             floor6 = registered(n5 >> 31, "floor6", signed(34))
             adjust6 = registered((n5 < 0) & (n5[:31] != 0), "adjust6")
-            overflow6 = delay(m, overflow2, 4, f"overflow_{j}_")
+            overflow6 = delay(m, overflow2, 4, f"overflow_{j}_", reset_less=True)
             h7 = registered(Mux(overflow6, INT32_MAX, floor6 + adjust6), "h7", signed(32))
 
             # Rounding of the shift: up when the remainder exceeds half, or reaches it for a
@@ -117,7 +118,7 @@ class PostProcessor(wiring.Component):
                                      rounded9[-1] & (top != (1 << len(top)) - 1)), "under10")
             low10 = registered(rounded9[:8], "low10", signed(8))
             q11 = registered(Mux(over10, 127, Mux(under10, floor, low10)), "q11", signed(8))
-            x10 = delay(m, x1, LATENCY - 2, f"x_{j}_")
+            x10 = delay(m, x1, LATENCY - 2, f"x_{j}_", reset_less=True)
             x11 = registered(Mux(self.relu & (x10 < 0), 0, x10), "x11", signed(32))
             lanes.append((x11, q11))
 

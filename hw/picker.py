@@ -32,13 +32,30 @@ from .pipeline import or_all
 GROUP = 16
 
 
+def _lower_any(value):
+    """``[value[:i].any() for i in range(len(value))]`` as a tree: per block of four, the
+    bits below inside the block OR the blocks below (the same, one level up), so each is a
+    few levels of LUTs rather than a chain through all the lower bits."""
+    bits = [value[i] for i in range(len(value))]
+    if len(bits) <= 4:
+        return [Cat(*bits[:i]).any() if i else Const(0, 1) for i in range(len(bits))]
+    blocks = [Cat(*bits[k:k + 4]) for k in range(0, len(bits), 4)]
+    blocks_below = _lower_any(Cat(*(block.any() for block in blocks)))
+    result = []
+    for i in range(len(bits)):
+        block, position = divmod(i, 4)
+        inside = Cat(*bits[block * 4:i]).any() if position else Const(0, 1)
+        result.append(inside | blocks_below[block])
+    return result
+
+
 def _isolate_lowest(m, value, name):
     """``value`` with only its lowest set bit kept: bit i survives when no lower bit is set.
     (Written as ORs, not as ``x & -x``: synthesis maps the subtraction to a carry chain, which
     LUT mapping cannot flatten; this is a shallow tree of LUTs.)"""
     lowest = Signal(len(value), name=name)
-    m.d.comb += lowest.eq(Cat(*(value[i] & ~value[:i].any() if i else value[0]
-                                for i in range(len(value)))))
+    below = _lower_any(value)
+    m.d.comb += lowest.eq(Cat(*(value[i] & ~below[i] for i in range(len(value)))))
     return lowest
 
 

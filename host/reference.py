@@ -76,8 +76,9 @@ def counters(geometry, a, b, skip=True, requant=False):
     per_m_tile = np.maximum(tile_cycles, tile_out).sum(axis=1)
     panel = k * g.vector_beats(g.rows)
     per_m_tile[:-1] = np.maximum(per_m_tile[:-1], panel)  # waiting for the next A panel
-    stall_in = n_tiles * k * g.vector_beats(g.cols) + panel + 1  # + the panel flag's cycle
-    cycles = stall_in + int(per_m_tile.sum()) + g.rows + g.cols + tile_out + 25
+    # + the panel flag's cycle and the input link's two registers
+    stall_in = n_tiles * k * g.vector_beats(g.cols) + panel + 3
+    cycles = stall_in + int(per_m_tile.sum()) + g.rows + g.cols + tile_out + 28
     stall_out = int(np.maximum(tile_out - tile_cycles, 0).sum())
     wrap = lambda value: int(value) % 2**32  # noqa: E731
     return {"CYCLES": wrap(cycles), "STALL_IN": wrap(stall_in), "STALL_OUT": wrap(stall_out),

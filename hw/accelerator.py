@@ -175,7 +175,7 @@ class GemmCore(wiring.Component):
                 m.d.sync += flag.eq(step >= register)
             return flag, flag.eq(value + 2 * step >= limit), flag.eq(step >= limit)
 
-        # ---- stream links ----------------------------------------------------------------------
+        # ---- stream links --------------------------------------------------------------------
         # Each stream port is a credit-based link (:class:`.CreditLink`): the port's handshake
         # is answered beside the port, from a credit count, and the beats cross to the loader
         # (from the drain) through registers into a FIFO, so no path runs from the DMA's
@@ -204,6 +204,7 @@ class GemmCore(wiring.Component):
             m.d.sync += accepting.eq(1)
         with m.If(self.s_axis_tvalid & self.s_axis_tready & self.s_axis_tlast):
             m.d.sync += accepting.eq(0)
+
         # ---- loader: s_axis -> memories ------------------------------------------------------
         beats_bias = g.vector_beats(4 * cols)
         beats_b = g.vector_beats(cols)
@@ -421,7 +422,8 @@ class GemmCore(wiring.Component):
         sq_bank = Signal()
         sq_last_n, sq_last_m = Signal(), Signal()  # the tile is in the last n-tile / m-tile
         issued = Signal(range(g.max_k + 1))  # k-steps of this tile issued so far
-        slot = Signal(range(rows * cols + 1), reset_less=True)  # real products per k-step of this tile
+        # Real products per k-step of this tile.
+        slot = Signal(range(rows * cols + 1), reset_less=True)
         since_last = Signal(range(gap + 1))
         reserved = Signal(range(fifo_rows + rows + 1))
         reserve, popped = Signal(), Signal()  # issue_last and row_popped, a cycle late

@@ -156,7 +156,8 @@ class SystolicArray(wiring.Component):
                     pe.last_in.eq(left.last_out),
                 ]
         for j, (g, lane) in enumerate(lanes):
-            m.d.comb += port(pes[0][g], "b_in", lane).eq(skew(self.b[j], g, f"b{j}", reset_less=True))
+            m.d.comb += port(pes[0][g], "b_in", lane).eq(
+                skew(self.b[j], g, f"b{j}", reset_less=True))
             for i in range(1, rows):
                 m.d.comb += port(pes[i][g], "b_in", lane).eq(port(pes[i - 1][g], "b_out", lane))
 

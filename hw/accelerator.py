@@ -663,8 +663,6 @@ class GemmCore(wiring.Component):
         final_row = (out_row == rows - 1) & out_last_n & out_last_m
         out_take = out_valid & out_ready
         finished = Signal()  # the last beat is in the output link
-        close_empty = Signal()
-        m.d.sync += close_empty.eq(closing & (reserved == 0) & ~reserve & self.busy & ~finished)
         with m.If(fifo.r_rdy):
             m.d.comb += [
                 out_valid.eq(1),
@@ -683,10 +681,8 @@ class GemmCore(wiring.Component):
                                          next_out_m]
                     with m.If(final_row):
                         m.d.sync += finished.eq(1)
-        with m.Elif(close_empty & ~finished):
+        with m.Elif(closing & (reserved == 0) & ~reserve & self.busy & ~finished):
             # A job that ended early still closes its output packet: one zero beat with TLAST.
-            # (``close_empty`` is registered; the conditions it lags on only ever turn true and
-            # stay so until the job is done, and ``finished`` stops a second beat.)
             m.d.comb += [out_valid.eq(1), out_last.eq(1)]
             with m.If(out_take):
                 m.d.sync += finished.eq(1)

@@ -188,7 +188,6 @@ class SystolicArray(wiring.Component):
             self.out_valid.eq(valid1), self.out_row.eq(row1),
         ]
         for j in range(cols):
-            c = Signal(ACCUMULATOR, name=f"c{j}", reset_less=True)
-            m.d.sync += c.eq(or_all([part[j] for part in gathered]))
-            m.d.comb += self.c[j].eq(c)
+            m.d.comb += self.c[j].eq(delay(m, or_all([part[j] for part in gathered]), 1,
+                                           f"c{j}_", reset_less=True))
         return m

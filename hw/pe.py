@@ -44,11 +44,7 @@ def _product_registers(m, product):
     blocks sit in rows apart from the logic (ECP5), the operand registers can then be placed
     beside the multiplier and the last product register beside the accumulator, so no path
     has both the multiplier and a long route in it."""
-    shape = product.shape()
-    first = Signal(shape, name="product_raw", reset_less=True)
-    second = Signal(shape, name="product", reset_less=True)
-    m.d.sync += [first.eq(product), second.eq(first)]
-    return second
+    return delay(m, product, 2, "product", reset_less=True)
 
 
 def _flags(m, valid, *flags):
@@ -76,14 +72,15 @@ def _data(m, shape, name, port=None):
 
 def _pass_on(m, pe, b_pairs):
     """Register the operands and flags on to the next PEs (``b_pairs``: (b_in, b_out) per
-    lane)."""
-    m.d.sync += [
-        _data(m, OPERAND, "a_out_q", pe.a_out).eq(pe.a_in),
-        *(_data(m, OPERAND, f"b_out{lane}_q", b_out).eq(b_in)
-          for lane, (b_in, b_out) in enumerate(b_pairs)),
-        pe.valid_out.eq(pe.valid_in),
-        _data(m, 1, "first_out_q", pe.first_out).eq(pe.first_in),
-        _data(m, 1, "last_out_q", pe.last_out).eq(pe.last_in),
+    lane); only ``valid`` with a reset."""
+    def data(value, name):
+        return delay(m, value, 1, name, reset_less=True)
+    m.d.sync += pe.valid_out.eq(pe.valid_in)
+    m.d.comb += [
+        pe.a_out.eq(data(pe.a_in, "a_out")),
+        *(b_out.eq(data(b_in, f"b_out{lane}_")) for lane, (b_in, b_out) in enumerate(b_pairs)),
+        pe.first_out.eq(data(pe.first_in, "first_out")),
+        pe.last_out.eq(data(pe.last_in, "last_out")),
     ]
 
 

@@ -163,16 +163,24 @@ class GemmCore(wiring.Component):
             b_nonzero_wr = b_nonzero_mem.write_port()
             b_nonzero_rd = b_nonzero_mem.read_port()  # addressed a cycle ahead of TILE
 
+        at_start = {}  # (step, register): ``step >= register``, registered
+
         def walk_flag(value, step, limit, register, name):
             """A register holding ``value + step >= limit`` while ``value`` walks 0, step,
             2 step, ... (a position in the job against one of its dimensions). Returns it with
             the statements that keep it true to ``value`` where ``value`` steps on and where it
             returns to 0. Both outcomes are compared from registers beforehand, so the flag
             costs the control logic one multiplexer, not an adder and a compare. At ``start``
-            it is set from the job's ``register`` (``value`` starts at 0)."""
+            it is set from the job's ``register`` (``value`` starts at 0), compared in the
+            cycles before, as the job check is (the registers hold still from the START write
+            on), so ``start`` loads a register, not a 32-bit compare."""
+            key = (step, id(register))
+            if key not in at_start:
+                at_start[key] = Signal(name=f"{name}_at_start", reset_less=True)
+                m.d.sync += at_start[key].eq(step >= register)
             flag = Signal(name=name)
             with m.If(self.start):
-                m.d.sync += flag.eq(step >= register)
+                m.d.sync += flag.eq(at_start[key])
             return flag, flag.eq(value + 2 * step >= limit), flag.eq(step >= limit)
 
         # ---- stream links --------------------------------------------------------------------

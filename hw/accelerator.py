@@ -48,7 +48,7 @@ from sparsa.protocol import KNOWN_OPTIONS, STREAM_WIDTHS, Control, Error, Featur
 from .array import SystolicArray, check_dimensions, check_lut_columns
 from .link import CreditLink
 from .picker import StepPicker
-from .pipeline import delay
+from .pipeline import delay, lut_product
 from .postproc import PostProcessor
 from .regs import RegisterBlock
 
@@ -458,7 +458,7 @@ class GemmCore(wiring.Component):
             sq_last_m.eq(sq_m_left <= rows),
             rows_real.eq(Mux(sq_m_left >= rows, rows, sq_m_left)),
             cols_real.eq(Mux(sq_n_left >= cols, cols, sq_n_left)),
-            slot.eq(rows_real * cols_real),
+            slot.eq(lut_product(rows_real, cols_real)),
         ]
         kill = Signal()  # a zero k-step: a tile with nothing to issue still yields its results
         row_popped = Signal()
@@ -584,10 +584,11 @@ class GemmCore(wiring.Component):
                 m.d.sync += panel_full[bank].eq(0)
 
         # The addresses are registered, the memories answer one cycle later, and their data is
-        # registered once more before the array (a block RAM's clock-to-output takes most of a
-        # cycle on an ECP5); the k-step's flags follow the data.
+        # registered twice before the array: as it leaves the block RAM, with nothing between
+        # (a block RAM's clock-to-output takes most of a cycle on an ECP5, so that register
+        # belongs beside it), then into the lanes; the k-step's flags follow the data.
         def follow(value, name):
-            return delay(m, value, 2, name)
+            return delay(m, value, 3, name)
 
         kill_q = follow(kill, "kill")
         counted_q = follow(issue & ~kill, "counted_q")
@@ -599,11 +600,13 @@ class GemmCore(wiring.Component):
         ]
         a_lanes = [Signal(signed(8), name=f"a_lane{i}", reset_less=True) for i in range(rows)]
         b_lanes = [Signal(signed(8), name=f"b_lane{j}", reset_less=True) for j in range(cols)]
+        a_word = delay(m, a_rd.data, 1, "a_word", reset_less=True)
+        b_word = delay(m, b_rd.data, 1, "b_word", reset_less=True)
         for i, lane in enumerate(a_lanes):
-            m.d.sync += lane.eq(Mux(kill_q, 0, a_rd.data[8 * i:8 * i + 8]))
+            m.d.sync += lane.eq(Mux(kill_q, 0, a_word[8 * i:8 * i + 8]))
             m.d.comb += array.a[i].eq(lane)
         for j, lane in enumerate(b_lanes):
-            m.d.sync += lane.eq(Mux(kill_q, 0, b_rd.data[8 * j:8 * j + 8]))
+            m.d.sync += lane.eq(Mux(kill_q, 0, b_word[8 * j:8 * j + 8]))
             m.d.comb += array.b[j].eq(lane)
 
         # MACs skipped: of an issued k-step, the products with a zero operand (popcounts of the
@@ -625,10 +628,10 @@ class GemmCore(wiring.Component):
             live_b3.eq(Cat(*(lane.any() for lane in b_lanes))),
             nonzero_a4.eq(sum(live_a3)),
             nonzero_b4.eq(sum(live_b3)),
-            nonzero5.eq(nonzero_a4 * nonzero_b4),
+            nonzero5.eq(lut_product(nonzero_a4, nonzero_b4)),
             issued_zeros6.eq(Mux(counted5, slot5 - nonzero5, 0)),
             skipped1.eq(Mux(issue_last, skipped, 0)), skipped_slot1.eq(slot),
-            skipped_products2.eq(skipped1 * skipped_slot1),
+            skipped_products2.eq(lut_product(skipped1, skipped_slot1)),
             self.macs_skipped.eq(self.macs_skipped + issued_zeros6 + skipped_products2),
             self.ksteps_skipped.eq(self.ksteps_skipped + skipped1),
         ]

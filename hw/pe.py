@@ -16,9 +16,10 @@ Control flags (valid with the A operand):
 - ``last``: the last k-step of a tile; the finished sum is latched into ``result``, where it stays
   until the next tile's last k-step, so the next tile can accumulate while this one is read.
 
-Sparse-skip hook: ``zero`` is high when either operand is zero. The accumulator's clock enable
-is then dropped (only a ``first`` k-step still clears it), so a zero operand costs no register
-update; the product would have been zero, so the sum is unchanged.
+Sparse-skip hook: ``zero`` is high when either operand is zero. The multiplier's operand
+registers then hold (as they do when ``valid`` is low), so the multiplier does not switch, and
+the accumulator's clock enable is dropped (only a ``first`` k-step still clears it), so a zero
+operand costs no register update; the product would have been zero, so the sum is unchanged.
 
 :class:`PackedPair` is two PEs of one row in one multiplier: both take the same A operand, so
 ``a * (b0 * 2**16 + b1)`` (an 8 x 25-bit product, one DSP48E1) holds both INT8 products.
@@ -39,14 +40,6 @@ MULTIPLIER_STAGES = 3  # operand registers, product, product again
 LATENCY = MULTIPLIER_STAGES + 1  # cycles from a k-step's operands to the sum in ``acc``
 
 
-def _product_registers(m, product):
-    """``product`` (of the registered operands) through two registers. On an FPGA whose DSP
-    blocks sit in rows apart from the logic (ECP5), the operand registers can then be placed
-    beside the multiplier and the last product register beside the accumulator, so no path
-    has both the multiplier and a long route in it."""
-    return delay(m, product, 2, "product", reset_less=True)
-
-
 def _flags(m, valid, *flags):
     """The k-step's flags delayed to meet its product (MULTIPLIER_STAGES registers): ``valid``
     with a reset, the others without (they are read only with ``valid``)."""
@@ -58,6 +51,31 @@ def _flags(m, valid, *flags):
         out.append(packed[low:low + width])
         low += width
     return out
+
+
+def _gated_product(m, valid, operands, skip, multiply):
+    """Stages 1-3 of a k-step: the operand registers, the product, the product again.
+
+    - The operand registers (``operands``: (register, value) pairs) load only for a valid
+      k-step that is not skipped (``skip``: every product it would make is zero), so a
+      skipped or empty k-step leaves the multiplier's inputs, and the DSP block, still.
+    - The product of such a k-step is stale, so the second product register clears it: the
+      accumulator adds 0, as it must where ``first`` or ``last`` meets a zero operand.
+    - The operand registers are the multiplier's alone (the operands travel on through
+      registers of their own, see :func:`_pass_on`). On an FPGA whose DSP blocks sit in rows
+      apart from the logic (ECP5), they and the first product register can then be placed
+      beside the multiplier and the second product register beside the accumulator, so no
+      path has both the multiplier and a long route in it.
+
+    ``multiply(*registers)`` is the multiplier."""
+    with m.If(valid & ~skip):
+        m.d.sync += [register.eq(value) for register, value in operands]
+    skip2 = delay(m, skip, 2, "skip", reset_less=True)
+    raw = delay(m, multiply(*(register for register, _ in operands)), 1, "product_raw",
+                reset_less=True)
+    product = Signal.like(raw, name="product", reset_less=True)
+    m.d.sync += product.eq(Mux(skip2, 0, raw))
+    return product
 
 
 def _data(m, shape, name, port=None):
@@ -135,10 +153,12 @@ class ProcessingElement(wiring.Component):
         m.d.comb += self.zero.eq((self.a_in == 0) | (self.b_in == 0))
 
         # Stages 1-3: the multiplier's own operand registers, the product, and the product
-        # again (see MULTIPLIER_STAGES); the k-step's flags keep pace.
+        # again (see MULTIPLIER_STAGES and :func:`_gated_product`); the k-step's flags keep
+        # pace.
         a, b = Signal(OPERAND, reset_less=True), Signal(OPERAND, reset_less=True)
-        m.d.sync += [a.eq(self.a_in), b.eq(self.b_in)]
-        product = _product_registers(m, self._product(m, a, b))
+        self.multiplier_inputs = (a, b)  # the operand registers, for tests and waveforms
+        product = _gated_product(m, self.valid_in, [(a, self.a_in), (b, self.b_in)], self.zero,
+                                 lambda a, b: self._product(m, a, b))
         valid, first, last, zero = _flags(m, self.valid_in, self.first_in, self.last_in,
                                           self.zero)
 
@@ -170,7 +190,8 @@ class PackedPair(wiring.Component):
 
     Ports are those of :class:`ProcessingElement`, with ``b_in``, ``b_out``, ``acc``,
     ``result`` and ``zero`` one per lane (lane ``l`` is column ``2p + l``); each lane's
-    accumulator is gated by its own ``zero``. Same :data:`LATENCY`.
+    accumulator is gated by its own ``zero``; the shared multiplier holds only when both lanes are
+    zero. Same :data:`LATENCY`.
     """
 
     a_in: In(OPERAND)
@@ -200,8 +221,8 @@ class PackedPair(wiring.Component):
         # Stages 1-3 as in the plain PE: operand registers (B already packed), the product
         # and the product again, with the flags beside them.
         a, b = Signal(OPERAND, reset_less=True), Signal(signed(25), reset_less=True)
-        m.d.sync += [a.eq(self.a_in), b.eq(packed)]
-        product = _product_registers(m, a * b)
+        product = _gated_product(m, self.valid_in, [(a, self.a_in), (b, packed)],
+                                 self.zero[0] & self.zero[1], lambda a, b: a * b)
         valid, first, last, zero = _flags(m, self.valid_in, self.first_in, self.last_in,
                                           Cat(*self.zero))
 

@@ -1,7 +1,8 @@
 """Register chains, the one building block of the pipelines in :mod:`.array` (operand skew)
-and :mod:`.postproc` (stages), and an OR over a list of values (one-hot selections)."""
+and :mod:`.postproc` (stages), an OR over a list of values (one-hot selections), and a small
+unsigned product built from adders."""
 
-from amaranth import Signal, Value
+from amaranth import Mux, Signal, Value
 
 
 def delay(m, value, depth, name, shape=None, reset_less=False):
@@ -24,3 +25,15 @@ def or_all(values):
     for value in values[1:]:
         result = result | value
     return result
+
+
+def lut_product(a, b):
+    """``a * b`` for small unsigned values, as a sum of shifted copies of ``a`` (one per bit
+    of ``b``, the narrower), which synthesis builds from adders in the logic. A ``*`` would take a DSP
+    block, and on an ECP5 those sit in rows apart from the logic: a long route on each side
+    of the multiplier, for a count that a few adders give."""
+    terms = [Mux(b[i], a, 0) << i for i in range(len(b))]
+    while len(terms) > 1:  # summed as a balanced tree: log2(len(b)) adders deep
+        terms = [terms[k] + terms[k + 1] if k + 1 < len(terms) else terms[k]
+                 for k in range(0, len(terms), 2)]
+    return terms[0]

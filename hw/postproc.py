@@ -1,22 +1,27 @@
 """Post-processing of one result row: bias, gemmlowp requantization to INT8, ReLU.
 
 The arithmetic is specified in :mod:`sparsa.protocol` (module docstring, "Arithmetic"); each of
-the ``cols`` lanes does it independently. Eleven registered stages, one row per cycle, no
+the ``cols`` lanes does it independently. Thirteen registered stages, one row per cycle, no
 backpressure (whoever issues rows reserves room downstream first). The stages are cut so that no
 cycle holds more than one wide adder or one 18x18 multiplier (what an ECP5 or 7-series DSP
 slice does) or one compare, which keeps this block off the critical path:
 
 1. ``x = acc + bias`` (INT32 wrap) when ``bias_en``;
-2. the four 17x17 partial products of ``x * mult[j]`` (halves of ``x`` and the multiplier);
-3. the two middle products summed; the outer two need no adder (they do not overlap);
-4. ``p = x * mult[j]``, the exact 64-bit product;
-5. ``p + nudge`` (rounding of the doubling high multiply);
-6. that divided by ``2**31``: the floor, and whether truncation toward zero adds one;
-7. ``h``: the quotient, or ``INT32_MAX`` in the one saturating case;
-8. ``h >> shift`` and whether the remainder rounds up;
-9. round and add ``zero`` (and, beside it, whether the result is below ``zero``);
-10. whether that is above 127 or below the floor (-128, or ``zero`` with ReLU), by bit tests;
-11. the clamp to INT8 (ReLU included).
+2. the 17-bit halves of ``x`` and ``mult[j]`` registered again, a copy for each multiplier
+   (a register whose only load is one multiplier can sit beside it);
+3. the four 17x17 partial products of ``x * mult[j]``;
+4. the same, registered again (the first register beside the multiplier, this one beside the
+   adders: on an ECP5 the DSP blocks sit in rows apart from the logic, and a multiplier leaves
+   too little of a cycle for a long route on either side of it);
+5. the two middle products summed; the outer two need no adder (they do not overlap);
+6. ``p = x * mult[j]``, the exact 64-bit product;
+7. ``p + nudge`` (rounding of the doubling high multiply);
+8. that divided by ``2**31``: the floor, and whether truncation toward zero adds one;
+9. ``h``: the quotient, or ``INT32_MAX`` in the one saturating case;
+10. ``h >> shift`` and whether the remainder rounds up;
+11. round and add ``zero`` (and, beside it, whether the result is below ``zero``);
+12. whether that is above 127 or below the floor (-128, or ``zero`` with ReLU), by bit tests;
+13. the clamp to INT8 (ReLU included).
 
 ``out_word`` packs lane ``j`` at bits ``[32j, 32j+32)`` for INT32 output, or at ``[8j, 8j+8)``
 for INT8 output (``requant``), which is the byte layout of an output-stream vector.
@@ -31,7 +36,7 @@ from amaranth.lib.wiring import In, Out
 
 from .pipeline import delay
 
-LATENCY = 11
+LATENCY = 13
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
@@ -79,48 +84,66 @@ class PostProcessor(wiring.Component):
             mult1 = registered(self.mult[j], "mult1")  # sampled with the row, like bias
 
             # x * mult from 17x17 signed partial products: low halves zero-extended, high halves
-            # signed.
-            x_lo, x_hi = Cat(x1[:16], Const(0, 1)).as_signed(), x1[16:].as_signed()
-            m_lo, m_hi = Cat(mult1[:16], Const(0, 1)).as_signed(), mult1[16:].as_signed()
-            ll2 = registered(x_lo * m_lo, "ll2", signed(34))
-            lh2 = registered(x_lo * m_hi, "lh2", signed(34))
-            hl2 = registered(x_hi * m_lo, "hl2", signed(34))
-            hh2 = registered(x_hi * m_hi, "hh2", signed(34))
+            # signed (extended after the operand registers, which hold the 16 bits each).
+            x_lo, x_hi = x1[:16], x1[16:].as_signed()
+            m_lo, m_hi = mult1[:16], mult1[16:].as_signed()
+
+            def product(name, x_half, m_half, copies):
+                """``x_half * m_half`` from operand registers of its own (stage 2), then the
+                product twice (stages 3 and 4). Each operand half feeds two multipliers, and
+                each of them gets its own copy of it; ``copies`` gives each copy a distinct
+                power-up value (which no result reads), so synthesis does not merge them."""
+                operands = []
+                for half, which, init in ((x_half, "x", copies[0]), (m_half, "m", copies[1])):
+                    register = Signal(half.shape(), name=f"{name}_{which}_{j}", init=init,
+                                      reset_less=True)
+                    m.d.sync += register.eq(half)
+                    # A low half is zero-extended, a high half sign-extended, to 17 bits.
+                    operands.append(Cat(register, Const(0, 1)).as_signed()
+                                    if not half.shape().signed else register)
+                return delay(m, operands[0] * operands[1], 2, f"{name}_{j}_", signed(34),
+                             reset_less=True)
+
+            ones_lo, ones_hi = 2**16 - 1, -1  # all-ones power-up values of the second copies
+            ll4 = product("ll", x_lo, m_lo, (0, 0))
+            lh4 = product("lh", x_lo, m_hi, (ones_lo, 0))
+            hl4 = product("hl", x_hi, m_lo, (0, ones_lo))
+            hh4 = product("hh", x_hi, m_hi, (ones_hi, ones_hi))
             overflow2 = registered((x1 == INT32_MIN) & (mult1 == INT32_MIN), "overflow2")
-            outer3 = registered(Cat(ll2[:32], hh2[:32]).as_signed(), "outer3", signed(64))
-            middle3 = registered(lh2 + hl2, "middle3", signed(35))
-            p4 = registered(outer3 + (middle3 << 16), "p4", signed(64))
+            outer5 = registered(Cat(ll4[:32], hh4[:32]).as_signed(), "outer5", signed(64))
+            middle5 = registered(lh4 + hl4, "middle5", signed(35))
+            p6 = registered(outer5 + (middle5 << 16), "p6", signed(64))
             # (p + nudge) / 2**31 truncated toward zero: floor division, plus one for a negative
             # dividend with a remainder.
-            n5 = registered(p4 + Mux(p4 >= 0, 1 << 30, 1 - (1 << 30)), "n5", signed(65))
-            floor6 = registered(n5 >> 31, "floor6", signed(34))
-            adjust6 = registered((n5 < 0) & (n5[:31] != 0), "adjust6")
-            overflow6 = delay(m, overflow2, 4, f"overflow_{j}_", reset_less=True)
-            h7 = registered(Mux(overflow6, INT32_MAX, floor6 + adjust6), "h7", signed(32))
+            n7 = registered(p6 + Mux(p6 >= 0, 1 << 30, 1 - (1 << 30)), "n7", signed(65))
+            floor8 = registered(n7 >> 31, "floor8", signed(34))
+            adjust8 = registered((n7 < 0) & (n7[:31] != 0), "adjust8")
+            overflow8 = delay(m, overflow2, 6, f"overflow_{j}_", reset_less=True)
+            h9 = registered(Mux(overflow8, INT32_MAX, floor8 + adjust8), "h9", signed(32))
 
             # Rounding of the shift: up when the remainder exceeds half, or reaches it for a
             # negative h: remainder >= half + 1 (+ 1 when h < 0), against thresholds prepared
             # from the job's shift, so the stage holds one compare after the masking.
             remainder = Signal(unsigned(32), name=f"remainder_{j}")
-            m.d.comb += remainder.eq(h7.as_unsigned() & mask)
-            shifted8 = registered(h7 >> shift_copy, "shifted8", signed(32))
-            up8 = registered(Mux(h7 < 0, remainder >= half2, remainder >= half1), "up8")
+            m.d.comb += remainder.eq(h9.as_unsigned() & mask)
+            shifted10 = registered(h9 >> shift_copy, "shifted10", signed(32))
+            up10 = registered(Mux(h9 < 0, remainder >= half2, remainder >= half1), "up10")
 
-            rounded9 = registered(shifted8 + up8 + self.zero, "rounded9", signed(33))
-            # ReLU keeps what is at least the zero point: rounded9 < zero, i.e. shifted8 + up8
+            rounded11 = registered(shifted10 + up10 + self.zero, "rounded11", signed(33))
+            # ReLU keeps what is at least the zero point: rounded11 < zero, i.e. shifted10 + up10
             # < 0, decided beside the adder.
-            below9 = registered(shifted8[31] & ~(up8 & (shifted8 == -1)), "below9")
+            below11 = registered(shifted10[31] & ~(up10 & (shifted10 == -1)), "below11")
             # Clamp to [zero (ReLU) or -128, 127]: out of INT8 range when bits 7 and up are not
             # all equal to the sign (bit tests, registered), then the choice.
-            top = rounded9[7:]
-            over10 = registered(~rounded9[-1] & (top != 0), "over10")
-            under10 = registered(Mux(self.relu, below9,
-                                     rounded9[-1] & (top != (1 << len(top)) - 1)), "under10")
-            low10 = registered(rounded9[:8], "low10", signed(8))
-            q11 = registered(Mux(over10, 127, Mux(under10, floor, low10)), "q11", signed(8))
-            x10 = delay(m, x1, LATENCY - 2, f"x_{j}_", reset_less=True)
-            x11 = registered(Mux(self.relu & (x10 < 0), 0, x10), "x11", signed(32))
-            lanes.append((x11, q11))
+            top = rounded11[7:]
+            over12 = registered(~rounded11[-1] & (top != 0), "over12")
+            under12 = registered(Mux(self.relu, below11,
+                                     rounded11[-1] & (top != (1 << len(top)) - 1)), "under12")
+            low12 = registered(rounded11[:8], "low12", signed(8))
+            q13 = registered(Mux(over12, 127, Mux(under12, floor, low12)), "q13", signed(8))
+            x12 = delay(m, x1, LATENCY - 2, f"x_{j}_", reset_less=True)
+            x13 = registered(Mux(self.relu & (x12 < 0), 0, x12), "x13", signed(32))
+            lanes.append((x13, q13))
 
         int32_word = Cat(*(x for x, _ in lanes))
         int8_word = Cat(*(q for _, q in lanes))

@@ -3,12 +3,14 @@
 
 import numpy as np
 import pytest
+from amaranth import Module, Signal
 from amaranth.hdl import Fragment
 from amaranth.sim import Simulator
 
 from sparsa.hw import ProcessingElement, SystolicArray
 from sparsa.hw.array import column_groups, latency
 from sparsa.hw.pe import LATENCY, PackedPair
+from sparsa.hw.pipeline import lut_product
 
 
 def simulate(steps, multiplier="dsp"):
@@ -94,6 +96,35 @@ def test_zero_operand_gates_the_accumulator():
     assert [zero for *_, zero in seen] == [0, 1, 1, 1]
     # A zero operand leaves the sum alone; a zero k-step that starts a tile still clears it.
     assert [acc for acc, _, _ in seen] == [49, 49, 49, 0]
+
+
+def test_multiplier_idles_on_skipped_and_empty_k_steps():
+    """The multiplier's operand registers load only for a valid k-step with no zero operand,
+    and the sums stay right around the steps they hold through."""
+    pe = ProcessingElement()
+    # (a, b, valid) per cycle, one tile: first on the first cycle, last on the final one.
+    steps = [(3, 4, 1), (0, 9, 1), (5, 0, 1), (7, 7, 0), (-2, 6, 1), (0, 0, 1), (8, -1, 0)]
+    held, sums = [], []
+
+    async def bench(ctx):
+        for k, (a, b, valid) in enumerate(steps):
+            ctx.set(pe.a_in, a)
+            ctx.set(pe.b_in, b)
+            ctx.set(pe.valid_in, valid)
+            ctx.set(pe.first_in, k == 0)
+            ctx.set(pe.last_in, k == len(steps) - 2)
+            await ctx.tick()
+            held.append(tuple(ctx.get(register) for register in pe.multiplier_inputs))
+        ctx.set(pe.valid_in, 0)
+        await ctx.tick().repeat(LATENCY)
+        sums.append(ctx.get(pe.result))
+
+    sim = Simulator(pe)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    assert held == [(3, 4), (3, 4), (3, 4), (3, 4), (-2, 6), (-2, 6), (-2, 6)]
+    assert sums == [3 * 4 - 2 * 6]
 
 
 def test_accumulator_wraps_like_int32():
@@ -266,3 +297,25 @@ def test_column_groups():
     assert column_groups(7, lut_columns=2, dsp_packing=True) == [[0, 1], [2, 3], [4], [5], [6]]
     assert column_groups(3, lut_columns=3, dsp_packing=True) == [[0], [1], [2]]
     assert latency(8, 8, dsp_packing=True) == latency(8, 8) - 4
+
+
+@pytest.mark.parametrize("a_bits,b_bits", [(4, 4), (9, 7), (1, 1)])
+def test_lut_product_multiplies(a_bits, b_bits):
+    """The adder-built product of the statistics counters, on every operand pair."""
+    m = Module()
+    a, b, y = Signal(a_bits), Signal(b_bits), Signal(a_bits + b_bits)
+    m.d.comb += y.eq(lut_product(a, b))
+    wrong = []
+
+    async def bench(ctx):
+        for x in range(2 ** a_bits):
+            for z in range(2 ** b_bits):
+                ctx.set(a, x)
+                ctx.set(b, z)
+                if ctx.get(y) != x * z:
+                    wrong.append((x, z, ctx.get(y)))
+
+    sim = Simulator(m)
+    sim.add_testbench(bench)
+    sim.run()
+    assert not wrong, wrong[:5]

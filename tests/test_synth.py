@@ -57,6 +57,12 @@ def test_harness_keeps_every_port():
         assert f".{name}(" in module, name
 
 
+@pytest.mark.parametrize("option,value", [("speed", "9"), ("placer", "fast")])
+def test_ecp5_rejects_unknown_options_before_running_tools(option, value):
+    with pytest.raises(ValueError, match=option):
+        synth.ecp5("", ACCELERATOR_TOP, **{option: value})
+
+
 @pytest.mark.synth
 def test_xc7_default_and_16x16_fit_an_xc7z020(tmp_path):
     yosys()

@@ -572,8 +572,6 @@ class GemmCore(wiring.Component):
                         with m.Else():
                             m.next = "WAIT"
         m.d.comb += in_issue.eq(sequencer.ongoing("ISSUE"))
-        with m.If(issue & ~kill):
-            m.d.sync += self.macs.eq(self.macs + slot)
 
         # Panel bookkeeping: the loader fills a bank, the sequencer frees it after its last tile.
         release = issue_last & sq_last_n
@@ -593,6 +591,10 @@ class GemmCore(wiring.Component):
         kill_q = follow(kill, "kill")
         counted_q = follow(issue & ~kill, "counted_q")
         slot_q = follow(slot, "slot_q")
+        # The MAC counter counts from the delayed copies (read only after DONE, which comes
+        # many cycles after the last k-step), not from the sequencer's decision in its cycle.
+        with m.If(counted_q):
+            m.d.sync += self.macs.eq(self.macs + slot_q)
         m.d.sync += [
             array.valid.eq(follow(issue, "valid")),
             array.first.eq(follow(issue & (issued == 0), "first")),

@@ -102,7 +102,6 @@ class StepPicker(wiring.Component):
         bits = Signal(size * count, reset_less=True)  # data: read under avail, *_valid
         groups = [bits[g * size:(g + 1) * size] for g in range(count)]
         avail = Signal(count)
-        avail_any = Signal()  # avail.any(), registered with it
         fresh = Signal()  # the cycle after load: the empty-mask check
         nxt_bits, cur_bits = Signal(size, reset_less=True), Signal(size, reset_less=True)
         nxt_group, cur_group = Signal(group_bits), Signal(group_bits)
@@ -144,13 +143,12 @@ class StepPicker(wiring.Component):
         more_here = Mux(cur_valid, _several(cur_bits), _several(nxt_bits))
         # Bits left after this pick: the rest of the source, nxt (when cur is the source), and
         # the groups not fetched yet.
-        last = ~more_here & ~(cur_valid & nxt_valid) & ~avail_any
+        last = ~more_here & ~(cur_valid & nxt_valid) & ~avail.any()
         nxt_taken = advance & ~cur_valid & nxt_valid
 
         # The next group to fetch, one-hot, registered with avail (so the fetch is only the
         # multiplexer): isolated from the mask's groups on load, from what is left after each
-        # fetch. A fetch from an empty avail is harmless (all zero, with nxt_valid low), so the
-        # fetch registers load on the stage's enable alone, not on avail_any too.
+        # fetch.
         first = Signal(count)
         fetched = Signal(size)
         m.d.comb += fetched.eq(or_all([Mux(first[g], groups[g], 0) for g in range(count)]))
@@ -164,7 +162,7 @@ class StepPicker(wiring.Component):
         with m.If(self.load):
             m.d.sync += [
                 bits.eq(padded),
-                avail.eq(loaded), avail_any.eq(loaded.any()), first.eq(first_loaded),
+                avail.eq(loaded), first.eq(first_loaded),
                 fresh.eq(1), nxt_valid.eq(0), cur_valid.eq(0), t_valid.eq(0), s_valid.eq(0),
             ]
         with m.Else():
@@ -176,12 +174,14 @@ class StepPicker(wiring.Component):
                         t_position.eq(Cat(index, source_group) if count > 1 else index),
                         cur_bits.eq(rest), cur_group.eq(source_group), cur_valid.eq(more_here),
                     ]
-                with m.Elif(fresh & ~avail_any):
+                with m.Elif(fresh & ~avail.any()):
                     m.d.sync += [t_valid.eq(1), t_none.eq(1), t_last.eq(1), t_position.eq(0)]
                 with m.Else():
                     m.d.sync += t_valid.eq(0)
             with m.If(~nxt_valid | nxt_taken):
-                m.d.sync += [nxt_valid.eq(avail_any), avail_any.eq(remaining.any()),
-                             nxt_bits.eq(fetched), nxt_group.eq(_encode(first, group_bits)),
-                             avail.eq(remaining), first.eq(first_remaining)]
+                m.d.sync += nxt_valid.eq(avail.any())
+                with m.If(avail.any()):
+                    m.d.sync += [nxt_bits.eq(fetched), nxt_group.eq(_encode(first, group_bits)),
+                                 avail.eq(remaining),
+                                 first.eq(first_remaining)]
         return m

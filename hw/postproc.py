@@ -1,12 +1,13 @@
 """Post-processing of one result row: bias, gemmlowp requantization to INT8, ReLU.
 
 The arithmetic is specified in :mod:`sparsa.protocol` (module docstring, "Arithmetic"); each of
-the ``cols`` lanes does it independently. Thirteen registered stages, one row per cycle, no
+the ``cols`` lanes does it independently. Fourteen registered stages, one row per cycle, no
 backpressure (whoever issues rows reserves room downstream first). The stages are cut so that no
 cycle holds more than one wide adder or one 18x18 multiplier (what an ECP5 or 7-series DSP
 slice does) or one compare, which keeps this block off the critical path:
 
-1. ``x = acc + bias`` (INT32 wrap) when ``bias_en``;
+0. the row's accumulators, biases (zero without ``bias_en``) and multipliers, registered;
+1. ``x = acc + bias`` (INT32 wrap);
 2. the 17-bit halves of ``x`` and ``mult[j]`` registered again, a copy for each multiplier
    (a register whose only load is one multiplier can sit beside it);
 3. the four 17x17 partial products of ``x * mult[j]``;
@@ -36,7 +37,7 @@ from amaranth.lib.wiring import In, Out
 
 from .pipeline import delay
 
-LATENCY = 13
+LATENCY = 14
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
@@ -80,8 +81,13 @@ class PostProcessor(wiring.Component):
             # Each lane's shifter reads its own copy of the job's shift (a register per lane,
             # not one register driving every lane's 32-bit barrel shifter).
             shift_copy = registered(self.shift, "shift")
-            x1 = registered(self.acc[j] + Mux(self.bias_en, self.bias[j], 0), "x1", signed(32))
-            mult1 = registered(self.mult[j], "mult1")  # sampled with the row, like bias
+            # The row's inputs registered first: bias and multiplier come from memories read
+            # in the cycle, so the bias adder starts from registers.
+            acc0, bias0, mult0 = (registered(value, name) for value, name in (
+                (self.acc[j], "acc0"), (Mux(self.bias_en, self.bias[j], 0), "bias0"),
+                (self.mult[j], "mult0")))
+            mult1 = registered(mult0, "mult1")  # beside x1
+            x1 = registered(acc0 + bias0, "x1", signed(32))
 
             # x * mult from 17x17 signed partial products: low halves zero-extended, high halves
             # signed (extended after the operand registers, which hold the 16 bits each).
@@ -141,7 +147,7 @@ class PostProcessor(wiring.Component):
                                      rounded11[-1] & (top != (1 << len(top)) - 1)), "under12")
             low12 = registered(rounded11[:8], "low12", signed(8))
             q13 = registered(Mux(over12, 127, Mux(under12, floor, low12)), "q13", signed(8))
-            x12 = delay(m, x1, LATENCY - 2, f"x_{j}_", reset_less=True)
+            x12 = delay(m, x1, LATENCY - 3, f"x_{j}_", reset_less=True)
             x13 = registered(Mux(self.relu & (x12 < 0), 0, x12), "x13", signed(32))
             lanes.append((x13, q13))
 

@@ -48,7 +48,8 @@ Zero work is skipped at two levels, with no mask in the stream: the device notes
 arrive, which A vectors (a k-step of an m-tile) and which B vectors (a k-step of an n-tile) are
 all zero.
 
-- In a PE, a zero operand leaves the accumulator untouched (its clock enable drops).
+- In a PE, a zero operand leaves the multiplier's operand registers and the accumulator
+  untouched (their clock enables drop).
 - In the schedule, a k-step whose A or B vector is all zero is not issued to the array for that
   output tile, so it costs no cycle (the tile's k-steps are taken from its nonzero mask,
   lowest first, one per cycle). A tile whose k-steps are all skipped

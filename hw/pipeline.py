@@ -29,9 +29,9 @@ def or_all(values):
 
 def lut_product(a, b):
     """``a * b`` for small unsigned values, as a sum of shifted copies of ``a`` (one per bit
-    of ``b``, the narrower), which synthesis builds from adders in the logic. A ``*`` would take a DSP
-    block, and on an ECP5 those sit in rows apart from the logic: a long route on each side
-    of the multiplier, for a count that a few adders give."""
+    of ``b``, the narrower), which synthesis builds from adders in the logic. A ``*`` would
+    take a DSP block, and on an ECP5 those sit in rows apart from the logic: a long route on
+    each side of the multiplier, for a count that a few adders give."""
     terms = [Mux(b[i], a, 0) << i for i in range(len(b))]
     while len(terms) > 1:  # summed as a balanced tree: log2(len(b)) adders deep
         terms = [terms[k] + terms[k + 1] if k + 1 < len(terms) else terms[k]

@@ -8,8 +8,9 @@ slice does) or one compare, which keeps this block off the critical path:
 
 0. the row's accumulators, biases (zero without ``bias_en``) and multipliers, registered;
 1. ``x = acc + bias`` (INT32 wrap);
-2. the 17-bit halves of ``x`` and ``mult[j]`` registered again, a copy for each multiplier
-   (a register whose only load is one multiplier can sit beside it);
+2. the 16-bit halves of ``x`` and ``mult[j]`` registered again, a copy for each multiplier
+   (a register whose only load is one multiplier can sit beside it), extended to 17 bits after
+   the register;
 3. the four 17x17 partial products of ``x * mult[j]``;
 4. the same, registered again (the first register beside the multiplier, this one beside the
    adders: on an ECP5 the DSP blocks sit in rows apart from the logic, and a multiplier leaves

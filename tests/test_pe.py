@@ -102,8 +102,9 @@ def test_multiplier_idles_on_skipped_and_empty_k_steps():
     """The multiplier's operand registers load only for a valid k-step with no zero operand,
     and the sums stay right around the steps they hold through."""
     pe = ProcessingElement()
-    # (a, b, valid) per cycle, one tile: first on the first cycle, last on the final one.
-    steps = [(3, 4, 1), (0, 9, 1), (5, 0, 1), (7, 7, 0), (-2, 6, 1), (0, 0, 1), (8, -1, 0)]
+    # (a, b, valid) per cycle, one tile: first on the first cycle, last on the final valid one
+    # (a zero k-step, which must add 0, not the held operands' product).
+    steps = [(3, 4, 1), (0, 9, 1), (5, 0, 1), (7, 7, 0), (-2, 5, 1), (0, 0, 1), (8, -1, 0)]
     held, sums = [], []
 
     async def bench(ctx):
@@ -123,8 +124,8 @@ def test_multiplier_idles_on_skipped_and_empty_k_steps():
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
-    assert held == [(3, 4), (3, 4), (3, 4), (3, 4), (-2, 6), (-2, 6), (-2, 6)]
-    assert sums == [3 * 4 - 2 * 6]
+    assert held == [(3, 4), (3, 4), (3, 4), (3, 4), (-2, 5), (-2, 5), (-2, 5)]
+    assert sums == [3 * 4 - 2 * 5]
 
 
 def test_accumulator_wraps_like_int32():

@@ -46,6 +46,7 @@ from sparsa import protocol
 from sparsa.protocol import KNOWN_OPTIONS, STREAM_WIDTHS, Control, Error, Feature, Option
 
 from .array import SystolicArray, check_dimensions, check_lut_columns
+from .banked import BankedMemory
 from .link import CreditLink
 from .picker import StepPicker
 from .pipeline import delay, lut_product
@@ -140,12 +141,14 @@ class GemmCore(wiring.Component):
         # ---- memories ------------------------------------------------------------------------
         m.submodules.bias_mem = bias_mem = Memory(shape=32 * cols, depth=n_tiles_max, init=[])
         m.submodules.mult_mem = mult_mem = Memory(shape=32 * cols, depth=n_tiles_max, init=[])
-        m.submodules.b_mem = b_mem = Memory(shape=8 * cols, depth=n_tiles_max * g.max_k, init=[])
+        # B is deeper than a block RAM: banked, its read data two cycles after the address
+        # like A's block RAM and register below.
+        m.submodules.b_mem = b_mem = BankedMemory(8 * cols, n_tiles_max * g.max_k)
         m.submodules.a_mem = a_mem = Memory(shape=8 * rows, depth=2 * g.max_k, init=[])
-        bias_wr, b_wr, a_wr = bias_mem.write_port(), b_mem.write_port(), a_mem.write_port()
+        bias_wr, b_wr, a_wr = bias_mem.write_port(), b_mem.write, a_mem.write_port()
         bias_rd = bias_mem.read_port(domain="comb")
         mult_wr, mult_rd = mult_mem.write_port(), mult_mem.read_port(domain="comb")
-        b_rd, a_rd = b_mem.read_port(), a_mem.read_port()
+        b_rd, a_rd = b_mem.read, a_mem.read_port()
         panel_full = Signal(2)  # per A bank: loaded and not yet consumed
         if self.sparse_skip:
             # Nonzero masks: one per A bank (registers) and one per n-tile of B (a small memory).
@@ -603,7 +606,7 @@ class GemmCore(wiring.Component):
         a_lanes = [Signal(signed(8), name=f"a_lane{i}", reset_less=True) for i in range(rows)]
         b_lanes = [Signal(signed(8), name=f"b_lane{j}", reset_less=True) for j in range(cols)]
         a_word = delay(m, a_rd.data, 1, "a_word", reset_less=True)
-        b_word = delay(m, b_rd.data, 1, "b_word", reset_less=True)
+        b_word = b_rd.data  # registered per bank, then the bank's choice
         for i, lane in enumerate(a_lanes):
             m.d.sync += lane.eq(Mux(kill_q, 0, a_word[8 * i:8 * i + 8]))
             m.d.comb += array.a[i].eq(lane)
@@ -624,7 +627,12 @@ class GemmCore(wiring.Component):
         slot5 = delay(m, slot_q, 4, "slot")
         skipped1, skipped_slot1 = Signal.like(skipped), Signal.like(slot)
         issued_zeros6 = Signal(range(rows * cols + 1))
-        skipped_products2 = Signal(range(rows * cols * g.max_k + 1))
+        # A skipped tile's products: its k-steps times its slot, from two halves of the slot's
+        # bits, registered, then summed, so no cycle holds the whole adder tree.
+        half = (len(skipped_slot1) + 1) // 2
+        skipped_low2 = Signal(range(g.max_k * (1 << half)))
+        skipped_high2 = Signal(range(g.max_k * (1 << (len(skipped_slot1) - half))))
+        skipped_products3 = Signal(range(rows * cols * g.max_k + 1))
         m.d.sync += [
             live_a3.eq(Cat(*(lane.any() for lane in a_lanes))),
             live_b3.eq(Cat(*(lane.any() for lane in b_lanes))),
@@ -633,8 +641,10 @@ class GemmCore(wiring.Component):
             nonzero5.eq(lut_product(nonzero_a4, nonzero_b4)),
             issued_zeros6.eq(Mux(counted5, slot5 - nonzero5, 0)),
             skipped1.eq(Mux(issue_last, skipped, 0)), skipped_slot1.eq(slot),
-            skipped_products2.eq(lut_product(skipped1, skipped_slot1)),
-            self.macs_skipped.eq(self.macs_skipped + issued_zeros6 + skipped_products2),
+            skipped_low2.eq(lut_product(skipped1, skipped_slot1[:half])),
+            skipped_high2.eq(lut_product(skipped1, skipped_slot1[half:])),
+            skipped_products3.eq(skipped_low2 + (skipped_high2 << half)),
+            self.macs_skipped.eq(self.macs_skipped + issued_zeros6 + skipped_products3),
             self.ksteps_skipped.eq(self.ksteps_skipped + skipped1),
         ]
 

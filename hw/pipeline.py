@@ -2,7 +2,7 @@
 and :mod:`.postproc` (stages), an OR over a list of values (one-hot selections), and a small
 unsigned product built from adders."""
 
-from amaranth import Mux, Signal, Value
+from amaranth import Const, Mux, Signal, Value
 
 
 def delay(m, value, depth, name, shape=None, reset_less=False):
@@ -32,7 +32,7 @@ def lut_product(a, b):
     of ``b``, the narrower), which synthesis builds from adders in the logic. A ``*`` would
     take a DSP block, and on an ECP5 those sit in rows apart from the logic: a long route on
     each side of the multiplier, for a count that a few adders give."""
-    terms = [Mux(b[i], a, 0) << i for i in range(len(b))]
+    terms = [Mux(b[i], a, 0) << i for i in range(len(b))] or [Const(0, 1)]
     while len(terms) > 1:  # summed as a balanced tree: log2(len(b)) adders deep
         terms = [terms[k] + terms[k + 1] if k + 1 < len(terms) else terms[k]
                  for k in range(0, len(terms), 2)]

@@ -192,6 +192,8 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
               "--report", "report.json", "--detailed-timing-report", "-l", "nextpnr.log", "-q"], folder, "nextpnr-ecp5")
         report = json.loads((folder / "report.json").read_text())
         log = (folder / "nextpnr.log").read_text(errors="replace")
+        late = slow_endpoints(report, json.loads((folder / "design.json").read_text()),
+                              1000.0 / frequency)
     fmax = report.get("fmax", {})
     achieved = min(clock["achieved"] for clock in fmax.values()) if fmax else None
     utilization = {name: {"used": value["used"], "available": value["available"]}
@@ -201,7 +203,46 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
             "speed_grade": speed, "tool": "yosys synth_ecp5 + nextpnr-ecp5",
             "placer": placer, "seed": seed,
             "target_mhz": frequency, "fmax_mhz": achieved, "utilization": utilization,
-            "critical_path": critical[0] if critical else None}
+            "critical_path": critical[0] if critical else None, "late_endpoints": late}
+
+
+# Cells whose inputs are timing endpoints (sampled at the clock edge) in this flow: fabric
+# flip-flops and block RAMs. (Yosys leaves the MULT18X18D's own registers unused, so its inputs
+# are not endpoints.)
+ENDPOINT_CELLS = ("TRELLIS_FF", "DP16KD")
+
+
+def slow_endpoints(report, netlist, period_ns, top=HARNESS_TOP, groups=12):
+    """The register and block-RAM inputs whose data arrives later than ``period_ns`` after
+    the clock edge (setup time not counted), from nextpnr's ``--detailed-timing-report``
+    (``report``: its JSON, where each net sink's ``delay`` is the arrival time there) and the
+    synthesized ``netlist`` (Yosys JSON, for the cell types). Grouped by register name with
+    its numbers replaced by ``#`` (the bits of a register, the PEs of the array), the slowest
+    group first: where the clock period is lost, beyond the one critical path."""
+    cells = netlist["modules"][top]["cells"]
+    arrival = {}
+    for net in report.get("detailed_net_timings", []):
+        for sink in net.get("endpoints", []):
+            cell = cells.get(sink["cell"])
+            if cell is None or cell["type"] not in ENDPOINT_CELLS:
+                continue
+            key = (sink["cell"], sink["port"])
+            arrival[key] = max(arrival.get(key, 0.0), sink["delay"])
+    grouped = {}
+    for (cell, port), time in arrival.items():
+        if time <= period_ns:
+            continue
+        name = re.sub(r"_TRELLIS_FF_Q(_\d+)?$", "", cell)
+        name = re.sub(r"\d+", "#", name.removeprefix("dut."))
+        entry = grouped.setdefault(name, {"group": name, "endpoints": 0, "worst_ns": 0.0,
+                                          "worst": ""})
+        entry["endpoints"] += 1
+        if time > entry["worst_ns"]:
+            entry.update(worst_ns=round(time, 3), worst=f"{cell}.{port}")
+    ranked = sorted(grouped.values(), key=lambda entry: -entry["worst_ns"])
+    return {"period_ns": period_ns, "endpoints": len(arrival),
+            "late": sum(entry["endpoints"] for entry in ranked), "groups": ranked[:groups],
+            "groups_left_off": max(0, len(ranked) - groups)}
 
 
 def format_report(report):
@@ -240,4 +281,13 @@ def format_report(report):
     for name, value in sorted(report["utilization"].items()):
         lines.append(f"| {name} | {value['used']} | {value['available']} | "
                      f"{100 * value['used'] / value['available']:.1f}% |")
+    late = report.get("late_endpoints")
+    if late and late["late"]:
+        lines += ["", f"{late['late']} of {late['endpoints']} register and block-RAM inputs "
+                      f"see their data later than {late['period_ns']:.2f} ns, by register:", "",
+                  "| register | inputs late | latest (ns) |", "|:---|---:|---:|"]
+        lines += [f"| {entry['group']} | {entry['endpoints']} | {entry['worst_ns']:.2f} |"
+                  for entry in late["groups"]]
+        if late["groups_left_off"]:
+            lines.append(f"| ({late['groups_left_off']} more registers) | | |")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from .dsp import dsp_style, registered_product
 from .pipeline import delay
 
 OPERAND = signed(8)
@@ -70,9 +71,15 @@ def _gated_product(m, valid, operands, skip, multiply):
     ``multiply(*registers)`` is the multiplier."""
     with m.If(valid & ~skip):
         m.d.sync += [register.eq(value) for register, value in operands]
-    skip2 = delay(m, skip, 2, "skip", reset_less=True)
     raw = delay(m, multiply(*(register for register, _ in operands)), 1, "product_raw",
                 reset_less=True)
+    return _cleared(m, raw, skip)
+
+
+def _cleared(m, raw, skip):
+    """Stage 3: the product registered again, 0 for a skipped k-step (whose operand registers
+    held, so ``raw`` is stale)."""
+    skip2 = delay(m, skip, 2, "skip", reset_less=True)
     product = Signal.like(raw, name="product", reset_less=True)
     m.d.sync += product.eq(Mux(skip2, 0, raw))
     return product
@@ -155,10 +162,17 @@ class ProcessingElement(wiring.Component):
         # Stages 1-3: the multiplier's own operand registers, the product, and the product
         # again (see MULTIPLIER_STAGES and :func:`_gated_product`); the k-step's flags keep
         # pace.
-        a, b = Signal(OPERAND, reset_less=True), Signal(OPERAND, reset_less=True)
-        self.multiplier_inputs = (a, b)  # the operand registers, for tests and waveforms
-        product = _gated_product(m, self.valid_in, [(a, self.a_in), (b, self.b_in)], self.zero,
-                                 lambda a, b: self._product(m, a, b))
+        if self.multiplier == "dsp" and dsp_style(platform) == "ecp5":
+            # Stages 1-2 inside an ECP5 DSP block (its operand and product registers).
+            raw, _ = registered_product(m, self.a_in, self.b_in, self.valid_in & ~self.zero,
+                                        "mult", "ecp5")
+            product = _cleared(m, raw, self.zero)
+            self.multiplier_inputs = None
+        else:
+            a, b = Signal(OPERAND, reset_less=True), Signal(OPERAND, reset_less=True)
+            self.multiplier_inputs = (a, b)  # the operand registers, for tests and waveforms
+            product = _gated_product(m, self.valid_in, [(a, self.a_in), (b, self.b_in)],
+                                     self.zero, lambda a, b: self._product(m, a, b))
         valid, first, last, zero = _flags(m, self.valid_in, self.first_in, self.last_in,
                                           self.zero)
 

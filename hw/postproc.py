@@ -36,6 +36,7 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from .dsp import dsp_style, registered_product
 from .pipeline import delay
 
 LATENCY = 14
@@ -62,6 +63,7 @@ class PostProcessor(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
+        dsp = dsp_style(platform)
         m.d.comb += self.out_valid.eq(delay(m, self.in_valid, LATENCY, "valid"))
 
         # The shift's mask and rounding thresholds, prepared once from the job's shift.
@@ -99,7 +101,12 @@ class PostProcessor(wiring.Component):
                 """``x_half * m_half`` from operand registers of its own (stage 2), then the
                 product twice (stages 3 and 4). Each operand half feeds two multipliers, and
                 each of them gets its own copy of it; ``copies`` gives each copy a distinct
-                power-up value (which no result reads), so synthesis does not merge them."""
+                power-up value (which no result reads), so synthesis does not merge them.
+                In an ECP5 DSP block, stages 2 and 3 are the block's own registers."""
+                if dsp == "ecp5":
+                    raw, _ = registered_product(m, x_half, m_half, Const(1, 1), f"{name}_{j}",
+                                                "ecp5")
+                    return delay(m, raw, 1, f"{name}_{j}_", signed(34), reset_less=True)
                 operands = []
                 for half, which, init in ((x_half, "x", copies[0]), (m_half, "m", copies[1])):
                     register = Signal(half.shape(), name=f"{name}_{which}_{j}", init=init,

@@ -4,17 +4,19 @@ from amaranth.back import verilog
 
 from .accelerator import Accelerator
 from .array import SystolicArray
+from .dsp import DspTarget
 
 ARRAY_TOP = "sparsa_array"
 
 
-def array_verilog(rows, cols, name=ARRAY_TOP, lut_columns=0, dsp_packing=False):
+def array_verilog(rows, cols, name=ARRAY_TOP, lut_columns=0, dsp_packing=False,
+                  dsp="generic"):
     """Verilog text of a rows x cols :class:`SystolicArray` as module ``name``.
 
     Source-location attributes are left out so the text depends only on the parameters.
     """
     array = SystolicArray(rows, cols, lut_columns, dsp_packing)
-    return verilog.convert(array, name=name, emit_src=False)
+    return verilog.convert(array, name=name, emit_src=False, platform=DspTarget(dsp))
 
 
 ACCELERATOR_TOP = "sparsa_accel"
@@ -22,8 +24,9 @@ ACCELERATOR_TOP = "sparsa_accel"
 
 def accelerator_verilog(rows=8, cols=8, stream_width=64, max_k=256, max_n=256,
                         sparse_skip=True, name=ACCELERATOR_TOP, lut_columns=0,
-                        dsp_packing=False):
-    """Verilog text of the AXI top level :class:`Accelerator` as module ``name``."""
+                        dsp_packing=False, dsp="generic"):
+    """Verilog text of the AXI top level :class:`Accelerator` as module ``name``; ``dsp``:
+    ``"generic"`` (portable) or ``"ecp5"`` (MULT18X18D instances, see :mod:`.dsp`)."""
     top = Accelerator(rows, cols, stream_width, max_k, max_n, sparse_skip, lut_columns,
                       dsp_packing)
-    return verilog.convert(top, name=name, emit_src=False)
+    return verilog.convert(top, name=name, emit_src=False, platform=DspTarget(dsp))

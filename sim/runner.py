@@ -18,6 +18,11 @@ from typing import Callable
 
 from . import toolchain
 
+# Simulation models of the vendor primitives a DSP style instantiates (see sparsa.hw.dsp),
+# appended to the generated Verilog of such a build.
+PRIMITIVE_MODELS = {"ecp5": (Path(__file__).with_name("mult18x18d.v"),)}
+
+
 @dataclass(frozen=True)
 class Design:
     """A top module ``top`` whose Verilog ``generate()`` returns; ``key`` names the configuration."""

@@ -82,13 +82,14 @@ def missing(simulator):
     return None
 
 
-def lint(path):
-    """Run ``verilator --lint-only -Wall`` on ``path``; returns (ok, Verilator's output)."""
+def lint(path, *models):
+    """Run ``verilator --lint-only -Wall`` on ``path`` (with ``models``, the Verilog of the
+    vendor primitives it instantiates); returns (ok, Verilator's output)."""
     prepare_environment()
     if shutil.which("verilator") is None:
         raise RuntimeError(missing("verilator"))
-    done = subprocess.run(["verilator", "--lint-only", "-Wall", *VERILATOR_WAIVERS, str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(["verilator", "--lint-only", "-Wall", *VERILATOR_WAIVERS, str(path),
+                           *map(str, models)], capture_output=True, text=True)
     return done.returncode == 0, done.stdout + done.stderr
 
 

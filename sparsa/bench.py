@@ -1,6 +1,5 @@
 """Benchmarks: cycle counts measured on the simulated RTL, printed as tables."""
 
-import functools
 import json
 import tempfile
 from pathlib import Path
@@ -21,7 +20,14 @@ def accelerator_design(cfg):
         key += "_lut{lut_columns}".format(**cfg)
     if cfg.get("dsp_packing"):
         key += "_packed"
-    return runner.Design(key, ACCELERATOR_TOP, functools.partial(accelerator_verilog, **cfg))
+    dsp = cfg.get("dsp", "generic")
+    if dsp != "generic":
+        key += f"_{dsp}"
+
+    def generate():  # with the simulation models of the vendor primitives it instantiates
+        return accelerator_verilog(**cfg) + "".join(
+            "\n" + model.read_text() for model in runner.PRIMITIVE_MODELS.get(dsp, ()))
+    return runner.Design(key, ACCELERATOR_TOP, generate)
 
 
 def bounds(geometry, m, k, n):

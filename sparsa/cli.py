@@ -42,20 +42,32 @@ def _build_config(args):
             "max_k": args.max_k, "max_n": args.max_n}
 
 
+# sparsa.hw.dsp.DSP_STYLES, written out so the CLI loads Amaranth only for commands that build
+# hardware (a test checks the two agree).
+DSP_STYLES = ("generic", "ecp5")
+
+
 def _add_multiplier_options(parser):
     parser.add_argument("--lut-columns", type=int, default=0,
                         help="array columns whose PEs multiply in LUTs, not DSP slices")
     parser.add_argument("--dsp-packing", action="store_true",
                         help="the other columns in pairs, two INT8 MACs per DSP slice")
+    parser.add_argument("--dsp", choices=DSP_STYLES, default=None,
+                        help="how multipliers are written: generic (a '*' between registers, "
+                             "portable) or ecp5 (MULT18X18D blocks with their own registers); "
+                             "default ecp5 for sparsa synth --target ecp5, else generic")
 
 
-def _multipliers(args):
+def _multipliers(args, default_dsp="generic"):
     """The multiplier options: as keyword arguments, as words and as a file-name suffix."""
-    options = {"lut_columns": args.lut_columns, "dsp_packing": args.dsp_packing}
+    dsp = args.dsp or default_dsp
+    options = {"lut_columns": args.lut_columns, "dsp_packing": args.dsp_packing, "dsp": dsp}
     words = ((f", {args.lut_columns} columns of LUT multipliers" if args.lut_columns else "")
-             + (", two MACs per DSP" if args.dsp_packing else ""))
+             + (", two MACs per DSP" if args.dsp_packing else "")
+             + (", ECP5 MULT18X18D blocks" if dsp == "ecp5" else ""))
     suffix = ((f"_lut{args.lut_columns}" if args.lut_columns else "")
-              + ("_packed" if args.dsp_packing else ""))
+              + ("_packed" if args.dsp_packing else "")
+              + (f"_{dsp}" if dsp != default_dsp else ""))
     return options, words, suffix
 
 
@@ -75,9 +87,10 @@ def cmd_verilog(args):
     args.output.write_text(text)
     print(f"wrote {args.output} ({what}; {len(text.splitlines())} lines)")
     if args.lint:
-        from sparsa.sim import toolchain
+        from sparsa.sim import runner, toolchain
 
-        ok, report = toolchain.lint(args.output)
+        ok, report = toolchain.lint(args.output,
+                                    *runner.PRIMITIVE_MODELS.get(_multipliers(args)[0]["dsp"], ()))
         print("verilator --lint-only -Wall: " + ("clean" if ok else "FAILED\n" + report))
         return 0 if ok else 1
     return 0
@@ -218,7 +231,11 @@ def cmd_synth(args):
               f"pip install 'sparsa[synth]'", file=sys.stderr)
         return 2
     cfg = _build_config(args)
-    multipliers, words, suffix = _multipliers(args)
+    if args.target == "xc7" and args.dsp == "ecp5":
+        print("sparsa synth: --dsp ecp5 instantiates ECP5 blocks; use it with --target ecp5",
+              file=sys.stderr)
+        return 2
+    multipliers, words, suffix = _multipliers(args, "ecp5" if args.target == "ecp5" else "generic")
     what = (f"sparsa_accel: {args.rows}x{args.cols} array, {args.stream_width}-bit streams, "
             f"max_k {args.max_k}, max_n {args.max_n}{words}")
     print(f"sparsa synth --target {args.target}: {what} ...", flush=True)

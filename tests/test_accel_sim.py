@@ -68,3 +68,15 @@ def test_lut_multipliers_and_dsp_packing():
     cfg = {**SMALL_K, "lut_columns": 2, "dsp_packing": True}
     runner.check(design(cfg), "verilator", TB, "test_random_jobs",
                  {**cfg, "seed": 11, "count": 15, "max_dim": 30})
+
+
+def test_ecp5_dsp_build():
+    """The ECP5 build (``dsp="ecp5"``: every PE's and post-processing multiplier a MULT18X18D
+    with its own operand and product registers, simulated with sim/mult18x18d.v) is exact, with
+    zero operands (the DSP's operand registers hold) and requantization."""
+    needs("verilator")
+    cfg = {**SMALL_K, "dsp": "ecp5"}
+    runner.check(design(cfg), "verilator", TB, "test_directed_jobs", cfg)
+    runner.check(design(cfg), "verilator", TB, "test_sparse_patterns", {**cfg, "seed": 5})
+    runner.check(design(cfg), "verilator", TB, "test_random_jobs",
+                 {**cfg, "seed": 21, "count": 25, "max_dim": 40})

@@ -30,9 +30,12 @@ def test_generated_array_is_lint_clean(tmp_path, verilator, rows, cols, capsys):
     }
 
 
-@pytest.mark.parametrize("argv", [[], ["--rows", "3", "--cols", "5", "--stream-width", "16",
-                                         "--max-k", "32", "--max-n", "40"]],
-                         ids=["default", "3x5_w16"])
+SMALL_ARGV = ["--rows", "3", "--cols", "5", "--stream-width", "16", "--max-k", "32",
+              "--max-n", "40"]
+
+
+@pytest.mark.parametrize("argv", [[], SMALL_ARGV, [*SMALL_ARGV, "--dsp", "ecp5"]],
+                         ids=["default", "3x5_w16", "3x5_w16_ecp5"])
 def test_generated_accelerator_is_lint_clean(tmp_path, verilator, argv, capsys):
     out = tmp_path / "sparsa_accel.v"
     assert cli.main(["verilog", *argv, "-o", str(out), "--lint"]) == 0
@@ -65,3 +68,23 @@ def test_cli_rejects_bad_sizes(argv, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_cli_dsp_choices_are_the_hardwares():
+    from sparsa.hw.dsp import DSP_STYLES
+
+    assert cli.DSP_STYLES == DSP_STYLES
+
+
+def test_ecp5_build_instantiates_its_multipliers(tmp_path):
+    """``--dsp ecp5``: every multiplier (64 PEs, 8 lanes x 4 post-processing products) is a
+    MULT18X18D with its operand and product registers on; the generic build has none."""
+    out = tmp_path / "accel.v"
+    assert cli.main(["verilog", "--dsp", "ecp5", "-o", str(out)]) == 0
+    instances = re.findall(r"MULT18X18D #\((.*?)\) \S+ \(", out.read_text(), re.S)
+    assert len(instances) == 64 + 8 * 4
+    for parameters in instances:
+        for name in ("REG_INPUTA_CLK", "REG_INPUTB_CLK", "REG_OUTPUT_CLK"):
+            assert re.search(rf"\.{name}\(\"CLK0\"\)", parameters), parameters
+    assert cli.main(["verilog", "-o", str(out)]) == 0
+    assert "MULT18X18D" not in out.read_text()

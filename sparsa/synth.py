@@ -215,7 +215,8 @@ ENDPOINT_CELLS = ("TRELLIS_FF", "DP16KD")
 def slow_endpoints(report, netlist, period_ns, top=HARNESS_TOP, groups=12):
     """The register and block-RAM inputs whose data arrives later than ``period_ns`` after
     the clock edge (setup time not counted), from nextpnr's ``--detailed-timing-report``
-    (``report``: its JSON, where each net sink's ``delay`` is the arrival time there) and the
+    (``report``: its JSON, where each net sink's ``delay`` is the arrival time there, as
+    [min, max]) and the
     synthesized ``netlist`` (Yosys JSON, for the cell types). Grouped by register name with
     its numbers replaced by ``#`` (the bits of a register, the PEs of the array), the slowest
     group first: where the clock period is lost, beyond the one critical path."""
@@ -227,7 +228,9 @@ def slow_endpoints(report, netlist, period_ns, top=HARNESS_TOP, groups=12):
             if cell is None or cell["type"] not in ENDPOINT_CELLS:
                 continue
             key = (sink["cell"], sink["port"])
-            arrival[key] = max(arrival.get(key, 0.0), sink["delay"])
+            delay = sink["delay"]  # [min, max] in current nextpnr, one number in older ones
+            latest = max(delay) if isinstance(delay, list) else delay
+            arrival[key] = max(arrival.get(key, 0.0), latest)
     grouped = {}
     for (cell, port), time in arrival.items():
         if time <= period_ns:

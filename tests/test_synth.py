@@ -72,7 +72,7 @@ def test_slow_endpoints_groups_late_register_inputs():
     }}}}
 
     def sink(cell, port, delay):
-        return {"cell": cell, "port": port, "delay": delay, "budget": 0.0}
+        return {"cell": cell, "port": port, "delay": [delay - 0.1, delay]}
     report = {"detailed_net_timings": [
         {"net": "n1", "endpoints": [sink("dut.core.acc_TRELLIS_FF_Q", "DI", 8.5),
                                     sink("dut.core.acc_TRELLIS_FF_Q_1", "DI", 9.1),

@@ -46,7 +46,6 @@ from sparsa import protocol
 from sparsa.protocol import KNOWN_OPTIONS, STREAM_WIDTHS, Control, Error, Feature, Option
 
 from .array import SystolicArray, check_dimensions, check_lut_columns
-from .banked import BankedMemory
 from .link import CreditLink
 from .picker import StepPicker
 from .pipeline import delay, lut_product
@@ -141,14 +140,12 @@ class GemmCore(wiring.Component):
         # ---- memories ------------------------------------------------------------------------
         m.submodules.bias_mem = bias_mem = Memory(shape=32 * cols, depth=n_tiles_max, init=[])
         m.submodules.mult_mem = mult_mem = Memory(shape=32 * cols, depth=n_tiles_max, init=[])
-        # B is deeper than a block RAM: banked, its read data two cycles after the address
-        # like A's block RAM and register below.
-        m.submodules.b_mem = b_mem = BankedMemory(8 * cols, n_tiles_max * g.max_k)
+        m.submodules.b_mem = b_mem = Memory(shape=8 * cols, depth=n_tiles_max * g.max_k, init=[])
         m.submodules.a_mem = a_mem = Memory(shape=8 * rows, depth=2 * g.max_k, init=[])
-        bias_wr, b_wr, a_wr = bias_mem.write_port(), b_mem.write, a_mem.write_port()
+        bias_wr, b_wr, a_wr = bias_mem.write_port(), b_mem.write_port(), a_mem.write_port()
         bias_rd = bias_mem.read_port(domain="comb")
         mult_wr, mult_rd = mult_mem.write_port(), mult_mem.read_port(domain="comb")
-        b_rd, a_rd = b_mem.read, a_mem.read_port()
+        b_rd, a_rd = b_mem.read_port(), a_mem.read_port()
         panel_full = Signal(2)  # per A bank: loaded and not yet consumed
         if self.sparse_skip:
             # Nonzero masks: one per A bank (registers) and one per n-tile of B (a small memory).
@@ -606,7 +603,7 @@ class GemmCore(wiring.Component):
         a_lanes = [Signal(signed(8), name=f"a_lane{i}", reset_less=True) for i in range(rows)]
         b_lanes = [Signal(signed(8), name=f"b_lane{j}", reset_less=True) for j in range(cols)]
         a_word = delay(m, a_rd.data, 1, "a_word", reset_less=True)
-        b_word = b_rd.data  # registered per bank, then the bank's choice
+        b_word = delay(m, b_rd.data, 1, "b_word", reset_less=True)
         for i, lane in enumerate(a_lanes):
             m.d.sync += lane.eq(Mux(kill_q, 0, a_word[8 * i:8 * i + 8]))
             m.d.comb += array.a[i].eq(lane)

@@ -59,6 +59,28 @@ def _isolate_lowest(m, value, name):
     return lowest
 
 
+def _lowest_index(value):
+    """The index of ``value``'s lowest set bit (0 when none is set), as a tree over blocks of
+    four: each block's own lowest index and whether it has a bit (one LUT each), the lowest
+    block that has one (the same, a level up), and the index inside it chosen by the blocks'
+    flags in priority order. Three levels of LUTs for 16 bits, where isolating the bit and then
+    encoding it took more."""
+    bits = [value[i] for i in range(len(value))]
+    if len(bits) == 1:
+        return Const(0, 1)
+    if len(bits) <= 4:
+        index = Const(len(bits) - 1, 2)
+        for i in reversed(range(len(bits) - 1)):
+            index = Mux(bits[i], i, index)
+        return index[:bits_for(len(bits) - 1)]
+    blocks = [Cat(*bits[k:k + 4]) for k in range(0, len(bits), 4)]
+    inner = _lowest_index(blocks[-1])
+    for block in reversed(blocks[:-1]):  # the lowest block with a bit chooses, by priority
+        inner = Mux(block.any(), _lowest_index(block), inner)
+    return Cat(inner, Const(0, 2 - len(inner)),
+               _lowest_index(Cat(*(block.any() for block in blocks))))
+
+
 def _several(value):
     """Whether ``value`` has two or more bits set, from its nibbles: one with two or more, or
     two that are not empty (each test is one LUT on four signals)."""
@@ -136,8 +158,7 @@ class StepPicker(wiring.Component):
         index = Signal(index_bits)
         rest = Signal(size)
         m.d.comb += [
-            index.eq(Mux(cur_valid, _encode(lowest_cur, index_bits),
-                         _encode(lowest_nxt, index_bits))),
+            index.eq(Mux(cur_valid, _lowest_index(cur_bits), _lowest_index(nxt_bits))),
             rest.eq(Mux(cur_valid, cur_bits & ~lowest_cur, nxt_bits & ~lowest_nxt)),
         ]
         more_here = Mux(cur_valid, _several(cur_bits), _several(nxt_bits))

@@ -7,7 +7,9 @@ multiplier has registers of its own on both sides (operands in, product out twic
 the 32-bit add nor the route to a DSP block shares a cycle with the multiplier (on an ECP5 the
 multiply and add in one cycle close at about 92 MHz, the multiply between shared registers at
 about 86). Both operands leave through registers (``a_out`` to the right, ``b_out`` downwards)
-one cycle later, together with the control flags that travel with A.
+one cycle later, together with the control flags that travel with A. Built for an ECP5
+(``dsp="ecp5"``, see :mod:`.dsp`), the operand registers and the first product register are
+those inside the MULT18X18D.
 
 Control flags (valid with the A operand):
 

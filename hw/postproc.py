@@ -25,6 +25,9 @@ slice does) or one compare, which keeps this block off the critical path:
 12. whether that is above 127 or below the floor (-128, or ``zero`` with ReLU), by bit tests;
 13. the clamp to INT8 (ReLU included).
 
+Built for an ECP5 (``dsp="ecp5"``, :mod:`.dsp`), stages 2 and 3 are the MULT18X18D's own
+input and output registers (no copies needed: each block has its own).
+
 ``out_word`` packs lane ``j`` at bits ``[32j, 32j+32)`` for INT32 output, or at ``[8j, 8j+8)``
 for INT8 output (``requant``), which is the byte layout of an output-stream vector.
 ``acc``, ``bias`` and ``mult`` are sampled together with ``in_valid``; the other configuration

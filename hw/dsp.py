@@ -9,7 +9,7 @@ operands to product.
   leaves the registers in the logic, and nextpnr's placer sometimes puts a DSP block tens of
   columns from them: a long route and the multiplier in one cycle. Inside the block, neither
   path leaves it. The generated Verilog then needs the primitive: synthesis for an ECP5 has
-  it, and simulation adds the model ``sim/mult18x18d.v`` (:data:`sparsa.sim.runner.MODELS`;
+  it, and simulation adds the model ``sim/mult18x18d.v`` (:data:`sparsa.sim.runner.PRIMITIVE_MODELS`;
   the behaviour of the ports and parameters used here only).
 """
 

@@ -15,8 +15,6 @@ operands to product.
 
 from amaranth import ClockSignal, Const, Instance, Signal, signed
 
-from .pipeline import delay
-
 DSP_STYLES = ("generic", "ecp5")
 
 
@@ -40,21 +38,13 @@ def check_dsp(dsp):
     return dsp
 
 
-def registered_product(m, a, b, enable, name, dsp="generic", inits=(0, 0)):
-    """``a * b`` (signed, ``len(a) + len(b)`` bits) two cycles after ``a`` and ``b``: the
-    operand registers load them when ``enable`` is high (and hold otherwise), the product
-    register takes their product every cycle. Returns (product, operand registers), the
-    registers None inside a DSP primitive. ``inits``: the generic operand registers' power-up
-    values (distinct values keep synthesis from merging copies of one operand)."""
+def mult18x18d(m, a, b, enable, name):
+    """``a * b`` (signed, ``len(a) + len(b)`` bits, operands of up to 18 bits) from an ECP5
+    MULT18X18D two cycles after ``a`` and ``b``: its input registers load them when
+    ``enable`` is high (and hold otherwise), its output register takes their product every
+    cycle. (The generic style writes the same registers around a ``*`` in :mod:`.pe` and
+    :mod:`.postproc`.)"""
     width = len(a) + len(b)
-    if check_dsp(dsp) == "generic":
-        registers = (Signal(a.shape(), name=f"{name}_a", init=inits[0], reset_less=True),
-                     Signal(b.shape(), name=f"{name}_b", init=inits[1], reset_less=True))
-        with m.If(enable):
-            m.d.sync += [registers[0].eq(a), registers[1].eq(b)]
-        product = delay(m, registers[0] * registers[1], 1, f"{name}_p", signed(width),
-                        reset_less=True)
-        return product, registers
     if len(a) > 18 or len(b) > 18:
         raise ValueError(f"{name}: a MULT18X18D takes operands of up to 18 bits, "
                          f"got {len(a)} and {len(b)}")
@@ -78,4 +68,4 @@ def registered_product(m, a, b, enable, name, dsp="generic", inits=(0, 0)):
         i_RST0=Const(0, 1),
         **{f"o_P{k}": p36[k] for k in range(36)},
     )
-    return p36[:width].as_signed(), None
+    return p36[:width].as_signed()

@@ -34,7 +34,7 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .dsp import dsp_style, registered_product
+from .dsp import dsp_style, mult18x18d
 from .pipeline import delay
 
 OPERAND = signed(8)
@@ -166,8 +166,7 @@ class ProcessingElement(wiring.Component):
         # pace.
         if self.multiplier == "dsp" and dsp_style(platform) == "ecp5":
             # Stages 1-2 inside an ECP5 DSP block (its operand and product registers).
-            raw, _ = registered_product(m, self.a_in, self.b_in, self.valid_in & ~self.zero,
-                                        "mult", "ecp5")
+            raw = mult18x18d(m, self.a_in, self.b_in, self.valid_in & ~self.zero, "mult")
             product = _cleared(m, raw, self.zero)
             self.multiplier_inputs = None
         else:

@@ -39,7 +39,7 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .dsp import dsp_style, registered_product
+from .dsp import dsp_style, mult18x18d
 from .pipeline import delay
 
 LATENCY = 14
@@ -107,8 +107,7 @@ class PostProcessor(wiring.Component):
                 power-up value (which no result reads), so synthesis does not merge them.
                 In an ECP5 DSP block, stages 2 and 3 are the block's own registers."""
                 if dsp == "ecp5":
-                    raw, _ = registered_product(m, x_half, m_half, Const(1, 1), f"{name}_{j}",
-                                                "ecp5")
+                    raw = mult18x18d(m, x_half, m_half, Const(1, 1), f"{name}_{j}")
                     return delay(m, raw, 1, f"{name}_{j}_", signed(34), reset_less=True)
                 operands = []
                 for half, which, init in ((x_half, "x", copies[0]), (m_half, "m", copies[1])):

@@ -189,7 +189,8 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
         _run([nextpnr, ECP5_DEVICE["flag"], "--package", ECP5_DEVICE["package"],
               "--speed", speed, "--json", "design.json", "--freq",
               str(frequency), "--seed", str(seed), "--placer", placer, "--timing-allow-fail",
-              "--report", "report.json", "--detailed-timing-report", "-l", "nextpnr.log", "-q"], folder, "nextpnr-ecp5")
+              "--report", "report.json", "--detailed-timing-report", "-l", "nextpnr.log", "-q"],
+             folder, "nextpnr-ecp5")
         report = json.loads((folder / "report.json").read_text())
         log = (folder / "nextpnr.log").read_text(errors="replace")
         late = slow_endpoints(report, json.loads((folder / "design.json").read_text()),
@@ -206,20 +207,20 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
             "critical_path": critical[0] if critical else None, "late_endpoints": late}
 
 
-# Cells whose inputs are timing endpoints (sampled at the clock edge) in this flow: fabric
-# flip-flops and block RAMs. (Yosys leaves the MULT18X18D's own registers unused, so its inputs
-# are not endpoints.)
-ENDPOINT_CELLS = ("TRELLIS_FF", "DP16KD")
+# Cells whose inputs can be timing endpoints (sampled at a clock edge): fabric flip-flops,
+# block RAMs, and DSP blocks whose registers are on (the ECP5 DSP style; nextpnr reports a
+# MULT18X18D's inputs as endpoints only then). LUT inputs are not in the report.
+ENDPOINT_CELLS = ("TRELLIS_FF", "DP16KD", "MULT18X18D")
 
 
 def slow_endpoints(report, netlist, period_ns, top=HARNESS_TOP, groups=12):
-    """The register and block-RAM inputs whose data arrives later than ``period_ns`` after
-    the clock edge (setup time not counted), from nextpnr's ``--detailed-timing-report``
-    (``report``: its JSON, where each net sink's ``delay`` is the arrival time there, as
-    [min, max]) and the
-    synthesized ``netlist`` (Yosys JSON, for the cell types). Grouped by register name with
-    its numbers replaced by ``#`` (the bits of a register, the PEs of the array), the slowest
-    group first: where the clock period is lost, beyond the one critical path."""
+    """The register, block-RAM and registered DSP inputs whose data arrives later than
+    ``period_ns`` after the clock edge (set-up time not counted), from nextpnr's
+    ``--detailed-timing-report`` (``report``: its JSON, where each net sink's ``delay`` is the
+    arrival time there, as [min, max]) and the synthesized ``netlist`` (Yosys JSON, for the cell
+    types). Grouped by register name with its numbers replaced by ``#`` (the bits of a
+    register, the PEs of the array), the slowest group first: where the clock period is lost,
+    beyond the one critical path."""
     cells = netlist["modules"][top]["cells"]
     arrival = {}
     for net in report.get("detailed_net_timings", []):
@@ -286,7 +287,7 @@ def format_report(report):
                      f"{100 * value['used'] / value['available']:.1f}% |")
     late = report.get("late_endpoints")
     if late and late["late"]:
-        lines += ["", f"{late['late']} of {late['endpoints']} register and block-RAM inputs "
+        lines += ["", f"{late['late']} of {late['endpoints']} register, block-RAM and DSP inputs "
                       f"see their data later than {late['period_ns']:.2f} ns, by register:", "",
                   "| register | inputs late | latest (ns) |", "|:---|---:|---:|"]
         lines += [f"| {entry['group']} | {entry['endpoints']} | {entry['worst_ns']:.2f} |"

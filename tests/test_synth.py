@@ -58,7 +58,8 @@ def test_harness_keeps_every_port():
 
 
 def test_slow_endpoints_groups_late_register_inputs():
-    """Only flip-flop and block-RAM inputs count, each input once at its latest arrival,
+    """Only flip-flop, block-RAM and DSP-block inputs count (LUT inputs do not), each input
+    once at its latest arrival,
     those within the period are left out, and the bits of one register (and the same register
     in every PE) form one group, the latest group first."""
     netlist = {"modules": {synth.HARNESS_TOP: {"cells": {
@@ -67,6 +68,7 @@ def test_slow_endpoints_groups_late_register_inputs():
         "dut.core.array.pe_0_1.sum_TRELLIS_FF_Q_7": {"type": "TRELLIS_FF"},
         "dut.core.array.pe_2_3.sum_TRELLIS_FF_Q_7": {"type": "TRELLIS_FF"},
         "dut.core.b_mem.bank3": {"type": "DP16KD"},
+        "dut.core.array.pe_1_1.mult_mult": {"type": "MULT18X18D"},
         "dut.core.lut": {"type": "LUT4"},
         "dut.core.fast_TRELLIS_FF_Q": {"type": "TRELLIS_FF"},
     }}}}
@@ -81,17 +83,19 @@ def test_slow_endpoints_groups_late_register_inputs():
         {"net": "n2", "endpoints": [sink("dut.core.acc_TRELLIS_FF_Q", "DI", 8.7),
                                     sink("dut.core.array.pe_0_1.sum_TRELLIS_FF_Q_7", "CE", 8.2),
                                     sink("dut.core.array.pe_2_3.sum_TRELLIS_FF_Q_7", "CE", 8.3),
-                                    sink("dut.core.b_mem.bank3", "ADA5", 9.4)]},
+                                    sink("dut.core.b_mem.bank3", "ADA5", 9.4),
+                                    sink("dut.core.array.pe_1_1.mult_mult", "CE0", 8.05)]},
     ]}
     late = synth.slow_endpoints(report, netlist, 8.0)
-    assert late["endpoints"] == 6 and late["late"] == 5
+    assert late["endpoints"] == 7 and late["late"] == 6
     assert [(g["group"], g["endpoints"], g["worst_ns"]) for g in late["groups"]] == [
-        ("core.b_mem.bank#", 1, 9.4), ("core.acc", 2, 9.1), ("core.array.pe_#_#.sum", 2, 8.3)]
+        ("core.b_mem.bank#", 1, 9.4), ("core.acc", 2, 9.1), ("core.array.pe_#_#.sum", 2, 8.3),
+        ("core.array.pe_#_#.mult_mult", 1, 8.05)]
     assert late["groups"][1]["worst"] == "dut.core.acc_TRELLIS_FF_Q_1.DI"
     table = synth.format_report({
         "target": "ecp5", "device": "LFE5U-85F", "package": "CABGA381", "speed_grade": "6",
         "target_mhz": 125.0, "fmax_mhz": 106.4, "utilization": {}, "late_endpoints": late})
-    assert "5 of 6 register and block-RAM inputs" in table
+    assert "6 of 7 register, block-RAM and DSP inputs" in table
     assert "| core.acc | 2 | 9.10 |" in table
 
 

@@ -74,13 +74,13 @@ def _multipliers(args, default_dsp="generic"):
 def cmd_verilog(args):
     from sparsa.hw.verilog import ACCELERATOR_TOP, ARRAY_TOP, accelerator_verilog, array_verilog
 
+    multipliers = _multipliers(args)[0]
     if args.top == "array":
-        text = array_verilog(args.rows, args.cols, name=args.name or ARRAY_TOP,
-                             **_multipliers(args)[0])
+        text = array_verilog(args.rows, args.cols, name=args.name or ARRAY_TOP, **multipliers)
         what = f"{args.rows}x{args.cols} systolic array"
     else:
         text = accelerator_verilog(**_build_config(args), name=args.name or ACCELERATOR_TOP,
-                                   **_multipliers(args)[0])
+                                   **multipliers)
         what = (f"accelerator: {args.rows}x{args.cols} array, {args.stream_width}-bit streams, "
                 f"K <= {args.max_k}, N <= {args.max_n}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def cmd_verilog(args):
         from sparsa.sim import runner, toolchain
 
         ok, report = toolchain.lint(args.output,
-                                    *runner.PRIMITIVE_MODELS.get(_multipliers(args)[0]["dsp"], ()))
+                                    *runner.PRIMITIVE_MODELS.get(multipliers["dsp"], ()))
         print("verilator --lint-only -Wall: " + ("clean" if ok else "FAILED\n" + report))
         return 0 if ok else 1
     return 0

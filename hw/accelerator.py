@@ -46,8 +46,9 @@ from sparsa import protocol
 from sparsa.protocol import KNOWN_OPTIONS, STREAM_WIDTHS, Control, Error, Feature, Option
 
 from .array import SystolicArray, check_dimensions, check_lut_columns
+from .bram import BlockMemory
 from .link import CreditLink
-from .picker import StepPicker
+from .picker import StepPicker, group_flags
 from .pipeline import delay, lut_product
 from .postproc import PostProcessor
 from .regs import RegisterBlock
@@ -140,12 +141,13 @@ class GemmCore(wiring.Component):
         # ---- memories ------------------------------------------------------------------------
         m.submodules.bias_mem = bias_mem = Memory(shape=32 * cols, depth=n_tiles_max, init=[])
         m.submodules.mult_mem = mult_mem = Memory(shape=32 * cols, depth=n_tiles_max, init=[])
-        m.submodules.b_mem = b_mem = Memory(shape=8 * cols, depth=n_tiles_max * g.max_k, init=[])
-        m.submodules.a_mem = a_mem = Memory(shape=8 * rows, depth=2 * g.max_k, init=[])
-        bias_wr, b_wr, a_wr = bias_mem.write_port(), b_mem.write_port(), a_mem.write_port()
+        # The operand memories answer two cycles after the address: a block RAM's read and a
+        # register on its output (in an ECP5 build the block's own output register).
+        m.submodules.b_mem = b_mem = BlockMemory(8 * cols, n_tiles_max * g.max_k)
+        m.submodules.a_mem = a_mem = BlockMemory(8 * rows, 2 * g.max_k)
+        bias_wr = bias_mem.write_port()
         bias_rd = bias_mem.read_port(domain="comb")
         mult_wr, mult_rd = mult_mem.write_port(), mult_mem.read_port(domain="comb")
-        b_rd, a_rd = b_mem.read_port(), a_mem.read_port()
         panel_full = Signal(2)  # per A bank: loaded and not yet consumed
         if self.sparse_skip:
             # Nonzero masks: one per A bank (registers) and one per n-tile of B (a small memory).
@@ -255,16 +257,17 @@ class GemmCore(wiring.Component):
         word_q = Signal.like(word, reset_less=True)
         m.d.sync += word_q.eq(word)
 
-        def write_later(port, address, name):
+        def write_later(en, addr, data, address, name):
             enable = Signal(name=f"{name}_write")
-            m.d.sync += [port.en.eq(enable), port.addr.eq(address)]
-            m.d.comb += port.data.eq(word_q)
+            m.d.sync += [en.eq(enable), addr.eq(address)]
+            m.d.comb += data.eq(word_q)
             return enable
 
-        bias_write = write_later(bias_wr, ld_nt, "bias")
-        mult_write = write_later(mult_wr, ld_nt, "mult")
-        b_write = write_later(b_wr, ld_b_addr, "b")
-        a_write = write_later(a_wr, Mux(ld_bank, g.max_k, 0) + ld_k, "a")
+        bias_write = write_later(bias_wr.en, bias_wr.addr, bias_wr.data, ld_nt, "bias")
+        mult_write = write_later(mult_wr.en, mult_wr.addr, mult_wr.data, ld_nt, "mult")
+        b_write = write_later(b_mem.w_en, b_mem.w_addr, b_mem.w_data, ld_b_addr, "b")
+        a_write = write_later(a_mem.w_en, a_mem.w_addr, a_mem.w_data,
+                              Mux(ld_bank, g.max_k, 0) + ld_k, "a")
         last_k, next_k, restart_k = walk_flag(ld_k, 1, job_k, self.k, "last_k")
         last_n_tile, next_n_tile, restart_n_tile = walk_flag(ld_j0, cols, job_n, self.n,
                                                              "last_n_tile")
@@ -448,7 +451,7 @@ class GemmCore(wiring.Component):
         empty = Signal()  # this tile has no k-step to issue at all
         mask_ready = Signal()  # LOAD may start the tile (its B mask is out of the block RAM)
         # Memory bases minus the offset, modulo the address width (the sums are always in range).
-        a_base, b_base = Signal.like(a_rd.addr), Signal.like(b_rd.addr)
+        a_base, b_base = Signal.like(a_mem.r_addr), Signal.like(b_mem.r_addr)
         rows_real = Signal(range(rows + 1), reset_less=True)
         cols_real = Signal(range(cols + 1), reset_less=True)
         m.d.sync += [
@@ -469,13 +472,30 @@ class GemmCore(wiring.Component):
             # the tags follow the address through the block RAM and its output register.
             b_addr, b_tag1, b_tag2 = Signal.like(sq_nt), Signal.like(sq_nt), Signal.like(sq_nt)
             b_mask = Signal(g.max_k, reset_less=True)
+            b_tag3 = Signal.like(sq_nt)
             tag_on_this, tag_on_next, moved = Signal(), Signal(), Signal()
-            m.d.comb += mask_ready.eq(Mux(moved, tag_on_next, tag_on_this))
-            a_mask = Signal(g.max_k, reset_less=True)
+            # B's masks are all in their memory a cycle after B's last word; ``tile_mask`` has
+            # them four cycles later. A panel of one k-step can be full before that, so a
+            # job's tiles also wait for ``b_final`` (a few cycles after the loader leaves B).
+            b_final = Signal()
+            b_left = delay(m, loading_a, 3, "b_left")
+            with m.If(self.start):
+                m.d.sync += b_final.eq(0)
+            with m.Elif(b_left):
+                m.d.sync += b_final.eq(1)
+            m.d.comb += mask_ready.eq(Mux(moved, tag_on_next, tag_on_this) & b_final)
+            # The tile's mask (the A panel's, the B n-tile's, the job's K) and its per-group
+            # flags are registered together, so the picker's load isolates the lowest flag and
+            # ORs no mask bits. The mask is the B mask's a cycle later (``b_tag3`` is its tag);
+            # the A side is read straight from the panel masks, as fresh as before.
+            tile_mask = Signal(g.max_k, reset_less=True)
+            tile_groups = Signal(picker.groups, reset_less=True)
+            next_mask = Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & k_valid & b_mask
             m.d.comb += [
                 b_addr.eq(Mux(in_issue, next_nt, sq_nt)),
                 b_nonzero_rd.addr.eq(b_addr),
-                picker.mask.eq(a_mask & b_mask),
+                picker.mask.eq(tile_mask),
+                picker.mask_groups.eq(tile_groups),
                 picker.load.eq(tile_load),
                 picker.take.eq(issue),
                 k_position.eq(picker.position),
@@ -487,13 +507,15 @@ class GemmCore(wiring.Component):
                 k_offset.eq(g.max_k - job_k),
                 next_nt.eq(Mux(sq_last_n, 0, sq_nt + 1)),
                 b_tag1.eq(b_addr), b_tag2.eq(b_tag1), b_mask.eq(b_nonzero_rd.data),
-                # Whether b_tag2 will equal sq_nt in the next cycle, for sq_nt staying and for
+                b_tag3.eq(b_tag2),
+                # Whether b_tag3 will equal sq_nt in the next cycle, for sq_nt staying and for
                 # sq_nt moving on (it moves to next_nt on issue_last; at start it returns to
                 # 0 while the sequencer waits, not in LOAD), so ``mask_ready`` is a choice
                 # between registers and LOAD's decision has no compare in it.
-                tag_on_this.eq(b_tag1 == sq_nt), tag_on_next.eq(b_tag1 == next_nt),
+                tag_on_this.eq(b_tag2 == sq_nt), tag_on_next.eq(b_tag2 == next_nt),
                 moved.eq(issue_last),
-                a_mask.eq(Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & k_valid),
+                tile_mask.eq(next_mask),
+                tile_groups.eq(group_flags(next_mask, g.max_k)),
             ]
         else:
             step = Signal(range(g.max_k))
@@ -511,7 +533,7 @@ class GemmCore(wiring.Component):
                 m.d.sync += step.eq(step + 1)
         # The k-step's memory addresses are registered (the sum is not in the block RAMs'
         # address set-up).
-        m.d.sync += [a_rd.addr.eq(a_base + k_position), b_rd.addr.eq(b_base + k_position)]
+        m.d.sync += [a_mem.r_addr.eq(a_base + k_position), b_mem.r_addr.eq(b_base + k_position)]
         # Both registered: ``room`` lags ``reserved`` by a cycle, and ``reserved`` takes the
         # sequencer's and the drain's news a cycle late (``reserve``, ``popped``, registers),
         # which only errs on the safe side: no tile ends within three cycles of the last, and a
@@ -583,8 +605,9 @@ class GemmCore(wiring.Component):
 
         # The addresses are registered, the memories answer one cycle later, and their data is
         # registered twice before the array: as it leaves the block RAM, with nothing between
-        # (a block RAM's clock-to-output takes most of a cycle on an ECP5, so that register
-        # belongs beside it), then into the lanes; the k-step's flags follow the data.
+        # (:class:`.BlockMemory`'s output register; a block RAM's clock-to-output takes most of
+        # a cycle on an ECP5, so that register belongs beside it, or in it), then into the
+        # lanes; the k-step's flags follow the data.
         def follow(value, name):
             return delay(m, value, 3, name)
 
@@ -602,8 +625,7 @@ class GemmCore(wiring.Component):
         ]
         a_lanes = [Signal(signed(8), name=f"a_lane{i}", reset_less=True) for i in range(rows)]
         b_lanes = [Signal(signed(8), name=f"b_lane{j}", reset_less=True) for j in range(cols)]
-        a_word = delay(m, a_rd.data, 1, "a_word", reset_less=True)
-        b_word = delay(m, b_rd.data, 1, "b_word", reset_less=True)
+        a_word, b_word = a_mem.r_data, b_mem.r_data
         for i, lane in enumerate(a_lanes):
             m.d.sync += lane.eq(Mux(kill_q, 0, a_word[8 * i:8 * i + 8]))
             m.d.comb += array.a[i].eq(lane)

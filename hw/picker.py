@@ -5,7 +5,7 @@ A plain priority encoder over the mask and the "clear the bit I just took" loop 
 a 256-bit encoder in every cycle (the accelerator's critical path on an ECP5). The picker splits
 the mask into groups of 16 and works in three registered stages:
 
-- ``avail``: which groups still hold bits not yet fetched (set from the mask on ``load``);
+- ``avail``: which groups still hold bits not yet fetched (set from ``mask_groups`` on ``load``);
 - ``nxt``: the bits of the lowest such group, fetched a cycle ahead (a one-hot multiplexer of
   the groups, by a registered one-hot ``first``, the lowest bit of ``avail``);
 - ``cur``: the group being picked from. The token stage takes the lowest bit of ``cur`` (or of
@@ -17,9 +17,13 @@ cycle once started: the first is offered in the third cycle after the ``load`` c
 (``avail``, ``nxt``, token). A mask with no bit at all gives a single token with ``none`` (and
 ``last``) set, in the second.
 
-Interface: ``load`` (one cycle) takes ``mask`` and drops any token in flight; ``valid``,
+Interface: ``load`` (one cycle) takes ``mask`` with its ``mask_groups`` (bit g: group g of the
+mask has a set bit, see :func:`group_flags`) and drops any token in flight; ``valid``,
 ``position``, ``last`` (no bit follows) and ``none`` describe the token offered now, and ``take``
-consumes it (the next one is offered in the following cycle).
+consumes it (the next one is offered in the following cycle). The group flags come from the
+user, registered with the mask, so ``load`` only isolates the lowest of them: ORing 16 mask
+bits per group in the load cycle put eight LUT levels before the ``first`` register, the
+latest path of the ECP5 build on several seeds.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal
@@ -82,6 +86,14 @@ def _lowest_index(value):
                _lowest_index(Cat(*(block.any() for block in blocks))))
 
 
+def group_flags(mask, width):
+    """Per group of the picker's ``width``-bit mask, whether it has a set bit: the value for
+    :class:`StepPicker`'s ``mask_groups``."""
+    size = min(GROUP, width)
+    count = -(-width // size)
+    return Cat(*(mask[g * size:min(width, (g + 1) * size)].any() for g in range(count)))
+
+
 def _several(value):
     """Whether ``value`` has two or more bits set, from its nibbles: one with two or more, or
     two that are not empty (each test is one LUT on four signals)."""
@@ -107,6 +119,7 @@ class StepPicker(wiring.Component):
         self.groups = -(-width // self.group)
         super().__init__({
             "mask": In(width),
+            "mask_groups": In(self.groups),
             "load": In(1),
             "take": In(1),
             "valid": Out(1),
@@ -175,8 +188,7 @@ class StepPicker(wiring.Component):
         fetched = Signal(size)
         m.d.comb += fetched.eq(or_all([Mux(first[g], groups[g], 0) for g in range(count)]))
 
-        loaded = Signal(count)
-        m.d.comb += loaded.eq(Cat(*(padded[g * size:(g + 1) * size].any() for g in range(count))))
+        loaded = self.mask_groups
         remaining = Signal(count)
         m.d.comb += remaining.eq(avail & ~first)
         first_loaded = _isolate_lowest(m, loaded, "first_loaded")

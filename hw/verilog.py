@@ -4,6 +4,7 @@ from amaranth.back import verilog
 
 from .accelerator import Accelerator
 from .array import SystolicArray
+from .bram import BlockMemory
 from .dsp import DspTarget
 
 ARRAY_TOP = "sparsa_array"
@@ -30,3 +31,13 @@ def accelerator_verilog(rows=8, cols=8, stream_width=64, max_k=256, max_n=256,
     top = Accelerator(rows, cols, stream_width, max_k, max_n, sparse_skip, lut_columns,
                       dsp_packing)
     return verilog.convert(top, name=name, emit_src=False, platform=DspTarget(dsp))
+
+
+MEMORY_TOP = "sparsa_memory"
+
+
+def memory_verilog(width, depth, name=MEMORY_TOP, dsp="generic"):
+    """Verilog text of a :class:`.BlockMemory` on its own (for its test bench); ``dsp="ecp5"``
+    instantiates DP16KD blocks (see :mod:`.bram`)."""
+    return verilog.convert(BlockMemory(width, depth), name=name, emit_src=False,
+                           platform=DspTarget(dsp))

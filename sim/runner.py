@@ -18,9 +18,10 @@ from typing import Callable
 
 from . import toolchain
 
-# Simulation models of the vendor primitives a DSP style instantiates (see sparsa.hw.dsp),
-# appended to the generated Verilog of such a build.
-PRIMITIVE_MODELS = {"ecp5": (Path(__file__).with_name("mult18x18d.v"),)}
+# Simulation models of the vendor primitives a DSP style instantiates (see sparsa.hw.dsp and
+# sparsa.hw.bram), appended to the generated Verilog of such a build.
+PRIMITIVE_MODELS = {"ecp5": (Path(__file__).with_name("mult18x18d.v"),
+                            Path(__file__).with_name("dp16kd.v"))}
 
 
 @dataclass(frozen=True)

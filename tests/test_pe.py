@@ -199,6 +199,11 @@ def test_step_picker(width):
     from sparsa.hw.picker import StepPicker
 
     dut = StepPicker(width)
+    size = min(16, width)
+
+    def groups(mask):  # the group flags the user registers with the mask
+        return sum(1 << g for g in range(-(-width // size)) if mask >> (g * size) & 0xFFFF)
+
     rng = np.random.default_rng(width)
     masks = [0, 1, (1 << width) - 1, 1 << (width - 1)]
     masks += [int(rng.integers(0, 2**min(width, 62))) << int(rng.integers(0, max(1, width - 62)))
@@ -209,10 +214,12 @@ def test_step_picker(width):
     async def bench(ctx):
         for number, mask in enumerate(masks):
             ctx.set(dut.mask, mask)
+            ctx.set(dut.mask_groups, groups(mask))
             ctx.set(dut.load, 1)
             await ctx.tick()
             ctx.set(dut.load, 0)
             ctx.set(dut.mask, 0)
+            ctx.set(dut.mask_groups, 0)
             stalls = number % 3 == 1
             want = [bit for bit in range(width) if mask >> bit & 1]
             got, cycles, first_valid = [], 0, None
@@ -243,6 +250,7 @@ def test_step_picker(width):
             if number % 5 == 2 and len(want) > 2:
                 # Abandon: load a mask, let its first token come, then load the next over it.
                 ctx.set(dut.mask, mask)
+                ctx.set(dut.mask_groups, groups(mask))
                 ctx.set(dut.load, 1)
                 await ctx.tick()
                 ctx.set(dut.load, 0)

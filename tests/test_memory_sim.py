@@ -1,0 +1,40 @@
+"""The operand memory (:class:`sparsa.hw.bram.BlockMemory`) in both styles, simulated: the
+generic one (an Amaranth Memory and a register) and the ECP5 one (DP16KD instances with their
+output registers, on the model sim/dp16kd.v), each against a Python dictionary."""
+
+
+import pytest
+
+from sparsa.hw.bram import dp16kd_layout
+from sparsa.hw.verilog import MEMORY_TOP, memory_verilog
+from sparsa.sim import runner, toolchain
+
+# (width, depth): the A memory of the default build (1K x 18 blocks), the B memory's (8K x 2),
+# and one deeper than a block (three rows of 16K x 1 blocks and the multiplexer after them).
+SHAPES = [(64, 512), (64, 8192), (5, 40000)]
+
+
+def design(width, depth, dsp):
+    def generate():
+        return memory_verilog(width, depth, dsp=dsp) + "".join(
+            "\n" + model.read_text() for model in runner.PRIMITIVE_MODELS.get(dsp, ()))
+    return runner.Design(f"memory_{width}x{depth}_{dsp}", MEMORY_TOP, generate)
+
+
+def test_dp16kd_layout():
+    assert dp16kd_layout(64, 512) == (18, 4, 1)
+    assert dp16kd_layout(64, 1024) == (18, 4, 1)
+    assert dp16kd_layout(64, 1025) == (9, 8, 1)
+    assert dp16kd_layout(64, 8192) == (2, 32, 1)
+    assert dp16kd_layout(3, 16384) == (1, 3, 1)
+    assert dp16kd_layout(5, 40000) == (1, 5, 3)
+
+
+@pytest.mark.parametrize("dsp", ["generic", "ecp5"])
+@pytest.mark.parametrize("width,depth", SHAPES, ids=[f"{w}x{d}" for w, d in SHAPES])
+def test_memory(width, depth, dsp):
+    reason = toolchain.missing("verilator")
+    if reason:
+        pytest.skip(reason)
+    runner.check(design(width, depth, dsp), "verilator", "sparsa.sim.memory_tb",
+                 "test_random_access", {"width": width, "depth": depth, "cycles": 3000, "seed": 1})

@@ -440,6 +440,7 @@ class GemmCore(wiring.Component):
         reserve, popped = Signal(), Signal()  # issue_last and row_popped, a cycle late
         issue = Signal()
         issue_last = Signal()
+        advance = Signal()  # issue_last, a cycle later: the sequencer's position moves on
         tile_load = Signal()  # LOAD: the tile's k-steps start
         in_issue = Signal()  # the sequencer is in ISSUE
         # The k-step to issue now is k_position - k_offset (the nonzero masks hold k-step k at
@@ -509,11 +510,11 @@ class GemmCore(wiring.Component):
                 b_tag1.eq(b_addr), b_tag2.eq(b_tag1), b_mask.eq(b_nonzero_rd.data),
                 b_tag3.eq(b_tag2),
                 # Whether b_tag3 will equal sq_nt in the next cycle, for sq_nt staying and for
-                # sq_nt moving on (it moves to next_nt on issue_last; at start it returns to
-                # 0 while the sequencer waits, not in LOAD), so ``mask_ready`` is a choice
-                # between registers and LOAD's decision has no compare in it.
+                # sq_nt moving on (to next_nt, in the two cycles after issue_last; at start it
+                # returns to 0 while the sequencer waits, not in LOAD), so ``mask_ready`` is a
+                # choice between registers and LOAD's decision has no compare in it.
                 tag_on_this.eq(b_tag2 == sq_nt), tag_on_next.eq(b_tag2 == next_nt),
-                moved.eq(issue_last),
+                moved.eq(issue_last | advance),
                 tile_mask.eq(next_mask),
                 tile_groups.eq(group_flags(next_mask, g.max_k)),
             ]
@@ -545,6 +546,19 @@ class GemmCore(wiring.Component):
         m.d.comb += skipped.eq(job_k - issued - ~empty)
         with m.If(since_last < gap):
             m.d.sync += since_last.eq(since_last + 1)
+
+        # Where the next tile is in the job: moved on a cycle after issue_last, from a register,
+        # so the decision reaches a few registers and this wide bookkeeping hangs off a
+        # register's fan-out. Its readers have the time: the next tile's first k-step comes
+        # three cycles after LOAD, and its size, bases and B-mask tag are registered from
+        # these in between (``moved`` covers both cycles in which sq_nt lags).
+        m.d.sync += advance.eq(issue_last)
+        with m.If(advance):
+            m.d.sync += [sq_n_left.eq(sq_n_left - cols), sq_nt.eq(sq_nt + 1),
+                         sq_b_base.eq(sq_b_base + job_k)]
+            with m.If(sq_last_n):
+                m.d.sync += [sq_n_left.eq(job_n), sq_nt.eq(0), sq_b_base.eq(0),
+                             sq_m_left.eq(sq_m_left - rows)]
 
         with m.FSM(name="sequencer") as sequencer:
             with m.State("IDLE"):
@@ -579,15 +593,10 @@ class GemmCore(wiring.Component):
                     m.d.sync += self.stall_out.eq(self.stall_out + 1)
                 with m.Elif(gap_ok):
                     m.d.comb += [issue.eq(1), issue_last.eq(1), kill.eq(empty)]
-                    m.d.sync += [
-                        since_last.eq(0),
-                        sq_n_left.eq(sq_n_left - cols), sq_nt.eq(sq_nt + 1),
-                        sq_b_base.eq(sq_b_base + job_k),
-                    ]
+                    m.d.sync += since_last.eq(0)
                     m.next = "LOAD"
                     with m.If(sq_last_n):
-                        m.d.sync += [sq_n_left.eq(job_n), sq_nt.eq(0), sq_b_base.eq(0),
-                                     sq_bank.eq(~sq_bank), sq_m_left.eq(sq_m_left - rows)]
+                        m.d.sync += sq_bank.eq(~sq_bank)
                         with m.If(sq_last_m):
                             m.d.sync += closing.eq(1)
                             m.next = "IDLE"

@@ -20,7 +20,8 @@ DSP_STYLES = ("generic", "ecp5")
 
 class DspTarget:
     """The platform object :func:`amaranth.back.verilog.convert` hands to every
-    ``elaborate``, carrying the DSP style (see :func:`dsp_style`)."""
+    ``elaborate``, carrying the DSP style (see :func:`dsp_style`), which also says how the
+    operand memories are built (:mod:`.bram`)."""
 
     def __init__(self, dsp="generic"):
         self.dsp = check_dsp(dsp)

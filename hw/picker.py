@@ -160,9 +160,11 @@ class StepPicker(wiring.Component):
         with m.If(s_valid):
             with m.If(self.take):
                 m.d.sync += s_valid.eq(0)
-        with m.Elif(t_valid & ~self.take):
-            m.d.sync += [s_valid.eq(1), s_position.eq(t_position), s_last.eq(t_last),
-                         s_none.eq(t_none)]
+        with m.Else():
+            # The skid's data follows the token while the skid is empty (it is read only under
+            # s_valid), so ``take`` reaches s_valid alone.
+            m.d.sync += [s_valid.eq(t_valid & ~self.take), s_position.eq(t_position),
+                         s_last.eq(t_last), s_none.eq(t_none)]
         # Both candidates are worked out in parallel and the choice comes last.
         source_group = Signal(group_bits)
         m.d.comb += source_group.eq(Mux(cur_valid, cur_group, nxt_group))

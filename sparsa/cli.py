@@ -53,9 +53,11 @@ def _add_multiplier_options(parser):
     parser.add_argument("--dsp-packing", action="store_true",
                         help="the other columns in pairs, two INT8 MACs per DSP slice")
     parser.add_argument("--dsp", choices=DSP_STYLES, default=None,
-                        help="how multipliers are written: generic (a '*' between registers, "
-                             "portable) or ecp5 (MULT18X18D blocks with their own registers); "
-                             "default ecp5 for sparsa synth --target ecp5, else generic")
+                        help="how multipliers and the operand memories are written: generic "
+                             "(a '*' between registers, an inferred memory; portable) or ecp5 "
+                             "(MULT18X18D blocks with their own registers, DP16KD block RAMs "
+                             "with their output registers); default ecp5 for sparsa synth "
+                             "--target ecp5, else generic")
 
 
 def _multipliers(args, default_dsp="generic"):
@@ -64,7 +66,7 @@ def _multipliers(args, default_dsp="generic"):
     options = {"lut_columns": args.lut_columns, "dsp_packing": args.dsp_packing, "dsp": dsp}
     words = ((f", {args.lut_columns} columns of LUT multipliers" if args.lut_columns else "")
              + (", two MACs per DSP" if args.dsp_packing else "")
-             + (", ECP5 MULT18X18D blocks" if dsp == "ecp5" else ""))
+             + (", ECP5 MULT18X18D and DP16KD blocks" if dsp == "ecp5" else ""))
     suffix = ((f"_lut{args.lut_columns}" if args.lut_columns else "")
               + ("_packed" if args.dsp_packing else "")
               + (f"_{dsp}" if dsp != default_dsp else ""))

@@ -78,13 +78,20 @@ def test_cli_dsp_choices_are_the_hardwares():
 
 def test_ecp5_build_instantiates_its_multipliers(tmp_path):
     """``--dsp ecp5``: every multiplier (64 PEs, 8 lanes x 4 post-processing products) is a
-    MULT18X18D with its operand and product registers on; the generic build has none."""
+    MULT18X18D with its operand and product registers on, and the operand memories are DP16KD
+    blocks with their output registers on (A: 512 x 64 bits in four 1K x 18 blocks; B: 8192 x
+    64 bits in 32 8K x 2 blocks); the generic build has neither."""
     out = tmp_path / "accel.v"
     assert cli.main(["verilog", "--dsp", "ecp5", "-o", str(out)]) == 0
-    instances = re.findall(r"MULT18X18D #\((.*?)\) \S+ \(", out.read_text(), re.S)
+    text = out.read_text()
+    instances = re.findall(r"MULT18X18D #\((.*?)\) \S+ \(", text, re.S)
     assert len(instances) == 64 + 8 * 4
     for parameters in instances:
         for name in ("REG_INPUTA_CLK", "REG_INPUTB_CLK", "REG_OUTPUT_CLK"):
             assert re.search(rf"\.{name}\(\"CLK0\"\)", parameters), parameters
+    blocks = re.findall(r"DP16KD #\((.*?)\) \S+ \(", text, re.S)
+    widths = sorted(int(re.search(r"\.DATA_WIDTH_B\(32'd(\d+)\)", b).group(1)) for b in blocks)
+    assert widths == [2] * 32 + [18] * 4
+    assert all('.REGMODE_B("OUTREG")' in parameters for parameters in blocks)
     assert cli.main(["verilog", "-o", str(out)]) == 0
-    assert "MULT18X18D" not in out.read_text()
+    assert "MULT18X18D" not in out.read_text() and "DP16KD" not in out.read_text()

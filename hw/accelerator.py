@@ -714,6 +714,16 @@ class GemmCore(wiring.Component):
         final_row = (out_row == rows - 1) & out_last_n & out_last_m
         out_take = out_valid & out_ready
         finished = Signal()  # the last beat is in the output link
+        group_end = Signal()  # the last row of a group of ``rows`` leaves
+        # Where the drain is in the job (the group's columns and rows, and whether they are the
+        # last) moves on a cycle after the group's last row, from a register, so the output
+        # handshake's decision does not reach these wide registers; the next group's last row
+        # comes a cycle later at the soonest (with more than one row).
+        group_left = delay(m, group_end, 1, "group_left") if rows > 1 else group_end
+        with m.If(group_left):
+            m.d.sync += [out_j0.eq(out_j0 + cols), next_out_n]
+            with m.If(out_last_n):
+                m.d.sync += [out_j0.eq(0), restart_out_n, out_i0.eq(out_i0 + rows), next_out_m]
         with m.If(fifo.r_rdy):
             m.d.comb += [
                 out_valid.eq(1),
@@ -726,10 +736,8 @@ class GemmCore(wiring.Component):
                     m.d.comb += [fifo.r_en.eq(1), row_popped.eq(1)]
                     m.d.sync += [out_beat.eq(0), out_row.eq(out_row + 1)]
                     with m.If(out_row == rows - 1):
-                        m.d.sync += [out_row.eq(0), out_j0.eq(out_j0 + cols), next_out_n]
-                        with m.If(out_last_n):
-                            m.d.sync += [out_j0.eq(0), restart_out_n, out_i0.eq(out_i0 + rows),
-                                         next_out_m]
+                        m.d.sync += out_row.eq(0)
+                        m.d.comb += group_end.eq(1)
                     with m.If(final_row):
                         m.d.sync += finished.eq(1)
         with m.Elif(closing & (reserved == 0) & ~reserve & self.busy & ~finished):

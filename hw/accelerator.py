@@ -473,21 +473,23 @@ class GemmCore(wiring.Component):
             # the tags follow the address through the block RAM and its output register.
             b_addr, b_tag1, b_tag2 = Signal.like(sq_nt), Signal.like(sq_nt), Signal.like(sq_nt)
             b_mask = Signal(g.max_k, reset_less=True)
-            b_tag3 = Signal.like(sq_nt)
-            tag_on_this, tag_on_next, moved = Signal(), Signal(), Signal()
             # B's masks are all in their memory a cycle after B's last word; ``tile_mask`` has
             # them four cycles later. A panel of one k-step can be full before that, so a
             # job's tiles also wait for ``b_final`` (a few cycles after the loader leaves B).
             b_final = Signal()
             b_left = delay(m, loading_a, 3, "b_left")
-            with m.If(self.start):
-                m.d.sync += b_final.eq(0)
-            with m.Elif(b_left):
-                m.d.sync += b_final.eq(1)
-            m.d.comb += mask_ready.eq(Mux(moved, tag_on_next, tag_on_this) & b_final)
+            b_final_next = ~self.start & (b_left | b_final)
+            m.d.sync += b_final.eq(b_final_next)
+            # mask_ready: whether tile_mask is this tile's (the tag of its B mask, b_tag2 a
+            # cycle before, is sq_nt, or next_nt in the two cycles after issue_last while
+            # sq_nt moves on; at start sq_nt returns to 0 while the sequencer waits, not in
+            # LOAD) and B's masks are final. One register, worked out a cycle ahead, so LOAD's
+            # decision (which loads the picker) is one LUT of registers.
+            target_next = Mux(issue_last | advance, next_nt, sq_nt)
+            m.d.sync += mask_ready.eq((b_tag2 == target_next) & b_final_next)
             # The tile's mask (the A panel's, the B n-tile's, the job's K) and its per-group
             # flags are registered together, so the picker's load isolates the lowest flag and
-            # ORs no mask bits. The mask is the B mask's a cycle later (``b_tag3`` is its tag);
+            # ORs no mask bits. The mask is the B mask's a cycle later (see ``mask_ready``);
             # the A side is read straight from the panel masks, as fresh as before.
             tile_mask = Signal(g.max_k, reset_less=True)
             tile_groups = Signal(picker.groups, reset_less=True)
@@ -508,13 +510,6 @@ class GemmCore(wiring.Component):
                 k_offset.eq(g.max_k - job_k),
                 next_nt.eq(Mux(sq_last_n, 0, sq_nt + 1)),
                 b_tag1.eq(b_addr), b_tag2.eq(b_tag1), b_mask.eq(b_nonzero_rd.data),
-                b_tag3.eq(b_tag2),
-                # Whether b_tag3 will equal sq_nt in the next cycle, for sq_nt staying and for
-                # sq_nt moving on (to next_nt, in the two cycles after issue_last; at start it
-                # returns to 0 while the sequencer waits, not in LOAD), so ``mask_ready`` is a
-                # choice between registers and LOAD's decision has no compare in it.
-                tag_on_this.eq(b_tag2 == sq_nt), tag_on_next.eq(b_tag2 == next_nt),
-                moved.eq(issue_last | advance),
                 tile_mask.eq(next_mask),
                 tile_groups.eq(group_flags(next_mask, g.max_k)),
             ]

@@ -443,6 +443,7 @@ class GemmCore(wiring.Component):
         advance = Signal()  # issue_last, a cycle later: the sequencer's position moves on
         tile_load = Signal()  # LOAD: the tile's k-steps start
         in_issue = Signal()  # the sequencer is in ISSUE
+        sequencer_in_load = Signal()  # the sequencer is in LOAD
         # The k-step to issue now is k_position - k_offset (the nonzero masks hold k-step k at
         # bit max_k - K + k); the offset is folded into registered memory base addresses.
         k_position = Signal(max(1, bits_for(g.max_k - 1)))
@@ -486,7 +487,11 @@ class GemmCore(wiring.Component):
             # LOAD) and B's masks are final. One register, worked out a cycle ahead, so LOAD's
             # decision (which loads the picker) is one LUT of registers.
             target_next = Mux(issue_last | advance, next_nt, sq_nt)
-            m.d.sync += mask_ready.eq((b_tag2 == target_next) & b_final_next)
+            # A copy for the picker's mask register (see below); its other power-up value keeps
+            # synthesis from merging the two (it is read only in LOAD, never right after reset).
+            mask_ready_copy = Signal(init=1)
+            m.d.sync += [mask_ready.eq((b_tag2 == target_next) & b_final_next),
+                         mask_ready_copy.eq((b_tag2 == target_next) & b_final_next)]
             # The tile's mask (the A panel's, the B n-tile's, the job's K) and its per-group
             # flags are registered together, so the picker's load isolates the lowest flag and
             # ORs no mask bits. The mask is the B mask's a cycle later (see ``mask_ready``);
@@ -500,6 +505,9 @@ class GemmCore(wiring.Component):
                 picker.mask.eq(tile_mask),
                 picker.mask_groups.eq(tile_groups),
                 picker.load.eq(tile_load),
+                # The mask register's copy of tile_load, from its own registers and without
+                # ``closing`` (a job that closes takes no more tokens): a LUT and a net apart.
+                picker.load_mask.eq(sequencer_in_load & mask_ready_copy),
                 picker.take.eq(issue),
                 k_position.eq(picker.position),
                 ready.eq(picker.valid),
@@ -597,7 +605,8 @@ class GemmCore(wiring.Component):
                             m.next = "IDLE"
                         with m.Else():
                             m.next = "WAIT"
-        m.d.comb += in_issue.eq(sequencer.ongoing("ISSUE"))
+        m.d.comb += [in_issue.eq(sequencer.ongoing("ISSUE")),
+                     sequencer_in_load.eq(sequencer.ongoing("LOAD"))]
 
         # Panel bookkeeping: the loader fills a bank, the sequencer frees it after its last tile.
         release = issue_last & sq_last_n

@@ -216,8 +216,10 @@ def test_step_picker(width):
             ctx.set(dut.mask, mask)
             ctx.set(dut.mask_groups, groups(mask))
             ctx.set(dut.load, 1)
+            ctx.set(dut.load_mask, 1)
             await ctx.tick()
             ctx.set(dut.load, 0)
+            ctx.set(dut.load_mask, 0)
             ctx.set(dut.mask, 0)
             ctx.set(dut.mask_groups, 0)
             stalls = number % 3 == 1
@@ -252,8 +254,10 @@ def test_step_picker(width):
                 ctx.set(dut.mask, mask)
                 ctx.set(dut.mask_groups, groups(mask))
                 ctx.set(dut.load, 1)
+                ctx.set(dut.load_mask, 1)
                 await ctx.tick()
                 ctx.set(dut.load, 0)
+                ctx.set(dut.load_mask, 0)
                 await ctx.tick().repeat(3)
 
     sim = Simulator(dut)

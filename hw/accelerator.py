@@ -49,7 +49,7 @@ from .array import SystolicArray, check_dimensions, check_lut_columns
 from .bram import BlockMemory
 from .link import CreditLink
 from .picker import StepPicker, group_flags
-from .pipeline import delay, lut_product
+from .pipeline import delay, lut_product, or_all
 from .postproc import PostProcessor
 from .regs import RegisterBlock
 
@@ -383,6 +383,19 @@ class GemmCore(wiring.Component):
                 with m.If(take & in_last):
                     m.next = "IDLE"
 
+        def low_bits_any(bits):
+            """``word[:bits].any()`` with the beat's choice after the ORs (the same value, as
+            ``any`` of a multiplexer is the multiplexer of the ``any``s), so ``beat`` reaches one
+            multiplexer per beat rather than every bit on the way."""
+            terms = []
+            for index in range(-(-bits // width)):
+                size = min(width, bits - index * width)
+                arriving = in_data[:size].any()
+                if index < len(partial):
+                    arriving = Mux(beat == index, arriving, partial[index][:size].any())
+                terms.append(arriving)
+            return or_all(terms)
+
         # The masks and the panel flags take a completed word's news a cycle later, from
         # registers, so their wide shift registers' enables are not on the loader's own path.
         # (The sequencer looks at a panel only once its flag is set, and at B's masks later.)
@@ -394,8 +407,8 @@ class GemmCore(wiring.Component):
             b_nt = Signal.like(ld_nt)
             m.d.sync += [
                 b_event.eq(b_done), b_last.eq(last_k), b_first.eq(ld_nt == 0), b_nt.eq(ld_nt),
-                b_bit.eq(no_skip | word[:8 * cols].any()),
-                a_bit.eq(no_skip | word[:8 * rows].any()),
+                b_bit.eq(no_skip | low_bits_any(8 * cols)),
+                a_bit.eq(no_skip | low_bits_any(8 * rows)),
             ]
             b_shifted = Signal(g.max_k)  # b_nonzero with the completed B word's bit shifted in
             m.d.comb += [

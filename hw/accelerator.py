@@ -567,7 +567,7 @@ class GemmCore(wiring.Component):
         # so the decision reaches a few registers and this wide bookkeeping hangs off a
         # register's fan-out. Its readers have the time: the next tile's first k-step comes
         # three cycles after LOAD, and its size, bases and B-mask tag are registered from
-        # these in between (``moved`` covers both cycles in which sq_nt lags).
+        # these in between (``mask_ready`` looks at next_nt in both cycles in which sq_nt lags).
         m.d.sync += advance.eq(issue_last)
         with m.If(advance):
             m.d.sync += [sq_n_left.eq(sq_n_left - cols), sq_nt.eq(sq_nt + 1),

@@ -499,12 +499,11 @@ class GemmCore(wiring.Component):
             # sq_nt moves on; at start sq_nt returns to 0 while the sequencer waits, not in
             # LOAD) and B's masks are final. One register, worked out a cycle ahead, so LOAD's
             # decision (which loads the picker) is one LUT of registers.
-            target_next = Mux(issue_last | advance, next_nt, sq_nt)
+            ready_next = (b_tag2 == Mux(issue_last | advance, next_nt, sq_nt)) & b_final_next
             # A copy for the picker's mask register (see below); its other power-up value keeps
             # synthesis from merging the two (it is read only in LOAD, never right after reset).
             mask_ready_copy = Signal(init=1)
-            m.d.sync += [mask_ready.eq((b_tag2 == target_next) & b_final_next),
-                         mask_ready_copy.eq((b_tag2 == target_next) & b_final_next)]
+            m.d.sync += [mask_ready.eq(ready_next), mask_ready_copy.eq(ready_next)]
             # The tile's mask (the A panel's, the B n-tile's, the job's K) and its per-group
             # flags are registered together, so the picker's load isolates the lowest flag and
             # ORs no mask bits. The mask is the B mask's a cycle later (see ``mask_ready``);

@@ -72,6 +72,13 @@ class BlockMemory(wiring.Component):
         m.d.comb += padded.eq(self.w_data)
         # Rows of blocks: a word's row is its address's bits above a block's depth.
         w_row, r_row = self.w_addr[word_bits:], self.r_addr[word_bits:]
+        # The address pins: below the word address, the byte enables on the writing port of an
+        # 18-bit block (both bytes) and zeros otherwise; then the word address within a block.
+        low_a = [Const(1, 1)] * 2 + [Const(0, 1)] * 2 if port == 18 else [Const(0, 1)] * shift
+        address_a = low_a + [self.w_addr[k] if k < len(self.w_addr) else Const(0, 1)
+                             for k in range(word_bits)]
+        address_b = [Const(0, 1)] * shift + [self.r_addr[k] if k < len(self.r_addr)
+                                             else Const(0, 1) for k in range(word_bits)]
         outputs = []
         for row in range(rows):
             words = Signal(port * columns, name=f"row{row}")
@@ -82,14 +89,6 @@ class BlockMemory(wiring.Component):
                 data_out = Signal(18, name=f"dout{row}_{column}")
                 port_a_out = Signal(18, name=f"unread{row}_{column}")  # port A only writes
                 m.d.comb += words[column * port:(column + 1) * port].eq(data_out[:port])
-                # Below the word address: byte enables on the writing port of an 18-bit
-                # block (both bytes), zeros otherwise.
-                low_a = [Const(port == 18, 1)] * min(shift, 2) + [Const(0, 1)] * (shift - 2)
-                low_b = [Const(0, 1)] * shift
-                address_a = low_a + [self.w_addr[k] if k < len(self.w_addr) else Const(0, 1)
-                                     for k in range(word_bits)]
-                address_b = low_b + [self.r_addr[k] if k < len(self.r_addr) else Const(0, 1)
-                                     for k in range(word_bits)]
                 m.submodules[f"block{row}_{column}"] = Instance(
                     "DP16KD",
                     p_DATA_WIDTH_A=port, p_DATA_WIDTH_B=port,

@@ -24,6 +24,16 @@ PRIMITIVE_MODELS = {"ecp5": (Path(__file__).with_name("mult18x18d.v"),
                             Path(__file__).with_name("dp16kd.v"))}
 
 
+def primitive_models(dsp):
+    """The model files a build of DSP style ``dsp`` needs (none for ``"generic"``)."""
+    return PRIMITIVE_MODELS.get(dsp, ())
+
+
+def with_primitive_models(verilog_text, dsp):
+    """``verilog_text`` with the models of the primitives its DSP style instantiates."""
+    return verilog_text + "".join("\n" + model.read_text() for model in primitive_models(dsp))
+
+
 @dataclass(frozen=True)
 class Design:
     """A top module ``top`` whose Verilog ``generate()`` returns; ``key`` names the configuration."""

@@ -25,8 +25,7 @@ def accelerator_design(cfg):
         key += f"_{dsp}"
 
     def generate():  # with the simulation models of the vendor primitives it instantiates
-        return accelerator_verilog(**cfg) + "".join(
-            "\n" + model.read_text() for model in runner.PRIMITIVE_MODELS.get(dsp, ()))
+        return runner.with_primitive_models(accelerator_verilog(**cfg), dsp)
     return runner.Design(key, ACCELERATOR_TOP, generate)
 
 

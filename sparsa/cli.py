@@ -92,7 +92,7 @@ def cmd_verilog(args):
         from sparsa.sim import runner, toolchain
 
         ok, report = toolchain.lint(args.output,
-                                    *runner.PRIMITIVE_MODELS.get(multipliers["dsp"], ()))
+                                    *runner.primitive_models(multipliers["dsp"]))
         print("verilator --lint-only -Wall: " + ("clean" if ok else "FAILED\n" + report))
         return 0 if ok else 1
     return 0

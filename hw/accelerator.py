@@ -37,7 +37,7 @@ with the registers' values; ``CONTROL.SOFT_RESET`` only resets the datapath. Bad
 from amaranth import (Cat, ClockDomain, Const, DomainRenamer, Module, Mux, Signal, signed,
                       unsigned)
 from amaranth.lib import wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
@@ -660,17 +660,22 @@ class GemmCore(wiring.Component):
 
         # MACs skipped: of an issued k-step, the products with a zero operand (popcounts of the
         # nonzero lanes at the array edge); of a skipped k-step, all its products. Registered in
-        # stages (live lanes, counts, their product, the zeros, the sum), so no cycle holds more
-        # than one small multiply or one wide add; the counters are read only after DONE, which
-        # comes many cycles after the last k-step.
-        live_a3, live_b3 = Signal(rows), Signal(cols)  # the lanes that are not zero
-        nonzero_a4 = Signal(range(rows + 1))
-        nonzero_b4 = Signal(range(cols + 1))
-        nonzero5 = Signal(range(rows * cols + 1))
-        counted5 = delay(m, counted_q, 4, "counted")
-        slot5 = delay(m, slot_q, 4, "slot")
+        # stages (each lane's nibbles that are not zero, beside the lane; the live lanes;
+        # counts; their product; the zeros; the sum), so no cycle holds more than one small
+        # multiply or one wide add; the counters are read only after DONE, which comes many
+        # cycles after the last k-step.
+        live_nibbles = [delay(m, Cat(lane[:4].any(), lane[4:].any()), 1, f"{side}_live{n}_",
+                              reset_less=True)
+                        for side, lanes in (("a", a_lanes), ("b", b_lanes))
+                        for n, lane in enumerate(lanes)]
+        live_a4, live_b4 = Signal(rows), Signal(cols)  # the lanes that are not zero
+        nonzero_a5 = Signal(range(rows + 1))
+        nonzero_b5 = Signal(range(cols + 1))
+        nonzero6 = Signal(range(rows * cols + 1))
+        counted6 = delay(m, counted_q, 5, "counted")
+        slot6 = delay(m, slot_q, 5, "slot")
         skipped1, skipped_slot1 = Signal.like(skipped), Signal.like(slot)
-        issued_zeros6 = Signal(range(rows * cols + 1))
+        issued_zeros7 = Signal(range(rows * cols + 1))
         # A skipped tile's products: its k-steps times its slot, from two halves of the slot's
         # bits, registered, then summed, so no cycle holds the whole adder tree.
         half = (len(skipped_slot1) + 1) // 2
@@ -678,17 +683,17 @@ class GemmCore(wiring.Component):
         skipped_high2 = Signal(range(g.max_k * (1 << (len(skipped_slot1) - half))))
         skipped_products3 = Signal(range(rows * cols * g.max_k + 1))
         m.d.sync += [
-            live_a3.eq(Cat(*(lane.any() for lane in a_lanes))),
-            live_b3.eq(Cat(*(lane.any() for lane in b_lanes))),
-            nonzero_a4.eq(sum(live_a3)),
-            nonzero_b4.eq(sum(live_b3)),
-            nonzero5.eq(lut_product(nonzero_a4, nonzero_b4)),
-            issued_zeros6.eq(Mux(counted5, slot5 - nonzero5, 0)),
+            live_a4.eq(Cat(*(nibbles.any() for nibbles in live_nibbles[:rows]))),
+            live_b4.eq(Cat(*(nibbles.any() for nibbles in live_nibbles[rows:]))),
+            nonzero_a5.eq(sum(live_a4)),
+            nonzero_b5.eq(sum(live_b4)),
+            nonzero6.eq(lut_product(nonzero_a5, nonzero_b5)),
+            issued_zeros7.eq(Mux(counted6, slot6 - nonzero6, 0)),
             skipped1.eq(Mux(issue_last, skipped, 0)), skipped_slot1.eq(slot),
             skipped_low2.eq(lut_product(skipped1, skipped_slot1[:half])),
             skipped_high2.eq(lut_product(skipped1, skipped_slot1[half:])),
             skipped_products3.eq(skipped_low2 + (skipped_high2 << half)),
-            self.macs_skipped.eq(self.macs_skipped + issued_zeros6 + skipped_products3),
+            self.macs_skipped.eq(self.macs_skipped + issued_zeros7 + skipped_products3),
             self.ksteps_skipped.eq(self.ksteps_skipped + skipped1),
         ]
 
@@ -712,7 +717,10 @@ class GemmCore(wiring.Component):
                          post.mult[j].eq(Mux(channel_quant, mult_rd.data[32 * j:32 * j + 32],
                                              mult))]
 
-        m.submodules.fifo = fifo = SyncFIFOBuffered(width=32 * cols, depth=fifo_rows)
+        # The FIFO reads asynchronously (distributed RAM): a pop moves only its read pointer and
+        # level, a few registers beside the drain's decision, not a read register as wide as
+        # the row (whose enable, on the buffered FIFO, was the drain's longest path).
+        m.submodules.fifo = fifo = SyncFIFO(width=32 * cols, depth=fifo_rows)
         m.d.comb += [fifo.w_en.eq(post.out_valid), fifo.w_data.eq(post.out_word)]
 
         beats_int32 = g.vector_beats(4 * cols)

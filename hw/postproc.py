@@ -125,7 +125,16 @@ class PostProcessor(wiring.Component):
             lh4 = product("lh", x_lo, m_hi, (ones_lo, 0))
             hl4 = product("hl", x_hi, m_lo, (0, ones_lo))
             hh4 = product("hh", x_hi, m_hi, (ones_hi, ones_hi))
-            overflow2 = registered((x1 == INT32_MIN) & (mult1 == INT32_MIN), "overflow2")
+            # The one product that saturates, INT32_MIN * INT32_MIN, found from 16-bit compares
+            # registered in the stage of their operands, then combined: no cycle holds a
+            # 64-input compare across registers that sit apart (x1's and mult1's bits go to
+            # four multipliers).
+            m_low_zero1 = registered(mult0[:16] == 0, "m_low_zero1")
+            m_high_min1 = registered(mult0[16:] == 0x8000, "m_high_min1")
+            x_low_zero2 = registered(x1[:16] == 0, "x_low_zero2")
+            x_high_min2 = registered(x1[16:] == 0x8000, "x_high_min2")
+            m_min2 = registered(m_low_zero1 & m_high_min1, "m_min2")
+            overflow3 = registered(x_low_zero2 & x_high_min2 & m_min2, "overflow3")
             outer5 = registered(Cat(ll4[:32], hh4[:32]).as_signed(), "outer5", signed(64))
             middle5 = registered(lh4 + hl4, "middle5", signed(35))
             p6 = registered(outer5 + (middle5 << 16), "p6", signed(64))
@@ -134,7 +143,7 @@ class PostProcessor(wiring.Component):
             n7 = registered(p6 + Mux(p6 >= 0, 1 << 30, 1 - (1 << 30)), "n7", signed(65))
             floor8 = registered(n7 >> 31, "floor8", signed(34))
             adjust8 = registered((n7 < 0) & (n7[:31] != 0), "adjust8")
-            overflow8 = delay(m, overflow2, 6, f"overflow_{j}_", reset_less=True)
+            overflow8 = delay(m, overflow3, 5, f"overflow_{j}_", reset_less=True)
             h9 = registered(Mux(overflow8, INT32_MAX, floor8 + adjust8), "h9", signed(32))
 
             # Rounding of the shift: up when the remainder exceeds half, or reaches it for a

@@ -163,7 +163,7 @@ class GemmCore(wiring.Component):
             m.submodules.b_nonzero_mem = b_nonzero_mem = Memory(
                 shape=g.max_k, depth=n_tiles_max, init=[], attrs={"ram_style": "block"})
             b_nonzero_wr = b_nonzero_mem.write_port()
-            b_nonzero_rd = b_nonzero_mem.read_port()  # addressed a cycle ahead of TILE
+            b_nonzero_rd = b_nonzero_mem.read_port()  # addressed from a register (b_addr)
 
         at_start = {}  # (step, register): ``step >= register``, registered
 
@@ -484,7 +484,10 @@ class GemmCore(wiring.Component):
             m.submodules.picker = picker = StepPicker(g.max_k)
             next_nt = Signal.like(sq_nt)
             # The B mask is read for the tile after this one while issuing, else for this one;
-            # the tags follow the address through the block RAM and its output register.
+            # the tags follow the address through the block RAM and its output register. The
+            # address is a register: the block RAM's address pins (and the read-during-write
+            # check synthesis adds beside them) see no logic from the sequencer's state. Any
+            # address it reads is safe, ``mask_ready`` compares the tags.
             b_addr, b_tag1, b_tag2 = Signal.like(sq_nt), Signal.like(sq_nt), Signal.like(sq_nt)
             b_mask = Signal(g.max_k, reset_less=True)
             # B's masks are all in their memory a cycle after B's last word; ``tile_mask`` has
@@ -498,8 +501,11 @@ class GemmCore(wiring.Component):
             # cycle before, is sq_nt, or next_nt in the two cycles after issue_last while
             # sq_nt moves on; at start sq_nt returns to 0 while the sequencer waits, not in
             # LOAD) and B's masks are final. One register, worked out a cycle ahead, so LOAD's
-            # decision (which loads the picker) is one LUT of registers.
-            ready_next = (b_tag2 == Mux(issue_last | advance, next_nt, sq_nt)) & b_final_next
+            # decision (which loads the picker) is one LUT of registers. It is read only in
+            # LOAD, so its value after an ISSUE cycle matters only when that cycle was
+            # issue_last: the choice of tag takes the state (``in_issue``) for issue_last,
+            # and issue_last's own logic stays out of this register's input.
+            ready_next = (b_tag2 == Mux(in_issue | advance, next_nt, sq_nt)) & b_final_next
             # A copy for the picker's mask register (see below); its other power-up value keeps
             # synthesis from merging the two (it is read only in LOAD, never right after reset).
             mask_ready_copy = Signal(init=1)
@@ -512,7 +518,6 @@ class GemmCore(wiring.Component):
             tile_groups = Signal(picker.groups, reset_less=True)
             next_mask = Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & k_valid & b_mask
             m.d.comb += [
-                b_addr.eq(Mux(in_issue, next_nt, sq_nt)),
                 b_nonzero_rd.addr.eq(b_addr),
                 picker.mask.eq(tile_mask),
                 picker.mask_groups.eq(tile_groups),
@@ -529,6 +534,7 @@ class GemmCore(wiring.Component):
             m.d.sync += [
                 k_offset.eq(g.max_k - job_k),
                 next_nt.eq(Mux(sq_last_n, 0, sq_nt + 1)),
+                b_addr.eq(Mux(in_issue, next_nt, sq_nt)),
                 b_tag1.eq(b_addr), b_tag2.eq(b_tag1), b_mask.eq(b_nonzero_rd.data),
                 tile_mask.eq(next_mask),
                 tile_groups.eq(group_flags(next_mask, g.max_k)),

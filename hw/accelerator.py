@@ -293,7 +293,8 @@ class GemmCore(wiring.Component):
         # A packet of the wrong length is reported a cycle later, from registered events, so
         # the error code and ``closing`` are not on the loader's own path.
         tlast_early, tlast_missing = Signal(), Signal()
-        with m.If(delay(m, tlast_early, 1, "tlast_early_q")):
+        tlast_early_q = delay(m, tlast_early, 1, "tlast_early_q")
+        with m.If(tlast_early_q):
             m.d.sync += [self.error.eq(Error.TLAST_EARLY), closing.eq(1)]
         with m.If(delay(m, tlast_missing, 1, "tlast_missing_q")):
             m.d.sync += self.error.eq(Error.TLAST_MISSING)
@@ -505,7 +506,15 @@ class GemmCore(wiring.Component):
             # LOAD, so its value after an ISSUE cycle matters only when that cycle was
             # issue_last: the choice of tag takes the state (``in_issue``) for issue_last,
             # and issue_last's own logic stays out of this register's input.
-            ready_next = (b_tag2 == Mux(in_issue | advance, next_nt, sq_nt)) & b_final_next
+            # The two tag compares are registered a cycle ahead, from the values b_tag2, sq_nt
+            # and next_nt will have (sq_nt moves on only after ``advance``, to next_nt; next_nt
+            # follows sq_nt), so the choice between them is the only logic left here.
+            tag_is_next, tag_is_sq = Signal(), Signal()
+            m.d.sync += [
+                tag_is_next.eq(b_tag1 == Mux(sq_last_n, 0, sq_nt + 1)),
+                tag_is_sq.eq(b_tag1 == Mux(advance, next_nt, sq_nt)),
+            ]
+            ready_next = Mux(in_issue | advance, tag_is_next, tag_is_sq) & b_final_next
             # A copy for the picker's mask register (see below); its other power-up value keeps
             # synthesis from merging the two (it is read only in LOAD, never right after reset).
             mask_ready_copy = Signal(init=1)
@@ -561,12 +570,30 @@ class GemmCore(wiring.Component):
         # which only errs on the safe side: no tile ends within three cycles of the last, and a
         # row freed late only delays the next reservation. ``gap_ok`` is exact.
         room, gap_ok = Signal(), Signal()
-        m.d.sync += [room.eq(reserved <= fifo_rows - rows),
-                     gap_ok.eq(~issue_last & (since_last >= gap - 2))]
-        skipped = Signal(range(g.max_k + 1))  # k-steps of this tile not issued, at its end
-        m.d.comb += skipped.eq(job_k - issued - ~empty)
+        room_next = reserved <= fifo_rows - rows
+        # ``since_last`` counts the cycles since the last issue_last (saturating at ``gap``); a
+        # tile may end ``gap`` cycles after the one before. Where ``gap`` allows, the count
+        # restarts from ``advance`` (a register), a cycle late, with its threshold one lower and
+        # the cycle of ``advance`` itself excluded: the same cycles, and issue_last reaches only
+        # gap_ok's last LUT, not the counter.
+        restart_late = gap >= 3
+        if restart_late:
+            gap_ok_next = ~issue_last & ~advance & (since_last >= gap - 3)
+        else:
+            gap_ok_next = ~issue_last & (since_last >= gap - 2)
+        m.d.sync += [room.eq(room_next), gap_ok.eq(gap_ok_next)]
         with m.If(since_last < gap):
             m.d.sync += since_last.eq(since_last + 1)
+        with m.If(advance if restart_late else issue_last):
+            m.d.sync += since_last.eq(0)
+        # Whether a ready last k-step may go now (room, the gap, not closing), in one register,
+        # so issue_last is a LUT of the picker's token and this. Exact while in ISSUE: closing
+        # is set from a registered loader error or by issue_last itself (after which the
+        # sequencer leaves ISSUE and gap_ok is low), or at a start (in IDLE).
+        end_ok = Signal()
+        m.d.sync += end_ok.eq(room_next & gap_ok_next & ~closing & ~tlast_early_q)
+        skipped = Signal(range(g.max_k + 1))  # k-steps of this tile not issued, at its end
+        m.d.comb += skipped.eq(job_k - issued - ~empty)
 
         # Where the next tile is in the job: moved on a cycle after issue_last, from a register,
         # so the decision reaches a few registers and this wide bookkeeping hangs off a
@@ -603,18 +630,16 @@ class GemmCore(wiring.Component):
                     m.d.sync += issued.eq(0)
                     m.next = "ISSUE"
             with m.State("ISSUE"):
+                # (Until the first k-step is out of the picker, ``ready`` is low.)
                 with m.If(closing):
                     m.next = "IDLE"
-                with m.Elif(~ready):
-                    pass  # the first k-step is still on its way out of the picker
-                with m.Elif(more):
+                with m.Elif(ready & more):
                     m.d.comb += issue.eq(1)
                     m.d.sync += issued.eq(issued + 1)
-                with m.Elif(~room):
+                with m.Elif(ready & ~room):
                     m.d.sync += self.stall_out.eq(self.stall_out + 1)
-                with m.Elif(gap_ok):
-                    m.d.comb += [issue.eq(1), issue_last.eq(1), kill.eq(empty)]
-                    m.d.sync += since_last.eq(0)
+                with m.Elif(issue_last):
+                    m.d.comb += [issue.eq(1), kill.eq(empty)]
                     m.next = "LOAD"
                     with m.If(sq_last_n):
                         m.d.sync += sq_bank.eq(~sq_bank)
@@ -623,7 +648,8 @@ class GemmCore(wiring.Component):
                             m.next = "IDLE"
                         with m.Else():
                             m.next = "WAIT"
-        m.d.comb += [in_issue.eq(sequencer.ongoing("ISSUE")),
+        m.d.comb += [issue_last.eq(in_issue & ready & ~more & end_ok),
+                     in_issue.eq(sequencer.ongoing("ISSUE")),
                      sequencer_in_load.eq(sequencer.ongoing("LOAD"))]
 
         # Panel bookkeeping: the loader fills a bank, the sequencer frees it after its last tile.
@@ -680,6 +706,9 @@ class GemmCore(wiring.Component):
         nonzero6 = Signal(range(rows * cols + 1))
         counted6 = delay(m, counted_q, 5, "counted")
         slot6 = delay(m, slot_q, 5, "slot")
+        # A tile's skipped k-steps are taken a cycle after issue_last (``skipped`` registered,
+        # picked by ``advance``), so issue_last reaches no wide register here.
+        skipped_q = Signal.like(skipped, reset_less=True)
         skipped1, skipped_slot1 = Signal.like(skipped), Signal.like(slot)
         issued_zeros7 = Signal(range(rows * cols + 1))
         # A skipped tile's products: its k-steps times its slot, from two halves of the slot's
@@ -695,7 +724,8 @@ class GemmCore(wiring.Component):
             nonzero_b5.eq(sum(live_b4)),
             nonzero6.eq(lut_product(nonzero_a5, nonzero_b5)),
             issued_zeros7.eq(Mux(counted6, slot6 - nonzero6, 0)),
-            skipped1.eq(Mux(issue_last, skipped, 0)), skipped_slot1.eq(slot),
+            skipped_q.eq(skipped),
+            skipped1.eq(Mux(advance, skipped_q, 0)), skipped_slot1.eq(slot),
             skipped_low2.eq(lut_product(skipped1, skipped_slot1[:half])),
             skipped_high2.eq(lut_product(skipped1, skipped_slot1[half:])),
             skipped_products3.eq(skipped_low2 + (skipped_high2 << half)),
@@ -728,6 +758,13 @@ class GemmCore(wiring.Component):
         # the row (whose enable, on the buffered FIFO, was the drain's longest path).
         m.submodules.fifo = fifo = SyncFIFO(width=32 * cols, depth=fifo_rows)
         m.d.comb += [fifo.w_en.eq(post.out_valid), fifo.w_data.eq(post.out_word)]
+        # Whether the FIFO holds a row, as a register of its own (the FIFO's ``r_rdy`` is
+        # decoded from its level, a LUT more on the drain's loop from the pop back to the pop):
+        # the level after this cycle is not zero. A write always finds room (the sequencer
+        # reserves it), and a pop at level 1 empties it.
+        rows_ready = Signal()
+        m.d.sync += rows_ready.eq(fifo.w_en | (fifo.level >= 2)
+                                  | ((fifo.level == 1) & ~fifo.r_en))
 
         beats_int32 = g.vector_beats(4 * cols)
         beats_int8 = g.vector_beats(cols)
@@ -754,7 +791,7 @@ class GemmCore(wiring.Component):
             m.d.sync += [out_j0.eq(out_j0 + cols), next_out_n]
             with m.If(out_last_n):
                 m.d.sync += [out_j0.eq(0), restart_out_n, out_i0.eq(out_i0 + rows), next_out_m]
-        with m.If(fifo.r_rdy):
+        with m.If(rows_ready):
             m.d.comb += [
                 out_valid.eq(1),
                 out_data.eq(padded.word_select(out_beat, width)),

@@ -4,8 +4,8 @@
 side (port ``i``) to its sink side (port ``o``) through ``stages`` registers, into a FIFO
 on the sink side. Flow control is by credits: the source side counts the FIFO entries that are
 free and takes a beat only while it has one; each beat that leaves the FIFO sends a credit
-back through ``stages`` registers. So ``i.ready`` is decoded from a register beside the source
-and ``o.valid`` is the FIFO's own, and every signal that crosses between the two sides is a
+back through ``stages`` registers. So ``i.ready`` is a register beside the source and
+``o.valid`` is the FIFO's own, and every signal that crosses between the two sides is a
 register's output (the link's cost is latency, never a long path with logic at both ends).
 
 With ``buffered``, the FIFO's output is registered too (:class:`SyncFIFOBuffered`: one cycle
@@ -45,10 +45,13 @@ class CreditLink(wiring.Component):
         m.submodules.fifo = fifo = fifo_type(width=self.width, depth=self.depth)
 
         credits = Signal(range(self.depth + 1), init=self.depth)
+        # ``i.ready`` is a register of its own (credits != 0 after this cycle), so a source
+        # whose ``valid`` depends on ``ready`` sees no decode of the counter in its loop.
+        ready = Signal(init=1)
         take = Signal()
         m.d.comb += [
-            self.i.ready.eq(credits != 0),
-            take.eq(self.i.valid & self.i.ready),
+            self.i.ready.eq(ready),
+            take.eq(self.i.valid & ready),
             self.idle.eq(credits == self.depth),
         ]
         valid = delay(m, take, self.stages, "valid")
@@ -59,5 +62,6 @@ class CreditLink(wiring.Component):
             fifo.r_en.eq(self.o.ready),
         ]
         returned = delay(m, self.o.valid & self.o.ready, self.stages, "returned")
-        m.d.sync += credits.eq(credits - take + returned)
+        m.d.sync += [credits.eq(credits - take + returned),
+                     ready.eq(returned | (credits >= 2) | ((credits == 1) & ~take))]
         return m

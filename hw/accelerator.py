@@ -683,23 +683,22 @@ class GemmCore(wiring.Component):
         a_lanes = [Signal(signed(8), name=f"a_lane{i}", reset_less=True) for i in range(rows)]
         b_lanes = [Signal(signed(8), name=f"b_lane{j}", reset_less=True) for j in range(cols)]
         a_word, b_word = a_mem.r_data, b_mem.r_data
-        for i, lane in enumerate(a_lanes):
-            m.d.sync += lane.eq(Mux(kill_q, 0, a_word[8 * i:8 * i + 8]))
-            m.d.comb += array.a[i].eq(lane)
-        for j, lane in enumerate(b_lanes):
-            m.d.sync += lane.eq(Mux(kill_q, 0, b_word[8 * j:8 * j + 8]))
-            m.d.comb += array.b[j].eq(lane)
+        # Each lane's zero flag is registered beside it, so the PEs' gating reads a flag that
+        # travels with the operand, not a compare of it (and the counters below count them).
+        a_zeros, b_zeros = Signal(rows, reset_less=True), Signal(cols, reset_less=True)
+        for lanes, word, ports, flags, zeros in ((a_lanes, a_word, array.a, array.a_zero, a_zeros),
+                                                 (b_lanes, b_word, array.b, array.b_zero, b_zeros)):
+            for n, lane in enumerate(lanes):
+                byte = word[8 * n:8 * n + 8]
+                m.d.sync += [lane.eq(Mux(kill_q, 0, byte)), zeros[n].eq(kill_q | (byte == 0))]
+                m.d.comb += [ports[n].eq(lane), flags[n].eq(zeros[n])]
 
         # MACs skipped: of an issued k-step, the products with a zero operand (popcounts of the
         # nonzero lanes at the array edge); of a skipped k-step, all its products. Registered in
-        # stages (each lane's nibbles that are not zero, beside the lane; the live lanes;
-        # counts; their product; the zeros; the sum), so no cycle holds more than one small
-        # multiply or one wide add; the counters are read only after DONE, which comes many
-        # cycles after the last k-step.
-        live_nibbles = [delay(m, Cat(lane[:4].any(), lane[4:].any()), 1, f"{side}_live{n}_",
-                              reset_less=True)
-                        for side, lanes in (("a", a_lanes), ("b", b_lanes))
-                        for n, lane in enumerate(lanes)]
+        # stages (the lanes' zero flags, copied; the live lanes; counts; their product; the
+        # zeros; the sum), so no cycle holds more than one small multiply or one wide add; the
+        # counters are read only after DONE, which comes many cycles after the last k-step.
+        zeros3 = delay(m, Cat(a_zeros, b_zeros), 1, "zeros3", reset_less=True)
         live_a4, live_b4 = Signal(rows), Signal(cols)  # the lanes that are not zero
         nonzero_a5 = Signal(range(rows + 1))
         nonzero_b5 = Signal(range(cols + 1))
@@ -718,8 +717,8 @@ class GemmCore(wiring.Component):
         skipped_high2 = Signal(range(g.max_k * (1 << (len(skipped_slot1) - half))))
         skipped_products3 = Signal(range(rows * cols * g.max_k + 1))
         m.d.sync += [
-            live_a4.eq(Cat(*(nibbles.any() for nibbles in live_nibbles[:rows]))),
-            live_b4.eq(Cat(*(nibbles.any() for nibbles in live_nibbles[rows:]))),
+            live_a4.eq(~zeros3[:rows]),
+            live_b4.eq(~zeros3[rows:]),
             nonzero_a5.eq(sum(live_a4)),
             nonzero_b5.eq(sum(live_b4)),
             nonzero6.eq(lut_product(nonzero_a5, nonzero_b5)),

@@ -92,6 +92,10 @@ class SystolicArray(wiring.Component):
         super().__init__({
             "a": In(OPERAND).array(rows),
             "b": In(OPERAND).array(cols),
+            # Each operand's zero flag, in the operand's cycle (see :mod:`.pe`: never high for
+            # an operand that is not zero; low only forgoes the gating).
+            "a_zero": In(1).array(rows),
+            "b_zero": In(1).array(cols),
             "valid": In(1),
             "first": In(1),
             "last": In(1),
@@ -143,6 +147,7 @@ class SystolicArray(wiring.Component):
             west = pes[i][0]
             m.d.comb += [
                 west.a_in.eq(skew(self.a[i], i, f"a{i}", reset_less=True)),
+                west.a_zero_in.eq(skew(self.a_zero[i], i, f"a_zero{i}", reset_less=True)),
                 west.valid_in.eq(skew(self.valid, i, f"valid{i}")),
                 west.first_in.eq(skew(self.first, i, f"first{i}", reset_less=True)),
                 west.last_in.eq(skew(self.last, i, f"last{i}", reset_less=True)),
@@ -151,15 +156,23 @@ class SystolicArray(wiring.Component):
                 left, pe = pes[i][g - 1], pes[i][g]
                 m.d.comb += [
                     pe.a_in.eq(left.a_out),
+                    pe.a_zero_in.eq(left.a_zero_out),
                     pe.valid_in.eq(left.valid_out),
                     pe.first_in.eq(left.first_out),
                     pe.last_in.eq(left.last_out),
                 ]
         for j, (g, lane) in enumerate(lanes):
-            m.d.comb += port(pes[0][g], "b_in", lane).eq(
-                skew(self.b[j], g, f"b{j}", reset_less=True))
+            m.d.comb += [
+                port(pes[0][g], "b_in", lane).eq(skew(self.b[j], g, f"b{j}", reset_less=True)),
+                port(pes[0][g], "b_zero_in", lane).eq(
+                    skew(self.b_zero[j], g, f"b_zero{j}", reset_less=True)),
+            ]
             for i in range(1, rows):
-                m.d.comb += port(pes[i][g], "b_in", lane).eq(port(pes[i - 1][g], "b_out", lane))
+                m.d.comb += [
+                    port(pes[i][g], "b_in", lane).eq(port(pes[i - 1][g], "b_out", lane)),
+                    port(pes[i][g], "b_zero_in", lane).eq(port(pes[i - 1][g], "b_zero_out",
+                                                               lane)),
+                ]
 
         # A row is finished when its last k-step has left the east edge and the east PE has added
         # it (LATENCY - 1 cycles later). By the issue rule at most one row finishes per cycle, so

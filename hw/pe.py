@@ -18,7 +18,12 @@ Control flags (valid with the A operand):
 - ``last``: the last k-step of a tile; the finished sum is latched into ``result``, where it stays
   until the next tile's last k-step, so the next tile can accumulate while this one is read.
 
-Sparse-skip hook: ``zero`` is high when either operand is zero. The multiplier's operand
+Sparse-skip hook: ``zero`` is high when either operand is zero, from ``a_zero_in`` and
+``b_zero_in``: flags that travel with the operands (``a_zero_out``/``b_zero_out``, registered
+like ``a_out``/``b_out``), worked out once where the operands enter the array, so the
+multiplier's clock enable is one gate of registers rather than two 8-bit compares. A flag may
+be low for a zero operand (that only forgoes the gating; the product is then a true zero), but
+must never be high for an operand that is not zero. The multiplier's operand
 registers then hold (as they do when ``valid`` is low), so the multiplier does not switch, and
 the accumulator's clock enable is dropped (only a ``first`` k-step still clears it), so a zero
 operand costs no register update; the product would have been zero, so the sum is unchanged.
@@ -98,14 +103,19 @@ def _data(m, shape, name, port=None):
 
 
 def _pass_on(m, pe, b_pairs):
-    """Register the operands and flags on to the next PEs (``b_pairs``: (b_in, b_out) per
-    lane); only ``valid`` with a reset."""
+    """Register the operands, their zero flags and the k-step's flags on to the next PEs
+    (``b_pairs``: (b_in, b_out, b_zero_in, b_zero_out) per lane); only ``valid`` with a
+    reset."""
     def data(value, name):
         return delay(m, value, 1, name, reset_less=True)
     m.d.sync += pe.valid_out.eq(pe.valid_in)
     m.d.comb += [
         pe.a_out.eq(data(pe.a_in, "a_out")),
-        *(b_out.eq(data(b_in, f"b_out{lane}_")) for lane, (b_in, b_out) in enumerate(b_pairs)),
+        pe.a_zero_out.eq(data(pe.a_zero_in, "a_zero_out")),
+        *(b_out.eq(data(b_in, f"b_out{lane}_")) for lane, (b_in, b_out, _, _) in
+          enumerate(b_pairs)),
+        *(b_zero_out.eq(data(b_zero_in, f"b_zero_out{lane}_")) for lane, (_, _, b_zero_in,
+          b_zero_out) in enumerate(b_pairs)),
         pe.first_out.eq(data(pe.first_in, "first_out")),
         pe.last_out.eq(data(pe.last_in, "last_out")),
     ]
@@ -114,12 +124,16 @@ def _pass_on(m, pe, b_pairs):
 class ProcessingElement(wiring.Component):
     a_in: In(OPERAND)
     b_in: In(OPERAND)
+    a_zero_in: In(1)
+    b_zero_in: In(1)
     valid_in: In(1)
     first_in: In(1)
     last_in: In(1)
 
     a_out: Out(OPERAND)
     b_out: Out(OPERAND)
+    a_zero_out: Out(1)
+    b_zero_out: Out(1)
     valid_out: Out(1)
     first_out: Out(1)
     last_out: Out(1)
@@ -159,7 +173,7 @@ class ProcessingElement(wiring.Component):
     def elaborate(self, platform):
         m = Module()
 
-        m.d.comb += self.zero.eq((self.a_in == 0) | (self.b_in == 0))
+        m.d.comb += self.zero.eq(self.a_zero_in | self.b_zero_in)
 
         # Stages 1-3: the multiplier's own operand registers, the product, and the product
         # again (see MULTIPLIER_STAGES and :func:`_gated_product`); the k-step's flags keep
@@ -189,7 +203,7 @@ class ProcessingElement(wiring.Component):
         with m.If(valid & last):
             m.d.sync += result.eq(total)
 
-        _pass_on(m, self, [(self.b_in, self.b_out)])
+        _pass_on(m, self, [(self.b_in, self.b_out, self.b_zero_in, self.b_zero_out)])
         return m
 
 
@@ -203,20 +217,24 @@ class PackedPair(wiring.Component):
     took from the upper half). A DSP48E1's 25 x 18 multiplier does this in one slice, two
     INT8 MACs per DSP. ``|P| < 2**31``, so a 32-bit product register holds it exactly.
 
-    Ports are those of :class:`ProcessingElement`, with ``b_in``, ``b_out``, ``acc``,
-    ``result`` and ``zero`` one per lane (lane ``l`` is column ``2p + l``); each lane's
-    accumulator is gated by its own ``zero``; the shared multiplier holds only when both lanes are
-    zero. Same :data:`LATENCY`.
+    Ports are those of :class:`ProcessingElement`, with ``b_in``, ``b_out``, ``b_zero_in``,
+    ``b_zero_out``, ``acc``, ``result`` and ``zero`` one per lane (lane ``l`` is column
+    ``2p + l``); each lane's accumulator is gated by its own ``zero``; the shared multiplier
+    holds only when both lanes are zero. Same :data:`LATENCY`.
     """
 
     a_in: In(OPERAND)
     b_in: In(OPERAND).array(2)
+    a_zero_in: In(1)
+    b_zero_in: In(1).array(2)
     valid_in: In(1)
     first_in: In(1)
     last_in: In(1)
 
     a_out: Out(OPERAND)
     b_out: Out(OPERAND).array(2)
+    a_zero_out: Out(1)
+    b_zero_out: Out(1).array(2)
     valid_out: Out(1)
     first_out: Out(1)
     last_out: Out(1)
@@ -231,7 +249,7 @@ class PackedPair(wiring.Component):
         packed = Signal(signed(25))
         m.d.comb += packed.eq((self.b_in[0] << 16) + self.b_in[1])
         for lane in range(2):
-            m.d.comb += self.zero[lane].eq((self.a_in == 0) | (self.b_in[lane] == 0))
+            m.d.comb += self.zero[lane].eq(self.a_zero_in | self.b_zero_in[lane])
 
         # Stages 1-3 as in the plain PE: operand registers (B already packed), the product
         # and the product again, with the flags beside them.
@@ -258,5 +276,6 @@ class PackedPair(wiring.Component):
             with m.If(valid & last):
                 m.d.sync += result.eq(totals[lane])
 
-        _pass_on(m, self, [(self.b_in[lane], self.b_out[lane]) for lane in range(2)])
+        _pass_on(m, self, [(self.b_in[lane], self.b_out[lane], self.b_zero_in[lane],
+                            self.b_zero_out[lane]) for lane in range(2)])
         return m

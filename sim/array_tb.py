@@ -34,6 +34,8 @@ class ArrayTB:
         self.cols = cols = cfg["cols"]
         self.a = [getattr(dut, f"a__{i}") for i in range(rows)]
         self.b = [getattr(dut, f"b__{j}") for j in range(cols)]
+        self.a_zero = [getattr(dut, f"a_zero__{i}") for i in range(rows)]
+        self.b_zero = [getattr(dut, f"b_zero__{j}") for j in range(cols)]
         self.c = [getattr(dut, f"c__{j}") for j in range(cols)]
         self.min_tile_cycles = max(rows, cols)
         self.latency = latency(rows, cols, cfg.get("lut_columns", 0),
@@ -52,7 +54,7 @@ class ArrayTB:
         self.dut.valid.value = 0
         self.dut.first.value = 0
         self.dut.last.value = 0
-        for port in self.a + self.b:
+        for port in self.a + self.b + self.a_zero + self.b_zero:
             port.value = 0
 
     async def _drive(self, tiles, bubbles, rng):
@@ -76,6 +78,11 @@ class ArrayTB:
                     port.value = int(a[i, k])
                 for j, port in enumerate(self.b):
                     port.value = int(b[k, j])
+                # Zero flags as the accelerator sets them, but now and then left low for a
+                # zero operand (allowed: it only forgoes the gating).
+                for ports, values in ((self.a_zero, a[:, k]), (self.b_zero, b[k, :])):
+                    for port, value in zip(ports, values):
+                        port.value = int(value == 0 and rng.random() >= 0.125)
                 await RisingEdge(self.dut.clk)
                 since_last = 0 if last else since_last + 1
         self._idle()

@@ -13,9 +13,10 @@ from sparsa.hw.pe import LATENCY, PackedPair
 from sparsa.hw.pipeline import lut_product
 
 
-def simulate(steps, multiplier="dsp"):
+def simulate(steps, multiplier="dsp", flags=True):
     """Feed ``steps`` ((a, b, first, last) per cycle) to one PE; returns, per step, the
-    (acc, result) the step leaves (LATENCY cycles after it) and its ``zero`` flag."""
+    (acc, result) the step leaves (LATENCY cycles after it) and its ``zero`` flag. The
+    operands' zero flags are driven from the operands (all low without ``flags``)."""
     pe = ProcessingElement(multiplier)
     seen, zeros = [], []
 
@@ -23,6 +24,8 @@ def simulate(steps, multiplier="dsp"):
         for a, b, first, last in steps:
             ctx.set(pe.a_in, a)
             ctx.set(pe.b_in, b)
+            ctx.set(pe.a_zero_in, a == 0 and flags)
+            ctx.set(pe.b_zero_in, b == 0 and flags)
             ctx.set(pe.valid_in, 1)
             ctx.set(pe.first_in, first)
             ctx.set(pe.last_in, last)
@@ -98,6 +101,21 @@ def test_zero_operand_gates_the_accumulator():
     assert [acc for acc, _, _ in seen] == [49, 49, 49, 0]
 
 
+def test_zero_operands_without_flags_still_add_zero():
+    """The zero flags only gate: with them held low, zero operands go through the multiplier
+    and the sums are the same."""
+    rng = np.random.default_rng(5)
+    a = rng.integers(-128, 128, 30)
+    b = rng.integers(-128, 128, 30)
+    a[rng.random(30) < 0.4] = 0
+    b[rng.random(30) < 0.4] = 0
+    steps = [(int(x), int(y), k == 0, k == 29) for k, (x, y) in enumerate(zip(a, b))]
+    seen = simulate(steps, flags=False)
+    assert not any(zero for *_, zero in seen)
+    assert [acc for acc, _, _ in seen] == np.cumsum(a * b).tolist()
+    assert seen[-1][1] == int(a @ b)
+
+
 def test_multiplier_idles_on_skipped_and_empty_k_steps():
     """The multiplier's operand registers load only for a valid k-step with no zero operand,
     and the sums stay right around the steps they hold through."""
@@ -111,6 +129,8 @@ def test_multiplier_idles_on_skipped_and_empty_k_steps():
         for k, (a, b, valid) in enumerate(steps):
             ctx.set(pe.a_in, a)
             ctx.set(pe.b_in, b)
+            ctx.set(pe.a_zero_in, a == 0)
+            ctx.set(pe.b_zero_in, b == 0)
             ctx.set(pe.valid_in, valid)
             ctx.set(pe.first_in, k == 0)
             ctx.set(pe.last_in, k == len(steps) - 2)
@@ -277,6 +297,9 @@ def simulate_pair(steps):
             ctx.set(pair.a_in, a)
             ctx.set(pair.b_in[0], b0)
             ctx.set(pair.b_in[1], b1)
+            ctx.set(pair.a_zero_in, a == 0)
+            ctx.set(pair.b_zero_in[0], b0 == 0)
+            ctx.set(pair.b_zero_in[1], b1 == 0)
             ctx.set(pair.valid_in, 1)
             ctx.set(pair.first_in, first)
             ctx.set(pair.last_in, last)

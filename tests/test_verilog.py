@@ -26,6 +26,7 @@ def test_generated_array_is_lint_clean(tmp_path, verilator, rows, cols, capsys):
     assert ports == {
         "clk", "rst", "valid", "first", "last", "out_valid", "out_row",
         *(f"a__{i}" for i in range(rows)), *(f"b__{j}" for j in range(cols)),
+        *(f"a_zero__{i}" for i in range(rows)), *(f"b_zero__{j}" for j in range(cols)),
         *(f"c__{j}" for j in range(cols)),
     }
 

@@ -37,7 +37,6 @@ with the registers' values; ``CONTROL.SOFT_RESET`` only resets the datapath. Bad
 from amaranth import (Cat, ClockDomain, Const, DomainRenamer, Module, Mux, Signal, signed,
                       unsigned)
 from amaranth.lib import wiring
-from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
@@ -452,7 +451,8 @@ class GemmCore(wiring.Component):
         since_last = Signal(range(gap + 1))
         reserved = Signal(range(fifo_rows + rows + 1))
         reserve, popped = Signal(), Signal()  # issue_last and row_popped, a cycle late
-        issue = Signal()
+        issue = Signal()  # a k-step goes to the array
+        take = Signal()  # the same, worked out apart for the picker (see ``accept_more``)
         issue_last = Signal()
         advance = Signal()  # issue_last, a cycle later: the sequencer's position moves on
         tile_load = Signal()  # LOAD: the tile's k-steps start
@@ -534,7 +534,7 @@ class GemmCore(wiring.Component):
                 # The mask register's copy of tile_load, from its own registers and without
                 # ``closing`` (a job that closes takes no more tokens): a LUT and a net apart.
                 picker.load_mask.eq(sequencer_in_load & mask_ready_copy),
-                picker.take.eq(issue),
+                picker.take.eq(take),
                 k_position.eq(picker.position),
                 ready.eq(picker.valid),
                 more.eq(~picker.last),
@@ -554,7 +554,7 @@ class GemmCore(wiring.Component):
             # The first k-step goes in the same cycle after LOAD as with the picker (and the
             # registered tile size, ``slot``, is ready by then).
             warm = delay(m, tile_load, 2, "warming")
-            with m.If(tile_load):
+            with m.If(tile_load | issue_last):  # as the picker: nothing offered after the last
                 m.d.sync += ready.eq(0)
             with m.Elif(warm):
                 m.d.sync += ready.eq(1)
@@ -586,12 +586,31 @@ class GemmCore(wiring.Component):
             m.d.sync += since_last.eq(since_last + 1)
         with m.If(advance if restart_late else issue_last):
             m.d.sync += since_last.eq(0)
-        # Whether a ready last k-step may go now (room, the gap, not closing), in one register,
-        # so issue_last is a LUT of the picker's token and this. Exact while in ISSUE: closing
-        # is set from a registered loader error or by issue_last itself (after which the
-        # sequencer leaves ISSUE and gap_ok is low), or at a start (in IDLE).
-        end_ok = Signal()
-        m.d.sync += end_ok.eq(room_next & gap_ok_next & ~closing & ~tlast_early_q)
+        # Whether the sequencer takes a k-step offered now: ``accept_more`` (in ISSUE, not
+        # closing) for one that is not the tile's last, ``accept_last`` (that, with room and the
+        # gap) for the last. Registers, worked out from the sequencer's own registers, so the
+        # issue decision is one LUT of the offered k-step and these, and the picker's ``take``
+        # (which it feeds back into the picker) a LUT of the picker's registers and copies of
+        # these, not a trip to the sequencer and back. Their next values leave out what
+        # issue_last does (the sequencer leaves ISSUE, closing may be set, gap_ok goes low):
+        # after issue_last no k-step is offered until the next tile's LOAD, so these are read
+        # only while they are exact. Closing is otherwise set from a registered loader error,
+        # or at a start (in IDLE).
+        accept_more_next = (in_issue | (sequencer_in_load & mask_ready)) & ~closing & ~tlast_early_q
+        gap_part = (~advance & (since_last >= gap - 3)) if restart_late else (since_last >= gap - 2)
+        accept_last_next = accept_more_next & room_next & gap_part
+        accept_more, accept_last = Signal(), Signal()
+        # The picker's copies; their other power-up value keeps synthesis from merging them
+        # with the sequencer's (nothing is offered in the cycle after reset).
+        take_more, take_last = Signal(init=1), Signal(init=1)
+        m.d.sync += [accept_more.eq(accept_more_next), accept_last.eq(accept_last_next),
+                     take_more.eq(accept_more_next), take_last.eq(accept_last_next)]
+        m.d.comb += [
+            issue.eq(ready & Mux(more, accept_more, accept_last)),
+            issue_last.eq(ready & ~more & accept_last),
+            kill.eq(issue_last & empty),
+            take.eq(ready & Mux(more, take_more, take_last)),
+        ]
         skipped = Signal(range(g.max_k + 1))  # k-steps of this tile not issued, at its end
         m.d.comb += skipped.eq(job_k - issued - ~empty)
 
@@ -634,12 +653,10 @@ class GemmCore(wiring.Component):
                 with m.If(closing):
                     m.next = "IDLE"
                 with m.Elif(ready & more):
-                    m.d.comb += issue.eq(1)
                     m.d.sync += issued.eq(issued + 1)
                 with m.Elif(ready & ~room):
                     m.d.sync += self.stall_out.eq(self.stall_out + 1)
                 with m.Elif(issue_last):
-                    m.d.comb += [issue.eq(1), kill.eq(empty)]
                     m.next = "LOAD"
                     with m.If(sq_last_n):
                         m.d.sync += sq_bank.eq(~sq_bank)
@@ -648,8 +665,7 @@ class GemmCore(wiring.Component):
                             m.next = "IDLE"
                         with m.Else():
                             m.next = "WAIT"
-        m.d.comb += [issue_last.eq(in_issue & ready & ~more & end_ok),
-                     in_issue.eq(sequencer.ongoing("ISSUE")),
+        m.d.comb += [in_issue.eq(sequencer.ongoing("ISSUE")),
                      sequencer_in_load.eq(sequencer.ongoing("LOAD"))]
 
         # Panel bookkeeping: the loader fills a bank, the sequencer frees it after its last tile.
@@ -752,18 +768,28 @@ class GemmCore(wiring.Component):
                          post.mult[j].eq(Mux(channel_quant, mult_rd.data[32 * j:32 * j + 32],
                                              mult))]
 
-        # The FIFO reads asynchronously (distributed RAM): a pop moves only its read pointer and
-        # level, a few registers beside the drain's decision, not a read register as wide as
-        # the row (whose enable, on the buffered FIFO, was the drain's longest path).
-        m.submodules.fifo = fifo = SyncFIFO(width=32 * cols, depth=fifo_rows)
-        m.d.comb += [fifo.w_en.eq(post.out_valid), fifo.w_data.eq(post.out_word)]
-        # Whether the FIFO holds a row, as a register of its own (the FIFO's ``r_rdy`` is
-        # decoded from its level, a LUT more on the drain's loop from the pop back to the pop):
-        # the level after this cycle is not zero. A write always finds room (the sequencer
-        # reserves it), and a pop at level 1 empties it.
+        # The row FIFO: ``fifo_rows`` rows in a memory read asynchronously (distributed RAM), a
+        # write pointer, a read pointer and a count. A pop moves only the read pointer and the
+        # count, not a read register as wide as the row. Written out rather than the library's
+        # SyncFIFO, whose level gates every write with a room check (the sequencer reserves the
+        # room, so none is needed) and, with that fan-out, sat in the drain's loop from the pop
+        # back to the pop; here the count serves only ``rows_ready``, a register of its own (the
+        # count after this cycle is not zero).
+        m.submodules.row_fifo = row_fifo = Memory(shape=32 * cols, depth=fifo_rows, init=[])
+        fifo_write = row_fifo.write_port()
+        fifo_read = row_fifo.read_port(domain="comb")
+        produce, consume = Signal(range(fifo_rows)), Signal(range(fifo_rows))
+        held = Signal(range(fifo_rows + 1))
         rows_ready = Signal()
-        m.d.sync += rows_ready.eq(fifo.w_en | (fifo.level >= 2)
-                                  | ((fifo.level == 1) & ~fifo.r_en))
+        push = post.out_valid
+        m.d.comb += [fifo_write.addr.eq(produce), fifo_write.data.eq(post.out_word),
+                     fifo_write.en.eq(push), fifo_read.addr.eq(consume)]
+        with m.If(push):
+            m.d.sync += produce.eq(Mux(produce == fifo_rows - 1, 0, produce + 1))
+        with m.If(row_popped):
+            m.d.sync += consume.eq(Mux(consume == fifo_rows - 1, 0, consume + 1))
+        m.d.sync += [held.eq(held + push - row_popped),
+                     rows_ready.eq(push | (held >= 2) | ((held == 1) & ~row_popped))]
 
         beats_int32 = g.vector_beats(4 * cols)
         beats_int8 = g.vector_beats(cols)
@@ -772,7 +798,7 @@ class GemmCore(wiring.Component):
         out_j0 = Signal(range(g.max_n + cols))
         out_i0 = Signal(33)
         padded = Signal(width * beats_int32)
-        m.d.comb += padded.eq(fifo.r_data)
+        m.d.comb += padded.eq(fifo_read.data)
         row_end = out_beat == Mux(requant, beats_int8, beats_int32) - 1
         out_last_n, next_out_n, restart_out_n = walk_flag(out_j0, cols, job_n, self.n,
                                                           "out_last_n")
@@ -799,7 +825,7 @@ class GemmCore(wiring.Component):
             with m.If(out_take):
                 m.d.sync += out_beat.eq(out_beat + 1)
                 with m.If(row_end):
-                    m.d.comb += [fifo.r_en.eq(1), row_popped.eq(1)]
+                    m.d.comb += row_popped.eq(1)
                     m.d.sync += [out_beat.eq(0), out_row.eq(out_row + 1)]
                     with m.If(out_row == rows - 1):
                         m.d.sync += out_row.eq(0)

@@ -158,11 +158,10 @@ class GemmCore(wiring.Component):
                          for bank in range(2)]
             k_valid = Signal(g.max_k)
             # Few words but wide: block RAM, so the masks cost no LUTs (ram_style is the
-            # attribute Vivado and Yosys both read).
-            m.submodules.b_nonzero_mem = b_nonzero_mem = Memory(
-                shape=g.max_k, depth=n_tiles_max, init=[], attrs={"ram_style": "block"})
-            b_nonzero_wr = b_nonzero_mem.write_port()
-            b_nonzero_rd = b_nonzero_mem.read_port()  # addressed from a register (b_addr)
+            # attribute Vivado and Yosys both read), with its output register (a block RAM's
+            # own on an ECP5, whose plain read comes too late for any logic after it).
+            m.submodules.b_nonzero_mem = b_nonzero_mem = BlockMemory(
+                g.max_k, n_tiles_max, attrs={"ram_style": "block"})
 
         at_start = {}  # (step, register): ``step >= register``, registered
 
@@ -413,9 +412,9 @@ class GemmCore(wiring.Component):
             b_shifted = Signal(g.max_k)  # b_nonzero with the completed B word's bit shifted in
             m.d.comb += [
                 b_shifted.eq(Cat(b_nonzero[1:], b_bit)),
-                b_nonzero_wr.addr.eq(b_nt),
-                b_nonzero_wr.data.eq(b_shifted),
-                b_nonzero_wr.en.eq(b_event & b_last),
+                b_nonzero_mem.w_addr.eq(b_nt),
+                b_nonzero_mem.w_data.eq(b_shifted),
+                b_nonzero_mem.w_en.eq(b_event & b_last),
             ]
             with m.If(b_event):
                 m.d.sync += b_nonzero.eq(b_shifted)
@@ -486,11 +485,10 @@ class GemmCore(wiring.Component):
             next_nt = Signal.like(sq_nt)
             # The B mask is read for the tile after this one while issuing, else for this one;
             # the tags follow the address through the block RAM and its output register. The
-            # address is a register: the block RAM's address pins (and the read-during-write
-            # check synthesis adds beside them) see no logic from the sequencer's state. Any
-            # address it reads is safe, ``mask_ready`` compares the tags.
+            # address is a register: the block RAM's address pins see no logic from the
+            # sequencer's state. Any address it reads is safe, ``mask_ready`` compares the tags.
             b_addr, b_tag1, b_tag2 = Signal.like(sq_nt), Signal.like(sq_nt), Signal.like(sq_nt)
-            b_mask = Signal(g.max_k, reset_less=True)
+            b_mask = b_nonzero_mem.r_data  # the B mask at b_tag2
             # B's masks are all in their memory a cycle after B's last word; ``tile_mask`` has
             # them four cycles later. A panel of one k-step can be full before that, so a
             # job's tiles also wait for ``b_final`` (a few cycles after the loader leaves B).
@@ -527,7 +525,7 @@ class GemmCore(wiring.Component):
             tile_groups = Signal(picker.groups, reset_less=True)
             next_mask = Mux(sq_bank, a_nonzero[1], a_nonzero[0]) & k_valid & b_mask
             m.d.comb += [
-                b_nonzero_rd.addr.eq(b_addr),
+                b_nonzero_mem.r_addr.eq(b_addr),  # a register, b_mask two cycles later
                 picker.mask.eq(tile_mask),
                 picker.mask_groups.eq(tile_groups),
                 picker.load.eq(tile_load),
@@ -544,7 +542,7 @@ class GemmCore(wiring.Component):
                 k_offset.eq(g.max_k - job_k),
                 next_nt.eq(Mux(sq_last_n, 0, sq_nt + 1)),
                 b_addr.eq(Mux(in_issue, next_nt, sq_nt)),
-                b_tag1.eq(b_addr), b_tag2.eq(b_tag1), b_mask.eq(b_nonzero_rd.data),
+                b_tag1.eq(b_addr), b_tag2.eq(b_tag1),
                 tile_mask.eq(next_mask),
                 tile_groups.eq(group_flags(next_mask, g.max_k)),
             ]

@@ -43,10 +43,12 @@ def dp16kd_layout(width, depth):
 class BlockMemory(wiring.Component):
     """``width`` x ``depth`` memory: ``w_data`` is written at ``w_addr`` when ``w_en``;
     ``r_data`` is the word at the ``r_addr`` of two cycles before (a write and a read of the
-    same word in one cycle give the old word)."""
+    same word in one cycle give the old word). ``attrs`` go on the generic style's memory (say
+    ``ram_style``, for a memory synthesis would otherwise leave in LUTs)."""
 
-    def __init__(self, width, depth):
+    def __init__(self, width, depth, attrs=None):
         self.width, self.depth = width, depth
+        self.attrs = dict(attrs or {})
         super().__init__({
             "w_en": In(1), "w_addr": In(range(depth)), "w_data": In(width),
             "r_addr": In(range(depth)), "r_data": Out(width),
@@ -56,7 +58,8 @@ class BlockMemory(wiring.Component):
         if dsp_style(platform) == "ecp5":
             return self._ecp5()
         m = Module()
-        m.submodules.memory = memory = Memory(shape=self.width, depth=self.depth, init=[])
+        m.submodules.memory = memory = Memory(shape=self.width, depth=self.depth, init=[],
+                                              attrs=self.attrs)
         write, read = memory.write_port(), memory.read_port()
         m.d.comb += [write.en.eq(self.w_en), write.addr.eq(self.w_addr),
                      write.data.eq(self.w_data), read.addr.eq(self.r_addr)]

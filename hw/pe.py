@@ -40,7 +40,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from .dsp import dsp_style, mult18x18d
-from .pipeline import delay
+from .pipeline import LOCAL, delay
 
 OPERAND = signed(8)
 ACCUMULATOR = signed(32)
@@ -51,8 +51,8 @@ LATENCY = MULTIPLIER_STAGES + 1  # cycles from a k-step's operands to the sum in
 def _flags(m, valid, *flags):
     """The k-step's flags delayed to meet its product (MULTIPLIER_STAGES registers): ``valid``
     with a reset, the others without (they are read only with ``valid``)."""
-    valid = delay(m, valid, MULTIPLIER_STAGES, "valid")
-    packed = delay(m, Cat(*flags), MULTIPLIER_STAGES, "flags", reset_less=True)
+    valid = delay(m, valid, MULTIPLIER_STAGES, "valid", attrs=LOCAL)
+    packed = delay(m, Cat(*flags), MULTIPLIER_STAGES, "flags", reset_less=True, attrs=LOCAL)
     out, low = [valid], 0
     for flag in flags:
         width = len(flag)
@@ -105,19 +105,20 @@ def _data(m, shape, name, port=None):
 def _pass_on(m, pe, b_pairs):
     """Register the operands, their zero flags and the k-step's flags on to the next PEs
     (``b_pairs``: (b_in, b_out, b_zero_in, b_zero_out) per lane); only ``valid`` with a
-    reset."""
-    def data(value, name):
-        return delay(m, value, 1, name, reset_less=True)
-    m.d.sync += pe.valid_out.eq(pe.valid_in)
+    reset. The k-step's flags are the same in every PE of an anti-diagonal, so they are
+    :data:`.LOCAL` registers."""
+    def data(value, name, attrs=None):
+        return delay(m, value, 1, name, reset_less=True, attrs=attrs)
     m.d.comb += [
+        pe.valid_out.eq(delay(m, pe.valid_in, 1, "valid_out", attrs=LOCAL)),
         pe.a_out.eq(data(pe.a_in, "a_out")),
         pe.a_zero_out.eq(data(pe.a_zero_in, "a_zero_out")),
         *(b_out.eq(data(b_in, f"b_out{lane}_")) for lane, (b_in, b_out, _, _) in
           enumerate(b_pairs)),
         *(b_zero_out.eq(data(b_zero_in, f"b_zero_out{lane}_")) for lane, (_, _, b_zero_in,
           b_zero_out) in enumerate(b_pairs)),
-        pe.first_out.eq(data(pe.first_in, "first_out")),
-        pe.last_out.eq(data(pe.last_in, "last_out")),
+        pe.first_out.eq(data(pe.first_in, "first_out", LOCAL)),
+        pe.last_out.eq(data(pe.last_in, "last_out", LOCAL)),
     ]
 
 

@@ -5,15 +5,25 @@ unsigned product built from adders."""
 from amaranth import Const, Mux, Signal, Value
 
 
-def delay(m, value, depth, name, shape=None, reset_less=False):
+# The attribute of a register that must stay where its readers are, not be merged with the
+# registers elsewhere that hold the same value: the k-step flags of the PEs, which every PE on
+# an anti-diagonal of the array holds alike. Synthesis would otherwise keep one register for
+# all of them and route its fan-out across the die; ``sparsa synth`` marks these registers
+# ``keep`` before synthesis (Vivado's equivalent: keep_equivalent_registers, DONT_TOUCH).
+LOCAL = {"sparsa_local": 1}
+
+
+def delay(m, value, depth, name, shape=None, reset_less=False, attrs=None):
     """``value`` through ``depth`` registers of ``m``'s sync domain (``value`` itself when
     ``depth`` is 0), each register named ``name`` plus its stage number and of ``shape``
-    (default: the shape of ``value``). Data that needs no reset (a value whose register is
-    read only under a valid flag that is reset) takes ``reset_less``: fewer loads on the reset
-    net, which then reaches only the control registers."""
+    (default: the shape of ``value``), with ``attrs`` (say :data:`LOCAL`). Data that needs no
+    reset (a value whose register is read only under a valid flag that is reset) takes
+    ``reset_less``: fewer loads on the reset net, which then reaches only the control
+    registers."""
     shape = Value.cast(value).shape() if shape is None else shape
     for stage in range(depth):
-        register = Signal(shape, name=f"{name}{stage}", reset_less=reset_less)
+        register = Signal(shape, name=f"{name}{stage}", reset_less=reset_less,
+                          attrs=attrs or {})
         m.d.sync += register.eq(value)
         value = register
     return value

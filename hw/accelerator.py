@@ -563,40 +563,37 @@ class GemmCore(wiring.Component):
         # The k-step's memory addresses are registered (the sum is not in the block RAMs'
         # address set-up).
         m.d.sync += [a_mem.r_addr.eq(a_base + k_position), b_mem.r_addr.eq(b_base + k_position)]
-        # Both registered: ``room`` lags ``reserved`` by a cycle, and ``reserved`` takes the
+        # ``room`` is registered: it lags ``reserved`` by a cycle, and ``reserved`` takes the
         # sequencer's and the drain's news a cycle late (``reserve``, ``popped``, registers),
         # which only errs on the safe side: no tile ends within three cycles of the last, and a
-        # row freed late only delays the next reservation. ``gap_ok`` is exact.
-        room, gap_ok = Signal(), Signal()
+        # row freed late only delays the next reservation.
+        room = Signal()
         room_next = reserved <= fifo_rows - rows
+        m.d.sync += room.eq(room_next)
         # ``since_last`` counts the cycles since the last issue_last (saturating at ``gap``); a
-        # tile may end ``gap`` cycles after the one before. Where ``gap`` allows, the count
-        # restarts from ``advance`` (a register), a cycle late, with its threshold one lower and
-        # the cycle of ``advance`` itself excluded: the same cycles, and issue_last reaches only
-        # gap_ok's last LUT, not the counter.
+        # tile may end ``gap`` cycles after the one before (exactly). Where ``gap`` allows, the
+        # count restarts from ``advance`` (a register), a cycle late, with its threshold one
+        # lower and the cycle of ``advance`` itself excluded: the same cycles, and issue_last
+        # does not reach the counter.
         restart_late = gap >= 3
-        if restart_late:
-            gap_ok_next = ~issue_last & ~advance & (since_last >= gap - 3)
-        else:
-            gap_ok_next = ~issue_last & (since_last >= gap - 2)
-        m.d.sync += [room.eq(room_next), gap_ok.eq(gap_ok_next)]
         with m.If(since_last < gap):
             m.d.sync += since_last.eq(since_last + 1)
         with m.If(advance if restart_late else issue_last):
             m.d.sync += since_last.eq(0)
+        # (Next cycle is at least ``gap`` after the last issue_last, unless that is this one.)
+        gap_next = (~advance & (since_last >= gap - 3)) if restart_late else (since_last >= gap - 2)
         # Whether the sequencer takes a k-step offered now: ``accept_more`` (in ISSUE, not
         # closing) for one that is not the tile's last, ``accept_last`` (that, with room and the
         # gap) for the last. Registers, worked out from the sequencer's own registers, so the
         # issue decision is one LUT of the offered k-step and these, and the picker's ``take``
         # (which it feeds back into the picker) a LUT of the picker's registers and copies of
         # these, not a trip to the sequencer and back. Their next values leave out what
-        # issue_last does (the sequencer leaves ISSUE, closing may be set, gap_ok goes low):
+        # issue_last does (the sequencer leaves ISSUE, closing may be set, the gap restarts):
         # after issue_last no k-step is offered until the next tile's LOAD, so these are read
         # only while they are exact. Closing is otherwise set from a registered loader error,
         # or at a start (in IDLE).
         accept_more_next = (in_issue | (sequencer_in_load & mask_ready)) & ~closing & ~tlast_early_q
-        gap_part = (~advance & (since_last >= gap - 3)) if restart_late else (since_last >= gap - 2)
-        accept_last_next = accept_more_next & room_next & gap_part
+        accept_last_next = accept_more_next & room_next & gap_next
         accept_more, accept_last = Signal(), Signal()
         # The picker's copies; their other power-up value keeps synthesis from merging them
         # with the sequencer's (nothing is offered in the cycle after reset).
@@ -630,7 +627,7 @@ class GemmCore(wiring.Component):
                 with m.If(self.start & ~rejected):
                     m.d.sync += [sq_nt.eq(0), sq_n_left.eq(self.n), sq_m_left.eq(self.m),
                                  sq_b_base.eq(0),
-                                 sq_bank.eq(0), since_last.eq(gap), gap_ok.eq(1)]
+                                 sq_bank.eq(0), since_last.eq(gap)]
                     m.next = "WAIT"
             with m.State("WAIT"):
                 with m.If(closing):

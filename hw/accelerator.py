@@ -165,25 +165,23 @@ class GemmCore(wiring.Component):
 
         at_start = {}  # (step, register): ``step >= register``, registered
 
-        def walk_flag(step, limit, register, name):
-            """A register holding ``value + step >= limit`` while a position ``value`` walks 0,
-            step, 2 step, ... (a position in the job against one of its dimensions). Returns
-            it with the statements that keep it true to ``value`` where ``value`` steps on and
-            where it returns to 0. It keeps a count of its own, ``limit - value``, so the next
-            flag is that count against a constant (``2 * step``), never an adder and a compare
-            in one cycle. At ``start`` it is set from the job's ``register`` (``value`` starts at
-            0), compared in the cycles before, as the job check is (the registers hold still
-            from the START write on), so ``start`` loads a register, not a 32-bit compare."""
+        def walk_flag(value, step, limit, register, name):
+            """A register holding ``value + step >= limit`` while ``value`` walks 0, step,
+            2 step, ... (a position in the job against one of its dimensions). Returns it with
+            the statements that keep it true to ``value`` where ``value`` steps on and where it
+            returns to 0. Both outcomes are compared from registers beforehand, so the flag
+            costs the control logic one multiplexer, not an adder and a compare. At ``start``
+            it is set from the job's ``register`` (``value`` starts at 0), compared in the
+            cycles before, as the job check is (the registers hold still from the START write
+            on), so ``start`` loads a register, not a 32-bit compare."""
             key = (step, id(register))
             if key not in at_start:
                 at_start[key] = Signal(name=f"{name}_at_start", reset_less=True)
                 m.d.sync += at_start[key].eq(step >= register)
             flag = Signal(name=name)
-            left = Signal.like(limit, name=f"{name}_left")  # limit - value
             with m.If(self.start):
-                m.d.sync += [flag.eq(at_start[key]), left.eq(register)]
-            return (flag, [left.eq(left - step), flag.eq(left <= 2 * step)],
-                    [left.eq(limit), flag.eq(limit <= step)])
+                m.d.sync += flag.eq(at_start[key])
+            return flag, flag.eq(value + 2 * step >= limit), flag.eq(step >= limit)
 
         # ---- stream links --------------------------------------------------------------------
         # Each stream port is a credit-based link (:class:`.CreditLink`): the port's handshake
@@ -268,10 +266,10 @@ class GemmCore(wiring.Component):
         b_write = write_later(b_mem.w_en, b_mem.w_addr, b_mem.w_data, ld_b_addr, "b")
         a_write = write_later(a_mem.w_en, a_mem.w_addr, a_mem.w_data,
                               Mux(ld_bank, g.max_k, 0) + ld_k, "a")
-        last_k, next_k, restart_k = walk_flag(1, job_k, self.k, "last_k")
-        last_n_tile, next_n_tile, restart_n_tile = walk_flag(cols, job_n, self.n,
+        last_k, next_k, restart_k = walk_flag(ld_k, 1, job_k, self.k, "last_k")
+        last_n_tile, next_n_tile, restart_n_tile = walk_flag(ld_j0, cols, job_n, self.n,
                                                              "last_n_tile")
-        last_m_tile, next_m_tile, _ = walk_flag(rows, job_m, self.m, "last_m_tile")
+        last_m_tile, next_m_tile, _ = walk_flag(ld_i0, rows, job_m, self.m, "last_m_tile")
         b_done, a_done = Signal(), Signal()  # a B / an A word is complete
 
         def collect(beats):
@@ -797,9 +795,9 @@ class GemmCore(wiring.Component):
         padded = Signal(width * beats_int32)
         m.d.comb += padded.eq(fifo_read.data)
         row_end = out_beat == Mux(requant, beats_int8, beats_int32) - 1
-        out_last_n, next_out_n, restart_out_n = walk_flag(cols, job_n, self.n,
+        out_last_n, next_out_n, restart_out_n = walk_flag(out_j0, cols, job_n, self.n,
                                                           "out_last_n")
-        out_last_m, next_out_m, _ = walk_flag(rows, job_m, self.m, "out_last_m")
+        out_last_m, next_out_m, _ = walk_flag(out_i0, rows, job_m, self.m, "out_last_m")
         final_row = (out_row == rows - 1) & out_last_n & out_last_m
         out_take = out_valid & out_ready
         finished = Signal()  # the last beat is in the output link

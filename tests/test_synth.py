@@ -131,3 +131,29 @@ def test_synth_refuses_ecp5_blocks_for_xc7(capsys):
 
     assert cli.main(["synth", "--target", "xc7", "--dsp", "ecp5"]) == 2
     assert "--dsp ecp5 instantiates ECP5 blocks" in capsys.readouterr().err
+
+
+def test_local_registers_are_kept_apart(tmp_path):
+    """The PEs' k-step flag registers (``sparsa_local``) stay one per PE through synthesis:
+    with :func:`synth.read_design` Yosys keeps them all; without it, it merges the copies that
+    PEs on one anti-diagonal hold alike. Counted as single-bit flip-flops after ``synth``."""
+    from sparsa.hw.verilog import array_verilog
+    command = yosys()
+    (tmp_path / "design.v").write_text(array_verilog(3, 3))
+
+    def flip_flops(read):
+        done = subprocess.run(
+            [command, "-q", "-l", "yosys.log", "-p",
+             read + "synth -top sparsa_array -flatten; tee -q -o stat.txt stat"],
+            cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, (tmp_path / "yosys.log").read_text()[-3000:]
+        stat = (tmp_path / "stat.txt").read_text()
+        return sum(int(count) for count, _ in
+                   re.findall(r"^\s+(\d+)\s+(\$_\w*DFF\w*)\s*$", stat, re.M))
+
+    kept = flip_flops(synth.read_design("sparsa_array"))
+    merged = flip_flops("read_verilog design.v; ")
+    assert merged > 0
+    # Per PE, 9 such registers: valid, first and last through the multiplier's 3 stages, and
+    # passed on. Of the 9 PEs' 81, the merged build keeps about one set per anti-diagonal.
+    assert kept - merged >= 81 // 2, (kept, merged)

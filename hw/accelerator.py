@@ -508,8 +508,9 @@ class GemmCore(wiring.Component):
             # and next_nt will have (sq_nt moves on only after ``advance``, to next_nt; next_nt
             # follows sq_nt), so the choice between them is the only logic left here.
             tag_is_next, tag_is_sq = Signal(), Signal()
+            next_nt_next = Mux(sq_last_n, 0, sq_nt + 1)  # next_nt's next value
             m.d.sync += [
-                tag_is_next.eq(b_tag1 == Mux(sq_last_n, 0, sq_nt + 1)),
+                tag_is_next.eq(b_tag1 == next_nt_next),
                 tag_is_sq.eq(b_tag1 == Mux(advance, next_nt, sq_nt)),
             ]
             ready_next = Mux(in_issue | advance, tag_is_next, tag_is_sq) & b_final_next
@@ -540,7 +541,7 @@ class GemmCore(wiring.Component):
             ]
             m.d.sync += [
                 k_offset.eq(g.max_k - job_k),
-                next_nt.eq(Mux(sq_last_n, 0, sq_nt + 1)),
+                next_nt.eq(next_nt_next),
                 b_addr.eq(Mux(in_issue, next_nt, sq_nt)),
                 b_tag1.eq(b_addr), b_tag2.eq(b_tag1),
                 tile_mask.eq(next_mask),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsa.protocol import STREAM_WIDTHS
-from sparsa.synth import ECP5_PLACERS, ECP5_ROUTERS, ECP5_SPEEDS
+from sparsa.synth import ECP5_PLACERS, ECP5_ROUTERS, ECP5_SPEEDS, ECP5_TMG_RIPUP
 
 
 def _positive(text):
@@ -247,7 +247,7 @@ def cmd_synth(args):
         report = synth.xc7(verilog, ACCELERATOR_TOP, args.workdir)
     else:
         report = synth.ecp5(verilog, ACCELERATOR_TOP, args.freq, args.seed, args.workdir,
-                            args.speed, args.placer, args.router)
+                            args.speed, args.placer, args.router, args.tmg_ripup)
     report.update(build={**cfg, **multipliers},
                   seconds=round(time.perf_counter() - started, 1))
     print(synth.format_report(report))
@@ -350,6 +350,10 @@ def build_parser():
                        help="ecp5: nextpnr's placer (default %(default)s)")
     synth.add_argument("--router", choices=ECP5_ROUTERS, default=ECP5_ROUTERS[0],
                        help="ecp5: nextpnr's router (default %(default)s)")
+    synth.add_argument("--tmg-ripup", action=argparse.BooleanOptionalAction,
+                       default=ECP5_TMG_RIPUP,
+                       help="ecp5: the router reroutes failing paths' nets too (nextpnr's "
+                            "--tmg-ripup; default on)")
     synth.add_argument("--speed", choices=ECP5_SPEEDS, default="6",
                        help="ecp5: speed grade of the LFE5U-85F (8 is the fastest)")
     synth.add_argument("--check", action="store_true",

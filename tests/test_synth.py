@@ -105,6 +105,49 @@ def test_ecp5_rejects_unknown_options_before_running_tools(option, value):
         synth.ecp5("", ACCELERATOR_TOP, **{option: value})
 
 
+class _Stop(Exception):
+    pass
+
+
+TOY = f"""module {ACCELERATOR_TOP}(aclk, d, q);
+  input aclk;
+  input [3:0] d;
+  output [3:0] q;
+  reg [3:0] q;
+  always @(posedge aclk) q <= d;
+endmodule
+"""
+
+
+@pytest.mark.parametrize("options,expected,absent", [
+    ({}, ["--placer", "static", "--router", "router1", "--seed", "1", "--tmg-ripup"], []),
+    ({"tmg_ripup": False, "placer": "heap", "seed": 3},
+     ["--placer", "heap", "--seed", "3"], ["--tmg-ripup"]),
+])
+def test_ecp5_passes_the_flow_options_to_nextpnr(monkeypatch, tmp_path, options, expected,
+                                                 absent):
+    """The nextpnr command line as :func:`synth.ecp5` builds it (the tools are not run: the
+    nextpnr step stops the call)."""
+    commands = {}
+
+    def run(command, folder, what):
+        commands[what] = command
+        if what == "nextpnr-ecp5":
+            raise _Stop
+
+    monkeypatch.setattr(synth, "tool", lambda name: name)
+    monkeypatch.setattr(synth, "_run", run)
+    with pytest.raises(_Stop):
+        synth.ecp5(TOY, ACCELERATOR_TOP, workdir=tmp_path, **options)
+    command = commands["nextpnr-ecp5"]
+    for flag, value in zip(expected[::2], expected[1::2]):
+        assert command[command.index(flag) + 1] == value, (flag, command)
+    if len(expected) % 2:
+        assert expected[-1] in command
+    for flag in absent:
+        assert flag not in command
+
+
 @pytest.mark.synth
 def test_xc7_default_and_16x16_fit_an_xc7z020(tmp_path):
     yosys()

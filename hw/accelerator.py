@@ -789,14 +789,12 @@ class GemmCore(wiring.Component):
         # SyncFIFO, whose level gates every write with a room check (the sequencer reserves the
         # room, so none is needed) and, with that fan-out, sat in the drain's loop from the pop
         # back to the pop; here the count serves only ``rows_ready``, a register of its own (the
-        # count after this cycle is not zero). The count is a thermometer code (bit i: more than
-        # i rows held), so a push or a pop shifts it: one LUT per bit after the pop's decision,
-        # not an adder's carry chain.
+        # count after this cycle is not zero).
         m.submodules.row_fifo = row_fifo = Memory(shape=32 * cols, depth=fifo_rows, init=[])
         fifo_write = row_fifo.write_port()
         fifo_read = row_fifo.read_port(domain="comb")
         produce, consume = Signal(range(fifo_rows)), Signal(range(fifo_rows))
-        held = Signal(fifo_rows)
+        held = Signal(range(fifo_rows + 1))
         rows_ready = Signal()
         push = post.out_valid
         m.d.comb += [fifo_write.addr.eq(produce), fifo_write.data.eq(post.out_word),
@@ -805,11 +803,8 @@ class GemmCore(wiring.Component):
             m.d.sync += produce.eq(Mux(produce == fifo_rows - 1, 0, produce + 1))
         with m.If(row_popped):
             m.d.sync += consume.eq(Mux(consume == fifo_rows - 1, 0, consume + 1))
-        with m.If(push & ~row_popped):
-            m.d.sync += held.eq(Cat(1, held[:-1]))
-        with m.If(row_popped & ~push):
-            m.d.sync += held.eq(held[1:])
-        m.d.sync += rows_ready.eq(push | held[1] | (held[0] & ~row_popped))
+        m.d.sync += [held.eq(held + push - row_popped),
+                     rows_ready.eq(push | (held >= 2) | ((held == 1) & ~row_popped))]
 
         beats_int32 = g.vector_beats(4 * cols)
         beats_int8 = g.vector_beats(cols)

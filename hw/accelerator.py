@@ -169,36 +169,19 @@ class GemmCore(wiring.Component):
             """A register holding ``value + step >= limit`` while ``value`` walks 0, step,
             2 step, ... (a position in the job against one of its dimensions). Returns it with
             the statements that keep it true to ``value`` where ``value`` steps on and where it
-            returns to 0 (every change of ``value`` but the one at ``start`` must come with one
-            of them). The flag's next value is chosen from registers: the compares of ``value``
-            two and three steps on, taken every cycle (right a cycle later if ``value`` has not
-            moved, or moved one step, since), and the compare for ``value`` at 0. So the flag
-            costs the control logic a multiplexer of registers, and its adder and compare have
-            a cycle of their own. At ``start`` the flag and the compare for 0 are set from the
-            job's ``register``, compared in the cycles before, as the job check is (the
-            registers hold still from the START write on; ``limit`` is their copy taken at
-            ``start``), so ``start`` loads registers, not a 32-bit compare."""
+            returns to 0. Both outcomes are compared from registers beforehand, so the flag
+            costs the control logic one multiplexer, not an adder and a compare. At ``start``
+            it is set from the job's ``register`` (``value`` starts at 0), compared in the
+            cycles before, as the job check is (the registers hold still from the START write
+            on), so ``start`` loads a register, not a 32-bit compare."""
             key = (step, id(register))
             if key not in at_start:
-                at_start[key] = [Signal(name=f"{name}_at_start{times}", reset_less=True)
-                                 for times in (1, 2)]
-                m.d.sync += [at_start[key][0].eq(step >= register),
-                             at_start[key][1].eq(2 * step >= register)]
-            first, second = at_start[key]
+                at_start[key] = Signal(name=f"{name}_at_start", reset_less=True)
+                m.d.sync += at_start[key].eq(step >= register)
             flag = Signal(name=name)
-            ahead2 = Signal(name=f"{name}_ahead2", reset_less=True)
-            ahead3 = Signal(name=f"{name}_ahead3", reset_less=True)
-            from_zero = Signal(name=f"{name}_from_zero", reset_less=True)
-            moved = Signal(name=f"{name}_moved")   # value stepped on in the cycle before
-            zeroed = Signal(name=f"{name}_zeroed")  # value returned to 0 in the cycle before
-            m.d.sync += [ahead2.eq(value + 2 * step >= limit),
-                         ahead3.eq(value + 3 * step >= limit),
-                         from_zero.eq(2 * step >= limit), moved.eq(0), zeroed.eq(self.start)]
             with m.If(self.start):
-                m.d.sync += [flag.eq(first), from_zero.eq(second)]
-            following = Mux(zeroed, from_zero, Mux(moved, ahead3, ahead2))
-            return (flag, [flag.eq(following), moved.eq(1)],
-                    [flag.eq(step >= limit), zeroed.eq(1)])
+                m.d.sync += flag.eq(at_start[key])
+            return flag, flag.eq(value + 2 * step >= limit), flag.eq(step >= limit)
 
         # ---- stream links --------------------------------------------------------------------
         # Each stream port is a credit-based link (:class:`.CreditLink`): the port's handshake
@@ -724,22 +707,21 @@ class GemmCore(wiring.Component):
 
         # MACs skipped: of an issued k-step, the products with a zero operand (popcounts of the
         # nonzero lanes at the array edge); of a skipped k-step, all its products. Registered in
-        # stages (the lanes' zero flags, copied; the live lanes; counts; the counts again, so
-        # the product need not sit by the lanes; their product; the zeros; the sum), so no cycle
-        # holds more than one small multiply or one wide add; the counters are read only after
-        # DONE, which comes many cycles after the last k-step.
+        # stages (the lanes' zero flags, copied; the live lanes; counts; their product; the
+        # zeros; the sum), so no cycle holds more than one small multiply or one wide add; the
+        # counters are read only after DONE, which comes many cycles after the last k-step.
         zeros3 = delay(m, Cat(a_zeros, b_zeros), 1, "zeros3", reset_less=True)
         live_a4, live_b4 = Signal(rows), Signal(cols)  # the lanes that are not zero
         nonzero_a5 = Signal(range(rows + 1))
         nonzero_b5 = Signal(range(cols + 1))
-        nonzero7 = Signal(range(rows * cols + 1))
-        counted7 = delay(m, counted_q, 6, "counted")
-        slot7 = delay(m, slot_q, 6, "slot")
+        nonzero6 = Signal(range(rows * cols + 1))
+        counted6 = delay(m, counted_q, 5, "counted")
+        slot6 = delay(m, slot_q, 5, "slot")
         # A tile's skipped k-steps are taken a cycle after issue_last (``skipped`` registered,
         # picked by ``advance``), so issue_last reaches no wide register here.
         skipped_q = Signal.like(skipped, reset_less=True)
         skipped1, skipped_slot1 = Signal.like(skipped), Signal.like(slot)
-        issued_zeros8 = Signal(range(rows * cols + 1))
+        issued_zeros7 = Signal(range(rows * cols + 1))
         # A skipped tile's products: its k-steps times its slot, from two halves of the slot's
         # bits, registered, then summed, so no cycle holds the whole adder tree.
         half = (len(skipped_slot1) + 1) // 2
@@ -751,15 +733,14 @@ class GemmCore(wiring.Component):
             live_b4.eq(~zeros3[rows:]),
             nonzero_a5.eq(sum(live_a4)),
             nonzero_b5.eq(sum(live_b4)),
-            nonzero7.eq(lut_product(delay(m, nonzero_a5, 1, "nonzero_a6"),
-                                    delay(m, nonzero_b5, 1, "nonzero_b6"))),
-            issued_zeros8.eq(Mux(counted7, slot7 - nonzero7, 0)),
+            nonzero6.eq(lut_product(nonzero_a5, nonzero_b5)),
+            issued_zeros7.eq(Mux(counted6, slot6 - nonzero6, 0)),
             skipped_q.eq(skipped),
             skipped1.eq(Mux(advance, skipped_q, 0)), skipped_slot1.eq(slot),
             skipped_low2.eq(lut_product(skipped1, skipped_slot1[:half])),
             skipped_high2.eq(lut_product(skipped1, skipped_slot1[half:])),
             skipped_products3.eq(skipped_low2 + (skipped_high2 << half)),
-            self.macs_skipped.eq(self.macs_skipped + issued_zeros8 + skipped_products3),
+            self.macs_skipped.eq(self.macs_skipped + issued_zeros7 + skipped_products3),
             self.ksteps_skipped.eq(self.ksteps_skipped + skipped1),
         ]
 

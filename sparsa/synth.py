@@ -210,7 +210,7 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
         _run([nextpnr, ECP5_DEVICE["flag"], "--package", ECP5_DEVICE["package"],
               "--speed", speed, "--json", "design.json", "--freq",
               str(frequency), "--seed", str(seed), "--placer", placer, "--router", router,
-              "--timing-allow-fail"] + (["--tmg-ripup"] if tmg_ripup else []) + [
+              "--timing-allow-fail", *(["--tmg-ripup"] if tmg_ripup else []),
               "--report", "report.json", "--detailed-timing-report", "-l", "nextpnr.log", "-q"],
              folder, "nextpnr-ecp5")
         report = json.loads((folder / "report.json").read_text())

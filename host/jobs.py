@@ -119,16 +119,34 @@ def plan(geometry, m, k, n, bias=False, requant=None, relu=False, sparse_skip=Tr
     return Plan(tuple(jobs), on_device, split_k)
 
 
-def _as_units(array, nbytes):
-    """``array`` (int8, last axis contiguous) with each run of ``nbytes`` bytes along its last
-    axis as one element (NumPy moves wide elements many times faster than bytes)."""
-    if nbytes > 1 and array.shape[-1] % nbytes == 0 and (array.strides[-1] == 1
-                                                         or array.shape[-1] == 1):
-        try:
-            return array.view(np.dtype(f"V{nbytes}"))
-        except ValueError:  # a stride not a multiple of the unit
-            pass
-    return None
+class _WideView:
+    """An array interface over ``array``'s memory with each run of ``nbytes`` bytes along its
+    last axis as one ``V<nbytes>`` element. ``ndarray.view`` does this only for C-contiguous
+    arrays before NumPy 1.23 (the PYNQ image has 1.21), whatever the other axes' strides."""
+
+    def __init__(self, array, nbytes):
+        interface = array.__array_interface__
+        self.__array_interface__ = {
+            "version": 3, "typestr": f"|V{nbytes}", "data": interface["data"],
+            "shape": array.shape[:-1] + (array.shape[-1] * array.itemsize // nbytes,),
+            "strides": array.strides[:-1] + (nbytes,)}
+        self._source = array  # keeps the memory alive as long as the view
+
+
+def wide_view(array, nbytes):
+    """``array`` with each run of ``nbytes`` bytes along its last axis as one element (NumPy
+    moves wide elements many times faster than bytes), or None when the last axis is not
+    contiguous or not a whole number of runs. Writes to the view go to ``array``."""
+    row = array.shape[-1] * array.itemsize
+    if nbytes < array.itemsize or row % nbytes or not (array.strides[-1] == array.itemsize
+                                                        or array.shape[-1] == 1):
+        return None
+    if array.size == 0:
+        return np.empty(array.shape[:-1] + (row // nbytes,), f"V{nbytes}")
+    try:
+        return array.view(np.dtype(f"V{nbytes}"))
+    except ValueError:  # NumPy < 1.23 and an array that is not C-contiguous
+        return np.asarray(_WideView(array, nbytes))
 
 
 def _fill(region, values, lanes):
@@ -139,7 +157,7 @@ def _fill(region, values, lanes):
     if full:
         target = region[:full, :, :lanes]
         source = values[:, :full * lanes]
-        wide_source, wide_target = _as_units(source, lanes), _as_units(target, lanes)
+        wide_source, wide_target = wide_view(source, lanes), wide_view(target, lanes)
         if wide_source is not None and wide_target is not None:
             wide_target[:, :, 0] = wide_source.T  # a vector at a time
         else:
@@ -217,7 +235,7 @@ def unpack_into(geometry, data, out, requant, accumulate=False):
         if not accumulate and out.strides[-1] == dtype.itemsize and row_bytes % unit == 0 \
                 and target.strides[2] % unit == 0:
             # A tile row at a time, as one wide element.
-            target.view(f"V{unit}")[..., 0] = source.view(f"V{unit}")[..., 0]
+            wide_view(target, unit)[..., 0] = wide_view(source, unit)[..., 0]
         else:
             _store(target, source, accumulate)
     for out_rows, out_cols, tile_m, tile_n in (

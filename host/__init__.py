@@ -6,8 +6,9 @@ transports move the bytes: :mod:`.board` (PYNQ MMIO + AXI DMA), :mod:`.simulatio
 transport over the RTL in cocotb) and :mod:`.reference` (a NumPy model of the device).
 """
 
-from .driver import Accelerator, DeviceError, Info, open
+from . import board  # noqa: F401  (with PYNQ installed: registers SparsaIP, the IP's driver)
+from .driver import Accelerator, DeviceError, Info, TransferError, open
 from .quant import choose_qparams, dequantize, quantize, quantize_multiplier, requant_params
 
-__all__ = ["Accelerator", "DeviceError", "Info", "open", "choose_qparams", "dequantize",
-           "quantize", "quantize_multiplier", "requant_params"]
+__all__ = ["Accelerator", "DeviceError", "Info", "TransferError", "open", "choose_qparams",
+           "dequantize", "quantize", "quantize_multiplier", "requant_params"]

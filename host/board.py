@@ -1,14 +1,19 @@
 """The PYNQ transport: the accelerator's AXI4-Lite registers through MMIO, its streams through an
-AXI DMA in simple mode, buffers from ``pynq.allocate``.
+AXI DMA in simple mode, buffers from ``pynq.allocate``; and :class:`SparsaIP`, the driver PYNQ
+binds to the accelerator's IP.
 
 :class:`PynqTransport` only needs objects that behave like PYNQ's: an ``mmio`` with
 ``read(offset)``/``write(offset, value)``, a ``dma`` with ``sendchannel``/``recvchannel``
-(``transfer(buffer, start, nbytes)``, ``idle``) and an ``allocate(shape, dtype)``. On a board
-they are PYNQ's own; in the test suite they are the simulated RTL
-(:mod:`sparsa.host.simulation`), so this code is what runs in both places.
+(``transfer(buffer, start, nbytes)``, ``wait()``, ``start()``) and the DMA's own register block
+as ``dma.mmio``, and an ``allocate(shape, dtype)``. On a board they are PYNQ's own; in the test
+suite they are the simulated RTL (:mod:`sparsa.host.simulation`) and stand-ins that fail the
+ways a DMA fails, so this code is what runs in all three places.
 
-With PYNQ installed, :class:`SparsaIP` (a ``pynq.DefaultIP`` bound to :data:`IP_VLNV`) is the
-driver PYNQ gives for the accelerator in ``Overlay("sparsa.bit")``.
+The DMA's status is read from its registers (PG021, simple mode): each poll reads both
+channels' DMASR, so a fault (DMAIntErr, DMASlvErr, DMADecErr) or a channel that halted raises
+:class:`~sparsa.host.driver.TransferError` at once, naming it, instead of waiting out the
+timeout. :meth:`PynqTransport.recover` soft-resets the DMA (DMACR.Reset) and starts both
+channels again, each step with a deadline.
 """
 
 import time
@@ -17,24 +22,49 @@ import numpy as np
 
 from sparsa.protocol import IP_VLNV
 
+from .driver import Accelerator, DeviceAccelerator, DeviceError, TransferError
+
 DMA_VLNV_PREFIX = "xilinx.com:ip:axi_dma:"
+# Bytes per DMA buffer at most: a send and a receive buffer of this size stay well inside the
+# PYNQ-Z2's 128 MB of contiguous memory; larger GEMMs are cut into more jobs.
+DEFAULT_MAX_BUFFER = 16 * 2**20
+DEFAULT_CLOCK_HZ = 100e6  # when the overlay's PL clock cannot be read
+
+# The AXI DMA's registers (PG021): a block per channel, its control and status registers.
+DMA_CHANNELS = (("send", 0x00), ("receive", 0x30))  # MM2S, S2MM
+DMACR, DMASR = 0x00, 0x04
+DMACR_RUN, DMACR_RESET = 0x1, 0x4
+DMASR_HALTED, DMASR_IDLE = 0x1, 0x2
+DMASR_FAULTS = ((0x10, "DMAIntErr (internal error: a zero length, or a stream packet that does "
+                       "not fit the transfer)"),
+                (0x20, "DMASlvErr (slave error: memory answered a burst with SLVERR)"),
+                (0x40, "DMADecErr (decode error: the buffer's address is not mapped)"))
+
+
+def dma_faults(status):
+    """The fault names a DMASR value holds ('' when none)."""
+    return ", ".join(name for bit, name in DMASR_FAULTS if status & bit)
 
 
 class PynqTransport:
-    """Registers through ``mmio``, packets through ``dma``; waits poll the DMA channels."""
+    """Registers through ``mmio``, packets through ``dma``; waits poll the DMA's status."""
 
-    def __init__(self, mmio, dma, allocate, cycles_per_second=100e6, poll_interval=0.0,
+    def __init__(self, mmio, dma, allocate, cycles_per_second=DEFAULT_CLOCK_HZ,
+                 poll_interval=0.0, max_buffer=DEFAULT_MAX_BUFFER, reset_timeout=1.0,
                  on_close=None):
+        if max_buffer < 4096:
+            raise ValueError(f"max_buffer: expected at least 4096 bytes, got {max_buffer}")
         self.mmio = mmio
         self.dma = dma
         self._allocate = allocate
         self.cycles_per_second = cycles_per_second  # to turn a cycle budget into a timeout
         self.poll_interval = poll_interval
+        self.reset_timeout = reset_timeout
         self._on_close = on_close  # e.g. stopping the simulator behind stand-in MMIO and DMA
         # PYNQ's DMA driver knows its length register's width; one byte below its size is safe
         # whether it counts the limit inclusively or not.
         limit = getattr(dma, "buffer_max_size", None)
-        self.max_transfer = limit - 1 if limit else None
+        self.max_transfer = min(max_buffer, limit - 1) if limit else max_buffer
 
     def read(self, address):
         return int(self.mmio.read(address))
@@ -45,30 +75,73 @@ class PynqTransport:
     def allocate(self, nbytes):
         return self._allocate(shape=(nbytes,), dtype=np.uint8)
 
+    def free(self, buffer):
+        """Give a ``pynq.allocate`` buffer's contiguous memory back now, not at collection."""
+        free = getattr(buffer, "freebuffer", None)
+        if free is not None:
+            free()
+
+    def dma_status(self, name):
+        return int(self.dma.mmio.read(dict(DMA_CHANNELS)[name] + DMASR))
+
     def transfer(self, send, send_bytes, receive, receive_bytes, timeout):
-        """Start the receive channel, then the send channel, and wait for both (``TimeoutError``
-        after ``timeout`` seconds). PYNQ's channels flush the send buffer and invalidate the
-        receive buffer themselves."""
-        recv, sendc = self.dma.recvchannel, self.dma.sendchannel
-        recv.transfer(receive, 0, receive_bytes)
-        sendc.transfer(send, 0, send_bytes)
+        """Start the receive channel, then the send channel, and wait for both to be idle.
+        Raises :class:`TransferError` as soon as a channel reports a fault or halts, and
+        ``TimeoutError`` after ``timeout`` seconds. PYNQ's channels flush the send buffer and
+        invalidate the receive buffer themselves."""
+        self.dma.recvchannel.transfer(receive, 0, receive_bytes)
+        self.dma.sendchannel.transfer(send, 0, send_bytes)
         deadline = time.monotonic() + timeout
-        for name, channel in (("send", sendc), ("receive", recv)):
-            while not channel.idle:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the DMA {name} channel is not idle after {timeout:.1f} s")
-                if self.poll_interval:
-                    time.sleep(self.poll_interval)
-        if hasattr(recv, "wait"):
-            recv.wait()  # returns at once when idle; lets PYNQ invalidate the receive buffer
+        pending = [name for name, _ in DMA_CHANNELS]
+        while pending:
+            for name in list(pending):
+                status = self.dma_status(name)
+                faults = dma_faults(status)
+                if faults:
+                    raise TransferError(f"the DMA {name} channel reports {faults} "
+                                        f"(DMASR={status:#x})")
+                if status & DMASR_IDLE:
+                    pending.remove(name)
+                elif status & DMASR_HALTED:
+                    raise TransferError(f"the DMA {name} channel halted before its transfer "
+                                        f"finished (DMASR={status:#x})")
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"the DMA {' and '.join(pending)} channel is not idle after "
+                                   f"{timeout:.1f} s (DMASR " + ", ".join(
+                                       f"{name}={self.dma_status(name):#x}" for name in pending)
+                                   + ")")
+            if pending and self.poll_interval:
+                time.sleep(self.poll_interval)
+        self.dma.recvchannel.wait()  # idle: returns at once, PYNQ invalidates the buffer
         return None  # the output size is the job's: simple-mode PYNQ does not report it
 
     def recover(self):
-        """Restart the DMA channels after a timeout, so the next job starts clean."""
+        """Soft-reset the DMA (both channels, PG021's DMACR.Reset) and start its channels again.
+        Each step has a deadline of ``reset_timeout`` seconds; a DMA that does not come back
+        raises :class:`DeviceError` (reload the overlay then)."""
+        registers = self.dma.mmio
+        control = {name: int(registers.read(offset + DMACR)) for name, offset in DMA_CHANNELS}
+        registers.write(DMA_CHANNELS[0][1] + DMACR, DMACR_RESET)
+        self._until(lambda: not any(int(registers.read(offset + DMACR)) & DMACR_RESET
+                                    for _, offset in DMA_CHANNELS),
+                    "the DMA's soft reset (DMACR.Reset) did not complete")
+        for name, offset in DMA_CHANNELS:  # RS again, with the interrupt enables PYNQ set
+            registers.write(offset + DMACR, (control[name] & ~DMACR_RESET) | DMACR_RUN)
+        self._until(lambda: not any(self.dma_status(name) & DMASR_HALTED
+                                    for name, _ in DMA_CHANNELS),
+                    "the DMA's channels did not start after its soft reset")
         for channel in (self.dma.sendchannel, self.dma.recvchannel):
-            if hasattr(channel, "stop") and hasattr(channel, "start"):
-                channel.stop()
-                channel.start()
+            channel.start()  # running already, so PYNQ's spin ends at once; it resets its state
+
+    def _until(self, done, what):
+        deadline = time.monotonic() + self.reset_timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise DeviceError(f"{what} within {self.reset_timeout:.1f} s (DMASR " + ", ".join(
+                    f"{name}={self.dma_status(name):#x}" for name, _ in DMA_CHANNELS)
+                    + "); reload the overlay")
+            if self.poll_interval:
+                time.sleep(self.poll_interval)
 
     def close(self):
         if self._on_close is not None:
@@ -76,32 +149,24 @@ class PynqTransport:
             self._on_close = None
 
 
-try:  # PYNQ is only on boards; without it the driver class is not defined.
-    from pynq import DefaultIP
-except ImportError:  # pragma: no cover - depends on the machine
-    DefaultIP = None
-
-if DefaultIP is not None:  # pragma: no cover - needs a board
-    class SparsaIP(DefaultIP):
-        """PYNQ's driver for the accelerator IP: ``Overlay(...).<ip name>`` is one of these."""
-
-        bindto = [IP_VLNV]
-
-        def __init__(self, description):
-            super().__init__(description=description)
+def pl_clock_hz(pynq):
+    """FCLK0's frequency, the clock the block design gives the accelerator."""
+    try:
+        return float(pynq.Clocks.fclk0_mhz) * 1e6
+    except Exception:  # no PL clock control here (e.g. not a Zynq)
+        return DEFAULT_CLOCK_HZ
 
 
-def find_in_overlay(overlay, ip=None, dma=None):
-    """The accelerator's and its DMA's names in a PYNQ overlay's ``ip_dict``."""
-    entries = overlay.ip_dict
+def find_in_overlay(ip_dict, ip=None, dma=None):
+    """The accelerator's and its DMA's names in a PYNQ ``ip_dict``."""
     if ip is None:
-        found = [name for name, entry in entries.items() if entry.get("type") == IP_VLNV]
+        found = [name for name, entry in ip_dict.items() if entry.get("type") == IP_VLNV]
         if len(found) != 1:
             raise ValueError(f"overlay: expected one IP of type {IP_VLNV}, found "
                              f"{found or 'none'}; pass ip=<name>")
         ip = found[0]
     if dma is None:
-        found = [name for name, entry in entries.items()
+        found = [name for name, entry in ip_dict.items()
                  if str(entry.get("type", "")).startswith(DMA_VLNV_PREFIX)]
         if len(found) != 1:
             raise ValueError(f"overlay: expected one AXI DMA, found {found or 'none'}; "
@@ -110,9 +175,102 @@ def find_in_overlay(overlay, ip=None, dma=None):
     return ip, dma
 
 
-def open_board(overlay=None, ip=None, dma=None):
-    """A :class:`PynqTransport` for the accelerator in ``overlay`` (an ``Overlay`` or a
-    bitstream path; default: the overlay PYNQ has loaded)."""
+class IPDriver(Accelerator):
+    """The accelerator API on PYNQ's object for the IP (``Overlay(...).sparsa_0``): ``matmul``,
+    ``info``, ``last_counters``, ``last_timing``, ``close``. :data:`SparsaIP` is this class
+    with ``pynq.DefaultIP``, bound to :data:`~sparsa.protocol.IP_VLNV`.
+
+    The DMA is found on first use: the one AXI DMA of the loaded overlay, unless
+    :meth:`attach` named it (``sparsa.open("pynq")`` does).
+    """
+
+    backend = "pynq"
+
+    def __init__(self, description):
+        self._device = None
+        Accelerator.__init__(self)
+        # The next class after Accelerator in SparsaIP's bases is PYNQ's DefaultIP: self.mmio.
+        super(Accelerator, self).__init__(description=description)
+
+    def attach(self, dma, allocate, cycles_per_second=DEFAULT_CLOCK_HZ,
+               max_buffer=DEFAULT_MAX_BUFFER):
+        """Drive the accelerator through ``dma`` (a ``pynq.lib.dma.DMA``)."""
+        if self._device is not None:
+            self._device.close()
+        transport = PynqTransport(self.mmio, dma, allocate, cycles_per_second,
+                                  max_buffer=max_buffer)
+        self._device = DeviceAccelerator(transport, "pynq")
+        self.closed = False
+        return self
+
+    def _connect(self):
+        if self._device is None:
+            import pynq
+            from pynq.lib.dma import DMA
+
+            entries = pynq.PL.ip_dict
+            _, name = find_in_overlay(entries)
+            self.attach(DMA(entries[name]), pynq.allocate, pl_clock_hz(pynq))
+        return self._device
+
+    @property
+    def info(self):
+        return self._connect().info
+
+    @property
+    def last_counters(self):
+        return self._device.last_counters if self._device is not None else None
+
+    @last_counters.setter
+    def last_counters(self, value):
+        pass  # Accelerator.__init__'s; the counters are the driver's
+
+    @property
+    def last_timing(self):
+        return self._device.last_timing if self._device is not None else None
+
+    @property
+    def transport(self):
+        return self._connect().transport
+
+    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
+        return self._connect()._matmul(a, b, bias, requant, relu, sparse_skip, out)
+
+    def close(self):
+        """Free the DMA buffers; :meth:`attach` opens the IP again."""
+        if self._device is not None:
+            self._device.close()
+            self._device = None
+        self.closed = True
+
+
+def ip_driver_class(default_ip):
+    """:class:`IPDriver` on ``default_ip`` (``pynq.DefaultIP``; a stand-in in the tests),
+    bound to the accelerator's VLNV. Creating it registers it with PYNQ."""
+    return type("SparsaIP", (IPDriver, default_ip), {"bindto": [IP_VLNV],
+                                                     "__module__": __name__})
+
+
+def _pynq_default_ip():
+    import importlib.util
+
+    if importlib.util.find_spec("pynq") is None:
+        return None
+    try:
+        from pynq import DefaultIP
+    except Exception:  # pynq installed but not usable on this machine
+        return None
+    return DefaultIP
+
+
+_DEFAULT_IP = _pynq_default_ip()
+# PYNQ's driver for the IP: importing sparsa before Overlay(...) binds it.
+SparsaIP = ip_driver_class(_DEFAULT_IP) if _DEFAULT_IP is not None else None
+
+
+def open_board(overlay=None, ip=None, dma=None, max_buffer=DEFAULT_MAX_BUFFER):
+    """The accelerator in ``overlay`` (an ``Overlay`` or a bitstream path; default: the overlay
+    PYNQ has loaded): PYNQ's :data:`SparsaIP` object for it, attached to its DMA."""
     try:
         import pynq
     except ImportError:
@@ -123,8 +281,14 @@ def open_board(overlay=None, ip=None, dma=None):
         overlay = pynq.Overlay(pynq.PL.bitfile_name, download=False)
     elif isinstance(overlay, str):
         overlay = pynq.Overlay(overlay)
-    ip, dma = find_in_overlay(overlay, ip, dma)
-    return PynqTransport(getattr(overlay, ip), getattr(overlay, dma), pynq.allocate)
+    ip, dma = find_in_overlay(overlay.ip_dict, ip, dma)
+    accelerator, channel = getattr(overlay, ip), getattr(overlay, dma)
+    if isinstance(accelerator, IPDriver):
+        return accelerator.attach(channel, pynq.allocate, pl_clock_hz(pynq), max_buffer)
+    # An Overlay made before sparsa was imported gave the IP PYNQ's DefaultIP.
+    transport = PynqTransport(accelerator.mmio, channel, pynq.allocate, pl_clock_hz(pynq),
+                              max_buffer=max_buffer)
+    return DeviceAccelerator(transport, "pynq")
 
 
 def loaded_overlay_has_sparsa():

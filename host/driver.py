@@ -1,6 +1,8 @@
 """What users call: ``sparsa.open(backend)`` and the accelerator object's ``matmul``."""
 
 import logging
+import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,53 @@ COUNTER_KEYS = {"CYCLES": "cycles", "MACS": "macs", "MACS_SKIPPED": "macs_skippe
 
 class DeviceError(RuntimeError):
     """The device refused a job or did not finish it; the message quotes STATUS and ERROR."""
+
+
+class TransferError(DeviceError):
+    """The transport could not move a job's packets: e.g. the DMA reported a fault."""
+
+
+MIN_BUFFER = 4096  # bytes: the smallest DMA buffer (one page)
+
+
+class BufferPool:
+    """One send and one receive buffer from ``transport.allocate``, reused across jobs. A
+    buffer is sized up to a power of two (at least :data:`MIN_BUFFER`, at most ``limit``), so
+    growing jobs allocate once per size class; the smaller buffer is freed when a larger one
+    replaces it, and both when the pool is released."""
+
+    def __init__(self, transport, limit):
+        self._transport = transport
+        self._limit = limit
+        self._buffers = {}
+
+    def get(self, direction, nbytes):
+        buffer = self._buffers.get(direction)
+        if buffer is None or buffer.size < nbytes:
+            size = min(max(MIN_BUFFER, 1 << (nbytes - 1).bit_length()), max(self._limit, nbytes))
+            if buffer is not None:
+                self._free(self._buffers.pop(direction))
+            buffer = self._buffers[direction] = self._transport.allocate(size)
+        return buffer
+
+    def sizes(self):
+        return {direction: buffer.size for direction, buffer in self._buffers.items()}
+
+    def release(self):
+        while self._buffers:
+            self._free(self._buffers.popitem()[1])
+
+    def _free(self, buffer):
+        free = getattr(self._transport, "free", None)
+        if free is not None:
+            free(buffer)
+
+
+def _release(pool, transport):
+    """Free a driver's buffers and close its transport (on ``close()`` or when the driver is
+    collected or the interpreter exits)."""
+    pool.release()
+    transport.close()
 
 
 @dataclass(frozen=True)
@@ -174,7 +223,9 @@ class DeviceAccelerator(Accelerator):
         self.geometry = self.info.geometry
         self.max_transfer = (max_transfer or getattr(transport, "max_transfer", None)
                              or jobs.DEFAULT_MAX_TRANSFER)
-        self._send = self._receive = None
+        self.buffers = BufferPool(transport, self.max_transfer)
+        self._finalizer = weakref.finalize(self, _release, self.buffers, transport)
+        self.last_timing = None
         self._write("CONTROL", Control.SOFT_RESET)
 
     def _write(self, name, value):
@@ -182,13 +233,6 @@ class DeviceAccelerator(Accelerator):
 
     def _read(self, name):
         return self.transport.read(REGISTER[name].address)
-
-    def _buffers(self, send_bytes, receive_bytes):
-        if self._send is None or self._send.size < send_bytes:
-            self._send = self.transport.allocate(send_bytes)
-        if self._receive is None or self._receive.size < receive_bytes:
-            self._receive = self.transport.allocate(receive_bytes)
-        return self._send, self._receive
 
     def _timeout(self, job):
         """Seconds to wait for a job: ten times a generous cycle bound, at least one second."""
@@ -201,36 +245,56 @@ class DeviceAccelerator(Accelerator):
                  + job.output_bytes + 1000)
         return 1.0 + 10 * bound / rate
 
-    def run_job(self, job, a, b, bias, out, accumulate=False, mult=None):
+    def run_job(self, job, a, b, bias, out, accumulate=False, mult=None, timing=None):
         """Run one planned job; its result goes into ``out`` (a view of C). Returns counters.
-        ``mult``: the per-column multipliers of the whole GEMM, for a CHANNEL_QUANT job."""
+        ``mult``: the per-column multipliers of the whole GEMM, for a CHANNEL_QUANT job.
+        ``timing``: a dict whose ``pack``, ``device`` and ``unpack`` seconds this job adds to."""
         g = self.geometry
-        send, receive = self._buffers(job.input_bytes, job.output_bytes)
+        started = time.perf_counter()
+        send = self.buffers.get("send", job.input_bytes)
+        receive = self.buffers.get("receive", job.output_bytes)
         columns = slice(job.n0, job.n0 + job.n)
         jobs.pack_into(g, send, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
                        b[job.k0:job.k0 + job.k, columns], bias[columns] if job.bias else None,
                        mult[columns] if job.channel_quant else None)
+        packed = time.perf_counter()
         for name, value in job.registers():
             self._write(name, value)
         self._write("CONTROL", Control.START)
         try:
             self.transport.transfer(send, job.input_bytes, receive, job.output_bytes,
                                     self._timeout(job))
-        except TimeoutError as error:
-            status, code = self._read("STATUS"), self._read("ERROR")
-            self._write("CONTROL", Control.SOFT_RESET)
-            if hasattr(self.transport, "recover"):
-                self.transport.recover()
-            raise DeviceError(f"job M={job.m} K={job.k} N={job.n} timed out ({error}); "
-                              f"STATUS={status:#x}, ERROR={_error_name(code)}; the device "
-                              f"was soft-reset") from error
+        except (TimeoutError, TransferError) as error:
+            self._abandon(job, error)
         status, code = self._read("STATUS"), self._read("ERROR")
         if code != Error.NONE or status != Status.DONE:
             raise DeviceError(f"job M={job.m} K={job.k} N={job.n} failed: STATUS={status:#x}, "
                               f"ERROR={_error_name(code)}")
         counts = {name: self._read(name) for name in protocol.COUNTERS}
+        moved = time.perf_counter()
         jobs.unpack_into(g, receive, out, job.requant, accumulate)
+        if timing is not None:
+            timing["pack"] += packed - started
+            timing["device"] += moved - packed
+            timing["unpack"] += time.perf_counter() - moved
         return counts
+
+    def _abandon(self, job, error):
+        """After a timeout or a transfer fault: quote STATUS and ERROR, soft-reset the device,
+        let the transport recover (the board resets its DMA, with a deadline) and raise."""
+        status, code = self._read("STATUS"), self._read("ERROR")
+        self._write("CONTROL", Control.SOFT_RESET)
+        what = "timed out" if isinstance(error, TimeoutError) else "failed"
+        message = (f"job M={job.m} K={job.k} N={job.n} {what} ({error}); STATUS={status:#x}, "
+                   f"ERROR={_error_name(code)}; the device was soft-reset")
+        recover = getattr(self.transport, "recover", None)
+        if recover is not None:
+            try:
+                recover()
+            except DeviceError as failure:
+                raise DeviceError(f"{message}, but recovery failed: {failure}") from error
+            message += " and the transport recovered"
+        raise DeviceError(message) from error
 
     def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
         m, k = a.shape
@@ -239,16 +303,22 @@ class DeviceAccelerator(Accelerator):
                          sparse_skip, self.max_transfer, "CHANNEL_QUANT" in self.info.features)
         acc = out if plan.on_device else np.empty((m, n), np.int32)
         mult = requant[0] if requant is not None else None
+        timing = {"pack": 0.0, "device": 0.0, "unpack": 0.0, "host": 0.0}
         per_job = [self.run_job(job, a, b, bias, acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
-                                accumulate=job.k0 > 0, mult=mult) for job in plan.jobs]
+                                accumulate=job.k0 > 0, mult=mult, timing=timing)
+                   for job in plan.jobs]
         if not plan.on_device:
+            started = time.perf_counter()
             np.copyto(out, arith.postprocess(acc, bias, requant, relu), casting="unsafe")
+            timing["host"] = time.perf_counter() - started
         self.last_counters = _report(per_job, estimated=self.backend == "reference-device")
+        self.last_timing = timing
         return out
 
     def close(self):
-        if not self.closed:
-            self.transport.close()
+        """Free the DMA buffers and close the transport (also done when the object is collected
+        or the interpreter exits)."""
+        self._finalizer()
         super().close()
 
 
@@ -262,8 +332,9 @@ def _error_name(code):
 def open(backend="auto", **config):
     """An :class:`Accelerator`.
 
-    - ``"pynq"``: the board; ``overlay`` (an ``Overlay`` or bitstream path; default the loaded
-      one), ``ip``/``dma`` (names in the overlay; default found by type).
+    - ``"pynq"``: the board (PYNQ's object for the IP, ``Overlay(...).sparsa_0``); ``overlay``
+      (an ``Overlay`` or bitstream path; default the loaded one), ``ip``/``dma`` (names in the
+      overlay; default found by type), ``max_transfer`` (bytes per DMA buffer, default 16 MiB).
     - ``"sim"``: the generated Verilog in a cocotb simulation started for this object;
       ``simulator`` (``"verilator"`` or ``"icarus"``), the build's ``rows``, ``cols``,
       ``stream_width``, ``max_k``, ``max_n``, ``sparse_skip``, and stream ``idle``/
@@ -287,8 +358,8 @@ def open(backend="auto", **config):
 
         unknown = set(config) - {"overlay", "ip", "dma", "max_transfer"}
         _no_unknown(unknown, backend)
-        transport = board.open_board(config.get("overlay"), config.get("ip"), config.get("dma"))
-        return DeviceAccelerator(transport, "pynq", config.get("max_transfer"))
+        return board.open_board(config.get("overlay"), config.get("ip"), config.get("dma"),
+                                config.get("max_transfer") or board.DEFAULT_MAX_BUFFER)
     if backend == "sim":
         from . import simulation
 

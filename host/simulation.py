@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import board
 from .board import PynqTransport
 from .driver import DeviceAccelerator
 
@@ -40,60 +41,114 @@ class SimMMIO:
 
 
 class SimChannel:
-    """One channel of an AXI DMA in simple mode (``transfer``, ``idle``, ``wait``)."""
+    """One channel of an AXI DMA in simple mode, as ``pynq.lib.dma``'s channel drives it:
+    ``transfer``, ``wait``, ``start``/``stop``, and the channel's DMACR/DMASR (PG021) that
+    :class:`SimDMARegisters` shows."""
 
     def __init__(self, call, direction):
         self._call = call
         self.direction = direction  # "send" (MM2S) or "receive" (S2MM)
         self._target = None
-        self._done = True
+        self._busy = False
+        self._started = False  # a transfer since the channel was started (else Idle is 0)
+        self.control = board.DMACR_RUN
+        self.faults = 0  # DMASR fault bits
+
+    @property
+    def running(self):
+        return bool(self.control & board.DMACR_RUN) and not self.faults
+
+    def status(self):
+        """DMASR: Halted when stopped or faulted, Idle once a transfer has finished."""
+        if self._busy and not self.faults:
+            self._poll()
+        halted = 0 if self.running else board.DMASR_HALTED
+        idle = board.DMASR_IDLE if self._started and not self._busy else 0
+        return halted | idle | self.faults
 
     def transfer(self, array, start=0, nbytes=0):
         view = array.reshape(-1).view(np.uint8)
         nbytes = nbytes or view.size - start
-        if not self._done:
-            raise RuntimeError(f"DMA {self.direction} channel is busy")
-        self._done = False
+        if not self.running:
+            raise RuntimeError("DMA channel not started")
+        if self._busy:
+            raise RuntimeError("DMA channel not idle")
+        self._busy = self._started = True
         if self.direction == "send":
             self._call("dma_send", view[start:start + nbytes].tobytes())
         else:
             self._target = view[start:start + nbytes]
             self._call("dma_receive")
 
-    @property
-    def idle(self):
-        if self._done:
-            return True
+    def _poll(self):
         if not self._call("dma_idle", self.direction, POLL_CYCLES):
-            return False
+            return
         if self.direction == "receive":
             data = self._call("dma_received")
-            if len(data) > self._target.size:  # S2MM: packet longer than the transfer length
-                raise RuntimeError(f"DMA receive overflow: a {len(data)}-byte packet for a "
-                                   f"{self._target.size}-byte transfer")
+            if len(data) > self._target.size:  # a packet longer than the transfer: S2MM halts
+                self.faults |= 0x10  # DMAIntErr
+                return
             self._target[:len(data)] = np.frombuffer(data, np.uint8)
             self._target = None
-        self._done = True
-        return True
+        self._busy = False
 
     def wait(self):
-        while not self.idle:
+        if not self.running:
+            raise RuntimeError("DMA channel not started")
+        while not self.status() & board.DMASR_IDLE:
             pass
 
-    def stop(self):
-        if not self._done:
+    def reset(self):
+        """DMACR.Reset: flush what is in flight; the channel comes back halted."""
+        if self._busy:
             self._call("dma_reset")
-        self._done = True
+        self._busy = self._started = False
         self._target = None
+        self.control = 0
+        self.faults = 0
+
+    def stop(self):
+        self.control &= ~board.DMACR_RUN
 
     def start(self):
-        pass
+        self.control |= board.DMACR_RUN
+        while not self.running:
+            pass
+
+
+class SimDMARegisters:
+    """The DMA's register block (``pynq.lib.dma.DMA.mmio``): each channel's DMACR and DMASR;
+    writing DMACR.Reset to either resets both channels, as on the AXI DMA."""
+
+    def __init__(self, channels):
+        self._channels = dict(zip((offset for _, offset in board.DMA_CHANNELS), channels))
+
+    def _channel(self, offset):
+        base = offset - offset % 0x30
+        if base not in self._channels or offset - base not in (board.DMACR, board.DMASR):
+            raise ValueError(f"offset: {offset:#x} is not a DMA control or status register")
+        return self._channels[base], offset - base
+
+    def read(self, offset, length=4):
+        channel, register = self._channel(offset)
+        return channel.control if register == board.DMACR else channel.status()
+
+    def write(self, offset, value):
+        channel, register = self._channel(offset)
+        if register == board.DMASR:
+            return  # only interrupt bits are writable there; none are modelled
+        if value & board.DMACR_RESET:
+            for each in self._channels.values():
+                each.reset()
+        else:
+            channel.control = int(value)
 
 
 class SimDMA:
     def __init__(self, call):
         self.sendchannel = SimChannel(call, "send")
         self.recvchannel = SimChannel(call, "receive")
+        self.mmio = SimDMARegisters((self.sendchannel, self.recvchannel))
 
 
 def allocate(shape, dtype):

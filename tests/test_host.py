@@ -312,51 +312,6 @@ def test_device_model_errors():
         assert protocol.Error(device.registers["ERROR"]).name == code
 
 
-class _StuckChannel:
-    """A DMA channel that never finishes."""
-
-    idle = False
-    stopped = 0
-
-    def transfer(self, array, start=0, nbytes=0):
-        pass
-
-    def stop(self):
-        _StuckChannel.stopped += 1
-
-    def start(self):
-        pass
-
-
-def test_pynq_transport_timeout_quotes_registers():
-    """A DMA that never completes: the driver gives up after its timeout, quotes STATUS and
-    ERROR, soft-resets the device and restarts the DMA channels."""
-    device = reference.ReferenceDevice(**SMALL)
-
-    class DMA:
-        sendchannel = _StuckChannel()
-        recvchannel = _StuckChannel()
-
-    transport = board.PynqTransport(device, DMA(), lambda shape, dtype: np.zeros(shape, dtype),
-                                    cycles_per_second=1e9)
-    acc = driver.DeviceAccelerator(transport, "pynq")
-    with pytest.raises(driver.DeviceError, match=r"timed out.*STATUS=0x1, ERROR=NONE.*soft-reset"):
-        acc.matmul(*operands(np.random.default_rng(9), 4, 4, 4))
-    assert device.registers["STATUS"] == 0 and _StuckChannel.stopped == 2
-
-
-def test_overlay_lookup():
-    class Overlay:
-        ip_dict = {"sparsa_0": {"type": protocol.IP_VLNV},
-                   "axi_dma_0": {"type": "xilinx.com:ip:axi_dma:7.1"},
-                   "ps7": {"type": "xilinx.com:ip:processing_system7:5.5"}}
-
-    assert board.find_in_overlay(Overlay()) == ("sparsa_0", "axi_dma_0")
-    Overlay.ip_dict = {"ps7": {"type": "xilinx.com:ip:processing_system7:5.5"}}
-    with pytest.raises(ValueError, match="expected one IP of type"):
-        board.find_in_overlay(Overlay())
-
-
 def test_quantize_round_trip():
     rng = np.random.default_rng(10)
     x = rng.normal(0, 3, (50, 20)).astype(np.float32)

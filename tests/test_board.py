@@ -1,0 +1,335 @@
+"""The PYNQ transport and driver against stand-ins for PYNQ's AXI DMA that fail the ways a DMA
+fails (PG021's status bits, a channel that never finishes, a soft reset that never completes,
+channels that do not start again), and PYNQ's IP driver binding; the device behind them is the
+byte-level reference device, so good jobs are checked against the golden model too.
+
+These run with NumPy only (the board's Python 3.10 + NumPy 1.21.5 job runs them too).
+"""
+
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+
+import sparsa
+from sparsa import protocol
+from sparsa.host import board, driver, reference
+from sparsa.sim import golden
+
+SMALL = {"rows": 4, "cols": 4, "stream_width": 32, "max_k": 64, "max_n": 48}
+FAULTS = [(bit, name.split()[0]) for bit, name in board.DMASR_FAULTS]
+
+
+class Buffer(np.ndarray):
+    """A ``pynq.allocate`` buffer stand-in that counts ``freebuffer`` calls."""
+
+    freed = 0
+
+    def freebuffer(self):
+        Buffer.freed += 1
+
+
+def allocate(shape, dtype):
+    allocate.count += 1
+    return np.zeros(shape, dtype).view(Buffer)
+
+
+allocate.count = 0
+
+
+class FakeChannel:
+    """A simple-mode AXI DMA channel as ``pynq.lib.dma`` drives it; DMASR as PG021 defines it.
+    ``start`` spins until the channel runs, as PYNQ's does (so a caller that starts a channel
+    the DMA will not run hangs, which the tests catch)."""
+
+    def __init__(self, dma):
+        self.dma = dma
+        self.control = board.DMACR_RUN  # PYNQ's DMA driver starts both channels
+        self.faults = 0
+        self.busy = self.started = False
+        self.array = self.nbytes = None
+
+    def status(self):
+        running = self.control & board.DMACR_RUN and not self.faults and not self.dma.dead
+        idle = self.started and not self.busy
+        return (0 if running else board.DMASR_HALTED) | (board.DMASR_IDLE if idle else 0) \
+            | self.faults
+
+    @property
+    def running(self):
+        return not self.status() & board.DMASR_HALTED
+
+    def transfer(self, array, start=0, nbytes=0):
+        if not self.running:
+            raise RuntimeError("DMA channel not started")
+        self.array, self.nbytes = array, nbytes
+        self.busy = self.started = True
+        self.dma.kick(self)
+
+    def wait(self):
+        while not self.status() & board.DMASR_IDLE:
+            if self.faults:
+                raise RuntimeError("DMA error")
+
+    def start(self):
+        self.control |= board.DMACR_RUN
+        while not self.running:
+            pass
+
+    def stop(self):
+        self.control &= ~board.DMACR_RUN
+
+
+class FakeDMA:
+    """``pynq.lib.dma.DMA`` in front of the reference device. ``fault=(channel, bits)`` makes
+    the next job's channel fault (it halts with those DMASR bits), ``stuck`` makes transfers
+    never finish, ``reset_sticks`` leaves DMACR.Reset set for ever, ``dead_after_reset`` keeps
+    the channels halted after a reset."""
+
+    buffer_max_size = 1 << 26
+
+    def __init__(self, device, fault=None, stuck=False, reset_sticks=False,
+                 dead_after_reset=False):
+        self.device = device
+        self.sendchannel, self.recvchannel = FakeChannel(self), FakeChannel(self)
+        self.mmio = self
+        self.fault, self.stuck = fault, stuck
+        self.reset_sticks, self.dead_after_reset = reset_sticks, dead_after_reset
+        self.resetting = self.dead = False
+        self.resets = 0
+
+    def _channel(self, offset):
+        return (self.sendchannel, self.recvchannel)[offset // 0x30], offset % 0x30
+
+    def read(self, offset, length=4):
+        channel, register = self._channel(offset)
+        if register == board.DMACR:
+            return channel.control | (board.DMACR_RESET if self.resetting else 0)
+        return channel.status()
+
+    def write(self, offset, value):
+        channel, register = self._channel(offset)
+        if register != board.DMACR:
+            return
+        if value & board.DMACR_RESET:
+            self.resets += 1
+            if self.reset_sticks:
+                self.resetting = True
+                return
+            for each in (self.sendchannel, self.recvchannel):
+                each.control, each.faults, each.busy, each.started = 0, 0, False, False
+            self.dead = self.dead_after_reset
+        else:
+            channel.control = value
+
+    def kick(self, channel):
+        """Both channels are programmed once the send channel is: run the job (or fail)."""
+        send, receive = self.sendchannel, self.recvchannel
+        if channel is not send or self.stuck:
+            return
+        if self.fault is not None:
+            name, bits = self.fault
+            self.fault = None  # the next job goes through
+            failing = send if name == "send" else receive
+            failing.faults |= bits
+            if name == "receive":
+                send.busy = False  # MM2S finished; S2MM failed
+            return
+        self.device.transfer(send.array, send.nbytes, receive.array, receive.nbytes)
+        send.busy = receive.busy = False
+
+
+def transport(dma, **options):
+    options.setdefault("cycles_per_second", 1e9)
+    return board.PynqTransport(dma.device, dma, allocate, **options)
+
+
+def operands(rng, m, k, n):
+    return (rng.integers(-128, 128, (m, k), dtype=np.int8),
+            rng.integers(-128, 128, (k, n), dtype=np.int8))
+
+
+def outcome(function, seconds=10):
+    """``function()``'s exception (None if it returned) and the time it took; fails the test
+    instead of hanging when it does not return within ``seconds``."""
+    result = {}
+
+    def run():
+        try:
+            function()
+        except BaseException as error:  # handed to the test
+            result["error"] = error
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    return result.get("error"), time.monotonic() - started
+
+
+def test_good_jobs_and_buffer_reuse():
+    """Jobs through the stand-in DMA match the golden model; buffers are allocated once per
+    size class and reused, and freed on close."""
+    rng = np.random.default_rng(1)
+    acc = driver.DeviceAccelerator(transport(FakeDMA(reference.ReferenceDevice(**SMALL))), "pynq")
+    allocate.count, Buffer.freed = 0, 0
+    for m, k, n in ((5, 7, 3), (6, 9, 4), (5, 7, 3), (40, 60, 40), (3, 3, 3)):
+        a, b = operands(rng, m, k, n)
+        assert np.array_equal(acc.matmul(a, b), golden.matmul_int32(a, b))
+    sizes = acc.buffers.sizes()
+    assert allocate.count == 4 and Buffer.freed == 2  # two classes each, the first pair freed
+    assert all(size & (size - 1) == 0 and size >= 4096 for size in sizes.values())
+    acc.close()
+    assert Buffer.freed == 4 and acc.buffers.sizes() == {}
+
+
+def test_transfers_capped_by_max_buffer():
+    """A GEMM whose packets would outgrow the buffer cap is cut into more jobs; no buffer is
+    larger than the cap, and the result is the same."""
+    rng = np.random.default_rng(2)
+    a, b = operands(rng, 300, 64, 48)
+    small = driver.DeviceAccelerator(
+        transport(FakeDMA(reference.ReferenceDevice(**SMALL)), max_buffer=8192), "pynq")
+    assert small.max_transfer == 8192
+    assert np.array_equal(small.matmul(a, b), golden.matmul_int32(a, b))
+    assert max(small.buffers.sizes().values()) <= 8192
+    default = transport(FakeDMA(reference.ReferenceDevice(**SMALL)))
+    assert default.max_transfer == board.DEFAULT_MAX_BUFFER == 16 * 2**20
+    with pytest.raises(ValueError, match="max_buffer: expected at least 4096"):
+        transport(FakeDMA(reference.ReferenceDevice(**SMALL)), max_buffer=100)
+
+
+@pytest.mark.parametrize("channel", ["send", "receive"])
+@pytest.mark.parametrize("bit,name", FAULTS)
+def test_dma_fault_is_named_at_once_and_recovered(channel, bit, name):
+    """A DMA fault raises DeviceError naming it right away (the timeout here is hours long),
+    the DMA is soft-reset and the next job runs."""
+    rng = np.random.default_rng(3)
+    dma = FakeDMA(reference.ReferenceDevice(**SMALL), fault=(channel, bit))
+    acc = driver.DeviceAccelerator(transport(dma, cycles_per_second=1.0), "pynq")
+    a, b = operands(rng, 9, 20, 7)
+    error, seconds = outcome(lambda: acc.matmul(a, b))
+    assert isinstance(error, driver.DeviceError), error
+    message = str(error)
+    assert f"DMA {channel} channel reports {name}" in message and "timed out" not in message
+    assert "soft-reset and the transport recovered" in message and seconds < 5
+    assert dma.resets == 1
+    assert np.array_equal(acc.matmul(a, b), golden.matmul_int32(a, b))
+
+
+def test_halted_channel_is_reported():
+    dma = FakeDMA(reference.ReferenceDevice(**SMALL))
+    acc = driver.DeviceAccelerator(transport(dma, cycles_per_second=1.0), "pynq")
+    dma.stuck = True
+    a, b = operands(np.random.default_rng(4), 4, 4, 4)
+    original = dma.kick
+    dma.kick = lambda channel: (original(channel), dma.recvchannel.stop())
+    error, seconds = outcome(lambda: acc.matmul(a, b))
+    assert "DMA receive channel halted before its transfer finished" in str(error)
+    assert seconds < 5
+
+
+def test_stuck_transfer_times_out_quoting_registers():
+    """A DMA that never finishes: the driver gives up after its timeout (one second here),
+    quotes STATUS and ERROR and the DMA status, soft-resets the device and the DMA."""
+    device = reference.ReferenceDevice(**SMALL)
+    dma = FakeDMA(device, stuck=True)
+    acc = driver.DeviceAccelerator(transport(dma), "pynq")
+    error, seconds = outcome(lambda: acc.matmul(*operands(np.random.default_rng(5), 4, 4, 4)))
+    assert isinstance(error, driver.DeviceError)
+    assert "timed out (the DMA send and receive channel is not idle after 1.0 s" in str(error)
+    assert "STATUS=0x1, ERROR=NONE" in str(error) and "soft-reset" in str(error)
+    assert 1.0 <= seconds < 5 and device.registers["STATUS"] == 0 and dma.resets == 1
+
+
+@pytest.mark.parametrize("failure,words", [
+    ({"reset_sticks": True}, "soft reset (DMACR.Reset) did not complete within 0.2 s"),
+    ({"dead_after_reset": True}, "channels did not start after its soft reset within 0.2 s")])
+def test_recovery_that_fails_raises_within_its_deadline(failure, words):
+    """A second fault during recovery (the reset never completes, or the channels never run
+    again) raises within the reset deadline; nothing spins on the DMA without one."""
+    dma = FakeDMA(reference.ReferenceDevice(**SMALL), fault=("receive", 0x20), **failure)
+    acc = driver.DeviceAccelerator(transport(dma, cycles_per_second=1.0, reset_timeout=0.2),
+                                   "pynq")
+    error, seconds = outcome(lambda: acc.matmul(*operands(np.random.default_rng(6), 4, 4, 4)))
+    assert isinstance(error, driver.DeviceError)
+    assert "DMASlvErr" in str(error) and "recovery failed" in str(error) and words in str(error)
+    assert "reload the overlay" in str(error) and seconds < 5
+
+
+class FakeDefaultIP:
+    """``pynq.DefaultIP``'s constructor: ``mmio`` from the IP's description."""
+
+    def __init__(self, description):
+        self.mmio = description["mmio"]
+
+
+def test_ip_driver_is_the_accelerator():
+    """PYNQ's object for the IP is the driver: matmul, info, counters, timing, close."""
+    ip_class = board.ip_driver_class(FakeDefaultIP)
+    assert ip_class.bindto == [protocol.IP_VLNV] and ip_class.__name__ == "SparsaIP"
+    device = reference.ReferenceDevice(**SMALL)
+    ip = ip_class({"mmio": device})
+    assert isinstance(ip, sparsa.Accelerator) and ip.last_counters is None
+    ip.attach(FakeDMA(device), allocate, cycles_per_second=1e9)
+    assert (ip.info.rows, ip.info.cols, ip.info.max_k) == (4, 4, 64)
+    a, b = operands(np.random.default_rng(7), 13, 70, 9)
+    assert np.array_equal(ip.matmul(a, b), golden.matmul_int32(a, b))
+    assert ip.last_counters["macs"] > 0 and set(ip.last_timing) >= {"pack", "device", "unpack"}
+    Buffer.freed = 0
+    with ip:
+        pass
+    assert Buffer.freed == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        ip.matmul(a, b)
+
+
+def test_open_pynq_returns_the_ip_object_with_the_pl_clock(monkeypatch):
+    """``sparsa.open("pynq")`` gives the overlay's SparsaIP object, attached to the overlay's
+    DMA, its timeouts from the PL clock."""
+    ip_class = board.ip_driver_class(FakeDefaultIP)
+    device = reference.ReferenceDevice(**SMALL)
+
+    class Overlay:
+        ip_dict = {"sparsa_0": {"type": protocol.IP_VLNV},
+                   "axi_dma_0": {"type": "xilinx.com:ip:axi_dma:7.1"},
+                   "ps7": {"type": "xilinx.com:ip:processing_system7:5.5"}}
+        sparsa_0 = ip_class({"mmio": device})
+        axi_dma_0 = FakeDMA(device)
+
+    fake = types.ModuleType("pynq")
+    fake.allocate = allocate
+    fake.Clocks = types.SimpleNamespace(fclk0_mhz=142.0)
+    monkeypatch.setitem(sys.modules, "pynq", fake)
+    acc = sparsa.open("pynq", overlay=Overlay(), max_transfer=1 << 20)
+    assert acc is Overlay.sparsa_0
+    assert acc.transport.cycles_per_second == 142e6 and acc.transport.max_transfer == 1 << 20
+    a, b = operands(np.random.default_rng(8), 6, 6, 6)
+    assert np.array_equal(acc.matmul(a, b), golden.matmul_int32(a, b))
+    acc.close()
+
+
+def test_overlay_lookup():
+    entries = {"sparsa_0": {"type": protocol.IP_VLNV},
+               "axi_dma_0": {"type": "xilinx.com:ip:axi_dma:7.1"},
+               "ps7": {"type": "xilinx.com:ip:processing_system7:5.5"}}
+    assert board.find_in_overlay(entries) == ("sparsa_0", "axi_dma_0")
+    with pytest.raises(ValueError, match="expected one IP of type"):
+        board.find_in_overlay({"ps7": entries["ps7"]})
+    with pytest.raises(ValueError, match="expected one AXI DMA, found none"):
+        board.find_in_overlay({"sparsa_0": entries["sparsa_0"]})
+
+
+def test_unclosed_driver_exits_quietly():
+    """A driver left open is closed at interpreter exit, without output."""
+    program = ("import numpy as np, sparsa\n"
+               "acc = sparsa.open('reference', device_model=True)\n"
+               "acc.matmul(np.ones((3, 3), np.int8), np.ones((3, 3), np.int8))\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == ""

@@ -38,6 +38,15 @@ set register_window 4096 ;# 2**12 bytes: sparsa.protocol.ADDRESS_WIDTH
 if {![file exists $verilog]} {
     error "usage: vivado -mode batch -source package_ip.tcl -tclargs <sparsa_accel.v> \[ip_dir\]"
 }
+# The stream width (W above), from the Verilog's s_axis_tdata declaration: build_overlay.tcl
+# sizes the DMA's streams with it.
+set source [open $verilog]
+set text [read $source]
+close $source
+if {![regexp {input\s*\[(\d+):0\]\s*s_axis_tdata\s*;} $text -> msb]} {
+    error "$verilog declares no 'input \[W-1:0\] s_axis_tdata': is it sparsa's accelerator?"
+}
+set stream_bits [expr {$msb + 1}]
 file mkdir $ip_dir
 create_project -in_memory -part $part
 read_verilog $verilog
@@ -62,7 +71,9 @@ foreach busif {s_axi s_axis m_axis} {
 }
 ipx::associate_bus_interfaces -clock aclk -reset aresetn $core
 set reset [ipx::get_bus_interfaces aresetn -of_objects $core]
-set_property value ACTIVE_LOW [ipx::add_bus_parameter POLARITY $reset]
+if {[ipx::get_bus_parameters POLARITY -of_objects $reset] eq ""} {  ;# Vivado infers it for *aresetn
+    set_property value ACTIVE_LOW [ipx::add_bus_parameter POLARITY $reset]
+}
 
 # The register block: one 4 KiB window.
 set map [ipx::get_memory_maps s_axi -of_objects $core]
@@ -76,4 +87,8 @@ ipx::create_xgui_files $core
 ipx::update_checksums $core
 ipx::check_integrity $core
 ipx::save_core $core
-puts "packaged $vendor:$library:$name:$version in $ip_dir"
+set width_file [open $ip_dir/stream_width w]
+puts $width_file $stream_bits
+close $width_file
+puts "packaged $vendor:$library:$name:$version ($stream_bits-bit streams) in $ip_dir"
+puts "next: vivado -mode batch -source [file join $script_dir build_overlay.tcl] -tclargs sparsa 100 4 $stream_bits"

@@ -236,6 +236,9 @@ class IPDriver(Accelerator):
     def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
         return self._connect()._matmul(a, b, bias, requant, relu, sparse_skip, out)
 
+    def _register_source(self):
+        return self._connect().transport
+
     def close(self):
         """Free the DMA buffers; :meth:`attach` opens the IP again."""
         if self._device is not None:

@@ -15,6 +15,7 @@ from .validate import check_matmul
 
 log = logging.getLogger("sparsa")
 
+IDENTITY = ("ID", "VERSION", "ROWS", "COLS", "STREAM_WIDTH", "MAX_K", "MAX_N", "FEATURES")
 COUNTER_KEYS = {"CYCLES": "cycles", "MACS": "macs", "MACS_SKIPPED": "macs_skipped",
                 "STALL_IN": "stall_in", "STALL_OUT": "stall_out",
                 "KSTEPS_SKIPPED": "ksteps_skipped"}
@@ -138,6 +139,14 @@ class Accelerator:
     def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
         raise NotImplementedError
 
+    def identity(self):
+        """The ID and capability registers as the device reports them: {name: value}."""
+        return {name: int(self._register_source().read(REGISTER[name].address))
+                for name in IDENTITY}
+
+    def _register_source(self):
+        raise NotImplementedError
+
     def close(self):
         self.closed = True
 
@@ -172,6 +181,7 @@ class ReferenceAccelerator(Accelerator):
         super().__init__()
         device = reference.ReferenceDevice(rows, cols, stream_width, max_k, max_n, sparse_skip)
         self.info = read_info(device)
+        self._device = device  # the registers it would have
         self._skips = sparse_skip
         self._workspace = arith.Workspace()
 
@@ -206,6 +216,9 @@ class ReferenceAccelerator(Accelerator):
                  for job in plan.jobs), estimated=True)
         return self._last_counters
 
+    def _register_source(self):
+        return self._device
+
     @last_counters.setter
     def last_counters(self, value):
         self._pending = None
@@ -230,6 +243,9 @@ class DeviceAccelerator(Accelerator):
 
     def _write(self, name, value):
         self.transport.write(REGISTER[name].address, value)
+
+    def _register_source(self):
+        return self.transport
 
     def _read(self, name):
         return self.transport.read(REGISTER[name].address)

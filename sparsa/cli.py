@@ -156,6 +156,31 @@ def cmd_run(args):
     return 0 if differ == 0 else 1
 
 
+def cmd_selftest(args):
+    import sparsa
+    from sparsa import selftest
+
+    config = {}
+    if args.backend in ("sim", "reference"):
+        config = _build_config(args)
+    if args.backend == "sim":
+        config["simulator"] = args.sim
+    started = time.perf_counter()
+    with sparsa.open(args.backend, **config) as acc:
+        print(f"sparsa selftest: {acc!r} (opened in {time.perf_counter() - started:.2f} s)")
+        report = selftest.run(acc, args.max_size, args.seed, progress=None)
+        print("  registers: " + selftest.format_registers(report))
+        print(f"  host: Python {report['python']}, NumPy {report['numpy']}, {report['machine']}")
+        print("  " + selftest.HEADER)
+        for job in report["jobs"]:
+            print("  " + selftest.format_job(job))
+        print("  " + selftest.format_summary(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if report["passed"] else 1
+
+
 def cmd_bench(args):
     from sparsa import bench
 
@@ -314,6 +339,21 @@ def build_parser():
                      help="simulator for --backend sim")
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=cmd_run)
+
+    selftest = commands.add_parser(
+        "selftest", help="ID registers and a fixed set of jobs checked against NumPy, with the "
+                         "time split into host packing, transfer/device and unpacking: the "
+                         "first thing to run on a board")
+    _add_build_options(selftest)
+    selftest.add_argument("--backend", choices=("auto", "reference", "sim", "pynq"),
+                          default="auto")
+    selftest.add_argument("--sim", choices=("verilator", "icarus"), default="verilator",
+                          help="simulator for --backend sim")
+    selftest.add_argument("--max-size", type=_positive, default=512,
+                          help="largest dense cube M=K=N (and 128 for the sparse jobs)")
+    selftest.add_argument("--seed", type=int, default=0)
+    selftest.add_argument("--json", type=Path, help="also write the report as JSON")
+    selftest.set_defaults(func=cmd_selftest)
 
     bench = commands.add_parser(
         "bench", help="benchmarks: cycles on the simulated RTL, the reference backend's speed")

@@ -3,10 +3,14 @@ neither side can change alone; and open-source synthesis of the accelerator (spa
 
 The Vivado flow itself cannot run here (no Vivado); what its scripts rely on is checked: port
 names and widths Vivado infers the AXI interfaces from, the IP's VLNV the PYNQ driver binds to,
-the register window and the DMA's length register width the driver splits transfers for.
+the register window and the DMA's length register width the driver splits transfers for. Both
+scripts also run start to end in a Tcl interpreter whose Vivado commands are stubs that record
+each call, so the block design's every connection and address is checked by name.
 """
 
 import re
+import shutil
+import tkinter
 from pathlib import Path
 
 import pytest
@@ -68,3 +72,140 @@ def test_tcl_axi_parameters_match_protocol_and_driver():
 def test_build_files_are_ignored_by_git():
     ignored = (BITSTREAMS.parent / ".gitignore").read_text().split()
     assert "bitstreams/build/" in ignored
+
+
+# Vivado's commands as stubs: each call is recorded as a list of words; the getters return a
+# token naming what was asked for, so connections can be read back from the calls.
+VIVADO_STUBS = r"""
+set ::calls {}
+proc unknown {args} { lappend ::calls $args; return "" }
+proc get_board_parts {args} { return tul.com.tw:pynq-z2:part0:1.0 }
+proc create_bd_cell {args} { lappend ::calls [concat create_bd_cell $args]; return [lindex $args end] }
+proc get_bd_intf_pins {args} { return [lindex $args end] }
+proc get_bd_pins {args} { return [lindex $args end] }
+proc get_bd_addr_spaces {args} { return [lindex $args end] }
+proc get_bd_addr_segs {args} { return [lindex $args end] }
+proc get_bd_cells {args} { return [lindex $args end] }
+proc get_files {args} { return [lindex $args end] }
+proc make_wrapper {args} { return wrapper.v }
+proc get_runs {args} { return impl_1 }
+proc get_timing_paths {args} { return path }
+proc get_property {name args} {
+    switch -- $name {
+        PROGRESS { return 100% }
+        SLACK { return 0.25 }
+        DIRECTORY { return $::run_dir }
+        default { return "" }
+    }
+}
+namespace eval ipx {}
+proc ipx::current_core {} { return core }
+proc ipx::get_bus_interfaces {args} { return [lindex $args 0] }
+proc ipx::get_bus_parameters {args} { return $::polarity }
+"""
+
+
+def run_tcl(script, tmp_path, argv=(), polarity=""):
+    """Source a copy of ``script`` (under ``tmp_path``/bitstreams, so its build folder is
+    there) with Vivado stubbed; returns the recorded calls and the Tcl interpreter."""
+    folder = tmp_path / "bitstreams"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(BITSTREAMS / script, folder / script)
+    tcl = tkinter.Tcl()
+    tcl.eval(VIVADO_STUBS)
+    tcl.setvar("run_dir", str(tmp_path / "run"))
+    tcl.setvar("polarity", polarity)
+    tcl.eval("set argv [list " + " ".join("{" + str(word) + "}" for word in argv) + "]")
+    tcl.eval(f"source {{{folder / script}}}")
+    calls = [tuple(map(str, tcl.splitlist(call)))
+             for call in tcl.splitlist(tcl.eval("string range $::calls 0 end"))]
+    return calls, tcl
+
+
+def overlay_workspace(tmp_path, stream_bits=None):
+    """The files build_overlay.tcl reads and copies: a packaged IP, the run's outputs."""
+    ip = tmp_path / "bitstreams" / "build" / "ip"
+    ip.mkdir(parents=True)
+    (ip / "component.xml").write_text("<component/>")
+    if stream_bits is not None:
+        (ip / "stream_width").write_text(f"{stream_bits}\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "sparsa_wrapper.bit").write_bytes(b"bit")
+    handoff = (tmp_path / "bitstreams" / "build" / "sparsa" / "sparsa.gen" / "sources_1" / "bd"
+               / "sparsa" / "hw_handoff")
+    handoff.mkdir(parents=True)
+    (handoff / "sparsa.hwh").write_text("<hwh/>")
+
+
+def test_block_design_connects_every_interface_clock_and_reset(tmp_path):
+    """The overlay's block design, as the script builds it: every bus interface, clock and
+    reset connected explicitly (no connection automation), both DMA masters through a
+    SmartConnect to HP0, the DMA's streams at the IP's width, every address assigned."""
+    overlay_workspace(tmp_path)
+    calls, _ = run_tcl("build_overlay.tcl", tmp_path, ["sparsa", 100, 2, 128])
+    interfaces = {call[1:] for call in calls if call[0] == "connect_bd_intf_net"}
+    assert interfaces == {
+        ("ps7/M_AXI_GP0", "axi_periph/S00_AXI"), ("axi_periph/M00_AXI", "sparsa/s_axi"),
+        ("axi_periph/M01_AXI", "axi_dma/S_AXI_LITE"), ("axi_dma/M_AXIS_MM2S", "sparsa/s_axis"),
+        ("sparsa/m_axis", "axi_dma/S_AXIS_S2MM"), ("axi_dma/M_AXI_MM2S", "axi_mem/S00_AXI"),
+        ("axi_dma/M_AXI_S2MM", "axi_mem/S01_AXI"), ("axi_mem/M00_AXI", "ps7/S_AXI_HP0")}
+    nets = {call[1]: set(call[2:]) for call in calls if call[0] == "connect_bd_net"}
+    assert nets["ps7/FCLK_CLK0"] == {
+        "ps7/M_AXI_GP0_ACLK", "ps7/S_AXI_HP0_ACLK", "rst_ps7/slowest_sync_clk",
+        "axi_periph/ACLK", "axi_periph/S00_ACLK", "axi_periph/M00_ACLK", "axi_periph/M01_ACLK",
+        "axi_mem/aclk", "axi_dma/s_axi_lite_aclk", "axi_dma/m_axi_mm2s_aclk",
+        "axi_dma/m_axi_s2mm_aclk", "sparsa/aclk"}
+    assert nets["ps7/FCLK_RESET0_N"] == {"rst_ps7/ext_reset_in"}
+    assert nets["rst_ps7/interconnect_aresetn"] == {"axi_periph/ARESETN"}
+    assert nets["rst_ps7/peripheral_aresetn"] == {
+        "axi_periph/S00_ARESETN", "axi_periph/M00_ARESETN", "axi_periph/M01_ARESETN",
+        "axi_mem/aresetn", "axi_dma/axi_resetn", "sparsa/aresetn"}
+    assert not [call for call in calls if call[0] == "apply_bd_automation"
+                and "xilinx.com:bd_rule:axi4" in call]
+    cells = {call[-1]: call[call.index("-vlnv") + 1] for call in calls
+             if call[0] == "create_bd_cell"}
+    assert cells["sparsa"] == protocol.IP_VLNV and cells["axi_mem"].endswith(":smartconnect")
+    dma = [call for call in calls if call[0] == "set_property" and call[-1] == "axi_dma"][0]
+    settings = dict(zip(dma[2].split()[::2], dma[2].split()[1::2]))
+    assert settings["CONFIG.c_m_axis_mm2s_tdata_width"] == "128"
+    assert settings["CONFIG.c_s_axis_s2mm_tdata_width"] == "128"
+    assert settings["CONFIG.c_include_sg"] == "0"
+    addresses = {call[-1]: call[call.index("-target_address_space") + 1] for call in calls
+                 if call[0] == "assign_bd_address"}
+    block = re.search(r"ipx::add_address_block (\w+)", PACKAGE).group(1)
+    assert addresses == {f"sparsa/s_axi/{block}": "ps7/Data",
+                         "axi_dma/S_AXI_LITE/Reg": "ps7/Data",
+                         "ps7/S_AXI_HP0/HP0_DDR_LOWOCM": "axi_dma/Data_S2MM"}
+    spaces = [call[call.index("-target_address_space") + 1] for call in calls
+              if call[0] == "assign_bd_address" and call[-1].endswith("HP0_DDR_LOWOCM")]
+    assert spaces == ["axi_dma/Data_MM2S", "axi_dma/Data_S2MM"]
+    assert (tmp_path / "bitstreams" / "build" / "sparsa.bit").read_bytes() == b"bit"
+    assert "lmap" not in OVERLAY  # Vivado's Tcl is 8.5
+
+
+def test_block_design_takes_the_width_the_packaging_wrote(tmp_path):
+    overlay_workspace(tmp_path, stream_bits=32)
+    calls, _ = run_tcl("build_overlay.tcl", tmp_path)
+    dma = [call for call in calls if call[0] == "set_property" and call[-1] == "axi_dma"][0]
+    assert "CONFIG.c_m_axis_mm2s_tdata_width 32" in dma[2]
+
+
+def test_block_design_refuses_a_missing_or_bad_width(tmp_path):
+    overlay_workspace(tmp_path)
+    with pytest.raises(tkinter.TclError, match="no stream width"):
+        run_tcl("build_overlay.tcl", tmp_path)
+    with pytest.raises(tkinter.TclError, match="expected a multiple of 8 bits, got '12'"):
+        run_tcl("build_overlay.tcl", tmp_path, ["sparsa", 100, 2, 12])
+
+
+@pytest.mark.parametrize("polarity", ["", "POLARITY"])
+def test_packaging_records_the_stream_width_and_guards_polarity(tmp_path, polarity):
+    """package_ip.tcl reads the stream width off the generated Verilog and writes it for the
+    block design; it adds the reset's POLARITY only where Vivado did not infer one."""
+    verilog = tmp_path / "sparsa_accel.v"
+    verilog.write_text(accelerator_verilog(rows=4, cols=4, stream_width=32, max_k=64, max_n=48))
+    calls, _ = run_tcl("package_ip.tcl", tmp_path, [verilog], polarity)
+    ip = tmp_path / "bitstreams" / "build" / "ip"
+    assert (ip / "stream_width").read_text().strip() == "32"
+    added = [call for call in calls if call[0] == "ipx::add_bus_parameter"]
+    assert added == ([] if polarity else [("ipx::add_bus_parameter", "POLARITY", "aresetn")])

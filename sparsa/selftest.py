@@ -99,9 +99,12 @@ def run(acc, max_size=512, seed=0, progress=None):
         if progress is not None:
             progress(results[-1])
     return {"backend": acc.backend, "registers": identity, "features": list(info.features),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "machine": platform.machine(), "jobs": results,
+            "host": host_description(), "jobs": results,
             "passed": all(result["exact"] for result in results)}
+
+
+def host_description():
+    return f"Python {platform.python_version()}, NumPy {np.__version__}, {platform.machine()}"
 
 
 def format_registers(report):

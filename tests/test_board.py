@@ -6,6 +6,8 @@ byte-level reference device, so good jobs are checked against the golden model t
 These run with NumPy only (the board's Python 3.10 + NumPy 1.21.5 job runs them too).
 """
 
+import importlib.util
+import json
 import subprocess
 import sys
 import threading
@@ -333,3 +335,28 @@ def test_unclosed_driver_exits_quietly():
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout == "" and done.stderr == ""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("amaranth") is not None,
+                    reason="Amaranth is installed (the board-Python job runs this without it)")
+def test_hardware_commands_say_what_to_install_without_amaranth(capsys):
+    """Where only the host runtime is installed (a board), a command that builds hardware says
+    which extra brings what it needs, instead of a traceback."""
+    from sparsa import cli
+
+    assert cli.main(["verilog", "-o", "unused.v"]) == 2
+    assert "needs the amaranth package: pip install 'sparsa[hw]'" in capsys.readouterr().err
+
+
+def test_selftest_on_the_board_python_runs_without_hardware_packages(capsys, tmp_path):
+    """``sparsa selftest --backend reference`` (what the board runs first, minus the board):
+    every job exact, registers printed, the JSON report written."""
+    from sparsa import cli
+
+    assert cli.main(["selftest", "--backend", "reference", "--max-size", "128",
+                     "--json", str(tmp_path / "report.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ID=0x53505253 (sparsa) VERSION=1.1 ROWS=8 COLS=8" in out
+    assert "14 of 14 jobs exact: PASS" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] and [job["exact"] for job in report["jobs"]] == [True] * 14

@@ -5,6 +5,8 @@ must give the reference backend's integers for every job, with the same work cou
 """
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -187,3 +189,31 @@ def test_bench_all_writes_results(tmp_path):
     assert "| 24 | " in table and "block-sparse B 75%" in table
     for plot in ("utilization.png", "sparse_speedup.png", "host_speed.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_selftest_on_sim(sim):
+    """``sparsa selftest``'s job set on the simulated RTL (4x4 build, stream pauses): every
+    job exact against the golden model, device cycles counted, the time split reported."""
+    from sparsa import selftest
+
+    report = selftest.run(sim, max_size=64)
+    assert report["registers"]["ROWS"] == 4 and report["registers"]["MAX_K"] == 64
+    assert [job["exact"] for job in report["jobs"]] == [True] * len(report["jobs"])
+    assert len(report["jobs"]) == 13 and report["passed"]
+    for job in report["jobs"]:
+        assert job["cycles"] > 0 and not job["estimated"]
+        assert job["device_s"] > 0 and job["pack_s"] > 0 and job["implied_mhz"] > 0
+
+
+def test_unclosed_sim_exits_quietly():
+    """``sparsa.open("sim")`` left open: closed at interpreter exit without output."""
+    reason = toolchain.missing("verilator")
+    if reason:
+        pytest.skip(reason)
+    program = ("import numpy as np, sparsa\n"
+               f"acc = sparsa.open('sim', **{SMALL!r})\n"
+               "acc.matmul(np.ones((3, 3), np.int8), np.ones((3, 3), np.int8))\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""

@@ -165,8 +165,11 @@ def cmd_selftest(args):
     import sparsa
     from sparsa import selftest
 
+    options = _open_options(args)
+    if args.backend == "reference":
+        options["device_model"] = True  # the whole driver: packing, registers, unpacking
     started = time.perf_counter()
-    with sparsa.open(args.backend, **_open_options(args)) as acc:
+    with sparsa.open(args.backend, **options) as acc:
         print(f"sparsa selftest: {acc!r} (opened in {time.perf_counter() - started:.2f} s)")
         print("  registers: " + selftest.format_registers(
             {"registers": acc.identity(), "features": acc.info.features}))
@@ -175,7 +178,7 @@ def cmd_selftest(args):
         report = selftest.run(acc, args.max_size, args.seed,
                               progress=lambda job: print("  " + selftest.format_job(job),
                                                          flush=True))
-        print("  " + selftest.format_summary(report))
+        print("  " + selftest.format_summary(report, args.clock_mhz))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
@@ -353,6 +356,8 @@ def build_parser():
     selftest.add_argument("--max-size", type=_positive, default=512,
                           help="largest dense cube M=K=N (and 128 for the sparse jobs)")
     selftest.add_argument("--seed", type=int, default=0)
+    selftest.add_argument("--clock-mhz", type=float, default=100.0,
+                          help="clock for the array's time in the summary")
     selftest.add_argument("--json", type=Path, help="also write the report as JSON")
     selftest.set_defaults(func=cmd_selftest)
 

@@ -41,6 +41,9 @@ DMASR_FAULTS = ((0x10, "DMAIntErr (internal error: a zero length, or a stream pa
                 (0x40, "DMADecErr (decode error: the buffer's address is not mapped)"))
 
 
+DMASR_FAULT_BITS = sum(bit for bit, _ in DMASR_FAULTS)
+
+
 def dma_faults(status):
     """The fault names a DMASR value holds ('' when none)."""
     return ", ".join(name for bit, name in DMASR_FAULTS if status & bit)
@@ -89,6 +92,9 @@ class PynqTransport:
         Raises :class:`TransferError` as soon as a channel reports a fault or halts, and
         ``TimeoutError`` after ``timeout`` seconds. PYNQ's channels flush the send buffer and
         invalidate the receive buffer themselves."""
+        if any(self.dma_status(name) & (DMASR_HALTED | DMASR_FAULT_BITS)
+               for name, _ in DMA_CHANNELS):
+            self.recover()  # left halted or faulted, e.g. by an earlier process
         self.dma.recvchannel.transfer(receive, 0, receive_bytes)
         self.dma.sendchannel.transfer(send, 0, send_bytes)
         deadline = time.monotonic() + timeout

@@ -360,3 +360,14 @@ def test_selftest_on_the_board_python_runs_without_hardware_packages(capsys, tmp
     assert "14 of 14 jobs exact: PASS" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] and [job["exact"] for job in report["jobs"]] == [True] * 14
+
+
+def test_dma_left_faulted_is_reset_before_the_first_job():
+    """A DMA an earlier process left faulted and halted is reset before the next job runs."""
+    dma = FakeDMA(reference.ReferenceDevice(**SMALL))
+    dma.recvchannel.faults = 0x40
+    acc = driver.DeviceAccelerator(transport(dma, reset_timeout=0.2), "pynq")
+    a, b = operands(np.random.default_rng(9), 6, 10, 5)
+    error, _ = outcome(lambda: np.testing.assert_array_equal(acc.matmul(a, b),
+                                                             golden.matmul_int32(a, b)))
+    assert error is None and dma.resets == 1

@@ -7,8 +7,8 @@ transport over the RTL in cocotb) and :mod:`.reference` (a NumPy model of the de
 """
 
 from . import board  # noqa: F401  (with PYNQ installed: registers SparsaIP, the IP's driver)
-from .driver import Accelerator, DeviceError, Info, TransferError, open
+from .driver import Accelerator, DeviceError, Info, PreparedWeights, TransferError, open
 from .quant import choose_qparams, dequantize, quantize, quantize_multiplier, requant_params
 
-__all__ = ["Accelerator", "DeviceError", "Info", "TransferError", "open", "choose_qparams",
-           "dequantize", "quantize", "quantize_multiplier", "requant_params"]
+__all__ = ["Accelerator", "DeviceError", "Info", "PreparedWeights", "TransferError", "open",
+           "choose_qparams", "dequantize", "quantize", "quantize_multiplier", "requant_params"]

@@ -239,8 +239,8 @@ class IPDriver(Accelerator):
     def transport(self):
         return self._connect().transport
 
-    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
-        return self._connect()._matmul(a, b, bias, requant, relu, sparse_skip, out)
+    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
+        return self._connect()._matmul(a, b, bias, requant, relu, sparse_skip, out, prepared)
 
     def _register_source(self):
         return self._connect().transport

@@ -11,7 +11,7 @@ from sparsa import protocol
 from sparsa.protocol import REGISTER, Control, Error, Feature, Status
 
 from . import arith, jobs, reference
-from .validate import check_matmul
+from .validate import check_array, check_matmul
 
 log = logging.getLogger("sparsa")
 
@@ -107,6 +107,33 @@ def read_info(transport):
                 values["MAX_N"], features, version)
 
 
+class PreparedWeights:
+    """Weights from :meth:`Accelerator.prepare`: a read-only copy of ``B`` and its stream
+    bytes, packed on first use for each job shape and kept."""
+
+    def __init__(self, b):
+        check_array(b, "B", np.int8, 2)
+        self.array = np.array(b, np.int8, order="C")
+        self.array.flags.writeable = False
+        self._packed = {}
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    def packed(self, geometry, k0, k, n0, n):
+        """B's part of the input packet for rows ``k0:k0+k`` and columns ``n0:n0+n``."""
+        key = (geometry, k0, k, n0, n)
+        packed = self._packed.get(key)
+        if packed is None:
+            packed = self._packed[key] = jobs.pack_weights(
+                geometry, self.array[k0:k0 + k, n0:n0 + n])
+        return packed
+
+    def __repr__(self):
+        return f"<PreparedWeights {self.array.shape[0]}x{self.array.shape[1]}>"
+
+
 class Accelerator:
     """An INT8 GEMM accelerator; see :meth:`matmul`. Use as a context manager or ``close()``."""
 
@@ -117,8 +144,15 @@ class Accelerator:
         self.last_counters = None
         self.closed = False
 
+    def prepare(self, B):
+        """``B`` (K x N int8) as weights to pass to :meth:`matmul` many times: checked and
+        copied once, and on a device backend packed into the stream's layout once per job
+        shape rather than on every call. The result is the same as passing ``B``."""
+        return PreparedWeights(B)
+
     def matmul(self, A, B, *, bias=None, requant=None, relu=False, sparse_skip=True, out=None):
-        """``C = A @ B`` (A: M x K int8, B: K x N int8), any M, K, N >= 1.
+        """``C = A @ B`` (A: M x K int8, B: K x N int8 or from :meth:`prepare`), any
+        M, K, N >= 1.
 
         ``bias``: int32 of shape (N,), added to the int32 sums (with wrap). ``requant``:
         ``(multiplier, shift, zero_point)`` (see :func:`sparsa.quant.requant_params`) makes C
@@ -130,13 +164,16 @@ class Accelerator:
         """
         if self.closed:
             raise RuntimeError("matmul on a closed accelerator")
+        prepared = B if isinstance(B, PreparedWeights) else None
+        if prepared is not None:
+            B = prepared.array
         requant = check_matmul(A, B, bias, requant, relu, sparse_skip, out)
         dtype = np.int8 if requant is not None else np.int32
         if out is None:
             out = np.empty((A.shape[0], B.shape[1]), dtype)
-        return self._matmul(A, B, bias, requant, bool(relu), bool(sparse_skip), out)
+        return self._matmul(A, B, bias, requant, bool(relu), bool(sparse_skip), out, prepared)
 
-    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
+    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
         raise NotImplementedError
 
     def identity(self):
@@ -185,7 +222,7 @@ class ReferenceAccelerator(Accelerator):
         self._skips = sparse_skip
         self._workspace = arith.Workspace()
 
-    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
+    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
         if requant is None:
             arith.matmul(a, b, out=out, workspace=self._workspace)
             if bias is not None:
@@ -261,7 +298,8 @@ class DeviceAccelerator(Accelerator):
                  + job.output_bytes + 1000)
         return 1.0 + 10 * bound / rate
 
-    def run_job(self, job, a, b, bias, out, accumulate=False, mult=None, timing=None):
+    def run_job(self, job, a, b, bias, out, accumulate=False, mult=None, timing=None,
+                prepared=None):
         """Run one planned job; its result goes into ``out`` (a view of C). Returns counters.
         ``mult``: the per-column multipliers of the whole GEMM, for a CHANNEL_QUANT job.
         ``timing``: a dict whose ``pack``, ``device`` and ``unpack`` seconds this job adds to."""
@@ -272,7 +310,8 @@ class DeviceAccelerator(Accelerator):
         columns = slice(job.n0, job.n0 + job.n)
         jobs.pack_into(g, send, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
                        b[job.k0:job.k0 + job.k, columns], bias[columns] if job.bias else None,
-                       mult[columns] if job.channel_quant else None)
+                       mult[columns] if job.channel_quant else None,
+                       prepared.packed(g, job.k0, job.k, job.n0, job.n) if prepared else None)
         packed = time.perf_counter()
         for name, value in job.registers():
             self._write(name, value)
@@ -312,7 +351,7 @@ class DeviceAccelerator(Accelerator):
             message += " and the transport recovered"
         raise DeviceError(message) from error
 
-    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out):
+    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
         m, k = a.shape
         n = b.shape[1]
         plan = jobs.plan(self.geometry, m, k, n, bias is not None, requant, relu,
@@ -321,7 +360,8 @@ class DeviceAccelerator(Accelerator):
         mult = requant[0] if requant is not None else None
         timing = {"pack": 0.0, "device": 0.0, "unpack": 0.0, "host": 0.0}
         per_job = [self.run_job(job, a, b, bias, acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
-                                accumulate=job.k0 > 0, mult=mult, timing=timing)
+                                accumulate=job.k0 > 0, mult=mult, timing=timing,
+                                prepared=prepared)
                    for job in plan.jobs]
         if not plan.on_device:
             started = time.perf_counter()

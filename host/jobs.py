@@ -170,10 +170,29 @@ def _fill(region, values, lanes):
         region[:, :, lanes:] = 0
 
 
-def pack_into(geometry, buffer, a, b, bias=None, mult=None):
+def weight_bytes(geometry, k, n):
+    """The size of B's part of an input packet, for a ``k x n`` B."""
+    g = geometry
+    return g.tiles(1, n)[1] * k * g.vector_beats(g.cols) * g.beat_bytes
+
+
+def pack_weights(geometry, b, out=None):
+    """B's part of an input packet ([n-tile][k][col], int8), into ``out`` or a new array."""
+    g = geometry
+    k, n = b.shape
+    n_tiles = g.tiles(1, n)[1]
+    vector = g.vector_beats(g.cols) * g.beat_bytes
+    if out is None:
+        out = np.empty(n_tiles * k * vector, np.int8)
+    _fill(out.reshape(n_tiles, k, vector), b, g.cols)
+    return out
+
+
+def pack_into(geometry, buffer, a, b, bias=None, mult=None, b_packed=None):
     """Write the input packet of ``a @ b (+ bias)`` (with per-column multipliers ``mult`` for
     ``OPTIONS.CHANNEL_QUANT``) into ``buffer`` (uint8, at least the packet's size; e.g. a DMA
-    buffer); returns the packet's size in bytes. ``a``/``b`` may be views."""
+    buffer); returns the packet's size in bytes. ``a``/``b`` may be views. ``b_packed``: B's
+    part already packed (:func:`pack_weights`), copied instead of packing ``b``."""
     g = geometry
     m, k = a.shape
     n = b.shape[1]
@@ -193,9 +212,11 @@ def pack_into(geometry, buffer, a, b, bias=None, mult=None):
             region[:, 4 * g.cols:] = 0
             position += n_tiles * vector
     # B: [n-tile][k][col]
-    vector = g.vector_beats(g.cols) * g.beat_bytes
-    span = n_tiles * k * vector
-    _fill(out[position:position + span].reshape(n_tiles, k, vector), b, g.cols)
+    span = weight_bytes(g, k, n)
+    if b_packed is not None:
+        out[position:position + span] = b_packed
+    else:
+        pack_weights(g, b, out[position:position + span])
     position += span
     # A: [m-tile][k][row]: the columns of A's transpose.
     vector = g.vector_beats(g.rows) * g.beat_bytes

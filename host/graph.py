@@ -1,0 +1,710 @@
+"""Compiled models: a graph of accelerator GEMMs and NumPy host ops, one ``.npz`` file, NumPy only.
+
+:func:`sparsa.onnx.compile` turns a quantized ONNX model into a :class:`CompiledModel`; this
+module runs one (and loads a saved one) with nothing but NumPy and sparsa's host package, so it
+is what a PYNQ board needs.
+
+The graph is a list of :class:`Node` in execution order over named tensors. Two kinds of node:
+
+- ``QGemm``, the accelerator's: an int8 activation (a matrix, the rows of an ``[..., K]`` tensor
+  or a convolution's im2col patches) times int8 weights prepared once, with the int32 bias,
+  requantization and ReLU the device applies. The activation's zero point folds into the bias
+  (``sum((x - zx) * w) = sum(x * w) - zx * colsum(w)``), exactly.
+- host ops, ONNX's semantics in NumPy (:data:`HOST_OPS`): pooling, residual adds, reshapes,
+  softmax, (de)quantization and the like.
+
+Quantized tensors are int8 inside the graph. A tensor the ONNX model holds as uint8 is held as
+``q - 128`` with its zero point less 128 (the same real values); model inputs and outputs of
+uint8 are converted at the edges. Every backend gives identical outputs: the host ops are the
+same NumPy on each, and the accelerators are bit-exact with each other.
+"""
+
+import io
+import json
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FORMAT = "sparsa-compiled-model"
+VERSION = 1
+
+
+class ModelError(ValueError):
+    """A model, a saved file or an input that sparsa cannot run; the message names the node
+    or argument and what was expected."""
+
+
+@dataclass
+class Node:
+    """One step: ``op`` applied to the tensors named ``inputs`` ("" for an absent optional
+    input) giving ``outputs``. ``attrs`` are JSON values; arrays live in the model's constants
+    and are named in ``attrs`` or ``inputs``."""
+
+    op: str
+    name: str
+    inputs: list
+    outputs: list
+    attrs: dict = field(default_factory=dict)
+
+    def describe(self):
+        return f"{self.op} node {self.name!r}"
+
+
+# ---- host ops -------------------------------------------------------------------------------
+
+def _int(value):
+    return int(np.asarray(value).reshape(-1)[0])
+
+
+def _axis(node, ndim, name="axis", default=0):
+    axis = node.attrs.get(name, default)
+    return axis + ndim if axis < 0 else axis
+
+
+def _per_axis(values, x, axis):
+    values = np.asarray(values)
+    if values.size == 1:
+        return values.reshape(())
+    shape = [1] * x.ndim
+    shape[axis if axis >= 0 else axis + x.ndim] = values.size
+    return values.reshape(shape)
+
+
+def quantize_linear(x, scale, zero_point, axis=1):
+    """ONNX QuantizeLinear to the graph's int8 (``zero_point`` already in int8 terms): round
+    half to even, saturate to -128..127."""
+    x = np.asarray(x, np.float32)
+    scale = _per_axis(np.asarray(scale, np.float32), x, axis)
+    zero_point = _per_axis(np.asarray(zero_point, np.int64), x, axis)
+    q = np.rint(x / scale).astype(np.float64) + zero_point
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def dequantize_linear(q, scale, zero_point=0, axis=1):
+    """ONNX DequantizeLinear: ``(q - zero_point) * scale`` as float32."""
+    scale = _per_axis(np.asarray(scale, np.float32), q, axis)
+    zero_point = _per_axis(np.asarray(zero_point, np.int64), q, axis)
+    return ((q.astype(np.int64) - zero_point).astype(np.float32) * scale).astype(np.float32)
+
+
+def _quantize(node, x, scale, zero_point=None):
+    return quantize_linear(x, scale, 0 if zero_point is None else zero_point,
+                           node.attrs.get("axis", 1))
+
+
+def _dequantize(node, q, scale, zero_point=None):
+    return dequantize_linear(q, scale, 0 if zero_point is None else zero_point,
+                             node.attrs.get("axis", 1))
+
+
+def _dynamic_quantize(node, x):
+    """ONNX DynamicQuantizeLinear (uint8 in ONNX; here int8 with the zero point less 128)."""
+    x = np.asarray(x, np.float32)
+    low = min(0.0, float(x.min()))
+    high = max(0.0, float(x.max()))
+    scale = np.float32((high - low) / 255.0) if high > low else np.float32(1.0)
+    zero_point = int(np.clip(np.rint(np.float32(-low) / scale), 0, 255))
+    q = np.clip(np.rint(x / scale) + zero_point, 0, 255) - 128
+    return q.astype(np.int8), np.asarray(scale, np.float32), np.asarray(zero_point - 128, np.int64)
+
+
+def _windows(x, kernel, strides, pads, dilations, pad_value):
+    """``x`` (N, C, H, W) padded and cut into windows: (N, C, OH, OW, KH, KW)."""
+    top, left, bottom, right = pads
+    if any(pads):
+        x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=pad_value)
+    kh, kw = kernel
+    dh, dw = dilations
+    span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    if x.shape[2] < span[0] or x.shape[3] < span[1]:
+        raise ModelError(f"input of spatial size {x.shape[2]}x{x.shape[3]} (padded) is smaller "
+                         f"than the {span[0]}x{span[1]} window")
+    windows = np.lib.stride_tricks.sliding_window_view(x, span, axis=(2, 3))
+    return windows[:, :, ::strides[0], ::strides[1], ::dh, ::dw]
+
+
+def _check_4d(node, x):
+    if x.ndim != 4:
+        raise ModelError(f"{node.describe()}: expected a 4-d NCHW input, got shape {x.shape}")
+
+
+def _max_pool(node, x):
+    _check_4d(node, x)
+    a = node.attrs
+    low = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
+    windows = _windows(x, a["kernel_shape"], a["strides"], a["pads"], a["dilations"], low)
+    return windows.max(axis=(4, 5))
+
+
+def _average_pool(node, x):
+    _check_4d(node, x)
+    a = node.attrs
+    x = np.asarray(x, np.float32)
+    windows = _windows(x, a["kernel_shape"], a["strides"], a["pads"], (1, 1), 0.0)
+    total = windows.sum(axis=(4, 5), dtype=np.float32)
+    if a.get("count_include_pad", 0) or not any(a["pads"]):
+        return total / np.float32(a["kernel_shape"][0] * a["kernel_shape"][1])
+    ones = np.ones((1, 1) + x.shape[2:], np.float32)
+    counts = _windows(ones, a["kernel_shape"], a["strides"], a["pads"], (1, 1), 0.0)
+    return total / counts.sum(axis=(4, 5))
+
+
+def _global_average_pool(node, x):
+    if x.ndim < 3:
+        raise ModelError(f"{node.describe()}: expected an (N, C, spatial...) input, got shape "
+                         f"{x.shape}")
+    return np.mean(np.asarray(x, np.float32), axis=tuple(range(2, x.ndim)), keepdims=True,
+                   dtype=np.float32)
+
+
+def _reshape(node, x, shape):
+    shape = [int(s) for s in np.asarray(shape).reshape(-1)]
+    if not node.attrs.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    try:
+        return x.reshape(shape)
+    except ValueError as error:
+        raise ModelError(f"{node.describe()}: cannot reshape {x.shape} to {shape}") from error
+
+
+def _flatten(node, x):
+    axis = _axis(node, x.ndim, default=1)
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def _transpose(node, x):
+    perm = node.attrs.get("perm") or list(range(x.ndim))[::-1]
+    return np.ascontiguousarray(np.transpose(x, perm))
+
+
+def _squeeze(node, x, axes=None):
+    if axes is None and "axes" in node.attrs:
+        axes = node.attrs["axes"]
+    if axes is None:
+        return np.squeeze(x)
+    return np.squeeze(x, axis=tuple(int(a) % x.ndim for a in np.asarray(axes).reshape(-1)))
+
+
+def _unsqueeze(node, x, axes=None):
+    axes = node.attrs["axes"] if axes is None else axes
+    axes = sorted(int(a) % (x.ndim + len(np.asarray(axes).reshape(-1)))
+                  for a in np.asarray(axes).reshape(-1))
+    for a in axes:
+        x = np.expand_dims(x, a)
+    return x
+
+
+def _pad(node, x, pads=None, value=None, axes=None):
+    pads = np.asarray(pads if pads is not None else node.attrs["pads"]).reshape(-1)
+    rank = x.ndim if axes is None else len(np.asarray(axes).reshape(-1))
+    axes = list(range(x.ndim)) if axes is None else [int(a) % x.ndim
+                                                     for a in np.asarray(axes).reshape(-1)]
+    width = [(0, 0)] * x.ndim
+    for i, a in enumerate(axes):
+        width[a] = (int(pads[i]), int(pads[i + rank]))
+    if any(w < 0 for pair in width for w in pair):
+        raise ModelError(f"{node.describe()}: negative pads are not supported, got {list(pads)}")
+    value = node.attrs.get("value", 0) if value is None else _scalar(value)
+    return np.pad(x, width, constant_values=np.asarray(value).astype(x.dtype))
+
+
+def _scalar(value):
+    return np.asarray(value).reshape(-1)[0]
+
+
+def _softmax(node, x):
+    axis = _axis(node, x.ndim, default=-1)
+    x = np.asarray(x, np.float32)
+    shifted = np.exp(x - x.max(axis=axis, keepdims=True))
+    return (shifted / shifted.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def _argmax(node, x):
+    axis = _axis(node, x.ndim)
+    if node.attrs.get("select_last_index", 0):
+        flipped = np.flip(x, axis)
+        index = x.shape[axis] - 1 - np.argmax(flipped, axis=axis)
+    else:
+        index = np.argmax(x, axis=axis)
+    index = index.astype(np.int64)
+    return np.expand_dims(index, axis) if node.attrs.get("keepdims", 1) else index
+
+
+def _clip(node, x, low=None, high=None):
+    low = node.attrs.get("min") if low is None else _scalar(low)
+    high = node.attrs.get("max") if high is None else _scalar(high)
+    if low is not None:
+        x = np.maximum(x, np.asarray(low).astype(x.dtype))
+    if high is not None:
+        x = np.minimum(x, np.asarray(high).astype(x.dtype))
+    return x
+
+
+def _concat(node, *xs):
+    return np.concatenate(xs, axis=_axis(node, xs[0].ndim))
+
+
+def _sum(node, *xs):
+    total = xs[0]
+    for x in xs[1:]:
+        total = total + x
+    return total
+
+
+def _cast(node, x):
+    """ONNX Cast; a uint8 tensor (held as int8 less 128) is taken back to uint8 first, and
+    one cast to uint8 is held as int8 less 128."""
+    if node.attrs.get("from_shifted"):
+        x = x.astype(np.int16) + 128
+    y = x.astype(node.attrs["to"])
+    if node.attrs.get("to_shifted"):
+        y = (y.astype(np.int16) - 128).astype(np.int8)
+    return y
+
+
+def _relu(node, x):
+    return np.maximum(x, np.zeros((), x.dtype))
+
+
+HOST_OPS = {
+    "QuantizeLinear": _quantize,
+    "DequantizeLinear": _dequantize,
+    "DynamicQuantizeLinear": _dynamic_quantize,
+    "MaxPool": _max_pool,
+    "AveragePool": _average_pool,
+    "GlobalAveragePool": _global_average_pool,
+    "Add": lambda node, a, b: a + b,
+    "Sub": lambda node, a, b: a - b,
+    "Mul": lambda node, a, b: a * b,
+    "Sum": _sum,
+    "Concat": _concat,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Pad": _pad,
+    "Softmax": _softmax,
+    "ArgMax": _argmax,
+    "Cast": _cast,
+    "Relu": _relu,
+    "Clip": _clip,
+    "Identity": lambda node, x: x,
+    "Dropout": lambda node, x, *rest: x,
+}
+"""ONNX ops the host runs, by ONNX op type: ``f(node, *inputs) -> output(s)``."""
+
+
+# ---- the accelerator's node -----------------------------------------------------------------
+
+def im2col(x, kernel, strides, pads, dilations, pad_value):
+    """Convolution patches of ``x`` (N, C, H, W): ``(A, (N, OH, OW))`` with one row of ``A``
+    per output pixel, its ``C x KH x KW`` values in the weight's (C, KH, KW) order."""
+    windows = _windows(x, kernel, strides, pads, dilations, pad_value)
+    batch, channels, oh, ow, kh, kw = windows.shape
+    a = windows.transpose(0, 2, 3, 1, 4, 5).reshape(batch * oh * ow, channels * kh * kw)
+    return np.ascontiguousarray(a), (batch, oh, ow)
+
+
+class _Run:
+    """What one :meth:`CompiledModel.run` measures, per node."""
+
+    def __init__(self, nodes):
+        self.stats = [{"host_s": 0.0, "device_s": 0.0, "cycles": 0, "macs": 0, "macs_skipped": 0,
+                       "products": 0, "jobs": 0, "estimated": False} for _ in nodes]
+
+
+def _bias(node, constants, zero_point):
+    """The device's int32 bias: the model's, less ``zero_point * colsum(w)`` (exact)."""
+    bias = constants[node.attrs["bias"]].astype(np.int64)
+    if zero_point:
+        bias = bias - int(zero_point) * constants[node.attrs["colsum"]]
+    if bias.min(initial=0) < -2**31 or bias.max(initial=0) > 2**31 - 1:
+        raise ModelError(f"{node.describe()}: the int32 bias with the input zero point "
+                         f"{zero_point} folded in exceeds int32 ({bias.min()}..{bias.max()})")
+    return bias.astype(np.int32)
+
+
+def _qgemm(model, node, env, accelerator, stats):
+    """Run a QGemm node: im2col or flatten, one ``matmul`` per group, the output mode."""
+    a = node.attrs
+    consts = model.constants
+    x = env[node.inputs[0]]
+    if x.dtype != np.int8:
+        raise ModelError(f"{node.describe()}: expected an int8 input, got {x.dtype}")
+    zero_point = (_int(env[node.inputs[1]]) if len(node.inputs) > 1 and node.inputs[1]
+                  else a.get("x_zero", 0))
+    groups, k, n = a["groups"], a["k"], a["n"]
+    conv = a.get("conv")
+    if conv:
+        _check_4d(node, x)
+        if x.shape[1] != k // (conv["kernel_shape"][0] * conv["kernel_shape"][1]) * groups:
+            raise ModelError(f"{node.describe()}: expected {k * groups // (conv['kernel_shape'][0] * conv['kernel_shape'][1])} "
+                             f"input channels, got shape {x.shape}")
+        per_group = x.shape[1] // groups
+        patches = [im2col(x[:, g * per_group:(g + 1) * per_group], conv["kernel_shape"],
+                          conv["strides"], conv["pads"], conv["dilations"], zero_point)
+                   for g in range(groups)]
+        shape = patches[0][1]
+        patches = [p for p, _ in patches]
+    else:
+        if x.shape[-1] != k:
+            raise ModelError(f"{node.describe()}: expected the input's last axis of {k}, got "
+                             f"shape {x.shape}")
+        patches = [x.reshape(-1, k)]
+        shape = x.shape[:-1]
+    bias = _bias(node, consts, zero_point)
+    mode = a["mode"]
+    requant = None
+    if mode == "device":
+        mult = consts[a["multiplier"]]
+        requant = (mult if mult.size > 1 else int(mult[0]), a["shift"], a["out_zero"])
+    weights = model._prepared_weights(accelerator)
+    n_group = n // groups
+    outs = []
+    for g in range(groups):
+        cols = slice(g * n_group, (g + 1) * n_group)
+        group_requant = requant
+        if requant is not None and isinstance(requant[0], np.ndarray):
+            group_requant = (np.ascontiguousarray(requant[0][cols]), requant[1], requant[2])
+        started = time.perf_counter()
+        out = accelerator.matmul(patches[g], weights[node.name][g], bias=bias[cols].copy(),
+                                 requant=group_requant,
+                                 relu=bool(a.get("relu")) and mode == "device")
+        stats["device_s"] += time.perf_counter() - started
+        counters = accelerator.last_counters
+        for key in ("cycles", "macs", "macs_skipped"):
+            stats[key] += int(counters[key])
+        stats["estimated"] |= bool(counters.get("estimated"))
+        stats["products"] += patches[g].shape[0] * patches[g].shape[1] * n_group
+        stats["jobs"] += 1
+        outs.append(out)
+    y = outs[0] if groups == 1 else np.concatenate(outs, axis=1)
+    started = time.perf_counter()
+    if mode == "host":  # requantization the device cannot apply (a multiplier of 1 or more)
+        scale = consts[a["scale"]]
+        q = np.rint(y.astype(np.float64) * scale) + a["out_zero"]
+        y = np.clip(q, -128, 127).astype(np.int8)
+        if a.get("relu"):
+            y = np.maximum(y, np.int8(a["out_zero"]))
+    elif mode == "float":
+        y = y.astype(np.float32) * consts[a["scale"]].astype(np.float32)
+        if "float_bias" in a:
+            y = y + consts[a["float_bias"]]
+        if a.get("relu"):
+            y = np.maximum(y, np.float32(0))
+    if a.get("clip"):
+        low, high = a["clip"]
+        dtype = y.dtype.type
+        y = np.clip(y, dtype(low), dtype(high))
+    if conv:
+        batch, oh, ow = shape
+        y = np.ascontiguousarray(y.reshape(batch, oh, ow, n).transpose(0, 3, 1, 2))
+    else:
+        y = y.reshape(tuple(shape) + (n,))
+    stats["host_s"] += time.perf_counter() - started
+    return y
+
+
+# ---- the model ------------------------------------------------------------------------------
+
+@dataclass
+class TensorInfo:
+    """A model input or output: its name, ONNX element type (e.g. "float32", "uint8") and
+    shape (None for a dimension the model leaves open, such as the batch)."""
+
+    name: str
+    dtype: str
+    shape: list
+
+
+class CompiledModel:
+    """A model compiled for the accelerator: run it with :meth:`run`, save it with
+    :meth:`save`, see it with :meth:`summary`."""
+
+    def __init__(self, nodes, constants, inputs, outputs, source="", shifted=()):
+        self.nodes = list(nodes)
+        self.constants = dict(constants)
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.source = source
+        self.shifted = set(shifted)  # uint8 tensors of the ONNX model, held as int8 less 128
+        self.last_run = None
+        self._prepared = weakref.WeakKeyDictionary()
+        self._check()
+
+    def _check(self):
+        known = set(self.constants) | {t.name for t in self.inputs}
+        for node in self.nodes:
+            if node.op != "QGemm" and node.op not in HOST_OPS:
+                raise ModelError(f"{node.describe()}: not an op this runtime has")
+            for name in node.inputs:
+                if name and name not in known:
+                    raise ModelError(f"{node.describe()}: input {name!r} is produced by no "
+                                     f"earlier node")
+            known.update(node.outputs)
+        for t in self.outputs:
+            if t.name not in known:
+                raise ModelError(f"output {t.name!r} is produced by no node")
+
+    # -- running --
+
+    def _prepared_weights(self, accelerator):
+        """Each QGemm's weights prepared for ``accelerator`` (once per accelerator)."""
+        prepared = self._prepared.get(accelerator)
+        if prepared is None:
+            prepare = getattr(accelerator, "prepare", None)
+            prepared = {}
+            for node in self.nodes:
+                if node.op == "QGemm":
+                    w = self.constants[node.attrs["weight"]]
+                    prepared[node.name] = [prepare(w[g]) if prepare else w[g]
+                                           for g in range(w.shape[0])]
+            self._prepared[accelerator] = prepared
+        return prepared
+
+    def _feeds(self, inputs):
+        if isinstance(inputs, dict):
+            unknown = set(inputs) - {t.name for t in self.inputs}
+            if unknown:
+                raise ModelError(f"inputs: unknown input name(s) {sorted(unknown)}; the model's "
+                                 f"inputs are {[t.name for t in self.inputs]}")
+            missing = [t.name for t in self.inputs if t.name not in inputs]
+            if missing:
+                raise ModelError(f"inputs: missing {missing}")
+        else:
+            if len(self.inputs) != 1:
+                raise ModelError(f"inputs: the model has {len(self.inputs)} inputs "
+                                 f"({[t.name for t in self.inputs]}); pass a dict by name")
+            inputs = {self.inputs[0].name: inputs}
+        env = {}
+        for t in self.inputs:
+            env[t.name] = _input_array(t, inputs[t.name])
+        return env
+
+    def run(self, accelerator, inputs, *, keep=()):
+        """The model's outputs for ``inputs`` (an array, or a dict by input name; any batch
+        size) on ``accelerator`` (from ``sparsa.open``): a list of arrays in the order of
+        :attr:`outputs`, typed as the ONNX model types them. Per-node device cycles, MACs
+        and host time go to :attr:`last_run` (see :meth:`summary`). ``keep``: names of
+        intermediate tensors to return too, as a second value (a dict)."""
+        if getattr(accelerator, "closed", False):
+            raise ModelError("accelerator: closed")
+        env = dict(self.constants)
+        env.update(self._feeds(inputs))
+        run = _Run(self.nodes)
+        for index, node in enumerate(self.nodes):
+            stats = run.stats[index]
+            try:
+                if node.op == "QGemm":
+                    result = _qgemm(self, node, env, accelerator, stats)
+                else:
+                    started = time.perf_counter()
+                    args = [env[name] if name else None for name in node.inputs]
+                    while args and args[-1] is None:
+                        args.pop()
+                    result = HOST_OPS[node.op](node, *args)
+                    stats["host_s"] += time.perf_counter() - started
+            except ModelError as error:
+                if node.name in str(error):
+                    raise
+                raise ModelError(f"{node.describe()}: {error}") from error
+            results = result if isinstance(result, tuple) else (result,)
+            for name, value in zip(node.outputs, results):
+                if name:
+                    env[name] = value
+        self.last_run = run.stats
+        outputs = [_output_array(t, env[t.name]) for t in self.outputs]
+        if keep:
+            return outputs, {name: self._onnx_value(name, env[name]) for name in keep}
+        return outputs
+
+    def _onnx_value(self, name, value):
+        if name in self.shifted:
+            return (value.astype(np.int16) + 128).astype(np.uint8)
+        return value
+
+    def node(self, name):
+        """The node called ``name``."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise ModelError(f"node: no node {name!r} in the model")
+
+    def run_node(self, accelerator, name, tensors):
+        """One node on its own: its outputs (a list, typed as the ONNX model types them) for
+        input tensors given by name in ``tensors`` (ONNX-typed, e.g. taken from another
+        runtime), constants from the model. For comparing one layer against another runtime."""
+        node = self.node(name)
+        env = dict(self.constants)
+        for input_name in node.inputs:
+            if input_name and input_name not in env:
+                if input_name not in tensors:
+                    raise ModelError(f"tensors: {node.describe()} needs {input_name!r}")
+                value = np.asarray(tensors[input_name])
+                if input_name in self.shifted:
+                    if value.dtype != np.uint8:
+                        raise ModelError(f"tensors[{input_name!r}]: expected uint8, got "
+                                         f"{value.dtype}")
+                    value = (value.astype(np.int16) - 128).astype(np.int8)
+                env[input_name] = value
+        stats = _Run([node]).stats[0]
+        if node.op == "QGemm":
+            result = _qgemm(self, node, env, accelerator, stats)
+        else:
+            args = [env[i] if i else None for i in node.inputs]
+            while args and args[-1] is None:
+                args.pop()
+            result = HOST_OPS[node.op](node, *args)
+        results = result if isinstance(result, tuple) else (result,)
+        return [self._onnx_value(out, value) for out, value in zip(node.outputs, results)]
+
+    # -- reports --
+
+    def summary(self, batch=1):
+        """A per-node table (str): op, output shape, device or host, MACs per batch of
+        ``batch``, weight zeros; after a :meth:`run`, its device cycles, MACs issued and
+        skipped and host milliseconds."""
+        shapes = self._shapes(batch)
+        lines = [f"{'node':<28} {'op':<18} {'output':<18} {'where':<6} {'MACs':>10} "
+                 f"{'w zeros':>7}" + (f" {'cycles':>10} {'MACs run':>10} {'skipped':>10} "
+                                      f"{'host ms':>8}" if self.last_run else "")]
+        for index, node in enumerate(self.nodes):
+            shape = shapes.get(node.outputs[0])
+            macs, zeros, where = "", "", "host"
+            if node.op == "QGemm":
+                where = "device"
+                w = self.constants[node.attrs["weight"]]
+                zeros = f"{np.mean(w == 0):.0%}"
+                if shape is not None:
+                    pixels = int(np.prod(shape)) // node.attrs["n"]
+                    macs = f"{pixels * node.attrs['k'] * node.attrs['n']}"
+            line = (f"{node.name[:28]:<28} {node.attrs.get('source_op', node.op)[:18]:<18} "
+                    f"{str(tuple(shape)) if shape is not None else '?':<18} {where:<6} "
+                    f"{macs:>10} {zeros:>7}")
+            if self.last_run:
+                s = self.last_run[index]
+                line += (f" {s['cycles'] if where == 'device' else '':>10} "
+                         f"{s['macs'] if where == 'device' else '':>10} "
+                         f"{s['macs_skipped'] if where == 'device' else '':>10} "
+                         f"{1e3 * s['host_s']:>8.2f}")
+            lines.append(line)
+        if self.last_run:
+            total = {key: sum(s[key] for s in self.last_run)
+                     for key in ("cycles", "macs", "macs_skipped", "host_s", "device_s")}
+            lines.append(f"total: {total['cycles']} device cycles"
+                         f"{' (estimated)' if any(s['estimated'] for s in self.last_run) else ''}"
+                         f", {total['macs']} MACs issued, {total['macs_skipped']} skipped, "
+                         f"host ops {1e3 * total['host_s']:.1f} ms, accelerator calls "
+                         f"{1e3 * total['device_s']:.1f} ms")
+        return "\n".join(lines)
+
+    def _shapes(self, batch):
+        """Output shapes of every tensor for a batch of ``batch``, by running the graph's
+        shapes through the reference (cheap: zeros in, shapes out)."""
+        from .driver import ReferenceAccelerator
+
+        feeds = {}
+        for t in self.inputs:
+            if any(d is None for d in t.shape[1:]):
+                return {}
+            shape = [batch] + [int(d) for d in t.shape[1:]]
+            feeds[t.name] = np.zeros(shape, _NUMPY_TYPE[t.dtype])
+        names = [name for node in self.nodes for name in node.outputs if name]
+        keep_last_run = self.last_run
+        try:
+            with ReferenceAccelerator() as acc:
+                _, env = self.run(acc, feeds, keep=names)
+        except (ModelError, ValueError):
+            return {}
+        finally:
+            self.last_run = keep_last_run
+        return {name: np.shape(value) for name, value in env.items()}
+
+    def run_counters(self):
+        """The last run's device counters summed over nodes: cycles, MACs, MACs skipped."""
+        if not self.last_run:
+            raise ModelError("run_counters: the model has not been run")
+        return {key: sum(s[key] for s in self.last_run)
+                for key in ("cycles", "macs", "macs_skipped", "products", "jobs")}
+
+    # -- saving --
+
+    def save(self, path):
+        """Write the model to one ``.npz`` file (the graph as JSON, the constants as arrays)."""
+        graph = {"format": FORMAT, "version": VERSION, "source": self.source,
+                 "shifted": sorted(self.shifted),
+                 "inputs": [vars(t) for t in self.inputs],
+                 "outputs": [vars(t) for t in self.outputs],
+                 "nodes": [vars(n) for n in self.nodes]}
+        arrays = {f"const/{name}": value for name, value in self.constants.items()}
+        arrays["graph"] = np.frombuffer(json.dumps(graph).encode(), np.uint8)
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    def __repr__(self):
+        device = sum(node.op == "QGemm" for node in self.nodes)
+        return (f"<CompiledModel {self.source or ''}: {len(self.nodes)} nodes, {device} on the "
+                f"accelerator; inputs {[(t.name, t.dtype, t.shape) for t in self.inputs]}>")
+
+
+_NUMPY_TYPE = {"float32": np.float32, "float64": np.float64, "int8": np.int8, "uint8": np.uint8,
+               "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+
+
+def _input_array(info, value):
+    """A model input as the graph holds it (uint8 as int8 less 128), checked against the
+    model's type and fixed dimensions."""
+    name = f"inputs[{info.name!r}]"
+    if not isinstance(value, np.ndarray):
+        raise ModelError(f"{name}: expected a numpy.ndarray, got {type(value).__name__}")
+    expected = np.dtype(_NUMPY_TYPE[info.dtype])
+    if value.dtype != expected:
+        if expected.kind == "f" and value.dtype.kind in "fiu":
+            value = value.astype(expected)
+        else:
+            raise ModelError(f"{name}: expected dtype {expected}, got {value.dtype}")
+    if value.ndim != len(info.shape) or any(
+            d is not None and d != s for d, s in zip(info.shape, value.shape)):
+        raise ModelError(f"{name}: expected shape {tuple(info.shape)} (None: any), got "
+                         f"{value.shape}")
+    if value.size == 0:
+        raise ModelError(f"{name}: expected no empty dimension, got shape {value.shape}")
+    if expected.kind == "f" and not np.all(np.isfinite(value)):
+        raise ModelError(f"{name}: expected finite values")
+    if expected == np.uint8:
+        value = (value.astype(np.int16) - 128).astype(np.int8)
+    return value
+
+
+def _output_array(info, value):
+    if info.dtype == "uint8":
+        return (value.astype(np.int16) + 128).astype(np.uint8)
+    return np.asarray(value).astype(_NUMPY_TYPE.get(info.dtype, value.dtype), copy=False)
+
+
+def load(path):
+    """A :class:`CompiledModel` from a file :meth:`CompiledModel.save` wrote."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            graph = json.loads(bytes(data["graph"]).decode())
+            constants = {key[len("const/"):]: data[key] for key in data.files
+                         if key.startswith("const/")}
+    except (OSError, KeyError, ValueError) as error:
+        raise ModelError(f"path: {path!s} is not a model sparsa saved ({error})") from error
+    if graph.get("format") != FORMAT:
+        raise ModelError(f"path: {path!s} is not a sparsa compiled model")
+    if graph.get("version") != VERSION:
+        raise ModelError(f"path: {path!s} has format version {graph.get('version')}; this "
+                         f"sparsa reads version {VERSION}")
+    return CompiledModel([Node(**n) for n in graph["nodes"]], constants,
+                         [TensorInfo(**t) for t in graph["inputs"]],
+                         [TensorInfo(**t) for t in graph["outputs"]], graph.get("source", ""),
+                         graph.get("shifted", ()))
+
+
+def loads(data):
+    """:func:`load` from bytes."""
+    return load(io.BytesIO(data))

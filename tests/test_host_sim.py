@@ -94,6 +94,36 @@ def test_int8_cnn_on_sim_matches_reference(sim):
             assert m[key] == e[key], (layer, key)
 
 
+def test_compiled_onnx_model_on_sim_matches_reference(sim, tmp_path):
+    """An ONNX CNN quantized by onnxruntime (QOperator, uint8 activations, per-channel weights:
+    grouped, 1x1 and padded convolutions, a Gemm, host pooling and residual ops) compiled by
+    sparsa.onnx: the simulated RTL gives the reference backend's outputs and every
+    intermediate tensor, with the same work counters."""
+    pytest.importorskip("onnxruntime")
+    import onnx_models  # tests/onnx_models.py
+
+    from sparsa import onnx as sparsa_onnx
+
+    rng = np.random.default_rng(6)
+    model = onnx_models.quantize_static(
+        onnx_models.cnn(rng), rng.standard_normal((32, 1, 8, 8)).astype(np.float32), tmp_path,
+        "QOperator", "QUInt8", True)
+    compiled = sparsa_onnx.compile(model)
+    x = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    names = [out for node in compiled.nodes for out in node.outputs]
+    results = []
+    for acc in (sim, sparsa.open("reference", **SMALL)):
+        outputs, tensors = compiled.run(acc, x, keep=names)
+        results.append((outputs, tensors, compiled.last_run))
+    (got, got_tensors, measured), (want, want_tensors, estimated) = results
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert all(np.array_equal(got_tensors[n], want_tensors[n]) for n in names)
+    for m, e in zip(measured, estimated):
+        assert (m["macs"], m["macs_skipped"], m["jobs"]) == (e["macs"], e["macs_skipped"],
+                                                              e["jobs"])
+        assert m["estimated"] is False and (m["cycles"] > 0) == (m["jobs"] > 0)
+
+
 def test_sim_refused_job_raises_device_error(sim):
     """A job the device refuses comes back as a DeviceError naming the error code, and the
     next job works."""

@@ -1,0 +1,197 @@
+"""Float ONNX models built with onnx.helper for the compiler's tests, quantized by onnxruntime.
+
+Between them the models hold every op :func:`sparsa.onnx.compile` accepts: :func:`cnn` (Conv with
+padding, groups and 1x1, Relu, Clip, MaxPool, a residual Add, Pad, AveragePool,
+GlobalAveragePool, Concat, Flatten, Gemm, Softmax), :func:`ffn` (MatMul on [B, T, K], bias Add,
+Sum, Transpose, Reshape, Unsqueeze, Squeeze, Dropout, Identity, Gemm, Sub, Mul, ArgMax, Cast),
+:func:`bn_cnn` (Conv, BatchNormalization, strides, MatMul + Add).
+"""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _constant(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def _model(nodes, inputs, outputs, initializers, name):
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def _weights(rng):
+    return lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)
+
+
+def _input(shape):
+    return [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])]
+
+
+def cnn(rng):
+    """x (N, 1, 8, 8) -> class probabilities (N, 10)."""
+    f = _weights(rng)
+    constants = [_constant("w1", f(8, 1, 3, 3)), _constant("b1", f(8)),
+                 _constant("w2", f(8, 4, 3, 3)), _constant("b2", f(8)),
+                 _constant("w3", f(8, 8, 1, 1)), _constant("w4", f(10, 16)),
+                 _constant("b4", f(10)), _constant("low", np.float32(0)),
+                 _constant("high", np.float32(4)),
+                 _constant("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))]
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        node("Relu", ["c1"], ["r1"], "relu1"),
+        node("MaxPool", ["r1"], ["p1"], "pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        node("Conv", ["p1", "w2", "b2"], ["c2"], "conv2", pads=[1, 1, 1, 1], group=2),
+        node("Clip", ["c2", "low", "high"], ["r2"], "clip2"),
+        node("Conv", ["r2", "w3"], ["c3"], "conv3"),
+        node("Add", ["c3", "p1"], ["s3"], "residual"),
+        node("Pad", ["s3", "pads"], ["padded"], "pad"),
+        node("AveragePool", ["padded"], ["ap"], "avgpool", kernel_shape=[2, 2], strides=[2, 2]),
+        node("GlobalAveragePool", ["ap"], ["g"], "gap"),
+        node("MaxPool", ["s3"], ["mp"], "global_max", kernel_shape=[4, 4]),
+        node("Concat", ["g", "mp"], ["cat"], "concat", axis=1),
+        node("Flatten", ["cat"], ["flat"], "flatten"),
+        node("Gemm", ["flat", "w4", "b4"], ["logits"], "fc", transB=1),
+        node("Softmax", ["logits"], ["prob"], "softmax"),
+    ]
+    return _model(nodes, _input([1, 8, 8]),
+                  [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 10])],
+                  constants, "cnn")
+
+
+def ffn(rng):
+    """x (N, 4, 16) -> logits (N, 10) and the class as a float (N,)."""
+    f = _weights(rng)
+    constants = [_constant("w1", f(16, 32)), _constant("b1", f(32)), _constant("w2", f(32, 16)),
+                 _constant("b2", f(16)), _constant("w3", f(64, 10)), _constant("b3", f(10)),
+                 _constant("shape", np.array([0, -1], np.int64)),
+                 _constant("axes", np.array([1], np.int64)), _constant("offset", f(10)),
+                 _constant("gain", np.abs(f(10)) + 0.5)]
+    node = helper.make_node
+    nodes = [
+        node("MatMul", ["x", "w1"], ["h1"], "ffn1"),
+        node("Add", ["h1", "b1"], ["h1b"], "ffn1_bias"),
+        node("Relu", ["h1b"], ["h1r"], "ffn1_relu"),
+        node("MatMul", ["h1r", "w2"], ["h2"], "ffn2"),
+        node("Add", ["h2", "b2"], ["h2b"], "ffn2_bias"),
+        node("Sum", ["h2b", "x"], ["res"], "residual"),
+        node("Transpose", ["res"], ["tr"], "transpose", perm=[0, 2, 1]),
+        node("Reshape", ["tr", "shape"], ["flat"], "reshape"),
+        node("Unsqueeze", ["flat", "axes"], ["u"], "unsqueeze"),
+        node("Squeeze", ["u", "axes"], ["sq"], "squeeze"),
+        node("Dropout", ["sq"], ["dr"], "dropout"),
+        node("Identity", ["dr"], ["id"], "identity"),
+        node("Gemm", ["id", "w3", "b3"], ["g"], "head"),
+        node("Sub", ["g", "offset"], ["gs"], "sub"),
+        node("Mul", ["gs", "gain"], ["logits"], "mul"),
+        node("ArgMax", ["logits"], ["label"], "argmax", axis=1, keepdims=0),
+        node("Cast", ["label"], ["label_float"], "cast", to=TensorProto.FLOAT),
+    ]
+    return _model(nodes, _input([4, 16]),
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
+                   helper.make_tensor_value_info("label_float", TensorProto.FLOAT, ["N"])],
+                  constants, "ffn")
+
+
+def bn_cnn(rng):
+    """x (N, 1, 8, 8) -> logits (N, 10), with a BatchNormalization after the Conv."""
+    f = _weights(rng)
+    constants = [_constant("w1", f(6, 1, 3, 3)), _constant("gamma", np.abs(f(6)) + 0.5),
+                 _constant("beta", f(6)), _constant("mean", f(6)),
+                 _constant("var", np.abs(f(6)) + 0.2), _constant("w2", f(6, 10)),
+                 _constant("b2", f(10))]
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+        node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn"], "bn1"),
+        node("Relu", ["bn"], ["r1"], "relu1"),
+        node("GlobalAveragePool", ["r1"], ["g"], "gap"),
+        node("Flatten", ["g"], ["flat"], "flatten"),
+        node("MatMul", ["flat", "w2"], ["m"], "fc"),
+        node("Add", ["m", "b2"], ["logits"], "fc_bias"),
+    ]
+    return _model(nodes, _input([1, 8, 8]),
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+                  constants, "bn_cnn")
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader over ``data`` in batches of 16."""
+
+    def __init__(self, name, data):
+        self._items = iter([{name: data[i:i + 16]} for i in range(0, len(data), 16)])
+
+    def get_next(self):
+        return next(self._items, None)
+
+
+def quantize_static(model, data, directory, quant_format="QDQ", activations="QInt8",
+                    per_channel=False):
+    """``model`` quantized by onnxruntime's ``quantize_static``, calibrated on ``data``. uint8
+    activations use ``reduce_range`` (7-bit weights), as onnxruntime advises on x86: its U8S8
+    kernels there saturate int16 pair sums otherwise."""
+    from onnxruntime import quantization
+
+    source = directory / f"{model.graph.name}.onnx"
+    target = directory / f"{model.graph.name}_{quant_format}_{activations}_{per_channel}.onnx"
+    onnx.save(model, source)
+    quantization.quantize_static(
+        str(source), str(target), _Batches(model.graph.input[0].name, data),
+        quant_format=getattr(quantization.QuantFormat, quant_format),
+        activation_type=getattr(quantization.QuantType, activations),
+        weight_type=quantization.QuantType.QInt8, per_channel=per_channel,
+        reduce_range=activations == "QUInt8")
+    return onnx.load(target)
+
+
+def quantize_dynamic(model, directory, op_types):
+    """``model`` quantized by onnxruntime's ``quantize_dynamic`` (uint8 activations, so with
+    ``reduce_range`` as in :func:`quantize_static`)."""
+    from onnxruntime import quantization
+
+    source = directory / f"{model.graph.name}.onnx"
+    target = directory / f"{model.graph.name}_dynamic.onnx"
+    onnx.save(model, source)
+    quantization.quantize_dynamic(str(source), str(target), op_types_to_quantize=op_types,
+                                  weight_type=quantization.QuantType.QInt8, reduce_range=True)
+    return onnx.load(target)
+
+
+def onnxruntime_run(model, feeds, names=None, optimize=True):
+    """onnxruntime's outputs (or the tensors ``names``, made outputs) for ``feeds``."""
+    import onnxruntime
+
+    model_copy = onnx.ModelProto()
+    model_copy.CopyFrom(model)
+    if names is not None:
+        have = {o.name for o in model_copy.graph.output}
+        model_copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names
+                                       if n not in have)
+    options = onnxruntime.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(model_copy.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    outputs = session.run(names, feeds)
+    return dict(zip(names, outputs)) if names is not None else outputs
+
+
+def node_agreement(quantized, compiled, feeds, accelerator):
+    """For each accelerated node: the fraction of its outputs equal to onnxruntime's and the
+    largest difference, fed onnxruntime's own input tensor."""
+    result = {}
+    for node in compiled.nodes:
+        if node.op != "QGemm":
+            continue
+        tensors = onnxruntime_run(quantized, feeds, [i for i in node.inputs if i] + node.outputs)
+        mine = compiled.run_node(accelerator, node.name, tensors)[0]
+        theirs = tensors[node.outputs[0]]
+        assert mine.dtype == theirs.dtype and mine.shape == theirs.shape, node.name
+        difference = np.abs(mine.astype(np.float64) - theirs.astype(np.float64))
+        result[node.name] = (float(np.mean(difference == 0)), float(difference.max()))
+    return result

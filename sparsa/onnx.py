@@ -30,7 +30,8 @@ from sparsa.host.graph import HOST_OPS, CompiledModel, ModelError, Node, TensorI
 from sparsa.host.graph import im2col, load, loads  # noqa: F401  (re-exported)
 from sparsa.host.quant import rounding_multiplier
 
-__all__ = ["compile", "load", "loads", "ModelError", "SUPPORTED_OPS"]
+__all__ = ["compile", "load", "loads", "ModelError", "SUPPORTED_OPS", "node_agreement",
+           "onnxruntime_tensors"]
 
 GEMM_OPS = ("Conv", "MatMul", "Gemm")
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger")
@@ -177,7 +178,20 @@ def _import(model, outputs):
             graph.shifted.add(vi.name)
         graph.inputs.append(TensorInfo(vi.name, dtype, _shape(vi)))
         graph._names.add(vi.name)
-    for index, node in enumerate(g.node):
+    names = list(outputs) if outputs is not None else [vi.name for vi in g.output]
+    produced = {out for node in g.node for out in node.output} | set(graph.types)
+    for out in names:
+        if out not in produced:
+            raise ModelError(f"outputs: no tensor {out!r} in the model")
+    # Only the nodes the outputs need are compiled (a cut leaves out, e.g., a classifier's
+    # label branch).
+    needed, used = set(names), []
+    for node in reversed(g.node):
+        if any(out in needed for out in node.output):
+            used.append(node)
+            needed.update(node.input)
+    used = {id(node) for node in used}
+    for index, node in _topological([n for n in g.node if id(n) in used], set(graph.types)):
         name = graph.fresh(node.name or f"{node.op_type}_{index}")
         try:
             _import_node(graph, node, name)
@@ -186,15 +200,33 @@ def _import(model, outputs):
                 raise
             raise ModelError(f"{node.op_type} node {name!r}: {error}") from error
     infos = {vi.name: vi for vi in list(g.output) + list(g.value_info)}
-    names = list(outputs) if outputs is not None else [vi.name for vi in g.output]
     if not names:
         raise ModelError("outputs: the model names no outputs")
     for out in names:
-        if out not in graph.types:
-            raise ModelError(f"outputs: no tensor {out!r} in the model")
         shape = _shape(infos[out]) if out in infos else []
         graph.outputs.append(TensorInfo(out, graph.types[out], shape))
     return graph
+
+
+def _topological(nodes, available):
+    """``(index, node)`` in an order where each node comes after the producers of its inputs
+    (ONNX asks for this order, but not every tool writes it); the file's order otherwise."""
+    available = set(available) | {""}
+    pending = list(enumerate(nodes))
+    ordered = []
+    while pending:
+        ready = [(i, n) for i, n in pending if all(x in available for x in n.input)]
+        if not ready:
+            i, node = pending[0]
+            missing = [x for x in node.input if x not in available]
+            raise ModelError(f"{node.op_type} node {node.name or i!r}: input {missing[0]!r} is "
+                             f"produced by no node (or by a cycle)")
+        for i, n in ready:
+            available.update(n.output)
+        ordered.extend(ready)
+        taken = {id(n) for _, n in ready}
+        pending = [(i, n) for i, n in pending if id(n) not in taken]
+    return ordered
 
 
 def _shift_constant(graph, name, value):
@@ -640,8 +672,26 @@ def _lower_gemm(graph, node, producers, consumers):
         raise ModelError(f"alpha={alpha}: only a positive alpha is supported")
     x_scale = float(np.asarray(x.scale).reshape(-1)[0])
     acc_scale = x_scale * w_scale.astype(np.float64) * alpha  # real value of one int32 step
-    bias = _bias_values(graph, producers, bias_name, n, acc_scale, beta,
-                        raw=op in ("QLinearConv", _QLINEAR_GEMM))
+    bias, real_bias = _bias_values(graph, producers, bias_name, n, acc_scale, beta,
+                                   raw=op in ("QLinearConv", _QLINEAR_GEMM))
+    x_zero = int(np.asarray(x.zero_point).reshape(-1)[0])
+    # The device's bias is the model's less the input zero point times the weights' column
+    # sums. A channel whose weights are so small that this exceeds int32 at the accumulator's
+    # scale gets a coarser weight scale, just enough for it to fit (as the layer quantizer of
+    # sparsa.host.model does): its weights round to fewer levels. (onnxruntime saturates such
+    # a bias to int32 instead.)
+    steps = (bias.astype(np.float64) if bias is not None else real_bias / acc_scale)
+    if not x_zero_tensor:
+        steps = steps - x_zero * matrix.astype(np.float64).sum(axis=1).reshape(-1)
+    factor = np.maximum(1.0, np.abs(steps) / 2**30)
+    if np.any(factor > 1):
+        if bias is not None:
+            real_bias = bias * acc_scale
+        matrix = np.rint(matrix / factor.reshape(groups, 1, -1)).astype(np.int8)
+        acc_scale = acc_scale * factor
+        bias = None
+    if bias is None:
+        bias = np.rint(real_bias / acc_scale).astype(np.int32)
     # Where the output goes: a QuantizeLinear (maybe after a Relu or Clip) makes it int8 on
     # the device; otherwise the int32 sums are scaled to float on the host.
     relu, clip = False, None
@@ -684,7 +734,11 @@ def _lower_gemm(graph, node, producers, consumers):
         real = acc_scale / out_scale
         attrs["out_zero"] = out_zero
         if np.all(real < 1) and np.all(real > 2.0**-32):
-            multiplier, shift = rounding_multiplier(real)
+            # How far inputs of int8 magnitude move each column's output, and how large the
+            # output gets with the bias.
+            spread = real * 128.0 * np.abs(matrix.astype(np.float64)).sum(axis=1).reshape(-1)
+            multiplier, shift = rounding_multiplier(
+                real, magnitude=spread + real * np.abs(bias.astype(np.float64)), spread=spread)
             if np.all(multiplier == multiplier[0]):
                 multiplier = multiplier[:1]
             attrs["multiplier"] = graph.constant(f"{base}/multiplier", multiplier)
@@ -744,11 +798,11 @@ def _fused_activation(graph, node, out_q):
 
 
 def _bias_values(graph, producers, name, n, acc_scale, beta, raw=False):
-    """The int32 bias at the accumulator's scale: a QOperator's int32 bias (``raw``), an int32
-    DequantizeLinear (used as is when its scale is the accumulator's) or a float constant
-    (rounded to it)."""
+    """``(int32 bias, None)`` at the accumulator's scale from a QOperator's int32 bias (``raw``)
+    or an int32 DequantizeLinear of the accumulator's scale; else ``(None, real bias)``
+    (another scale, or a float constant) for the caller to round."""
     if not name:
-        return np.zeros(n, np.int32)
+        return np.zeros(n, np.int32), None
     found = _dequantized(graph, producers, name, None)
     if raw:
         values = _const(graph, name).astype(np.int64).reshape(-1)
@@ -777,12 +831,8 @@ def _bias_values(graph, producers, name, n, acc_scale, beta, raw=False):
     else:
         raise ModelError(f"bias {name!r} is not a constant")
     if real is not None:
-        ints = np.rint(real / acc_scale)
-    if np.any(np.abs(ints) > 2**31 - 1):
-        raise ModelError(f"the bias exceeds int32 at the accumulator's scale (largest "
-                         f"{int(np.max(np.abs(ints)))}); requantize the model with a larger "
-                         f"weight scale for that channel")
-    return np.asarray(ints, np.int64).astype(np.int32)
+        return None, real
+    return np.asarray(ints, np.int64).astype(np.int32), None
 
 
 # ---- float models: sparsa's own quantizer -----------------------------------------------------
@@ -1051,3 +1101,48 @@ def _insert(graph, new_nodes):
         result.append(node)
         result.extend(following.get(id(node), []))
     graph.nodes = result
+
+
+# ---- comparing with onnxruntime ---------------------------------------------------------------
+
+def onnxruntime_tensors(model, feeds, names=None, optimize=True):
+    """onnxruntime's outputs of ``model`` (a path or ModelProto) for ``feeds``, or, with
+    ``names``, those tensors (made outputs) as a dict. ``optimize=False`` runs the graph as
+    written (no fusions). Needs onnxruntime."""
+    import onnx
+    import onnxruntime
+
+    model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if names is not None:
+        have = {o.name for o in copy.graph.output}
+        copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(copy.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    outputs = session.run(names, feeds)
+    return dict(zip(names, outputs)) if names is not None else outputs
+
+
+def node_agreement(model, compiled, feeds, accelerator):
+    """Each accelerated node of ``compiled`` against onnxruntime running ``model``, the ONNX
+    model it was compiled from: fed onnxruntime's own input tensor, ``{node name: (fraction
+    of output elements equal, largest difference)}``. Needs onnxruntime."""
+    result = {}
+    for node in compiled.nodes:
+        if node.op != "QGemm":
+            continue
+        tensors = onnxruntime_tensors(model, feeds, [i for i in node.inputs if i]
+                                      + node.outputs)
+        ours = compiled.run_node(accelerator, node.name, tensors)[0]
+        theirs = tensors[node.outputs[0]]
+        if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
+            raise ModelError(f"{node.describe()}: output {ours.dtype}{ours.shape}, onnxruntime "
+                             f"gives {theirs.dtype}{theirs.shape}")
+        difference = np.abs(ours.astype(np.float64) - theirs.astype(np.float64))
+        result[node.name] = (float(np.mean(difference == 0)), float(difference.max()))
+    return result

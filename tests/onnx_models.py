@@ -160,38 +160,3 @@ def quantize_dynamic(model, directory, op_types):
     quantization.quantize_dynamic(str(source), str(target), op_types_to_quantize=op_types,
                                   weight_type=quantization.QuantType.QInt8, reduce_range=True)
     return onnx.load(target)
-
-
-def onnxruntime_run(model, feeds, names=None, optimize=True):
-    """onnxruntime's outputs (or the tensors ``names``, made outputs) for ``feeds``."""
-    import onnxruntime
-
-    model_copy = onnx.ModelProto()
-    model_copy.CopyFrom(model)
-    if names is not None:
-        have = {o.name for o in model_copy.graph.output}
-        model_copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names
-                                       if n not in have)
-    options = onnxruntime.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = onnxruntime.InferenceSession(model_copy.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
-    outputs = session.run(names, feeds)
-    return dict(zip(names, outputs)) if names is not None else outputs
-
-
-def node_agreement(quantized, compiled, feeds, accelerator):
-    """For each accelerated node: the fraction of its outputs equal to onnxruntime's and the
-    largest difference, fed onnxruntime's own input tensor."""
-    result = {}
-    for node in compiled.nodes:
-        if node.op != "QGemm":
-            continue
-        tensors = onnxruntime_run(quantized, feeds, [i for i in node.inputs if i] + node.outputs)
-        mine = compiled.run_node(accelerator, node.name, tensors)[0]
-        theirs = tensors[node.outputs[0]]
-        assert mine.dtype == theirs.dtype and mine.shape == theirs.shape, node.name
-        difference = np.abs(mine.astype(np.float64) - theirs.astype(np.float64))
-        result[node.name] = (float(np.mean(difference == 0)), float(difference.max()))
-    return result

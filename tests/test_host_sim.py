@@ -176,9 +176,11 @@ def test_sim_backend_on_icarus():
 
 
 def test_demo_on_small_build(tmp_path, capsys):
-    """The README's main job end to end on a 4x4 build: logits identical on both backends,
-    INT8 accuracy within 2 points of float."""
-    pytest.importorskip("sklearn")
+    """The README's main job end to end on a 4x4 build (60 images on the simulated RTL): both
+    models' outputs identical on both backends, INT8 accuracy within 2 points of float, equal
+    to onnxruntime running the model's graph as written."""
+    pytest.importorskip("skl2onnx")
+    pytest.importorskip("onnxruntime")
     reason = toolchain.missing("verilator")
     if reason:
         pytest.skip(reason)
@@ -187,14 +189,18 @@ def test_demo_on_small_build(tmp_path, capsys):
     report = tmp_path / "demo.json"
     build = ["--rows", "4", "--cols", "4", "--stream-width", "32", "--max-k", "64",
              "--max-n", "48"]
-    assert cli.main(["demo", *build, "--batch", "150", "--json", str(report)]) == 0
+    assert cli.main(["demo", *build, "--images", "60", "--json", str(report)]) == 0
     figures = json.loads(report.read_text())
-    assert figures["identical"] == figures["images"] == 450
-    assert figures["int8_accuracy"] == figures["reference_accuracy"]
-    assert figures["int8_accuracy"] >= figures["float_accuracy"] - 0.02
-    assert 0 < figures["relu_zero_products"] <= figures["macs_skipped"] < figures["products"]
-    assert figures["cycles"] < figures["dense_cycles"]
-    assert "logits identical to the reference for 450 of 450 images" in capsys.readouterr().out
+    assert set(figures["models"]) == {"MLP", "CNN"}
+    for name, row in figures["models"].items():
+        assert row["identical"] == figures["sim_images"] == 60, name
+        assert row["int8_accuracy"] >= row["float_accuracy"] - 0.02, name
+        assert row["top1_agreement_unfused"] >= 0.995, name
+        assert row["node_agreement"] >= 0.999 and row["node_max_difference"] <= 1, name
+        assert 0 < row["macs_skipped"] < row["products"] and row["cycles"] > 0, name
+    out = capsys.readouterr().out
+    assert out.count("outputs identical to the reference for 60 of 60 images") == 2
+    assert "per-layer report" in out and "conv2" in out
 
 
 def test_bench_all_writes_results(tmp_path):

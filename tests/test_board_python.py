@@ -87,3 +87,50 @@ def test_host_tests_pass_on_board_python(board_python):
     print(f"board Python ({sys.platform}, NumPy {BOARD_NUMPY}): {summary}")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in summary and " failed" not in summary
+
+
+def test_compiled_models_run_on_board_python(board_python, tmp_path):
+    """Models compiled here (onnx and onnxruntime present) are saved, then loaded and run under
+    Python 3.10 + NumPy 1.21.5 with neither: the outputs equal this machine's, bit for bit,
+    on the reference and on the byte-level device model."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    import onnx_models  # tests/onnx_models.py
+    import sparsa
+    from sparsa import onnx as sparsa_onnx
+
+    rng = np.random.default_rng(0)
+    cases = {
+        "cnn": (onnx_models.quantize_static(
+            onnx_models.cnn(rng), rng.standard_normal((32, 1, 8, 8)).astype(np.float32),
+            tmp_path, "QDQ", "QUInt8", True), (3, 1, 8, 8)),
+        "ffn": (onnx_models.quantize_dynamic(onnx_models.ffn(rng), tmp_path, ["MatMul", "Gemm"]),
+                (3, 4, 16)),
+    }
+    expected = {}
+    for name, (model, shape) in cases.items():
+        compiled = sparsa_onnx.compile(model)
+        compiled.save(tmp_path / f"{name}.npz")
+        x = rng.standard_normal(shape).astype(np.float32)
+        np.save(tmp_path / f"{name}_x.npy", x)
+        with sparsa.open("reference", rows=4, cols=4) as acc:
+            expected[name] = compiled.run(acc, x)
+    script = f"""
+import numpy as np, sparsa
+from sparsa.onnx import load
+for name in {sorted(cases)!r}:
+    model = load({str(tmp_path)!r} + f"/{{name}}.npz")
+    x = np.load({str(tmp_path)!r} + f"/{{name}}_x.npy")
+    for device_model in (False, True):
+        with sparsa.open("reference", rows=4, cols=4, device_model=device_model) as acc:
+            outputs = model.run(acc, x)
+        np.savez({str(tmp_path)!r} + f"/{{name}}_{{device_model}}.npz", *outputs)
+"""
+    run([board_python, "-c", script], timeout=300)
+    for name, want in expected.items():
+        for device_model in (False, True):
+            with np.load(tmp_path / f"{name}_{device_model}.npz") as got:
+                assert len(got.files) == len(want)
+                for index, value in enumerate(want):
+                    assert np.array_equal(got[f"arr_{index}"], value), (name, device_model)

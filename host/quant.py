@@ -126,7 +126,7 @@ def quantize_multiplier(real_multiplier, shared_shift=False):
             np.array(shifts, np.int64).reshape(values.shape))
 
 
-def rounding_multiplier(real_multiplier, magnitude=128.0, spread=None):
+def rounding_multiplier(real_multiplier, magnitude=128.0, spread=None, center=None):
     """``(multiplier, shift)`` for real multipliers in (0, 1) (a scalar or one per column, with
     one shift) chosen so the device's result most often equals ``round(acc * real)``.
 
@@ -139,9 +139,10 @@ def rounding_multiplier(real_multiplier, magnitude=128.0, spread=None):
     for outputs up to ``magnitude`` (scalar or per column: the largest ``|acc * real|`` the
     column reaches, at most the int8 range). This takes the shift with the fewest expected
     differences: ``2**-(shift + 1)`` plus that error averaged over the columns (each column's
-    share of outputs near a rounding tie). Columns whose inputs move them by less than half a
-    step (``spread``, per column; default ``magnitude``) are left out: their output is one
-    value, on one side of a tie or the other whatever the shift."""
+    share of outputs near a rounding tie). A column whose inputs move it by less than half a
+    step (``spread``, per column; default ``magnitude``) gives one value, the rounding of its
+    accumulator ``center`` (per column, e.g. its bias): it counts as all different when the
+    device's result for ``center`` is not ``round(center * real)``, else not at all."""
     values = np.asarray(real_multiplier, np.float64)
     if not np.all(np.isfinite(values)) or np.any(values <= 0) or np.any(values >= 1):
         raise ValueError(f"real_multiplier: expected values in (0, 1), got {real_multiplier}")
@@ -150,19 +151,34 @@ def rounding_multiplier(real_multiplier, magnitude=128.0, spread=None):
     spread = magnitude if spread is None else np.broadcast_to(
         np.asarray(spread, np.float64), values.shape).reshape(-1)
     live = spread >= 0.5
+    center = (np.zeros(values.size) if center is None else np.broadcast_to(
+        np.asarray(center, np.float64), values.shape).reshape(-1))
+    exact = np.clip(np.rint(center * values.reshape(-1)), -2**20, 2**20)
     largest_shift = min(31, int(math.floor(-math.log2(float(values.max())))))
     best = None
     for shift in range(largest_shift + 1):
         multipliers = np.round(np.ldexp(values, 31 + shift))
         if multipliers.max() >= 2**31:
             break
-        error = magnitude / 2 / np.maximum(multipliers.reshape(-1), 1.0)
-        rate = ((2.0 ** -(shift + 1) if shift else 0.0)
-                + (float(np.mean(np.minimum(1.0, error[live]))) if live.any() else 0.0))
+        error = np.minimum(1.0, magnitude / 2 / np.maximum(multipliers.reshape(-1), 1.0))
+        device = _requantize_wide(center, multipliers.reshape(-1), shift)
+        error = np.where(live, error, (device != exact).astype(np.float64))
+        rate = (2.0 ** -(shift + 1) if shift else 0.0) + float(np.mean(error))
         if best is None or rate < best[0]:
             best = (rate, multipliers.astype(np.int64), shift)
     _, multipliers, shift = best
     return (int(multipliers) if values.ndim == 0 else multipliers), shift
+
+
+def _requantize_wide(acc, multiplier, shift):
+    """The device's requantization of int32 ``acc`` without the int8 clamp (what
+    :func:`sparsa.host.arith.requantize` computes before saturating)."""
+    acc = np.clip(np.asarray(acc, np.float64), -2**31, 2**31 - 1).astype(np.int64)
+    p = acc * np.asarray(multiplier, np.int64)
+    p += np.where(p >= 0, 1 << 30, 1 - (1 << 30))
+    high = (p >> 31) + ((p < 0) & ((p & 0x7FFFFFFF) != 0))
+    mask = (1 << shift) - 1
+    return (high >> shift) + ((high & mask) > ((mask >> 1) + (high < 0)))
 
 
 def requant_params(input_scale, weight_scale, output_scale, output_zero_point=0,

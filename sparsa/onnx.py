@@ -713,6 +713,9 @@ def _lower_gemm(graph, node, producers, consumers):
                     absorbed.append(activation)
                     relu, clip = _fused_activation(graph, activation, out_q)
         mode = "device" if out_q is not None else "float"
+    if mode == "device":
+        matrix, bias, acc_scale = _sharpen_multipliers(
+            matrix, bias, acc_scale, float(np.asarray(out_q[0]).reshape(-1)[0]), k, groups)
     attrs = {"groups": groups, "k": k, "n": n, "source_op": op, "x_zero": int(
         np.asarray(x.zero_point).reshape(-1)[0])}
     if conv:
@@ -737,8 +740,10 @@ def _lower_gemm(graph, node, producers, consumers):
             # How far inputs of int8 magnitude move each column's output, and how large the
             # output gets with the bias.
             spread = real * 128.0 * np.abs(matrix.astype(np.float64)).sum(axis=1).reshape(-1)
+            folded = bias.astype(np.float64) - (
+                0 if x_zero_tensor else x_zero * matrix.astype(np.float64).sum(axis=1).reshape(-1))
             multiplier, shift = rounding_multiplier(
-                real, magnitude=spread + real * np.abs(bias.astype(np.float64)), spread=spread)
+                real, magnitude=spread + real * np.abs(folded), spread=spread, center=folded)
             if np.all(multiplier == multiplier[0]):
                 multiplier = multiplier[:1]
             attrs["multiplier"] = graph.constant(f"{base}/multiplier", multiplier)
@@ -760,6 +765,26 @@ def _lower_gemm(graph, node, producers, consumers):
     qgemm = Node("QGemm", node.name, inputs, [output], attrs)
     graph.types[output] = dtype
     return qgemm, absorbed
+
+
+def _sharpen_multipliers(matrix, bias, acc_scale, out_scale, k, groups):
+    """Columns whose real multiplier is so small that the device's 31-bit multiplier keeps
+    fewer than 23 significant bits (channels of tiny weights, nearly constant outputs) get
+    their weights and bias divided by a power of two ``f`` and their multiplier made ``f``
+    times larger, as far as the weights' rounding moves the output by at most 1/128 of a
+    step (``64 * K * real * f``): the multiplier's precision is then what the other columns
+    have, at one shift for all."""
+    real = acc_scale / out_scale
+    if not np.all(real < 1):
+        return matrix, bias, acc_scale
+    limit = np.minimum(2.0**-7 / (64.0 * k * real), 2.0**30 / (real * 2**31))
+    factor = np.where(real * 2**31 < 2**23, 2.0 ** np.floor(np.log2(np.maximum(limit, 1.0))),
+                      1.0)
+    if not np.any(factor > 1):
+        return matrix, bias, acc_scale
+    matrix = np.rint(matrix / factor.reshape(groups, 1, -1)).astype(np.int8)
+    bias = np.rint(bias / factor).astype(np.int32)
+    return matrix, bias, acc_scale * factor
 
 
 def _const(graph, name):
@@ -894,7 +919,7 @@ def _fuse_matmul_bias(graph):
 # a QuantizeLinear of the same scale and zero point they run on the int8 tensor directly
 # (exactly: Q(DQ(q)) == q).
 _VALUE_PRESERVING = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
-                     "Identity", "Dropout")
+                     "Identity", "Dropout", "Relu")
 
 
 def _skip_requantization(graph):
@@ -913,9 +938,24 @@ def _skip_requantization(graph):
         if any(p.size != 1 for p in params) or not (
                 float(params[0]) == float(params[2]) and int(params[1]) == int(params[3])):
             continue
+        if node.op == "Relu" and int(params[1]) != 0:  # max(q, 0) is Relu only at zero point 0
+            continue
         node.inputs = [dq.inputs[0]] + node.inputs[1:]
         node.outputs = list(q.outputs)
         removed.update((id(dq), id(q)))
+    graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+    # A Relu on a QGemm's int8 output at zero point 0 is the device's ReLU.
+    producers = graph.producers()
+    consumers = graph.consumers()
+    removed = set()
+    for node in graph.nodes:
+        gemm = producers.get(node.inputs[0]) if node.op == "Relu" else None
+        if (gemm is not None and gemm.op == "QGemm" and gemm.attrs["mode"] == "device"
+                and gemm.attrs["out_zero"] == 0 and not gemm.attrs.get("clip")
+                and _single_consumer(consumers, gemm.outputs[0]) is node):
+            gemm.attrs["relu"] = True
+            gemm.outputs = list(node.outputs)
+            removed.add(id(node))
     graph.nodes = [n for n in graph.nodes if id(n) not in removed]
 
 

@@ -419,3 +419,30 @@ def test_cli_run_and_bench_host(capsys, tmp_path):
     assert {"m", "k", "n", "reference_s", "numpy_int32_s", "numpy_float32_s", "exact",
             "pack_gbps", "copy_gbps"} <= set(row)
     assert row["exact"] is True and row["m"] == 48
+
+
+def test_rounding_multiplier_rounds_like_one_rounding():
+    """The device's requantization with rounding_multiplier's (multiplier, shift) equals one
+    rounding of acc * real (NumPy, float64) on at least 99.99% of outputs, where the
+    normalized multiplier of quantize_multiplier (its double rounding) does not."""
+    from sparsa.host import arith, quant
+
+    rng = np.random.default_rng(21)
+    # Products of float32 scales, as models give them (a decimal like 0.21 would make exact
+    # ties, where half-to-even and the device's half-away-from-zero differ by design).
+    for real in rng.uniform(0, 1, (6, 3)).astype(np.float32).prod(axis=1).astype(np.float64):
+        acc = np.rint(rng.uniform(-127, 127, 100_000) / real).astype(np.int32)
+        exact = np.clip(np.rint(acc.astype(np.float64) * real), -128, 127)
+        multiplier, shift = quant.rounding_multiplier(real)
+        once = np.mean(arith.requantize(acc, multiplier, shift, 0) == exact)
+        normalized = np.mean(arith.requantize(acc, *quant.quantize_multiplier(real), 0) == exact)
+        assert once >= 0.9999 and once >= normalized, (real, once, normalized)
+    # Per column, one shift: a column of tiny weights (its output constant, its bias large)
+    # does not force a shift that double-rounds the others.
+    reals = np.array([0.004, 0.006, 5e-10])
+    multipliers, shift = quant.rounding_multiplier(reals, magnitude=[128, 128, 0.6],
+                                                   spread=[128, 128, 0.01],
+                                                   center=[0, 0, -1.1e9])
+    assert shift == 0 and multipliers.shape == (3,)
+    with pytest.raises(ValueError, match="real_multiplier"):
+        quant.rounding_multiplier(1.5)

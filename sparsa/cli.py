@@ -112,7 +112,8 @@ def cmd_demo(args):
         print(f"the demo needs {', '.join(missing)}: pip install 'sparsa[demo]'",
               file=sys.stderr)
         return 2
-    figures = demo.run(_build_config(args), args.sim, args.clock_mhz, args.seed, args.images)
+    figures = demo.run(_build_config(args), args.sim, args.clock_mhz, args.seed, args.images,
+                       args.reduce_range)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1))
@@ -385,6 +386,9 @@ def build_parser():
     demo.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     demo.add_argument("--images", type=_positive,
                       help="test images run on the simulated RTL (default: all 450)")
+    demo.add_argument("--reduce-range", action=argparse.BooleanOptionalAction, default=True,
+                      help="onnxruntime quantizes weights to 7 bits, as it advises for its x86 "
+                           "kernels (default on; off shows them saturate)")
     demo.add_argument("--clock-mhz", type=float, default=100.0,
                       help="clock for the projected hardware time")
     demo.add_argument("--seed", type=int, default=0)

@@ -130,10 +130,16 @@ class _Calibration:
         return next(self._batches, None)
 
 
-def quantize_with_onnxruntime(float_model, calibration, directory, per_channel):
+def quantize_with_onnxruntime(float_model, calibration, directory, per_channel,
+                              reduce_range=True):
     """onnxruntime's recommended flow: ``quant_pre_process`` (shape inference, MatMul + Add to
-    Gemm), then ``quantize_static`` (QDQ, symmetric int8 activations, 7-bit int8 weights per
-    tensor or per channel)."""
+    Gemm), then ``quantize_static`` (QDQ, symmetric int8 activations, int8 weights per tensor
+    or per channel, 7-bit with ``reduce_range``).
+
+    ``reduce_range`` is what onnxruntime advises for its x86 CPU kernels, whose int16 pair sums
+    saturate with full-range weights (then onnxruntime's optimized run disagrees with its own
+    unoptimized one). The device needs no such margin; it is on by default so that onnxruntime
+    is a fair reference."""
     import logging
 
     import onnx
@@ -151,18 +157,14 @@ def quantize_with_onnxruntime(float_model, calibration, directory, per_channel):
         str(prepared), str(target), _Calibration(float_model.graph.input[0].name, calibration),
         quant_format=quantization.QuantFormat.QDQ, activation_type=quantization.QuantType.QInt8,
         weight_type=quantization.QuantType.QInt8, per_channel=per_channel,
-        # 7-bit weights, as onnxruntime advises for its x86 CPU kernels: without, their int16
-        # pair sums saturate (on this CNN onnxruntime then classifies 81% right, against 99%
-        # for the same model run without its fusions, and for sparsa). The device needs no
-        # such margin; it is here so that onnxruntime is a fair reference.
-        reduce_range=True,
+        reduce_range=reduce_range,
         # Zero point 0 for activations: a ReLU's zeros stay zeros, which sparse-skip skips.
         extra_options={"ActivationSymmetric": True})
     return onnx.load(target)
 
 
 def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
-        printer=print):
+        reduce_range=True, printer=print):
     """Run the demo, printing as it goes; returns a dict of the figures (and 0/1 in
     "status")."""
     import sparsa
@@ -193,7 +195,7 @@ def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
                 models.items():
             started = time.perf_counter()
             quantized = quantize_with_onnxruntime(float_model, train[:512], directory,
-                                                  per_channel)
+                                                  per_channel, reduce_range)
             compiled[name] = sparsa_onnx.compile(quantized, outputs=outputs)
             seconds = time.perf_counter() - started
             float_out = sparsa_onnx.onnxruntime_tensors(float_model, {

@@ -49,7 +49,7 @@ class Node:
     attrs: dict = field(default_factory=dict)
 
     def describe(self):
-        return f"{self.op} node {self.name!r}"
+        return f"{self.attrs.get('source_op', self.op)} node {self.name!r}"
 
 
 # ---- host ops -------------------------------------------------------------------------------
@@ -338,11 +338,13 @@ def _qgemm(model, node, env, accelerator, stats):
                   else a.get("x_zero", 0))
     groups, k, n = a["groups"], a["k"], a["n"]
     conv = a.get("conv")
+    started = time.perf_counter()  # host time: the operands (im2col) and the output's layout
     if conv:
         _check_4d(node, x)
-        if x.shape[1] != k // (conv["kernel_shape"][0] * conv["kernel_shape"][1]) * groups:
-            raise ModelError(f"{node.describe()}: expected {k * groups // (conv['kernel_shape'][0] * conv['kernel_shape'][1])} "
-                             f"input channels, got shape {x.shape}")
+        channels = k // (conv["kernel_shape"][0] * conv["kernel_shape"][1]) * groups
+        if x.shape[1] != channels:
+            raise ModelError(f"{node.describe()}: expected {channels} input channels, got "
+                             f"shape {x.shape}")
         per_group = x.shape[1] // groups
         patches = [im2col(x[:, g * per_group:(g + 1) * per_group], conv["kernel_shape"],
                           conv["strides"], conv["pads"], conv["dilations"], zero_point)
@@ -361,6 +363,7 @@ def _qgemm(model, node, env, accelerator, stats):
     if mode == "device":
         mult = consts[a["multiplier"]]
         requant = (mult if mult.size > 1 else int(mult[0]), a["shift"], a["out_zero"])
+    stats["host_s"] += time.perf_counter() - started
     weights = model._prepared_weights(accelerator)
     n_group = n // groups
     outs = []
@@ -518,6 +521,9 @@ class CompiledModel:
         self.last_run = run.stats
         outputs = [_output_array(t, env[t.name]) for t in self.outputs]
         if keep:
+            unknown = [name for name in keep if name not in env]
+            if unknown:
+                raise ModelError(f"keep: no tensor {unknown[0]!r} in the compiled model")
             return outputs, {name: self._onnx_value(name, env[name]) for name in keep}
         return outputs
 

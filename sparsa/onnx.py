@@ -1037,6 +1037,11 @@ def _calibrate_and_quantize(graph, calibration):
     input quantized (symmetric, zero point 0, scale from the calibration data's range), its
     weights per output channel, its bias in int32, and its output (after a sole following
     Relu/Clip) quantized unless it is a model output."""
+    quantized = sorted({node.op for node in graph.nodes if node.op in QOPERATOR_OPS
+                        or node.op in ("QuantizeLinear", "DequantizeLinear", _QLINEAR_GEMM)})
+    if quantized:
+        raise ModelError(f"calibration: the model is quantized already (it has {quantized}); "
+                         f"compile it without calibration=")
     gemms = [node for node in graph.nodes if node.op in GEMM_OPS]
     if not gemms:
         raise ModelError("calibration: the model has no Conv, MatMul or Gemm to quantize")

@@ -255,6 +255,10 @@ def test_errors_name_the_node_or_argument(float_models, quantized, reference, tm
     # A float model without calibration data.
     with pytest.raises(graph.ModelError, match=r"Conv node 'conv1'.*calibration="):
         sparsa_onnx.compile(model)
+    # Calibration data for a model that is quantized already.
+    with pytest.raises(graph.ModelError, match=r"calibration: the model is quantized already"):
+        sparsa_onnx.compile(quantized[("cnn", "QDQ", "QInt8", False)],
+                            calibration=data("cnn", 4, 0))
     # A MatMul of two activations.
     node = helper.make_node("MatMul", ["a", "b"], ["c"], "outer")
     two = helper.make_model(helper.make_graph(
@@ -282,6 +286,11 @@ def test_errors_name_the_node_or_argument(float_models, quantized, reference, tm
         compiled.run(reference, {"x": np.zeros((1, 1, 8, 8)), "y": np.zeros(1)})
     with pytest.raises(graph.ModelError, match=r"finite"):
         compiled.run(reference, np.full((1, 1, 8, 8), np.nan, np.float32))
+    with pytest.raises(graph.ModelError, match=r"keep: no tensor 'nowhere'"):
+        compiled.run(reference, np.zeros((1, 1, 8, 8), np.float32), keep=["nowhere"])
+    with pytest.raises(graph.ModelError, match=r"Conv node 'conv2'.*expected 8 input channels"):
+        compiled.run_node(reference, "conv2", {compiled.node("conv2").inputs[0]:
+                                               np.zeros((1, 3, 4, 4), np.int8)})
 
 
 def test_prepared_weights_match_plain_weights():

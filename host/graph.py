@@ -469,23 +469,8 @@ class CompiledModel:
         return prepared
 
     def _feeds(self, inputs):
-        if isinstance(inputs, dict):
-            unknown = set(inputs) - {t.name for t in self.inputs}
-            if unknown:
-                raise ModelError(f"inputs: unknown input name(s) {sorted(unknown)}; the model's "
-                                 f"inputs are {[t.name for t in self.inputs]}")
-            missing = [t.name for t in self.inputs if t.name not in inputs]
-            if missing:
-                raise ModelError(f"inputs: missing {missing}")
-        else:
-            if len(self.inputs) != 1:
-                raise ModelError(f"inputs: the model has {len(self.inputs)} inputs "
-                                 f"({[t.name for t in self.inputs]}); pass a dict by name")
-            inputs = {self.inputs[0].name: inputs}
-        env = {}
-        for t in self.inputs:
-            env[t.name] = _input_array(t, inputs[t.name])
-        return env
+        values = by_name(self.inputs, inputs, "inputs")
+        return {t.name: _input_array(t, values[t.name]) for t in self.inputs}
 
     def run(self, accelerator, inputs, *, keep=()):
         """The model's outputs for ``inputs`` (an array, or a dict by input name; any batch
@@ -658,6 +643,25 @@ class CompiledModel:
 
 _NUMPY_TYPE = {"float32": np.float32, "float64": np.float64, "int8": np.int8, "uint8": np.uint8,
                "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+
+
+def by_name(infos, values, argument):
+    """``values`` (one array for a model of one input, or a dict by name) as a dict by the
+    names of ``infos``, checked: no name missing, none unknown."""
+    names = [t.name for t in infos]
+    if isinstance(values, dict):
+        unknown = set(values) - set(names)
+        if unknown:
+            raise ModelError(f"{argument}: unknown input name(s) {sorted(unknown)}; the model's "
+                             f"inputs are {names}")
+        missing = [name for name in names if name not in values]
+        if missing:
+            raise ModelError(f"{argument}: missing {missing}")
+        return values
+    if len(names) != 1:
+        raise ModelError(f"{argument}: the model has {len(names)} inputs ({names}); pass a dict "
+                         f"by name")
+    return {names[0]: values}
 
 
 def _input_array(info, value):

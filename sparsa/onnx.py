@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsa.host.graph import HOST_OPS, CompiledModel, ModelError, Node, TensorInfo
+from sparsa.host.graph import HOST_OPS, CompiledModel, ModelError, Node, TensorInfo, by_name
 from sparsa.host.graph import im2col, load, loads  # noqa: F401  (re-exported)
 from sparsa.host.quant import rounding_multiplier
 
@@ -1005,15 +1005,9 @@ def _float_run(graph, feeds):
 
 
 def _calibration_feeds(graph, calibration):
-    if not isinstance(calibration, dict):
-        if len(graph.inputs) != 1:
-            raise ModelError(f"calibration: the model has {len(graph.inputs)} inputs; pass a "
-                             f"dict by name")
-        calibration = {graph.inputs[0].name: calibration}
+    calibration = by_name(graph.inputs, calibration, "calibration")
     feeds = {}
     for t in graph.inputs:
-        if t.name not in calibration:
-            raise ModelError(f"calibration: missing input {t.name!r}")
         value = np.asarray(calibration[t.name])
         if t.dtype.startswith("float"):
             if value.dtype.kind not in "fiu" or not np.all(np.isfinite(value)):

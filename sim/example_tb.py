@@ -1,4 +1,4 @@
-"""A minimal accelerator testbench: the starting point for a new one (see README, "Add a
+"""A minimal accelerator testbench: the starting point for a new one (see docs/verification.md, "Add a
 testbench"). ``make_tb`` resets the design and wraps it in cocotbext-axi bus models;
 ``tb.gemm`` runs one job through the AXI4-Lite registers and both AXI4-Streams."""
 

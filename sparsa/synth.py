@@ -44,14 +44,14 @@ XC7Z020 = {"luts": 53200, "flip_flops": 106400, "dsp": 220, "bram36": 140}
 ECP5_DEVICE = {"flag": "--85k", "package": "CABGA381", "name": "LFE5U-85F"}
 ECP5_SPEEDS = ("6", "7", "8")  # speed grades, 8 the fastest; 6 is the common one on boards
 # nextpnr's placers, the default first: the analytic "static" placer placed this design for a
-# higher Fmax than "heap" on every seed tried (see the README), and in less time.
+# higher Fmax than "heap" on every seed tried (see docs/timing.md), and in less time.
 ECP5_PLACERS = ("static", "heap", "sa")
 # nextpnr's routers, the default first: "router2" finishes sooner but left this design far
-# slower than "router1" on the same placement seed (see the README).
+# slower than "router1" on the same placement seed (see docs/timing.md).
 ECP5_ROUTERS = ("router1", "router2")
 # router1 with timing-driven rip-up (nextpnr's --tmg-ripup, marked experimental there): it
 # reroutes the nets of failing paths, not only congested ones. On by default: on seed 1 it took
-# this design from 123.2 to 127.1 MHz on the same netlist (see the README).
+# this design from 123.2 to 127.1 MHz on the same netlist (see docs/timing.md).
 ECP5_TMG_RIPUP = True
 HARNESS_TOP = "sparsa_harness"
 HARNESS_STAGES = 2

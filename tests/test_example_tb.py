@@ -1,4 +1,4 @@
-"""Launches the example testbench (sim/example_tb.py) the README's "Add a testbench" shows."""
+"""Launches the example testbench (sim/example_tb.py) that docs/verification.md shows."""
 
 import pytest
 

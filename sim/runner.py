@@ -8,6 +8,7 @@ test and, when it fails, runs it again with waveform tracing and raises with the
 Builds live under ``$SPARSA_BUILD_DIR`` (default ``build/sim`` in the current folder).
 """
 
+import fcntl
 import json
 import logging
 import os
@@ -76,10 +77,20 @@ def build(design, simulator, waves=False):
     reason = toolchain.missing(simulator)
     if reason:
         raise RuntimeError(reason)
-    from cocotb_tools.runner import get_runner
-
     folder = _build_dir(design, simulator, waves)
     folder.mkdir(parents=True, exist_ok=True)
+    # One build at a time per folder: test processes running side by side (pytest -n) share
+    # the builds, and the second waits for the first's rather than writing over it.
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runner = _build_locked(design, simulator, waves, folder)
+    _built[key] = runner, folder
+    return runner, folder
+
+
+def _build_locked(design, simulator, waves, folder):
+    from cocotb_tools.runner import get_runner
+
     source = folder / f"{design.top}.v"
     text = design.generate()
     # Rewrite only on change, so the simulators' own up-to-date checks skip unchanged builds.
@@ -107,8 +118,7 @@ def build(design, simulator, waves=False):
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"building {design.key} for {simulator} failed ({log}):\n{tail}") from error
     stamp.write_text(json.dumps(args))
-    _built[key] = runner, folder
-    return runner, folder
+    return runner
 
 
 def run(design, simulator, test_module, testcase, settings=None, waves=False):
@@ -116,7 +126,9 @@ def run(design, simulator, test_module, testcase, settings=None, waves=False):
     from cocotb_tools.check_results import get_results
 
     runner, folder = build(design, simulator, waves)
-    test_dir = folder / "runs" / testcase
+    # A folder per test process too (pytest -n runs tests of one build side by side).
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    test_dir = folder / "runs" / (f"{testcase}-{worker}" if worker else testcase)
     test_dir.mkdir(parents=True, exist_ok=True)
     results_xml = test_dir / "results.xml"
     results_xml.unlink(missing_ok=True)

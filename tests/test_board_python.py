@@ -7,6 +7,7 @@ the reference backend, the byte-level device model, the PYNQ transport over its 
 the model runner. Skipped, saying why, only where no Python 3.10 interpreter exists.
 """
 
+import fcntl
 import glob
 import json
 import os
@@ -57,12 +58,16 @@ def board_python():
     python = VENV / "bin" / "python"
     stamp = VENV / ".sparsa-installed"
     wanted = (ROOT / "pyproject.toml").read_text() + BOARD_NUMPY
-    if not (stamp.exists() and stamp.read_text() == wanted and python.exists()):
-        shutil.rmtree(VENV, ignore_errors=True)
-        run([interpreter, "-m", "venv", str(VENV)])
-        run([python, *PIP, "install", "-q", f"numpy=={BOARD_NUMPY}", "pytest>=8"])
-        run([python, *PIP, "install", "-q", "--no-deps", "-e", "."])
-        stamp.write_text(wanted)
+    VENV.parent.mkdir(parents=True, exist_ok=True)
+    # One test process makes the venv; others (pytest -n) wait for it and reuse it.
+    with open(VENV.parent / "board-py310.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (stamp.exists() and stamp.read_text() == wanted and python.exists()):
+            shutil.rmtree(VENV, ignore_errors=True)
+            run([interpreter, "-m", "venv", str(VENV)])
+            run([python, *PIP, "install", "-q", f"numpy=={BOARD_NUMPY}", "pytest>=8"])
+            run([python, *PIP, "install", "-q", "--no-deps", "-e", "."])
+            stamp.write_text(wanted)
     return python
 
 
@@ -81,7 +86,9 @@ def test_installing_sparsa_changes_no_board_package(board_python):
 def test_host_tests_pass_on_board_python(board_python):
     """The host tests that need no simulator, under Python 3.10 + NumPy 1.21.5, no Amaranth."""
     pytest_script = board_python.parent / "pytest"
-    done = subprocess.run([pytest_script, "-q", "-p", "no:cacheprovider", *HOST_TESTS],
+    # The board has no pytest-xdist: the project's addopts (-n auto) are left out.
+    done = subprocess.run([pytest_script, "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+                           *HOST_TESTS],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     print(f"board Python ({sys.platform}, NumPy {BOARD_NUMPY}): {summary}")

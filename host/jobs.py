@@ -69,6 +69,22 @@ def _chunks(total, size):
     return [(start, min(size, total - start)) for start in range(0, total, size)]
 
 
+def job_options(bias=False, requant=None, relu=False, sparse_skip=True):
+    """``(OPTIONS, (QUANT_MULT, QUANT_SHIFT, QUANT_ZERO))`` for a job the device post-processes
+    itself: ``requant`` is ``(multiplier, shift, zero_point)``, the multiplier an int or an
+    array of one per column (then ``OPTIONS.CHANNEL_QUANT``, and QUANT_MULT keeps its reset
+    value)."""
+    options = 0 if sparse_skip else Option.NO_SKIP
+    options |= (Option.BIAS if bias else 0) | (Option.RELU if relu else 0)
+    quant = RESET_QUANT
+    if requant is not None:
+        column_mult = isinstance(requant[0], np.ndarray)
+        options |= Option.REQUANT | (Option.CHANNEL_QUANT if column_mult else 0)
+        quant = (RESET_QUANT[0] if column_mult else int(requant[0]), int(requant[1]),
+                 int(requant[2]))
+    return options, quant
+
+
 def plan(geometry, m, k, n, bias=False, requant=None, relu=False, sparse_skip=True,
          max_transfer=DEFAULT_MAX_TRANSFER, channel_quant=True):
     """The jobs for ``C[m, n] = A[m, k] @ B[k, n]`` with these options on ``geometry``.
@@ -82,14 +98,10 @@ def plan(geometry, m, k, n, bias=False, requant=None, relu=False, sparse_skip=Tr
     column_shift = requant is not None and isinstance(requant[1], np.ndarray)
     split_k = k > g.max_k
     on_device = not split_k and not column_shift and (channel_quant or not column_mult)
-    options = 0 if sparse_skip else Option.NO_SKIP
-    quant = RESET_QUANT
     if on_device:
-        options |= (Option.BIAS if bias else 0) | (Option.RELU if relu else 0)
-        if requant is not None:
-            options |= Option.REQUANT | (Option.CHANNEL_QUANT if column_mult else 0)
-            quant = (RESET_QUANT[0] if column_mult else int(requant[0]), int(requant[1]),
-                     int(requant[2]))
+        options, quant = job_options(bias, requant, relu, sparse_skip)
+    else:
+        options, quant = job_options(sparse_skip=sparse_skip)
     device_bias, device_requant = bool(options & Option.BIAS), bool(options & Option.REQUANT)
     device_mult = bool(options & Option.CHANNEL_QUANT)
     # N chunks are whole n-tiles where the build allows; K chunks as large as the build takes.

@@ -22,8 +22,6 @@ from sparsa.protocol import KNOWN_OPTIONS, REGISTERS, Control, Error, Feature, O
 
 from . import arith, jobs
 
-ALL_FEATURES = (Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP
-                | Feature.CHANNEL_QUANT)
 
 
 def _signed(value):
@@ -142,7 +140,7 @@ class ReferenceDevice:
     def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256,
                  sparse_skip=True):
         self.geometry = protocol.Geometry(rows, cols, stream_width, max_k, max_n)
-        self.features = ALL_FEATURES if sparse_skip else ALL_FEATURES & ~Feature.SPARSE_SKIP
+        self.features = protocol.features(sparse_skip)
         self.registers = {register.name: register.reset for register in REGISTERS}
         self.registers.update(ROWS=rows, COLS=cols, STREAM_WIDTH=stream_width, MAX_K=max_k,
                               MAX_N=max_n, FEATURES=int(self.features))

@@ -168,14 +168,13 @@ class SimServer:
     """A simulator running ``sparsa.sim.host_tb.test_serve``, and the socket to it."""
 
     def __init__(self, cfg, simulator, settings):
-        from sparsa import bench
         from sparsa.sim import runner
 
         self._folder = tempfile.TemporaryDirectory(prefix="sparsa-sim-")
         address = str(Path(self._folder.name) / "board.sock")
         authkey = secrets.token_bytes(16)
         self._listener = Listener(address, "AF_UNIX", authkey=authkey)
-        design = bench.accelerator_design(cfg)
+        design = runner.accelerator_design(cfg)
         log.info("sparsa sim: building %s for %s", design.key, simulator)
         runner.build(design, simulator)
         self.result = None
@@ -230,7 +229,7 @@ class SimServer:
 def open_sim(simulator="verilator", idle=0.0, backpressure=0.0, seed=0, max_transfer=None,
              **build):
     """``sparsa.open("sim", ...)``: start a simulation of the build and return its driver."""
-    from sparsa.bench import DEFAULT_BUILD
+    from sparsa.protocol import DEFAULT_BUILD
     from sparsa.sim import toolchain
 
     unknown = set(build) - set(DEFAULT_BUILD) - {"sparse_skip"}

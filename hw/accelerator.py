@@ -42,7 +42,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
 from sparsa import protocol
-from sparsa.protocol import KNOWN_OPTIONS, STREAM_WIDTHS, Control, Error, Feature, Option
+from sparsa.protocol import KNOWN_OPTIONS, STREAM_WIDTHS, Control, Error, Option, features
 
 from .array import SystolicArray, check_dimensions, check_lut_columns
 from .bram import BlockMemory
@@ -51,9 +51,6 @@ from .picker import StepPicker, group_flags
 from .pipeline import delay, lut_product, or_all
 from .postproc import PostProcessor
 from .regs import RegisterBlock
-
-FEATURES = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.SPARSE_SKIP | \
-    Feature.CHANNEL_QUANT
 
 
 class GemmCore(wiring.Component):
@@ -878,7 +875,7 @@ class Accelerator(wiring.Component):
         g = self.geometry
         return {"ROWS": g.rows, "COLS": g.cols, "STREAM_WIDTH": g.stream_width,
                 "MAX_K": g.max_k, "MAX_N": g.max_n,
-                "FEATURES": FEATURES if self.sparse_skip else FEATURES & ~Feature.SPARSE_SKIP}
+                "FEATURES": features(self.sparse_skip)}
 
     def elaborate(self, platform):
         m = Module()

@@ -15,7 +15,7 @@ operands to product.
 
 from amaranth import ClockSignal, Const, Instance, Signal, signed
 
-DSP_STYLES = ("generic", "ecp5")
+from sparsa.protocol import DSP_STYLES  # noqa: F401  (sparsa.hw.dsp.DSP_STYLES)
 
 
 class DspTarget:

@@ -19,6 +19,7 @@ from cocotbext.axi import (AxiLiteBus, AxiLiteMaster, AxiStreamBus, AxiStreamFra
                            AxiStreamSink, AxiStreamSource)
 
 from sparsa import protocol
+from sparsa.host import jobs
 from sparsa.protocol import REGISTER, RESET_QUANT, Control, Error, Option, Status
 
 from . import patterns
@@ -38,9 +39,7 @@ def geometry_of(cfg):
 
 def features(cfg):
     """The FEATURES bits a build with these settings reports."""
-    bits = (protocol.Feature.BIAS | protocol.Feature.REQUANT | protocol.Feature.RELU
-            | protocol.Feature.CHANNEL_QUANT)
-    return bits | (protocol.Feature.SPARSE_SKIP if cfg.get("sparse_skip", True) else 0)
+    return protocol.features(cfg.get("sparse_skip", True))
 
 
 async def make_tb(dut):
@@ -127,11 +126,9 @@ class AccelTB:
         m, k = a.shape
         n = b.shape[1]
         mult = requant[0] if requant is not None and np.ndim(requant[0]) else None
-        options = (Option.BIAS if bias is not None else 0) | \
-            (Option.REQUANT if requant is not None else 0) | (Option.RELU if relu else 0) | \
-            (0 if skip else Option.NO_SKIP) | (Option.CHANNEL_QUANT if mult is not None else 0)
-        quant = RESET_QUANT if requant is None else \
-            (RESET_QUANT[0] if mult is not None else requant[0], *requant[1:])
+        if mult is not None:
+            requant = (np.asarray(mult), *requant[1:])
+        options, quant = jobs.job_options(bias is not None, requant, relu, skip)
         await self.start(m, k, n, options, quant)
         packet = protocol.pack_input(self.geometry, a, b, bias, mult)
         await self.source.send(AxiStreamFrame(packet.tobytes()))

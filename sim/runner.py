@@ -58,6 +58,27 @@ class RunResult:
         return "\n".join(text[-lines:])
 
 
+def accelerator_design(cfg):
+    """The accelerator built with ``cfg`` (``sparsa.hw.Accelerator``'s arguments) as a
+    :class:`Design`, keyed by its settings."""
+    from sparsa.hw.verilog import ACCELERATOR_TOP, accelerator_verilog
+
+    key = "accel_{rows}x{cols}_w{stream_width}_k{max_k}_n{max_n}".format(**cfg)
+    if not cfg.get("sparse_skip", True):
+        key += "_dense"
+    if cfg.get("lut_columns"):
+        key += "_lut{lut_columns}".format(**cfg)
+    if cfg.get("dsp_packing"):
+        key += "_packed"
+    dsp = cfg.get("dsp", "generic")
+    if dsp != "generic":
+        key += f"_{dsp}"
+
+    def generate():  # with the simulation models of the vendor primitives it instantiates
+        return with_primitive_models(accelerator_verilog(**cfg), dsp)
+    return Design(key, ACCELERATOR_TOP, generate)
+
+
 def build_root():
     return Path(os.environ.get("SPARSA_BUILD_DIR", Path.cwd() / "build" / "sim")).resolve()
 

@@ -5,29 +5,8 @@ import tempfile
 from pathlib import Path
 
 from sparsa import protocol
-
-DEFAULT_BUILD = {"rows": 8, "cols": 8, "stream_width": 64, "max_k": 256, "max_n": 256}
-
-
-def accelerator_design(cfg):
-    from sparsa.hw.verilog import ACCELERATOR_TOP, accelerator_verilog
-    from sparsa.sim import runner
-
-    key = "accel_{rows}x{cols}_w{stream_width}_k{max_k}_n{max_n}".format(**cfg)
-    if not cfg.get("sparse_skip", True):
-        key += "_dense"
-    if cfg.get("lut_columns"):
-        key += "_lut{lut_columns}".format(**cfg)
-    if cfg.get("dsp_packing"):
-        key += "_packed"
-    dsp = cfg.get("dsp", "generic")
-    if dsp != "generic":
-        key += f"_{dsp}"
-
-    def generate():  # with the simulation models of the vendor primitives it instantiates
-        return runner.with_primitive_models(accelerator_verilog(**cfg), dsp)
-    return runner.Design(key, ACCELERATOR_TOP, generate)
-
+from sparsa.protocol import DEFAULT_BUILD
+from sparsa.sim.runner import accelerator_design
 
 def bounds(geometry, m, k, n):
     """Lower bounds on a job's cycles: the array's issue slots and each stream's beats."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsa.protocol import STREAM_WIDTHS
+from sparsa.protocol import DSP_STYLES, STREAM_WIDTHS
 from sparsa.synth import ECP5_PLACERS, ECP5_ROUTERS, ECP5_SPEEDS, ECP5_TMG_RIPUP
 
 
@@ -42,9 +42,6 @@ def _build_config(args):
             "max_k": args.max_k, "max_n": args.max_n}
 
 
-# sparsa.hw.dsp.DSP_STYLES, written out so the CLI loads Amaranth only for commands that build
-# hardware (a test checks the two agree).
-DSP_STYLES = ("generic", "ecp5")
 
 
 def _add_multiplier_options(parser):

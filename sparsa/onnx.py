@@ -21,7 +21,6 @@ between them done by the device. The rest runs on the host (:data:`sparsa.host.g
 Anything else is refused here, naming the node.
 """
 
-import math
 from pathlib import Path
 
 import numpy as np

@@ -127,6 +127,13 @@ class Feature(IntEnum):
     CHANNEL_QUANT = 1 << 4
 
 
+def features(sparse_skip=True):
+    """The FEATURES bits a build reports: everything, less SPARSE_SKIP for a build without it
+    (``Accelerator(sparse_skip=False)``)."""
+    bits = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.CHANNEL_QUANT
+    return int(bits | (Feature.SPARSE_SKIP if sparse_skip else 0))
+
+
 class Control(IntEnum):
     START = 1 << 0
     SOFT_RESET = 1 << 1
@@ -183,6 +190,13 @@ RESET_QUANT = tuple(REGISTER[name].reset for name in ("QUANT_MULT", "QUANT_SHIFT
 KNOWN_OPTIONS = (Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP
                  | Option.CHANNEL_QUANT)
 COUNTERS = ("CYCLES", "STALL_IN", "STALL_OUT", "MACS", "MACS_SKIPPED", "KSTEPS_SKIPPED")
+
+
+DEFAULT_BUILD = {"rows": 8, "cols": 8, "stream_width": 64, "max_k": 256, "max_n": 256}
+"""The default build's geometry (``sparsa.hw.Accelerator()``, the CLI's defaults)."""
+
+DSP_STYLES = ("generic", "ecp5")
+"""How a build writes its multipliers and operand memories (``dsp=``; see :mod:`sparsa.hw.dsp`)."""
 
 
 @dataclass(frozen=True)

@@ -6,39 +6,30 @@ on the default 8x8 / 64-bit build and on two other geometries; Icarus runs a smo
 
 import pytest
 
-from sparsa.bench import accelerator_design as design
-from sparsa.sim import runner, toolchain
+from builds import DEFAULT, ODD
+from builds import SMALL as SMALL_K
+
+from sparsa.sim import runner
+from sparsa.sim.runner import accelerator_design as design
 
 TB = "sparsa.sim.accel_tb"
-DEFAULT = {"rows": 8, "cols": 8, "stream_width": 64, "max_k": 256, "max_n": 256}
-SMALL_K = {"rows": 4, "cols": 4, "stream_width": 32, "max_k": 64, "max_n": 48}
-ODD = {"rows": 3, "cols": 5, "stream_width": 16, "max_k": 32, "max_n": 40}
-
-
-def needs(simulator):
-    reason = toolchain.missing(simulator)
-    if reason:
-        pytest.skip(reason)
 
 
 @pytest.mark.parametrize("testcase", ["test_registers", "test_directed_jobs", "test_errors",
                                       "test_abandoned_jobs", "test_sparse_patterns",
                                       "test_queued_packets"])
-def test_default_build(testcase):
-    needs("verilator")
+def test_default_build(testcase, verilator):
     runner.check(design(DEFAULT), "verilator", TB, testcase, DEFAULT)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_random_default_build(seed):
-    needs("verilator")
+def test_random_default_build(seed, verilator):
     runner.check(design(DEFAULT), "verilator", TB, "test_random_jobs",
                  {**DEFAULT, "seed": seed, "count": 40, "max_dim": 40 if seed else 110})
 
 
 @pytest.mark.parametrize("cfg", [SMALL_K, ODD], ids=["4x4_w32", "3x5_w16"])
-def test_other_geometries(cfg):
-    needs("verilator")
+def test_other_geometries(cfg, verilator):
     runner.check(design(cfg), "verilator", TB, "test_directed_jobs", cfg)
     runner.check(design(cfg), "verilator", TB, "test_errors", cfg)
     runner.check(design(cfg), "verilator", TB, "test_random_jobs",
@@ -46,35 +37,31 @@ def test_other_geometries(cfg):
     runner.check(design(cfg), "verilator", TB, "test_sparse_patterns", {**cfg, "seed": 3})
 
 
-def test_build_without_sparse_skip():
+def test_build_without_sparse_skip(verilator):
     """The comparison build (no schedule skipping) is exact too, and says so in FEATURES."""
-    needs("verilator")
     cfg = {**SMALL_K, "sparse_skip": False}
     runner.check(design(cfg), "verilator", TB, "test_registers", cfg)
     runner.check(design(cfg), "verilator", TB, "test_sparse_patterns", cfg)
 
 
-def test_smoke_icarus():
-    needs("icarus")
+def test_smoke_icarus(icarus):
     runner.check(design(ODD), "icarus", TB, "test_registers", ODD)
     runner.check(design(ODD), "icarus", TB, "test_random_jobs",
                  {**ODD, "seed": 7, "count": 6, "max_dim": 12})
 
 
-def test_lut_multipliers_and_dsp_packing():
+def test_lut_multipliers_and_dsp_packing(verilator):
     """A build for arrays past the DSP count: its first two columns are a packed pair (two MACs
     per multiplier) and its last two multiply in LUTs."""
-    needs("verilator")
     cfg = {**SMALL_K, "lut_columns": 2, "dsp_packing": True}
     runner.check(design(cfg), "verilator", TB, "test_random_jobs",
                  {**cfg, "seed": 11, "count": 15, "max_dim": 30})
 
 
-def test_ecp5_dsp_build():
+def test_ecp5_dsp_build(verilator):
     """The ECP5 build (``dsp="ecp5"``: every PE's and post-processing multiplier a MULT18X18D
     with its own operand and product registers, simulated with sim/mult18x18d.v) is exact, with
     zero operands (the DSP's operand registers hold) and requantization."""
-    needs("verilator")
     cfg = {**SMALL_K, "dsp": "ecp5"}
     runner.check(design(cfg), "verilator", TB, "test_directed_jobs", cfg)
     runner.check(design(cfg), "verilator", TB, "test_sparse_patterns", {**cfg, "seed": 5})

@@ -9,7 +9,7 @@ import functools
 import pytest
 
 from sparsa.hw.verilog import ARRAY_TOP, array_verilog
-from sparsa.sim import runner, toolchain
+from sparsa.sim import runner
 
 TB = "sparsa.sim.array_tb"
 SHAPES = [(2, 2), (4, 4), (8, 8), (3, 5)]
@@ -22,47 +22,36 @@ def design(rows, cols, lut_columns=0, dsp_packing=False):
         array_verilog, rows, cols, lut_columns=lut_columns, dsp_packing=dsp_packing))
 
 
-def needs(simulator):
-    reason = toolchain.missing(simulator)
-    if reason:
-        pytest.skip(reason)
-
-
 @pytest.mark.parametrize("rows,cols", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
-def test_directed_verilator(rows, cols):
-    needs("verilator")
+def test_directed_verilator(rows, cols, verilator):
     runner.check(design(rows, cols), "verilator", TB, "test_directed", {"rows": rows, "cols": cols})
 
 
 # 4 shapes x 60 tiles = 240 random matrices; K up to 4x the array and, on two shapes, up to 200.
 @pytest.mark.parametrize("rows,cols,max_k", [(2, 2, 200), (4, 4, 16), (8, 8, 200), (3, 5, 20)],
                          ids=["2x2", "4x4", "8x8", "3x5"])
-def test_random_verilator(rows, cols, max_k):
-    needs("verilator")
+def test_random_verilator(rows, cols, max_k, verilator):
     runner.check(design(rows, cols), "verilator", TB, "test_random",
                  {"rows": rows, "cols": cols, "count": 60, "max_k": max_k, "seed": rows * 100 + cols,
                   "bubbles": 0.15})
 
 
-def test_accumulator_wraps_verilator():
-    needs("verilator")
+def test_accumulator_wraps_verilator(verilator):
     runner.check(design(2, 2), "verilator", TB, "test_accumulator_wraps", {"rows": 2, "cols": 2})
 
 
 @pytest.mark.parametrize("rows,cols", [(3, 5), (4, 4)], ids=["3x5", "4x4"])
-def test_smoke_icarus(rows, cols):
-    needs("icarus")
+def test_smoke_icarus(rows, cols, icarus):
     settings = {"rows": rows, "cols": cols}
     runner.check(design(rows, cols), "icarus", TB, "test_directed", settings)
     runner.check(design(rows, cols), "icarus", TB, "test_random",
                  {**settings, "count": 12, "max_k": 12, "seed": 7, "bubbles": 0.2})
 
 
-def test_dsp_packing_verilator():
+def test_dsp_packing_verilator(verilator):
     """Packed pairs (two MACs per multiplier), an odd DSP column left single, and LUT columns
     east of them: 5 DSP columns make pairs (0, 1) and (2, 3), single column 4, LUT columns 5
     and 6 (the accelerator tests run a 4x4 build with one pair and two LUT columns)."""
-    needs("verilator")
     build = {"rows": 3, "cols": 7, "lut_columns": 2, "dsp_packing": True}
     packed = design(**build)
     runner.check(packed, "verilator", TB, "test_directed", build)

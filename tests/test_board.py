@@ -16,13 +16,13 @@ import types
 
 import numpy as np
 import pytest
+from builds import SMALL
 
 import sparsa
 from sparsa import protocol
 from sparsa.host import board, driver, reference
 from sparsa.sim import golden
 
-SMALL = {"rows": 4, "cols": 4, "stream_width": 32, "max_k": 64, "max_n": 48}
 FAULTS = [(bit, name.split()[0]) for bit, name in board.DMASR_FAULTS]
 
 

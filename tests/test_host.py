@@ -7,14 +7,13 @@ import logging
 
 import numpy as np
 import pytest
+from builds import ODD, SMALL
 
 import sparsa
 from sparsa import protocol
 from sparsa.host import board, driver, jobs, quant, reference
 from sparsa.sim import golden
 
-SMALL = {"rows": 4, "cols": 4, "stream_width": 32, "max_k": 64, "max_n": 48}
-ODD = {"rows": 3, "cols": 5, "stream_width": 16, "max_k": 32, "max_n": 40}
 
 
 def operands(rng, m, k, n, zeros=0.0):

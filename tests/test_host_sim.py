@@ -10,22 +10,19 @@ import sys
 
 import numpy as np
 import pytest
+from builds import DEFAULT, ODD, SMALL, needs
 
 import sparsa
 from sparsa import protocol
-from sparsa.bench import accelerator_design as design
 from sparsa.host import driver, jobs
-from sparsa.sim import golden, runner, toolchain
+from sparsa.sim import golden, runner
+from sparsa.sim.runner import accelerator_design as design
 
-SMALL = {"rows": 4, "cols": 4, "stream_width": 32, "max_k": 64, "max_n": 48}
-DEFAULT = {"rows": 8, "cols": 8, "stream_width": 64, "max_k": 256, "max_n": 256}
 
 
 @pytest.fixture(scope="module")
 def sim():
-    reason = toolchain.missing("verilator")
-    if reason:
-        pytest.skip(reason)
+    needs("verilator")
     with sparsa.open("sim", **SMALL, idle=0.3, backpressure=0.3, seed=1) as acc:
         yield acc
 
@@ -135,11 +132,8 @@ def test_sim_refused_job_raises_device_error(sim):
     assert np.array_equal(sim.matmul(a[:, :60], b[:60]), np.full((4, 4), 60, np.int32))
 
 
-def test_driver_inside_cocotb(tmp_path):
+def test_driver_inside_cocotb(tmp_path, verilator):
     """The same driver, run by a cocotb test through cocotb.task.bridge, on the default build."""
-    reason = toolchain.missing("verilator")
-    if reason:
-        pytest.skip(reason)
     rng = np.random.default_rng(3)
     arrays = {}
     cases = [(1, 1, 1, False), (17, 40, 30, True), (8, 300, 9, True), (33, 20, 260, False)]
@@ -160,12 +154,9 @@ def test_driver_inside_cocotb(tmp_path):
     assert all(row["cycles"] > 0 and row["estimated"] is False for row in rows)
 
 
-def test_sim_backend_on_icarus():
+def test_sim_backend_on_icarus(icarus):
     """The sim backend on the other simulator (the 3x5 build the Icarus smoke test uses)."""
-    reason = toolchain.missing("icarus")
-    if reason:
-        pytest.skip(reason)
-    odd = {"rows": 3, "cols": 5, "stream_width": 16, "max_k": 32, "max_n": 40}
+    odd = ODD
     rng = np.random.default_rng(4)
     a = rng.integers(-128, 128, (7, 40), dtype=np.int8)  # K past max_k: two jobs
     b = rng.integers(-128, 128, (40, 12), dtype=np.int8)
@@ -175,15 +166,12 @@ def test_sim_backend_on_icarus():
     assert np.array_equal(got, golden.gemm(a, b, bias, (1 << 30, 6, 2), True))
 
 
-def test_demo_on_small_build(tmp_path, capsys):
+def test_demo_on_small_build(tmp_path, capsys, verilator):
     """The README's main job end to end on a 4x4 build (60 images on the simulated RTL): both
     models' outputs identical on both backends, INT8 accuracy within 2 points of float, equal
     to onnxruntime running the model's graph as written."""
     pytest.importorskip("skl2onnx")
     pytest.importorskip("onnxruntime")
-    reason = toolchain.missing("verilator")
-    if reason:
-        pytest.skip(reason)
     from sparsa import cli
 
     report = tmp_path / "demo.json"
@@ -203,11 +191,8 @@ def test_demo_on_small_build(tmp_path, capsys):
     assert "per-layer report" in out and "conv2" in out
 
 
-def test_bench_all_writes_results(tmp_path):
+def test_bench_all_writes_results(tmp_path, verilator):
     """sparsa bench all (tiny sizes, 4x4 build): JSON, markdown table and three plots."""
-    reason = toolchain.missing("verilator")
-    if reason:
-        pytest.skip(reason)
     from sparsa import cli
 
     build = ["--rows", "4", "--cols", "4", "--stream-width", "32", "--max-k", "64",
@@ -241,11 +226,8 @@ def test_selftest_on_sim(sim):
         assert job["device_s"] > 0 and job["pack_s"] > 0 and job["implied_mhz"] > 0
 
 
-def test_unclosed_sim_exits_quietly():
+def test_unclosed_sim_exits_quietly(verilator):
     """``sparsa.open("sim")`` left open: closed at interpreter exit without output."""
-    reason = toolchain.missing("verilator")
-    if reason:
-        pytest.skip(reason)
     program = ("import numpy as np, sparsa\n"
                f"acc = sparsa.open('sim', **{SMALL!r})\n"
                "acc.matmul(np.ones((3, 3), np.int8), np.ones((3, 3), np.int8))\n")

@@ -6,7 +6,7 @@ import pytest
 
 from sparsa.hw.bram import dp16kd_layout
 from sparsa.hw.verilog import MEMORY_TOP, memory_verilog
-from sparsa.sim import runner, toolchain
+from sparsa.sim import runner
 
 # (width, depth): the A memory of the default build (1K x 18 blocks), the B memory's (8K x 2),
 # and one deeper than a block (three rows of 16K x 1 blocks and the multiplexer after them).
@@ -34,9 +34,6 @@ CASES = [(64, 512, "generic")] + [(width, depth, "ecp5") for width, depth in SHA
 
 
 @pytest.mark.parametrize("width,depth,dsp", CASES, ids=[f"{w}x{d}-{s}" for w, d, s in CASES])
-def test_memory(width, depth, dsp):
-    reason = toolchain.missing("icarus")
-    if reason:
-        pytest.skip(reason)
+def test_memory(width, depth, dsp, icarus):
     runner.check(design(width, depth, dsp), "icarus", "sparsa.sim.memory_tb",
                  "test_random_access", {"width": width, "depth": depth, "cycles": 3000, "seed": 1})

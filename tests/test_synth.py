@@ -10,11 +10,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from builds import SMALL
 
 from sparsa import synth
 from sparsa.hw.verilog import ACCELERATOR_TOP, accelerator_verilog
 
-SMALL = {"rows": 4, "cols": 4, "stream_width": 32, "max_k": 64, "max_n": 48}
 
 
 def yosys():

@@ -8,13 +8,6 @@ from sparsa import cli
 from sparsa.sim import toolchain
 
 
-@pytest.fixture
-def verilator():
-    reason = toolchain.missing("verilator")
-    if reason:
-        pytest.skip(reason)
-
-
 @pytest.mark.parametrize("rows,cols", [(8, 8), (3, 5), (1, 1)])
 def test_generated_array_is_lint_clean(tmp_path, verilator, rows, cols, capsys):
     out = tmp_path / "sparsa_array.v"
@@ -69,12 +62,6 @@ def test_cli_rejects_bad_sizes(argv, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert message in capsys.readouterr().err
-
-
-def test_cli_dsp_choices_are_the_hardwares():
-    from sparsa.hw.dsp import DSP_STYLES
-
-    assert cli.DSP_STYLES == DSP_STYLES
 
 
 def test_ecp5_build_instantiates_its_multipliers(tmp_path):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .quant import quantize_multiplier
+from .quant import rounding_multiplier
 from .validate import check_float_array, check_int8_array
 
 # ---- the float network ----------------------------------------------------------------------
@@ -309,7 +309,7 @@ def quantize_model(layers, calibration):
             # The device only scales down (multiplier < 1); a layer that shrinks its range
             # more than that gets a coarser output scale.
             out_scale = max(out_scale, float(np.max(acc_scale)) * (1 + 2**-20))
-            multiplier, shift = quantize_multiplier(acc_scale / out_scale, shared_shift=True)
+            multiplier, shift = rounding_multiplier(acc_scale / out_scale)
             q.requant, q.output_scale = (multiplier, shift, 0), out_scale
             scale = out_scale
         quantized.append(q)

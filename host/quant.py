@@ -98,7 +98,9 @@ def quantize_multiplier(real_multiplier, shared_shift=False):
     column: ``OPTIONS.CHANNEL_QUANT``), else an array of shifts (requantized on the host). A
     shared shift costs no accuracy that matters: a multiplier's rounding error is at most
     ``2**-(32 + shift)`` of the accumulator, below a thousandth of an output step for any
-    accumulator that does not saturate."""
+    accumulator that does not saturate. (The device's two roundings are another matter: with
+    the shift this normalization gives, a result can differ from one rounding by one step; see
+    :func:`rounding_multiplier`.)"""
     values = np.asarray(real_multiplier, np.float64)
     if not np.all(np.isfinite(values)) or np.any(values <= 0) or np.any(values >= 1):
         raise ValueError(f"real_multiplier: expected values in (0, 1), got {real_multiplier}")
@@ -186,10 +188,15 @@ def requant_params(input_scale, weight_scale, output_scale, output_zero_point=0,
     """The ``requant=(multiplier, shift, zero_point)`` argument of ``matmul`` for int8 inputs of
     scale ``input_scale`` times weights of ``weight_scale`` (scalar, or one per output column)
     to outputs of ``output_scale``/``output_zero_point``. Per-column weight scales give one
-    multiplier per column and, with ``shared_shift`` (the default; see
-    :func:`quantize_multiplier`), one shift, so the device requantizes."""
+    multiplier per column and, with ``shared_shift`` (the default), one shift, so the device
+    requantizes; the pair is :func:`rounding_multiplier`'s (the device then rounds once, as a
+    float requantization would). ``shared_shift=False`` gives :func:`quantize_multiplier`'s
+    per-column shifts (applied on the host)."""
     real = (np.asarray(input_scale, np.float64) * np.asarray(weight_scale, np.float64)
             / float(_check_scale(output_scale)))
-    multiplier, shift = quantize_multiplier(real, shared_shift)
+    if shared_shift:
+        multiplier, shift = rounding_multiplier(real)
+    else:
+        multiplier, shift = quantize_multiplier(real, shared_shift=False)
     zero_point = int(_check_zero_point(output_zero_point))
     return multiplier, shift, zero_point

@@ -445,3 +445,5 @@ def test_rounding_multiplier_rounds_like_one_rounding():
     assert shift == 0 and multipliers.shape == (3,)
     with pytest.raises(ValueError, match="real_multiplier"):
         quant.rounding_multiplier(1.5)
+    # requant_params gives rounding_multiplier's pair.
+    assert quant.requant_params(0.02, 0.01, 0.5)[:2] == quant.rounding_multiplier(0.02 * 0.01 / 0.5)

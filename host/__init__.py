@@ -9,6 +9,8 @@ transport over the RTL in cocotb) and :mod:`.reference` (a NumPy model of the de
 from . import board  # noqa: F401  (with PYNQ installed: registers SparsaIP, the IP's driver)
 from .driver import Accelerator, DeviceError, Info, PreparedWeights, TransferError, open
 from .quant import choose_qparams, dequantize, quantize, quantize_multiplier, requant_params
+from .sparsity import prune
 
 __all__ = ["Accelerator", "DeviceError", "Info", "PreparedWeights", "TransferError", "open",
-           "choose_qparams", "dequantize", "quantize", "quantize_multiplier", "requant_params"]
+           "choose_qparams", "dequantize", "quantize", "quantize_multiplier", "requant_params",
+           "prune"]

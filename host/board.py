@@ -231,6 +231,12 @@ class IPDriver(Accelerator):
     def last_counters(self, value):
         pass  # Accelerator.__init__'s; the counters are the driver's
 
+    def _add_skipped(self, products):
+        self._connect()._add_skipped(products)
+
+    def _no_job(self, products):
+        self._connect()._no_job(products)
+
     @property
     def last_timing(self):
         return self._device.last_timing if self._device is not None else None

@@ -116,10 +116,27 @@ class PreparedWeights:
         self.array = np.array(b, np.int8, order="C")
         self.array.flags.writeable = False
         self._packed = {}
+        self._live_columns = None
+        self._live = None
 
     @property
     def shape(self):
         return self.array.shape
+
+    @property
+    def live_columns(self):
+        """The indices of B's columns that are not all zero (worked out once)."""
+        if self._live_columns is None:
+            self._live_columns = np.flatnonzero(self.array.any(axis=0))
+        return self._live_columns
+
+    def live(self):
+        """These weights without their all-zero columns (prepared once), or these."""
+        if len(self.live_columns) == self.array.shape[1]:
+            return self
+        if self._live is None:
+            self._live = PreparedWeights(self.array[:, self.live_columns])
+        return self._live
 
     def packed(self, geometry, k0, k, n0, n):
         """B's part of the input packet for rows ``k0:k0+k`` and columns ``n0:n0+n``."""
@@ -171,7 +188,53 @@ class Accelerator:
         dtype = np.int8 if requant is not None else np.int32
         if out is None:
             out = np.empty((A.shape[0], B.shape[1]), dtype)
+        if sparse_skip and self._without_structural_zeros(A, B, bias, requant, bool(relu), out,
+                                                          prepared):
+            return out
         return self._matmul(A, B, bias, requant, bool(relu), bool(sparse_skip), out, prepared)
+
+    def _without_structural_zeros(self, a, b, bias, requant, relu, out, prepared):
+        """Rows of A and columns of B that are all zero (padding rows, masked samples, dead or
+        pruned output channels) left out of the device's job: their outputs are those of a
+        zero sum (bias, requantization and ReLU of 0), filled in here, and their products are
+        added to ``macs_skipped`` (every one has a zero operand). Returns False when there are
+        none (the job runs as it is)."""
+        m, k = a.shape
+        n = b.shape[1]
+        rows = np.flatnonzero(a.any(axis=1))
+        cols = prepared.live_columns if prepared is not None else np.flatnonzero(b.any(axis=0))
+        if len(rows) == m and len(cols) == n:
+            return False
+        out[...] = arith.postprocess(np.zeros((1, n), np.int32), bias, requant, relu)
+        removed = m * k * n - len(rows) * k * len(cols)
+        if len(rows) == 0 or len(cols) == 0:
+            self._no_job(removed)
+            return True
+        if len(cols) < n:
+            prepared = prepared.live() if prepared is not None else None
+            b = prepared.array if prepared is not None else np.ascontiguousarray(b[:, cols])
+            bias = bias[cols] if bias is not None else None
+            if requant is not None:
+                requant = tuple(v[cols] if isinstance(v, np.ndarray) else v for v in requant)
+        a = np.ascontiguousarray(a[rows]) if len(rows) < m else a
+        live = np.empty((len(rows), len(cols)), out.dtype)
+        self._matmul(a, b, bias, requant, relu, True, live, prepared)
+        out[np.ix_(rows, cols)] = live
+        self._add_skipped(removed)
+        return True
+
+    def _add_skipped(self, products):
+        counters = self.last_counters
+        if counters is not None:
+            self.last_counters = dict(counters, macs_skipped=counters["macs_skipped"] + products)
+
+    def _no_job(self, products):
+        """The counters of a call that needed no job (every product had a zero operand)."""
+        self.last_counters = dict({key: 0 for key in COUNTER_KEYS.values()},
+                                  macs_skipped=products,
+                                  estimated=self.backend in ("reference", "reference-device"))
+        if hasattr(self, "last_timing"):
+            self.last_timing = {"pack": 0.0, "device": 0.0, "unpack": 0.0, "host": 0.0}
 
     def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
         raise NotImplementedError

@@ -14,7 +14,7 @@ except _metadata.PackageNotFoundError:  # a checkout on sys.path, not installed
     __version__ = "0+unknown"
 
 from sparsa.host import (Accelerator, DeviceError, Info, choose_qparams,  # noqa: E402
-                         dequantize, open, quantize, quantize_multiplier, requant_params)
+                         dequantize, open, prune, quantize, quantize_multiplier, requant_params)
 
 __all__ = ["Accelerator", "DeviceError", "Info", "open", "choose_qparams", "dequantize",
-           "quantize", "quantize_multiplier", "requant_params"]
+           "prune", "quantize", "quantize_multiplier", "requant_params"]

@@ -101,7 +101,8 @@ def sparse_jobs(cfg, size, seed=0):
 
 
 def run_sparse(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0):
-    """Cycles of each sparse pattern on the simulated RTL against the dense job; table rows."""
+    """Cycles of each sparse pattern on the simulated RTL against the dense job; table rows
+    (the device's patterns, then the host's cases of :func:`run_structural`)."""
     from sparsa.sim import golden
 
     jobs = sparse_jobs(cfg, size, seed)
@@ -122,6 +123,57 @@ def run_sparse(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0):
             "ksteps_skipped": counters["KSTEPS_SKIPPED"],
             "stall_in": counters["STALL_IN"], "stall_out": counters["STALL_OUT"],
         })
+    return rows + run_structural(cfg, size, simulator, seed, dense_cycles)
+
+
+def structural_jobs(size, seed=0):
+    """The host's cases: (name, operand, zero fraction, a, b) with whole rows of A (padding
+    tokens, masked samples) or whole columns of B (dead output channels) zero."""
+    import numpy as np
+
+    from sparsa.sim import patterns
+
+    rng = np.random.default_rng(seed)
+    a, b = patterns.dense(rng, (size, size)), patterns.dense(rng, (size, size))
+    dead = rng.permutation(size)[:size // 2]
+    a_rows, b_cols = a.copy(), b.copy()
+    a_rows[dead] = 0
+    b_cols[:, dead] = 0
+    return [("50% all-zero rows of A (host)", "A", 0.5, a_rows, b),
+            ("50% all-zero columns of B (host)", "B", 0.5, a, b_cols)]
+
+
+def run_structural(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0,
+                   dense_cycles=None):
+    """The host's cases through the driver on the simulated RTL (``sparsa.open("sim")``):
+    the driver leaves the zero rows or columns out of the job; table rows like
+    :func:`run_sparse`'s, against ``dense_cycles`` (default: the dense job run here)."""
+    import numpy as np
+
+    import sparsa
+    from sparsa.sim import golden, patterns
+
+    g = protocol.Geometry(**cfg)
+    rows = []
+    with sparsa.open("sim", simulator=simulator, **cfg) as acc:
+        if dense_cycles is None:
+            rng = np.random.default_rng(seed)
+            acc.matmul(patterns.dense(rng, (size, size)), patterns.dense(rng, (size, size)))
+            dense_cycles = acc.last_counters["cycles"]
+        for name, operand, fraction, a, b in structural_jobs(size, seed):
+            acc.matmul(a, b)
+            counters = acc.last_counters
+            expected = golden.sparse_counters(a, b, g.rows, g.cols)
+            rows.append({
+                "pattern": name, "operand": operand, "zero_fraction": fraction,
+                "cycles": counters["cycles"], "dense_cycles": dense_cycles,
+                "speedup": dense_cycles / counters["cycles"],
+                "macs_skipped": counters["macs_skipped"],
+                "macs_skipped_expected": expected["MACS_SKIPPED"],
+                "macs_skipped_fraction": counters["macs_skipped"] / size**3,
+                "ksteps_skipped": counters["ksteps_skipped"],
+                "stall_in": counters["stall_in"], "stall_out": counters["stall_out"],
+            })
     return rows
 
 

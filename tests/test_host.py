@@ -96,16 +96,26 @@ def test_per_channel_requant():
 
 
 def test_counters():
-    """Work counts are the golden ones; sub-jobs (split K and N) add up to the whole job."""
+    """Work counts are the golden ones; sub-jobs (split K and N) add up to the whole job. With
+    skipping, all-zero rows of A and columns of B never reach the device: MACS and
+    KSTEPS_SKIPPED are those of the job without them, MACS_SKIPPED counts every product with a
+    zero operand of the whole matrices."""
     rng = np.random.default_rng(4)
     for config in ({}, SMALL, ODD):
         for device_model in (False, True):
             acc = sparsa.open("reference", device_model=device_model, **config)
             a, b = operands(rng, 45, 130, 100, zeros=0.8)
+            a[::7] = 0  # padding rows
+            b[:, ::5] = 0  # dead output channels
             for skip in (True, False):
                 acc.matmul(a, b, sparse_skip=skip)
                 counters = acc.last_counters
-                want = golden.sparse_counters(a, b, acc.info.rows, acc.info.cols, skip)
+                live_a = a[a.any(axis=1)] if skip else a
+                live_b = b[:, b.any(axis=0)] if skip else b
+                want = golden.sparse_counters(live_a, live_b, acc.info.rows, acc.info.cols,
+                                              skip)
+                want["MACS_SKIPPED"] = golden.sparse_counters(
+                    a, b, acc.info.rows, acc.info.cols, skip)["MACS_SKIPPED"]
                 for name, value in want.items():
                     assert counters[name.lower()] == value, (config, device_model, skip, name)
                 assert counters["estimated"] is True and counters["cycles"] > 0
@@ -447,3 +457,85 @@ def test_rounding_multiplier_rounds_like_one_rounding():
         quant.rounding_multiplier(1.5)
     # requant_params gives rounding_multiplier's pair.
     assert quant.requant_params(0.02, 0.01, 0.5)[:2] == quant.rounding_multiplier(0.02 * 0.01 / 0.5)
+
+
+def _golden_by_column(a, b, bias, requant, relu):
+    """The golden model one column at a time (per-column multipliers and shifts)."""
+    if requant is None:
+        return golden.gemm(a, b, bias, None, relu)
+    mult, shift, zero = requant
+    return np.stack([golden.gemm(a, b[:, [j]], None if bias is None else bias[[j]],
+                                 (int(np.broadcast_to(mult, b.shape[1])[j]),
+                                  int(np.broadcast_to(shift, b.shape[1])[j]), zero),
+                                 relu)[:, 0] for j in range(b.shape[1])], axis=1)
+
+
+def test_structural_zeros_are_left_out_of_the_job():
+    """All-zero rows of A (padding) and columns of B (dead channels) never reach the device:
+    the result is the golden model's on the whole matrices for every option, plain or prepared
+    weights; the cycles and MACs are those of the job without them, MACS_SKIPPED counts all
+    products with a zero operand; sparse_skip=False runs the whole job; an all-zero A needs
+    no job."""
+    rng = np.random.default_rng(22)
+    m, k, n = 60, 70, 50
+    a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    dead_rows, dead_cols = rng.random(m) < 0.5, rng.random(n) < 0.5
+    a[dead_rows] = 0
+    b[:, dead_cols] = 0
+    bias = rng.integers(-5000, 5000, n, dtype=np.int32)
+    mult = rng.integers(1 << 29, 1 << 31, n)
+    options = [{}, {"bias": bias, "relu": True},
+               {"bias": bias, "requant": (1 << 30, 12, -3), "relu": True},
+               {"bias": bias, "requant": (mult, 14, 5)},
+               {"bias": bias, "requant": (mult, rng.integers(8, 16, n), 0), "relu": True}]
+    for config, device_model in (({}, False), (SMALL, True)):
+        with sparsa.open("reference", device_model=device_model, **config) as acc:
+            for option in options:
+                want = _golden_by_column(a, b, option.get("bias"), option.get("requant"),
+                                         option.get("relu", False))
+                for weights in (b, acc.prepare(b)):
+                    got = acc.matmul(a, weights, **option)
+                    assert_same(got, want, f"{acc.backend} {sorted(option)}")
+            acc.matmul(a, b)
+            whole = acc.last_counters
+            acc.matmul(np.ascontiguousarray(a[~dead_rows]), np.ascontiguousarray(b[:, ~dead_cols]))
+            live = acc.last_counters
+            assert whole["cycles"] == live["cycles"] > 0 and whole["macs"] == live["macs"]
+            assert whole["macs_skipped"] == golden.sparse_counters(
+                a, b, acc.info.rows, acc.info.cols)["MACS_SKIPPED"]
+            acc.matmul(a, b, sparse_skip=False)
+            assert acc.last_counters["cycles"] > 1.5 * whole["cycles"]
+            zero = np.zeros((5, k), np.int8)
+            got = acc.matmul(zero, b, bias=bias, relu=True)
+            assert_same(got, golden.gemm(zero, b, bias, None, True), acc.backend)
+            counters = acc.last_counters
+            assert counters["cycles"] == counters["macs"] == 0
+            assert counters["macs_skipped"] == 5 * k * n
+
+
+def test_prune_patterns():
+    """sparsa.prune: n:m keeps the n largest magnitudes of every m consecutive k of a column
+    (checked against a plain loop), a fraction zeros that share smallest first; bad patterns
+    and weights are named."""
+    rng = np.random.default_rng(23)
+    w = rng.integers(-128, 128, (10, 7), dtype=np.int8)  # K = 10: a last group of 2
+    for pattern, keep, group in (("2:4", 2, 4), ("1:4", 1, 4), ("3:8", 3, 8)):
+        pruned = sparsa.prune(w, pattern)
+        assert pruned.dtype == w.dtype and w.shape == pruned.shape
+        for j in range(w.shape[1]):
+            for start in range(0, 10, group):
+                column = w[start:start + group, j].astype(int)
+                kept = sorted(range(len(column)), key=lambda i: (-abs(column[i]), i))[:keep]
+                want = [column[i] if i in kept else 0 for i in range(len(column))]
+                assert list(pruned[start:start + group, j]) == want, (pattern, j, start)
+    floats = rng.normal(size=(64, 32))
+    pruned = sparsa.prune(floats, 0.9)
+    assert np.count_nonzero(pruned == 0) == round(0.9 * floats.size)
+    assert np.abs(floats[pruned == 0]).max() <= np.abs(pruned[pruned != 0]).min()
+    for bad, words in (("2:0", "pattern"), ("5:4", "pattern"), ("half", "pattern"),
+                       (1.0, "pattern"), (True, "pattern")):
+        with pytest.raises(ValueError, match=words):
+            sparsa.prune(w, bad)
+    with pytest.raises(ValueError, match="weights"):
+        sparsa.prune(np.ones(5), "2:4")

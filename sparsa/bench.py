@@ -103,27 +103,32 @@ def sparse_jobs(cfg, size, seed=0):
 def run_sparse(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0):
     """Cycles of each sparse pattern on the simulated RTL against the dense job; table rows
     (the device's patterns, then the host's cases of :func:`run_structural`)."""
-    from sparsa.sim import golden
-
     jobs = sparse_jobs(cfg, size, seed)
     measured = run_jobs([(a, b, True) for *_, a, b in jobs], cfg, simulator)
     dense_cycles = measured[0]["CYCLES"]
     g = protocol.Geometry(**cfg)
-    rows = []
-    for (name, operand, fraction, a, b), counters in zip(jobs, measured):
-        expected = golden.sparse_counters(a, b, g.rows, g.cols)
-        products = a.shape[0] * a.shape[1] * b.shape[1]
-        rows.append({
-            "pattern": name, "operand": operand, "zero_fraction": fraction,
-            "cycles": counters["CYCLES"], "dense_cycles": dense_cycles,
-            "speedup": dense_cycles / counters["CYCLES"],
-            "macs_skipped": counters["MACS_SKIPPED"],
-            "macs_skipped_expected": expected["MACS_SKIPPED"],
-            "macs_skipped_fraction": counters["MACS_SKIPPED"] / products,
-            "ksteps_skipped": counters["KSTEPS_SKIPPED"],
-            "stall_in": counters["STALL_IN"], "stall_out": counters["STALL_OUT"],
-        })
+    rows = [_sparse_row(job, {name.lower(): value for name, value in counters.items()},
+                        dense_cycles, g) for job, counters in zip(jobs, measured)]
     return rows + run_structural(cfg, size, simulator, seed, dense_cycles)
+
+
+def _sparse_row(job, counters, dense_cycles, geometry):
+    """A sparse-benchmark table row: ``job`` (name, operand, zero fraction, a, b) and its
+    counters (the driver's lower-case names)."""
+    from sparsa.sim import golden
+
+    name, operand, fraction, a, b = job
+    expected = golden.sparse_counters(a, b, geometry.rows, geometry.cols)
+    return {
+        "pattern": name, "operand": operand, "zero_fraction": fraction,
+        "cycles": counters["cycles"], "dense_cycles": dense_cycles,
+        "speedup": dense_cycles / counters["cycles"],
+        "macs_skipped": counters["macs_skipped"],
+        "macs_skipped_expected": expected["MACS_SKIPPED"],
+        "macs_skipped_fraction": counters["macs_skipped"] / (a.size * b.shape[1]),
+        "ksteps_skipped": counters["ksteps_skipped"],
+        "stall_in": counters["stall_in"], "stall_out": counters["stall_out"],
+    }
 
 
 def structural_jobs(size, seed=0):
@@ -151,7 +156,7 @@ def run_structural(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0,
     import numpy as np
 
     import sparsa
-    from sparsa.sim import golden, patterns
+    from sparsa.sim import patterns
 
     g = protocol.Geometry(**cfg)
     rows = []
@@ -160,20 +165,9 @@ def run_structural(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0,
             rng = np.random.default_rng(seed)
             acc.matmul(patterns.dense(rng, (size, size)), patterns.dense(rng, (size, size)))
             dense_cycles = acc.last_counters["cycles"]
-        for name, operand, fraction, a, b in structural_jobs(size, seed):
-            acc.matmul(a, b)
-            counters = acc.last_counters
-            expected = golden.sparse_counters(a, b, g.rows, g.cols)
-            rows.append({
-                "pattern": name, "operand": operand, "zero_fraction": fraction,
-                "cycles": counters["cycles"], "dense_cycles": dense_cycles,
-                "speedup": dense_cycles / counters["cycles"],
-                "macs_skipped": counters["macs_skipped"],
-                "macs_skipped_expected": expected["MACS_SKIPPED"],
-                "macs_skipped_fraction": counters["macs_skipped"] / size**3,
-                "ksteps_skipped": counters["ksteps_skipped"],
-                "stall_in": counters["stall_in"], "stall_out": counters["stall_out"],
-            })
+        for job in structural_jobs(size, seed):
+            acc.matmul(job[3], job[4])
+            rows.append(_sparse_row(job, acc.last_counters, dense_cycles, g))
     return rows
 
 

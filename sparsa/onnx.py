@@ -933,7 +933,8 @@ def _skip_requantization(graph):
         if (dq is None or q is None or dq.op != "DequantizeLinear" or q.op != "QuantizeLinear"
                 or len(consumers.get(dq.outputs[0], [])) != 1):
             continue
-        params = [np.asarray(graph.constants.get(n, np.nan)) for n in dq.inputs[1:3] + q.inputs[1:3]]
+        params = [np.asarray(graph.constants.get(n, np.nan))
+                  for n in dq.inputs[1:3] + q.inputs[1:3]]
         if any(p.size != 1 for p in params) or not (
                 float(params[0]) == float(params[2]) and int(params[1]) == int(params[3])):
             continue

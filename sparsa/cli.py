@@ -28,6 +28,16 @@ def _fraction(text):
     return value
 
 
+def _seeds(text):
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, not {text}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"must be distinct seeds, not {text}")
+    return seeds
+
+
 def _dimension(text):
     from sparsa.hw.array import MAX_DIMENSION
 
@@ -335,20 +345,25 @@ def cmd_synth(args):
     started = time.perf_counter()
     verilog = accelerator_verilog(**cfg, **multipliers)
     if args.target == "xc7":
-        report = synth.xc7(verilog, ACCELERATOR_TOP, args.workdir)
+        reports = [synth.xc7(verilog, ACCELERATOR_TOP, args.workdir)]
     else:
-        report = synth.ecp5(verilog, ACCELERATOR_TOP, args.freq, args.seed, args.workdir,
-                            args.speed, args.placer, args.router, args.tmg_ripup)
-    report.update(build={**cfg, **multipliers},
-                  seconds=round(time.perf_counter() - started, 1))
-    print(synth.format_report(report))
+        reports = synth.ecp5_seeds(verilog, ACCELERATOR_TOP, args.freq, args.seeds or [args.seed],
+                                   args.workdir, args.speed, args.placer, args.router,
+                                   args.tmg_ripup)
+    seconds = round(time.perf_counter() - started, 1)
+    for report in reports:
+        report.update(build={**cfg, **multipliers}, seconds=seconds)
+        print(synth.format_report(report))
+    if len(reports) > 1:
+        print(synth.format_seeds(reports))
     path = args.json or Path("build/synth") / (
         f"{args.target}_{args.rows}x{args.cols}_w{args.stream_width}_k{args.max_k}"
-        f"_n{args.max_n}{suffix}.json")
+        f"_n{args.max_n}{suffix}{'_seeds' if len(reports) > 1 else ''}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
+    path.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
     print(f"wrote {path}")
-    if args.target == "ecp5" and args.check and (report["fmax_mhz"] or 0) < args.freq:
+    if args.target == "ecp5" and args.check and any((r["fmax_mhz"] or 0) < args.freq
+                                                    for r in reports[:1]):
         return 1
     return 0
 
@@ -482,6 +497,10 @@ def build_parser():
     _add_multiplier_options(synth)
     synth.add_argument("--freq", type=float, default=125.0, help="ecp5: target clock (MHz)")
     synth.add_argument("--seed", type=int, default=1, help="ecp5: placer seed")
+    synth.add_argument("--seeds", type=_seeds,
+                       help="ecp5: a sweep of placer seeds (e.g. 1,2,3): one synthesis, a "
+                            "place-and-route per seed (two at a time), each reported; --check "
+                            "looks at the first")
     synth.add_argument("--placer", choices=ECP5_PLACERS, default=ECP5_PLACERS[0],
                        help="ecp5: nextpnr's placer (default %(default)s)")
     synth.add_argument("--router", choices=ECP5_ROUTERS, default=ECP5_ROUTERS[0],

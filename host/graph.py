@@ -253,15 +253,23 @@ def _sum(node, *xs):
     return total
 
 
+def hold_uint8(value):
+    """uint8 values as the graph holds them: int8, less 128."""
+    return (np.asarray(value).astype(np.int16) - 128).astype(np.int8)
+
+
+def release_uint8(value):
+    """Held values (int8, less 128) back to uint8."""
+    return (np.asarray(value).astype(np.int16) + 128).astype(np.uint8)
+
+
 def _cast(node, x):
     """ONNX Cast; a uint8 tensor (held as int8 less 128) is taken back to uint8 first, and
     one cast to uint8 is held as int8 less 128."""
     if node.attrs.get("from_shifted"):
-        x = x.astype(np.int16) + 128
+        x = release_uint8(x)
     y = x.astype(node.attrs["to"])
-    if node.attrs.get("to_shifted"):
-        y = (y.astype(np.int16) - 128).astype(np.int8)
-    return y
+    return hold_uint8(y) if node.attrs.get("to_shifted") else y
 
 
 def _relu(node, x):
@@ -295,6 +303,16 @@ HOST_OPS = {
     "Dropout": lambda node, x, *rest: x,
 }
 """ONNX ops the host runs, by ONNX op type: ``f(node, *inputs) -> output(s)``."""
+
+
+def run_host_op(node, tensors):
+    """A host node's outputs (a tuple, one per output) for its inputs taken by name from
+    ``tensors`` (absent optional inputs at the end are left out of the call)."""
+    args = [tensors[name] if name else None for name in node.inputs]
+    while args and args[-1] is None:
+        args.pop()
+    result = HOST_OPS[node.op](node, *args)
+    return result if isinstance(result, tuple) else (result,)
 
 
 # ---- the accelerator's node -----------------------------------------------------------------
@@ -484,22 +502,12 @@ class CompiledModel:
         env.update(self._feeds(inputs))
         run = _Run(self.nodes)
         for index, node in enumerate(self.nodes):
-            stats = run.stats[index]
             try:
-                if node.op == "QGemm":
-                    result = _qgemm(self, node, env, accelerator, stats)
-                else:
-                    started = time.perf_counter()
-                    args = [env[name] if name else None for name in node.inputs]
-                    while args and args[-1] is None:
-                        args.pop()
-                    result = HOST_OPS[node.op](node, *args)
-                    stats["host_s"] += time.perf_counter() - started
+                results = self._step(node, env, accelerator, run.stats[index])
             except ModelError as error:
                 if node.name in str(error):
                     raise
                 raise ModelError(f"{node.describe()}: {error}") from error
-            results = result if isinstance(result, tuple) else (result,)
             for name, value in zip(node.outputs, results):
                 if name:
                     env[name] = value
@@ -512,10 +520,17 @@ class CompiledModel:
             return outputs, {name: self._onnx_value(name, env[name]) for name in keep}
         return outputs
 
+    def _step(self, node, env, accelerator, stats):
+        """One node's outputs (a tuple), its host and device time added to ``stats``."""
+        if node.op == "QGemm":
+            return (_qgemm(self, node, env, accelerator, stats),)
+        started = time.perf_counter()
+        results = run_host_op(node, env)
+        stats["host_s"] += time.perf_counter() - started
+        return results
+
     def _onnx_value(self, name, value):
-        if name in self.shifted:
-            return (value.astype(np.int16) + 128).astype(np.uint8)
-        return value
+        return release_uint8(value) if name in self.shifted else value
 
     def node(self, name):
         """The node called ``name``."""
@@ -539,17 +554,9 @@ class CompiledModel:
                     if value.dtype != np.uint8:
                         raise ModelError(f"tensors[{input_name!r}]: expected uint8, got "
                                          f"{value.dtype}")
-                    value = (value.astype(np.int16) - 128).astype(np.int8)
+                    value = hold_uint8(value)
                 env[input_name] = value
-        stats = _Run([node]).stats[0]
-        if node.op == "QGemm":
-            result = _qgemm(self, node, env, accelerator, stats)
-        else:
-            args = [env[i] if i else None for i in node.inputs]
-            while args and args[-1] is None:
-                args.pop()
-            result = HOST_OPS[node.op](node, *args)
-        results = result if isinstance(result, tuple) else (result,)
+        results = self._step(node, env, accelerator, _Run([node]).stats[0])
         return [self._onnx_value(out, value) for out, value in zip(node.outputs, results)]
 
     # -- reports --
@@ -685,13 +692,13 @@ def _input_array(info, value):
     if expected.kind == "f" and not np.all(np.isfinite(value)):
         raise ModelError(f"{name}: expected finite values")
     if expected == np.uint8:
-        value = (value.astype(np.int16) - 128).astype(np.int8)
+        value = hold_uint8(value)
     return value
 
 
 def _output_array(info, value):
     if info.dtype == "uint8":
-        return (value.astype(np.int16) + 128).astype(np.uint8)
+        return release_uint8(value)
     return np.asarray(value).astype(_NUMPY_TYPE.get(info.dtype, value.dtype), copy=False)
 
 

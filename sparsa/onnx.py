@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsa.host.graph import HOST_OPS, CompiledModel, ModelError, Node, TensorInfo, by_name
+from sparsa.host.graph import (HOST_OPS, CompiledModel, ModelError, Node, TensorInfo, by_name,
+                               hold_uint8, run_host_op)
 from sparsa.host.graph import im2col, load, loads  # noqa: F401  (re-exported)
 from sparsa.host.quant import rounding_multiplier
 
@@ -231,7 +232,7 @@ def _topological(nodes, available):
 def _shift_constant(graph, name, value):
     if value.dtype == np.uint8:
         graph.shifted.add(name)
-        return (value.astype(np.int16) - 128).astype(np.int8)
+        return hold_uint8(value)
     return value
 
 
@@ -481,12 +482,7 @@ def _fold_constants(graph, keep_ops=()):
         if (node.op in HOST_OPS and node.op not in keep_ops
                 and all(not i or i in graph.constants for i in node.inputs)
                 and not any(o in {t.name for t in graph.outputs} for o in node.outputs)):
-            args = [graph.constants[i] if i else None for i in node.inputs]
-            while args and args[-1] is None:
-                args.pop()
-            result = HOST_OPS[node.op](node, *args)
-            results = result if isinstance(result, tuple) else (result,)
-            for out, value in zip(node.outputs, results):
+            for out, value in zip(node.outputs, run_host_op(node, graph.constants)):
                 if out:
                     graph.constants[out] = np.asarray(value)
             continue
@@ -720,21 +716,21 @@ def _lower_gemm(graph, node, producers, consumers):
     if mode == "device":
         matrix, bias, acc_scale = _sharpen_multipliers(
             matrix, bias, acc_scale, float(np.asarray(out_q[0]).reshape(-1)[0]), k, groups)
-    attrs = {"groups": groups, "k": k, "n": n, "source_op": op, "x_zero": int(
-        np.asarray(x.zero_point).reshape(-1)[0])}
+    attrs = {"groups": groups, "k": k, "n": n, "source_op": op, "x_zero": x_zero}
     if conv:
         attrs["conv"] = {key: a[key] for key in ("strides", "pads", "dilations")}
         attrs["conv"]["kernel_shape"] = kernel
     base = node.name.replace("/", "_")
     attrs["weight"] = graph.constant(f"{base}/weight", matrix)
-    attrs["colsum"] = graph.constant(f"{base}/colsum",
-                                     matrix.astype(np.int64).sum(axis=1).reshape(-1))
+    colsum = matrix.astype(np.int64).sum(axis=1).reshape(-1)
+    attrs["colsum"] = graph.constant(f"{base}/colsum", colsum)
     attrs["bias"] = graph.constant(f"{base}/bias", bias)
-    if not x_zero_tensor:  # the zero point folds into the bias: it must still fit int32
-        folded = bias.astype(np.int64) - attrs["x_zero"] * graph.constants[attrs["colsum"]]
-        if folded.min() < -2**31 or folded.max() > 2**31 - 1:
-            raise ModelError(f"the int32 bias with the input zero point {attrs['x_zero']} "
-                             f"folded in exceeds int32 ({folded.min()}..{folded.max()})")
+    # The bias the device adds: the input zero point folded in (at run time for a zero point
+    # that is a tensor). It must still fit int32.
+    folded = bias.astype(np.int64) - (0 if x_zero_tensor else x_zero * colsum)
+    if folded.min() < -2**31 or folded.max() > 2**31 - 1:
+        raise ModelError(f"the int32 bias with the input zero point {x_zero} folded in "
+                         f"exceeds int32 ({folded.min()}..{folded.max()})")
     if mode == "device":
         out_scale = float(np.asarray(out_q[0]).reshape(-1)[0])
         out_zero = int(np.asarray(out_q[1]).reshape(-1)[0])
@@ -744,8 +740,6 @@ def _lower_gemm(graph, node, producers, consumers):
             # How far inputs of int8 magnitude move each column's output, and how large the
             # output gets with the bias.
             spread = real * 128.0 * np.abs(matrix.astype(np.float64)).sum(axis=1).reshape(-1)
-            folded = bias.astype(np.float64) - (
-                0 if x_zero_tensor else x_zero * matrix.astype(np.float64).sum(axis=1).reshape(-1))
             multiplier, shift = rounding_multiplier(
                 real, magnitude=spread + real * np.abs(folded), spread=spread, center=folded)
             if np.all(multiplier == multiplier[0]):
@@ -992,17 +986,13 @@ def _float_run(graph, feeds):
     env = dict(graph.constants)
     env.update(feeds)
     for node in graph.nodes:
-        args = [env[i] if i else None for i in node.inputs]
         if node.op in GEMM_OPS:
-            result = _float_gemm(graph, node, args[0]).astype(np.float32)
+            results = (_float_gemm(graph, node, env[node.inputs[0]]).astype(np.float32),)
         elif node.op in HOST_OPS:
-            while args and args[-1] is None:
-                args.pop()
-            result = HOST_OPS[node.op](node, *args)
+            results = run_host_op(node, env)
         else:
             raise ModelError(f"{node.describe()}: a float model compiled with calibration= may "
                              f"hold only float ops; this one is quantized")
-        results = result if isinstance(result, tuple) else (result,)
         for out, value in zip(node.outputs, results):
             if out:
                 env[out] = value

@@ -58,7 +58,13 @@ def requantize(x, multiplier, shift, zero_point):
     ``multiplier`` and ``shift`` may be scalars or arrays broadcasting against ``x`` (one per
     output column: per-channel requantization).
     """
-    x = x.astype(np.int64)
+    return np.clip(scale(x, multiplier, shift) + zero_point, -128, 127).astype(np.int8)
+
+
+def scale(x, multiplier, shift):
+    """The multiply and shift of :func:`requantize`, before the zero point and the int8
+    saturation (int64)."""
+    x = np.asarray(x).astype(np.int64)
     multiplier = np.asarray(multiplier, np.int64)
     shift = np.asarray(shift, np.int64)
     p = x * multiplier  # |p| <= 2**62: exact in int64
@@ -69,8 +75,7 @@ def requantize(x, multiplier, shift, zero_point):
     high = np.where((x == INT32_MIN) & (multiplier == INT32_MIN), INT32_MAX, high)
     mask = (np.int64(1) << shift) - 1
     threshold = (mask >> 1) + (high < 0)
-    scaled = (high >> shift) + ((high & mask) > threshold)
-    return np.clip(scaled + zero_point, -128, 127).astype(np.int8)
+    return (high >> shift) + ((high & mask) > threshold)
 
 
 def postprocess(acc, bias=None, requant=None, relu=False):

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from . import arith
 from .validate import check_float_array, check_int8_array
 
 
@@ -163,24 +164,13 @@ def rounding_multiplier(real_multiplier, magnitude=128.0, spread=None, center=No
         if multipliers.max() >= 2**31:
             break
         error = np.minimum(1.0, magnitude / 2 / np.maximum(multipliers.reshape(-1), 1.0))
-        device = _requantize_wide(center, multipliers.reshape(-1), shift)
+        device = arith.scale(np.clip(center, -2**31, 2**31 - 1), multipliers.reshape(-1), shift)
         error = np.where(live, error, (device != exact).astype(np.float64))
         rate = (2.0 ** -(shift + 1) if shift else 0.0) + float(np.mean(error))
         if best is None or rate < best[0]:
             best = (rate, multipliers.astype(np.int64), shift)
     _, multipliers, shift = best
     return (int(multipliers) if values.ndim == 0 else multipliers), shift
-
-
-def _requantize_wide(acc, multiplier, shift):
-    """The device's requantization of int32 ``acc`` without the int8 clamp (what
-    :func:`sparsa.host.arith.requantize` computes before saturating)."""
-    acc = np.clip(np.asarray(acc, np.float64), -2**31, 2**31 - 1).astype(np.int64)
-    p = acc * np.asarray(multiplier, np.int64)
-    p += np.where(p >= 0, 1 << 30, 1 - (1 << 30))
-    high = (p >> 31) + ((p < 0) & ((p & 0x7FFFFFFF) != 0))
-    mask = (1 << shift) - 1
-    return (high >> shift) + ((high & mask) > ((mask >> 1) + (high < 0)))
 
 
 def requant_params(input_scale, weight_scale, output_scale, output_zero_point=0,

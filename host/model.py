@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .graph import im2col
 from .quant import rounding_multiplier
 from .validate import check_float_array, check_int8_array
 
@@ -114,14 +115,8 @@ class Conv2d(_GemmLayer):
 
     def gemm_operands(self, x):
         """im2col: ``(A, (batch, OH, OW))`` with one row of ``A`` per output pixel."""
-        _, _, kh, kw = self.weight.shape
         p, s = self.padding, self.stride
-        x = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-        windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
-        windows = windows[:, :, ::s, ::s]  # (batch, C, OH, OW, KH, KW)
-        batch, channels, oh, ow = windows.shape[:4]
-        a = windows.transpose(0, 2, 3, 1, 4, 5).reshape(batch * oh * ow, channels * kh * kw)
-        return np.ascontiguousarray(a), (batch, oh, ow)
+        return im2col(x, self.weight.shape[2:], (s, s), (p, p, p, p), (1, 1), 0)
 
     def weight_matrix(self):
         return self.weight.reshape(self.weight.shape[0], -1).T  # (C*KH*KW, out)

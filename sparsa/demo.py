@@ -120,11 +120,11 @@ def cnn_onnx(x_train, y_train, seed=0, filters=8, channels=64):
     return result
 
 
-class _Calibration:
-    """onnxruntime's CalibrationDataReader: ``data`` under ``name`` in batches of 64."""
+class Calibration:
+    """onnxruntime's CalibrationDataReader: ``data`` under the input ``name``, in batches."""
 
-    def __init__(self, name, data):
-        self._batches = iter([{name: data[i:i + 64]} for i in range(0, len(data), 64)])
+    def __init__(self, name, data, batch=64):
+        self._batches = iter([{name: data[i:i + batch]} for i in range(0, len(data), batch)])
 
     def get_next(self):
         return next(self._batches, None)
@@ -154,7 +154,7 @@ def quantize_with_onnxruntime(float_model, calibration, directory, per_channel,
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's advice is followed here
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     quantization.quantize_static(
-        str(prepared), str(target), _Calibration(float_model.graph.input[0].name, calibration),
+        str(prepared), str(target), Calibration(float_model.graph.input[0].name, calibration),
         quant_format=quantization.QuantFormat.QDQ, activation_type=quantization.QuantType.QInt8,
         weight_type=quantization.QuantType.QInt8, per_channel=per_channel,
         reduce_range=reduce_range,

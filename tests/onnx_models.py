@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from sparsa.demo import Calibration
+
 
 def _constant(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
@@ -120,16 +122,6 @@ def bn_cnn(rng):
                   constants, "bn_cnn")
 
 
-class _Batches:
-    """onnxruntime's CalibrationDataReader over ``data`` in batches of 16."""
-
-    def __init__(self, name, data):
-        self._items = iter([{name: data[i:i + 16]} for i in range(0, len(data), 16)])
-
-    def get_next(self):
-        return next(self._items, None)
-
-
 def quantize_static(model, data, directory, quant_format="QDQ", activations="QInt8",
                     per_channel=False):
     """``model`` quantized by onnxruntime's ``quantize_static``, calibrated on ``data``. uint8
@@ -141,7 +133,7 @@ def quantize_static(model, data, directory, quant_format="QDQ", activations="QIn
     target = directory / f"{model.graph.name}_{quant_format}_{activations}_{per_channel}.onnx"
     onnx.save(model, source)
     quantization.quantize_static(
-        str(source), str(target), _Batches(model.graph.input[0].name, data),
+        str(source), str(target), Calibration(model.graph.input[0].name, data, batch=16),
         quant_format=getattr(quantization.QuantFormat, quant_format),
         activation_type=getattr(quantization.QuantType, activations),
         weight_type=quantization.QuantType.QInt8, per_channel=per_channel,

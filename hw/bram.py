@@ -19,8 +19,9 @@ The style comes from the platform object of the elaboration, as for the multipli
 
 from amaranth import ClockSignal, Const, Instance, Module, Mux, Signal
 from amaranth.lib import wiring
-from amaranth.lib.memory import Memory
+from amaranth.lib.memory import Memory, WritePort
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
 
 from .dsp import dsp_style
 from .pipeline import delay
@@ -40,18 +41,30 @@ def dp16kd_layout(width, depth):
     return port, -(-width // port), -(-depth // block_depth)
 
 
+def write_signature(width, depth):
+    """A write port of a ``width`` x ``depth`` memory, seen from the memory (``en``, ``addr``,
+    ``data``): :class:`amaranth.lib.memory.WritePort`'s, so one writer serves both kinds."""
+    return WritePort.Signature(addr_width=ceil_log2(depth), shape=width)
+
+
+def read_signature(width, depth):
+    """The read port of a :class:`BlockMemory`, seen from the memory: ``data`` is the word at
+    the ``addr`` of two cycles before."""
+    return wiring.Signature({"addr": In(ceil_log2(depth)), "data": Out(width)})
+
+
 class BlockMemory(wiring.Component):
-    """``width`` x ``depth`` memory: ``w_data`` is written at ``w_addr`` when ``w_en``;
-    ``r_data`` is the word at the ``r_addr`` of two cycles before (a write and a read of the
-    same word in one cycle give the old word). ``attrs`` go on the generic style's memory (say
-    ``ram_style``, for a memory synthesis would otherwise leave in LUTs)."""
+    """``width`` x ``depth`` memory: ``write.data`` is written at ``write.addr`` when
+    ``write.en``; ``read.data`` is the word at the ``read.addr`` of two cycles before (a write
+    and a read of the same word in one cycle give the old word). ``attrs`` go on the generic
+    style's memory (say ``ram_style``, for a memory synthesis would otherwise leave in LUTs)."""
 
     def __init__(self, width, depth, attrs=None):
         self.width, self.depth = width, depth
         self.attrs = dict(attrs or {})
         super().__init__({
-            "w_en": In(1), "w_addr": In(range(depth)), "w_data": In(width),
-            "r_addr": In(range(depth)), "r_data": Out(width),
+            "write": Out(write_signature(width, depth)),
+            "read": Out(read_signature(width, depth)),
         })
 
     def elaborate(self, platform):
@@ -61,9 +74,9 @@ class BlockMemory(wiring.Component):
         m.submodules.memory = memory = Memory(shape=self.width, depth=self.depth, init=[],
                                               attrs=self.attrs)
         write, read = memory.write_port(), memory.read_port()
-        m.d.comb += [write.en.eq(self.w_en), write.addr.eq(self.w_addr),
-                     write.data.eq(self.w_data), read.addr.eq(self.r_addr)]
-        m.d.comb += self.r_data.eq(delay(m, read.data, 1, "word", reset_less=True))
+        wiring.connect(m, wiring.flipped(self.write), write)
+        m.d.comb += [read.addr.eq(self.read.addr),
+                     self.read.data.eq(delay(m, read.data, 1, "word", reset_less=True))]
         return m
 
     def _ecp5(self):
@@ -72,21 +85,21 @@ class BlockMemory(wiring.Component):
         shift = DP16KD_SHIFT[port]
         word_bits = DP16KD_ADDRESS_BITS - shift
         padded = Signal(port * columns)
-        m.d.comb += padded.eq(self.w_data)
+        m.d.comb += padded.eq(self.write.data)
         # Rows of blocks: a word's row is its address's bits above a block's depth.
-        w_row, r_row = self.w_addr[word_bits:], self.r_addr[word_bits:]
+        w_row, r_row = self.write.addr[word_bits:], self.read.addr[word_bits:]
         # The address pins: below the word address, the byte enables on the writing port of an
         # 18-bit block (both bytes) and zeros otherwise; then the word address within a block.
         low_a = [Const(1, 1)] * 2 + [Const(0, 1)] * 2 if port == 18 else [Const(0, 1)] * shift
-        address_a = low_a + [self.w_addr[k] if k < len(self.w_addr) else Const(0, 1)
+        address_a = low_a + [self.write.addr[k] if k < len(self.write.addr) else Const(0, 1)
                              for k in range(word_bits)]
-        address_b = [Const(0, 1)] * shift + [self.r_addr[k] if k < len(self.r_addr)
+        address_b = [Const(0, 1)] * shift + [self.read.addr[k] if k < len(self.read.addr)
                                              else Const(0, 1) for k in range(word_bits)]
         outputs = []
         for row in range(rows):
             words = Signal(port * columns, name=f"row{row}")
             outputs.append(words)
-            enable = self.w_en & (w_row == row) if rows > 1 else self.w_en
+            enable = self.write.en & (w_row == row) if rows > 1 else self.write.en
             for column in range(columns):
                 data_in = padded[column * port:(column + 1) * port]
                 data_out = Signal(18, name=f"dout{row}_{column}")
@@ -112,11 +125,11 @@ class BlockMemory(wiring.Component):
                     **{f"o_DOB{k}": data_out[k] for k in range(18)},
                 )
         if rows == 1:
-            m.d.comb += self.r_data.eq(outputs[0])
+            m.d.comb += self.read.data.eq(outputs[0])
         else:  # the row of the address two cycles before, beside the output registers
             row_q = delay(m, r_row, 2, "read_row")
             data = outputs[-1]
             for row in reversed(range(rows - 1)):
                 data = Mux(row_q == row, outputs[row], data)
-            m.d.comb += self.r_data.eq(data)
+            m.d.comb += self.read.data.eq(data)
         return m

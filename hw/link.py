@@ -1,6 +1,7 @@
 """A stream link between two distant parts of the die, with no combinational path across it.
 
-:class:`CreditLink` carries an :mod:`amaranth.lib.stream` of ``width`` bits from its source
+:class:`CreditLink` carries an :mod:`amaranth.lib.stream` of any payload ``shape`` (the
+accelerator's: :func:`beat_layout`, an AXI4-Stream beat's data and TLAST) from its source
 side (port ``i``) to its sink side (port ``o``) through ``stages`` registers, into a FIFO
 on the sink side. Flow control is by credits: the source side counts the FIFO entries that are
 free and takes a beat only while it has one; each beat that leaves the FIFO sends a credit
@@ -14,19 +15,25 @@ round trip has cycles, so the link carries a beat every cycle when neither side 
 ``idle`` is high when every beat taken has left the FIFO (all credits are home).
 """
 
-from amaranth import Module, Signal
-from amaranth.lib import stream, wiring
+from amaranth import Module, Shape, Signal
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .pipeline import delay
 
 
+def beat_layout(width):
+    """One beat of an AXI4-Stream port: ``data`` (TDATA, ``width`` bits) and ``last`` (TLAST)."""
+    return data.StructLayout({"data": width, "last": 1})
+
+
 class CreditLink(wiring.Component):
-    def __init__(self, width, stages=2, buffered=False):
+    def __init__(self, shape, stages=2, buffered=False):
         if stages < 1:
             raise ValueError(f"stages must be at least 1, not {stages}")
-        self.width = width
+        self.shape = shape
+        self.width = Shape.cast(shape).width
         self.stages = stages
         self.buffered = buffered
         # A beat taken in cycle t is written into the FIFO at the end of cycle t + stages, can
@@ -34,8 +41,8 @@ class CreditLink(wiring.Component):
         # ``stages`` cycles after that, plus one for the counter's register.
         self.depth = 2 * stages + 2 + int(buffered)
         super().__init__({
-            "i": In(stream.Signature(width)),
-            "o": Out(stream.Signature(width)),
+            "i": In(stream.Signature(shape)),
+            "o": Out(stream.Signature(shape)),
             "idle": Out(1),
         })
 

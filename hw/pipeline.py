@@ -47,3 +47,17 @@ def lut_product(a, b):
         terms = [terms[k] + terms[k + 1] if k + 1 < len(terms) else terms[k]
                  for k in range(0, len(terms), 2)]
     return terms[0]
+
+
+def walk_flag(m, start, first_is_last, value, step, limit, name):
+    """A register holding ``value + step >= limit`` while ``value`` walks 0, step, 2 step, ...
+    (a position in the job against one of its dimensions). Returns it with the statements that
+    keep it true to ``value`` where ``value`` steps on and where it returns to 0. Both outcomes
+    are compared from registers beforehand, so the flag costs the control logic one
+    multiplexer, not an adder and a compare. At ``start`` it is set from ``first_is_last``
+    (``step >= limit``, which :class:`.JobControl` compares from the job's registers in the
+    cycles before), so ``start`` loads a register, not a 32-bit compare."""
+    flag = Signal(name=name)
+    with m.If(start):
+        m.d.sync += flag.eq(first_is_last)
+    return flag, flag.eq(value + 2 * step >= limit), flag.eq(step >= limit)

@@ -31,16 +31,16 @@ async def test_random_access(dut):
         if len(pending) == 2:
             want = pending.pop(0)
             if want is not None:
-                got = int(dut.r_data.value)
+                got = int(dut.read__data.value)
                 assert got == want, f"cycle {cycle}: read {got:#x}, expected {want:#x}"
                 checked += 1
         read = address()
         pending.append(words.get(read))  # the word before this cycle's write
         write = rng.random() < 0.5
-        dut.r_addr.value = read
-        dut.w_en.value = write
+        dut.read__addr.value = read
+        dut.write__en.value = write
         if write:
             where, data = address(), rng.getrandbits(width)
-            dut.w_addr.value, dut.w_data.value = where, data
+            dut.write__addr.value, dut.write__data.value = where, data
             words[where] = data
     assert checked > cycles // 4, checked  # most reads were of written words

@@ -216,6 +216,11 @@ class Geometry:
     def vector_beats(self, nbytes):
         return -(-nbytes // self.beat_bytes)
 
+    @property
+    def n_tiles_max(self):
+        """n-tiles of the widest job (``max_n`` columns)."""
+        return -(-self.max_n // self.cols)
+
     def tiles(self, m, n):
         return -(-m // self.rows), -(-n // self.cols)
 

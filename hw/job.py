@@ -1,0 +1,138 @@
+"""The job of the accelerator: its registers checked and latched at start, and its status.
+
+:class:`JobControl` takes the register values (``registers``: ``m``, ``k``, ``n``, ``options``,
+``quant_*``) and ``start``, and gives the job the other stages read (:func:`job_layout`),
+whether it was rejected, and the status: ``busy``, ``done``, ``error``, and ``closing`` (no more tiles will be
+issued: the drain closes the output packet once it is empty).
+
+Contract:
+
+- The checks of :mod:`sparsa.protocol` (zero dimension, K or N too large, unknown options,
+  channel quantization without requantization, bad shift or zero point) are worked out from
+  the registers in every cycle, two registered stages deep, so they are right at ``start`` if
+  the registers have held still for two cycles (the top level starts the core three cycles
+  after the START write). The first failing check, in the order above, is the error code.
+- At ``start`` the job is latched and ``busy`` set; ``error`` takes the check's verdict, and a
+  rejected job (``rejected`` high in the ``start`` cycle) sets ``closing`` at once.
+- Afterwards ``error`` and ``closing`` follow the loader's packet events (``tlast_early``
+  closes the job; ``tlast_missing`` only reports), ``job_end`` (the sequencer issued the last
+  tile) sets ``closing``, and ``drained`` (the last beat has left the output link) ends the job:
+  ``busy`` low, ``done`` high. Nothing but the core's reset clears them.
+- ``single`` holds ``1 >= K``, ``cols >= N``, ``rows >= M`` from the registers, registered:
+  the first values of the position flags of the loader and the drain
+  (:func:`.pipeline.walk_flag`).
+"""
+
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.wiring import In, Out
+
+from sparsa.protocol import KNOWN_OPTIONS, Error, Option
+
+
+def job_layout(geometry):
+    """The latched job: dimensions, options decoded, the per-tensor requantization."""
+    return data.StructLayout({
+        "m": unsigned(32),
+        "k": range(geometry.max_k + 1),
+        "n": range(geometry.max_n + 1),
+        "bias": 1, "requant": 1, "relu": 1, "no_skip": 1, "channel_quant": 1,
+        "mult": signed(32), "shift": unsigned(5), "zero": signed(8),
+    })
+
+
+# The job's registers as the core sees them (:mod:`.regs` holds them; START does not change
+# them, so they hold still from the START write on).
+REGISTERS = data.StructLayout({
+    "m": 32, "k": 32, "n": 32, "options": 32,
+    "quant_mult": 32, "quant_shift": 32, "quant_zero": 32,
+})
+
+SINGLE = data.StructLayout({"k": 1, "n": 1, "m": 1})
+
+
+class JobControl(wiring.Component):
+    def __init__(self, geometry):
+        self.geometry = geometry
+        super().__init__({
+            "start": In(1), "registers": In(REGISTERS),
+            "tlast_early": In(1), "tlast_missing": In(1), "job_end": In(1), "drained": In(1),
+            "job": Out(job_layout(geometry)),
+            "single": Out(SINGLE),
+            "rejected": Out(1),
+            "closing": Out(1), "busy": Out(1), "done": Out(1), "error": Out(8),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        g, r = self.geometry, self.registers
+        # The job's values are latched at start and read only after it, so they need no reset
+        # (the fewer loads on the core's reset, the shorter its net); the flags are reset.
+        job_m = Signal(32, reset_less=True)
+        job_k = Signal(range(g.max_k + 1), reset_less=True)
+        job_n = Signal(range(g.max_n + 1), reset_less=True)
+        bias_en, requant, relu, no_skip = Signal(), Signal(), Signal(), Signal()
+        channel_quant = Signal()
+        mult = Signal(signed(32), reset_less=True)
+        shift = Signal(unsigned(5), reset_less=True)
+        zero = Signal(signed(8), reset_less=True)
+        m.d.comb += [
+            self.job.m.eq(job_m), self.job.k.eq(job_k), self.job.n.eq(job_n),
+            self.job.bias.eq(bias_en), self.job.requant.eq(requant), self.job.relu.eq(relu),
+            self.job.no_skip.eq(no_skip), self.job.channel_quant.eq(channel_quant),
+            self.job.mult.eq(mult), self.job.shift.eq(shift), self.job.zero.eq(zero),
+        ]
+
+        # Each condition is registered, then the first that fails gives the error code, so
+        # neither stage holds more than one wide compare. Both registers follow the job's
+        # registers in every cycle, through the core's reset too (which comes a cycle after the
+        # START write).
+        zero_signed = r.quant_zero.as_signed()
+        requant_asked = (r.options & Option.REQUANT).any()
+        conditions = [
+            (Error.ZERO_DIMENSION, (r.m == 0) | (r.k == 0) | (r.n == 0)),
+            (Error.K_TOO_LARGE, r.k > g.max_k),
+            (Error.N_TOO_LARGE, r.n > g.max_n),
+            (Error.BAD_OPTION, ((r.options & ~Const(KNOWN_OPTIONS, 32)) != 0)
+                | ((r.options & Option.CHANNEL_QUANT).any() & ~requant_asked)),
+            (Error.BAD_QUANT, requant_asked & ((r.quant_shift > 31) | (zero_signed < -128)
+                                               | (zero_signed > 127))),
+        ]
+        failed = Signal(len(conditions), reset_less=True)
+        m.d.sync += failed.eq(Cat(*(condition for _, condition in conditions)))
+        check = Signal(8, reset_less=True)
+        verdict = Const(Error.NONE, 8)
+        for index, (error, _) in reversed(list(enumerate(conditions))):
+            verdict = Mux(failed[index], error, verdict)
+        m.d.sync += check.eq(verdict)
+
+        # The position flags' first values, compared from the registers the same way.
+        for field, step, register in (("k", 1, r.k), ("n", g.cols, r.n),
+                                      ("m", g.rows, r.m)):
+            first_is_last = Signal(name=f"single_{field}", reset_less=True)
+            m.d.sync += first_is_last.eq(step >= register)
+            m.d.comb += self.single[field].eq(first_is_last)
+
+        with m.If(self.start):
+            m.d.sync += [
+                job_m.eq(r.m), job_k.eq(r.k), job_n.eq(r.n),
+                bias_en.eq(r.options & Option.BIAS),
+                requant.eq((r.options & Option.REQUANT).any()),
+                relu.eq((r.options & Option.RELU).any()),
+                no_skip.eq((r.options & Option.NO_SKIP).any()),
+                channel_quant.eq((r.options & Option.CHANNEL_QUANT).any()),
+                mult.eq(r.quant_mult), shift.eq(r.quant_shift), zero.eq(r.quant_zero),
+                self.busy.eq(1), self.error.eq(check),
+            ]
+            m.d.comb += self.rejected.eq(check != Error.NONE)
+            with m.If(self.rejected):
+                m.d.sync += self.closing.eq(1)
+        with m.If(self.tlast_early):
+            m.d.sync += [self.error.eq(Error.TLAST_EARLY), self.closing.eq(1)]
+        with m.If(self.tlast_missing):
+            m.d.sync += self.error.eq(Error.TLAST_MISSING)
+        with m.If(self.job_end):
+            m.d.sync += self.closing.eq(1)
+        with m.If(self.drained):
+            m.d.sync += [self.busy.eq(0), self.done.eq(1)]
+        return m

@@ -141,45 +141,35 @@ class SystolicArray(wiring.Component):
             return delay(m, signal, depth, f"{name}_skew", reset_less=reset_less)
 
         # Row i enters i cycles late and column group g enters g cycles late, so the operands
-        # of one k-step meet at element (i, g) exactly i + g cycles after they entered.
+        # of one k-step meet at element (i, g) exactly i + g cycles after they entered. Each
+        # PE passes the k-step east and its B operands south.
         east = len(self.groups) - 1
         for i in range(rows):
-            west = pes[i][0]
+            west = pes[i][0].west
             m.d.comb += [
-                west.a_in.eq(skew(self.a[i], i, f"a{i}", reset_less=True)),
-                west.a_zero_in.eq(skew(self.a_zero[i], i, f"a_zero{i}", reset_less=True)),
-                west.valid_in.eq(skew(self.valid, i, f"valid{i}")),
-                west.first_in.eq(skew(self.first, i, f"first{i}", reset_less=True)),
-                west.last_in.eq(skew(self.last, i, f"last{i}", reset_less=True)),
+                west.a.eq(skew(self.a[i], i, f"a{i}", reset_less=True)),
+                west.a_zero.eq(skew(self.a_zero[i], i, f"a_zero{i}", reset_less=True)),
+                west.valid.eq(skew(self.valid, i, f"valid{i}")),
+                west.first.eq(skew(self.first, i, f"first{i}", reset_less=True)),
+                west.last.eq(skew(self.last, i, f"last{i}", reset_less=True)),
             ]
             for g in range(1, len(self.groups)):
-                left, pe = pes[i][g - 1], pes[i][g]
-                m.d.comb += [
-                    pe.a_in.eq(left.a_out),
-                    pe.a_zero_in.eq(left.a_zero_out),
-                    pe.valid_in.eq(left.valid_out),
-                    pe.first_in.eq(left.first_out),
-                    pe.last_in.eq(left.last_out),
-                ]
+                m.d.comb += pes[i][g].west.eq(pes[i][g - 1].east)
         for j, (g, lane) in enumerate(lanes):
+            north = port(pes[0][g], "north", lane)
             m.d.comb += [
-                port(pes[0][g], "b_in", lane).eq(skew(self.b[j], g, f"b{j}", reset_less=True)),
-                port(pes[0][g], "b_zero_in", lane).eq(
-                    skew(self.b_zero[j], g, f"b_zero{j}", reset_less=True)),
+                north.b.eq(skew(self.b[j], g, f"b{j}", reset_less=True)),
+                north.zero.eq(skew(self.b_zero[j], g, f"b_zero{j}", reset_less=True)),
             ]
             for i in range(1, rows):
-                m.d.comb += [
-                    port(pes[i][g], "b_in", lane).eq(port(pes[i - 1][g], "b_out", lane)),
-                    port(pes[i][g], "b_zero_in", lane).eq(port(pes[i - 1][g], "b_zero_out",
-                                                               lane)),
-                ]
+                m.d.comb += port(pes[i][g], "north", lane).eq(port(pes[i - 1][g], "south", lane))
 
         # A row is finished when its last k-step has left the east edge and the east PE has added
         # it (LATENCY - 1 cycles later). By the issue rule at most one row finishes per cycle, so
         # the selection below never has to arbitrate.
         row_done = []
         for i in range(rows):
-            done = pes[i][east].valid_out & pes[i][east].last_out
+            done = pes[i][east].east.valid & pes[i][east].east.last
             row_done.append(skew(done, LATENCY - 1, f"done{i}"))
         # The finished row is gathered in two registered stages, because the rows' result
         # registers lie across the whole array: an AND-OR of up to four rows per group, then of

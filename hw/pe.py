@@ -6,8 +6,10 @@ its INT32 accumulator, which wraps modulo 2**32 exactly as NumPy's int32 arithme
 multiplier has registers of its own on both sides (operands in, product out twice), so neither
 the 32-bit add nor the route to a DSP block shares a cycle with the multiplier (on an ECP5 the
 multiply and add in one cycle close at about 92 MHz, the multiply between shared registers at
-about 86). Both operands leave through registers (``a_out`` to the right, ``b_out`` downwards)
-one cycle later, together with the control flags that travel with A. Built for an ECP5
+about 86). A PE takes the k-step from the west (``west``, a :data:`KSTEP`: the A operand and
+the control flags that travel with it) and its B operand from the north (``north``, a
+:data:`B_OPERAND`), and passes both on through registers, ``east`` and ``south``, one cycle
+later. Built for an ECP5
 (``dsp="ecp5"``, see :mod:`.dsp`), the operand registers and the first product register are
 those inside the MULT18X18D.
 
@@ -18,9 +20,9 @@ Control flags (valid with the A operand):
 - ``last``: the last k-step of a tile; the finished sum is latched into ``result``, where it stays
   until the next tile's last k-step, so the next tile can accumulate while this one is read.
 
-Sparse-skip hook: ``zero`` is high when either operand is zero, from ``a_zero_in`` and
-``b_zero_in``: flags that travel with the operands (``a_zero_out``/``b_zero_out``, registered
-like ``a_out``/``b_out``), worked out once where the operands enter the array, so the
+Sparse-skip hook: ``zero`` is high when either operand is zero, from ``west.a_zero`` and
+``north.zero``: flags that travel with the operands (registered on like the operands),
+worked out once where the operands enter the array, so the
 multiplier's clock enable is one gate of registers rather than two 8-bit compares. A flag may
 be low for a zero operand (that only forgoes the gating; the product is then a true zero), but
 must never be high for an operand that is not zero. The multiplier's operand
@@ -32,11 +34,11 @@ operand costs no register update; the product would have been zero, so the sum i
 ``a * (b0 * 2**16 + b1)`` (an 8 x 25-bit product, one DSP48E1) holds both INT8 products.
 
 Latency: ``acc`` and ``result`` hold a k-step's sum :data:`LATENCY` (4) cycles after its
-operands are presented; ``a_out``/``b_out`` and the flags are one cycle behind the inputs.
+operands are presented; ``east`` and ``south`` are one cycle behind ``west`` and ``north``.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
-from amaranth.lib import wiring
+from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from .dsp import dsp_style, mult18x18d
@@ -44,6 +46,11 @@ from .pipeline import LOCAL, delay
 
 OPERAND = signed(8)
 ACCUMULATOR = signed(32)
+# A k-step as it travels east along a row, from PE to PE: the A operand with its zero flag and
+# the control flags (valid with A).
+KSTEP = data.StructLayout({"a": OPERAND, "a_zero": 1, "valid": 1, "first": 1, "last": 1})
+# A B operand as it travels south down a column, with its zero flag.
+B_OPERAND = data.StructLayout({"b": OPERAND, "zero": 1})
 MULTIPLIER_STAGES = 3  # operand registers, product, product again
 LATENCY = MULTIPLIER_STAGES + 1  # cycles from a k-step's operands to the sum in ``acc``
 
@@ -102,42 +109,32 @@ def _data(m, shape, name, port=None):
     return register
 
 
-def _pass_on(m, pe, b_pairs):
-    """Register the operands, their zero flags and the k-step's flags on to the next PEs
-    (``b_pairs``: (b_in, b_out, b_zero_in, b_zero_out) per lane); only ``valid`` with a
-    reset. The k-step's flags are the same in every PE of an anti-diagonal, so they are
-    :data:`.LOCAL` registers."""
-    def data(value, name, attrs=None):
+def _pass_on(m, pe, b_lanes):
+    """Register the k-step (``west`` to ``east``) and the B operands (``b_lanes``: (north,
+    south) per lane) on to the next PEs, field by field: only ``valid`` with a reset, and the
+    k-step's flags, which are the same in every PE of an anti-diagonal, as :data:`.LOCAL`
+    registers."""
+    def register(value, name, attrs=None):
         return delay(m, value, 1, name, reset_less=True, attrs=attrs)
+    west, east = pe.west, pe.east
     m.d.comb += [
-        pe.valid_out.eq(delay(m, pe.valid_in, 1, "valid_out", attrs=LOCAL)),
-        pe.a_out.eq(data(pe.a_in, "a_out")),
-        pe.a_zero_out.eq(data(pe.a_zero_in, "a_zero_out")),
-        *(b_out.eq(data(b_in, f"b_out{lane}_")) for lane, (b_in, b_out, _, _) in
-          enumerate(b_pairs)),
-        *(b_zero_out.eq(data(b_zero_in, f"b_zero_out{lane}_")) for lane, (_, _, b_zero_in,
-          b_zero_out) in enumerate(b_pairs)),
-        pe.first_out.eq(data(pe.first_in, "first_out", LOCAL)),
-        pe.last_out.eq(data(pe.last_in, "last_out", LOCAL)),
+        east.valid.eq(delay(m, west.valid, 1, "valid_out", attrs=LOCAL)),
+        east.a.eq(register(west.a, "a_out")),
+        east.a_zero.eq(register(west.a_zero, "a_zero_out")),
+        *(south.b.eq(register(north.b, f"b_out{lane}_"))
+          for lane, (north, south) in enumerate(b_lanes)),
+        *(south.zero.eq(register(north.zero, f"b_zero_out{lane}_"))
+          for lane, (north, south) in enumerate(b_lanes)),
+        east.first.eq(register(west.first, "first_out", LOCAL)),
+        east.last.eq(register(west.last, "last_out", LOCAL)),
     ]
 
 
 class ProcessingElement(wiring.Component):
-    a_in: In(OPERAND)
-    b_in: In(OPERAND)
-    a_zero_in: In(1)
-    b_zero_in: In(1)
-    valid_in: In(1)
-    first_in: In(1)
-    last_in: In(1)
-
-    a_out: Out(OPERAND)
-    b_out: Out(OPERAND)
-    a_zero_out: Out(1)
-    b_zero_out: Out(1)
-    valid_out: Out(1)
-    first_out: Out(1)
-    last_out: Out(1)
+    west: In(KSTEP)
+    north: In(B_OPERAND)
+    east: Out(KSTEP)
+    south: Out(B_OPERAND)
 
     acc: Out(ACCUMULATOR)
     result: Out(ACCUMULATOR)
@@ -174,23 +171,23 @@ class ProcessingElement(wiring.Component):
     def elaborate(self, platform):
         m = Module()
 
-        m.d.comb += self.zero.eq(self.a_zero_in | self.b_zero_in)
+        west, north = self.west, self.north
+        m.d.comb += self.zero.eq(west.a_zero | north.zero)
 
         # Stages 1-3: the multiplier's own operand registers, the product, and the product
         # again (see MULTIPLIER_STAGES and :func:`_gated_product`); the k-step's flags keep
         # pace.
         if self.multiplier == "dsp" and dsp_style(platform) == "ecp5":
             # Stages 1-2 inside an ECP5 DSP block (its operand and product registers).
-            raw = mult18x18d(m, self.a_in, self.b_in, self.valid_in & ~self.zero, "mult")
+            raw = mult18x18d(m, west.a, north.b, west.valid & ~self.zero, "mult")
             product = _cleared(m, raw, self.zero)
             self.multiplier_inputs = None
         else:
             a, b = Signal(OPERAND, reset_less=True), Signal(OPERAND, reset_less=True)
             self.multiplier_inputs = (a, b)  # the operand registers, for tests and waveforms
-            product = _gated_product(m, self.valid_in, [(a, self.a_in), (b, self.b_in)],
+            product = _gated_product(m, west.valid, [(a, west.a), (b, north.b)],
                                      self.zero, lambda a, b: self._product(m, a, b))
-        valid, first, last, zero = _flags(m, self.valid_in, self.first_in, self.last_in,
-                                          self.zero)
+        valid, first, last, zero = _flags(m, west.valid, west.first, west.last, self.zero)
 
         # Stage 4: the sum this k-step leaves in the accumulator; .eq() truncates to 32 bits,
         # which is the two's-complement wrap of INT32 accumulation.
@@ -204,7 +201,7 @@ class ProcessingElement(wiring.Component):
         with m.If(valid & last):
             m.d.sync += result.eq(total)
 
-        _pass_on(m, self, [(self.b_in, self.b_out, self.b_zero_in, self.b_zero_out)])
+        _pass_on(m, self, [(north, self.south)])
         return m
 
 
@@ -218,27 +215,16 @@ class PackedPair(wiring.Component):
     took from the upper half). A DSP48E1's 25 x 18 multiplier does this in one slice, two
     INT8 MACs per DSP. ``|P| < 2**31``, so a 32-bit product register holds it exactly.
 
-    Ports are those of :class:`ProcessingElement`, with ``b_in``, ``b_out``, ``b_zero_in``,
-    ``b_zero_out``, ``acc``, ``result`` and ``zero`` one per lane (lane ``l`` is column
+    Ports are those of :class:`ProcessingElement`, with ``north``, ``south``, ``acc``,
+    ``result`` and ``zero`` one per lane (lane ``l`` is column
     ``2p + l``); each lane's accumulator is gated by its own ``zero``; the shared multiplier
     holds only when both lanes are zero. Same :data:`LATENCY`.
     """
 
-    a_in: In(OPERAND)
-    b_in: In(OPERAND).array(2)
-    a_zero_in: In(1)
-    b_zero_in: In(1).array(2)
-    valid_in: In(1)
-    first_in: In(1)
-    last_in: In(1)
-
-    a_out: Out(OPERAND)
-    b_out: Out(OPERAND).array(2)
-    a_zero_out: Out(1)
-    b_zero_out: Out(1).array(2)
-    valid_out: Out(1)
-    first_out: Out(1)
-    last_out: Out(1)
+    west: In(KSTEP)
+    north: In(B_OPERAND).array(2)
+    east: Out(KSTEP)
+    south: Out(B_OPERAND).array(2)
 
     acc: Out(ACCUMULATOR).array(2)
     result: Out(ACCUMULATOR).array(2)
@@ -247,17 +233,18 @@ class PackedPair(wiring.Component):
     def elaborate(self, platform):
         m = Module()
 
+        west, north = self.west, self.north
         packed = Signal(signed(25))
-        m.d.comb += packed.eq((self.b_in[0] << 16) + self.b_in[1])
+        m.d.comb += packed.eq((north[0].b << 16) + north[1].b)
         for lane in range(2):
-            m.d.comb += self.zero[lane].eq(self.a_zero_in | self.b_zero_in[lane])
+            m.d.comb += self.zero[lane].eq(west.a_zero | north[lane].zero)
 
         # Stages 1-3 as in the plain PE: operand registers (B already packed), the product
         # and the product again, with the flags beside them.
         a, b = Signal(OPERAND, reset_less=True), Signal(signed(25), reset_less=True)
-        product = _gated_product(m, self.valid_in, [(a, self.a_in), (b, packed)],
+        product = _gated_product(m, west.valid, [(a, west.a), (b, packed)],
                                  self.zero[0] & self.zero[1], lambda a, b: a * b)
-        valid, first, last, zero = _flags(m, self.valid_in, self.first_in, self.last_in,
+        valid, first, last, zero = _flags(m, west.valid, west.first, west.last,
                                           Cat(*self.zero))
 
         # Stage 4: each lane's sum. Lane 1 adds the low half; lane 0 adds the high half plus
@@ -277,6 +264,5 @@ class PackedPair(wiring.Component):
             with m.If(valid & last):
                 m.d.sync += result.eq(totals[lane])
 
-        _pass_on(m, self, [(self.b_in[lane], self.b_out[lane], self.b_zero_in[lane],
-                            self.b_zero_out[lane]) for lane in range(2)])
+        _pass_on(m, self, [(north[lane], self.south[lane]) for lane in range(2)])
         return m

@@ -22,17 +22,17 @@ def simulate(steps, multiplier="dsp", flags=True):
 
     async def bench(ctx):
         for a, b, first, last in steps:
-            ctx.set(pe.a_in, a)
-            ctx.set(pe.b_in, b)
-            ctx.set(pe.a_zero_in, a == 0 and flags)
-            ctx.set(pe.b_zero_in, b == 0 and flags)
-            ctx.set(pe.valid_in, 1)
-            ctx.set(pe.first_in, first)
-            ctx.set(pe.last_in, last)
+            ctx.set(pe.west.a, a)
+            ctx.set(pe.north.b, b)
+            ctx.set(pe.west.a_zero, a == 0 and flags)
+            ctx.set(pe.north.zero, b == 0 and flags)
+            ctx.set(pe.west.valid, 1)
+            ctx.set(pe.west.first, first)
+            ctx.set(pe.west.last, last)
             zeros.append(ctx.get(pe.zero))
             await ctx.tick()
             seen.append((ctx.get(pe.acc), ctx.get(pe.result)))
-        ctx.set(pe.valid_in, 0)
+        ctx.set(pe.west.valid, 0)
         for _ in range(LATENCY - 1):
             await ctx.tick()
             seen.append((ctx.get(pe.acc), ctx.get(pe.result)))
@@ -127,16 +127,16 @@ def test_multiplier_idles_on_skipped_and_empty_k_steps():
 
     async def bench(ctx):
         for k, (a, b, valid) in enumerate(steps):
-            ctx.set(pe.a_in, a)
-            ctx.set(pe.b_in, b)
-            ctx.set(pe.a_zero_in, a == 0)
-            ctx.set(pe.b_zero_in, b == 0)
-            ctx.set(pe.valid_in, valid)
-            ctx.set(pe.first_in, k == 0)
-            ctx.set(pe.last_in, k == len(steps) - 2)
+            ctx.set(pe.west.a, a)
+            ctx.set(pe.north.b, b)
+            ctx.set(pe.west.a_zero, a == 0)
+            ctx.set(pe.north.zero, b == 0)
+            ctx.set(pe.west.valid, valid)
+            ctx.set(pe.west.first, k == 0)
+            ctx.set(pe.west.last, k == len(steps) - 2)
             await ctx.tick()
             held.append(tuple(ctx.get(register) for register in pe.multiplier_inputs))
-        ctx.set(pe.valid_in, 0)
+        ctx.set(pe.west.valid, 0)
         await ctx.tick().repeat(LATENCY)
         sums.append(ctx.get(pe.result))
 
@@ -154,14 +154,14 @@ def test_accumulator_wraps_like_int32():
     final = {}
 
     async def bench(ctx):
-        ctx.set(pe.valid_in, 1)
-        ctx.set(pe.a_in, -128)
-        ctx.set(pe.b_in, -128)
+        ctx.set(pe.west.valid, 1)
+        ctx.set(pe.west.a, -128)
+        ctx.set(pe.north.b, -128)
         for k in range(depth):
-            ctx.set(pe.first_in, k == 0)
-            ctx.set(pe.last_in, k == depth - 1)
+            ctx.set(pe.west.first, k == 0)
+            ctx.set(pe.west.last, k == depth - 1)
             await ctx.tick()
-        ctx.set(pe.valid_in, 0)
+        ctx.set(pe.west.valid, 0)
         await ctx.tick().repeat(LATENCY - 1)
         final["result"] = ctx.get(pe.result)
 
@@ -294,19 +294,19 @@ def simulate_pair(steps):
 
     async def bench(ctx):
         for a, b0, b1, first, last in steps:
-            ctx.set(pair.a_in, a)
-            ctx.set(pair.b_in[0], b0)
-            ctx.set(pair.b_in[1], b1)
-            ctx.set(pair.a_zero_in, a == 0)
-            ctx.set(pair.b_zero_in[0], b0 == 0)
-            ctx.set(pair.b_zero_in[1], b1 == 0)
-            ctx.set(pair.valid_in, 1)
-            ctx.set(pair.first_in, first)
-            ctx.set(pair.last_in, last)
+            ctx.set(pair.west.a, a)
+            ctx.set(pair.north[0].b, b0)
+            ctx.set(pair.north[1].b, b1)
+            ctx.set(pair.west.a_zero, a == 0)
+            ctx.set(pair.north[0].zero, b0 == 0)
+            ctx.set(pair.north[1].zero, b1 == 0)
+            ctx.set(pair.west.valid, 1)
+            ctx.set(pair.west.first, first)
+            ctx.set(pair.west.last, last)
             zeros.append((ctx.get(pair.zero[0]), ctx.get(pair.zero[1])))
             await ctx.tick()
             seen.append([(ctx.get(pair.acc[lane]), ctx.get(pair.result[lane])) for lane in (0, 1)])
-        ctx.set(pair.valid_in, 0)
+        ctx.set(pair.west.valid, 0)
         for _ in range(LATENCY - 1):
             await ctx.tick()
             seen.append([(ctx.get(pair.acc[lane]), ctx.get(pair.result[lane]))

@@ -32,13 +32,26 @@ def block_sparse(rng, shape, zero_fraction, block_k, block_n):
     return out
 
 
-def two_four(rng, shape):
-    """2:4 structured sparsity along K: in every group of 4 consecutive k of a column, 2 zeros."""
+def n_of_m(rng, shape, keep, group):
+    """N:M structured sparsity along K: in every ``group`` consecutive k of a column, only
+    ``keep`` values nonzero (the others chosen at random)."""
     k, n = shape
     out = dense(rng, shape)
-    groups = -(-k // 4)
-    for g in range(groups):
+    for g in range(-(-k // group)):
         for j in range(n):
-            lanes = g * 4 + rng.choice(4, 2, replace=False)
+            lanes = g * group + rng.choice(group, group - keep, replace=False)
             out[lanes[lanes < k], j] = 0
+    return out
+
+
+def two_four(rng, shape):
+    """2:4 structured sparsity along K: in every group of 4 consecutive k of a column, 2 zeros."""
+    return n_of_m(rng, shape, 2, 4)
+
+
+def unstructured(rng, shape, zero_fraction):
+    """Dense values with exactly ``zero_fraction`` of them, anywhere, zero (pruned weights)."""
+    out = dense(rng, shape)
+    count = int(round(zero_fraction * out.size))
+    out.reshape(-1)[rng.choice(out.size, count, replace=False)] = 0
     return out

@@ -33,6 +33,7 @@ on, so results are read from files it writes (``tee -o``), never from its consol
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -225,8 +226,11 @@ def ecp5_seeds(verilog_text, top, frequency=125.0, seeds=(1,), workdir=None, spe
 
         def place_and_route(seed):
             runs[seed].mkdir(exist_ok=True)
+            # The netlist by a relative path: the tools run under WebAssembly, which does not
+            # see every directory by its absolute path (not /tmp on some machines).
+            netlist = os.path.relpath(folder / "design.json", runs[seed])
             _run([nextpnr, ECP5_DEVICE["flag"], "--package", ECP5_DEVICE["package"],
-                  "--speed", speed, "--json", str(folder / "design.json"), "--freq",
+                  "--speed", speed, "--json", netlist, "--freq",
                   str(frequency), "--seed", str(seed), "--placer", placer, "--router", router,
                   "--timing-allow-fail", *(["--tmg-ripup"] if tmg_ripup else []),
                   "--report", "report.json", "--detailed-timing-report", "-l", "nextpnr.log",

@@ -430,6 +430,38 @@ def test_cli_run_and_bench_host(capsys, tmp_path):
     assert row["exact"] is True and row["m"] == 48
 
 
+def test_sparse_benchmark_patterns_and_bounds():
+    """The benchmark's patterns have the zeros they are named for, and its compute bound counts
+    the k-steps whose A and B vectors are both nonzero, tile by tile (checked here against a
+    loop over the tiles)."""
+    from sparsa import bench
+    from sparsa.sim import patterns
+
+    rng = np.random.default_rng(8)
+    for keep in (1, 2, 3):
+        b = patterns.n_of_m(rng, (37, 11), keep, 4)
+        groups = np.pad(b != 0, ((0, 3), (0, 0)))[:40].reshape(10, 4, 11).sum(axis=1)
+        assert (groups[:9] == keep).all() and (groups[9] <= 1).all()  # the last group: one k
+    b = patterns.unstructured(rng, (64, 40), 0.9)
+    assert (b == 0).sum() == 2304
+    g = protocol.Geometry(4, 4, 32, 64, 64)
+    a = patterns.relu_like(rng, (13, 50), 0.8)
+    b = patterns.unstructured(rng, (50, 18), 0.7)
+    a[4:8] = 0  # a whole m-tile with nothing to issue: its tiles still take the issue gap
+    want = 0
+    for i in range(0, 13, 4):
+        for j in range(0, 18, 4):
+            steps = sum(a[i:i + 4, k].any() and b[k, j:j + 4].any() for k in range(50))
+            want += max(steps, 4)
+    limits = bench.sparse_bounds(g, a, b)
+    assert limits["compute"] == want
+    assert {name: limits[name] for name in ("input", "output")} == {
+        name: value for name, value in bench.bounds(g, 13, 50, 18).items() if name != "compute"}
+    dense = patterns.dense(rng, (50, 18))
+    assert bench.sparse_bounds(g, patterns.dense(rng, (13, 50)), dense) == bench.bounds(g, 13,
+                                                                                        50, 18)
+
+
 def test_rounding_multiplier_rounds_like_one_rounding():
     """The device's requantization with rounding_multiplier's (multiplier, shift) equals one
     rounding of acc * real (NumPy, float64) on at least 99.99% of outputs, where the

@@ -6,6 +6,7 @@ build take minutes and are marked ``synth`` (``pytest -m synth``).
 """
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -228,6 +229,9 @@ def test_ecp5_seed_sweep_synthesizes_once_and_routes_each_seed(monkeypatch, tmp_
     routed = {int(c[c.index("--seed") + 1]): folder for what, c, folder in commands
               if what == "nextpnr-ecp5"}
     assert routed == {1: tmp_path / "seed1", 2: tmp_path / "seed2", 7: tmp_path / "seed7"}
+    # Each run reads the one netlist by a path relative to its folder.
+    assert {c[c.index("--json") + 1] for what, c, _ in commands if what == "nextpnr-ecp5"} == {
+        os.path.join("..", "design.json")}
     assert [(r["seed"], r["fmax_mhz"]) for r in reports] == [(1, 121.0), (2, 122.0), (7, 127.0)]
     assert synth.format_seeds(reports) == ("seeds 1, 2, 7: 121.0, 122.0, 127.0 MHz; 1 of 3 "
                                            "meet 125 MHz")

@@ -163,6 +163,30 @@ def quantize_with_onnxruntime(float_model, calibration, directory, per_channel,
     return onnx.load(target)
 
 
+def _pruned_2_4(float_model, name, train, test, labels, outputs, directory, per_channel,
+                reduce_range, reference, compiled):
+    """The model with its GEMM weights pruned 2:4 along K (:func:`sparsa.onnx.prune_weights`),
+    quantized by onnxruntime as the dense one is, compiled into ``compiled[name + " 2:4"]``:
+    its float and int8 accuracy, the int8 weights' zero fraction and the reference's
+    outputs."""
+    from sparsa import onnx as sparsa_onnx
+
+    pruned, _ = sparsa_onnx.prune_weights(float_model, "2:4")
+    pruned.graph.name = f"{float_model.graph.name or 'model'}_2of4"
+    quantized = quantize_with_onnxruntime(pruned, train[:512], directory, per_channel,
+                                          reduce_range)
+    model = compiled[f"{name} 2:4"] = sparsa_onnx.compile(quantized, outputs=outputs)
+    float_out = sparsa_onnx.onnxruntime_tensors(pruned, {pruned.graph.input[0].name: test})
+    float_out = float_out[-1] if outputs else float_out[0]
+    ours = model.run(reference, test)[0]
+    weights = [model.constants[node.attrs["weight"]] for node in model.nodes
+               if node.op == "QGemm"]
+    return {"weight_zeros": sum(int(np.sum(w == 0)) for w in weights)
+            / sum(w.size for w in weights),
+            "float_accuracy": float(np.mean(float_out.argmax(1) == labels)),
+            "int8_accuracy": float(np.mean(ours.argmax(1) == labels)), "reference": ours}
+
+
 def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
         reduce_range=True, printer=print):
     """Run the demo, printing as it goes; returns a dict of the figures (and 0/1 in
@@ -226,6 +250,8 @@ def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
             own = sparsa_onnx.compile(float_model, calibration=train[:512], outputs=outputs)
             row["own_quantizer_accuracy"] = float(np.mean(own.run(ref, test)[0].argmax(1)
                                                           == y_test))
+            row["pruned"] = _pruned_2_4(float_model, name, train, test, y_test, outputs,
+                                        directory, per_channel, reduce_range, ref, compiled)
             figures["models"][name] = row
             printer(f"  {name} ({description}): quantized by onnxruntime and compiled in "
                     f"{seconds:.1f} s, {len(agreement)} of {len(compiled[name].nodes)} nodes on "
@@ -242,6 +268,11 @@ def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
                     f"output, fed onnxruntime's input, equal on "
                     f">= {100 * row['node_agreement']:.3f}% of elements (largest difference "
                     f"{row['node_max_difference']:g})")
+            pruned = row["pruned"]
+            printer(f"    its weights pruned 2:4 by magnitude before quantizing (no fine-tuning; "
+                    f"{100 * pruned['weight_zeros']:.1f}% of the int8 weights zero): accuracy "
+                    f"float {100 * pruned['float_accuracy']:.2f}%, sparsa int8 "
+                    f"{100 * pruned['int8_accuracy']:.2f}%")
         started = time.perf_counter()
         with sparsa.open("sim", simulator=simulator, **config) as device:
             printer(f"  {device!r}: built and started in {time.perf_counter() - started:.1f} s")
@@ -260,7 +291,13 @@ def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
                            macs_skipped=counters["macs_skipped"],
                            products=counters["products"], us_per_image=1e6 * per_image,
                            sim_s=seconds)
-                if identical != sim_count:
+                pruned = row["pruned"]
+                pruned_out = compiled[f"{name} 2:4"].run(device, test[:sim_count])[0]
+                pruned_identical = int(np.sum(np.all(
+                    pruned_out == pruned.pop("reference")[:sim_count], axis=1)))
+                pruned.update(identical=pruned_identical,
+                              cycles=compiled[f"{name} 2:4"].run_counters()["cycles"])
+                if identical != sim_count or pruned_identical != sim_count:
                     status = 1
                 printer(f"    {name} on the simulated RTL: outputs identical to the reference "
                         f"for {identical} of {sim_count} images"
@@ -268,6 +305,9 @@ def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
                         f"{seconds:.1f} s; {cycles} cycles, {counters['macs_skipped']} of "
                         f"{counters['products']} products skipped as zero; projected "
                         f"{1e6 * per_image:.2f} us per image at {clock_mhz:g} MHz (array time)")
+                printer(f"      with 2:4 weights: identical for {pruned_identical} of "
+                        f"{sim_count} images; {pruned['cycles']} cycles "
+                        f"({cycles / pruned['cycles']:.2f}x fewer than dense)")
             printer("  the CNN's per-layer report on the simulated RTL "
                     f"({sim_count} images):")
             for line in compiled["CNN"].summary(batch=sim_count).splitlines():

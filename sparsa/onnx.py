@@ -31,7 +31,7 @@ from sparsa.host.graph import im2col, load, loads  # noqa: F401  (re-exported)
 from sparsa.host.quant import rounding_multiplier
 
 __all__ = ["compile", "load", "loads", "ModelError", "SUPPORTED_OPS", "node_agreement",
-           "onnxruntime_tensors"]
+           "onnxruntime_tensors", "prune_weights"]
 
 GEMM_OPS = ("Conv", "MatMul", "Gemm")
 QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger")
@@ -1138,6 +1138,56 @@ def _insert(graph, new_nodes):
 
 
 # ---- comparing with onnxruntime ---------------------------------------------------------------
+
+def prune_weights(model, pattern):
+    """A copy of float ``model`` (a path or an ``onnx.ModelProto``) with the constant weights
+    of its Conv, MatMul and Gemm nodes pruned by magnitude along K, the accelerator's
+    reduction axis (:func:`sparsa.prune`: ``"2:4"``, ``"1:4"``, ... or a fraction): a MatMul's
+    rows, a Gemm's rows (its columns with ``transB``), a Conv's input channels x kernel in
+    im2col's order. Returns ``(pruned model, {node name: zero fraction of its weight})``. No
+    fine-tuning: the accuracy this costs is what pruning alone costs."""
+    import copy
+
+    import onnx
+    from onnx import numpy_helper
+
+    from sparsa.host.sparsity import prune
+
+    model = copy.deepcopy(onnx.load(str(model)) if isinstance(model, (str, Path)) else model)
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    users = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    zeros = {}
+    for node in model.graph.node:
+        if node.op_type not in GEMM_OPS or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        if name not in initializers:
+            continue
+        if len(users[name]) > 1:
+            raise ModelError(f"{node.op_type} node {node.name!r}: its weight {name!r} is "
+                             f"shared with other nodes; prune it once, by hand")
+        weight = numpy_helper.to_array(initializers[name])
+        if weight.dtype.kind != "f":
+            raise ModelError(f"{node.op_type} node {node.name!r}: expected a float weight, got "
+                             f"{weight.dtype} (prune before quantizing)")
+        attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+        if node.op_type == "Conv":
+            kn = weight.reshape(weight.shape[0], -1).T
+            pruned = prune(kn, pattern).T.reshape(weight.shape)
+        elif node.op_type == "Gemm" and attrs.get("transB", 0):
+            pruned = prune(weight.T, pattern).T
+        elif weight.ndim == 2:
+            pruned = prune(weight, pattern)
+        else:
+            raise ModelError(f"{node.op_type} node {node.name!r}: expected a 2-d weight, got "
+                             f"shape {weight.shape}")
+        initializers[name].CopyFrom(numpy_helper.from_array(pruned.astype(weight.dtype), name))
+        zeros[node.name or name] = float(np.mean(pruned == 0))
+    return model, zeros
+
 
 def onnxruntime_tensors(model, feeds, names=None, optimize=True):
     """onnxruntime's outputs of ``model`` (a path or ModelProto) for ``feeds``, or, with

@@ -171,7 +171,7 @@ def test_sim_backend_on_icarus(icarus):
 def test_demo_on_small_build(tmp_path, capsys, verilator):
     """The README's main job end to end on a 4x4 build (60 images on the simulated RTL): both
     models' outputs identical on both backends, INT8 accuracy within 2 points of float, equal
-    to onnxruntime running the model's graph as written."""
+    to onnxruntime running the model's graph as written; the same with 2:4-pruned weights."""
     pytest.importorskip("skl2onnx")
     pytest.importorskip("onnxruntime")
     from sparsa import cli
@@ -188,6 +188,10 @@ def test_demo_on_small_build(tmp_path, capsys, verilator):
         assert row["top1_agreement_unfused"] >= 0.995, name
         assert row["node_agreement"] >= 0.999 and row["node_max_difference"] <= 1, name
         assert 0 < row["macs_skipped"] < row["products"] and row["cycles"] > 0, name
+        pruned = row["pruned"]  # its weights pruned 2:4: half of them zero, outputs exact
+        assert pruned["identical"] == 60 and pruned["cycles"] > 0, name
+        assert pruned["weight_zeros"] >= 0.45, name
+        assert pruned["int8_accuracy"] >= pruned["float_accuracy"] - 0.03, name
     out = capsys.readouterr().out
     assert out.count("outputs identical to the reference for 60 of 60 images") == 2
     assert "per-layer report" in out and "conv2" in out

@@ -110,6 +110,32 @@ def test_float_model_with_calibration(float_models, reference):
         assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.9, name
 
 
+def test_prune_weights_along_the_accelerators_k(float_models, reference):
+    """sparsa.onnx.prune_weights: 2:4 along K as the accelerator sees it (each compiled GEMM's
+    int8 K x N matrix, groups of 4 consecutive k per column), the model still runs and stays
+    close to the float original; bad input is refused naming the node."""
+    for name in ("cnn", "ffn"):
+        pruned, zeros = sparsa_onnx.prune_weights(float_models[name], "2:4")
+        assert zeros and all(0.4 <= fraction <= 0.5 for fraction in zeros.values()), zeros
+        compiled = sparsa_onnx.compile(pruned, calibration=data(name, 200, 5))
+        for node in compiled.nodes:
+            if node.op != "QGemm":
+                continue
+            for w in compiled.constants[node.attrs["weight"]]:  # per convolution group
+                k, n = w.shape
+                groups = np.pad(w != 0, ((0, -k % 4), (0, 0))).reshape(-1, 4, n)
+                assert groups.sum(axis=1).max() <= 2, node.name
+        x = data(name, 300, 6)
+        ours = compiled.run(reference, x)[0]
+        theirs = sparsa_onnx.onnxruntime_tensors(pruned, {"x": x})[0]
+        assert np.abs(ours - theirs).max() <= 0.1 * np.abs(theirs).max(), name
+    original = float_models["cnn"]  # pruned above into a copy: the original is untouched
+    assert all(float(np.mean(onnx.numpy_helper.to_array(t) == 0)) < 0.1
+               for t in original.graph.initializer if t.name.startswith("w"))
+    with pytest.raises(ValueError, match="pattern"):
+        sparsa_onnx.prune_weights(original, "5:4")
+
+
 def test_backends_give_identical_outputs(quantized, reference):
     """The fast reference and the byte-level device model (the whole driver) agree bit for
     bit on every tensor, with the same work counters."""

@@ -6,20 +6,25 @@ in: tdata, tvalid, tready, tlast); ``m_axis_*`` (results out: tdata, tvalid, tre
 ``s_axi_*`` (AXI4-Lite registers, :mod:`.regs`). The stream layouts, register map and
 arithmetic are those of :mod:`sparsa.protocol`.
 
-Dataflow of one job (``C = A @ B``, ``M x K @ K x N``):
+Dataflow of one job (``C = A @ B``, ``M x K @ K x N``), one component per stage (each module's
+docstring has its contract):
 
-- **Loader** (s_axis -> on-chip memories): the bias, per-column requantization multipliers
-  and the whole B panel go to memories that
-  stay resident for the job, B as ``ceil(N/cols) x K`` words of ``cols`` bytes; then A arrives
-  one m-tile (``rows x K``) at a time into one of two banks (double buffering: the next m-tile
-  loads while the current one computes).
-- **Sequencer** (memories -> array): for each m-tile, for each n-tile, issues the K k-steps of
-  that output tile to the output-stationary :class:`.SystolicArray`, one per cycle, so each A
-  panel is reused across all n-tiles and B across all m-tiles. Before a tile's last k-step it
+- :class:`.JobControl` checks the job's registers and latches the job at START; it holds the
+  status (busy, done, error, closing).
+- :class:`.Loader` (s_axis -> on-chip memories): the bias, per-column requantization
+  multipliers and the whole B panel go to memories that stay resident for the job, B as
+  ``ceil(N/cols) x K`` words of ``cols`` bytes; then A arrives one m-tile (``rows x K``) at a
+  time into one of two banks (double buffering: the next m-tile loads while the current one
+  computes).
+- :class:`.Sequencer` (memories -> array): for each m-tile, for each n-tile, issues the
+  k-steps of that output tile, one per cycle, so each A panel is reused across all n-tiles and
+  B across all m-tiles; :class:`.Feed` puts each k-step's operands on the edge of the
+  output-stationary :class:`.SystolicArray`. Before a tile's last k-step the sequencer
   reserves room for the tile's result rows downstream, so nothing ever overflows.
-- **Drain** (array -> post-processing -> FIFO -> m_axis): finished rows go through
+- :class:`.Drain` (array -> post-processing -> FIFO -> m_axis): finished rows go through
   :class:`.PostProcessor` into a FIFO of ``2 x rows`` rows and out as stream vectors, while
   the array already works on the next tile.
+- :class:`.WorkCounters` count cycles, stalls, MACs and what sparse-skip saved.
 
 Both stream ports are credit-based links (:class:`.CreditLink`): the handshake with the DMA is
 answered beside the port, and the beats cross the die through registers, so no path runs from

@@ -306,8 +306,8 @@ def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
                         f"{counters['products']} products skipped as zero; projected "
                         f"{1e6 * per_image:.2f} us per image at {clock_mhz:g} MHz (array time)")
                 printer(f"      with 2:4 weights: identical for {pruned_identical} of "
-                        f"{sim_count} images; {pruned['cycles']} cycles "
-                        f"({cycles / pruned['cycles']:.2f}x fewer than dense)")
+                        f"{sim_count} images; {pruned['cycles']} cycles, the dense model's "
+                        f"{cycles} / {cycles / pruned['cycles']:.2f}")
             printer("  the CNN's per-layer report on the simulated RTL "
                     f"({sim_count} images):")
             for line in compiled["CNN"].summary(batch=sim_count).splitlines():

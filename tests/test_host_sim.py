@@ -209,14 +209,16 @@ def test_bench_all_writes_results(tmp_path, verilator):
     assert [row["m"] for row in results["array"]] == [8, 24]
     for row in results["array"]:
         assert row["cycles"] >= max(row["bound_cycles"].values())  # no run beats its bound
-    assert results["sparse"][0]["pattern"] == "dense" and len(results["sparse"]) == 8
+    assert results["sparse"][0]["pattern"] == "dense" and len(results["sparse"]) == 13
+    for row in results["sparse"]:
+        assert row["cycles"] >= max(row["bound_cycles"].values()), row["pattern"]
     assert all(row["macs_skipped"] == row["macs_skipped_expected"] for row in results["sparse"])
     # The host's cases (half the rows of A or columns of B zero) take about half the cycles.
     host_rows = [row for row in results["sparse"] if "(host)" in row["pattern"]]
     assert len(host_rows) == 2 and all(row["speedup"] > 1.3 for row in host_rows)
     assert results["host"][0]["exact"] is True
     table = (tmp_path / "results.md").read_text()
-    assert "| 24 | " in table and "block-sparse B 75%" in table
+    assert "| 24 | " in table and "block-sparse B 75%" in table and "1:4 B" in table
     for plot in ("utilization.png", "sparse_speedup.png", "host_speed.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
 

@@ -296,7 +296,7 @@ class Sequencer(wiring.Component):
 
     def _fsm(self, m):
         """The tile's states: WAIT for its A panel, LOAD its k-steps, ISSUE them."""
-        g, job = self.geometry, self.job
+        g = self.geometry
         ready, more, closing = self.ready, self.more, self.closing
         with m.FSM(name="sequencer") as sequencer:
             with m.State("IDLE"):

@@ -13,9 +13,9 @@
 
 The sums are registered in stages (the zero flags copied; the live lanes; their counts; the
 counts' product; the zeros; the sum), so no cycle holds more than one small multiply or one wide
-add: ``macs_skipped`` is complete within eight cycles of the last counted k-step, ``ksteps_skipped``
-two after the last ``advance``. The counters are read only after DONE, which comes many cycles
-later.
+add: ``macs_skipped`` is complete within eight cycles of the last counted k-step,
+``ksteps_skipped`` two after the last ``advance``. The counters are read only after DONE, which
+comes many cycles later.
 """
 
 from amaranth import Module, Mux, Signal

@@ -2,8 +2,8 @@
 
 :class:`JobControl` takes the register values (``registers``: ``m``, ``k``, ``n``, ``options``,
 ``quant_*``) and ``start``, and gives the job the other stages read (:func:`job_layout`),
-whether it was rejected, and the status: ``busy``, ``done``, ``error``, and ``closing`` (no more tiles will be
-issued: the drain closes the output packet once it is empty).
+whether it was rejected, and the status: ``busy``, ``done``, ``error``, and ``closing`` (no more
+tiles will be issued: the drain closes the output packet once it is empty).
 
 Contract:
 

@@ -95,7 +95,8 @@ def test_job_control_checks_and_status():
     for _ in range(40):
         cases.append((int(rng.choice([0, 1, 4, 5, 2**31])), int(rng.choice([0, 1, 64, 65, 300])),
                       int(rng.choice([0, 1, 4, 32, 33])), int(rng.integers(0, 64)),
-                      int(rng.choice([0, 31, 32, 1000])), int(rng.choice([-129, -128, 0, 127, 128]))))
+                      int(rng.choice([0, 31, 32, 1000])),
+                      int(rng.choice([-129, -128, 0, 127, 128]))))
     dut = JobControl(g)
     top = WithReset(dut)
     results = []

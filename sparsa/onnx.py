@@ -52,21 +52,7 @@ def compile(model, *, calibration=None, outputs=None):  # noqa: A001  (sparsa.on
     ``calibration``: float inputs (an array, or a dict by input name; a batch of samples) for
     a float model, which is then quantized here; not needed for a quantized model.
     ``outputs``: tensor names to end the graph at (default: the model's outputs)."""
-    try:
-        import onnx
-    except ImportError as error:
-        raise ModuleNotFoundError("sparsa.onnx.compile needs the onnx package: "
-                                  "pip install 'sparsa[onnx]'", name="onnx") from error
-    source = ""
-    if isinstance(model, (str, Path)):
-        source = Path(model).name
-        try:
-            model = onnx.load(str(model))
-        except Exception as error:  # onnx raises DecodeError, OSError, ...
-            raise ModelError(f"model: cannot read {source} as ONNX ({error})") from error
-    elif not isinstance(model, onnx.ModelProto):
-        raise ModelError(f"model: expected a path or an onnx.ModelProto, got "
-                         f"{type(model).__name__}")
+    model, source = _read_model(model, "compile")
     graph = _import(model, outputs)
     graph.source = source or model.graph.name
     _fold_constants(graph, keep_ops=("DequantizeLinear",))
@@ -133,6 +119,26 @@ class _Graph:
                 if key in node.attrs:
                     used.add(node.attrs[key])
         return {name: value for name, value in self.constants.items() if name in used}
+
+
+def _read_model(model, caller):
+    """``(ModelProto, file name or "")`` of ``model``, a path or an ``onnx.ModelProto``; clear
+    errors for a missing onnx package (naming ``sparsa.onnx.<caller>``) and for anything else."""
+    try:
+        import onnx
+    except ImportError as error:
+        raise ModuleNotFoundError(f"sparsa.onnx.{caller} needs the onnx package: "
+                                  "pip install 'sparsa[onnx]'", name="onnx") from error
+    if isinstance(model, (str, Path)):
+        source = Path(model).name
+        try:
+            return onnx.load(str(model)), source
+        except Exception as error:  # onnx raises DecodeError, OSError, ...
+            raise ModelError(f"model: cannot read {source} as ONNX ({error})") from error
+    if not isinstance(model, onnx.ModelProto):
+        raise ModelError(f"model: expected a path or an onnx.ModelProto, got "
+                         f"{type(model).__name__}")
+    return model, ""
 
 
 def _dtype_name(onnx_type):
@@ -1146,14 +1152,15 @@ def prune_weights(model, pattern):
     rows, a Gemm's rows (its columns with ``transB``), a Conv's input channels x kernel in
     im2col's order. Returns ``(pruned model, {node name: zero fraction of its weight})``. No
     fine-tuning: the accuracy this costs is what pruning alone costs."""
-    import copy
-
+    model, _ = _read_model(model, "prune_weights")
     import onnx
     from onnx import numpy_helper
 
     from sparsa.host.sparsity import prune
 
-    model = copy.deepcopy(onnx.load(str(model)) if isinstance(model, (str, Path)) else model)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    model = pruned
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     users = {}
     for node in model.graph.node:
@@ -1196,7 +1203,7 @@ def onnxruntime_tensors(model, feeds, names=None, optimize=True):
     import onnx
     import onnxruntime
 
-    model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    model, _ = _read_model(model, "onnxruntime_tensors")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     if names is not None:

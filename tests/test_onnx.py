@@ -134,6 +134,8 @@ def test_prune_weights_along_the_accelerators_k(float_models, reference):
                for t in original.graph.initializer if t.name.startswith("w"))
     with pytest.raises(ValueError, match="pattern"):
         sparsa_onnx.prune_weights(original, "5:4")
+    with pytest.raises(sparsa_onnx.ModelError, match="model: expected a path"):
+        sparsa_onnx.prune_weights(np.zeros(3), "2:4")
 
 
 def test_backends_give_identical_outputs(quantized, reference):

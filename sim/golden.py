@@ -70,17 +70,30 @@ def sparse_counters(a, b, rows, cols, skip=True):
     n = b.shape[1]
     products = m * k * n
     nonzero_pairs = int(((a != 0).sum(axis=0).astype(np.int64) * (b != 0).sum(axis=1)).sum())
+    issued = ksteps_issued(a, b, rows, cols, skip)
+    m_tiles, n_tiles = issued.shape
+    rows_real = np.minimum(rows, m - rows * np.arange(m_tiles))
+    cols_real = np.minimum(cols, n - cols * np.arange(n_tiles))
+    macs = int((issued * rows_real[:, None] * cols_real[None, :]).sum())
+    return {"MACS": macs % 2**32, "MACS_SKIPPED": (products - nonzero_pairs) % 2**32,
+            "KSTEPS_SKIPPED": int(m_tiles * n_tiles * k - issued.sum()) % 2**32}
+
+
+def ksteps_issued(a, b, rows, cols, skip=True):
+    """Per output tile ([m-tile, n-tile], int64), the k-steps of ``a @ b`` a rows x cols array
+    issues: those whose A column (the tile's rows) and B row (its columns) both have a nonzero,
+    or all K without skipping."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    m, k = a.shape
+    n = b.shape[1]
     m_tiles, n_tiles = -(-m // rows), -(-n // cols)
+    if not skip:
+        return np.full((m_tiles, n_tiles), k, np.int64)
     a_pad = np.zeros((m_tiles * rows, k), bool)
     a_pad[:m] = a != 0
     b_pad = np.zeros((k, n_tiles * cols), bool)
     b_pad[:, :n] = b != 0
-    a_live = a_pad.reshape(m_tiles, rows, k).any(axis=1)  # [m-tile, k]
-    b_live = b_pad.reshape(k, n_tiles, cols).any(axis=2).T  # [n-tile, k]
-    issued = a_live[:, None, :] & b_live[None, :, :] if skip else \
-        np.ones((m_tiles, n_tiles, k), bool)
-    rows_real = np.minimum(rows, m - rows * np.arange(m_tiles))
-    cols_real = np.minimum(cols, n - cols * np.arange(n_tiles))
-    macs = int((issued.sum(axis=2) * rows_real[:, None] * cols_real[None, :]).sum())
-    return {"MACS": macs % 2**32, "MACS_SKIPPED": (products - nonzero_pairs) % 2**32,
-            "KSTEPS_SKIPPED": int((~issued).sum()) % 2**32}
+    a_live = a_pad.reshape(m_tiles, rows, k).any(axis=1).astype(np.int64)  # [m-tile, k]
+    b_live = b_pad.reshape(k, n_tiles, cols).any(axis=2).astype(np.int64)  # [k, n-tile]
+    return a_live @ b_live

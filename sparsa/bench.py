@@ -113,16 +113,11 @@ def sparse_bounds(geometry, a, b):
     for a dense job (:func:`bounds`)."""
     import numpy as np
 
+    from sparsa.sim import golden
+
     g = geometry
     (m, k), n = a.shape, b.shape[1]
-    m_tiles, n_tiles = g.tiles(m, n)
-    a_live = np.zeros((m_tiles * g.rows, k), bool)
-    a_live[:m] = a != 0
-    b_live = np.zeros((k, n_tiles * g.cols), bool)
-    b_live[:, :n] = b != 0
-    a_live = a_live.reshape(m_tiles, g.rows, k).any(axis=1).astype(np.int32)  # [m-tile, k]
-    b_live = b_live.reshape(k, n_tiles, g.cols).any(axis=2).astype(np.int32)  # [k, n-tile]
-    steps = a_live @ b_live  # [m-tile, n-tile]: k-steps issued
+    steps = golden.ksteps_issued(a, b, g.rows, g.cols)  # [m-tile, n-tile]
     limits = bounds(g, m, k, n)
     limits["compute"] = int(np.maximum(steps, max(1, g.rows, g.cols)).sum())
     return limits

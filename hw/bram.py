@@ -48,8 +48,9 @@ def write_signature(width, depth):
 
 
 def read_signature(width, depth):
-    """The read port of a :class:`BlockMemory`, seen from the memory: ``data`` is the word at
-    the ``addr`` of two cycles before."""
+    """A read port of a ``width`` x ``depth`` memory, seen from the memory (``addr`` in,
+    ``data`` out); when the data comes is the memory's (a :class:`BlockMemory`'s: the word at
+    the ``addr`` of two cycles before)."""
     return wiring.Signature({"addr": In(ceil_log2(depth)), "data": Out(width)})
 
 

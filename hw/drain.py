@@ -27,16 +27,12 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
+from .bram import read_signature
 from .job import SINGLE, job_layout
 from .link import beat_layout
 from .pe import ACCUMULATOR
 from .pipeline import delay, walk_flag
 from .postproc import PostProcessor
-
-
-def _column_read(width, depth):
-    """An asynchronous read of a column vector memory, seen from the reader."""
-    return wiring.Signature({"addr": Out(range(depth)), "data": In(width)})
 
 
 class Drain(wiring.Component):
@@ -48,8 +44,9 @@ class Drain(wiring.Component):
             "closing": In(1), "busy": In(1), "nothing_reserved": In(1), "link_idle": In(1),
             "out_valid": In(1), "out_row": In(max(1, bits_for(g.rows - 1))),
             "c": In(ACCUMULATOR).array(g.cols),
-            "bias_read": Out(_column_read(32 * g.cols, g.n_tiles_max)),
-            "mult_read": Out(_column_read(32 * g.cols, g.n_tiles_max)),
+            # Read asynchronously: the data is the word at this cycle's address.
+            "bias_read": In(read_signature(32 * g.cols, g.n_tiles_max)),
+            "mult_read": In(read_signature(32 * g.cols, g.n_tiles_max)),
             "output": Out(stream.Signature(beat_layout(g.stream_width))),
             "popped": Out(1), "drained": Out(1),
         })

@@ -187,6 +187,14 @@ def _pruned_2_4(float_model, name, train, test, labels, outputs, directory, per_
             "int8_accuracy": float(np.mean(ours.argmax(1) == labels)), "reference": ours}
 
 
+def _on_device(model, device, images, reference):
+    """``model`` run on ``device``: how many images' outputs equal ``reference``'s (the
+    reference backend's, for at least these images), and the run's counters."""
+    ours = model.run(device, images)[0]
+    identical = int(np.sum(np.all(ours == reference[:len(images)], axis=1)))
+    return identical, model.run_counters()
+
+
 def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
         reduce_range=True, printer=print):
     """Run the demo, printing as it goes; returns a dict of the figures (and 0/1 in
@@ -224,7 +232,7 @@ def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
             seconds = time.perf_counter() - started
             float_out = sparsa_onnx.onnxruntime_tensors(float_model, {
                 float_model.graph.input[0].name: test})
-            float_out = float_out[-1] if name == "MLP" else float_out[0]
+            float_out = float_out[-1] if outputs else float_out[0]  # skl2onnx: label first
             feeds = {quantized.graph.input[0].name: test}
             ort_out, ort_unfused = (
                 sparsa_onnx.onnxruntime_tensors(quantized, feeds, outputs, optimize=optimize)
@@ -280,11 +288,9 @@ def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
             for name, (_, _, test, _, _, _) in models.items():
                 row = figures["models"][name]
                 started = time.perf_counter()
-                ours = compiled[name].run(device, test[:sim_count])[0]
+                identical, counters = _on_device(compiled[name], device, test[:sim_count],
+                                                 row.pop("reference"))
                 seconds = time.perf_counter() - started
-                identical = int(np.sum(np.all(ours == row.pop("reference")[:sim_count],
-                                              axis=1)))
-                counters = compiled[name].run_counters()
                 cycles = counters["cycles"]
                 per_image = cycles / (clock_mhz * 1e6) / sim_count
                 row.update(identical=identical, cycles=cycles, macs=counters["macs"],
@@ -292,11 +298,9 @@ def run(config, simulator="verilator", clock_mhz=100.0, seed=0, sim_images=None,
                            products=counters["products"], us_per_image=1e6 * per_image,
                            sim_s=seconds)
                 pruned = row["pruned"]
-                pruned_out = compiled[f"{name} 2:4"].run(device, test[:sim_count])[0]
-                pruned_identical = int(np.sum(np.all(
-                    pruned_out == pruned.pop("reference")[:sim_count], axis=1)))
-                pruned.update(identical=pruned_identical,
-                              cycles=compiled[f"{name} 2:4"].run_counters()["cycles"])
+                pruned_identical, pruned_counters = _on_device(
+                    compiled[f"{name} 2:4"], device, test[:sim_count], pruned.pop("reference"))
+                pruned.update(identical=pruned_identical, cycles=pruned_counters["cycles"])
                 if identical != sim_count or pruned_identical != sim_count:
                     status = 1
                 printer(f"    {name} on the simulated RTL: outputs identical to the reference "

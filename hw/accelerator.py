@@ -273,9 +273,7 @@ class Accelerator(wiring.Component):
             regs.STATUS.eq(core.busy * protocol.Status.BUSY | core.done * protocol.Status.DONE
                            | (core.error != 0) * protocol.Status.ERROR),
             regs.ERROR.eq(core.error),
-            regs.CYCLES.eq(core.cycles), regs.STALL_IN.eq(core.stall_in),
-            regs.STALL_OUT.eq(core.stall_out), regs.MACS.eq(core.macs),
-            regs.MACS_SKIPPED.eq(core.macs_skipped), regs.KSTEPS_SKIPPED.eq(core.ksteps_skipped),
+            *(getattr(regs, name).eq(getattr(core, name.lower())) for name in protocol.COUNTERS),
             regs.ID.eq(protocol.MAGIC),
             regs.VERSION.eq(protocol.REGISTER["VERSION"].reset),
         ]

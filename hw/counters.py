@@ -22,9 +22,12 @@ from amaranth import Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from sparsa import protocol
+
 from .pipeline import delay, lut_product
 
-COUNTERS = ("cycles", "stall_in", "stall_out", "macs", "macs_skipped", "ksteps_skipped")
+# The counters' ports: the protocol's counter registers, by their names in lower case.
+COUNTERS = tuple(name.lower() for name in protocol.COUNTERS)
 
 
 class WorkCounters(wiring.Component):

@@ -51,10 +51,11 @@ from .array import SystolicArray, check_dimensions, check_lut_columns
 from .bram import BlockMemory
 from .counters import COUNTERS, WorkCounters
 from .drain import Drain
-from .feed import Feed
+from .feed import Feed, b_word_width
 from .job import REGISTERS, JobControl
 from .link import CreditLink, beat_layout
 from .loader import Loader
+from .pe import LANES
 from .pipeline import delay
 from .regs import RegisterBlock
 from .sequencer import Sequencer
@@ -82,8 +83,9 @@ class GemmCore(wiring.Component):
         m = Module()
         g = self.geometry
         n_tiles = g.n_tiles_max
-        m.submodules.job = job = JobControl(g)
-        m.submodules.loader = loader = Loader(g, self.sparse_skip)
+        groups = self.sparse_skip and not self.dsp_packing
+        m.submodules.job = job = JobControl(g, groups)
+        m.submodules.loader = loader = Loader(g, self.sparse_skip, groups)
         m.submodules.sequencer = sequencer = Sequencer(g, self.sparse_skip)
         m.submodules.feed = feed = Feed(g.rows, g.cols)
         m.submodules.array = array = SystolicArray(g.rows, g.cols, self.lut_columns,
@@ -92,8 +94,9 @@ class GemmCore(wiring.Component):
         m.submodules.counters = counters = WorkCounters(g.rows, g.cols, g.max_k)
         # The operand memories answer two cycles after the address: a block RAM's read and a
         # register on its output (in an ECP5 build the block's own output register).
-        m.submodules.b_mem = b_mem = BlockMemory(8 * g.cols, n_tiles * g.max_k)
-        m.submodules.a_mem = a_mem = BlockMemory(8 * g.rows, 2 * g.max_k)
+        # B: a word per slot (values and lanes); A: a word per group (its four k-steps).
+        m.submodules.b_mem = b_mem = BlockMemory(b_word_width(g.cols), n_tiles * g.max_k)
+        m.submodules.a_mem = a_mem = BlockMemory(8 * g.rows * LANES, 2 * g.max_k // LANES)
         m.submodules.bias_mem = bias_mem = Memory(shape=32 * g.cols, depth=n_tiles, init=[])
         m.submodules.mult_mem = mult_mem = Memory(shape=32 * g.cols, depth=n_tiles, init=[])
         self._links(m, loader, drain)
@@ -131,7 +134,7 @@ class GemmCore(wiring.Component):
             sequencer.closing.eq(job.closing), sequencer.tlast_early.eq(loader.tlast_early),
             sequencer.panel_full.eq(loader.panel_full), sequencer.loading_a.eq(loader.loading_a),
             loader.free.eq(sequencer.free),
-            a_mem.read.addr.eq(sequencer.a_addr), b_mem.read.addr.eq(sequencer.b_addr),
+            a_mem.read.addr.eq(sequencer.a_addr[2:]), b_mem.read.addr.eq(sequencer.b_addr),
             feed.step.eq(sequencer.step), feed.slot.eq(sequencer.slot),
             feed.a_word.eq(a_mem.read.data), feed.b_word.eq(b_mem.read.data),
             array.valid.eq(feed.valid), array.first.eq(feed.first), array.last.eq(feed.last),
@@ -139,7 +142,8 @@ class GemmCore(wiring.Component):
         for i in range(g.rows):
             m.d.comb += [array.a[i].eq(feed.a[i]), array.a_zero[i].eq(feed.a_zero[i])]
         for j in range(g.cols):
-            m.d.comb += [array.b[j].eq(feed.b[j]), array.b_zero[j].eq(feed.b_zero[j])]
+            m.d.comb += [array.b[j].eq(feed.b[j]), array.b_zero[j].eq(feed.b_zero[j]),
+                         array.b_lane[j].eq(feed.b_lane[j])]
 
         bias_read = bias_mem.read_port(domain="comb")
         mult_read = mult_mem.read_port(domain="comb")
@@ -158,7 +162,7 @@ class GemmCore(wiring.Component):
             counters.waiting_panel.eq(sequencer.waiting_panel),
             counters.waiting_room.eq(sequencer.waiting_room),
             counters.counted.eq(feed.counted), counters.counted_slot.eq(feed.counted_slot),
-            counters.zeros.eq(feed.zeros),
+            counters.zeros.eq(feed.zeros), counters.lanes.eq(feed.lanes),
             counters.advance.eq(sequencer.advance), counters.skipped.eq(sequencer.skipped),
             counters.slot.eq(sequencer.slot),
             *(getattr(self, name).eq(getattr(counters, name)) for name in COUNTERS),
@@ -208,6 +212,9 @@ class Accelerator(wiring.Component):
         for name, value in (("max_k", max_k), ("max_n", max_n)):
             if not isinstance(value, int) or not 1 <= value <= 65536:
                 raise ValueError(f"{name} must be an int between 1 and 65536, not {value!r}")
+        if max_k % LANES:
+            raise ValueError(f"max_k must be a multiple of {LANES} (A is kept in groups of "
+                             f"{LANES} k-steps), not {max_k}")
         self.geometry = protocol.Geometry(rows, cols, stream_width, max_k, max_n)
         self.sparse_skip = sparse_skip
         self._regs = RegisterBlock()
@@ -226,7 +233,7 @@ class Accelerator(wiring.Component):
         g = self.geometry
         return {"ROWS": g.rows, "COLS": g.cols, "STREAM_WIDTH": g.stream_width,
                 "MAX_K": g.max_k, "MAX_N": g.max_n,
-                "FEATURES": features(self.sparse_skip)}
+                "FEATURES": features(self.sparse_skip, self.sparse_skip and not self.dsp_packing)}
 
     def elaborate(self, platform):
         m = Module()

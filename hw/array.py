@@ -15,7 +15,11 @@ the top (column j carries B[k, j]). We chose it over weight-stationary because
 
 Interface (one k-step per cycle, unskewed: the array adds the skewing registers itself):
 
-- ``a[i]`` (i < rows), ``b[j]`` (j < cols): the operand vectors of one k-step.
+- ``a[i]`` (i < rows): the k-step's group of four A values of row i (see the group format in
+  :mod:`sparsa.protocol`), with their zero flags ``a_zero[i]``; ``b[j]`` (j < cols): the B
+  operand of column j, with its zero flag ``b_zero[j]`` and ``b_lane[j]``, the lane of the
+  group whose A value it multiplies. (A plain k-step k: its A values at lane ``k % 4``, and
+  every column's lane that.)
 - ``valid``, ``first``, ``last``: as in :mod:`.pe`; ``first`` on the tile's first k-step,
   ``last`` on its final one (both on the same cycle when K = 1).
 - ``out_valid``, ``out_row``, ``c[j]``: one finished result row per cycle, row 0 first.
@@ -34,11 +38,11 @@ same cycle, and a PE's result register is read before the next tile overwrites i
 """
 
 from amaranth import Module, Mux, Signal
-from amaranth.lib import wiring
+from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
-from .pe import ACCUMULATOR, LATENCY, OPERAND, PackedPair, ProcessingElement
+from .pe import ACCUMULATOR, LANES, LATENCY, OPERAND, PackedPair, ProcessingElement
 from .pipeline import delay, or_all
 
 MAX_DIMENSION = 32
@@ -90,12 +94,13 @@ class SystolicArray(wiring.Component):
         self.dsp_packing = bool(dsp_packing)
         self.groups = column_groups(cols, lut_columns, dsp_packing)
         super().__init__({
-            "a": In(OPERAND).array(rows),
+            "a": In(data.ArrayLayout(OPERAND, LANES)).array(rows),
             "b": In(OPERAND).array(cols),
             # Each operand's zero flag, in the operand's cycle (see :mod:`.pe`: never high for
             # an operand that is not zero; low only forgoes the gating).
-            "a_zero": In(1).array(rows),
+            "a_zero": In(LANES).array(rows),
             "b_zero": In(1).array(cols),
+            "b_lane": In(range(LANES)).array(cols),
             "valid": In(1),
             "first": In(1),
             "last": In(1),
@@ -160,6 +165,7 @@ class SystolicArray(wiring.Component):
             m.d.comb += [
                 north.b.eq(skew(self.b[j], g, f"b{j}", reset_less=True)),
                 north.zero.eq(skew(self.b_zero[j], g, f"b_zero{j}", reset_less=True)),
+                north.lane.eq(skew(self.b_lane[j], g, f"b_lane{j}", reset_less=True)),
             ]
             for i in range(1, rows):
                 m.d.comb += port(pes[i][g], "north", lane).eq(port(pes[i - 1][g], "south", lane))

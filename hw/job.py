@@ -8,7 +8,8 @@ tiles will be issued: the drain closes the output packet once it is empty).
 Contract:
 
 - The checks of :mod:`sparsa.protocol` (zero dimension, K or N too large, unknown options,
-  channel quantization without requantization, bad shift or zero point) are worked out from
+  channel quantization without requantization, the group format with ``NO_SKIP`` or on a build
+  without it (``groups``), bad shift or zero point) are worked out from
   the registers in every cycle, two registered stages deep, so they are right at ``start`` if
   the registers have held still for two cycles (the top level starts the core three cycles
   after the START write). The first failing check, in the order above, is the error code.
@@ -18,8 +19,9 @@ Contract:
   closes the job; ``tlast_missing`` only reports), ``job_end`` (the sequencer issued the last
   tile) sets ``closing``, and ``drained`` (the last beat has left the output link) ends the job:
   ``busy`` low, ``done`` high. Nothing but the core's reset clears them.
-- ``single`` holds ``1 >= K``, ``cols >= N``, ``rows >= M`` from the registers, registered:
-  the first values of the position flags of the loader and the drain
+- ``single`` holds ``1 >= K``, ``cols >= N``, ``rows >= M``, ``4 >= K`` (one group) and
+  ``4 x beat bytes >= K`` (the group format's counts in one beat) from the registers,
+  registered: the first values of the position flags of the loader and the drain
   (:func:`.pipeline.walk_flag`).
 """
 
@@ -27,7 +29,7 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
-from sparsa.protocol import KNOWN_OPTIONS, Error, Option
+from sparsa.protocol import GROUP, KNOWN_OPTIONS, Error, Option
 
 
 def job_layout(geometry):
@@ -36,7 +38,7 @@ def job_layout(geometry):
         "m": unsigned(32),
         "k": range(geometry.max_k + 1),
         "n": range(geometry.max_n + 1),
-        "bias": 1, "requant": 1, "relu": 1, "no_skip": 1, "channel_quant": 1,
+        "bias": 1, "requant": 1, "relu": 1, "no_skip": 1, "channel_quant": 1, "groups": 1,
         "mult": signed(32), "shift": unsigned(5), "zero": signed(8),
     })
 
@@ -48,12 +50,13 @@ REGISTERS = data.StructLayout({
     "quant_mult": 32, "quant_shift": 32, "quant_zero": 32,
 })
 
-SINGLE = data.StructLayout({"k": 1, "n": 1, "m": 1})
+SINGLE = data.StructLayout({"k": 1, "n": 1, "m": 1, "group": 1, "counts": 1})
 
 
 class JobControl(wiring.Component):
-    def __init__(self, geometry):
+    def __init__(self, geometry, groups=True):
         self.geometry = geometry
+        self.groups = groups
         super().__init__({
             "start": In(1), "registers": In(REGISTERS),
             "tlast_early": In(1), "tlast_missing": In(1), "job_end": In(1), "drained": In(1),
@@ -72,7 +75,7 @@ class JobControl(wiring.Component):
         job_k = Signal(range(g.max_k + 1), reset_less=True)
         job_n = Signal(range(g.max_n + 1), reset_less=True)
         bias_en, requant, relu, no_skip = Signal(), Signal(), Signal(), Signal()
-        channel_quant = Signal()
+        channel_quant, groups = Signal(), Signal()
         mult = Signal(signed(32), reset_less=True)
         shift = Signal(unsigned(5), reset_less=True)
         zero = Signal(signed(8), reset_less=True)
@@ -80,6 +83,7 @@ class JobControl(wiring.Component):
             self.job.m.eq(job_m), self.job.k.eq(job_k), self.job.n.eq(job_n),
             self.job.bias.eq(bias_en), self.job.requant.eq(requant), self.job.relu.eq(relu),
             self.job.no_skip.eq(no_skip), self.job.channel_quant.eq(channel_quant),
+            self.job.groups.eq(groups),
             self.job.mult.eq(mult), self.job.shift.eq(shift), self.job.zero.eq(zero),
         ]
 
@@ -89,12 +93,15 @@ class JobControl(wiring.Component):
         # START write).
         zero_signed = r.quant_zero.as_signed()
         requant_asked = (r.options & Option.REQUANT).any()
+        groups_asked = (r.options & Option.GROUPS).any()
+        groups_refused = ((r.options & Option.NO_SKIP).any() if self.groups else Const(1))
         conditions = [
             (Error.ZERO_DIMENSION, (r.m == 0) | (r.k == 0) | (r.n == 0)),
             (Error.K_TOO_LARGE, r.k > g.max_k),
             (Error.N_TOO_LARGE, r.n > g.max_n),
             (Error.BAD_OPTION, ((r.options & ~Const(KNOWN_OPTIONS, 32)) != 0)
-                | ((r.options & Option.CHANNEL_QUANT).any() & ~requant_asked)),
+                | ((r.options & Option.CHANNEL_QUANT).any() & ~requant_asked)
+                | (groups_asked & groups_refused)),
             (Error.BAD_QUANT, requant_asked & ((r.quant_shift > 31) | (zero_signed < -128)
                                                | (zero_signed > 127))),
         ]
@@ -107,8 +114,9 @@ class JobControl(wiring.Component):
         m.d.sync += check.eq(verdict)
 
         # The position flags' first values, compared from the registers the same way.
-        for field, step, register in (("k", 1, r.k), ("n", g.cols, r.n),
-                                      ("m", g.rows, r.m)):
+        for field, step, register in (("k", 1, r.k), ("n", g.cols, r.n), ("m", g.rows, r.m),
+                                      ("group", GROUP, r.k),
+                                      ("counts", GROUP * g.beat_bytes, r.k)):
             first_is_last = Signal(name=f"single_{field}", reset_less=True)
             m.d.sync += first_is_last.eq(step >= register)
             m.d.comb += self.single[field].eq(first_is_last)
@@ -121,6 +129,7 @@ class JobControl(wiring.Component):
                 relu.eq((r.options & Option.RELU).any()),
                 no_skip.eq((r.options & Option.NO_SKIP).any()),
                 channel_quant.eq((r.options & Option.CHANNEL_QUANT).any()),
+                groups.eq(groups_asked),
                 mult.eq(r.quant_mult), shift.eq(r.quant_shift), zero.eq(r.quant_zero),
                 self.busy.eq(1), self.error.eq(check),
             ]

@@ -4,23 +4,31 @@
 :mod:`amaranth.lib.stream` of :func:`.link.beat_layout`) in the order of
 :mod:`sparsa.protocol`: the bias vectors (with ``job.bias``), the per-column multipliers (with
 ``job.channel_quant``), one vector of ``cols`` int32 per n-tile each; the B panel, ``K`` words
-of ``cols`` bytes per n-tile; then A, ``K`` words of ``rows`` bytes per m-tile, into two banks
-by turns. A word is as many beats as its bytes take.
+of ``cols`` bytes per n-tile (or, with ``job.groups``, the group format: per n-tile the step
+counts, then per group its lane vector and steps); then A, ``K`` words of ``rows`` bytes per
+m-tile, into two banks by turns. A word is as many beats as its bytes take.
 
 Contract:
 
 - Each completed word is written one cycle after its last beat, through registers (``en``,
   ``addr`` and the word: the memories' write enables are not on the loader's own path), to
-  ``bias_write`` / ``mult_write`` (address: the n-tile), ``b_write`` (n-tile x K + k) or
-  ``a_write`` (bank x max_k + k).
+  ``bias_write`` / ``mult_write`` (address: the n-tile), ``b_write`` (n-tile x K + slot: the
+  word's values and each column's lane; a plain k-step k is slot k with lane ``k % 4`` in
+  every column, step s of group g is slot 4g + s with the lanes of its lane vector; steps past
+  the group's k-steps are dropped) or ``a_write`` (bank x max_k/4 + group: a group's four A
+  words side by side, written with its last word; in a last group of fewer than four, the
+  lanes past K are zero).
 - ``panel_full[bank]`` is set a cycle after an A bank's last word (and its mask) is written,
   and cleared when the sequencer sets ``free[bank]`` (freeing wins in the same cycle). The
   loader never writes into a full bank: it waits (``input.ready`` low) until it is freed.
 - With sparse-skip, ``a_nonzero[bank]`` and the B masks (``b_mask_write``, one word per n-tile)
-  hold per k-step whether the word was not all zero (always set with ``job.no_skip``); k-step k
-  sits at bit ``max_k - K + k`` (each is a shift register, so no index decoders), and
-  ``k_valid`` has the top K bits set; the bits below are stale and meant to be masked by it.
-  The masks are updated a cycle after the word's write (``panel_full`` with them).
+  hold per slot whether it is to be issued: B's, whether its word was not all zero (always
+  set with ``job.no_skip``; 0 for a group's slots past its steps); A's, whether the k-step's
+  A word was not all zero, or with ``job.groups`` whether any of its group's was. Slot s sits
+  at bit ``max_k - 4G + s`` (G = ceil(K/4): each mask is a shift register taking a group's
+  four bits at a time, so no index decoders), and ``k_valid`` has the top 4G bits set; the
+  bits below are stale and meant to be masked by it. The masks are updated a cycle after the
+  group's last write (``panel_full`` with them).
 - A TLAST before the packet's last beat sets ``tlast_early``, a last beat without TLAST sets
   ``tlast_missing``, each a cycle later, for one cycle; after the last beat, or a TLAST, the
   loader takes (and drops) beats until a TLAST and waits for the next ``start``. A job that
@@ -34,18 +42,21 @@ from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from sparsa.protocol import Option
+from sparsa.protocol import GROUP, Option
 
 from .bram import write_signature
+from .feed import b_word_width
 from .job import REGISTERS, SINGLE, job_layout
 from .link import beat_layout
+from .pe import LANES
 from .pipeline import delay, or_all, walk_flag
 
 
 class Loader(wiring.Component):
-    def __init__(self, geometry, sparse_skip=True):
+    def __init__(self, geometry, sparse_skip=True, groups=True):
         g = self.geometry = geometry
         self.sparse_skip = sparse_skip
+        self.groups = groups
         n_tiles = g.n_tiles_max
         members = {
             "start": In(1), "rejected": In(1), "registers": In(REGISTERS),
@@ -54,8 +65,8 @@ class Loader(wiring.Component):
             "free": In(2),
             "bias_write": In(write_signature(32 * g.cols, n_tiles)),
             "mult_write": In(write_signature(32 * g.cols, n_tiles)),
-            "b_write": In(write_signature(8 * g.cols, n_tiles * g.max_k)),
-            "a_write": In(write_signature(8 * g.rows, 2 * g.max_k)),
+            "b_write": In(write_signature(b_word_width(g.cols), n_tiles * g.max_k)),
+            "a_write": In(write_signature(8 * g.rows * LANES, 2 * g.max_k // LANES)),
             "panel_full": Out(2),
             "loading_a": Out(1),
             "tlast_early": Out(1), "tlast_missing": Out(1),
@@ -83,7 +94,7 @@ class Loader(wiring.Component):
         self.ld_j0 = Signal(range(g.max_n + cols))
         self.ld_i0 = Signal(33)
         self.ld_nt = Signal(range(g.n_tiles_max))
-        self.ld_b_addr = Signal(range(g.n_tiles_max * g.max_k))
+        self.ld_b_base = Signal(range(g.n_tiles_max * g.max_k))  # the n-tile's first B word
         self.ld_bank = Signal()
         self.take = Signal()
         self.in_data = self.input.payload.data
@@ -98,27 +109,34 @@ class Loader(wiring.Component):
         # when the sequencer frees one. In A, the loader's ready is a choice between registers.
         bank_free, panel_event = Signal(), Signal()
         word = Signal(width * self.beats_max)
+        self.pausing = Signal()  # B's group format: a group of no steps, which takes no beat
         m.d.comb += [
-            self.input.ready.eq(~self.loading_a | (bank_free & ~panel_event)),
+            self.input.ready.eq(Mux(self.loading_a, bank_free & ~panel_event, ~self.pausing)),
             self.take.eq(self.input.valid & self.input.ready),
             word.eq(Cat(*(Mux(self.beat == index, self.in_data, part)
                           for index, part in enumerate(self.partial)), self.in_data)),
         ]
+        # The words completed, for the masks (a cycle later): ``b_word``/``a_word`` with the
+        # slot's place in its group; ``b_group_end``/``a_group_end`` when a group is complete.
+        self.b_word, self.a_word = Signal(), Signal()
+        self.b_place = Signal(range(LANES))
+        self.b_group_end, self.a_group_end = Signal(), Signal()
+        self.b_tile_end = Signal()  # the end of an n-tile's B
         a_done = self._fsm(m, word)
         m.d.sync += [bank_free.eq(~self.panel_full.bit_select(self.ld_bank, 1)),
                      panel_event.eq(a_done & self.last_k)]
         # The masks and the panel flags take a completed word's news a cycle later, from
         # registers, so their wide shift registers' enables are not on the loader's own path.
         # (The sequencer looks at a panel only once its flag is set, and at B's masks later.)
-        a_event, a_bank = Signal(), Signal()
-        m.d.sync += [a_event.eq(a_done), a_bank.eq(self.ld_bank)]
+        a_bank = Signal()
+        m.d.sync += a_bank.eq(self.ld_bank)
         for bank in range(2):
             with m.If(panel_event & (a_bank == bank)):
                 m.d.sync += self.panel_full[bank].eq(1)
             with m.If(self.free[bank]):
                 m.d.sync += self.panel_full[bank].eq(0)
         if self.sparse_skip:
-            self._masks(m, a_event, a_bank)
+            self._masks(m, a_bank)
         return m
 
     def _collect(self, m, beats):
@@ -149,16 +167,32 @@ class Loader(wiring.Component):
         word_q = Signal.like(word, reset_less=True)
         m.d.sync += word_q.eq(word)
 
-        def write_later(port, address, name):
+        def write_later(port, address, name, data=None):
             enable = Signal(name=f"{name}_write")
             m.d.sync += [port.en.eq(enable), port.addr.eq(address)]
-            m.d.comb += port.data.eq(word_q)
+            m.d.comb += port.data.eq(word_q if data is None else data)
             return enable
 
+        # B's words carry each column's lane (a plain k-step's: k % 4 in every column); A's
+        # words are gathered into their group (``a_group``, the lanes written so far), which is
+        # written whole with its last word, the lanes past it zero (a last group of fewer than
+        # four k-steps: a lane past K reads zero).
+        b_lanes_q = Signal(2 * cols, reset_less=True)
+        a_group = [Signal(8 * rows, name=f"a_group{lane}", reset_less=True)
+                   for lane in range(LANES)]
+        a_place = self.ld_k[:2]
+        a_group_q = Signal(8 * rows * LANES, reset_less=True)
+        m.d.sync += a_group_q.eq(Cat(*(
+            Mux(a_place == lane, word[:8 * rows],
+                Mux(a_place < lane, 0, part) if lane else part)
+            for lane, part in enumerate(a_group))))
         bias_write = write_later(self.bias_write, self.ld_nt, "bias")
         mult_write = write_later(self.mult_write, self.ld_nt, "mult")
-        b_write = write_later(self.b_write, self.ld_b_addr, "b")
-        a_write = write_later(self.a_write, Mux(self.ld_bank, g.max_k, 0) + self.ld_k, "a")
+        b_slot = Signal(range(g.n_tiles_max * g.max_k))
+        b_write = write_later(self.b_write, b_slot, "b", Cat(word_q[:8 * cols], b_lanes_q))
+        a_write = write_later(self.a_write,
+                              Mux(self.ld_bank, g.max_k // LANES, 0) + self.ld_k[2:], "a",
+                              a_group_q)
         start = self.start
         self.last_k, next_k, restart_k = walk_flag(m, start, self.single.k, self.ld_k, 1,
                                                    job.k, "last_k")
@@ -166,7 +200,9 @@ class Loader(wiring.Component):
             m, start, self.single.n, self.ld_j0, cols, job.n, "last_n_tile")
         last_m_tile, next_m_tile, _ = walk_flag(m, start, self.single.m, self.ld_i0, rows,
                                                 job.m, "last_m_tile")
-        self.b_done, a_done = Signal(), Signal()  # a B / an A word is complete
+        a_done = Signal()  # an A word is complete
+        if self.groups:
+            self._group_walk(m)
 
         # A packet of the wrong length is reported a cycle later, from registered events, so
         # the error code and ``closing`` are not on the loader's own path.
@@ -191,11 +227,19 @@ class Loader(wiring.Component):
                     m.d.sync += [self.ld_j0.eq(0), self.ld_nt.eq(0), restart_n_tile]
             return complete & last_n_tile
 
+        def n_tile_done():
+            """The statements at the end of an n-tile's B."""
+            m.d.sync += [self.ld_j0.eq(self.ld_j0 + cols), next_n_tile,
+                         self.ld_nt.eq(self.ld_nt + 1), self.ld_b_base.eq(self.ld_b_base + job.k)]
+            with m.If(last_n_tile):
+                m.d.sync += self.loading_a.eq(1)
+                m.next = "A"
+
         with m.FSM(name="loader"):
             with m.State("IDLE"):
                 with m.If(start):
                     m.d.sync += [self.ld_k.eq(0), self.ld_j0.eq(0), self.ld_i0.eq(0),
-                                 self.ld_nt.eq(0), self.ld_b_addr.eq(0), self.ld_bank.eq(0),
+                                 self.ld_nt.eq(0), self.ld_b_base.eq(0), self.ld_bank.eq(0),
                                  self.beat.eq(0)]
                     # (The options come from the register: the job is latched in this cycle.)
                     with m.If(self.rejected):
@@ -205,42 +249,52 @@ class Loader(wiring.Component):
                     with m.Elif(self.registers.options & Option.CHANNEL_QUANT):
                         m.next = "MULT"
                     with m.Else():
-                        m.next = "B"
+                        self._to_b(m, self.registers.options & Option.GROUPS)
             with m.State("BIAS"):
                 with m.If(column_vectors(bias_write)):
-                    m.next = "B"
+                    self._to_b(m, job.groups)
                     with m.If(job.channel_quant):
                         m.next = "MULT"
                 with m.If(take & last):
                     m.next = "IDLE"
             with m.State("MULT"):
                 with m.If(column_vectors(mult_write)):
-                    m.next = "B"
+                    self._to_b(m, job.groups)
                 with m.If(take & last):
                     m.next = "IDLE"
             with m.State("B"):
                 complete = self._collect(m, g.vector_beats(cols))
                 early_tlast(Const(0))
-                m.d.comb += [b_write.eq(complete), self.b_done.eq(complete)]
+                group_end = complete & ((self.ld_k[:2] == LANES - 1) | self.last_k)
+                m.d.comb += [b_write.eq(complete),
+                             b_slot.eq(self.ld_b_base + self.ld_k),
+                             self.b_word.eq(complete), self.b_place.eq(self.ld_k[:2]),
+                             self.b_group_end.eq(group_end),
+                             self.b_tile_end.eq(complete & self.last_k)]
+                m.d.sync += b_lanes_q.eq(Cat(*(self.ld_k[:2] for _ in range(cols))))
                 with m.If(complete):
-                    m.d.sync += [self.ld_b_addr.eq(self.ld_b_addr + 1),
-                                 self.ld_k.eq(self.ld_k + 1), next_k]
+                    m.d.sync += [self.ld_k.eq(self.ld_k + 1), next_k]
                     with m.If(self.last_k):
-                        m.d.sync += [self.ld_k.eq(0), restart_k, self.ld_j0.eq(self.ld_j0 + cols),
-                                     next_n_tile, self.ld_nt.eq(self.ld_nt + 1)]
-                        with m.If(last_n_tile):
-                            m.d.sync += self.loading_a.eq(1)
-                            m.next = "A"
+                        m.d.sync += [self.ld_k.eq(0), restart_k]
+                        n_tile_done()
                 with m.If(take & last):
                     m.d.sync += self.loading_a.eq(0)
                     m.next = "IDLE"
+            if self.groups:
+                self._group_states(m, word, b_write, b_slot, b_lanes_q, early_tlast,
+                                   n_tile_done)
             with m.State("A"):
                 complete = self._collect(m, g.vector_beats(rows))
                 final = complete & self.last_k & last_m_tile
+                group_end = complete & ((a_place == LANES - 1) | self.last_k)
                 early_tlast(final)
-                m.d.comb += [a_write.eq(complete), a_done.eq(complete)]
+                m.d.comb += [a_write.eq(group_end), a_done.eq(complete),
+                             self.a_word.eq(complete), self.a_group_end.eq(group_end)]
                 with m.If(complete):
                     m.d.sync += [self.ld_k.eq(self.ld_k + 1), next_k]
+                    for lane, part in enumerate(a_group):
+                        with m.If(a_place == lane):
+                            m.d.sync += part.eq(word[:8 * rows])
                     with m.If(self.last_k):
                         m.d.sync += [self.ld_k.eq(0), restart_k, self.ld_bank.eq(~self.ld_bank),
                                      self.ld_i0.eq(self.ld_i0 + rows), next_m_tile]
@@ -256,6 +310,108 @@ class Loader(wiring.Component):
                     m.next = "IDLE"
         return a_done
 
+    def _to_b(self, m, groups):
+        """On to B: ``COUNTS`` for the group format (``groups``), else ``B``."""
+        m.next = "B"
+        if self.groups:
+            with m.If(groups):
+                m.next = "COUNTS"
+
+    def _group_walk(self, m):
+        """The group format's registers and position flags (outside the FSM)."""
+        g, job = self.geometry, self.job
+        beat_bytes = g.beat_bytes
+        groups_max = g.max_k // GROUP
+        w = self._walk = type("GroupWalk", (), {})()
+        w.positions = -(-groups_max // beat_bytes)  # beats of the widest job's counts
+        # The counts, 3 bits each (taken modulo 8), the current group's lowest: a beat's are
+        # written at its place, and each group end shifts them down by one.
+        w.counts = Signal(3 * beat_bytes * w.positions, reset_less=True)
+        w.count_beat = Signal(range(w.positions))
+        w.count_k = Signal(range(g.max_k + GROUP * beat_bytes))  # k-steps whose counts are in
+        w.group_k = Signal(range(g.max_k + GROUP))  # the group's first k-step
+        w.step = Signal(3)  # the step of the group being loaded
+        w.lanes = Signal(8 * g.cols, reset_less=True)  # the group's lane vector
+        w.last_count, w.next_count, w.restart_count = walk_flag(
+            m, self.start, self.single.counts, w.count_k, GROUP * beat_bytes, job.k, "last_count")
+        w.last_group, w.next_group, w.restart_group = walk_flag(
+            m, self.start, self.single.group, w.group_k, GROUP, job.k, "last_group")
+        # The group's k-steps: 4, or K - 4g for the last (a register, from the job and the
+        # walk: a step past them is dropped). Read in STEPS, at least a cycle after the group
+        # began (the lane vector comes first).
+        w.steps_here = Signal(range(GROUP + 1))
+        m.d.sync += w.steps_here.eq(Mux(w.last_group, job.k - w.group_k, GROUP))
+
+    def _group_states(self, m, word, b_write, b_slot, b_lanes_q, early_tlast, n_tile_done):
+        """B in the group format: per n-tile its step counts (``COUNTS``), then per group its
+        lane vector (``HEAD``; a group of no steps passes at once) and its steps (``STEPS``)."""
+        g, w = self.geometry, self._walk
+        cols, beat_bytes = g.cols, g.beat_bytes
+        take, last = self.take, self.input.payload.last
+        counts, count_beat, count_k, group_k = w.counts, w.count_beat, w.count_k, w.group_k
+        step, lanes, steps_here = w.step, w.lanes, w.steps_here
+        count = counts[:3]
+
+        def group_done():
+            m.d.comb += self.b_group_end.eq(1)
+            m.d.sync += [counts.eq(counts >> 3), group_k.eq(group_k + GROUP), w.next_group]
+            m.next = "HEAD"
+            with m.If(w.last_group):
+                m.d.comb += self.b_tile_end.eq(1)
+                m.d.sync += [group_k.eq(0), w.restart_group, count_k.eq(0), w.restart_count]
+                m.next = "COUNTS"
+                n_tile_done()
+
+        with m.State("COUNTS"):
+            early_tlast(Const(0))
+            with m.If(take):
+                with m.Switch(count_beat):
+                    for position in range(w.positions):
+                        with m.Case(position):
+                            field = slice(3 * beat_bytes * position,
+                                          3 * beat_bytes * (position + 1))
+                            m.d.sync += counts[field].eq(Cat(*(
+                                self.in_data[8 * byte:8 * byte + 3]
+                                for byte in range(beat_bytes))))
+                m.d.sync += [count_beat.eq(count_beat + 1),
+                             count_k.eq(count_k + GROUP * beat_bytes), w.next_count]
+                with m.If(w.last_count):
+                    m.d.sync += count_beat.eq(0)
+                    m.next = "HEAD"
+            with m.If(take & last):
+                m.d.sync += self.loading_a.eq(0)
+                m.next = "IDLE"
+        with m.State("HEAD"):
+            # A group of no steps takes no beat (``pausing`` holds the input) and a cycle.
+            m.d.comb += self.pausing.eq(count == 0)
+            with m.If(count == 0):
+                group_done()
+            with m.Else():
+                complete = self._collect(m, g.vector_beats(cols))
+                early_tlast(Const(0))
+                with m.If(complete):
+                    m.d.sync += [lanes.eq(word[:8 * cols]), step.eq(0)]
+                    m.next = "STEPS"
+                with m.If(take & last):
+                    m.d.sync += self.loading_a.eq(0)
+                    m.next = "IDLE"
+        with m.State("STEPS"):
+            complete = self._collect(m, g.vector_beats(cols))
+            early_tlast(Const(0))
+            kept = complete & (step < steps_here)
+            m.d.comb += [b_write.eq(kept),
+                         b_slot.eq(self.ld_b_base + group_k + step[:2]),
+                         self.b_word.eq(kept), self.b_place.eq(step[:2])]
+            m.d.sync += b_lanes_q.eq(Cat(*(lanes[8 * j:8 * j + 8].word_select(step[:2], 2)
+                                           for j in range(cols))))
+            with m.If(complete):
+                m.d.sync += step.eq(step + 1)
+                with m.If(step == count - 1):
+                    group_done()
+            with m.If(take & last):
+                m.d.sync += self.loading_a.eq(0)
+                m.next = "IDLE"
+
     def _low_bits_any(self, bits):
         """``word[:bits].any()`` with the beat's choice after the ORs (the same value, as
         ``any`` of a multiplexer is the multiplexer of the ``any``s), so ``beat`` reaches one
@@ -270,33 +426,48 @@ class Loader(wiring.Component):
             terms.append(arriving)
         return or_all(terms)
 
-    def _masks(self, m, a_event, a_bank):
+    def _masks(self, m, a_bank):
         """The nonzero masks, a cycle after each word (see the module's docstring)."""
-        g = self.geometry
-        # The mask of the n-tile being loaded, shifted in (no reset: bits that were not shifted
-        # in during this job are masked off by ``k_valid``, as are a_nonzero's).
+        g, job = self.geometry, self.job
+        no_skip = job.no_skip
+        # The word's bit and place and the group's end, registered; the group's bits gather
+        # in a nibble and enter the mask (a shift register, no reset: bits not shifted in
+        # during this job are masked off by ``k_valid``) four at a time.
         b_nonzero = Signal(g.max_k, reset_less=True)
-        b_event, b_last, b_first = Signal(), Signal(), Signal()
+        b_nibble, a_nibble = Signal(LANES), Signal(LANES)
+        b_word, b_end, a_word, a_end = Signal(), Signal(), Signal(), Signal()
+        b_place, a_place = Signal(range(LANES)), Signal(range(LANES))
+        b_last, b_first = Signal(), Signal()
         b_bit, a_bit = Signal(), Signal()
         b_nt = Signal.like(self.ld_nt)
-        no_skip = self.job.no_skip
         m.d.sync += [
-            b_event.eq(self.b_done), b_last.eq(self.last_k), b_first.eq(self.ld_nt == 0),
-            b_nt.eq(self.ld_nt),
+            b_word.eq(self.b_word), b_end.eq(self.b_group_end), b_place.eq(self.b_place),
+            a_word.eq(self.a_word), a_end.eq(self.a_group_end), a_place.eq(self.ld_k[:2]),
+            b_last.eq(self.b_tile_end),
+            b_first.eq(self.ld_nt == 0), b_nt.eq(self.ld_nt),
             b_bit.eq(no_skip | self._low_bits_any(8 * g.cols)),
             a_bit.eq(no_skip | self._low_bits_any(8 * g.rows)),
         ]
-        b_shifted = Signal(g.max_k)  # b_nonzero with the completed B word's bit shifted in
+        b_group = Signal(LANES)  # the group's bits with this word's
+        a_group = Signal(LANES)
+        b_shifted = Signal(g.max_k)  # b_nonzero with the completed group shifted in
+        a_any = a_group.any()
         m.d.comb += [
-            b_shifted.eq(Cat(b_nonzero[1:], b_bit)),
+            b_group.eq(b_nibble | Mux(b_word & b_bit, 1 << b_place, 0)),
+            a_group.eq(a_nibble | Mux(a_word & a_bit, 1 << a_place, 0)),
+            b_shifted.eq(Cat(b_nonzero[LANES:], b_group)),
             self.b_mask_write.addr.eq(b_nt),
             self.b_mask_write.data.eq(b_shifted),
-            self.b_mask_write.en.eq(b_event & b_last),
+            self.b_mask_write.en.eq(b_last),
         ]
-        with m.If(b_event):
-            m.d.sync += b_nonzero.eq(b_shifted)
+        m.d.sync += [b_nibble.eq(b_group), a_nibble.eq(a_group)]
+        with m.If(b_end):
+            m.d.sync += [b_nonzero.eq(b_shifted), b_nibble.eq(0)]
             with m.If(b_first):
-                m.d.sync += self.k_valid.eq(Cat(self.k_valid[1:], 1))
+                m.d.sync += self.k_valid.eq(Cat(self.k_valid[LANES:], Const(-1, LANES)))
+        a_bits = Mux(job.groups, Cat(*(a_any for _ in range(LANES))), a_group)
+        with m.If(a_end):
+            m.d.sync += a_nibble.eq(0)
         for bank in range(2):
-            with m.If(a_event & (a_bank == bank)):
-                m.d.sync += self.a_nonzero[bank].eq(Cat(self.a_nonzero[bank][1:], a_bit))
+            with m.If(a_end & (a_bank == bank)):
+                m.d.sync += self.a_nonzero[bank].eq(Cat(self.a_nonzero[bank][LANES:], a_bits))

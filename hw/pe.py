@@ -41,16 +41,21 @@ from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
+from sparsa.protocol import GROUP
+
 from .dsp import dsp_style, mult18x18d
 from .pipeline import LOCAL, delay
 
 OPERAND = signed(8)
 ACCUMULATOR = signed(32)
-# A k-step as it travels east along a row, from PE to PE: the A operand with its zero flag and
-# the control flags (valid with A).
-KSTEP = data.StructLayout({"a": OPERAND, "a_zero": 1, "valid": 1, "first": 1, "last": 1})
-# A B operand as it travels south down a column, with its zero flag.
-B_OPERAND = data.StructLayout({"b": OPERAND, "zero": 1})
+LANES = GROUP  # A values per k-step: a group's four (see sparsa.protocol, the group format)
+# A k-step as it travels east along a row, from PE to PE: the group's A values with their zero
+# flags and the control flags (valid with A).
+KSTEP = data.StructLayout({"a": data.ArrayLayout(OPERAND, LANES), "a_zero": LANES,
+                           "valid": 1, "first": 1, "last": 1})
+# A B operand as it travels south down a column, with its zero flag and the lane of the A
+# values it multiplies.
+B_OPERAND = data.StructLayout({"b": OPERAND, "zero": 1, "lane": range(LANES)})
 MULTIPLIER_STAGES = 3  # operand registers, product, product again
 LATENCY = MULTIPLIER_STAGES + 1  # cycles from a k-step's operands to the sum in ``acc``
 
@@ -99,6 +104,15 @@ def _cleared(m, raw, skip):
     return product
 
 
+def _pick(m, west, lane):
+    """The A value a PE multiplies and its zero flag: lane ``lane`` of the k-step's group (a
+    4:1 byte multiplexer before the multiplier's operand register)."""
+    value = Signal(OPERAND, name="a_picked")
+    zero = Signal(name="a_zero_picked")
+    m.d.comb += [value.eq(west.a[lane]), zero.eq(west.a_zero.bit_select(lane, 1))]
+    return value, zero
+
+
 def _data(m, shape, name, port=None):
     """A data register with no reset (the reset reaches only a PE's ``valid`` flags: the
     accumulator starts from ``first``, the result is read after ``last``, and operands and
@@ -124,6 +138,8 @@ def _pass_on(m, pe, b_lanes):
         *(south.b.eq(register(north.b, f"b_out{lane}_"))
           for lane, (north, south) in enumerate(b_lanes)),
         *(south.zero.eq(register(north.zero, f"b_zero_out{lane}_"))
+          for lane, (north, south) in enumerate(b_lanes)),
+        *(south.lane.eq(register(north.lane, f"b_lane_out{lane}_"))
           for lane, (north, south) in enumerate(b_lanes)),
         east.first.eq(register(west.first, "first_out", LOCAL)),
         east.last.eq(register(west.last, "last_out", LOCAL)),
@@ -172,20 +188,21 @@ class ProcessingElement(wiring.Component):
         m = Module()
 
         west, north = self.west, self.north
-        m.d.comb += self.zero.eq(west.a_zero | north.zero)
+        a_value, a_zero = _pick(m, west, north.lane)
+        m.d.comb += self.zero.eq(a_zero | north.zero)
 
         # Stages 1-3: the multiplier's own operand registers, the product, and the product
         # again (see MULTIPLIER_STAGES and :func:`_gated_product`); the k-step's flags keep
         # pace.
         if self.multiplier == "dsp" and dsp_style(platform) == "ecp5":
             # Stages 1-2 inside an ECP5 DSP block (its operand and product registers).
-            raw = mult18x18d(m, west.a, north.b, west.valid & ~self.zero, "mult")
+            raw = mult18x18d(m, a_value, north.b, west.valid & ~self.zero, "mult")
             product = _cleared(m, raw, self.zero)
             self.multiplier_inputs = None
         else:
             a, b = Signal(OPERAND, reset_less=True), Signal(OPERAND, reset_less=True)
             self.multiplier_inputs = (a, b)  # the operand registers, for tests and waveforms
-            product = _gated_product(m, west.valid, [(a, west.a), (b, north.b)],
+            product = _gated_product(m, west.valid, [(a, a_value), (b, north.b)],
                                      self.zero, lambda a, b: self._product(m, a, b))
         valid, first, last, zero = _flags(m, west.valid, west.first, west.last, self.zero)
 
@@ -236,13 +253,16 @@ class PackedPair(wiring.Component):
         west, north = self.west, self.north
         packed = Signal(signed(25))
         m.d.comb += packed.eq((north[0].b << 16) + north[1].b)
+        # Both columns multiply one A value: the lane of the first column's (the plain format
+        # gives both columns the same lane; a build with pairs has no group format).
+        a_value, a_zero = _pick(m, west, north[0].lane)
         for lane in range(2):
-            m.d.comb += self.zero[lane].eq(west.a_zero | north[lane].zero)
+            m.d.comb += self.zero[lane].eq(a_zero | north[lane].zero)
 
         # Stages 1-3 as in the plain PE: operand registers (B already packed), the product
         # and the product again, with the flags beside them.
         a, b = Signal(OPERAND, reset_less=True), Signal(signed(25), reset_less=True)
-        product = _gated_product(m, west.valid, [(a, west.a), (b, packed)],
+        product = _gated_product(m, west.valid, [(a, a_value), (b, packed)],
                                  self.zero[0] & self.zero[1], lambda a, b: a * b)
         valid, first, last, zero = _flags(m, west.valid, west.first, west.last,
                                           Cat(*self.zero))

@@ -1,9 +1,11 @@
 """The sequencer: the loaded panels into k-steps for the array.
 
 :class:`Sequencer` walks the job's output tiles, m-tile by m-tile (one A bank each, in turns),
-n-tile by n-tile within it, and for each tile issues its k-steps, one per cycle: ``a_addr`` and
-``b_addr`` are the memory addresses of the k-step decided in this cycle (registered: the words
-come out of the block RAMs two cycles later, see :class:`.Feed`), and ``step`` says what it is
+n-tile by n-tile within it, and for each tile issues its k-steps (its slots, see
+:class:`.Loader`: plain k-steps, or the steps of the group format), one per cycle: ``a_addr``
+and ``b_addr`` are the memory addresses of the slot decided in this cycle (registered: the
+words come out of the block RAMs two cycles later, see :class:`.Feed`; ``a_addr`` is bank x
+max_k + slot, the A memory's word of its group is ``a_addr >> 2``), and ``step`` says what it is
 (``issue``, the tile's ``first`` and ``last``, ``kill``: a tile with no k-step at all issues one
 zero k-step so that it still yields its results).
 
@@ -26,10 +28,12 @@ Contract:
   room (the work counters count them).
 """
 
-from amaranth import Module, Mux, Signal
+from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
+
+from sparsa.protocol import GROUP
 
 from .bram import read_signature
 from .job import REGISTERS, job_layout
@@ -83,8 +87,9 @@ class Sequencer(wiring.Component):
         self.tile_load = Signal()  # LOAD: the tile's k-steps start
         self.in_issue = Signal()  # the sequencer is in ISSUE
         self.in_load = Signal()  # the sequencer is in LOAD
-        # The k-step to issue now is k_position - k_offset (the nonzero masks hold k-step k at
-        # bit max_k - K + k); the offset is folded into registered memory base addresses.
+        # The slot to issue now is k_position - k_offset (the nonzero masks hold slot s at bit
+        # max_k - 4G + s, G the job's groups); the offset is folded into registered memory base
+        # addresses.
         self.k_position = Signal(max(1, bits_for(g.max_k - 1)))
         self.k_offset = Signal(range(g.max_k), reset_less=True)
         self.ready = Signal()  # a k-step is there to issue
@@ -185,7 +190,8 @@ class Sequencer(wiring.Component):
             self.empty.eq(picker.none),
         ]
         m.d.sync += [
-            self.k_offset.eq(g.max_k - job.k),
+            # (Slots are counted from the mask bit of the job's first group: max_k - 4G.)
+            self.k_offset.eq(g.max_k - Cat(Const(0, 2), (job.k + GROUP - 1)[2:])),
             next_nt.eq(next_nt_next),
             b_addr.eq(Mux(self.in_issue, next_nt, self.sq_nt)),
             b_tag1.eq(b_addr), b_tag2.eq(b_tag1),

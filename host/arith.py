@@ -31,8 +31,15 @@ class Workspace:
 
 
 def matmul(a, b, out=None, workspace=None):
-    """``a @ b`` for int8 ``a`` (M x K) and ``b`` (K x N) as int32 with wrap-around."""
+    """``a @ b`` for int8 ``a`` (M x K) and ``b`` (K x N) as int32 with wrap-around (wider
+    integers go through int64, exactly but without BLAS)."""
     (m, k), n = a.shape, b.shape[1]
+    if a.dtype != np.int8 or b.dtype != np.int8:
+        product = a.astype(np.int64) @ b.astype(np.int64)
+        if out is None:
+            return product.astype(np.int32)  # two's-complement wrap
+        np.copyto(out, product, casting="unsafe")
+        return out
     workspace = workspace or Workspace()
     if out is None:
         out = np.empty((m, n), np.int32)

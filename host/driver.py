@@ -1,5 +1,6 @@
 """What users call: ``sparsa.open(backend)`` and the accelerator object's ``matmul``."""
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsa import protocol
-from sparsa.protocol import REGISTER, Control, Error, Feature, Status
+from sparsa.protocol import REGISTER, Control, Error, Feature, Option, Status
 
 from . import arith, jobs, reference
 from .validate import check_array, check_matmul
@@ -138,13 +139,14 @@ class PreparedWeights:
             self._live = PreparedWeights(self.array[:, self.live_columns])
         return self._live
 
-    def packed(self, geometry, k0, k, n0, n):
-        """B's part of the input packet for rows ``k0:k0+k`` and columns ``n0:n0+n``."""
-        key = (geometry, k0, k, n0, n)
+    def packed(self, geometry, k0, k, n0, n, groups=False):
+        """B's part of the input packet for rows ``k0:k0+k`` and columns ``n0:n0+n`` (in the
+        group format with ``groups``)."""
+        key = (geometry, k0, k, n0, n, groups)
         packed = self._packed.get(key)
         if packed is None:
-            packed = self._packed[key] = jobs.pack_weights(
-                geometry, self.array[k0:k0 + k, n0:n0 + n])
+            pack = jobs.pack_groups if groups else jobs.pack_weights
+            packed = self._packed[key] = pack(geometry, self.array[k0:k0 + k, n0:n0 + n])
         return packed
 
     def __repr__(self):
@@ -262,6 +264,22 @@ class Accelerator:
                 f"K <= {i.max_k}, N <= {i.max_n}, {'/'.join(i.features)}>")
 
 
+def _in_format(geometry, job, a, b, max_transfer):
+    """``job`` with B in the group format when that is estimated to take fewer cycles
+    (:func:`.reference.choose_format`) and its packet fits ``max_transfer``, else ``job``; and
+    the estimated counters of the job as chosen."""
+    a_job = a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k]
+    b_job = b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n]
+    groups, counters, b_beats = reference.choose_format(geometry, a_job, b_job, job.requant)
+    if not groups:
+        return job, counters
+    input_beats = geometry.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant, b_beats)
+    if input_beats * geometry.beat_bytes > max_transfer:
+        return job, reference.counters(geometry, a_job, b_job, True, job.requant)
+    return dataclasses.replace(job, options=job.options | Option.GROUPS,
+                               input_bytes=input_beats * geometry.beat_bytes), counters
+
+
 def _report(per_job, estimated):
     """``last_counters`` for a call: the device counters of its jobs, summed."""
     per_job = list(per_job)
@@ -309,11 +327,16 @@ class ReferenceAccelerator(Accelerator):
             g = self.info.geometry
             plan = jobs.plan(g, a.shape[0], a.shape[1], b.shape[1], bias, requant, relu,
                              sparse_skip)
-            self._last_counters = _report(
-                (reference.counters(g, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
-                                    b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n],
-                                    sparse_skip and self._skips, job.requant)
-                 for job in plan.jobs), estimated=True)
+            skip = sparse_skip and self._skips
+            jobs_counters = []
+            for job in plan.jobs:
+                if skip and "GROUPS" in self.info.features:  # as the device driver chooses
+                    jobs_counters.append(_in_format(g, job, a, b, jobs.DEFAULT_MAX_TRANSFER)[1])
+                else:
+                    jobs_counters.append(reference.counters(
+                        g, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
+                        b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n], skip, job.requant))
+            self._last_counters = _report(jobs_counters, estimated=True)
         return self._last_counters
 
     def _register_source(self):
@@ -374,7 +397,8 @@ class DeviceAccelerator(Accelerator):
         jobs.pack_into(g, send, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
                        b[job.k0:job.k0 + job.k, columns], bias[columns] if job.bias else None,
                        mult[columns] if job.channel_quant else None,
-                       prepared.packed(g, job.k0, job.k, job.n0, job.n) if prepared else None)
+                       prepared.packed(g, job.k0, job.k, job.n0, job.n, job.groups)
+                       if prepared else None, job.groups)
         packed = time.perf_counter()
         for name, value in job.registers():
             self._write(name, value)
@@ -422,10 +446,14 @@ class DeviceAccelerator(Accelerator):
         acc = out if plan.on_device else np.empty((m, n), np.int32)
         mult = requant[0] if requant is not None else None
         timing = {"pack": 0.0, "device": 0.0, "unpack": 0.0, "host": 0.0}
+        planned = plan.jobs
+        if sparse_skip and "GROUPS" in self.info.features:
+            planned = [_in_format(self.geometry, job, a, b, self.max_transfer)[0]
+                       for job in planned]
         per_job = [self.run_job(job, a, b, bias, acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
                                 accumulate=job.k0 > 0, mult=mult, timing=timing,
                                 prepared=prepared)
-                   for job in plan.jobs]
+                   for job in planned]
         if not plan.on_device:
             started = time.perf_counter()
             np.copyto(out, arith.postprocess(acc, bias, requant, relu), casting="unsafe")

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsa.protocol import RESET_QUANT, Option
+from sparsa.protocol import RESET_QUANT, Option, group_vectors
+
 DEFAULT_MAX_TRANSFER = 2**26 - 1  # AXI DMA with a 26-bit buffer length register
 
 
@@ -50,6 +51,10 @@ class Job:
     @property
     def channel_quant(self):
         return bool(self.options & Option.CHANNEL_QUANT)
+
+    @property
+    def groups(self):
+        return bool(self.options & Option.GROUPS)
 
     def registers(self):
         """The register writes that configure this job, in order (CONTROL.START comes after)."""
@@ -200,16 +205,27 @@ def pack_weights(geometry, b, out=None):
     return out
 
 
-def pack_into(geometry, buffer, a, b, bias=None, mult=None, b_packed=None):
+def pack_groups(geometry, b):
+    """B's part of an input packet in the group format (``OPTIONS.GROUPS``, see
+    :mod:`sparsa.protocol`), as one int8 array."""
+    return np.concatenate(group_vectors(geometry, b)[0]).view(np.int8)
+
+
+def pack_into(geometry, buffer, a, b, bias=None, mult=None, b_packed=None, groups=False):
     """Write the input packet of ``a @ b (+ bias)`` (with per-column multipliers ``mult`` for
-    ``OPTIONS.CHANNEL_QUANT``) into ``buffer`` (uint8, at least the packet's size; e.g. a DMA
-    buffer); returns the packet's size in bytes. ``a``/``b`` may be views. ``b_packed``: B's
-    part already packed (:func:`pack_weights`), copied instead of packing ``b``."""
+    ``OPTIONS.CHANNEL_QUANT``; B in the group format with ``groups``) into ``buffer`` (uint8,
+    at least the packet's size; e.g. a DMA buffer); returns the packet's size in bytes.
+    ``a``/``b`` may be views. ``b_packed``: B's part already packed (:func:`pack_weights`, or
+    :func:`pack_groups` with ``groups``), copied instead of packing ``b``."""
     g = geometry
     m, k = a.shape
     n = b.shape[1]
     m_tiles, n_tiles = g.tiles(m, n)
-    size = g.input_beats(m, k, n, bias is not None, mult is not None) * g.beat_bytes
+    if groups and b_packed is None:
+        b_packed = pack_groups(g, b)
+    b_span = weight_bytes(g, k, n) if b_packed is None else b_packed.size
+    size = g.input_beats(m, k, n, bias is not None, mult is not None,
+                         b_span // g.beat_bytes) * g.beat_bytes
     if buffer.size < size:
         raise ValueError(f"buffer: expected at least {size} bytes, got {buffer.size}")
     out = buffer[:size].view(np.int8)
@@ -223,13 +239,12 @@ def pack_into(geometry, buffer, a, b, bias=None, mult=None, b_packed=None):
             region[:, :4 * g.cols] = padded.view(np.int8).reshape(n_tiles, 4 * g.cols)
             region[:, 4 * g.cols:] = 0
             position += n_tiles * vector
-    # B: [n-tile][k][col]
-    span = weight_bytes(g, k, n)
+    # B: [n-tile][k][col] (or the group format)
     if b_packed is not None:
-        out[position:position + span] = b_packed
+        out[position:position + b_span] = b_packed
     else:
-        pack_weights(g, b, out[position:position + span])
-    position += span
+        pack_weights(g, b, out[position:position + b_span])
+    position += b_span
     # A: [m-tile][k][row]: the columns of A's transpose.
     vector = g.vector_beats(g.rows) * g.beat_bytes
     span = m_tiles * k * vector

@@ -18,7 +18,8 @@ hardware holds TREADY low, so the DMA would time out).
 import numpy as np
 
 from sparsa import protocol
-from sparsa.protocol import KNOWN_OPTIONS, REGISTERS, Control, Error, Feature, Option, Status
+from sparsa.protocol import (GROUP, KNOWN_OPTIONS, REGISTERS, Control, Error, Feature, Option,
+                             Status)
 
 from . import arith, jobs
 
@@ -29,8 +30,9 @@ def _signed(value):
     return value - (1 << 32) if value & 0x80000000 else value
 
 
-def counters(geometry, a, b, skip=True, requant=False):
-    """The counters of ``a @ b`` on ``geometry``: exact work counts, estimated cycles.
+def counters(geometry, a, b, skip=True, requant=False, groups=False, b_beats=None):
+    """The counters of ``a @ b`` on ``geometry`` (B in the group format with ``groups``, in
+    ``b_beats`` beats when given: a packet's own): exact work counts, estimated cycles.
 
     The cycle estimate follows the schedule: B (and bias) and the first A panel stream in before
     the first tile starts (``STALL_IN``); each output tile then takes three set-up cycles (load
@@ -40,7 +42,10 @@ def counters(geometry, a, b, skip=True, requant=False):
     drains in about ``rows + cols`` cycles plus its output beats and the pipeline (memory
     read registers, operand registers, the PE's three multiplier stages, the two-stage row
     read-out, fourteen post-processing stages and the stream links). On the default 8x8 build
-    it is within 0.1% of the RTL on dense cubes from 64 to 256.
+    it is within 0.1% of the RTL on dense cubes from 64 to 256. With ``groups``, a tile's
+    issued steps are, per group whose four A vectors are not all zero, the largest count of
+    nonzeros of one of its columns in the group, and B streams in its beats plus a cycle per
+    group of no steps.
     """
     g = geometry
     m, k = a.shape
@@ -61,7 +66,16 @@ def counters(geometry, a, b, skip=True, requant=False):
             b_count += b_nonzero[:, :, lane]
     a_live, b_live = a_count != 0, b_count != 0
     nonzero_products = int(a_count.sum(axis=0, dtype=np.int64) @ b_count.sum(axis=1, dtype=np.int64))
-    if skip:
+    steps = None
+    if groups:
+        count = -(-k // GROUP)
+        a_group = np.zeros((m_tiles, count * GROUP), bool)
+        a_group[:, :k] = a_live
+        a_group = a_group.reshape(m_tiles, count, GROUP).any(axis=2)
+        steps = protocol.group_counts(b, g.cols).T  # [group, n-tile]
+        # Counts <= K: exact in float32.
+        issued = np.rint(a_group.astype(np.float32) @ steps.astype(np.float32)).astype(np.int64)
+    elif skip:
         # Issued k-steps per output tile: both vectors nonzero. Counts <= K: exact in float32.
         issued = np.rint(a_live.astype(np.float32) @ b_live.astype(np.float32)).astype(np.int64)
     else:
@@ -75,7 +89,12 @@ def counters(geometry, a, b, skip=True, requant=False):
     panel = k * g.vector_beats(g.rows)
     per_m_tile[:-1] = np.maximum(per_m_tile[:-1], panel)  # waiting for the next A panel
     # + the panel flag's cycle and the input link's two registers
-    stall_in = n_tiles * k * g.vector_beats(g.cols) + panel + 3
+    if b_beats is None:
+        b_beats = (protocol.group_beats(g, steps.T) if groups
+                   else n_tiles * k * g.vector_beats(g.cols))
+    stall_in = b_beats + panel + 3
+    if groups:
+        stall_in += int((steps == 0).sum())  # the loader passes a group of no steps in a cycle
     cycles = stall_in + int(per_m_tile.sum()) + g.rows + g.cols + tile_out + 32
     stall_out = int(np.maximum(tile_out - tile_cycles, 0).sum())
     wrap = lambda value: int(value) % 2**32  # noqa: E731
@@ -84,8 +103,24 @@ def counters(geometry, a, b, skip=True, requant=False):
             "KSTEPS_SKIPPED": wrap(m_tiles * n_tiles * k - issued.sum())}
 
 
-def unpack_input(geometry, data, m, k, n, bias, channel_quant=False):
-    """Views of the operands in an input packet: (a, b, bias or None, multipliers or None)."""
+def choose_format(geometry, a, b, requant=False):
+    """Whether the job ``a @ b`` (with skipping, on a build with ``FEATURES.GROUPS``) is
+    estimated to take fewer cycles with B in the group format, and the counters of the format
+    chosen: ``(groups, counters, b_beats)`` (``b_beats``: B's beats in the group format, else
+    None). The estimate (:func:`counters`) counts B's beats too, so dense B, whose group format
+    is a quarter longer, stays in the plain one."""
+    plain = counters(geometry, a, b, True, requant)
+    b_beats = protocol.group_beats(geometry, protocol.group_counts(b, geometry.cols))
+    grouped = counters(geometry, a, b, True, requant, True, b_beats)
+    if grouped["CYCLES"] < plain["CYCLES"]:
+        return True, grouped, b_beats
+    return False, plain, None
+
+
+def unpack_input(geometry, data, m, k, n, bias, channel_quant=False, groups=False):
+    """The operands in an input packet (views where the format allows): (a, b, bias or None,
+    multipliers or None, the bytes they took); B in the group format with ``groups`` (see
+    :func:`sparsa.protocol.read_groups`). Raises ValueError when the packet ends early."""
     g = geometry
     m_tiles, n_tiles = g.tiles(m, n)
     data = data.view(np.int8)
@@ -99,16 +134,23 @@ def unpack_input(geometry, data, m, k, n, bias, channel_quant=False):
             values = np.ascontiguousarray(region[:, :4 * g.cols]).view("<i4").reshape(-1)[:n]
             position += n_tiles * vector
         columns.append(values)
-    vector = g.vector_beats(g.cols) * g.beat_bytes
-    span = n_tiles * k * vector
-    b_tiles = data[position:position + span].reshape(n_tiles, k, vector)[:, :, :g.cols]
-    b = b_tiles.transpose(1, 0, 2).reshape(k, n_tiles * g.cols)[:, :n]
+    if groups:
+        b, span = protocol.read_groups(g, data[position:], k, n)
+    else:
+        vector = g.vector_beats(g.cols) * g.beat_bytes
+        span = n_tiles * k * vector
+        if position + span > data.size:
+            raise ValueError("the input packet ends inside B")
+        b_tiles = data[position:position + span].reshape(n_tiles, k, vector)[:, :, :g.cols]
+        b = b_tiles.transpose(1, 0, 2).reshape(k, n_tiles * g.cols)[:, :n]
     position += span
     vector = g.vector_beats(g.rows) * g.beat_bytes
     span = m_tiles * k * vector
+    if position + span > data.size:
+        raise ValueError("the input packet ends inside A")
     a_tiles = data[position:position + span].reshape(m_tiles, k, vector)[:, :, :g.rows]
     a = a_tiles.transpose(0, 2, 1).reshape(m_tiles * g.rows, k)[:m]
-    return a, b, *columns
+    return a, b, *columns, position + span
 
 
 def pack_output(geometry, c, buffer, requant):
@@ -184,6 +226,9 @@ class ReferenceDevice:
         elif options & ~KNOWN_OPTIONS or (options & Option.CHANNEL_QUANT
                                           and not options & Option.REQUANT):
             error = Error.BAD_OPTION
+        elif options & Option.GROUPS and (options & Option.NO_SKIP
+                                          or not self.features & Feature.GROUPS):
+            error = Error.BAD_OPTION
         elif options & Option.REQUANT and not (r["QUANT_SHIFT"] <= 31 and -128 <= zero <= 127):
             error = Error.BAD_QUANT
         else:
@@ -206,24 +251,28 @@ class ReferenceDevice:
         beat = g.beat_bytes
         bias, requant = bool(options & Option.BIAS), bool(options & Option.REQUANT)
         channel_quant = bool(options & Option.CHANNEL_QUANT)
-        expected = g.input_beats(m, k, n, bias, channel_quant) * beat if error == Error.NONE else 0
-        if error == Error.NONE and send_bytes < expected:
-            error = Error.TLAST_EARLY
-        elif error == Error.NONE and send_bytes > expected:
-            error = Error.TLAST_MISSING  # extra beats discarded; results complete
+        groups = bool(options & Option.GROUPS)
+        if error == Error.NONE:
+            try:
+                a, b, bias_values, mult, taken = unpack_input(
+                    g, send[:send_bytes], m, k, n, bias, channel_quant, groups)
+            except ValueError:
+                error = Error.TLAST_EARLY
+            else:
+                if send_bytes > taken:
+                    error = Error.TLAST_MISSING  # extra beats discarded; results complete
         if error not in (Error.NONE, Error.TLAST_MISSING):
             size = _fits(beat, receive_bytes)
             receive[:size] = 0
             self.registers.update(STATUS=Status.DONE | Status.ERROR, ERROR=error)
             return size
-        a, b, bias_values, mult = unpack_input(g, send[:expected], m, k, n, bias, channel_quant)
         if channel_quant:
             quant = (mult.astype(np.int64), *quant[1:])
         size = _fits(g.output_beats(m, n, requant) * beat, receive_bytes)
         c = arith.gemm(a, b, bias_values, quant if requant else None, bool(options & Option.RELU))
         pack_output(g, c, receive, requant)
         skip = bool(self.features & Feature.SPARSE_SKIP) and not options & Option.NO_SKIP
-        self.registers.update(counters(g, a, b, skip, requant))
+        self.registers.update(counters(g, a, b, skip, requant, groups))
         status = Status.DONE | (Status.ERROR if error != Error.NONE else 0)
         self.registers.update(STATUS=status, ERROR=error)
         return size

@@ -39,13 +39,15 @@ def geometry_of(cfg):
 
 def features(cfg):
     """The FEATURES bits a build with these settings reports."""
-    return protocol.features(cfg.get("sparse_skip", True))
+    skip = cfg.get("sparse_skip", True)
+    return protocol.features(skip, skip and not cfg.get("dsp_packing", False))
 
 
 async def make_tb(dut):
     """The settings of this run and a reset testbench for the build they describe."""
     cfg = settings()
-    tb = AccelTB(dut, geometry_of(cfg), cfg.get("sparse_skip", True))
+    tb = AccelTB(dut, geometry_of(cfg), cfg.get("sparse_skip", True),
+                 bool(features(cfg) & protocol.Feature.GROUPS))
     await tb.reset()
     return cfg, tb
 
@@ -57,10 +59,11 @@ def pauses(rng, probability):
 
 
 class AccelTB:
-    def __init__(self, dut, geometry, skips=True):
+    def __init__(self, dut, geometry, skips=True, groups=True):
         self.dut = dut
         self.geometry = geometry
         self.skips = skips  # the build skips zero k-steps (FEATURES.SPARSE_SKIP)
+        self.groups = groups  # the build takes B in the group format (FEATURES.GROUPS)
         dut.aresetn.value = 0  # held in reset from time zero, so no register starts out as X
         Clock(dut.aclk, 10, unit="ns").start()
         for prefix in ("s_axis", "m_axis", "s_axi"):
@@ -120,17 +123,19 @@ class AccelTB:
         frame = await with_timeout(self.sink.recv(), 10 * cycles, "ns")
         return frame.tdata
 
-    async def gemm(self, a, b, bias=None, requant=None, relu=False, skip=True):
+    async def gemm(self, a, b, bias=None, requant=None, relu=False, skip=True, groups=False):
         """Run one job; returns (C, STATUS, ERROR, counters). A ``requant`` multiplier that is
-        an array (one per column) goes in the input packet (``OPTIONS.CHANNEL_QUANT``)."""
+        an array (one per column) goes in the input packet (``OPTIONS.CHANNEL_QUANT``); B in
+        the group format with ``groups``."""
         m, k = a.shape
         n = b.shape[1]
         mult = requant[0] if requant is not None and np.ndim(requant[0]) else None
         if mult is not None:
             requant = (np.asarray(mult), *requant[1:])
         options, quant = jobs.job_options(bias is not None, requant, relu, skip)
+        options |= Option.GROUPS if groups else 0
         await self.start(m, k, n, options, quant)
-        packet = protocol.pack_input(self.geometry, a, b, bias, mult)
+        packet = protocol.pack_input(self.geometry, a, b, bias, mult, groups)
         await self.source.send(AxiStreamFrame(packet.tobytes()))
         cycles = self.budget(m, k, n)
         data = await self.receive(cycles)
@@ -173,7 +178,7 @@ def random_options(rng, n):
 
 
 def assert_job(tb, got, status, error, counters, a, b, bias=None, requant=None, relu=False,
-               skip=True, label="job"):
+               skip=True, label="job", groups=False):
     """The job finished cleanly, its result is NumPy's and its counters are the golden ones."""
     assert error == Error.NONE, f"{label}: ERROR={Error(error).name}"
     assert status == Status.DONE, f"{label}: STATUS={status:#x}"
@@ -181,7 +186,8 @@ def assert_job(tb, got, status, error, counters, a, b, bias=None, requant=None, 
     if not np.array_equal(got, want):
         bad = tuple(np.argwhere(got != want)[0])
         raise AssertionError(f"{label}: C{bad} = {got[bad]}, expected {want[bad]}")
-    expected = sparse_counters(a, b, tb.geometry.rows, tb.geometry.cols, skip and tb.skips)
+    expected = sparse_counters(a, b, tb.geometry.rows, tb.geometry.cols, skip and tb.skips,
+                               groups)
     for name, value in expected.items():
         assert counters[name] == value, f"{label}: {name}={counters[name]}, expected {value}"
     assert counters["CYCLES"] > 0
@@ -203,11 +209,16 @@ async def test_random_jobs(dut):
         a, b = random_matrix(rng, (m, k)), random_matrix(rng, (k, n))
         bias, requant, relu = random_options(rng, n)
         skip = bool(rng.random() < 0.7)
+        groups = skip and tb.groups and bool(rng.random() < 0.5)
+        if groups and rng.random() < 0.5:  # pruned weights: n:4 per group, mixed across groups
+            b = patterns.n_of_m(rng, (k, n), int(rng.integers(0, 5)), 4) if rng.random() < 0.5 \
+                else patterns.mixed_groups(rng, (k, n))
         label = (f"job {job}: M={m} K={k} N={n} bias={bias is not None} requant={requant} "
-                 f"relu={relu} skip={skip}")
+                 f"relu={relu} skip={skip} groups={groups}")
         dut._log.info(label)
-        got, status, error, counters = await tb.gemm(a, b, bias, requant, relu, skip)
-        assert_job(tb, got, status, error, counters, a, b, bias, requant, relu, skip, label)
+        got, status, error, counters = await tb.gemm(a, b, bias, requant, relu, skip, groups)
+        assert_job(tb, got, status, error, counters, a, b, bias, requant, relu, skip, label,
+                   groups)
     dut._log.info("%d random jobs bit-exact", cfg.get("count", 20))
 
 
@@ -322,6 +333,49 @@ async def test_errors(dut):
     assert np.array_equal(protocol.unpack_output(g, data, *good[::2], False), gemm(a, b))
     await tb.source.wait()
     await expect_good_job()
+    if not tb.groups:  # a build without the group format refuses it
+        await expect_error(Error.BAD_OPTION, *good, options=Option.GROUPS)
+        await expect_good_job()
+        return
+    await expect_error(Error.BAD_OPTION, *good, options=Option.GROUPS | Option.NO_SKIP)
+    # The group format: TLAST inside B's counts, lane vectors and steps.
+    grouped = protocol.pack_input(g, a, b, groups=True)
+    for cut in (beat, 2 * beat, 4 * beat, len(grouped) - beat):
+        await expect_error(Error.TLAST_EARLY, *good, options=Option.GROUPS,
+                           data=grouped[:cut].tobytes())
+        await expect_good_job()
+    # Malformed counts: taken modulo 8, steps past a group's k-steps dropped, lanes past K
+    # multiply zero. K = 6: a group of four and one of two, one n-tile.
+    k6 = 6
+    a6 = rng.integers(-128, 128, (g.rows + 1, k6), dtype=np.int8)
+    values = rng.integers(-128, 128, (7, g.cols), dtype=np.int8)
+    lanes = rng.integers(0, 4, (4, g.cols))
+    vector = g.vector_beats(g.cols) * g.beat_bytes
+    counts = np.zeros(g.vector_beats(2) * g.beat_bytes, np.uint8)
+    counts[:2] = (7, 8 + 3)  # 7 steps (3 past the group), 11 = 3 steps (1 past the group)
+    lane_bytes = (lanes << (2 * np.arange(4))[:, None]).sum(axis=0).astype(np.uint8)
+
+    def vec(row):
+        out = np.zeros(vector, np.uint8)
+        out[:g.cols] = row.view(np.uint8) if row.dtype == np.int8 else row
+        return out
+
+    b6 = np.zeros((8, g.cols), np.int64)  # the B these steps make (rows 6, 7: past K)
+    for group, steps in ((0, 7), (1, 3)):
+        for step in range(min(steps, 4 if group == 0 else 2)):
+            b6[4 * group + lanes[step], np.arange(g.cols)] += values[step]
+    b_part = [counts, vec(lane_bytes)] + [vec(values[s]) for s in range(7)]
+    b_part += [vec(lane_bytes)] + [vec(values[s]) for s in range(3)]
+    a_part = protocol.pack_input(g, a6, np.zeros((k6, g.cols), np.int8))[
+        -g.tiles(g.rows + 1, 1)[0] * k6 * g.vector_beats(g.rows) * g.beat_bytes:]
+    await tb.start(g.rows + 1, k6, g.cols, Option.GROUPS)
+    await tb.source.send(AxiStreamFrame(np.concatenate(b_part + [a_part]).tobytes()))
+    data = await tb.receive(tb.budget(*good))
+    status = await tb.wait_done(tb.budget(*good))
+    assert (await tb.read("ERROR"), status) == (Error.NONE, Status.DONE)
+    want = (a6.astype(np.int64) @ b6[:k6]).astype(np.int32)
+    assert np.array_equal(protocol.unpack_output(g, data, g.rows + 1, g.cols, False), want)
+    await expect_good_job()
 
 
 @cocotb.test()
@@ -409,13 +463,15 @@ async def test_queued_packets(dut):
 
 @cocotb.test()
 async def test_sparse_patterns(dut):
-    """Dense, all-zero, unstructured, block-sparse and 2:4 operands, skip on and off: results
-    identical and exact, counters equal NumPy's counts, and skipping never costs cycles."""
+    """Dense, all-zero, unstructured, block-sparse, n:4 and mixed operands, skip on and off and
+    (on a build with it) B in the group format: results identical and exact, counters equal
+    NumPy's counts, skipping never costs cycles, and the group format issues fewer k-steps
+    than the plain one where B is n:4."""
     cfg, tb = await make_tb(dut)
     g = tb.geometry
     rng = np.random.default_rng(cfg.get("seed", 0))
     tb.set_pauses(rng, idle=0.2, backpressure=0.2)
-    m, k, n = cfg.get("shape", (3 * g.rows + 1, 4 * g.rows, 2 * g.cols + 3))
+    m, k, n = cfg.get("shape", (3 * g.rows + 1, 4 * g.rows + 3, 2 * g.cols + 3))
     k = min(k, g.max_k)
     n = min(n, g.max_n)
     cases = [
@@ -427,36 +483,46 @@ async def test_sparse_patterns(dut):
         *((f"block-sparse B {f:.0%}", patterns.dense(rng, (m, k)),
            patterns.block_sparse(rng, (k, n), f, g.rows, g.cols)) for f in (0.5, 0.75)),
         ("2:4 B", patterns.dense(rng, (m, k)), patterns.two_four(rng, (k, n))),
+        ("1:4 B", patterns.relu_like(rng, (m, k), 0.3), patterns.n_of_m(rng, (k, n), 1, 4)),
+        *((f"unstructured B {f:.0%}", patterns.dense(rng, (m, k)),
+           patterns.unstructured(rng, (k, n), f)) for f in (0.5, 0.9)),
+        ("mixed groups B", patterns.dense(rng, (m, k)), patterns.mixed_groups(rng, (k, n))),
     ]
+    formats = [(True, False), (False, False)] + ([(True, True)] if tb.groups else [])
     for label, a, b in cases:
-        cycles = {}
-        results = {}
-        for skip in (True, False):
-            got, status, error, counters = await tb.gemm(a, b, skip=skip)
+        cycles, skipped, results = {}, {}, {}
+        for skip, groups in formats:
+            got, status, error, counters = await tb.gemm(a, b, skip=skip, groups=groups)
             assert_job(tb, got, status, error, counters, a, b, skip=skip,
-                       label=f"{label}, skip={skip}")
-            cycles[skip] = counters["CYCLES"]
-            results[skip] = got
-        assert np.array_equal(results[True], results[False])
-        dut._log.info("%s: %d cycles with skipping, %d without", label, cycles[True],
-                      cycles[False])
+                       label=f"{label}, skip={skip}, groups={groups}", groups=groups)
+            cycles[skip, groups] = counters["CYCLES"]
+            skipped[skip, groups] = counters["KSTEPS_SKIPPED"]
+            results[skip, groups] = got
+        for result in results.values():
+            assert np.array_equal(result, results[True, False])
+        dut._log.info("%s: cycles %s", label, cycles)
         # Pauses jitter the cycle count a little; skipping must never be clearly slower.
-        assert cycles[True] <= cycles[False] * 1.1 + 50, f"{label}: {cycles}"
+        assert cycles[True, False] <= cycles[False, False] * 1.1 + 50, f"{label}: {cycles}"
+        if tb.groups and label.endswith(":4 B"):  # (cycles: see `sparsa bench sparse`)
+            assert skipped[True, True] > skipped[True, False], f"{label}: {skipped}"
 
 
 @cocotb.test()
 async def test_bench(dut):
-    """Run the jobs in the ``.npz`` file ``jobs`` (a0, b0, skip0, ...) without pauses, checking
-    each against NumPy; write their counters to ``report`` (a JSON list)."""
+    """Run the jobs in the ``.npz`` file ``jobs`` (a0, b0, skip0, optional groups0, ...)
+    without pauses, checking each against NumPy; write their counters to ``report`` (a JSON
+    list)."""
     cfg, tb = await make_tb(dut)
     jobs = np.load(cfg["jobs"])
     results = []
     for index in range(int(jobs["count"])):
         a, b, skip = jobs[f"a{index}"], jobs[f"b{index}"], bool(jobs[f"skip{index}"])
-        got, status, error, counters = await tb.gemm(a, b, skip=skip)
-        assert_job(tb, got, status, error, counters, a, b, skip=skip, label=f"bench job {index}")
+        groups = bool(jobs[f"groups{index}"]) if f"groups{index}" in jobs else False
+        got, status, error, counters = await tb.gemm(a, b, skip=skip, groups=groups)
+        assert_job(tb, got, status, error, counters, a, b, skip=skip, label=f"bench job {index}",
+                   groups=groups)
         results.append({"m": a.shape[0], "k": a.shape[1], "n": b.shape[1], "skip": skip,
-                        **counters})
+                        "groups": groups, **counters})
     with open(cfg["report"], "w") as f:
         json.dump(results, f)
 

@@ -5,8 +5,11 @@ the build's ``lut_columns`` and ``dsp_packing`` (for its latency) and per-test k
 (``count``, ``seed``, ``max_k``, ``bubbles``, ``report``).
 
 The driver streams tiles back to back, one k-step per cycle with random bubbles, honouring the
-array's issue rule; a monitor collects result rows on the falling edge. Every row is compared
-with :func:`sparsa.sim.golden.matmul_int32`.
+array's issue rule; a monitor collects result rows on the falling edge. A tile is ``(a4, b,
+lanes)``: per row and k-step the group's four A values, and per k-step and column the lane
+its PE multiplies (random, or ``k % 4`` as a plain k-step has; one per column pair in a build
+with packed pairs). Every row is compared with :func:`sparsa.sim.golden.matmul_int32` of the
+A values the lanes pick.
 """
 
 import json
@@ -19,6 +22,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, FallingEdge, RisingEdge
 
 from sparsa.hw.array import latency
+from sparsa.hw.pe import LANES
 
 from .golden import matmul_int32
 
@@ -36,6 +40,7 @@ class ArrayTB:
         self.b = [getattr(dut, f"b__{j}") for j in range(cols)]
         self.a_zero = [getattr(dut, f"a_zero__{i}") for i in range(rows)]
         self.b_zero = [getattr(dut, f"b_zero__{j}") for j in range(cols)]
+        self.b_lane = [getattr(dut, f"b_lane__{j}") for j in range(cols)]
         self.c = [getattr(dut, f"c__{j}") for j in range(cols)]
         self.min_tile_cycles = max(rows, cols)
         self.latency = latency(rows, cols, cfg.get("lut_columns", 0),
@@ -54,12 +59,12 @@ class ArrayTB:
         self.dut.valid.value = 0
         self.dut.first.value = 0
         self.dut.last.value = 0
-        for port in self.a + self.b + self.a_zero + self.b_zero:
+        for port in self.a + self.b + self.a_zero + self.b_zero + self.b_lane:
             port.value = 0
 
     async def _drive(self, tiles, bubbles, rng):
         since_last = self.min_tile_cycles
-        for a, b in tiles:
+        for a, b, lanes in tiles:
             depth = a.shape[1]
             for k in range(depth):
                 while bubbles and rng.random() < bubbles:
@@ -75,14 +80,17 @@ class ArrayTB:
                 self.dut.first.value = int(k == 0)
                 self.dut.last.value = int(last)
                 for i, port in enumerate(self.a):
-                    port.value = int(a[i, k])
+                    port.value = int.from_bytes(a[i, k].tobytes(), "little")
                 for j, port in enumerate(self.b):
                     port.value = int(b[k, j])
+                    self.b_lane[j].value = int(lanes[k, j])
                 # Zero flags as the accelerator sets them, but now and then left low for a
                 # zero operand (allowed: it only forgoes the gating).
-                for ports, values in ((self.a_zero, a[:, k]), (self.b_zero, b[k, :])):
-                    for port, value in zip(ports, values):
-                        port.value = int(value == 0 and rng.random() >= 0.125)
+                for i, port in enumerate(self.a_zero):
+                    port.value = sum(int(value == 0 and rng.random() >= 0.125) << lane
+                                     for lane, value in enumerate(a[i, k]))
+                for port, value in zip(self.b_zero, b[k, :]):
+                    port.value = int(value == 0 and rng.random() >= 0.125)
                 await RisingEdge(self.dut.clk)
                 since_last = 0 if last else since_last + 1
         self._idle()
@@ -120,14 +128,22 @@ class ArrayTB:
         return results, self.cycles - (self.latency + 3)
 
 
+def picked(a, lanes):
+    """Per column the A values its lanes pick: [column, row, k]."""
+    rows, depth, _ = a.shape
+    return np.stack([a[:, np.arange(depth), lanes[:, j]] for j in range(lanes.shape[1])])
+
+
 def check_tiles(tiles, results):
-    for t, ((a, b), got) in enumerate(zip(tiles, results)):
-        want = matmul_int32(a, b)
+    for t, ((a, b, lanes), got) in enumerate(zip(tiles, results)):
+        want = np.stack([matmul_int32(a_j, b[:, j:j + 1])[:, 0]
+                         for j, a_j in enumerate(picked(a, lanes))], axis=1)
         if not np.array_equal(got, want):
             bad = np.argwhere(got != want)[0]
             raise AssertionError(
                 f"tile {t} (K={a.shape[1]}): C{tuple(bad)} = {got[tuple(bad)]}, "
-                f"expected {want[tuple(bad)]}\nA=\n{a}\nB=\n{b}\ngot=\n{got}\nwant=\n{want}")
+                f"expected {want[tuple(bad)]}\nA=\n{a}\nB=\n{b}\nlanes=\n{lanes}\ngot=\n{got}\n"
+                f"want=\n{want}")
 
 
 def random_operand(rng, shape):
@@ -141,6 +157,23 @@ def random_operand(rng, shape):
     if kind == 2:
         return rng.choice(np.array([-128, -127, -1, 0, 1, 126, 127], dtype=np.int8), shape)
     return rng.integers(-3, 4, shape, dtype=np.int8)
+
+
+def grouped(a, b, rng, packed=False, plain=False):
+    """A tile of ``a @ b`` as the array takes it: ``a``'s values in the lanes ``b``'s
+    columns pick (``k % 4`` for all with ``plain``, else random; a pair of columns alike with
+    ``packed``) and random values in the other lanes."""
+    rows, depth = a.shape
+    cols = b.shape[1]
+    if plain:
+        lanes = np.repeat((np.arange(depth) % LANES)[:, None], cols, axis=1)
+    else:
+        lanes = rng.integers(0, LANES, (depth, -(-cols // 2) if packed else cols))
+        lanes = np.repeat(lanes, 2, axis=1)[:, :cols] if packed else lanes
+    a4 = random_operand(rng, (rows, depth, LANES))
+    for j in range(cols):  # column j's lanes hold a's values (the last column written wins)
+        a4[:, np.arange(depth), lanes[:, j]] = a
+    return a4, b, lanes.astype(np.uint8)
 
 
 @cocotb.test()
@@ -167,6 +200,7 @@ async def test_directed(dut):
         (values[:rows, :1], values[:1, :cols]),
         (np.zeros((rows, 3), np.int8), rng.integers(-128, 128, (3, cols), dtype=np.int8)),
     ]
+    tiles = [grouped(a, b, rng, plain=True) for a, b in tiles]
     results, _ = await tb.run(tiles)
     check_tiles(tiles, results)
 
@@ -182,9 +216,10 @@ async def test_accumulator_wraps(dut):
     a = np.full((rows, depth), -128, np.int8)
     b = np.full((depth, cols), -128, np.int8)
     b[0, 0] = 127
-    results, _ = await tb.run([(a, b)])
+    tile = grouped(a, b, np.random.default_rng(2), cfg.get("dsp_packing", False))
+    results, _ = await tb.run([tile])
     assert matmul_int32(a, b)[0, 1] != 140_000 * 16384, "the golden model must wrap too"
-    check_tiles([(a, b)], results)
+    check_tiles([tile], results)
 
 
 @cocotb.test()
@@ -195,10 +230,14 @@ async def test_random(dut):
     tb = ArrayTB(dut, cfg)
     await tb.reset()
     max_k = cfg.get("max_k", 4 * max(rows, cols))
+    packed = cfg.get("dsp_packing", False)
     tiles = []
     for _ in range(cfg.get("count", 50)):
         depth = int(rng.integers(1, max_k + 1))
-        tiles.append((random_operand(rng, (rows, depth)), random_operand(rng, (depth, cols))))
+        a4 = random_operand(rng, (rows, depth, LANES))
+        b = random_operand(rng, (depth, cols))
+        plain = rng.random() < 0.25
+        tiles.append((a4, b, grouped(a4[:, :, 0], b, rng, packed, plain)[2]))
     start = time.perf_counter()
     results, cycles = await tb.run(tiles, bubbles=cfg.get("bubbles", 0.1), rng=rng)
     seconds = time.perf_counter() - start

@@ -57,12 +57,13 @@ def postprocess(acc, bias=None, requant=None, relu=False):
     return out.astype(np.int8)
 
 
-def sparse_counters(a, b, rows, cols, skip=True):
-    """What the accelerator's counters must read after ``a @ b`` on a rows x cols array.
+def sparse_counters(a, b, rows, cols, skip=True, groups=False):
+    """What the accelerator's counters must read after ``a @ b`` on a rows x cols array (B in
+    the group format with ``groups``).
 
     ``MACS_SKIPPED``: products with a zero operand, over the real matrices. ``KSTEPS_SKIPPED``:
-    per output tile, the k-steps whose A column (tile rows) or B row (tile columns) is all zero,
-    when skipping is on. ``MACS``: real products of the k-steps issued.
+    per output tile, K less the steps issued (:func:`ksteps_issued`). ``MACS``: real products
+    of the steps issued.
     """
     a = np.asarray(a)
     b = np.asarray(b)
@@ -70,7 +71,7 @@ def sparse_counters(a, b, rows, cols, skip=True):
     n = b.shape[1]
     products = m * k * n
     nonzero_pairs = int(((a != 0).sum(axis=0).astype(np.int64) * (b != 0).sum(axis=1)).sum())
-    issued = ksteps_issued(a, b, rows, cols, skip)
+    issued = ksteps_issued(a, b, rows, cols, skip, groups)
     m_tiles, n_tiles = issued.shape
     rows_real = np.minimum(rows, m - rows * np.arange(m_tiles))
     cols_real = np.minimum(cols, n - cols * np.arange(n_tiles))
@@ -79,10 +80,12 @@ def sparse_counters(a, b, rows, cols, skip=True):
             "KSTEPS_SKIPPED": int(m_tiles * n_tiles * k - issued.sum()) % 2**32}
 
 
-def ksteps_issued(a, b, rows, cols, skip=True):
+def ksteps_issued(a, b, rows, cols, skip=True, groups=False):
     """Per output tile ([m-tile, n-tile], int64), the k-steps of ``a @ b`` a rows x cols array
     issues: those whose A column (the tile's rows) and B row (its columns) both have a nonzero,
-    or all K without skipping."""
+    or all K without skipping. With ``groups`` (B in the group format), per group of four
+    k-steps whose A columns are not all zero, as many steps as the tile's column with the most
+    nonzeros of B in the group has."""
     a = np.asarray(a)
     b = np.asarray(b)
     m, k = a.shape
@@ -95,5 +98,14 @@ def ksteps_issued(a, b, rows, cols, skip=True):
     b_pad = np.zeros((k, n_tiles * cols), bool)
     b_pad[:, :n] = b != 0
     a_live = a_pad.reshape(m_tiles, rows, k).any(axis=1).astype(np.int64)  # [m-tile, k]
+    if groups:
+        count = -(-k // 4)
+        a_group = np.zeros((m_tiles, count * 4), np.int64)
+        a_group[:, :k] = a_live
+        a_group = a_group.reshape(m_tiles, count, 4).any(axis=2).astype(np.int64)
+        b_group = np.zeros((count * 4, n_tiles * cols), np.int64)
+        b_group[:k] = b_pad
+        steps = b_group.reshape(count, 4, n_tiles, cols).sum(axis=1).max(axis=2)  # [group, t]
+        return a_group @ steps
     b_live = b_pad.reshape(k, n_tiles, cols).any(axis=2).astype(np.int64)  # [k, n-tile]
     return a_live @ b_live

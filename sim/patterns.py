@@ -55,3 +55,19 @@ def unstructured(rng, shape, zero_fraction):
     count = int(round(zero_fraction * out.size))
     out.reshape(-1)[rng.choice(out.size, count, replace=False)] = 0
     return out
+
+
+def mixed_groups(rng, shape, group=4):
+    """Sparsity that changes across one matrix: each ``group`` consecutive k of each column
+    keeps a random number (0 to ``group``) of its values, the number drawn per group of k and
+    per column, with some groups all zero and some dense."""
+    k, n = shape
+    out = dense(rng, shape)
+    groups = -(-k // group)
+    keep = rng.integers(0, group + 1, (groups, n))
+    keep[rng.random(groups) < 0.2] = 0
+    keep[rng.random(groups) < 0.2] = group
+    rank = rng.random((groups * group, n)).reshape(groups, group, n).argsort(axis=1).argsort(axis=1)
+    zero = (rank >= keep[:, None, :]).reshape(groups * group, n)[:k]
+    out[zero] = 0
+    return out

@@ -48,6 +48,7 @@ def set_job(ctx, port, geometry, m, k, n, options=0, quant=(0, 0, 0)):
               "requant": bool(options & Option.REQUANT), "relu": bool(options & Option.RELU),
               "no_skip": bool(options & Option.NO_SKIP),
               "channel_quant": bool(options & Option.CHANNEL_QUANT),
+              "groups": bool(options & Option.GROUPS),
               "mult": quant[0], "shift": quant[1], "zero": quant[2]}
     for name, value in fields.items():
         ctx.set(getattr(port, name), value)
@@ -57,6 +58,8 @@ def set_single(ctx, port, geometry, m, k, n):
     ctx.set(port.k, k <= 1)
     ctx.set(port.n, n <= geometry.cols)
     ctx.set(port.m, m <= geometry.rows)
+    ctx.set(port.group, k <= 4)
+    ctx.set(port.counts, k <= 4 * geometry.beat_bytes)
 
 
 def set_registers(ctx, port, m, k, n, options=0, quant=(0, 0, 0)):
@@ -68,9 +71,11 @@ def set_registers(ctx, port, m, k, n, options=0, quant=(0, 0, 0)):
 
 # ---- JobControl ------------------------------------------------------------------------------
 
-def expected_error(geometry, m, k, n, options, shift, zero):
-    """The protocol's START checks, in its order (sparsa.protocol's module docstring)."""
-    known = Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP | Option.CHANNEL_QUANT
+def expected_error(geometry, m, k, n, options, shift, zero, groups=True):
+    """The protocol's START checks, in its order (sparsa.protocol's module docstring);
+    ``groups``: the build has the group format (``FEATURES.GROUPS``)."""
+    known = (Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP | Option.CHANNEL_QUANT
+             | Option.GROUPS)
     if 0 in (m, k, n):
         return Error.ZERO_DIMENSION
     if k > geometry.max_k:
@@ -79,25 +84,29 @@ def expected_error(geometry, m, k, n, options, shift, zero):
         return Error.N_TOO_LARGE
     if options & ~known or (options & Option.CHANNEL_QUANT and not options & Option.REQUANT):
         return Error.BAD_OPTION
+    if options & Option.GROUPS and (options & Option.NO_SKIP or not groups):
+        return Error.BAD_OPTION
     if options & Option.REQUANT and (shift > 31 or not -128 <= zero <= 127):
         return Error.BAD_QUANT
     return Error.NONE
 
 
-def test_job_control_checks_and_status():
+@pytest.mark.parametrize("groups", [True, False], ids=["groups", "no_groups"])
+def test_job_control_checks_and_status(groups):
     g = Geometry(4, 4, 32, 64, 32)
     rng = np.random.default_rng(1)
     cases = [(1, 1, 1, 0, 0, 0), (0, 5, 5, 0, 0, 0), (5, 65, 5, 0, 0, 0), (5, 64, 33, 0, 0, 0),
-             (5, 64, 32, 0x20, 0, 0), (5, 5, 5, Option.CHANNEL_QUANT, 0, 0),
+             (5, 64, 32, 0x40, 0, 0), (5, 64, 32, Option.GROUPS, 0, 0),
+             (5, 64, 32, Option.GROUPS | Option.NO_SKIP, 0, 0), (5, 5, 5, Option.CHANNEL_QUANT, 0, 0),
              (5, 5, 5, Option.REQUANT, 32, 0), (5, 5, 5, Option.REQUANT, 31, 128),
              (5, 5, 5, Option.REQUANT, 31, -129), (5, 5, 5, Option.REQUANT | Option.RELU, 31, -128),
              (2**32 - 1, 0, 2**32 - 1, 0xFF, 99, 0)]
     for _ in range(40):
         cases.append((int(rng.choice([0, 1, 4, 5, 2**31])), int(rng.choice([0, 1, 64, 65, 300])),
-                      int(rng.choice([0, 1, 4, 32, 33])), int(rng.integers(0, 64)),
+                      int(rng.choice([0, 1, 4, 32, 33])), int(rng.integers(0, 128)),
                       int(rng.choice([0, 31, 32, 1000])),
                       int(rng.choice([-129, -128, 0, 127, 128]))))
-    dut = JobControl(g)
+    dut = JobControl(g, groups)
     top = WithReset(dut)
     results = []
 
@@ -113,8 +122,10 @@ def test_job_control_checks_and_status():
             await ctx.tick()
             ctx.set(dut.start, 0)
             error, closing, busy = ctx.get(dut.error), ctx.get(dut.closing), ctx.get(dut.busy)
-            single = (ctx.get(dut.single.k), ctx.get(dut.single.n), ctx.get(dut.single.m))
-            job = (ctx.get(dut.job.m), ctx.get(dut.job.k), ctx.get(dut.job.n))
+            single = tuple(ctx.get(dut.single[field])
+                           for field in ("k", "n", "m", "group", "counts"))
+            job = (ctx.get(dut.job.m), ctx.get(dut.job.k), ctx.get(dut.job.n),
+                   ctx.get(dut.job.groups))
             results.append((error, rejected, closing, busy, single, job))
             # The status afterwards: the loader's and the drain's events.
             ctx.set(dut.drained, 1)
@@ -133,13 +144,13 @@ def test_job_control_checks_and_status():
     simulate(top, bench)
     for (m, k, n, options, shift, zero), (error, rejected, closing, busy, single, job) in zip(
             cases, results):
-        want = expected_error(g, m, k, n, options, shift, zero)
+        want = expected_error(g, m, k, n, options, shift, zero, groups)
         assert error == want, (m, k, n, options, shift, zero)
         assert rejected == closing == (want != Error.NONE)
         assert busy == 1
-        assert single == (k <= 1, n <= g.cols, m <= g.rows)
+        assert single == (k <= 1, n <= g.cols, m <= g.rows, k <= 4, k <= 4 * g.beat_bytes)
         if want == Error.NONE:
-            assert job == (m, k, n)
+            assert job == (m, k, n, bool(options & Option.GROUPS))
     assert {result[0] for result in results} >= set(Error) - {Error.TLAST_EARLY,
                                                                Error.TLAST_MISSING}
 
@@ -152,13 +163,17 @@ def test_work_counters_against_numpy():
     busy = rng.random(cycles) < 0.9
     waiting_panel, waiting_room = rng.random(cycles) < 0.2, rng.random(cycles) < 0.1
     counted = rng.random(cycles) < 0.6
-    # A k-step's slot (real rows x real columns) and, a cycle later, its lanes' zero flags:
-    # random, and set on every lane outside the slot (padding is zero).
+    # A k-step's slot (real rows x real columns) and, a cycle later, its values' zero flags
+    # (A's lane by lane, then B's) and B's lanes: random, and set on every value outside the
+    # slot (padding is zero).
     rows_real = rng.integers(1, rows + 1, cycles)
     cols_real = rng.integers(1, cols + 1, cycles)
     counted_slot = rows_real * cols_real
-    padding = (((1 << rows) - (1 << rows_real)) | (((1 << cols) - (1 << cols_real)) << rows))
-    zeros = rng.integers(0, 1 << (rows + cols), cycles) | np.roll(padding, 1)
+    row_padding = (1 << rows) - (1 << rows_real)
+    padding = sum(row_padding << (rows * lane) for lane in range(4))
+    padding |= ((1 << cols) - (1 << cols_real)) << (4 * rows)
+    zeros = rng.integers(0, 1 << (4 * rows + cols), cycles) | np.roll(padding, 1)
+    lanes = rng.integers(0, 1 << (2 * cols), cycles)
     advance = rng.random(cycles) < 0.1
     skipped = rng.integers(0, max_k + 1, cycles)
     slot = rng.integers(0, rows * cols + 1, cycles)
@@ -171,6 +186,7 @@ def test_work_counters_against_numpy():
             for port, values in ((dut.busy, busy), (dut.waiting_panel, waiting_panel),
                                  (dut.waiting_room, waiting_room), (dut.counted, counted),
                                  (dut.counted_slot, counted_slot), (dut.zeros, zeros),
+                                 (dut.lanes, lanes),
                                  (dut.advance, advance), (dut.skipped, skipped),
                                  (dut.slot, slot)):
                 ctx.set(port, int(values[t]) if live else 0)
@@ -180,8 +196,11 @@ def test_work_counters_against_numpy():
             got[name] = ctx.get(getattr(dut, name))
 
     simulate(dut, bench)
-    bits = (zeros[:, None] >> np.arange(rows + cols)) & 1
-    live_products = (rows - bits[:, :rows].sum(1)) * (cols - bits[:, rows:].sum(1))
+    bits = (zeros[:, None] >> np.arange(4 * rows + cols)) & 1
+    live_a = rows - bits[:, :4 * rows].reshape(cycles, 4, rows).sum(2)  # per lane
+    live_b = 1 - bits[:, 4 * rows:]
+    lane_of = (lanes[:, None] >> (2 * np.arange(cols))) & 3  # column j takes A's lane_of[j]
+    live_products = (np.take_along_axis(live_a, lane_of, 1) * live_b).sum(1)
     # zeros come a cycle after their counted k-step; skipped a cycle before its advance.
     issued_zeros = counted[:-1] * (counted_slot[:-1] - live_products[1:])
     skipped_before = np.concatenate([[0], skipped[:-1]]) * advance
@@ -216,10 +235,11 @@ class SequencerBench(Elaboratable):
 
 
 def mask_word(nonzero, max_k, rng):
-    """A mask register's value: k-step k at bit max_k - K + k, stale bits below."""
-    k = len(nonzero)
-    stale = int(rng.integers(0, 1 << (max_k - k))) if max_k > k else 0
-    return sum(int(bit) << (max_k - k + i) for i, bit in enumerate(nonzero)) | stale
+    """A mask register's value: slot s at bit max_k - 4G + s (G = ceil(K/4) groups), the slots
+    past K clear, stale bits below."""
+    low = max_k - 4 * -(-len(nonzero) // 4)
+    stale = int(rng.integers(0, 1 << low)) if low else 0
+    return sum(int(bit) << (low + i) for i, bit in enumerate(nonzero)) | stale
 
 
 @pytest.mark.parametrize("m,k,n,density", [(12, 20, 10, 0.5), (8, 7, 12, 0.15), (4, 1, 4, 0.5),
@@ -241,7 +261,8 @@ def test_sequencer_issues_the_set_bits_of_the_masks(m, k, n, density):
         set_job(ctx, dut.job, g, m, k, n)
         for bank in range(2):
             ctx.set(dut.a_nonzero[bank], mask_word(a_nonzero[bank], g.max_k, rng))
-        ctx.set(dut.k_valid, ((1 << k) - 1) << (g.max_k - k))
+        slots = 4 * -(-k // 4)
+        ctx.set(dut.k_valid, ((1 << slots) - 1) << (g.max_k - slots))  # as the loader's
         ctx.set(dut.panel_full, 0b11)
         await ctx.tick()
         ctx.set(dut.start, 1)
@@ -349,23 +370,28 @@ def run_loader(g, a, b, bias, mult, options, beats, rng, free_delay=5):
     return seen
 
 
-def test_loader_writes_every_word_and_mask():
+@pytest.mark.parametrize("groups", [False, True], ids=["dense", "groups"])
+def test_loader_writes_every_word_and_mask(groups):
     g = Geometry(4, 4, 16, 16, 12)  # 2-byte beats: multi-beat words of every kind
     rng = np.random.default_rng(3)
-    m, k, n = 10, 6, 9
+    m, k, n = 10, 14, 9  # K: three groups and a partial one
     a = rng.integers(-128, 128, (m, k), dtype=np.int8)
     b = rng.integers(-128, 128, (k, n), dtype=np.int8)
     a[:, 2] = 0
     a[5:, 4] = 0
+    a[:, 8:12] = 0  # an all-zero group of A
     b[1] = 0
     b[3, 4:8] = 0
+    b[4:8, 4:8] = 0  # a group of no step in the second n-tile
+    b[8:12] = np.where(rng.random((4, n)) < 0.7, 0, b[8:12])  # fewer steps than k-steps
     bias = rng.integers(-2**31, 2**31, n, dtype=np.int64).astype(np.int32)
     mult = rng.integers(1, 2**31, n, dtype=np.int64).astype(np.int32)
-    options = Option.BIAS | Option.REQUANT | Option.CHANNEL_QUANT
-    packet = beats_of(g, pack_input(g, a, b, bias, mult))
+    options = Option.BIAS | Option.REQUANT | Option.CHANNEL_QUANT | (Option.GROUPS * groups)
+    packet = beats_of(g, pack_input(g, a, b, bias, mult, groups=groups))
     beats = [(data, index == len(packet) - 1) for index, data in enumerate(packet)]
     seen = run_loader(g, a, b, bias, mult, options, beats, rng)
     m_tiles, n_tiles = g.tiles(m, n)
+    slots = 4 * -(-k // 4)
     assert seen["taken"] == len(beats)
     assert seen["early"] == seen["missing"] == seen["full_writes"] == 0
 
@@ -377,28 +403,67 @@ def test_loader_writes_every_word_and_mask():
 
     assert seen["bias"] == list(enumerate(vector(bias, 32)))
     assert seen["mult"] == list(enumerate(vector(mult, 32)))
-    b_pad = np.zeros((k, n_tiles * g.cols), np.int8)
-    b_pad[:, :n] = b
-    assert seen["b"] == [(t * k + kk, int.from_bytes(b_pad[kk, t * g.cols:(t + 1) * g.cols]
-                                                     .tobytes(), "little"))
-                         for t in range(n_tiles) for kk in range(k)]
-    a_pad = np.zeros((m_tiles * g.rows, k), np.int8)
-    a_pad[:m] = a
-    assert seen["a"] == [((mt % 2) * g.max_k + kk,
-                          int.from_bytes(a_pad[mt * g.rows:(mt + 1) * g.rows, kk].tobytes(),
-                                         "little"))
-                         for mt in range(m_tiles) for kk in range(k)]
+    b_pad = np.zeros((slots, n_tiles * g.cols), np.int8)
+    b_pad[:k, :n] = b
+    # B's words: values (cols bytes), then per column the lane of A it multiplies.
+    words = {}
+    for addr, word in seen["b"]:
+        assert addr not in words, f"B slot {addr} written twice"
+        values = np.frombuffer((word & ((1 << 8 * g.cols) - 1)).to_bytes(g.cols, "little"),
+                               np.int8)
+        lanes = [(word >> (8 * g.cols + 2 * j)) & 3 for j in range(g.cols)]
+        words[addr] = (values, lanes)
+    b_mask_want = []
+    for t in range(n_tiles):
+        tile = b_pad[:, t * g.cols:(t + 1) * g.cols]
+        mask = []
+        for group in range(slots // 4):
+            block = tile[4 * group:4 * group + 4]
+            here = [t * k + 4 * group + s for s in range(4) if 4 * group + s < k]
+            if not groups:  # k-step by k-step, slot k with lane k % 4
+                for s, addr in enumerate(here):
+                    values, lanes = words.pop(addr)
+                    assert values.tolist() == block[s].tolist() and lanes == [s] * g.cols
+                mask += [int(block[s].any()) for s in range(4)]
+                continue
+            # As many steps as the densest column has nonzeros, and every nonzero in one of
+            # them at its lane, each column's lanes distinct.
+            steps = int((block != 0).sum(axis=0).max())
+            got = np.zeros_like(block)
+            for s, addr in enumerate(here[:steps]):
+                values, lanes = words.pop(addr)
+                for j in range(g.cols):
+                    assert values[j] == 0 or got[lanes[j], j] == 0
+                    got[lanes[j], j] += values[j]
+                mask.append(int(values.any()))
+            assert got.tolist() == block.tolist()
+            mask += [0] * (4 - min(steps, len(here)))
+        b_mask_want.append((t, mask))
+    assert words == {}, f"B slots written that are not the job's: {sorted(words)}"
+    a_pad = np.zeros((m_tiles * g.rows, slots), np.int8)
+    a_pad[:m, :k] = a
+    # A's words: a group's four k-steps side by side, lane l at byte l x rows.
+    assert [addr for addr, word in seen["a"]] == [(mt % 2) * g.max_k // 4 + group
+                                                  for mt in range(m_tiles)
+                                                  for group in range(slots // 4)]
+    for (addr, word), (mt, group) in zip(seen["a"], [(mt, group) for mt in range(m_tiles)
+                                                      for group in range(slots // 4)]):
+        for lane in range(4):  # (a_pad's lanes past K are zero)
+            got = (word >> (8 * g.rows * lane)) & ((1 << 8 * g.rows) - 1)
+            assert got == int.from_bytes(a_pad[mt * g.rows:(mt + 1) * g.rows, 4 * group + lane]
+                                         .tobytes(), "little")
 
     def top_bits(word):
-        return [(word >> (g.max_k - k + kk)) & 1 for kk in range(k)]
+        return [(word >> (g.max_k - slots + s)) & 1 for s in range(slots)]
 
-    assert [(addr, top_bits(word)) for addr, word in seen["b_mask"]] == [
-        (t, [int(b_pad[kk, t * g.cols:(t + 1) * g.cols].any()) for kk in range(k)])
-        for t in range(n_tiles)]
+    assert [(addr, top_bits(word)) for addr, word in seen["b_mask"]] == b_mask_want
+    a_live = [[int(a_pad[mt * g.rows:(mt + 1) * g.rows, kk].any()) for kk in range(slots)]
+              for mt in range(m_tiles)]
+    if groups:  # a slot is live where any k-step of its group is
+        a_live = [[max(live[s - s % 4:s - s % 4 + 4]) for s in range(slots)] for live in a_live]
     assert [(bank, top_bits(word)) for bank, word in seen["a_panels"]] == [
-        (mt % 2, [int(a_pad[mt * g.rows:(mt + 1) * g.rows, kk].any()) for kk in range(k)])
-        for mt in range(m_tiles)]
-    assert top_bits(seen["k_valid"]) == [1] * k
+        (mt % 2, a_live[mt]) for mt in range(m_tiles)]
+    assert top_bits(seen["k_valid"]) == [1] * slots
 
 
 @pytest.mark.parametrize("cut", ["early", "missing"])

@@ -3,6 +3,7 @@ byte-level device model, checked against the golden model (sparsa.sim.golden); p
 the protocol's plain layout; argument errors; quantization helpers; the PYNQ transport's timeout.
 """
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -112,8 +113,10 @@ def test_counters():
                 counters = acc.last_counters
                 live_a = a[a.any(axis=1)] if skip else a
                 live_b = b[:, b.any(axis=0)] if skip else b
+                # (B in the group format where the driver's rule picks it.)
+                groups = skip and reference.choose_format(acc.info.geometry, live_a, live_b)[0]
                 want = golden.sparse_counters(live_a, live_b, acc.info.rows, acc.info.cols,
-                                              skip)
+                                              skip, groups)
                 want["MACS_SKIPPED"] = golden.sparse_counters(
                     a, b, acc.info.rows, acc.info.cols, skip)["MACS_SKIPPED"]
                 for name, value in want.items():
@@ -148,6 +151,21 @@ def test_cycle_estimate_matches_measured_dense_figures():
         a, b = operands(rng, size, size, size)
         estimate = reference.counters(g, a, b)["CYCLES"]
         assert abs(estimate - cycles) <= 0.001 * cycles, (size, estimate, cycles)
+
+
+def test_cycle_estimate_matches_measured_sparse_figures():
+    """The estimate, in the format the driver picks, against the RTL's cycle counts of the
+    sparse benchmark quoted in the README (8x8, 64-bit, M=K=N=256, its seed-0 matrices)."""
+    from sparsa import bench
+
+    measured = {"unstructured A 90%": (False, 159882), "block-sparse B 75%": (True, 73322),
+                "2:4 B": (True, 140906), "1:4 B": (True, 73322),
+                "unstructured B 50%": (True, 231557), "unstructured B 95%": (True, 68240)}
+    g = protocol.Geometry(**protocol.DEFAULT_BUILD)
+    for name, _, _, a, b in bench.sparse_jobs(protocol.DEFAULT_BUILD, 256):
+        if name in measured:
+            groups, counters, _ = reference.choose_format(g, a, b)
+            assert (groups, counters["CYCLES"]) == pytest.approx(measured[name], rel=0.001), name
 
 
 def test_info_and_repr():
@@ -297,6 +315,103 @@ def test_open_arguments(caplog):
         acc = sparsa.open("auto")
     assert acc.backend == "reference"
     assert "sparsa backend: reference (pynq is not installed)" in caplog.text
+
+
+def test_group_format_on_the_device_model():
+    """Jobs with B in the group format on the device model: the golden model's result and
+    counters (the group schedule's k-steps) for n:4, unstructured, mixed and dense B; a packet
+    cut short is TLAST_EARLY; a malformed one (counts past 4, a lane repeated in a column,
+    lanes past K) is read as the device reads it."""
+    from sparsa.sim import patterns
+
+    rng = np.random.default_rng(31)
+    for config in ({}, SMALL, ODD):
+        device = reference.ReferenceDevice(**config)
+        acc = driver.DeviceAccelerator(device, "reference-device")
+        g = acc.geometry
+        for kind in ("2:4", "1:4", "unstructured", "mixed", "dense"):
+            m, k, n = (int(rng.integers(1, high)) for high in (30, g.max_k + 1, 40))
+            b = {"2:4": lambda: patterns.n_of_m(rng, (k, n), 2, 4),
+                 "1:4": lambda: patterns.n_of_m(rng, (k, n), 1, 4),
+                 "unstructured": lambda: patterns.unstructured(rng, (k, n), 0.7),
+                 "mixed": lambda: patterns.mixed_groups(rng, (k, n)),
+                 "dense": lambda: patterns.dense(rng, (k, n))}[kind]()
+            a = patterns.relu_like(rng, (m, k), 0.3)
+            job = jobs.plan(g, m, k, n).jobs[0]
+            forced = dataclasses.replace(job, options=job.options | protocol.Option.GROUPS,
+                                         input_bytes=jobs.pack_into(g, np.zeros(2**20, np.uint8),
+                                                                    a, b, groups=True))
+            out = np.zeros((m, n), np.int32)
+            counts = acc.run_job(forced, a, b, None, out)
+            assert_same(out, golden.matmul_int32(a, b), f"{config} {kind} {m}x{k}x{n}")
+            want = golden.sparse_counters(a, b, g.rows, g.cols, True, True)
+            assert {name: counts[name] for name in want} == want
+            short = dataclasses.replace(forced, input_bytes=forced.input_bytes - g.beat_bytes)
+            with pytest.raises(driver.DeviceError, match="TLAST_EARLY"):
+                acc.run_job(short, a, b, None, out)
+    # Malformed: one n-tile, K = 6 (a group of four and one of two).
+    g = protocol.Geometry(4, 4, 32, 64, 64)
+    device = reference.ReferenceDevice(4, 4, 32, 64, 64)
+    a = rng.integers(-128, 128, (3, 6), dtype=np.int8)
+    values = np.full((7, 4), 127, np.int8)
+    lanes = np.array([[0, 1, 2, 3], [0, 0, 0, 0], [1, 1, 3, 3], [1, 2, 3, 0]])  # [step, column]
+    lane_bytes = (lanes << (2 * np.arange(4))[:, None]).sum(axis=0).astype(np.uint8)
+    b = np.zeros((8, 4), np.int64)  # what the steps add up to (rows 6, 7: past K)
+    for group, steps in ((0, 7), (1, 3)):
+        for step in range(min(steps, 4 - 2 * group)):
+            b[4 * group + lanes[step], np.arange(4)] += values[step]
+    packet = [np.array([7, 8 + 3, 0, 0], np.uint8), lane_bytes, *values[:7].view(np.uint8),
+              lane_bytes, *values[:3].view(np.uint8),
+              protocol.pack_input(g, a, np.zeros((6, 4), np.int8))[-6 * 4:]]
+    packet = np.concatenate(packet)
+    for name, value in (("M", 3), ("K", 6), ("N", 4), ("OPTIONS", protocol.Option.GROUPS)):
+        device.write(protocol.REGISTER[name].address, value)
+    device.write(protocol.REGISTER["CONTROL"].address, protocol.Control.START)
+    received = np.zeros(1024, np.uint8)
+    size = device.transfer(packet, packet.size, received, received.size)
+    assert device.registers["ERROR"] == protocol.Error.NONE
+    assert_same(protocol.unpack_output(g, received[:size], 3, 4, False),
+                (a.astype(np.int64) @ b[:6]).astype(np.int32), "malformed group packet")
+
+
+def test_driver_picks_the_group_format():
+    """The driver sends B in the group format where it saves cycles (n:4 and very sparse B),
+    plain otherwise (dense B, sparse A, ``sparse_skip=False``, a build without it); prepared
+    weights are packed once per format; the fast reference reports the same counters."""
+    from sparsa.sim import patterns
+
+    rng = np.random.default_rng(32)
+    a = patterns.dense(rng, (40, 128))
+    cases = [("2:4", a, patterns.n_of_m(rng, (128, 64), 2, 4), True, {}),
+             ("1:4", a, patterns.n_of_m(rng, (128, 64), 1, 4), True, {}),
+             ("unstructured 90%", a, patterns.unstructured(rng, (128, 64), 0.9), True, {}),
+             ("dense", a, patterns.dense(rng, (128, 64)), False, {}),
+             ("ReLU-sparse A", patterns.relu_like(rng, (40, 128), 0.9),
+              patterns.dense(rng, (128, 64)), False, {}),
+             ("2:4, no skipping", a, patterns.n_of_m(rng, (128, 64), 2, 4), False,
+              {"sparse_skip": False})]
+    for sparse_skip in (True, False):
+        device = reference.ReferenceDevice(sparse_skip=sparse_skip)
+        acc = driver.DeviceAccelerator(device, "reference-device")
+        fast = sparsa.open("reference", sparse_skip=sparse_skip)
+        options = []
+        write = device.write
+        device.write = lambda address, value: (  # noqa: E731
+            options.append(value) if address == protocol.REGISTER["OPTIONS"].address else None,
+            write(address, value))
+        for label, a_case, b_case, groups, option in cases:
+            for weights in (b_case, acc.prepare(b_case)):
+                options.clear()
+                got = acc.matmul(a_case, weights, **option)
+                assert_same(got, golden.matmul_int32(a_case, b_case), label)
+                chosen = {bool(value & protocol.Option.GROUPS) for value in options}
+                assert chosen == {groups and sparse_skip}, (label, sparse_skip)
+            fast.matmul(a_case, b_case, **option)
+            assert fast.last_counters == acc.last_counters, label
+        prepared = acc.prepare(cases[0][2])
+        acc.matmul(a, prepared)
+        acc.matmul(a, prepared)
+        assert [key[-1] for key in prepared._packed] == [sparse_skip]
 
 
 def test_device_model_errors():
@@ -460,6 +575,18 @@ def test_sparse_benchmark_patterns_and_bounds():
     dense = patterns.dense(rng, (50, 18))
     assert bench.sparse_bounds(g, patterns.dense(rng, (13, 50)), dense) == bench.bounds(g, 13,
                                                                                         50, 18)
+    # The group format: per group whose A is not all zero, the steps of its densest column;
+    # B's beats: per n-tile its counts, per group with steps its lane vector and steps.
+    want, b_beats = 0, 0
+    for j in range(0, 18, 4):
+        counts = [int((b[k:k + 4, j:j + 4] != 0).sum(axis=0).max()) for k in range(0, 50, 4)]
+        b_beats += g.vector_beats(len(counts)) + sum(c + (c > 0) for c in counts)
+        for i in range(0, 13, 4):
+            live = [a[i:i + 4, k:k + 4].any() for k in range(0, 50, 4)]
+            want += max(sum(c for c, on in zip(counts, live) if on), 4)
+    limits = bench.sparse_bounds(g, a, b, groups=True)
+    assert limits["compute"] == want
+    assert limits["input"] == g.input_beats(13, 50, 18, False) - 5 * 50 + b_beats
 
 
 def test_rounding_multiplier_rounds_like_one_rounding():

@@ -13,6 +13,21 @@ from sparsa.hw.pe import LATENCY, PackedPair
 from sparsa.hw.pipeline import lut_product
 
 
+JUNK = np.random.default_rng(11)
+
+
+def set_a(ctx, west, lanes_ports, a, flags=True):
+    """Put ``a`` in a random lane of the k-step's group, random values (with their zero
+    flags) in the others, and that lane on ``lanes_ports`` (the B operands' ``lane``)."""
+    lane = int(JUNK.integers(4))
+    values = [int(v) for v in JUNK.integers(-128, 128, 4)]
+    values[lane] = a
+    ctx.set(west.a, values)
+    ctx.set(west.a_zero, sum(int(v == 0 and flags) << n for n, v in enumerate(values)))
+    for port in lanes_ports:
+        ctx.set(port, lane)
+
+
 def simulate(steps, multiplier="dsp", flags=True):
     """Feed ``steps`` ((a, b, first, last) per cycle) to one PE; returns, per step, the
     (acc, result) the step leaves (LATENCY cycles after it) and its ``zero`` flag. The
@@ -22,9 +37,8 @@ def simulate(steps, multiplier="dsp", flags=True):
 
     async def bench(ctx):
         for a, b, first, last in steps:
-            ctx.set(pe.west.a, a)
+            set_a(ctx, pe.west, [pe.north.lane], a, flags)
             ctx.set(pe.north.b, b)
-            ctx.set(pe.west.a_zero, a == 0 and flags)
             ctx.set(pe.north.zero, b == 0 and flags)
             ctx.set(pe.west.valid, 1)
             ctx.set(pe.west.first, first)
@@ -127,9 +141,8 @@ def test_multiplier_idles_on_skipped_and_empty_k_steps():
 
     async def bench(ctx):
         for k, (a, b, valid) in enumerate(steps):
-            ctx.set(pe.west.a, a)
+            set_a(ctx, pe.west, [pe.north.lane], a)
             ctx.set(pe.north.b, b)
-            ctx.set(pe.west.a_zero, a == 0)
             ctx.set(pe.north.zero, b == 0)
             ctx.set(pe.west.valid, valid)
             ctx.set(pe.west.first, k == 0)
@@ -155,7 +168,7 @@ def test_accumulator_wraps_like_int32():
 
     async def bench(ctx):
         ctx.set(pe.west.valid, 1)
-        ctx.set(pe.west.a, -128)
+        set_a(ctx, pe.west, [pe.north.lane], -128)
         ctx.set(pe.north.b, -128)
         for k in range(depth):
             ctx.set(pe.west.first, k == 0)
@@ -294,10 +307,9 @@ def simulate_pair(steps):
 
     async def bench(ctx):
         for a, b0, b1, first, last in steps:
-            ctx.set(pair.west.a, a)
+            set_a(ctx, pair.west, [pair.north[0].lane, pair.north[1].lane], a)
             ctx.set(pair.north[0].b, b0)
             ctx.set(pair.north[1].b, b1)
-            ctx.set(pair.west.a_zero, a == 0)
             ctx.set(pair.north[0].zero, b0 == 0)
             ctx.set(pair.north[1].zero, b1 == 0)
             ctx.set(pair.west.valid, 1)

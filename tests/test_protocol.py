@@ -63,6 +63,37 @@ def test_output_packet_round_trip(g, requant):
         protocol.unpack_output(g, bytes(packet[:-1]), m, n, requant)
 
 
+@pytest.mark.parametrize("g", GEOMETRIES, ids=str)
+def test_group_format_layout(g):
+    """B in the group format, checked byte by byte against the module docstring's layout for
+    one n-tile, then read back (``read_groups``) for random shapes and densities: the same B,
+    ``group_beats`` beats, and a ValueError when the data ends inside it."""
+    rng = np.random.default_rng(g.rows)
+    b = np.zeros((6, g.cols), np.int8)  # one n-tile, two groups: K = 6
+    b[1, 0], b[3, 0], b[0, g.cols - 1] = 5, -7, 9  # column 0: lanes 1 and 3; the last: lane 0
+    parts, _ = protocol.group_vectors(g, b)
+    data = parts[0]
+    header = g.vector_beats(2) * g.beat_bytes
+    vector = g.vector_beats(g.cols) * g.beat_bytes
+    assert data[:header].tolist() == [2, 0] + [0] * (header - 2)  # group 1 has no step
+    lanes, step0, step1 = (data[header + i * vector:header + (i + 1) * vector][:g.cols]
+                           for i in range(3))
+    assert data.size == header + 3 * vector
+    assert (lanes[0] & 3, lanes[0] >> 2 & 3) == (1, 3) and lanes[g.cols - 1] & 3 == 0
+    assert (step0.view(np.int8)[0], step1.view(np.int8)[0]) == (5, -7)
+    assert (step0.view(np.int8)[g.cols - 1], step1.view(np.int8)[g.cols - 1]) == (9, 0)
+    for k, n, zeros in ((1, 1, 0.0), (7, 13, 0.5), (g.max_k, 2 * g.cols + 1, 0.8), (9, 3, 1.0)):
+        b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+        b[rng.random((k, n)) < zeros] = 0
+        data = np.concatenate(protocol.group_vectors(g, b)[0])
+        beats = protocol.group_beats(g, protocol.group_counts(b, g.cols))
+        assert data.size == beats * g.beat_bytes
+        got, taken = protocol.read_groups(g, np.concatenate([data, np.ones(8, np.uint8)]), k, n)
+        assert taken == data.size and got.dtype == np.int8 and np.array_equal(got, b)
+        with pytest.raises(ValueError, match="ends inside B"):
+            protocol.read_groups(g, data[:-1], k, n)
+
+
 def test_requantization_by_hand():
     # (2**30 * 2**30 + 2**30) / 2**31 = 2**29 + 0.5, truncated toward zero.
     assert golden.saturating_rounding_doubling_high_mul(2**30, 2**30) == 2**29

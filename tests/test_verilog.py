@@ -20,7 +20,7 @@ def test_generated_array_is_lint_clean(tmp_path, verilator, rows, cols, capsys):
         "clk", "rst", "valid", "first", "last", "out_valid", "out_row",
         *(f"a__{i}" for i in range(rows)), *(f"b__{j}" for j in range(cols)),
         *(f"a_zero__{i}" for i in range(rows)), *(f"b_zero__{j}" for j in range(cols)),
-        *(f"c__{j}" for j in range(cols)),
+        *(f"b_lane__{j}" for j in range(cols)), *(f"c__{j}" for j in range(cols)),
     }
 
 
@@ -67,9 +67,9 @@ def test_cli_rejects_bad_sizes(argv, message, capsys):
 def test_ecp5_build_instantiates_its_multipliers(tmp_path):
     """``--dsp ecp5``: every multiplier (64 PEs, 8 lanes x 4 post-processing products) is a
     MULT18X18D with its operand and product registers on, and the operand memories and the B
-    masks are DP16KD blocks with their output registers on (A: 512 x 64 bits in four 1K x 18
-    blocks; B: 8192 x 64 bits in 32 8K x 2 blocks; B masks: 32 x 256 bits in 15 1K x 18
-    blocks); the generic build has neither."""
+    masks are DP16KD blocks with their output registers on (A: 128 x 256 bits, a group of four
+    k-steps per word, in 15 1K x 18 blocks; B: 8192 x 80 bits, values and lanes, in 40 8K x 2
+    blocks; B masks: 32 x 256 bits in 15 1K x 18 blocks); the generic build has neither."""
     out = tmp_path / "accel.v"
     assert cli.main(["verilog", "--dsp", "ecp5", "-o", str(out)]) == 0
     text = out.read_text()
@@ -80,7 +80,7 @@ def test_ecp5_build_instantiates_its_multipliers(tmp_path):
             assert re.search(rf"\.{name}\(\"CLK0\"\)", parameters), parameters
     blocks = re.findall(r"DP16KD #\((.*?)\) \S+ \(", text, re.S)
     widths = sorted(int(re.search(r"\.DATA_WIDTH_B\(32'd(\d+)\)", b).group(1)) for b in blocks)
-    assert widths == [2] * 32 + [18] * (4 + 15)
+    assert widths == [2] * 40 + [18] * (15 + 15)
     assert all('.REGMODE_B("OUTREG")' in parameters for parameters in blocks)
     assert cli.main(["verilog", "-o", str(out)]) == 0
     assert "MULT18X18D" not in out.read_text() and "DP16KD" not in out.read_text()

@@ -20,8 +20,9 @@ def bounds(geometry, m, k, n):
 
 
 def run_jobs(jobs, cfg=DEFAULT_BUILD, simulator="verilator"):
-    """Run ``jobs`` ((a, b, skip) triples) on the simulated accelerator, without pauses;
-    returns the counters of each (dicts with m, k, n, skip and the protocol's COUNTERS)."""
+    """Run ``jobs`` ((a, b, skip) or (a, b, skip, groups): B in the group format with
+    ``groups``) on the simulated accelerator, without pauses; returns the counters of each
+    (dicts with m, k, n, skip, groups and the protocol's COUNTERS)."""
     import numpy as np
 
     from sparsa.sim import runner
@@ -29,8 +30,9 @@ def run_jobs(jobs, cfg=DEFAULT_BUILD, simulator="verilator"):
     with tempfile.TemporaryDirectory() as folder:
         job_file, report = Path(folder) / "jobs.npz", Path(folder) / "bench.json"
         arrays = {"count": len(jobs)}
-        for index, (a, b, skip) in enumerate(jobs):
-            arrays.update({f"a{index}": a, f"b{index}": b, f"skip{index}": skip})
+        for index, (a, b, skip, *groups) in enumerate(jobs):
+            arrays.update({f"a{index}": a, f"b{index}": b, f"skip{index}": skip,
+                           f"groups{index}": bool(groups and groups[0])})
         np.savez(job_file, **arrays)
         result = runner.run(accelerator_design(cfg), simulator, "sparsa.sim.accel_tb",
                             "test_bench", {**cfg, "jobs": str(job_file), "report": str(report)})
@@ -106,48 +108,63 @@ def sparse_jobs(cfg, size, seed=0):
     return jobs
 
 
-def sparse_bounds(geometry, a, b):
-    """Lower bounds on the cycles of ``a @ b`` with sparse-skip: ``compute``, per output tile
-    its k-steps whose A vector (the tile's rows) and B vector (its columns) are both nonzero,
-    at least one and at least the array's issue gap (``max(rows, cols)``); the streams' beats as
-    for a dense job (:func:`bounds`)."""
+def sparse_bounds(geometry, a, b, groups=False):
+    """Lower bounds on the cycles of ``a @ b`` with sparse-skip (B in the group format with
+    ``groups``): ``compute``, per output tile its issued steps (:func:`.golden.ksteps_issued`),
+    at least one and at least the array's issue gap (``max(rows, cols)``); the streams' beats
+    as for a dense job (:func:`bounds`), B's in its format."""
     import numpy as np
 
     from sparsa.sim import golden
 
     g = geometry
     (m, k), n = a.shape, b.shape[1]
-    steps = golden.ksteps_issued(a, b, g.rows, g.cols)  # [m-tile, n-tile]
+    steps = golden.ksteps_issued(a, b, g.rows, g.cols, True, groups)  # [m-tile, n-tile]
     limits = bounds(g, m, k, n)
     limits["compute"] = int(np.maximum(steps, max(1, g.rows, g.cols)).sum())
+    if groups:
+        b_beats = protocol.group_beats(g, protocol.group_counts(b, g.cols))
+        limits["input"] = g.input_beats(m, k, n, False, False, b_beats)
     return limits
 
 
 def run_sparse(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0):
-    """Cycles of each sparse pattern on the simulated RTL against the dense job; table rows
+    """Cycles of each sparse pattern on the simulated RTL against the dense job, B in the
+    format the driver picks for it (:func:`sparsa.host.reference.choose_format`); table rows
     (the device's patterns, then the host's cases of :func:`run_structural`)."""
+    from sparsa.host import reference
+
     jobs = sparse_jobs(cfg, size, seed)
-    measured = run_jobs([(a, b, True) for *_, a, b in jobs], cfg, simulator)
-    dense_cycles = measured[0]["CYCLES"]
     g = protocol.Geometry(**cfg)
-    rows = [_sparse_row(job, {name.lower(): value for name, value in counters.items()},
-                        dense_cycles, g) for job, counters in zip(jobs, measured)]
+    formats = [reference.choose_format(g, a, b)[0] for *_, a, b in jobs]
+    measured = run_jobs([(a, b, True, groups) for (*_, a, b), groups in zip(jobs, formats)],
+                        cfg, simulator)
+    dense_cycles = measured[0]["CYCLES"]
+    rows = [_sparse_row(job, {name.lower(): value for name, value in counters.items()
+                              if name in protocol.COUNTERS},
+                        dense_cycles, g, groups=counters["groups"])
+            for job, counters in zip(jobs, measured)]
     return rows + run_structural(cfg, size, simulator, seed, dense_cycles)
 
 
-def _sparse_row(job, counters, dense_cycles, geometry, device_job=None):
+def _sparse_row(job, counters, dense_cycles, geometry, device_job=None, groups=False):
     """A sparse-benchmark table row: ``job`` (name, operand, zero fraction, a, b) and its
     counters (the driver's lower-case names); ``device_job``, the (a, b) the device ran, when
-    the host changed it."""
+    the host changed it; ``groups``, B went in the group format."""
+    from sparsa.host import reference
     from sparsa.sim import golden
 
     name, operand, fraction, a, b = job
-    expected = golden.sparse_counters(a, b, geometry.rows, geometry.cols)
-    limits = sparse_bounds(geometry, *(device_job or (a, b)))
+    expected = golden.sparse_counters(a, b, geometry.rows, geometry.cols, True, groups)
+    device_a, device_b = device_job or (a, b)
+    limits = sparse_bounds(geometry, device_a, device_b, groups)
+    estimate = reference.counters(geometry, device_a, device_b, True, False, groups)["CYCLES"]
     return {
         "pattern": name, "operand": operand, "zero_fraction": fraction,
+        "b_format": "groups" if groups else "plain",
         "cycles": counters["cycles"], "dense_cycles": dense_cycles,
         "speedup": dense_cycles / counters["cycles"],
+        "estimated_cycles": estimate,
         "macs_skipped": counters["macs_skipped"],
         "macs_skipped_expected": expected["MACS_SKIPPED"],
         "macs_skipped_fraction": counters["macs_skipped"] / (a.size * b.shape[1]),
@@ -182,6 +199,7 @@ def run_structural(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0,
     import numpy as np
 
     import sparsa
+    from sparsa.host import reference
     from sparsa.sim import patterns
 
     g = protocol.Geometry(**cfg)
@@ -196,21 +214,25 @@ def run_structural(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0,
             acc.matmul(a, b)
             # The job the device ran: the driver leaves out A's zero rows and B's zero columns.
             device_job = (a[a.any(axis=1)], b[:, b.any(axis=0)])
-            rows.append(_sparse_row(job, acc.last_counters, dense_cycles, g, device_job))
+            groups = reference.choose_format(g, *device_job)[0]  # as the driver chose
+            rows.append(_sparse_row(job, acc.last_counters, dense_cycles, g, device_job, groups))
     return rows
 
 
 def format_sparse(rows):
-    lines = ["| pattern | zeros | cycles | speedup | bound (compute / in / out cycles) | "
-             "MACs skipped (RTL = NumPy) | k-steps skipped | stall in / out |",
-             "|:---|---:|---:|---:|:---|---:|---:|---:|"]
+    lines = ["| pattern | zeros | B format | cycles | speedup | bound (compute / in / out cycles) "
+             "| reference estimate | MACs skipped (RTL = NumPy) | k-steps skipped | "
+             "stall in / out |",
+             "|:---|---:|:---|---:|---:|:---|---:|---:|---:|---:|"]
     for r in rows:
         exact = "=" if r["macs_skipped"] == r["macs_skipped_expected"] else "!="
         b = r["bound_cycles"]
+        error = r["estimated_cycles"] / r["cycles"] - 1
         lines.append(
-            f"| {r['pattern']} | {100 * r['zero_fraction']:.1f}% | {r['cycles']} | "
-            f"{r['speedup']:.2f}x | {r['bound']} ({b['compute']} / {b['input']} / "
-            f"{b['output']}) | {100 * r['macs_skipped_fraction']:.1f}% ({r['macs_skipped']} "
+            f"| {r['pattern']} | {100 * r['zero_fraction']:.1f}% | {r['b_format']} | "
+            f"{r['cycles']} | {r['speedup']:.2f}x | {r['bound']} ({b['compute']} / "
+            f"{b['input']} / {b['output']}) | {r['estimated_cycles']} ({100 * error:+.2f}%) | "
+            f"{100 * r['macs_skipped_fraction']:.1f}% ({r['macs_skipped']} "
             f"{exact} {r['macs_skipped_expected']}) | {r['ksteps_skipped']} | "
             f"{r['stall_in']} / {r['stall_out']} |")
     return "\n".join(lines)
@@ -444,11 +466,16 @@ def markdown(results):
               f"{100 * r['utilization']:.1f}% |" for r in results["array"]]
     size = results["sparse"][0]["size"] if results["sparse"] else ""
     lines += ["", f"**Sparse-skip on the RTL** ({geometry}, M=K=N={size}; speedup = dense "
-              f"cycles / cycles; MACs skipped counted by the device):", "",
-              "| pattern | zeros | cycles | speedup | bound | MACs skipped |",
-              "|:---|---:|---:|---:|:---|---:|"]
-    lines += [f"| {r['pattern']} | {100 * r['zero_fraction']:.0f}% | {r['cycles']} | "
-              f"{r['speedup']:.2f}x | {r['bound']} | {100 * r['macs_skipped_fraction']:.1f}% |"
+              f"cycles / cycles; B in the format the driver picks; reference estimate: the "
+              f"reference backend's cycles against the RTL's; MACs skipped counted by the "
+              f"device):", "",
+              "| pattern | zeros | B format | cycles | speedup | bound | reference estimate | "
+              "MACs skipped |",
+              "|:---|---:|:---|---:|---:|:---|---:|---:|"]
+    lines += [f"| {r['pattern']} | {100 * r['zero_fraction']:.0f}% | {r['b_format']} | "
+              f"{r['cycles']} | {r['speedup']:.2f}x | {r['bound']} | "
+              f"{100 * (r['estimated_cycles'] / r['cycles'] - 1):+.2f}% | "
+              f"{100 * r['macs_skipped_fraction']:.1f}% |"
               for r in results["sparse"]]
     onnx = all("onnxruntime_s" in r for r in results["host"])
     lines += ["", "**Reference backend on the CPU** (int8 x int8 -> int32, bit-exact; best of "

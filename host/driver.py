@@ -268,8 +268,7 @@ def _in_format(geometry, job, a, b, max_transfer):
     """``job`` with B in the group format when that is estimated to take fewer cycles
     (:func:`.reference.choose_format`) and its packet fits ``max_transfer``, else ``job``; and
     the estimated counters of the job as chosen."""
-    a_job = a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k]
-    b_job = b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n]
+    a_job, b_job = job.operands(a, b)
     groups, counters, b_beats = reference.choose_format(geometry, a_job, b_job, job.requant)
     if not groups:
         return job, counters
@@ -328,15 +327,11 @@ class ReferenceAccelerator(Accelerator):
             plan = jobs.plan(g, a.shape[0], a.shape[1], b.shape[1], bias, requant, relu,
                              sparse_skip)
             skip = sparse_skip and self._skips
-            jobs_counters = []
-            for job in plan.jobs:
-                if skip and "GROUPS" in self.info.features:  # as the device driver chooses
-                    jobs_counters.append(_in_format(g, job, a, b, jobs.DEFAULT_MAX_TRANSFER)[1])
-                else:
-                    jobs_counters.append(reference.counters(
-                        g, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
-                        b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n], skip, job.requant))
-            self._last_counters = _report(jobs_counters, estimated=True)
+            groups = skip and "GROUPS" in self.info.features  # as the device driver chooses
+            self._last_counters = _report(
+                (_in_format(g, job, a, b, jobs.DEFAULT_MAX_TRANSFER)[1] if groups
+                 else reference.counters(g, *job.operands(a, b), skip, job.requant)
+                 for job in plan.jobs), estimated=True)
         return self._last_counters
 
     def _register_source(self):

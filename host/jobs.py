@@ -56,6 +56,11 @@ class Job:
     def groups(self):
         return bool(self.options & Option.GROUPS)
 
+    def operands(self, a, b):
+        """This job's parts of the whole GEMM's ``a`` and ``b``."""
+        return (a[self.m0:self.m0 + self.m, self.k0:self.k0 + self.k],
+                b[self.k0:self.k0 + self.k, self.n0:self.n0 + self.n])
+
     def registers(self):
         """The register writes that configure this job, in order (CONTROL.START comes after)."""
         return (("M", self.m), ("K", self.k), ("N", self.n), ("OPTIONS", self.options),

@@ -345,8 +345,7 @@ def run_host(sizes=(256, 512, 1024), seed=0):
 
         def pack_and_unpack():
             for job in plan.jobs:
-                jobs.pack_into(g, send, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
-                               b[job.k0:job.k0 + job.k, job.n0:job.n0 + job.n])
+                jobs.pack_into(g, send, *job.operands(a, b))
                 jobs.unpack_into(g, receive, out[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
                                  False, accumulate=job.k0 > 0)
 

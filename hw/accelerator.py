@@ -83,7 +83,7 @@ class GemmCore(wiring.Component):
         m = Module()
         g = self.geometry
         n_tiles = g.n_tiles_max
-        groups = self.sparse_skip and not self.dsp_packing
+        groups = self.sparse_skip
         m.submodules.job = job = JobControl(g, groups)
         m.submodules.loader = loader = Loader(g, self.sparse_skip, groups)
         m.submodules.sequencer = sequencer = Sequencer(g, self.sparse_skip)
@@ -233,7 +233,7 @@ class Accelerator(wiring.Component):
         g = self.geometry
         return {"ROWS": g.rows, "COLS": g.cols, "STREAM_WIDTH": g.stream_width,
                 "MAX_K": g.max_k, "MAX_N": g.max_n,
-                "FEATURES": features(self.sparse_skip, self.sparse_skip and not self.dsp_packing)}
+                "FEATURES": features(self.sparse_skip, self.sparse_skip)}
 
     def elaborate(self, platform):
         m = Module()

@@ -24,13 +24,14 @@ Interface (one k-step per cycle, unskewed: the array adds the skewing registers 
   ``last`` on its final one (both on the same cycle when K = 1).
 - ``out_valid``, ``out_row``, ``c[j]``: one finished result row per cycle, row 0 first.
 
-Columns are built in groups (:func:`column_groups`): a single PE, or with ``dsp_packing`` a
-:class:`.PackedPair` of two DSP columns sharing one multiplier. The columns of a group enter
-together and A crosses one register per group.
+Rows are built in groups (:func:`row_groups`): single rows, or with ``dsp_packing`` pairs of
+rows whose DSP columns are :class:`.PackedPair` elements (two PEs of a column sharing one
+multiplier; a LUT-multiplier column has two plain PEs there). The rows of a group enter
+together and B crosses one register per row, so the pairs take B in either format.
 
-Latency: row ``i`` of a tile appears on ``c`` ``groups + i + pe.LATENCY + 1`` cycles after the
-cycle that carried the tile's ``last`` k-step (``groups`` = ``cols`` unless packed), so the last
-row leaves :func:`latency` cycles after it.
+Latency: row ``i`` of a tile appears on ``c`` ``cols + i + pe.LATENCY`` cycles after the
+cycle that carried the tile's ``last`` k-step (the second row of a group is read a cycle after
+the first), so the last row leaves :func:`latency` cycles after it.
 
 Issue rule: consecutive ``last`` k-steps must be at least ``max(rows, cols)`` cycles apart (pad a
 shorter tile with cycles where ``valid`` is low). Then result rows of two tiles never leave on the
@@ -42,7 +43,8 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
-from .pe import ACCUMULATOR, LANES, LATENCY, OPERAND, PackedPair, ProcessingElement
+from .pe import (ACCUMULATOR, B_OPERAND, LANES, LATENCY, OPERAND, PackedPair,
+                 ProcessingElement)
 from .pipeline import delay, or_all
 
 MAX_DIMENSION = 32
@@ -50,19 +52,16 @@ ROW_GROUP = 4  # rows gathered per register in the first stage of the result rea
 GATHER_STAGES = 2
 
 
-def column_groups(cols, lut_columns=0, dsp_packing=False):
-    """The array's columns as built, west to east: lists of the column numbers sharing one
-    element. DSP columns (all but the last ``lut_columns``) go in pairs with ``dsp_packing``
-    (an odd one out stays single); LUT-multiplier columns are always single."""
-    dsp = cols - lut_columns
+def row_groups(rows, dsp_packing=False):
+    """The array's rows as built, north to south: lists of the row numbers that enter
+    together, in pairs with ``dsp_packing`` (an odd one out stays single)."""
     step = 2 if dsp_packing else 1
-    groups = [list(range(j, min(j + step, dsp))) for j in range(0, dsp, step)]
-    return groups + [[j] for j in range(dsp, cols)]
+    return [list(range(i, min(i + step, rows))) for i in range(0, rows, step)]
 
 
-def latency(rows, cols, lut_columns=0, dsp_packing=False):
+def latency(rows, cols):
     """Cycles from a tile's ``last`` k-step entering the array to its final result row."""
-    return rows + len(column_groups(cols, lut_columns, dsp_packing)) + LATENCY - 2 + GATHER_STAGES
+    return rows + cols + LATENCY - 2 + GATHER_STAGES
 
 
 def check_lut_columns(lut_columns, cols):
@@ -83,7 +82,7 @@ def check_dimensions(rows, cols):
 
 class SystolicArray(wiring.Component):
     """``lut_columns``: the last that many columns use LUT multipliers (see :mod:`.pe`);
-    ``dsp_packing``: the other columns go in pairs, two INT8 MACs per multiplier."""
+    ``dsp_packing``: rows go in pairs, two INT8 MACs per multiplier in the other columns."""
 
     def __init__(self, rows, cols, lut_columns=0, dsp_packing=False):
         check_dimensions(rows, cols)
@@ -92,7 +91,7 @@ class SystolicArray(wiring.Component):
         self.cols = cols
         self.lut_columns = lut_columns
         self.dsp_packing = bool(dsp_packing)
-        self.groups = column_groups(cols, lut_columns, dsp_packing)
+        self.groups = row_groups(rows, dsp_packing)
         super().__init__({
             "a": In(data.ArrayLayout(OPERAND, LANES)).array(rows),
             "b": In(OPERAND).array(cols),
@@ -117,77 +116,94 @@ class SystolicArray(wiring.Component):
     @property
     def latency(self):
         """Cycles from a tile's ``last`` k-step to its final result row on ``c``."""
-        return latency(self.rows, self.cols, self.lut_columns, self.dsp_packing)
+        return latency(self.rows, self.cols)
 
     def elaborate(self, platform):
         m = Module()
         rows, cols = self.rows, self.cols
-
-        def element(columns):
-            if len(columns) == 2:
-                return PackedPair()
-            return ProcessingElement("lut" if columns[0] >= cols - self.lut_columns else "dsp")
-
-        # pes[i][g]: row i's element of column group g; lanes[j]: (group, lane) of column j.
-        pes = [[element(columns) for columns in self.groups] for _ in range(rows)]
-        lanes = [(g, lane) for g, columns in enumerate(self.groups) for lane in range(len(columns))]
-        for i in range(rows):
-            for g in range(len(self.groups)):
-                m.submodules[f"pe_{i}_{g}"] = pes[i][g]
-
-        def port(pe, name, lane):
-            """A per-column port of a PE (plain) or of one lane of a pair (arrays)."""
-            value = getattr(pe, name)
-            return value if isinstance(pe, ProcessingElement) else value[lane]
 
         def skew(signal, depth, name, reset_less=False):
             """``signal`` delayed by ``depth`` registers (all but ``valid``: ``reset_less``,
             being read only with ``valid``)."""
             return delay(m, signal, depth, f"{name}_skew", reset_less=reset_less)
 
-        # Row i enters i cycles late and column group g enters g cycles late, so the operands
-        # of one k-step meet at element (i, g) exactly i + g cycles after they entered. Each
-        # PE passes the k-step east and its B operands south.
-        east = len(self.groups) - 1
-        for i in range(rows):
-            west = pes[i][0].west
-            m.d.comb += [
-                west.a.eq(skew(self.a[i], i, f"a{i}", reset_less=True)),
-                west.a_zero.eq(skew(self.a_zero[i], i, f"a_zero{i}", reset_less=True)),
-                west.valid.eq(skew(self.valid, i, f"valid{i}")),
-                west.first.eq(skew(self.first, i, f"first{i}", reset_less=True)),
-                west.last.eq(skew(self.last, i, f"last{i}", reset_less=True)),
-            ]
-            for g in range(1, len(self.groups)):
-                m.d.comb += pes[i][g].west.eq(pes[i][g - 1].east)
-        for j, (g, lane) in enumerate(lanes):
-            north = port(pes[0][g], "north", lane)
-            m.d.comb += [
-                north.b.eq(skew(self.b[j], g, f"b{j}", reset_less=True)),
-                north.zero.eq(skew(self.b_zero[j], g, f"b_zero{j}", reset_less=True)),
-                north.lane.eq(skew(self.b_lane[j], g, f"b_lane{j}", reset_less=True)),
-            ]
-            for i in range(1, rows):
-                m.d.comb += port(pes[i][g], "north", lane).eq(port(pes[i - 1][g], "south", lane))
+        # cells[g][j]: row group g's elements in column j, as a list of (element, index) per
+        # row of the group (index: the row's port of a pair, None for a plain PE); norths and
+        # souths[g][j]: the B operand the group takes and the one it passes south.
+        cells, norths, souths = [], [], []
+        for g, members in enumerate(self.groups):
+            cells.append([]), norths.append([]), souths.append([])
+            for j in range(cols):
+                multiplier = "lut" if j >= cols - self.lut_columns else "dsp"
+                if len(members) == 2 and multiplier == "dsp":
+                    pair = m.submodules[f"pe_{members[0]}_{j}"] = PackedPair()
+                    cells[g].append([(pair, 0), (pair, 1)])
+                    norths[g].append([pair.north])
+                    souths[g].append(pair.south)
+                    continue
+                # Plain PEs, one per row of the group, all taking the group's B operand in
+                # the same cycle; a pair of them passes it south two cycles later, as a
+                # packed pair does.
+                pes = [ProcessingElement(multiplier) for _ in members]
+                for i, pe in zip(members, pes):
+                    m.submodules[f"pe_{i}_{j}"] = pe
+                cells[g].append([(pe, None) for pe in pes])
+                norths[g].append([pe.north for pe in pes])
+                souths[g].append(skew(pes[0].south, len(pes) - 1, f"b{members[0]}_{j}",
+                                      reset_less=True))
 
-        # A row is finished when its last k-step has left the east edge and the east PE has added
-        # it (LATENCY - 1 cycles later). By the issue rule at most one row finishes per cycle, so
-        # the selection below never has to arbitrate.
-        row_done = []
-        for i in range(rows):
-            done = pes[i][east].east.valid & pes[i][east].east.last
-            row_done.append(skew(done, LATENCY - 1, f"done{i}"))
+        def port(element, index, name):
+            value = getattr(element, name)
+            return value if index is None else value[index]
+
+        # A row group enters as many cycles late as there are rows north of it, column j
+        # enters j cycles late, and B crosses one register per row, so the operands of one
+        # k-step meet at row group g, column j exactly (rows north of g) + j cycles after they
+        # entered. Each element passes the k-step east and its B operand south.
+        for g, members in enumerate(self.groups):
+            for row, i in enumerate(members):
+                west = port(*cells[g][0][row], "west")
+                m.d.comb += [
+                    west.a.eq(skew(self.a[i], members[0], f"a{i}", reset_less=True)),
+                    west.a_zero.eq(skew(self.a_zero[i], members[0], f"a_zero{i}",
+                                        reset_less=True)),
+                    west.valid.eq(skew(self.valid, members[0], f"valid{i}")),
+                    west.first.eq(skew(self.first, members[0], f"first{i}", reset_less=True)),
+                    west.last.eq(skew(self.last, members[0], f"last{i}", reset_less=True)),
+                ]
+                for j in range(1, cols):
+                    m.d.comb += port(*cells[g][j][row], "west").eq(
+                        port(*cells[g][j - 1][row], "east"))
+        for j in range(cols):
+            top = Signal(B_OPERAND, name=f"b_top{j}")
+            m.d.comb += [top.b.eq(skew(self.b[j], j, f"b{j}", reset_less=True)),
+                         top.zero.eq(skew(self.b_zero[j], j, f"b_zero{j}", reset_less=True)),
+                         top.lane.eq(skew(self.b_lane[j], j, f"b_lane{j}", reset_less=True))]
+            for g in range(len(self.groups)):
+                m.d.comb += [north.eq(top if g == 0 else souths[g - 1][j])
+                             for north in norths[g][j]]
+
+        # A row is finished when its last k-step has left the east edge and the east PE has
+        # added it (LATENCY - 1 cycles later); the second row of a group is read a cycle
+        # after the first. By the issue rule at most one row finishes per cycle, so the
+        # selection below never has to arbitrate.
+        row_done, results = [], []
+        for g, members in enumerate(self.groups):
+            for row, i in enumerate(members):
+                east = port(*cells[g][cols - 1][row], "east")
+                row_done.append(skew(east.valid & east.last, LATENCY - 1 + row, f"done{i}"))
+                results.append([port(*cells[g][j][row], "result") for j in range(cols)])
         # The finished row is gathered in two registered stages, because the rows' result
         # registers lie across the whole array: an AND-OR of up to four rows per group, then of
         # the groups. A row's result register holds still for a whole tile after its row_done
         # (the issue rule), and row_done is one-hot, so an OR suffices.
-        groups = [list(range(i, min(i + ROW_GROUP, rows))) for i in range(0, rows, ROW_GROUP)]
+        gather = [list(range(i, min(i + ROW_GROUP, rows))) for i in range(0, rows, ROW_GROUP)]
         gathered = []
-        for number, members in enumerate(groups):
+        for number, members in enumerate(gather):
             part = [Signal(ACCUMULATOR, name=f"gather{number}_c{j}", reset_less=True)
                     for j in range(cols)]
-            for j, (g, lane) in enumerate(lanes):
-                terms = [Mux(row_done[i], port(pes[i][g], "result", lane), 0) for i in members]
+            for j in range(cols):
+                terms = [Mux(row_done[i], results[i][j], 0) for i in members]
                 m.d.sync += part[j].eq(or_all(terms))
             gathered.append(part)
         valid1, row1 = Signal(), Signal.like(self.out_row)

@@ -109,7 +109,9 @@ class Loader(wiring.Component):
         # when the sequencer frees one. In A, the loader's ready is a choice between registers.
         bank_free, panel_event = Signal(), Signal()
         word = Signal(width * self.beats_max)
-        self.pausing = Signal()  # B's group format: a group of no steps, which takes no beat
+        # B's group format: in a group of no steps (state PASS), which takes no beat. A register
+        # set and cleared with the state, so the ready stays one LUT of registers.
+        self.pausing = Signal()
         m.d.comb += [
             self.input.ready.eq(Mux(self.loading_a, bank_free & ~panel_event, ~self.pausing)),
             self.take.eq(self.input.valid & self.input.ready),
@@ -176,23 +178,35 @@ class Loader(wiring.Component):
         # B's words carry each column's lane (a plain k-step's: k % 4 in every column); A's
         # words are gathered into their group (``a_group``, the lanes written so far), which is
         # written whole with its last word, the lanes past it zero (a last group of fewer than
-        # four k-steps: a lane past K reads zero).
+        # four k-steps: a lane past K reads zero). The gathering works a cycle behind the
+        # input, from ``word_q`` and registered events, so the group's registers (four words
+        # wide) load on an enable of registers, not on the input's ``take``; the group's write
+        # follows a cycle later, still before the sequencer can read it (it reads a panel
+        # only once the panel's flag is set, two cycles after the word).
         b_lanes_q = Signal(2 * cols, reset_less=True)
         a_group = [Signal(8 * rows, name=f"a_group{lane}", reset_less=True)
                    for lane in range(LANES)]
         a_place = self.ld_k[:2]
+        a_done = Signal()  # an A word is complete
+        a_done_q = delay(m, a_done, 1, "a_done_q")
+        a_place_q = delay(m, a_place, 1, "a_place_q", reset_less=True)
         a_group_q = Signal(8 * rows * LANES, reset_less=True)
         m.d.sync += a_group_q.eq(Cat(*(
-            Mux(a_place == lane, word[:8 * rows],
-                Mux(a_place < lane, 0, part) if lane else part)
+            Mux(a_place_q == lane, word_q[:8 * rows],
+                Mux(a_place_q < lane, 0, part) if lane else part)
             for lane, part in enumerate(a_group))))
+        for lane, part in enumerate(a_group):
+            with m.If(a_done_q & (a_place_q == lane)):
+                m.d.sync += part.eq(word_q[:8 * rows])
         bias_write = write_later(self.bias_write, self.ld_nt, "bias")
         mult_write = write_later(self.mult_write, self.ld_nt, "mult")
         b_slot = Signal(range(g.n_tiles_max * g.max_k))
         b_write = write_later(self.b_write, b_slot, "b", Cat(word_q[:8 * cols], b_lanes_q))
+        a_group_end = Signal()  # the word completes a group: the group is written
         a_write = write_later(self.a_write,
-                              Mux(self.ld_bank, g.max_k // LANES, 0) + self.ld_k[2:], "a",
-                              a_group_q)
+                              delay(m, Mux(self.ld_bank, g.max_k // LANES, 0) + self.ld_k[2:],
+                                    1, "a_address", reset_less=True), "a", a_group_q)
+        m.d.comb += a_write.eq(delay(m, a_group_end, 1, "a_group_end_q"))
         start = self.start
         self.last_k, next_k, restart_k = walk_flag(m, start, self.single.k, self.ld_k, 1,
                                                    job.k, "last_k")
@@ -200,7 +214,6 @@ class Loader(wiring.Component):
             m, start, self.single.n, self.ld_j0, cols, job.n, "last_n_tile")
         last_m_tile, next_m_tile, _ = walk_flag(m, start, self.single.m, self.ld_i0, rows,
                                                 job.m, "last_m_tile")
-        a_done = Signal()  # an A word is complete
         if self.groups:
             self._group_walk(m)
 
@@ -288,13 +301,10 @@ class Loader(wiring.Component):
                 final = complete & self.last_k & last_m_tile
                 group_end = complete & ((a_place == LANES - 1) | self.last_k)
                 early_tlast(final)
-                m.d.comb += [a_write.eq(group_end), a_done.eq(complete),
+                m.d.comb += [a_group_end.eq(group_end), a_done.eq(complete),
                              self.a_word.eq(complete), self.a_group_end.eq(group_end)]
                 with m.If(complete):
                     m.d.sync += [self.ld_k.eq(self.ld_k + 1), next_k]
-                    for lane, part in enumerate(a_group):
-                        with m.If(a_place == lane):
-                            m.d.sync += part.eq(word[:8 * rows])
                     with m.If(self.last_k):
                         m.d.sync += [self.ld_k.eq(0), restart_k, self.ld_bank.eq(~self.ld_bank),
                                      self.ld_i0.eq(self.ld_i0 + rows), next_m_tile]
@@ -344,7 +354,8 @@ class Loader(wiring.Component):
 
     def _group_states(self, m, word, b_write, b_slot, b_lanes_q, early_tlast, n_tile_done):
         """B in the group format: per n-tile its step counts (``COUNTS``), then per group its
-        lane vector (``HEAD``; a group of no steps passes at once) and its steps (``STEPS``)."""
+        lane vector (``HEAD``; a group of no steps takes a cycle in ``PASS`` instead) and its
+        steps (``STEPS``)."""
         g, w = self.geometry, self._walk
         cols, beat_bytes = g.cols, g.beat_bytes
         take, last = self.take, self.input.payload.last
@@ -352,13 +363,26 @@ class Loader(wiring.Component):
         step, lanes, steps_here = w.step, w.lanes, w.steps_here
         count = counts[:3]
 
+        def next_group(count):
+            """On to a group whose count is ``count``: its lane vector (``HEAD``), or, for a
+            group of no steps, ``PASS``."""
+            m.next = "HEAD"
+            m.d.sync += self.pausing.eq(count == 0)
+            with m.If(count == 0):
+                m.next = "PASS"
+
+        def to_idle():
+            m.d.sync += [self.loading_a.eq(0), self.pausing.eq(0)]
+            m.next = "IDLE"
+
         def group_done():
             m.d.comb += self.b_group_end.eq(1)
             m.d.sync += [counts.eq(counts >> 3), group_k.eq(group_k + GROUP), w.next_group]
-            m.next = "HEAD"
+            next_group(counts[3:6])
             with m.If(w.last_group):
                 m.d.comb += self.b_tile_end.eq(1)
-                m.d.sync += [group_k.eq(0), w.restart_group, count_k.eq(0), w.restart_count]
+                m.d.sync += [group_k.eq(0), w.restart_group, count_k.eq(0), w.restart_count,
+                             self.pausing.eq(0)]
                 m.next = "COUNTS"
                 n_tile_done()
 
@@ -377,24 +401,21 @@ class Loader(wiring.Component):
                              count_k.eq(count_k + GROUP * beat_bytes), w.next_count]
                 with m.If(w.last_count):
                     m.d.sync += count_beat.eq(0)
-                    m.next = "HEAD"
+                    # The first group's count: in this beat if it is the first of the counts.
+                    next_group(Mux(count_beat == 0, self.in_data[:3], count))
             with m.If(take & last):
-                m.d.sync += self.loading_a.eq(0)
-                m.next = "IDLE"
-        with m.State("HEAD"):
+                to_idle()
+        with m.State("PASS"):
             # A group of no steps takes no beat (``pausing`` holds the input) and a cycle.
-            m.d.comb += self.pausing.eq(count == 0)
-            with m.If(count == 0):
-                group_done()
-            with m.Else():
-                complete = self._collect(m, g.vector_beats(cols))
-                early_tlast(Const(0))
-                with m.If(complete):
-                    m.d.sync += [lanes.eq(word[:8 * cols]), step.eq(0)]
-                    m.next = "STEPS"
-                with m.If(take & last):
-                    m.d.sync += self.loading_a.eq(0)
-                    m.next = "IDLE"
+            group_done()
+        with m.State("HEAD"):
+            complete = self._collect(m, g.vector_beats(cols))
+            early_tlast(Const(0))
+            with m.If(complete):
+                m.d.sync += [lanes.eq(word[:8 * cols]), step.eq(0)]
+                m.next = "STEPS"
+            with m.If(take & last):
+                to_idle()
         with m.State("STEPS"):
             complete = self._collect(m, g.vector_beats(cols))
             early_tlast(Const(0))
@@ -409,8 +430,7 @@ class Loader(wiring.Component):
                 with m.If(step == count - 1):
                     group_done()
             with m.If(take & last):
-                m.d.sync += self.loading_a.eq(0)
-                m.next = "IDLE"
+                to_idle()
 
     def _low_bits_any(self, bits):
         """``word[:bits].any()`` with the beat's choice after the ORs (the same value, as

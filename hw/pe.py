@@ -6,7 +6,9 @@ its INT32 accumulator, which wraps modulo 2**32 exactly as NumPy's int32 arithme
 multiplier has registers of its own on both sides (operands in, product out twice), so neither
 the 32-bit add nor the route to a DSP block shares a cycle with the multiplier (on an ECP5 the
 multiply and add in one cycle close at about 92 MHz, the multiply between shared registers at
-about 86). A PE takes the k-step from the west (``west``, a :data:`KSTEP`: the A operand and
+about 86). Ahead of them the PE registers the operands it picked (the A value of the k-step's
+group at the lane that came down its column, B, and their zero flags), so the multiplexer and
+the route into a DSP block's input registers are not in one cycle either. A PE takes the k-step from the west (``west``, a :data:`KSTEP`: the A operand and
 the control flags that travel with it) and its B operand from the north (``north``, a
 :data:`B_OPERAND`), and passes both on through registers, ``east`` and ``south``, one cycle
 later. Built for an ECP5
@@ -30,10 +32,11 @@ registers then hold (as they do when ``valid`` is low), so the multiplier does n
 the accumulator's clock enable is dropped (only a ``first`` k-step still clears it), so a zero
 operand costs no register update; the product would have been zero, so the sum is unchanged.
 
-:class:`PackedPair` is two PEs of one row in one multiplier: both take the same A operand, so
-``a * (b0 * 2**16 + b1)`` (an 8 x 25-bit product, one DSP48E1) holds both INT8 products.
+:class:`PackedPair` is two PEs of one column in one multiplier: both take the same B operand
+and lane, so ``(a0 * 2**16 + a1) * b`` (a 25 x 8-bit product, one DSP48E1) holds both INT8
+products.
 
-Latency: ``acc`` and ``result`` hold a k-step's sum :data:`LATENCY` (4) cycles after its
+Latency: ``acc`` and ``result`` hold a k-step's sum :data:`LATENCY` (5) cycles after its
 operands are presented; ``east`` and ``south`` are one cycle behind ``west`` and ``north``.
 """
 
@@ -56,7 +59,7 @@ KSTEP = data.StructLayout({"a": data.ArrayLayout(OPERAND, LANES), "a_zero": LANE
 # A B operand as it travels south down a column, with its zero flag and the lane of the A
 # values it multiplies.
 B_OPERAND = data.StructLayout({"b": OPERAND, "zero": 1, "lane": range(LANES)})
-MULTIPLIER_STAGES = 3  # operand registers, product, product again
+MULTIPLIER_STAGES = 4  # picked operands, operand registers, product, product again
 LATENCY = MULTIPLIER_STAGES + 1  # cycles from a k-step's operands to the sum in ``acc``
 
 
@@ -73,8 +76,21 @@ def _flags(m, valid, *flags):
     return out
 
 
+def _picked(m, valid, a, b, zeros):
+    """Stage 1 of a k-step: the operands registered as the PE picked them: ``a`` (the A value
+    at the lane that came down the column, see :func:`_pick`, or a pair's two packed), ``b``,
+    their zero flags ``zeros`` and ``valid``. The registers are the PE's own (:data:`.LOCAL`:
+    the valid flag is the same along an anti-diagonal), so they can sit beside its
+    multiplier, whose input registers they feed."""
+    valid = delay(m, valid, 1, "valid_picked", attrs=LOCAL)
+    a = delay(m, a, 1, "a_picked", reset_less=True)
+    b = delay(m, b, 1, "b_picked", reset_less=True)
+    zero = delay(m, zeros, 1, "zero_picked", reset_less=True)
+    return valid, a, b, zero
+
+
 def _gated_product(m, valid, operands, skip, multiply):
-    """Stages 1-3 of a k-step: the operand registers, the product, the product again.
+    """Stages 2-4 of a k-step: the operand registers, the product, the product again.
 
     - The operand registers (``operands``: (register, value) pairs) load only for a valid
       k-step that is not skipped (``skip``: every product it would make is zero), so a
@@ -96,7 +112,7 @@ def _gated_product(m, valid, operands, skip, multiply):
 
 
 def _cleared(m, raw, skip):
-    """Stage 3: the product registered again, 0 for a skipped k-step (whose operand registers
+    """Stage 4: the product registered again, 0 for a skipped k-step (whose operand registers
     held, so ``raw`` is stale)."""
     skip2 = delay(m, skip, 2, "skip", reset_less=True)
     product = Signal.like(raw, name="product", reset_less=True)
@@ -104,11 +120,11 @@ def _cleared(m, raw, skip):
     return product
 
 
-def _pick(m, west, lane):
+def _pick(m, west, lane, name="a"):
     """The A value a PE multiplies and its zero flag: lane ``lane`` of the k-step's group (a
-    4:1 byte multiplexer before the multiplier's operand register)."""
-    value = Signal(OPERAND, name="a_picked")
-    zero = Signal(name="a_zero_picked")
+    4:1 byte multiplexer, registered in :func:`_picked`)."""
+    value = Signal(OPERAND, name=f"{name}_pick")
+    zero = Signal(name=f"{name}_zero_pick")
     m.d.comb += [value.eq(west.a[lane]), zero.eq(west.a_zero.bit_select(lane, 1))]
     return value, zero
 
@@ -123,27 +139,24 @@ def _data(m, shape, name, port=None):
     return register
 
 
-def _pass_on(m, pe, b_lanes):
-    """Register the k-step (``west`` to ``east``) and the B operands (``b_lanes``: (north,
-    south) per lane) on to the next PEs, field by field: only ``valid`` with a reset, and the
-    k-step's flags, which are the same in every PE of an anti-diagonal, as :data:`.LOCAL`
-    registers."""
-    def register(value, name, attrs=None):
-        return delay(m, value, 1, name, reset_less=True, attrs=attrs)
-    west, east = pe.west, pe.east
-    m.d.comb += [
-        east.valid.eq(delay(m, west.valid, 1, "valid_out", attrs=LOCAL)),
-        east.a.eq(register(west.a, "a_out")),
-        east.a_zero.eq(register(west.a_zero, "a_zero_out")),
-        *(south.b.eq(register(north.b, f"b_out{lane}_"))
-          for lane, (north, south) in enumerate(b_lanes)),
-        *(south.zero.eq(register(north.zero, f"b_zero_out{lane}_"))
-          for lane, (north, south) in enumerate(b_lanes)),
-        *(south.lane.eq(register(north.lane, f"b_lane_out{lane}_"))
-          for lane, (north, south) in enumerate(b_lanes)),
-        east.first.eq(register(west.first, "first_out", LOCAL)),
-        east.last.eq(register(west.last, "last_out", LOCAL)),
-    ]
+def _pass_on(m, a_lanes, north, south, depth=1):
+    """Register the k-steps (``a_lanes``: (west, east) per row) on to the next PEs east, and
+    the B operand (``north``) on to ``south`` through ``depth`` registers, field by field:
+    only ``valid`` with a reset, and the k-step's flags, which are the same in every PE of an
+    anti-diagonal, as :data:`.LOCAL` registers."""
+    def register(value, name, attrs=None, depth=1):
+        return delay(m, value, depth, name, reset_less=True, attrs=attrs)
+    for row, (west, east) in enumerate(a_lanes):
+        m.d.comb += [
+            east.valid.eq(delay(m, west.valid, 1, f"valid_out{row}_", attrs=LOCAL)),
+            east.a.eq(register(west.a, f"a_out{row}_")),
+            east.a_zero.eq(register(west.a_zero, f"a_zero_out{row}_")),
+            east.first.eq(register(west.first, f"first_out{row}_", LOCAL)),
+            east.last.eq(register(west.last, f"last_out{row}_", LOCAL)),
+        ]
+    m.d.comb += [south.b.eq(register(north.b, "b_out", depth=depth)),
+                 south.zero.eq(register(north.zero, "b_zero_out", depth=depth)),
+                 south.lane.eq(register(north.lane, "b_lane_out", depth=depth))]
 
 
 class ProcessingElement(wiring.Component):
@@ -188,25 +201,26 @@ class ProcessingElement(wiring.Component):
         m = Module()
 
         west, north = self.west, self.north
-        a_value, a_zero = _pick(m, west, north.lane)
+        # Stage 1: the picked operands (:func:`_picked`); stages 2-4: the multiplier's own
+        # operand registers, the product, and the product again (see MULTIPLIER_STAGES and
+        # :func:`_gated_product`); the k-step's flags keep pace.
+        a_pick, a_zero = _pick(m, west, north.lane)
         m.d.comb += self.zero.eq(a_zero | north.zero)
-
-        # Stages 1-3: the multiplier's own operand registers, the product, and the product
-        # again (see MULTIPLIER_STAGES and :func:`_gated_product`); the k-step's flags keep
-        # pace.
+        picked_valid, a_value, b_value, picked_zero = _picked(
+            m, west.valid, a_pick, north.b, self.zero)
         if self.multiplier == "dsp" and dsp_style(platform) == "ecp5":
-            # Stages 1-2 inside an ECP5 DSP block (its operand and product registers).
-            raw = mult18x18d(m, a_value, north.b, west.valid & ~self.zero, "mult")
-            product = _cleared(m, raw, self.zero)
+            # Stages 2-3 inside an ECP5 DSP block (its operand and product registers).
+            raw = mult18x18d(m, a_value, b_value, picked_valid & ~picked_zero, "mult")
+            product = _cleared(m, raw, picked_zero)
             self.multiplier_inputs = None
         else:
             a, b = Signal(OPERAND, reset_less=True), Signal(OPERAND, reset_less=True)
             self.multiplier_inputs = (a, b)  # the operand registers, for tests and waveforms
-            product = _gated_product(m, west.valid, [(a, a_value), (b, north.b)],
-                                     self.zero, lambda a, b: self._product(m, a, b))
+            product = _gated_product(m, picked_valid, [(a, a_value), (b, b_value)],
+                                     picked_zero, lambda a, b: self._product(m, a, b))
         valid, first, last, zero = _flags(m, west.valid, west.first, west.last, self.zero)
 
-        # Stage 4: the sum this k-step leaves in the accumulator; .eq() truncates to 32 bits,
+        # Stage 5: the sum this k-step leaves in the accumulator; .eq() truncates to 32 bits,
         # which is the two's-complement wrap of INT32 accumulation.
         acc = _data(m, ACCUMULATOR, "acc_q", self.acc)
         result = _data(m, ACCUMULATOR, "result_q", self.result)
@@ -218,30 +232,33 @@ class ProcessingElement(wiring.Component):
         with m.If(valid & last):
             m.d.sync += result.eq(total)
 
-        _pass_on(m, self, [(north, self.south)])
+        _pass_on(m, [(west, self.east)], north, self.south)
         return m
 
 
 class PackedPair(wiring.Component):
-    """Two neighbouring PEs of a row (columns ``2p`` and ``2p + 1``) sharing one multiplier.
+    """Two neighbouring PEs of a column (rows ``2p`` and ``2p + 1``) sharing one multiplier.
 
-    Both see the same A operand in the same cycle (the array skews the pair's two B columns
-    alike), so one signed 8 x 25-bit product ``P = a * (b[0] * 2**16 + b[1])`` carries both
-    INT8 products: ``a * b[1]`` lies in [-16256, 16384], so it is ``P``'s low 16 bits read as
-    signed; ``a * b[0]`` is ``P >> 16`` plus bit 15 of ``P`` (the borrow a negative low product
-    took from the upper half). A DSP48E1's 25 x 18 multiplier does this in one slice, two
-    INT8 MACs per DSP. ``|P| < 2**31``, so a 32-bit product register holds it exactly.
+    Both take the same B operand and lane in the same cycle (the array skews the pair's two
+    rows alike and passes B on through two registers), so they pick their A values from the
+    same lane, and one signed 25 x 8-bit product ``P = (a[0] * 2**16 + a[1]) * b`` carries
+    both INT8 products: ``a[1] * b`` lies in [-16256, 16384], so it is ``P``'s low 16 bits
+    read as signed; ``a[0] * b`` is ``P >> 16`` plus bit 15 of ``P`` (the borrow a negative
+    low product took from the upper half). A DSP48E1's 25 x 18 multiplier does this in one
+    slice, two INT8 MACs per DSP. ``|P| < 2**31``, so a 32-bit product register holds it
+    exactly. The pair takes B in either format: its two PEs always multiply the same lane.
 
-    Ports are those of :class:`ProcessingElement`, with ``north``, ``south``, ``acc``,
-    ``result`` and ``zero`` one per lane (lane ``l`` is column
-    ``2p + l``); each lane's accumulator is gated by its own ``zero``; the shared multiplier
-    holds only when both lanes are zero. Same :data:`LATENCY`.
+    Ports are those of :class:`ProcessingElement`, with ``west``, ``east``, ``acc``,
+    ``result`` and ``zero`` one per row (index ``l`` is row ``2p + l``); ``south`` is
+    ``north`` two cycles later. The k-step's flags are row 0's (the rows carry the same). Each
+    row's accumulator is gated by its own ``zero``; the shared multiplier holds only when
+    both rows are zero. Same :data:`LATENCY`.
     """
 
-    west: In(KSTEP)
-    north: In(B_OPERAND).array(2)
-    east: Out(KSTEP)
-    south: Out(B_OPERAND).array(2)
+    west: In(KSTEP).array(2)
+    north: In(B_OPERAND)
+    east: Out(KSTEP).array(2)
+    south: Out(B_OPERAND)
 
     acc: Out(ACCUMULATOR).array(2)
     result: Out(ACCUMULATOR).array(2)
@@ -251,38 +268,36 @@ class PackedPair(wiring.Component):
         m = Module()
 
         west, north = self.west, self.north
+        # Stages 1-4 as in the plain PE (A packed before stage 1), with the flags beside them.
+        picks = [_pick(m, west[row], north.lane, f"a{row}") for row in range(2)]
         packed = Signal(signed(25))
-        m.d.comb += packed.eq((north[0].b << 16) + north[1].b)
-        # Both columns multiply one A value: the lane of the first column's (the plain format
-        # gives both columns the same lane; a build with pairs has no group format).
-        a_value, a_zero = _pick(m, west, north[0].lane)
-        for lane in range(2):
-            m.d.comb += self.zero[lane].eq(a_zero | north[lane].zero)
-
-        # Stages 1-3 as in the plain PE: operand registers (B already packed), the product
-        # and the product again, with the flags beside them.
-        a, b = Signal(OPERAND, reset_less=True), Signal(signed(25), reset_less=True)
-        product = _gated_product(m, west.valid, [(a, a_value), (b, packed)],
-                                 self.zero[0] & self.zero[1], lambda a, b: a * b)
-        valid, first, last, zero = _flags(m, west.valid, west.first, west.last,
+        m.d.comb += packed.eq((picks[0][0] << 16) + picks[1][0])
+        for row in range(2):
+            m.d.comb += self.zero[row].eq(picks[row][1] | north.zero)
+        picked_valid, a_value, b_value, picked_zero = _picked(
+            m, west[0].valid, packed, north.b, Cat(*self.zero))
+        a, b = Signal(signed(25), reset_less=True), Signal(OPERAND, reset_less=True)
+        product = _gated_product(m, picked_valid, [(a, a_value), (b, b_value)],
+                                 picked_zero[0] & picked_zero[1], lambda a, b: a * b)
+        valid, first, last, zero = _flags(m, west[0].valid, west[0].first, west[0].last,
                                           Cat(*self.zero))
 
-        # Stage 4: each lane's sum. Lane 1 adds the low half; lane 0 adds the high half plus
+        # Stage 5: each row's sum. Row 1 adds the low half; row 0 adds the high half plus
         # the borrow bit, as the carry into one adder: ({acc, 1} + {P[31:16], P[15]}) >> 1.
         low = product[:16].as_signed()
         high = Cat(product[15], product[16:]).as_signed()
-        acc = [_data(m, ACCUMULATOR, f"acc{lane}_q", self.acc[lane]) for lane in range(2)]
+        acc = [_data(m, ACCUMULATOR, f"acc{row}_q", self.acc[row]) for row in range(2)]
         totals = [Signal(ACCUMULATOR, name="total0"), Signal(ACCUMULATOR, name="total1")]
         m.d.comb += [
             totals[0].eq((Cat(Const(1, 1), Mux(first, 0, acc[0])) + high)[1:33]),
             totals[1].eq(Mux(first, 0, acc[1]) + low),
         ]
-        for lane in range(2):
-            result = _data(m, ACCUMULATOR, f"result{lane}_q", self.result[lane])
-            with m.If(valid & (first | ~zero[lane])):
-                m.d.sync += acc[lane].eq(totals[lane])
+        for row in range(2):
+            result = _data(m, ACCUMULATOR, f"result{row}_q", self.result[row])
+            with m.If(valid & (first | ~zero[row])):
+                m.d.sync += acc[row].eq(totals[row])
             with m.If(valid & last):
-                m.d.sync += result.eq(totals[lane])
+                m.d.sync += result.eq(totals[row])
 
-        _pass_on(m, self, [(north[lane], self.south[lane]) for lane in range(2)])
+        _pass_on(m, [(west[row], self.east[row]) for row in range(2)], north, self.south, 2)
         return m

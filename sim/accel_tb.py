@@ -40,7 +40,7 @@ def geometry_of(cfg):
 def features(cfg):
     """The FEATURES bits a build with these settings reports."""
     skip = cfg.get("sparse_skip", True)
-    return protocol.features(skip, skip and not cfg.get("dsp_packing", False))
+    return protocol.features(skip, skip)
 
 
 async def make_tb(dut):

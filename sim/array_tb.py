@@ -1,14 +1,13 @@
 """cocotb testbench for :class:`sparsa.hw.SystolicArray` (the generated Verilog).
 
 Settings arrive as JSON in ``SPARSA_TB`` (see :mod:`sparsa.sim.runner`): ``rows``, ``cols``,
-the build's ``lut_columns`` and ``dsp_packing`` (for its latency) and per-test knobs
+the build's ``lut_columns`` and ``dsp_packing`` (row pairs) and per-test knobs
 (``count``, ``seed``, ``max_k``, ``bubbles``, ``report``).
 
 The driver streams tiles back to back, one k-step per cycle with random bubbles, honouring the
 array's issue rule; a monitor collects result rows on the falling edge. A tile is ``(a4, b,
 lanes)``: per row and k-step the group's four A values, and per k-step and column the lane
-its PE multiplies (random, or ``k % 4`` as a plain k-step has; one per column pair in a build
-with packed pairs). Every row is compared with :func:`sparsa.sim.golden.matmul_int32` of the
+its PE multiplies (random, or ``k % 4`` as a plain k-step has). Every row is compared with :func:`sparsa.sim.golden.matmul_int32` of the
 A values the lanes pick.
 """
 
@@ -43,8 +42,7 @@ class ArrayTB:
         self.b_lane = [getattr(dut, f"b_lane__{j}") for j in range(cols)]
         self.c = [getattr(dut, f"c__{j}") for j in range(cols)]
         self.min_tile_cycles = max(rows, cols)
-        self.latency = latency(rows, cols, cfg.get("lut_columns", 0),
-                               cfg.get("dsp_packing", False))
+        self.latency = latency(rows, cols)
         self.cycles = 0
         Clock(dut.clk, 10, unit="ns").start()
 
@@ -159,17 +157,16 @@ def random_operand(rng, shape):
     return rng.integers(-3, 4, shape, dtype=np.int8)
 
 
-def grouped(a, b, rng, packed=False, plain=False):
+def grouped(a, b, rng, plain=False):
     """A tile of ``a @ b`` as the array takes it: ``a``'s values in the lanes ``b``'s
-    columns pick (``k % 4`` for all with ``plain``, else random; a pair of columns alike with
-    ``packed``) and random values in the other lanes."""
+    columns pick (``k % 4`` for all with ``plain``, else random) and random values in the
+    other lanes."""
     rows, depth = a.shape
     cols = b.shape[1]
     if plain:
         lanes = np.repeat((np.arange(depth) % LANES)[:, None], cols, axis=1)
     else:
-        lanes = rng.integers(0, LANES, (depth, -(-cols // 2) if packed else cols))
-        lanes = np.repeat(lanes, 2, axis=1)[:, :cols] if packed else lanes
+        lanes = rng.integers(0, LANES, (depth, cols))
     a4 = random_operand(rng, (rows, depth, LANES))
     for j in range(cols):  # column j's lanes hold a's values (the last column written wins)
         a4[:, np.arange(depth), lanes[:, j]] = a
@@ -216,7 +213,7 @@ async def test_accumulator_wraps(dut):
     a = np.full((rows, depth), -128, np.int8)
     b = np.full((depth, cols), -128, np.int8)
     b[0, 0] = 127
-    tile = grouped(a, b, np.random.default_rng(2), cfg.get("dsp_packing", False))
+    tile = grouped(a, b, np.random.default_rng(2))
     results, _ = await tb.run([tile])
     assert matmul_int32(a, b)[0, 1] != 140_000 * 16384, "the golden model must wrap too"
     check_tiles([tile], results)
@@ -230,14 +227,13 @@ async def test_random(dut):
     tb = ArrayTB(dut, cfg)
     await tb.reset()
     max_k = cfg.get("max_k", 4 * max(rows, cols))
-    packed = cfg.get("dsp_packing", False)
     tiles = []
     for _ in range(cfg.get("count", 50)):
         depth = int(rng.integers(1, max_k + 1))
         a4 = random_operand(rng, (rows, depth, LANES))
         b = random_operand(rng, (depth, cols))
         plain = rng.random() < 0.25
-        tiles.append((a4, b, grouped(a4[:, :, 0], b, rng, packed, plain)[2]))
+        tiles.append((a4, b, grouped(a4[:, :, 0], b, rng, plain)[2]))
     start = time.perf_counter()
     results, cycles = await tb.run(tiles, bubbles=cfg.get("bubbles", 0.1), rng=rng)
     seconds = time.perf_counter() - start

@@ -58,7 +58,7 @@ def _add_multiplier_options(parser):
     parser.add_argument("--lut-columns", type=int, default=0,
                         help="array columns whose PEs multiply in LUTs, not DSP slices")
     parser.add_argument("--dsp-packing", action="store_true",
-                        help="the other columns in pairs, two INT8 MACs per DSP slice")
+                        help="rows in pairs, two INT8 MACs per DSP slice in the other columns")
     parser.add_argument("--dsp", choices=DSP_STYLES, default=None,
                         help="how multipliers and the operand memories are written: generic "
                              "(a '*' between registers, an inferred memory; portable) or ecp5 "

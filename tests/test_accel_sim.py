@@ -51,12 +51,12 @@ def test_smoke_icarus(icarus):
 
 
 def test_ecp5_dsp_packed_and_lut_columns(verilator):
-    """One build with every kind of column: a packed pair (two MACs per multiplier), a plain
-    column whose PEs are ECP5 MULT18X18D blocks with their own operand and product registers
-    (``dsp="ecp5"``, simulated with sim/mult18x18d.v, as are the post-processing multipliers),
-    and a column that multiplies in LUTs; exact with zero operands (the DSP's operand registers
-    hold) and requantization."""
-    cfg = {**SMALL_K, "dsp": "ecp5", "lut_columns": 1, "dsp_packing": True}
+    """One build with every kind of element: packed pairs of rows (two MACs per multiplier),
+    in the odd fifth row plain PEs that are ECP5 MULT18X18D blocks with their own operand and
+    product registers (``dsp="ecp5"``, simulated with sim/mult18x18d.v, as are the
+    post-processing multipliers), and a column that multiplies in LUTs; exact with zero
+    operands (the DSP's operand registers hold), requantization, and B in both formats."""
+    cfg = {**SMALL_K, "rows": 5, "dsp": "ecp5", "lut_columns": 1, "dsp_packing": True}
     runner.check(design(cfg), "verilator", TB, "test_directed_jobs", cfg)
     runner.check(design(cfg), "verilator", TB, "test_sparse_patterns", {**cfg, "seed": 5})
     runner.check(design(cfg), "verilator", TB, "test_random_jobs",

@@ -50,10 +50,10 @@ def test_smoke_icarus(rows, cols, icarus):
 
 
 def test_dsp_packing_verilator(verilator):
-    """Packed pairs (two MACs per multiplier), an odd DSP column left single, and LUT columns
-    east of them: 5 DSP columns make pairs (0, 1) and (2, 3), single column 4, LUT columns 5
-    and 6 (the accelerator tests run a 4x4 build with a pair, a MULT18X18D column and a LUT
-    column)."""
+    """Packed pairs of rows (two MACs per multiplier) with B in the group format (each column
+    its own lanes), an odd row left single, and LUT columns east of the DSP columns: rows (0,
+    1) in pairs in DSP columns 0-4, plain PEs in row 2 and in LUT columns 5 and 6 (the
+    accelerator tests run a 5x4 build with pairs, a MULT18X18D row and a LUT column)."""
     build = {"rows": 3, "cols": 7, "lut_columns": 2, "dsp_packing": True}
     packed = design(**build)
     runner.check(packed, "verilator", TB, "test_directed", build)

@@ -8,7 +8,7 @@ from amaranth.hdl import Fragment
 from amaranth.sim import Simulator
 
 from sparsa.hw import ProcessingElement, SystolicArray
-from sparsa.hw.array import column_groups, latency
+from sparsa.hw.array import row_groups
 from sparsa.hw.pe import LATENCY, PackedPair
 from sparsa.hw.pipeline import lut_product
 
@@ -150,14 +150,16 @@ def test_multiplier_idles_on_skipped_and_empty_k_steps():
             await ctx.tick()
             held.append(tuple(ctx.get(register) for register in pe.multiplier_inputs))
         ctx.set(pe.west.valid, 0)
-        await ctx.tick().repeat(LATENCY)
+        await ctx.tick()  # the operand registers load a cycle after the picked operands
+        held.append(tuple(ctx.get(register) for register in pe.multiplier_inputs))
+        await ctx.tick().repeat(LATENCY - 1)
         sums.append(ctx.get(pe.result))
 
     sim = Simulator(pe)
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
-    assert held == [(3, 4), (3, 4), (3, 4), (3, 4), (-2, 5), (-2, 5), (-2, 5)]
+    assert held[1:] == [(3, 4), (3, 4), (3, 4), (3, 4), (-2, 5), (-2, 5), (-2, 5)]
     assert sums == [3 * 4 - 2 * 5]
 
 
@@ -300,72 +302,77 @@ def test_step_picker(width):
 
 
 def simulate_pair(steps):
-    """Feed ``steps`` ((a, b0, b1, first, last) per cycle) to a packed pair; returns per step
-    the (acc, result, zero) of both lanes LATENCY cycles later."""
+    """Feed ``steps`` ((a0, a1, b, first, last) per cycle) to a packed pair (a0 to its first
+    row, a1 to its second, each at the lane that comes down with b); returns per step the
+    (acc, result, zero) of both rows LATENCY cycles later."""
     pair = PackedPair()
     seen, zeros = [], []
 
     async def bench(ctx):
-        for a, b0, b1, first, last in steps:
-            set_a(ctx, pair.west, [pair.north[0].lane, pair.north[1].lane], a)
-            ctx.set(pair.north[0].b, b0)
-            ctx.set(pair.north[1].b, b1)
-            ctx.set(pair.north[0].zero, b0 == 0)
-            ctx.set(pair.north[1].zero, b1 == 0)
-            ctx.set(pair.west.valid, 1)
-            ctx.set(pair.west.first, first)
-            ctx.set(pair.west.last, last)
+        for a0, a1, b, first, last in steps:
+            lane = int(JUNK.integers(4))
+            for west, a in zip(pair.west, (a0, a1)):
+                values = [int(v) for v in JUNK.integers(-128, 128, 4)]
+                values[lane] = a
+                ctx.set(west.a, values)
+                ctx.set(west.a_zero, sum(int(v == 0) << n for n, v in enumerate(values)))
+                ctx.set(west.valid, 1)
+                ctx.set(west.first, first)
+                ctx.set(west.last, last)
+            ctx.set(pair.north.lane, lane)
+            ctx.set(pair.north.b, b)
+            ctx.set(pair.north.zero, b == 0)
             zeros.append((ctx.get(pair.zero[0]), ctx.get(pair.zero[1])))
             await ctx.tick()
-            seen.append([(ctx.get(pair.acc[lane]), ctx.get(pair.result[lane])) for lane in (0, 1)])
-        ctx.set(pair.west.valid, 0)
+            seen.append([(ctx.get(pair.acc[row]), ctx.get(pair.result[row])) for row in (0, 1)])
+        for west in pair.west:
+            ctx.set(west.valid, 0)
         for _ in range(LATENCY - 1):
             await ctx.tick()
-            seen.append([(ctx.get(pair.acc[lane]), ctx.get(pair.result[lane]))
-                         for lane in (0, 1)])
+            seen.append([(ctx.get(pair.acc[row]), ctx.get(pair.result[row]))
+                         for row in (0, 1)])
 
     sim = Simulator(pair)
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
-    return [[(*lane, zero) for lane, zero in zip(lanes, zs)]
-            for lanes, zs in zip(seen[LATENCY - 1:], zeros)]
+    return [[(*row, zero) for row, zero in zip(rows, zs)]
+            for rows, zs in zip(seen[LATENCY - 1:], zeros)]
 
 
 def test_packed_pair_products_for_every_operand_pair():
-    """One-step tiles over all 65536 (a, b1) pairs; b0 runs through all 256 values for every a
-    too (b0 = b1 + 37, wrapped), so each lane sees every operand pair once."""
+    """One-step tiles over all 65536 (a1, b) pairs; a0 runs through all 256 values for every b
+    too (a0 = a1 + 37, wrapped), so each row sees every operand pair once."""
     values = np.arange(-128, 128)
-    a, b1 = (grid.reshape(-1) for grid in np.meshgrid(values, values))
-    b0 = (b1 + 128 + 37) % 256 - 128
-    seen = simulate_pair([(int(x), int(y), int(z), 1, 1) for x, y, z in zip(a, b0, b1)])
-    assert [lanes[0][1] for lanes in seen] == (a * b0).tolist()
-    assert [lanes[1][1] for lanes in seen] == (a * b1).tolist()
+    a1, b = (grid.reshape(-1) for grid in np.meshgrid(values, values))
+    a0 = (a1 + 128 + 37) % 256 - 128
+    seen = simulate_pair([(int(x), int(y), int(z), 1, 1) for x, y, z in zip(a0, a1, b)])
+    assert [rows[0][1] for rows in seen] == (a0 * b).tolist()
+    assert [rows[1][1] for rows in seen] == (a1 * b).tolist()
 
 
-def test_packed_pair_lanes_accumulate_and_gate_apart():
+def test_packed_pair_rows_accumulate_and_gate_apart():
     rng = np.random.default_rng(8)
     for _ in range(30):
         depth = int(rng.integers(1, 30))
-        a, b0, b1 = (rng.integers(-128, 128, depth) for _ in range(3))
-        b0[rng.random(depth) < 0.3] = 0
-        b1[rng.random(depth) < 0.5] = 0
-        a[rng.random(depth) < 0.1] = 0
+        a0, a1, b = (rng.integers(-128, 128, depth) for _ in range(3))
+        a0[rng.random(depth) < 0.3] = 0
+        a1[rng.random(depth) < 0.5] = 0
+        b[rng.random(depth) < 0.1] = 0
         steps = [(int(x), int(y), int(z), k == 0, k == depth - 1)
-                 for k, (x, y, z) in enumerate(zip(a, b0, b1))]
+                 for k, (x, y, z) in enumerate(zip(a0, a1, b))]
         seen = simulate_pair(steps)
-        assert seen[-1][0][:2] == (int(a @ b0),) * 2
-        assert seen[-1][1][:2] == (int(a @ b1),) * 2
-        assert [lanes[0][2] for lanes in seen] == ((a == 0) | (b0 == 0)).tolist()
-        assert [lanes[1][2] for lanes in seen] == ((a == 0) | (b1 == 0)).tolist()
+        assert seen[-1][0][:2] == (int(a0 @ b),) * 2
+        assert seen[-1][1][:2] == (int(a1 @ b),) * 2
+        assert [rows[0][2] for rows in seen] == ((a0 == 0) | (b == 0)).tolist()
+        assert [rows[1][2] for rows in seen] == ((a1 == 0) | (b == 0)).tolist()
 
 
-def test_column_groups():
-    assert column_groups(4) == [[0], [1], [2], [3]]
-    assert column_groups(4, dsp_packing=True) == [[0, 1], [2, 3]]
-    assert column_groups(7, lut_columns=2, dsp_packing=True) == [[0, 1], [2, 3], [4], [5], [6]]
-    assert column_groups(3, lut_columns=3, dsp_packing=True) == [[0], [1], [2]]
-    assert latency(8, 8, dsp_packing=True) == latency(8, 8) - 4
+def test_row_groups():
+    assert row_groups(4) == [[0], [1], [2], [3]]
+    assert row_groups(4, dsp_packing=True) == [[0, 1], [2, 3]]
+    assert row_groups(5, dsp_packing=True) == [[0, 1], [2, 3], [4]]
+    assert row_groups(1, dsp_packing=True) == [[0]]
 
 
 @pytest.mark.parametrize("a_bits,b_bits", [(4, 4), (9, 7), (1, 1)])

@@ -202,11 +202,10 @@ class Loader(wiring.Component):
         mult_write = write_later(self.mult_write, self.ld_nt, "mult")
         b_slot = Signal(range(g.n_tiles_max * g.max_k))
         b_write = write_later(self.b_write, b_slot, "b", Cat(word_q[:8 * cols], b_lanes_q))
-        a_group_end = Signal()  # the word completes a group: the group is written
         a_write = write_later(self.a_write,
                               delay(m, Mux(self.ld_bank, g.max_k // LANES, 0) + self.ld_k[2:],
                                     1, "a_address", reset_less=True), "a", a_group_q)
-        m.d.comb += a_write.eq(delay(m, a_group_end, 1, "a_group_end_q"))
+        m.d.comb += a_write.eq(delay(m, self.a_group_end, 1, "a_group_end_q"))
         start = self.start
         self.last_k, next_k, restart_k = walk_flag(m, start, self.single.k, self.ld_k, 1,
                                                    job.k, "last_k")
@@ -301,7 +300,7 @@ class Loader(wiring.Component):
                 final = complete & self.last_k & last_m_tile
                 group_end = complete & ((a_place == LANES - 1) | self.last_k)
                 early_tlast(final)
-                m.d.comb += [a_group_end.eq(group_end), a_done.eq(complete),
+                m.d.comb += [a_done.eq(complete),
                              self.a_word.eq(complete), self.a_group_end.eq(group_end)]
                 with m.If(complete):
                     m.d.sync += [self.ld_k.eq(self.ld_k + 1), next_k]

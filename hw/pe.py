@@ -63,11 +63,11 @@ MULTIPLIER_STAGES = 4  # picked operands, operand registers, product, product ag
 LATENCY = MULTIPLIER_STAGES + 1  # cycles from a k-step's operands to the sum in ``acc``
 
 
-def _flags(m, valid, *flags):
-    """The k-step's flags delayed to meet its product (MULTIPLIER_STAGES registers): ``valid``
-    with a reset, the others without (they are read only with ``valid``)."""
-    valid = delay(m, valid, MULTIPLIER_STAGES, "valid", attrs=LOCAL)
-    packed = delay(m, Cat(*flags), MULTIPLIER_STAGES, "flags", reset_less=True, attrs=LOCAL)
+def _flags(m, depth, name, valid, *flags):
+    """The k-step's flags through ``depth`` registers (named ``name`` and a stage number):
+    ``valid`` with a reset, the others without (they are read only with ``valid``)."""
+    valid = delay(m, valid, depth, f"{name}valid", attrs=LOCAL)
+    packed = delay(m, Cat(*flags), depth, f"{name}flags", reset_less=True, attrs=LOCAL)
     out, low = [valid], 0
     for flag in flags:
         width = len(flag)
@@ -76,17 +76,18 @@ def _flags(m, valid, *flags):
     return out
 
 
-def _picked(m, valid, a, b, zeros):
-    """Stage 1 of a k-step: the operands registered as the PE picked them: ``a`` (the A value
-    at the lane that came down the column, see :func:`_pick`, or a pair's two packed), ``b``,
-    their zero flags ``zeros`` and ``valid``. The registers are the PE's own (:data:`.LOCAL`:
-    the valid flag is the same along an anti-diagonal), so they can sit beside its
-    multiplier, whose input registers they feed."""
-    valid = delay(m, valid, 1, "valid_picked", attrs=LOCAL)
+def _picked(m, west, a, b, zeros):
+    """Stage 1 of a k-step: the operands registered as the PE picked them, ``a`` (the A value
+    at the lane that came down the column, see :func:`_pick`, or a pair's two packed) and
+    ``b``, with the k-step's flags from ``west`` and the zero flags ``zeros``. The registers
+    are the PE's own (:data:`.LOCAL` for the flags, which are the same along an
+    anti-diagonal), so they can sit beside its multiplier, whose input registers they feed.
+    Returns ``(a, b, flags)``, ``flags`` being ``(valid, first, last, zeros)`` registered:
+    :func:`_flags` carries them on to the accumulator."""
+    flags = _flags(m, 1, "picked_", west.valid, west.first, west.last, zeros)
     a = delay(m, a, 1, "a_picked", reset_less=True)
     b = delay(m, b, 1, "b_picked", reset_less=True)
-    zero = delay(m, zeros, 1, "zero_picked", reset_less=True)
-    return valid, a, b, zero
+    return a, b, flags
 
 
 def _gated_product(m, valid, operands, skip, multiply):
@@ -206,8 +207,8 @@ class ProcessingElement(wiring.Component):
         # :func:`_gated_product`); the k-step's flags keep pace.
         a_pick, a_zero = _pick(m, west, north.lane)
         m.d.comb += self.zero.eq(a_zero | north.zero)
-        picked_valid, a_value, b_value, picked_zero = _picked(
-            m, west.valid, a_pick, north.b, self.zero)
+        a_value, b_value, picked = _picked(m, west, a_pick, north.b, self.zero)
+        picked_valid, picked_zero = picked[0], picked[3]
         if self.multiplier == "dsp" and dsp_style(platform) == "ecp5":
             # Stages 2-3 inside an ECP5 DSP block (its operand and product registers).
             raw = mult18x18d(m, a_value, b_value, picked_valid & ~picked_zero, "mult")
@@ -218,7 +219,7 @@ class ProcessingElement(wiring.Component):
             self.multiplier_inputs = (a, b)  # the operand registers, for tests and waveforms
             product = _gated_product(m, picked_valid, [(a, a_value), (b, b_value)],
                                      picked_zero, lambda a, b: self._product(m, a, b))
-        valid, first, last, zero = _flags(m, west.valid, west.first, west.last, self.zero)
+        valid, first, last, zero = _flags(m, MULTIPLIER_STAGES - 1, "", *picked)
 
         # Stage 5: the sum this k-step leaves in the accumulator; .eq() truncates to 32 bits,
         # which is the two's-complement wrap of INT32 accumulation.
@@ -274,13 +275,12 @@ class PackedPair(wiring.Component):
         m.d.comb += packed.eq((picks[0][0] << 16) + picks[1][0])
         for row in range(2):
             m.d.comb += self.zero[row].eq(picks[row][1] | north.zero)
-        picked_valid, a_value, b_value, picked_zero = _picked(
-            m, west[0].valid, packed, north.b, Cat(*self.zero))
+        a_value, b_value, picked = _picked(m, west[0], packed, north.b, Cat(*self.zero))
+        picked_valid, picked_zero = picked[0], picked[3]
         a, b = Signal(signed(25), reset_less=True), Signal(OPERAND, reset_less=True)
         product = _gated_product(m, picked_valid, [(a, a_value), (b, b_value)],
                                  picked_zero[0] & picked_zero[1], lambda a, b: a * b)
-        valid, first, last, zero = _flags(m, west[0].valid, west[0].first, west[0].last,
-                                          Cat(*self.zero))
+        valid, first, last, zero = _flags(m, MULTIPLIER_STAGES - 1, "", *picked)
 
         # Stage 5: each row's sum. Row 1 adds the low half; row 0 adds the high half plus
         # the borrow bit, as the carry into one adder: ({acc, 1} + {P[31:16], P[15]}) >> 1.

@@ -8,12 +8,13 @@ the 32-bit add nor the route to a DSP block shares a cycle with the multiplier (
 multiply and add in one cycle close at about 92 MHz, the multiply between shared registers at
 about 86). Ahead of them the PE registers the operands it picked (the A value of the k-step's
 group at the lane that came down its column, B, and their zero flags), so the multiplexer and
-the route into a DSP block's input registers are not in one cycle either. A PE takes the k-step from the west (``west``, a :data:`KSTEP`: the A operand and
-the control flags that travel with it) and its B operand from the north (``north``, a
-:data:`B_OPERAND`), and passes both on through registers, ``east`` and ``south``, one cycle
-later. Built for an ECP5
-(``dsp="ecp5"``, see :mod:`.dsp`), the operand registers and the first product register are
-those inside the MULT18X18D.
+the route into a DSP block's input registers are not in one cycle either.
+
+A PE takes the k-step from the west (``west``, a :data:`KSTEP`: the A operand and the control
+flags that travel with it) and its B operand from the north (``north``, a :data:`B_OPERAND`),
+and passes both on through registers, ``east`` and ``south``, one cycle later. Built for an
+ECP5 (``dsp="ecp5"``, see :mod:`.dsp`), the operand registers and the first product register
+are those inside the MULT18X18D.
 
 Control flags (valid with the A operand):
 
@@ -39,6 +40,9 @@ products.
 Latency: ``acc`` and ``result`` hold a k-step's sum :data:`LATENCY` (5) cycles after its
 operands are presented; ``east`` and ``south`` are one cycle behind ``west`` and ``north``.
 """
+
+import operator
+from functools import partial
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
@@ -160,6 +164,39 @@ def _pass_on(m, a_lanes, north, south, depth=1):
                  south.lane.eq(register(north.lane, "b_lane_out", depth=depth))]
 
 
+def lut_multiply(m, a, b):
+    """``a * b`` (signed INT8, a 16-bit result) from 4x4-bit unsigned products (8-bit results,
+    which Yosys leaves to LUTs; Vivado reads ``use_dsp``): with a = a_u - 256 a7 (a_u the
+    unsigned byte, a7 the sign), a * b = a_u b_u - 256 (a7 b_u + b7 a_u) modulo 2**16, which is
+    all 16 bits hold."""
+    a_u, b_u = a.as_unsigned(), b.as_unsigned()
+    parts = []
+    for name, x, y, shift in (("ll", a_u[:4], b_u[:4], 0), ("lh", a_u[:4], b_u[4:], 4),
+                              ("hl", a_u[4:], b_u[:4], 4), ("hh", a_u[4:], b_u[4:], 8)):
+        part = Signal(8, name=f"pp_{name}", attrs={"use_dsp": "no"})
+        m.d.comb += part.eq(x * y)
+        parts.append(part << shift)
+    correction = Signal(8, name="sign_correction")
+    m.d.comb += correction.eq(Mux(a[7], b_u, 0) + Mux(b[7], a_u, 0))
+    product = Signal(16, name="product_u")
+    m.d.comb += product.eq(parts[0] + parts[1] + parts[2] + parts[3] - (correction << 8))
+    return product.as_signed()
+
+
+def pair_totals(m, product, accs, first):
+    """A packed pair's two sums from its 32-bit product ``P = (a0 * 2**16 + a1) * b``: row 1
+    adds the low half (``a1 * b``); row 0 adds the high half plus the borrow bit, as the carry
+    into one adder: ``({acc, 1} + {P[31:16], P[15]}) >> 1``. ``first`` starts both from 0."""
+    low = product[:16].as_signed()
+    high = Cat(product[15], product[16:]).as_signed()
+    totals = [Signal(ACCUMULATOR, name="total0"), Signal(ACCUMULATOR, name="total1")]
+    m.d.comb += [
+        totals[0].eq((Cat(Const(1, 1), Mux(first, 0, accs[0])) + high)[1:33]),
+        totals[1].eq(Mux(first, 0, accs[1]) + low),
+    ]
+    return totals
+
+
 class ProcessingElement(wiring.Component):
     west: In(KSTEP)
     north: In(B_OPERAND)
@@ -178,25 +215,6 @@ class ProcessingElement(wiring.Component):
             raise ValueError(f"multiplier: expected 'dsp' or 'lut', got {multiplier!r}")
         self.multiplier = multiplier
         super().__init__()
-
-    def _product(self, m, a, b):
-        if self.multiplier == "dsp":
-            return a * b
-        # a * b from 4x4-bit unsigned products (8-bit results, which Yosys leaves to LUTs;
-        # Vivado reads use_dsp): with a = a_u - 256 a7 (a_u the unsigned byte, a7 the sign),
-        # a * b = a_u b_u - 256 (a7 b_u + b7 a_u) modulo 2**16, which is all 16 bits hold.
-        a_u, b_u = a.as_unsigned(), b.as_unsigned()
-        parts = []
-        for name, x, y, shift in (("ll", a_u[:4], b_u[:4], 0), ("lh", a_u[:4], b_u[4:], 4),
-                                  ("hl", a_u[4:], b_u[:4], 4), ("hh", a_u[4:], b_u[4:], 8)):
-            part = Signal(8, name=f"pp_{name}", attrs={"use_dsp": "no"})
-            m.d.comb += part.eq(x * y)
-            parts.append(part << shift)
-        correction = Signal(8, name="sign_correction")
-        m.d.comb += correction.eq(Mux(a[7], b_u, 0) + Mux(b[7], a_u, 0))
-        product = Signal(16, name="product_u")
-        m.d.comb += product.eq(parts[0] + parts[1] + parts[2] + parts[3] - (correction << 8))
-        return product.as_signed()
 
     def elaborate(self, platform):
         m = Module()
@@ -217,8 +235,9 @@ class ProcessingElement(wiring.Component):
         else:
             a, b = Signal(OPERAND, reset_less=True), Signal(OPERAND, reset_less=True)
             self.multiplier_inputs = (a, b)  # the operand registers, for tests and waveforms
+            multiply = partial(lut_multiply, m) if self.multiplier == "lut" else operator.mul
             product = _gated_product(m, picked_valid, [(a, a_value), (b, b_value)],
-                                     picked_zero, lambda a, b: self._product(m, a, b))
+                                     picked_zero, multiply)
         valid, first, last, zero = _flags(m, MULTIPLIER_STAGES - 1, "", *picked)
 
         # Stage 5: the sum this k-step leaves in the accumulator; .eq() truncates to 32 bits,
@@ -282,16 +301,9 @@ class PackedPair(wiring.Component):
                                  picked_zero[0] & picked_zero[1], lambda a, b: a * b)
         valid, first, last, zero = _flags(m, MULTIPLIER_STAGES - 1, "", *picked)
 
-        # Stage 5: each row's sum. Row 1 adds the low half; row 0 adds the high half plus
-        # the borrow bit, as the carry into one adder: ({acc, 1} + {P[31:16], P[15]}) >> 1.
-        low = product[:16].as_signed()
-        high = Cat(product[15], product[16:]).as_signed()
+        # Stage 5: each row's sum (:func:`pair_totals`).
         acc = [_data(m, ACCUMULATOR, f"acc{row}_q", self.acc[row]) for row in range(2)]
-        totals = [Signal(ACCUMULATOR, name="total0"), Signal(ACCUMULATOR, name="total1")]
-        m.d.comb += [
-            totals[0].eq((Cat(Const(1, 1), Mux(first, 0, acc[0])) + high)[1:33]),
-            totals[1].eq(Mux(first, 0, acc[1]) + low),
-        ]
+        totals = pair_totals(m, product, acc, first)
         for row in range(2):
             result = _data(m, ACCUMULATOR, f"result{row}_q", self.result[row])
             with m.If(valid & (first | ~zero[row])):

@@ -3,13 +3,13 @@
 
 import numpy as np
 import pytest
-from amaranth import Module, Signal
+from amaranth import Const, Module, Signal, signed
 from amaranth.hdl import Fragment
 from amaranth.sim import Simulator
 
 from sparsa.hw import ProcessingElement, SystolicArray
 from sparsa.hw.array import row_groups
-from sparsa.hw.pe import LATENCY, PackedPair
+from sparsa.hw.pe import ACCUMULATOR, LATENCY, PackedPair, lut_multiply, pair_totals
 from sparsa.hw.pipeline import lut_product
 
 
@@ -88,10 +88,78 @@ def test_random_dot_products():
         assert result == int(a @ b)
 
 
-def test_lut_multiplier_matches_on_every_operand_pair():
-    """The LUT-multiplier PE's products for all 65536 operand pairs, one k-step tiles."""
+def operand_sample(seed):
+    """(a, b) pairs for the pipelined multipliers: every a against the corner values of b and
+    every b against the corner values of a (sign and nibble boundaries), and 4096 random pairs.
+    Their arithmetic alone is checked on all 65536 pairs by the combinational tests below."""
     values = np.arange(-128, 128)
-    a, b = (grid.reshape(-1) for grid in np.meshgrid(values, values))
+    corners = np.array([-128, -127, -65, -64, -16, -9, -8, -1, 0, 1, 7, 8, 15, 16, 64, 126, 127])
+    rng = np.random.default_rng(seed)
+    a = np.concatenate([np.repeat(values, corners.size), np.tile(corners, values.size),
+                        rng.integers(-128, 128, 4096)])
+    b = np.concatenate([np.tile(corners, values.size), np.repeat(values, corners.size),
+                        rng.integers(-128, 128, 4096)])
+    return a, b
+
+
+def every_pair(m, inputs, outputs, expected):
+    """Simulate the combinational ``m`` on every INT8 pair (a, b): ``inputs(a, b)`` gives the
+    (signal, value) pairs to drive; returns the pairs whose ``outputs`` (signals) differ from
+    ``expected(a, b)`` (a tuple of ints)."""
+    values = range(-128, 128)
+    wrong = []
+
+    async def bench(ctx):
+        for a in values:
+            for b in values:
+                for signal, value in inputs(a, b):
+                    ctx.set(signal, value)
+                got = tuple(ctx.get(out) for out in outputs)
+                if got != expected(a, b):
+                    wrong.append((a, b, got))
+
+    sim = Simulator(m)
+    sim.add_testbench(bench)
+    sim.run()
+    return wrong
+
+
+def test_lut_multiply_on_every_operand_pair():
+    """The LUT multiplier's arithmetic (4x4-bit partial products and the sign correction) on
+    all 65536 INT8 pairs."""
+    m = Module()
+    a, b = Signal(signed(8)), Signal(signed(8))
+    product = lut_multiply(m, a, b)
+    assert every_pair(m, lambda x, y: [(a, x), (b, y)], [product],
+                      lambda x, y: (x * y,)) == []
+
+
+def test_pair_totals_on_every_operand_pair():
+    """A packed pair's product split into its rows' sums, on all 65536 (a1, b) pairs (the low
+    product and the borrow it takes) with a0 = a1 + 37 (wrapped), so a0 too meets every b; the
+    sums start from accumulators of -2**31 and 2**31 - 1, so the carry into row 0's adder and
+    both wraps are exercised."""
+    m = Module()
+    a0, a1, b = Signal(signed(8)), Signal(signed(8)), Signal(signed(8))
+    product = Signal(32)
+    m.d.comb += product.eq(((a0 << 16) + a1) * b)
+    accs = [Const(-2**31, ACCUMULATOR), Const(2**31 - 1, ACCUMULATOR)]
+    totals = pair_totals(m, product, accs, Const(0))
+
+    def wrapped(value):
+        return (value + 2**31) % 2**32 - 2**31
+
+    def other(x):
+        return (x + 128 + 37) % 256 - 128
+
+    assert every_pair(m, lambda x, y: [(a0, other(x)), (a1, x), (b, y)], totals,
+                      lambda x, y: (wrapped(-2**31 + other(x) * y),
+                                    wrapped(2**31 - 1 + x * y))) == []
+
+
+def test_lut_multiplier_pe_on_a_sample_of_operand_pairs():
+    """The LUT-multiplier PE through its pipeline, one k-step tiles."""
+    a, b = operand_sample(5)
     steps = [(int(x), int(y), 1, 1) for x, y in zip(a, b)]
     results = [result for _, result, _ in simulate(steps, multiplier="lut")]
     assert results == (a * b).tolist()
@@ -340,11 +408,10 @@ def simulate_pair(steps):
             for rows, zs in zip(seen[LATENCY - 1:], zeros)]
 
 
-def test_packed_pair_products_for_every_operand_pair():
-    """One-step tiles over all 65536 (a1, b) pairs; a0 runs through all 256 values for every b
-    too (a0 = a1 + 37, wrapped), so each row sees every operand pair once."""
-    values = np.arange(-128, 128)
-    a1, b = (grid.reshape(-1) for grid in np.meshgrid(values, values))
+def test_packed_pair_products_on_a_sample_of_operand_pairs():
+    """One-step tiles through the pair's pipeline on the operand sample for (a1, b), with
+    a0 = a1 + 37 (wrapped) beside each."""
+    a1, b = operand_sample(6)
     a0 = (a1 + 128 + 37) % 256 - 128
     seen = simulate_pair([(int(x), int(y), int(z), 1, 1) for x, y, z in zip(a0, a1, b)])
     assert [rows[0][1] for rows in seen] == (a0 * b).tolist()

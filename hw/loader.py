@@ -20,8 +20,8 @@ Contract:
   lanes past K are zero).
 - ``panel_full[bank]`` is set a cycle after an A bank's last word (and its mask) is written
   (in the cycle after ``panel_set[bank]``, from registers), and cleared when the sequencer
-  sets ``free[bank]`` (freeing wins in the same cycle). The
-  loader never writes into a full bank: it waits (``input.ready`` low) until it is freed.
+  sets ``free[bank]`` (freeing wins in the same cycle). The loader never writes into a full
+  bank: it waits (``input.ready`` low) until it is freed.
 - With sparse-skip, ``a_nonzero[bank]`` and the B masks (``b_mask_write``, one word per n-tile)
   hold per slot whether it is to be issued: B's, whether its word was not all zero (always
   set with ``job.no_skip``; 0 for a group's slots past its steps); A's, whether the k-step's

@@ -132,8 +132,7 @@ class GemmCore(wiring.Component):
             m.d.comb += sequencer.k_valid.eq(loader.k_valid)
         m.d.comb += [
             sequencer.closing.eq(job.closing), sequencer.tlast_early.eq(loader.tlast_early),
-            sequencer.panel_full.eq(loader.panel_full), sequencer.panel_set.eq(loader.panel_set),
-            sequencer.loading_a.eq(loader.loading_a),
+            sequencer.panel_full.eq(loader.panel_full), sequencer.loading_a.eq(loader.loading_a),
             loader.free.eq(sequencer.free),
             a_mem.read.addr.eq(sequencer.a_addr[2:]), b_mem.read.addr.eq(sequencer.b_addr),
             feed.step.eq(sequencer.step), feed.slot.eq(sequencer.slot),

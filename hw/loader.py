@@ -18,10 +18,9 @@ Contract:
   the group's k-steps are dropped) or ``a_write`` (bank x max_k/4 + group: a group's four A
   words side by side, written with its last word; in a last group of fewer than four, the
   lanes past K are zero).
-- ``panel_full[bank]`` is set a cycle after an A bank's last word (and its mask) is written
-  (in the cycle after ``panel_set[bank]``, from registers), and cleared when the sequencer
-  sets ``free[bank]`` (freeing wins in the same cycle). The loader never writes into a full
-  bank: it waits (``input.ready`` low) until it is freed.
+- ``panel_full[bank]`` is set a cycle after an A bank's last word (and its mask) is written,
+  and cleared when the sequencer sets ``free[bank]`` (freeing wins in the same cycle). The
+  loader never writes into a full bank: it waits (``input.ready`` low) until it is freed.
 - With sparse-skip, ``a_nonzero[bank]`` and the B masks (``b_mask_write``, one word per n-tile)
   hold per slot whether it is to be issued: B's, whether its word was not all zero (always
   set with ``job.no_skip``; 0 for a group's slots past its steps); A's, whether the k-step's
@@ -68,7 +67,7 @@ class Loader(wiring.Component):
             "mult_write": In(write_signature(32 * g.cols, n_tiles)),
             "b_write": In(write_signature(b_word_width(g.cols), n_tiles * g.max_k)),
             "a_write": In(write_signature(8 * g.rows * LANES, 2 * g.max_k // LANES)),
-            "panel_full": Out(2), "panel_set": Out(2),
+            "panel_full": Out(2),
             "loading_a": Out(1),
             "tlast_early": Out(1), "tlast_missing": Out(1),
         }
@@ -134,8 +133,7 @@ class Loader(wiring.Component):
         a_bank = Signal()
         m.d.sync += a_bank.eq(self.ld_bank)
         for bank in range(2):
-            m.d.comb += self.panel_set[bank].eq(panel_event & (a_bank == bank))
-            with m.If(self.panel_set[bank]):
+            with m.If(panel_event & (a_bank == bank)):
                 m.d.sync += self.panel_full[bank].eq(1)
             with m.If(self.free[bank]):
                 m.d.sync += self.panel_full[bank].eq(0)

@@ -11,8 +11,8 @@ zero k-step so that it still yields its results).
 
 Contract:
 
-- A tile starts once its A bank is full (``panel_full``, which the loader sets in the cycle
-  after ``panel_set``); the bank is freed (``free``) with the tile that ends its m-tile. With sparse-skip, the k-steps issued are the set bits of the A
+- A tile starts once its A bank is full (``panel_full``); the bank is freed (``free``) with the
+  tile that ends its m-tile. With sparse-skip, the k-steps issued are the set bits of the A
   panel's nonzero mask AND the n-tile's B mask (read through ``b_mask``, a block memory) AND
   ``k_valid``, lowest first, through a :class:`.StepPicker`; all-zero k-steps cost no cycle.
   Without, a counter walks k.
@@ -51,7 +51,7 @@ class Sequencer(wiring.Component):
         members = {
             "start": In(1), "rejected": In(1), "closing": In(1), "tlast_early": In(1),
             "registers": In(REGISTERS), "job": In(job_layout(g)),
-            "panel_full": In(2), "panel_set": In(2), "loading_a": In(1), "popped": In(1),
+            "panel_full": In(2), "loading_a": In(1), "popped": In(1),
             "a_addr": Out(ceil_log2(2 * g.max_k)),
             "b_addr": Out(ceil_log2(g.n_tiles_max * g.max_k)),
             "step": Out(STEP),
@@ -79,7 +79,6 @@ class Sequencer(wiring.Component):
         self.sq_m_left = Signal(32)  # rows of C from this tile's first one on
         self.sq_b_base = Signal(range(n_tiles_max * g.max_k + 1))
         self.sq_bank = Signal()
-        self.bank_full = Signal()  # panel_full of sq_bank (see _position)
         self.sq_last_n, self.sq_last_m = Signal(), Signal()  # in the last n-tile / m-tile
         self.issued = Signal(range(g.max_k + 1))  # k-steps of this tile issued so far
         self.issue = Signal()  # a k-step goes to the array
@@ -180,11 +179,9 @@ class Sequencer(wiring.Component):
             self.b_mask.addr.eq(b_addr),  # a register, b_mask two cycles later
             picker.mask.eq(tile_mask),
             picker.mask_groups.eq(tile_groups),
-            # tile_load without ``closing``, so the picker's load is one LUT of registers (a
-            # job that closes in LOAD loads the picker, and its tokens are never taken: the
-            # sequencer takes only in LOAD and ISSUE, and the next tile's LOAD loads it anew);
-            # the mask register's copy from a copy of mask_ready: a LUT and a net apart.
-            picker.load.eq(self.in_load & self.mask_ready),
+            picker.load.eq(self.tile_load),
+            # The mask register's copy of tile_load, from its own registers and without
+            # ``closing`` (a job that closes takes no more tokens): a LUT and a net apart.
             picker.load_mask.eq(self.in_load & mask_ready_copy),
             picker.take.eq(self.take),
             self.k_position.eq(picker.position),
@@ -302,14 +299,6 @@ class Sequencer(wiring.Component):
         release = self.issue_last & self.sq_last_n
         for bank in range(2):
             m.d.comb += self.free[bank].eq(release & (self.sq_bank == bank))
-        # Whether the bank of the next cycle is full (``panel_full`` of sq_bank then),
-        # registered from the flags' next values: sq_bank returns to 0 at start (the core is
-        # idle then) and turns with release, and a bank is freed only by release, which moves
-        # sq_bank off it; so the flag is the loader's set or the flag itself. WAIT's decision
-        # is then one LUT of registers beside the sequencer, not a trip through the loader's.
-        bank_next = Mux(self.start, 0, self.sq_bank ^ release)
-        m.d.sync += self.bank_full.eq(
-            (self.panel_full | self.panel_set).bit_select(bank_next, 1))
 
     def _fsm(self, m):
         """The tile's states: WAIT for its A panel, LOAD its k-steps, ISSUE them."""
@@ -328,7 +317,7 @@ class Sequencer(wiring.Component):
             with m.State("WAIT"):
                 with m.If(closing):
                     m.next = "IDLE"
-                with m.Elif(self.bank_full):
+                with m.Elif(self.panel_full.bit_select(self.sq_bank, 1)):
                     m.next = "LOAD"
                 with m.Else():
                     m.d.comb += self.waiting_panel.eq(1)

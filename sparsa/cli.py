@@ -52,8 +52,6 @@ def _build_config(args):
             "max_k": args.max_k, "max_n": args.max_n}
 
 
-
-
 def _add_multiplier_options(parser):
     parser.add_argument("--lut-columns", type=int, default=0,
                         help="array columns whose PEs multiply in LUTs, not DSP slices")

@@ -98,23 +98,29 @@ class Loader(wiring.Component):
         self.ld_bank = Signal()
         self.take = Signal()
         self.in_data = self.input.payload.data
-        # The loader's ready: always, but while loading A into a bank that is not yet free.
-        # (In IDLE nothing is waiting: the input link stops taking beats at TLAST, and before
-        # the job starts it is empty.) ``loading_a`` follows the FSM into and out of A, so the
-        # ready is one LUT of registers.
+        # The loader's ready: always, but while loading A into a bank that is not yet free, or
+        # in a group of no steps of B's group format (state PASS, which takes no beat). (In IDLE
+        # nothing is waiting: the input link stops taking beats at TLAST, and before the job
+        # starts it is empty.) ``loading_a`` follows the FSM into and out of A, ``pausing`` into
+        # and out of PASS.
         # Whether the A bank being loaded is free, from registers of the cycle before. A bank
         # turns full only by the loader's own panel event, which comes after the loader has
         # moved on to the other bank, and the loader waits in the cycle after each move
         # (``panel_event``); so the lag never lets it write a full bank, and costs only a cycle
-        # when the sequencer frees one. In A, the loader's ready is a choice between registers.
+        # when the sequencer frees one.
+        # The ready is a register of its own, worked out a cycle ahead from the values these
+        # registers are about to take (the FSM sets ``loading_a`` and ``pausing`` through
+        # ``_next`` signals), so it always equals that choice between them, and the input's
+        # ``take``, which reaches every enable of the loader, is one LUT of two registers.
         bank_free, panel_event = Signal(), Signal()
         word = Signal(width * self.beats_max)
-        # B's group format: in a group of no steps (state PASS), which takes no beat. A register
-        # set and cleared with the state, so the ready stays one LUT of registers.
         self.pausing = Signal()
+        self.loading_a_next, self.pausing_next = Signal(), Signal()
+        ready = Signal(init=1)
         m.d.comb += [
-            self.input.ready.eq(Mux(self.loading_a, bank_free & ~panel_event, ~self.pausing)),
-            self.take.eq(self.input.valid & self.input.ready),
+            self.loading_a_next.eq(self.loading_a), self.pausing_next.eq(self.pausing),
+            self.input.ready.eq(ready),
+            self.take.eq(self.input.valid & ready),
             word.eq(Cat(*(Mux(self.beat == index, self.in_data, part)
                           for index, part in enumerate(self.partial)), self.in_data)),
         ]
@@ -125,8 +131,12 @@ class Loader(wiring.Component):
         self.b_group_end, self.a_group_end = Signal(), Signal()
         self.b_tile_end = Signal()  # the end of an n-tile's B
         a_done = self._fsm(m, word)
-        m.d.sync += [bank_free.eq(~self.panel_full.bit_select(self.ld_bank, 1)),
-                     panel_event.eq(a_done & self.last_k)]
+        bank_free_next = ~self.panel_full.bit_select(self.ld_bank, 1)
+        panel_event_next = a_done & self.last_k
+        m.d.sync += [bank_free.eq(bank_free_next), panel_event.eq(panel_event_next),
+                     self.loading_a.eq(self.loading_a_next), self.pausing.eq(self.pausing_next),
+                     ready.eq(Mux(self.loading_a_next, bank_free_next & ~panel_event_next,
+                                  ~self.pausing_next))]
         # The masks and the panel flags take a completed word's news a cycle later, from
         # registers, so their wide shift registers' enables are not on the loader's own path.
         # (The sequencer looks at a panel only once its flag is set, and at B's masks later.)
@@ -244,7 +254,7 @@ class Loader(wiring.Component):
             m.d.sync += [self.ld_j0.eq(self.ld_j0 + cols), next_n_tile,
                          self.ld_nt.eq(self.ld_nt + 1), self.ld_b_base.eq(self.ld_b_base + job.k)]
             with m.If(last_n_tile):
-                m.d.sync += self.loading_a.eq(1)
+                m.d.comb += self.loading_a_next.eq(1)
                 m.next = "A"
 
         with m.FSM(name="loader"):
@@ -290,7 +300,7 @@ class Loader(wiring.Component):
                         m.d.sync += [self.ld_k.eq(0), restart_k]
                         n_tile_done()
                 with m.If(take & last):
-                    m.d.sync += self.loading_a.eq(0)
+                    m.d.comb += self.loading_a_next.eq(0)
                     m.next = "IDLE"
             if self.groups:
                 self._group_states(m, word, b_write, b_slot, b_lanes_q, early_tlast,
@@ -308,11 +318,11 @@ class Loader(wiring.Component):
                         m.d.sync += [self.ld_k.eq(0), restart_k, self.ld_bank.eq(~self.ld_bank),
                                      self.ld_i0.eq(self.ld_i0 + rows), next_m_tile]
                 with m.If(take & last):
-                    m.d.sync += self.loading_a.eq(0)
+                    m.d.comb += self.loading_a_next.eq(0)
                     m.next = "IDLE"
                 with m.Elif(final):
                     m.d.comb += tlast_missing.eq(1)
-                    m.d.sync += self.loading_a.eq(0)
+                    m.d.comb += self.loading_a_next.eq(0)
                     m.next = "DRAIN"
             with m.State("DRAIN"):
                 with m.If(take & last):
@@ -366,12 +376,12 @@ class Loader(wiring.Component):
             """On to a group whose count is ``count``: its lane vector (``HEAD``), or, for a
             group of no steps, ``PASS``."""
             m.next = "HEAD"
-            m.d.sync += self.pausing.eq(count == 0)
+            m.d.comb += self.pausing_next.eq(count == 0)
             with m.If(count == 0):
                 m.next = "PASS"
 
         def to_idle():
-            m.d.sync += [self.loading_a.eq(0), self.pausing.eq(0)]
+            m.d.comb += [self.loading_a_next.eq(0), self.pausing_next.eq(0)]
             m.next = "IDLE"
 
         def group_done():
@@ -380,8 +390,8 @@ class Loader(wiring.Component):
             next_group(counts[3:6])
             with m.If(w.last_group):
                 m.d.comb += self.b_tile_end.eq(1)
-                m.d.sync += [group_k.eq(0), w.restart_group, count_k.eq(0), w.restart_count,
-                             self.pausing.eq(0)]
+                m.d.sync += [group_k.eq(0), w.restart_group, count_k.eq(0), w.restart_count]
+                m.d.comb += self.pausing_next.eq(0)
                 m.next = "COUNTS"
                 n_tile_done()
 

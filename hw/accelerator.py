@@ -83,9 +83,8 @@ class GemmCore(wiring.Component):
         m = Module()
         g = self.geometry
         n_tiles = g.n_tiles_max
-        groups = self.sparse_skip
-        m.submodules.job = job = JobControl(g, groups)
-        m.submodules.loader = loader = Loader(g, self.sparse_skip, groups)
+        m.submodules.job = job = JobControl(g, self.sparse_skip)
+        m.submodules.loader = loader = Loader(g, self.sparse_skip)
         m.submodules.sequencer = sequencer = Sequencer(g, self.sparse_skip)
         m.submodules.feed = feed = Feed(g.rows, g.cols)
         m.submodules.array = array = SystolicArray(g.rows, g.cols, self.lut_columns,
@@ -233,7 +232,7 @@ class Accelerator(wiring.Component):
         g = self.geometry
         return {"ROWS": g.rows, "COLS": g.cols, "STREAM_WIDTH": g.stream_width,
                 "MAX_K": g.max_k, "MAX_N": g.max_n,
-                "FEATURES": features(self.sparse_skip, self.sparse_skip)}
+                "FEATURES": features(self.sparse_skip)}
 
     def elaborate(self, platform):
         m = Module()

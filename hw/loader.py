@@ -53,10 +53,10 @@ from .pipeline import delay, or_all, walk_flag
 
 
 class Loader(wiring.Component):
-    def __init__(self, geometry, sparse_skip=True, groups=True):
+    def __init__(self, geometry, sparse_skip=True):
         g = self.geometry = geometry
         self.sparse_skip = sparse_skip
-        self.groups = groups
+        self.groups = sparse_skip  # the group format of B comes with sparse-skip
         n_tiles = g.n_tiles_max
         members = {
             "start": In(1), "rejected": In(1), "registers": In(REGISTERS),

@@ -298,7 +298,7 @@ class PackedPair(wiring.Component):
         picked_valid, picked_zero = picked[0], picked[3]
         a, b = Signal(signed(25), reset_less=True), Signal(OPERAND, reset_less=True)
         product = _gated_product(m, picked_valid, [(a, a_value), (b, b_value)],
-                                 picked_zero[0] & picked_zero[1], lambda a, b: a * b)
+                                 picked_zero[0] & picked_zero[1], operator.mul)
         valid, first, last, zero = _flags(m, MULTIPLIER_STAGES - 1, "", *picked)
 
         # Stage 5: each row's sum (:func:`pair_totals`).

@@ -39,8 +39,7 @@ def geometry_of(cfg):
 
 def features(cfg):
     """The FEATURES bits a build with these settings reports."""
-    skip = cfg.get("sparse_skip", True)
-    return protocol.features(skip, skip)
+    return protocol.features(cfg.get("sparse_skip", True))
 
 
 async def make_tb(dut):

@@ -155,15 +155,12 @@ class Feature(IntEnum):
     GROUPS = 1 << 5
 
 
-def features(sparse_skip=True, groups=None):
-    """The FEATURES bits a build reports: everything, less SPARSE_SKIP for a build without it
-    (``Accelerator(sparse_skip=False)``), and GROUPS where the build has it (by default with
-    sparse-skip; a build with packed DSP pairs has not: a pair shares one A operand, so both
-    its columns would have to take the same lane)."""
-    groups = sparse_skip if groups is None else groups
+def features(sparse_skip=True):
+    """The FEATURES bits a build reports: everything, less SPARSE_SKIP and GROUPS (the group
+    format of B is part of sparse-skip) for a build without it (``Accelerator(sparse_skip=False)``)."""
     bits = Feature.BIAS | Feature.REQUANT | Feature.RELU | Feature.CHANNEL_QUANT
     return int(bits | (Feature.SPARSE_SKIP if sparse_skip else 0)
-               | (Feature.GROUPS if groups else 0))
+               | (Feature.GROUPS if sparse_skip else 0))
 
 
 class Control(IntEnum):

@@ -7,8 +7,8 @@ the build's ``lut_columns`` and ``dsp_packing`` (row pairs) and per-test knobs
 The driver streams tiles back to back, one k-step per cycle with random bubbles, honouring the
 array's issue rule; a monitor collects result rows on the falling edge. A tile is ``(a4, b,
 lanes)``: per row and k-step the group's four A values, and per k-step and column the lane
-its PE multiplies (random, or ``k % 4`` as a plain k-step has). Every row is compared with :func:`sparsa.sim.golden.matmul_int32` of the
-A values the lanes pick.
+its PE multiplies (random, or ``k % 4`` as a plain k-step has). Every row is compared with
+:func:`sparsa.sim.golden.matmul_int32` of the A values the lanes pick.
 """
 
 import json

@@ -16,6 +16,7 @@ from .validate import check_array, check_matmul
 
 log = logging.getLogger("sparsa")
 
+GROUP_FORMAT_VERSION = (1, 3)  # the protocol version whose group format this runtime writes
 IDENTITY = ("ID", "VERSION", "ROWS", "COLS", "STREAM_WIDTH", "MAX_K", "MAX_N", "FEATURES")
 COUNTER_KEYS = {"CYCLES": "cycles", "MACS": "macs", "MACS_SKIPPED": "macs_skipped",
                 "STALL_IN": "stall_in", "STALL_OUT": "stall_out",
@@ -103,7 +104,9 @@ def read_info(transport):
                           f"{protocol.VERSION[0]}.{protocol.VERSION[1]}")
     values = {name: transport.read(REGISTER[name].address)
               for name in ("ROWS", "COLS", "STREAM_WIDTH", "MAX_K", "MAX_N", "FEATURES")}
-    features = tuple(feature.name for feature in Feature if values["FEATURES"] & feature)
+    features = tuple(feature.name for feature in Feature if values["FEATURES"] & feature
+                     # (a device of protocol 1.2 reads an earlier group format: plain B only)
+                     and not (feature == Feature.GROUPS and version < GROUP_FORMAT_VERSION))
     return Info(values["ROWS"], values["COLS"], values["STREAM_WIDTH"], values["MAX_K"],
                 values["MAX_N"], features, version)
 

@@ -5,8 +5,8 @@
 :mod:`sparsa.protocol`: the bias vectors (with ``job.bias``), the per-column multipliers (with
 ``job.channel_quant``), one vector of ``cols`` int32 per n-tile each; the B panel, ``K`` words
 of ``cols`` bytes per n-tile (or, with ``job.groups``, the group format: per n-tile the step
-counts, then per group its lane vector and steps); then A, ``K`` words of ``rows`` bytes per
-m-tile, into two banks by turns. A word is as many beats as its bytes take.
+counts, then per group the code beats it needs and its steps); then A, ``K`` words of ``rows``
+bytes per m-tile, into two banks by turns. A word is as many beats as its bytes take.
 
 Contract:
 
@@ -14,8 +14,8 @@ Contract:
   ``addr`` and the word: the memories' write enables are not on the loader's own path), to
   ``bias_write`` / ``mult_write`` (address: the n-tile), ``b_write`` (n-tile x K + slot: the
   word's values and each column's lane; a plain k-step k is slot k with lane ``k % 4`` in
-  every column, step s of group g is slot 4g + s with the lanes of its lane vector; steps past
-  the group's k-steps are dropped) or ``a_write`` (bank x max_k/4 + group: a group's four A
+  every column, step s of group g is slot 4g + s with the lanes of the group's codes; steps
+  past the group's k-steps are dropped) or ``a_write`` (bank x max_k/4 + group: a group's four A
   words side by side, written with its last word; in a last group of fewer than four, the
   lanes past K are zero).
 - ``panel_full[bank]`` is set a cycle after an A bank's last word (and its mask) is written,
@@ -38,11 +38,13 @@ Contract:
   very cycle), everything else from ``job`` and ``single``.
 """
 
-from amaranth import Cat, Const, Module, Mux, Signal
+from math import gcd
+
+from amaranth import Array, Cat, Const, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from sparsa.protocol import GROUP, Option
+from sparsa.protocol import CODE_BITS, CODE_PAIRS, GROUP, Option
 
 from .bram import write_signature
 from .feed import b_word_width
@@ -263,6 +265,8 @@ class Loader(wiring.Component):
                     m.d.sync += [self.ld_k.eq(0), self.ld_j0.eq(0), self.ld_i0.eq(0),
                                  self.ld_nt.eq(0), self.ld_b_base.eq(0), self.ld_bank.eq(0),
                                  self.beat.eq(0)]
+                    if self.groups:
+                        m.d.sync += self._walk.fill.eq(0)
                     # (The options come from the register: the job is latched in this cycle.)
                     with m.If(self.rejected):
                         m.next = "DRAIN"
@@ -344,41 +348,100 @@ class Loader(wiring.Component):
         w = self._walk = type("GroupWalk", (), {})()
         w.positions = -(-groups_max // beat_bytes)  # beats of the widest job's counts
         # The counts, 3 bits each (taken modulo 8), the current group's lowest: a beat's are
-        # written at its place, and each group end shifts them down by one.
+        # written at its place, and each group end shifts them down by one (but for a uniform
+        # count, which stays).
         w.counts = Signal(3 * beat_bytes * w.positions, reset_less=True)
+        w.uniform = Signal()
         w.count_beat = Signal(range(w.positions))
         w.count_k = Signal(range(g.max_k + GROUP * beat_bytes))  # k-steps whose counts are in
         w.group_k = Signal(range(g.max_k + GROUP))  # the group's first k-step
         w.step = Signal(3)  # the step of the group being loaded
-        w.lanes = Signal(8 * g.cols, reset_less=True)  # the group's lane vector
+        # The n-tile's code bits taken in and not yet used: the lowest ``fill`` units of
+        # ``buffer`` (a unit: the greatest common divisor of the beat's and a column's bits,
+        # so every fill is a whole number of units), and the group's codes (``codes``).
+        w.unit = gcd(g.stream_width, g.cols)
+        need_max = int(max(CODE_BITS)) * g.cols
+        w.buffer = Signal(need_max - w.unit + g.stream_width, reset_less=True)
+        w.fill = Signal(range(len(w.buffer) // w.unit + 1))
+        w.codes = Signal(need_max, reset_less=True)
         w.last_count, w.next_count, w.restart_count = walk_flag(
             m, self.start, self.single.counts, w.count_k, GROUP * beat_bytes, job.k, "last_count")
         w.last_group, w.next_group, w.restart_group = walk_flag(
             m, self.start, self.single.group, w.group_k, GROUP, job.k, "last_group")
         # The group's k-steps: 4, or K - 4g for the last (a register, from the job and the
-        # walk: a step past them is dropped). Read in STEPS, at least a cycle after the group
-        # began (the lane vector comes first).
+        # walk: a step past them is dropped). It lags a group's start by a cycle, which only
+        # its first step sees, and that one is always kept.
         w.steps_here = Signal(range(GROUP + 1))
         m.d.sync += w.steps_here.eq(Mux(w.last_group, job.k - w.group_k, GROUP))
 
+    @staticmethod
+    def _code_widths(count):
+        """Per nonzero width of a column's code (``CODE_BITS``): it, and whether a group of
+        ``count`` steps has codes of that width."""
+        for bits in sorted(set(int(bits) for bits in CODE_BITS) - {0}):
+            yield bits, or_all([count == c for c, width in enumerate(CODE_BITS) if width == bits])
+
+    def _need(self, count):
+        """The units of code a group of ``count`` steps takes."""
+        w, cols = self._walk, self.geometry.cols
+        need = Const(0, range(int(max(CODE_BITS)) * cols // w.unit + 1))
+        for bits, this in self._code_widths(count):
+            need = Mux(this, bits * cols // w.unit, need)
+        return need
+
+    def _used(self, buffer, count):
+        """``buffer`` less the codes (its lowest bits) of a group of ``count`` steps."""
+        rest = buffer
+        for bits, this in self._code_widths(count):
+            rest = Mux(this, buffer >> bits * self.geometry.cols, rest)
+        return rest
+
+    def _lane(self, count, step, codes, column):
+        """Column ``column``'s lane in step ``step`` of a group of ``count`` steps with these
+        codes (the module docstring of :mod:`sparsa.protocol`)."""
+        two, three = codes[2 * column:2 * column + 2], codes[3 * column:3 * column + 3]
+        first = Array(Const(pair[0], 2) for pair in CODE_PAIRS + (CODE_PAIRS[0],) * 2)
+        second = Array(Const(pair[1], 2) for pair in CODE_PAIRS + (CODE_PAIRS[0],) * 2)
+        step = step[:2]
+        lane = Mux(count == 1, two,
+                   Mux(count == 2, Mux(step[0], second[three], first[three]),
+                       Mux(count == 3, step + (step >= two), step)))
+        return lane[:2]
+
     def _group_states(self, m, word, b_write, b_slot, b_lanes_q, early_tlast, n_tile_done):
-        """B in the group format: per n-tile its step counts (``COUNTS``), then per group its
-        lane vector (``HEAD``; a group of no steps takes a cycle in ``PASS`` instead) and its
-        steps (``STEPS``)."""
+        """B in the group format: per n-tile its step counts (``COUNTS``), then per group the
+        code beats it still needs (``HEAD``; a group of no steps takes a cycle in ``PASS``
+        instead) and its steps (``STEPS``)."""
         g, w = self.geometry, self._walk
         cols, beat_bytes = g.cols, g.beat_bytes
         take, last = self.take, self.input.payload.last
         counts, count_beat, count_k, group_k = w.counts, w.count_beat, w.count_k, w.group_k
-        step, lanes, steps_here = w.step, w.lanes, w.steps_here
+        step, steps_here, buffer, fill = w.step, w.steps_here, w.buffer, w.fill
         count = counts[:3]
+        beat_units = g.stream_width // w.unit
 
-        def next_group(count):
-            """On to a group whose count is ``count``: its lane vector (``HEAD``), or, for a
-            group of no steps, ``PASS``."""
-            m.next = "HEAD"
+        def use(bits, count, fill_left):
+            """The group's codes are the lowest of ``bits``: on to its steps."""
+            m.d.sync += [w.codes.eq(bits[:len(w.codes)]), buffer.eq(self._used(bits, count)),
+                         fill.eq(fill_left), step.eq(0)]
+            m.next = "STEPS"
+
+        def begin(count, from_counts=False):
+            """On to a group whose count is ``count``: its steps, when its codes are in (from
+            ``COUNTS``, the n-tile's first group, only a group with no codes), its code beats
+            (``HEAD``), or, for a group of no steps, ``PASS``."""
+            need = self._need(count)
             m.d.comb += self.pausing_next.eq(count == 0)
             with m.If(count == 0):
                 m.next = "PASS"
+            with m.Elif(need == 0 if from_counts else fill >= need):
+                if from_counts:
+                    m.d.sync += step.eq(0)
+                    m.next = "STEPS"
+                else:
+                    use(buffer, count, fill - need)
+            with m.Else():
+                m.next = "HEAD"
 
         def to_idle():
             m.d.comb += [self.loading_a_next.eq(0), self.pausing_next.eq(0)]
@@ -386,11 +449,14 @@ class Loader(wiring.Component):
 
         def group_done():
             m.d.comb += self.b_group_end.eq(1)
-            m.d.sync += [counts.eq(counts >> 3), group_k.eq(group_k + GROUP), w.next_group]
-            next_group(counts[3:6])
+            m.d.sync += [group_k.eq(group_k + GROUP), w.next_group]
+            with m.If(~w.uniform):
+                m.d.sync += counts.eq(counts >> 3)
+            begin(Mux(w.uniform, count, counts[3:6]))
             with m.If(w.last_group):
                 m.d.comb += self.b_tile_end.eq(1)
-                m.d.sync += [group_k.eq(0), w.restart_group, count_k.eq(0), w.restart_count]
+                m.d.sync += [group_k.eq(0), w.restart_group, count_k.eq(0), w.restart_count,
+                             fill.eq(0)]
                 m.d.comb += self.pausing_next.eq(0)
                 m.next = "COUNTS"
                 n_tile_done()
@@ -408,21 +474,36 @@ class Loader(wiring.Component):
                                 for byte in range(beat_bytes))))
                 m.d.sync += [count_beat.eq(count_beat + 1),
                              count_k.eq(count_k + GROUP * beat_bytes), w.next_count]
-                with m.If(w.last_count):
+                first = count_beat == 0
+                uniform = first & self.in_data[7]  # UNIFORM: this beat is the whole header
+                with m.If(first):
+                    m.d.sync += w.uniform.eq(self.in_data[7])
+                with m.If(w.last_count | uniform):
                     m.d.sync += count_beat.eq(0)
                     # The first group's count: in this beat if it is the first of the counts.
-                    next_group(Mux(count_beat == 0, self.in_data[:3], count))
+                    begin(Mux(first, self.in_data[:3], count), from_counts=True)
             with m.If(take & last):
                 to_idle()
         with m.State("PASS"):
             # A group of no steps takes no beat (``pausing`` holds the input) and a cycle.
             group_done()
         with m.State("HEAD"):
-            complete = self._collect(m, g.vector_beats(cols))
+            # A code beat joins the buffer above its ``fill`` units (one of the few places a
+            # fill below the largest group's codes can be).
             early_tlast(Const(0))
-            with m.If(complete):
-                m.d.sync += [lanes.eq(word[:8 * cols]), step.eq(0)]
-                m.next = "STEPS"
+            merged = Signal.like(buffer)
+            with m.Switch(fill):
+                for place in range(-(-len(w.codes) // w.unit)):
+                    with m.Case(place):
+                        low = place * w.unit
+                        m.d.comb += merged.eq(Cat(buffer[:low], self.in_data,
+                                                  buffer[low + g.stream_width:]))
+            need = self._need(count)
+            with m.If(take):
+                with m.If(fill + beat_units >= need):
+                    use(merged, count, fill + beat_units - need)
+                with m.Else():
+                    m.d.sync += [buffer.eq(merged), fill.eq(fill + beat_units)]
             with m.If(take & last):
                 to_idle()
         with m.State("STEPS"):
@@ -432,7 +513,7 @@ class Loader(wiring.Component):
             m.d.comb += [b_write.eq(kept),
                          b_slot.eq(self.ld_b_base + group_k + step[:2]),
                          self.b_word.eq(kept), self.b_place.eq(step[:2])]
-            m.d.sync += b_lanes_q.eq(Cat(*(lanes[8 * j:8 * j + 8].word_select(step[:2], 2)
+            m.d.sync += b_lanes_q.eq(Cat(*(self._lane(count, step, w.codes, j)
                                            for j in range(cols))))
             with m.If(complete):
                 m.d.sync += step.eq(step + 1)

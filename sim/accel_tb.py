@@ -337,44 +337,72 @@ async def test_errors(dut):
         await expect_good_job()
         return
     await expect_error(Error.BAD_OPTION, *good, options=Option.GROUPS | Option.NO_SKIP)
-    # The group format: TLAST inside B's counts, lane vectors and steps.
+    # The group format: TLAST inside B's counts, code beats and steps.
     grouped = protocol.pack_input(g, a, b, groups=True)
     for cut in (beat, 2 * beat, 4 * beat, len(grouped) - beat):
         await expect_error(Error.TLAST_EARLY, *good, options=Option.GROUPS,
                            data=grouped[:cut].tobytes())
         await expect_good_job()
-    # Malformed counts: taken modulo 8, steps past a group's k-steps dropped, lanes past K
-    # multiply zero. K = 6: a group of four and one of two, one n-tile.
-    k6 = 6
-    a6 = rng.integers(-128, 128, (g.rows + 1, k6), dtype=np.int8)
-    values = rng.integers(-128, 128, (7, g.cols), dtype=np.int8)
-    lanes = rng.integers(0, 4, (4, g.cols))
+    # Malformed groups, one n-tile each, B built here by the rules of the protocol's docstring:
+    # counts taken modulo 8, steps past a group's k-steps dropped, lanes past K multiplying
+    # zero, 2-step codes 6 and 7 read as 0, a uniform header's other bytes ignored.
     vector = g.vector_beats(g.cols) * g.beat_bytes
-    counts = np.zeros(g.vector_beats(2) * g.beat_bytes, np.uint8)
-    counts[:2] = (7, 8 + 3)  # 7 steps (3 past the group), 11 = 3 steps (1 past the group)
-    lane_bytes = (lanes << (2 * np.arange(4))[:, None]).sum(axis=0).astype(np.uint8)
+    columns = np.arange(g.cols)
 
     def vec(row):
         out = np.zeros(vector, np.uint8)
-        out[:g.cols] = row.view(np.uint8) if row.dtype == np.int8 else row
+        out[:g.cols] = row.view(np.uint8)
         return out
 
-    b6 = np.zeros((8, g.cols), np.int64)  # the B these steps make (rows 6, 7: past K)
-    for group, steps in ((0, 7), (1, 3)):
-        for step in range(min(steps, 4 if group == 0 else 2)):
-            b6[4 * group + lanes[step], np.arange(g.cols)] += values[step]
-    b_part = [counts, vec(lane_bytes)] + [vec(values[s]) for s in range(7)]
-    b_part += [vec(lane_bytes)] + [vec(values[s]) for s in range(3)]
-    a_part = protocol.pack_input(g, a6, np.zeros((k6, g.cols), np.int8))[
-        -g.tiles(g.rows + 1, 1)[0] * k6 * g.vector_beats(g.rows) * g.beat_bytes:]
-    await tb.start(g.rows + 1, k6, g.cols, Option.GROUPS)
-    await tb.source.send(AxiStreamFrame(np.concatenate(b_part + [a_part]).tobytes()))
-    data = await tb.receive(tb.budget(*good))
-    status = await tb.wait_done(tb.budget(*good))
-    assert (await tb.read("ERROR"), status) == (Error.NONE, Status.DONE)
-    want = (a6.astype(np.int64) @ b6[:k6]).astype(np.int32)
-    assert np.array_equal(protocol.unpack_output(g, data, g.rows + 1, g.cols, False), want)
-    await expect_good_job()
+    def lanes_of(count, code, step):
+        if count == 1:
+            return code
+        if count == 2:
+            return protocol.CODE_PAIRS[code if code < 6 else 0][step]
+        if count == 3:
+            return [lane for lane in range(4) if lane != code][step]
+        return step
+
+    async def malformed(k, header, counts):
+        """A job of K = ``k`` whose B has this header (bytes) and these counts (mod 8),
+        random codes and values."""
+        a6 = rng.integers(-128, 128, (g.rows + 1, k), dtype=np.int8)
+        b6 = np.zeros((-(-k // 4) * 4, g.cols), np.int64)  # the B the steps make
+        bits = []  # the n-tile's code bits, lowest first
+        size = g.beat_bytes if header[0] & 0x80 else g.vector_beats(len(header)) * g.beat_bytes
+        part = [np.array((header + [0] * size)[:size], np.uint8)]  # a uniform header: 1 beat
+        for group, count in enumerate(counts):
+            width = {1: 2, 2: 3, 3: 2}.get(count, 0)
+            codes = rng.integers(0, 1 << width, g.cols)
+            before = -(-len(bits) // g.stream_width)
+            bits += [int(code) >> bit & 1 for code in codes for bit in range(width)]
+            for _ in range(-(-len(bits) // g.stream_width) - before):
+                part.append(None)  # a code beat, filled in below
+            for step in range(count):
+                values = rng.integers(-128, 128, g.cols, dtype=np.int8)
+                part.append(vec(values))
+                if step < min(4, k - 4 * group):
+                    lanes = [lanes_of(count, int(code), step) for code in codes]
+                    b6[4 * group + np.array(lanes), columns] += values
+        bits += [0] * (-len(bits) % g.stream_width)
+        code_beats = iter(np.packbits(np.array(bits, np.uint8), bitorder="little")
+                          .reshape(-1, g.beat_bytes))
+        part = [next(code_beats) if item is None else item for item in part]
+        a_part = protocol.pack_input(g, a6, np.zeros((k, g.cols), np.int8))[
+            -g.tiles(g.rows + 1, 1)[0] * k * g.vector_beats(g.rows) * g.beat_bytes:]
+        await tb.start(g.rows + 1, k, g.cols, Option.GROUPS)
+        await tb.source.send(AxiStreamFrame(np.concatenate(part + [a_part]).tobytes()))
+        data = await tb.receive(tb.budget(*good))
+        status = await tb.wait_done(tb.budget(*good))
+        assert (await tb.read("ERROR"), status) == (Error.NONE, Status.DONE)
+        want = (a6.astype(np.int64) @ b6[:k]).astype(np.int32)
+        assert np.array_equal(protocol.unpack_output(g, data, g.rows + 1, g.cols, False), want)
+        await expect_good_job()
+
+    # K = 10: 7 steps (3 past the group), 10 = 2 steps, 3 steps (1 past the group).
+    await malformed(10, [7, 8 + 2, 3], [7, 2, 3])
+    # K = 6, a uniform header (0x80 | 9: 1 step per group) with other bytes set.
+    await malformed(6, [0x80 | 8 | 1, 0xFF, 0x7], [1, 1])
 
 
 @cocotb.test()

@@ -159,6 +159,9 @@ def _sparse_row(job, counters, dense_cycles, geometry, device_job=None, groups=F
     device_a, device_b = device_job or (a, b)
     limits = sparse_bounds(geometry, device_a, device_b, groups)
     estimate = reference.counters(geometry, device_a, device_b, True, False, groups)["CYCLES"]
+    g, k = geometry, device_b.shape[0]
+    plain_bytes = g.tiles(1, device_b.shape[1])[1] * k * g.vector_beats(g.cols) * g.beat_bytes
+    group_bytes = protocol.group_beats(g, protocol.group_counts(device_b, g.cols)) * g.beat_bytes
     return {
         "pattern": name, "operand": operand, "zero_fraction": fraction,
         "b_format": "groups" if groups else "plain",
@@ -171,6 +174,7 @@ def _sparse_row(job, counters, dense_cycles, geometry, device_job=None, groups=F
         "ksteps_skipped": counters["ksteps_skipped"],
         "stall_in": counters["stall_in"], "stall_out": counters["stall_out"],
         "bound": max(limits, key=limits.get), "bound_cycles": limits,
+        "b_plain_bytes": plain_bytes, "b_group_bytes": group_bytes,
     }
 
 
@@ -222,8 +226,8 @@ def run_structural(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0,
 def format_sparse(rows):
     lines = ["| pattern | zeros | B format | cycles | speedup | bound (compute / in / out cycles) "
              "| reference estimate | MACs skipped (RTL = NumPy) | k-steps skipped | "
-             "stall in / out |",
-             "|:---|---:|:---|---:|---:|:---|---:|---:|---:|---:|"]
+             "stall in / out | B bytes: group format / plain |",
+             "|:---|---:|:---|---:|---:|:---|---:|---:|---:|---:|---:|"]
     for r in rows:
         exact = "=" if r["macs_skipped"] == r["macs_skipped_expected"] else "!="
         b = r["bound_cycles"]
@@ -234,7 +238,8 @@ def format_sparse(rows):
             f"{b['input']} / {b['output']}) | {r['estimated_cycles']} ({100 * error:+.2f}%) | "
             f"{100 * r['macs_skipped_fraction']:.1f}% ({r['macs_skipped']} "
             f"{exact} {r['macs_skipped_expected']}) | {r['ksteps_skipped']} | "
-            f"{r['stall_in']} / {r['stall_out']} |")
+            f"{r['stall_in']} / {r['stall_out']} | {r['b_group_bytes']} / {r['b_plain_bytes']} "
+            f"({r['b_group_bytes'] / r['b_plain_bytes']:.3f}x) |")
     return "\n".join(lines)
 
 

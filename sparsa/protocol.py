@@ -42,22 +42,41 @@ Group format of B (``OPTIONS.GROUPS``; builds with ``FEATURES.GROUPS``)
 -------------------------------------------------------------------
 
 K is cut into ``G = ceil(K/4)`` groups of four k-steps (group ``g``: ``k = 4g .. 4g+3``, the
-last one shorter when ``K % 4``). Per n-tile ``t``:
+last one shorter when ``K % 4``). Group ``g`` of n-tile ``t`` takes ``c[g]`` *steps*; in step
+``s`` column ``j`` carries one value, ``B[4g + lane, t*cols + j]``, its *lane* given by the
+column's *code* (``CODE_BITS[c]`` bits) and the count:
 
-1. the step counts: one vector of ``G`` bytes, ``c[g]`` (0 to the group's k-steps);
-2. per group ``g`` with ``c[g] > 0``: one *lane vector* of ``cols`` bytes, byte ``j`` holding
-   column ``j``'s lane (``k - 4g``) for each of the group's steps, step ``s`` in bits
-   ``2s+1:2s``; then ``c[g]`` vectors of ``cols`` int8, step ``s``'s value for column ``j`` being
-   ``B[4g + lane, t*cols + j]``.
+====== ========== ======================================================================
+``c``  code bits  lanes of steps 0, 1, ...
+====== ========== ======================================================================
+1      2          the code
+2      3          the code's pair of :data:`CODE_PAIRS` (codes 6 and 7 read as 0)
+3      2          every lane but the code, in rising order
+4-7    0          0, 1, 2, 3
+====== ========== ======================================================================
 
-Each nonzero of ``B`` in the group appears in exactly one step, in its column and with its lane;
-a step's other values are 0 (their lanes any). So ``c[g]`` is at least the largest count of
-nonzeros of one column in the group (:func:`group_steps` makes it exactly that). The device
-takes counts modulo 8 and drops the steps of a group past its k-steps; a lane past K
-multiplies zero. A step's row ``i``,
-column ``j`` multiplies ``A[i, 4g + lane]``: the four A values of a group travel through the
-array together and each PE picks one by the lane that came down its column, so a group costs
-``c[g]`` cycles instead of four (2:4 weights: 2, 1:4: 1, an all-zero group: 0).
+Each nonzero of ``B`` in the group appears in one step, in its column and with its lane; a
+step's other values are 0. So ``c[g]`` is at least the largest count of nonzeros of one column
+in the group (:func:`group_steps` makes it exactly that, and gives each column its nonzeros
+and, to make up the count, its lowest zero lanes). Per n-tile ``t``:
+
+1. the step counts: one vector of ``G`` bytes, ``c[g]`` (taken modulo 8; byte 0 below
+   ``UNIFORM``), or, when every group has the same count, one beat whose byte 0 is
+   ``UNIFORM | c`` (its other bytes are ignored);
+2. per group ``g`` with ``c[g] > 0``: its *code beats*, then ``c[g]`` vectors of ``cols`` int8,
+   the steps' values.
+
+The codes of the n-tile's groups, in group order and in a group column ``j``'s in bits
+``j*b .. j*b+b-1`` (``b = CODE_BITS[c[g]]``), make one bit string, sent lowest bit first in
+whole beats (the last one zero-padded): the code beats before a group's steps are those that
+bring the beats of the string sent so far to ``ceil(bits / W)``, ``bits`` the string's length up
+to and including this group's codes. (A group of 4 steps has no codes, and at 2:4 eight
+columns' codes of eight groups fill three 64-bit beats, so 2:4 weights take about 0.6 of the
+plain format's bytes.) The device drops the steps of a group past its k-steps; a lane past K
+multiplies zero. A step's row ``i``, column ``j`` multiplies ``A[i, 4g + lane]``: the four A
+values of a group travel through the array together and each PE picks one by the lane that
+came down its column, so a group costs ``c[g]`` cycles instead of four (2:4 weights: 2, 1:4:
+1, an all-zero group: 0).
 
 Output packet (TLAST on its final beat): per m-tile, per n-tile, per tile row ``i < rows``, one
 vector of ``cols`` results: int32 little-endian, or int8 when ``OPTIONS.REQUANT``.
@@ -118,7 +137,7 @@ from enum import IntEnum
 import numpy as np
 
 MAGIC = 0x53505253  # "SPRS"
-VERSION = (1, 2)  # 1.1: OPTIONS.CHANNEL_QUANT; 1.2: OPTIONS.GROUPS
+VERSION = (1, 3)  # 1.1: OPTIONS.CHANNEL_QUANT; 1.2: OPTIONS.GROUPS; 1.3: its codes
 ADDRESS_WIDTH = 12  # a 4 KiB AXI4-Lite window
 # The IP's vendor:library:name:version, as the Vivado packaging script names it and the PYNQ
 # driver (sparsa.host.board.SparsaIP.bindto) binds to it.
@@ -219,7 +238,9 @@ RESET_QUANT = tuple(REGISTER[name].reset for name in ("QUANT_MULT", "QUANT_SHIFT
 KNOWN_OPTIONS = (Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP
                  | Option.CHANNEL_QUANT | Option.GROUPS)
 GROUP = 4  # k-steps per group of the group format
-LANE_BITS = 2  # bits of a lane in a lane vector
+UNIFORM = 0x80  # in the first byte of an n-tile's counts: one count for all its groups
+CODE_BITS = np.array([0, 2, 3, 2, 0, 0, 0, 0])  # bits of a column's code, by count (mod 8)
+CODE_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # the lanes of a 2-step code
 COUNTERS = ("CYCLES", "STALL_IN", "STALL_OUT", "MACS", "MACS_SKIPPED", "KSTEPS_SKIPPED")
 
 
@@ -290,116 +311,213 @@ def group_counts(b, cols):
     return per_column.max(axis=2).T
 
 
+def _lanes_of(count, code):
+    """The lanes of steps 0-3 of a column with this code in a group of ``count`` steps (the
+    module docstring's table; a step past the count takes its own number)."""
+    if count == 1:
+        return (code & 3, 1, 2, 3)
+    if count == 2:
+        return CODE_PAIRS[code if code < len(CODE_PAIRS) else 0] + (2, 3)
+    if count == 3:
+        return tuple(lane for lane in range(GROUP) if lane != code & 3) + (3,)
+    return tuple(range(GROUP))
+
+
+# CODE_LANES[count, code, step]: the lane (counts modulo 8, codes of up to 3 bits).
+CODE_LANES = np.array([[_lanes_of(count, code) for code in range(8)] for count in range(8)],
+                      np.uint8)
+
+
+def _encode(count, pattern):
+    """The code of a column whose nonzeros in a group are ``pattern`` (lane l at bit l) in a
+    group of ``count`` steps: its lanes are its nonzeros and, to make up the count, its lowest
+    zero lanes, in rising order."""
+    nonzero = [lane for lane in range(GROUP) if pattern >> lane & 1]
+    if len(nonzero) > count:
+        return 0  # (never asked: the count is the densest column's)
+    lanes = tuple(sorted(nonzero + [lane for lane in range(GROUP)
+                                    if lane not in nonzero][:count - len(nonzero)]))
+    if count == 1:
+        return lanes[0]
+    if count == 2:
+        return CODE_PAIRS.index(lanes)
+    if count == 3:
+        return next(lane for lane in range(GROUP) if lane not in lanes)
+    return 0
+
+
+_ENCODE = np.array([[_encode(count, p) for p in range(1 << GROUP)] for count in range(GROUP + 1)],
+                   np.uint8)
+
+
 def group_steps(b, cols):
     """B (K x N) in the group format's steps, per n-tile of ``cols`` columns and group of four
-    k-steps: ``(counts, lanes, values)``, ``counts[t, g]`` the steps (the largest count of
-    nonzeros of a column in the group), ``lanes[t, g, s, j]`` and ``values[t, g, s, j]`` (for
-    ``s < 4``; only ``s < counts[t, g]`` are sent). A column's nonzeros come first, lowest lane
-    first; its remaining steps take its zero lanes, with the value 0."""
+    k-steps: ``(counts, codes, lanes, values)``, ``counts[t, g]`` the steps (the largest count
+    of nonzeros of a column in the group), ``codes[t, g, j]`` column ``j``'s code, and
+    ``lanes[t, g, s, j]``, ``values[t, g, s, j]`` its lane and value in step ``s`` (for
+    ``s < 4``; only ``s < counts[t, g]`` are sent)."""
     b = np.asarray(b)
     k, n = b.shape
     groups, n_tiles = -(-k // GROUP), -(-n // cols)
     padded = np.zeros((groups * GROUP, n_tiles * cols), np.int8)
     padded[:k, :n] = b
     blocks = padded.reshape(groups, GROUP, n_tiles, cols)  # [g, lane, t, j]
-    # Each column's pattern of nonzeros in the group (4 bits, lane l at bit l) picks its lanes
-    # in step order from a table.
-    pattern = np.zeros((groups, n_tiles, cols), np.uint8)
+    pattern = np.zeros((groups, n_tiles, cols), np.uint8)  # a column's nonzeros, lane l at bit l
     for lane in range(GROUP):
         pattern |= (blocks[:, lane] != 0).view(np.uint8) << lane
-    lanes = _STEP_LANES[pattern]  # [g, t, j, step]
+    counts = _NONZEROS[pattern].max(axis=2)  # [g, t]
+    codes = _ENCODE[counts[:, :, None], pattern]  # [g, t, j]
+    lanes = CODE_LANES[counts[:, :, None], codes]  # [g, t, j, step]
     by_lane = np.ascontiguousarray(blocks.transpose(0, 2, 3, 1)).reshape(-1)  # [g, t, j, lane]
     where = np.arange(pattern.size, dtype=np.intp)[:, None] * GROUP + lanes.reshape(-1, GROUP)
     values = by_lane[where].reshape(lanes.shape)
-    counts = _NONZEROS[pattern].max(axis=2).T
-    return counts, lanes.transpose(1, 0, 3, 2), values.transpose(1, 0, 3, 2)
+    return (counts.T, codes.transpose(1, 0, 2), lanes.transpose(1, 0, 3, 2),
+            values.transpose(1, 0, 3, 2))
 
 
-# For each pattern of nonzeros of a column in a group (lane l at bit l): its lanes in step
-# order (the nonzeros, then the zeros, each lowest first), and its count of nonzeros.
-_STEP_LANES = np.array([[lane for lane in range(GROUP) if p >> lane & 1]
-                        + [lane for lane in range(GROUP) if not p >> lane & 1]
-                        for p in range(1 << GROUP)], np.uint8)
 _NONZEROS = np.array([bin(p).count("1") for p in range(1 << GROUP)], np.uint8)
+
+
+@dataclass
+class _Layout:
+    """Where the parts of B's group format go, from its counts (``[t, g]``, taken modulo 8) and
+    whether each n-tile's header is a uniform count: in beats from B's first, ``tile_start[t]``,
+    ``header[t]``; per group its code beats' first (``group_start[t, g]``), their number
+    (``code_beats``) and, in bits of the n-tile's codes, where its codes begin (``code_bit``)
+    and each column's code's width (``width``); ``code_rows``, every code beat in order."""
+
+    counts: np.ndarray
+    tile_start: np.ndarray
+    header: np.ndarray
+    group_start: np.ndarray
+    code_beats: np.ndarray
+    code_bit: np.ndarray
+    width: np.ndarray
+    beats: int
+    code_rows: np.ndarray
+
+
+def _layout(geometry, counts, uniform):
+    g = geometry
+    counts = np.asarray(counts, np.int64) & 7
+    groups = counts.shape[1]
+    width = CODE_BITS[counts]
+    ends = np.cumsum(width * g.cols, axis=1)  # the n-tile's code bits up to each group's
+    code_end = -(-ends // g.stream_width)  # its code beats up to each group's steps
+    code_beats = np.diff(code_end, axis=1, prepend=0)
+    sizes = code_beats + counts * g.vector_beats(g.cols)
+    header = np.where(uniform, 1, g.vector_beats(groups))
+    tile_beats = header + sizes.sum(axis=1)
+    tile_start = np.cumsum(tile_beats) - tile_beats
+    group_start = (tile_start + header)[:, None] + np.cumsum(sizes, axis=1) - sizes
+    each = code_beats.reshape(-1)
+    code_rows = np.repeat(group_start.reshape(-1) - (np.cumsum(each) - each), each)
+    code_rows += np.arange(code_rows.size)
+    return _Layout(counts, tile_start, header, group_start, code_beats,
+                   ends - width * g.cols, width, int(tile_beats.sum()), code_rows)
+
+
+def _uniform(counts):
+    """Whether each n-tile's groups all have the same count (its header is then one beat)."""
+    counts = np.asarray(counts)
+    return (counts == counts[:, :1]).all(axis=1)
 
 
 def group_vectors(geometry, b):
     """B's part of an input packet in the group format, as a list per n-tile of its bytes
     (uint8, whole beats), and the steps (:func:`group_steps`) they hold."""
     g = geometry
-    counts, lanes, values = group_steps(b, g.cols)
+    steps = counts, codes, lanes, values = group_steps(b, g.cols)
     n_tiles, groups = counts.shape
-    # Per group: the lane vector (byte j: column j's four lanes), then the four steps' values;
-    # a group sends its lane vector and its first counts[t, g] steps.
-    lane_bytes = (lanes.astype(np.uint8) << (LANE_BITS * np.arange(GROUP, dtype=np.uint8)
-                                             )[:, None]).sum(axis=2, dtype=np.uint8)
-    vectors = np.concatenate([lane_bytes[:, :, None, :], values.view(np.uint8)], axis=2)
-    pad = g.vector_beats(g.cols) * g.beat_bytes - g.cols
-    vectors = np.pad(vectors, ((0, 0), (0, 0), (0, 0), (0, pad)))  # [t, g, 1 + 4, bytes]
-    sent = np.arange(GROUP + 1) <= counts[:, :, None]
-    sent &= (counts > 0)[:, :, None]
-    header = np.zeros((n_tiles, g.vector_beats(groups) * g.beat_bytes), np.uint8)
-    header[:, :groups] = counts
-    chosen = np.split(vectors[sent].reshape(-1), np.cumsum(sent.sum(axis=(1, 2)))[:-1]
-                      * vectors.shape[3])
-    parts = [np.concatenate([header[t], chosen[t]]) for t in range(n_tiles)]
-    return parts, (counts, lanes, values)
+    uniform = _uniform(counts)
+    lay = _layout(g, counts, uniform)
+    out = np.zeros((lay.beats, g.beat_bytes), np.uint8)
+    flat = out.reshape(-1)
+    # Headers: the counts, or one byte UNIFORM | count.
+    many = np.flatnonzero(~uniform)
+    flat[(lay.tile_start[many] * g.beat_bytes)[:, None] + np.arange(groups)] = counts[many]
+    out[lay.tile_start[uniform], 0] = UNIFORM | counts[uniform, 0]
+    # Codes: each n-tile's bit string, in its code beats.
+    code_total = -(-(lay.code_bit[:, -1] + lay.width[:, -1] * g.cols) // g.stream_width)
+    code_base = (np.cumsum(code_total) - code_total) * g.stream_width  # each n-tile's first bit
+    bits = np.zeros(int(code_total.sum()) * g.stream_width, np.uint8)
+    bit = np.arange(3)
+    place = (code_base[:, None, None, None] + lay.code_bit[:, :, None, None]
+             + np.arange(g.cols)[None, None, :, None] * lay.width[:, :, None, None] + bit)
+    used = np.broadcast_to(bit < lay.width[:, :, None, None], place.shape)
+    bits[place[used]] = ((codes[:, :, :, None] >> bit) & 1)[used]
+    out[lay.code_rows] = np.packbits(bits, bitorder="little").reshape(-1, g.beat_bytes)
+    # Values: a group's steps after its code beats, each a vector of cols bytes.
+    vector_beats = g.vector_beats(g.cols)
+    sent = np.arange(GROUP) < counts[:, :, None]  # [t, g, s]
+    vectors = np.zeros((n_tiles, groups, GROUP, vector_beats * g.beat_bytes), np.uint8)
+    vectors[..., :g.cols] = values.view(np.uint8)
+    first = lay.group_start + lay.code_beats  # [t, g]
+    start = first[:, :, None] + np.arange(GROUP) * vector_beats  # [t, g, s]
+    rows = start[sent][:, None] + np.arange(vector_beats)
+    out[rows.reshape(-1)] = vectors[sent].reshape(-1, g.beat_bytes)
+    parts = np.split(flat, lay.tile_start[1:] * g.beat_bytes)
+    return parts, steps
 
 
 def group_beats(geometry, counts):
     """Beats of B in the group format with these step counts (``counts[t, g]``)."""
-    g = geometry
-    counts = np.asarray(counts, np.int64)
-    n_tiles, groups = counts.shape
-    vectors = int((counts + (counts > 0)).sum())
-    return n_tiles * g.vector_beats(groups) + vectors * g.vector_beats(g.cols)
+    return _layout(geometry, counts, _uniform(counts)).beats
 
 
 def read_groups(geometry, data, k, n):
-    """B (K x N) from the group format at the start of ``data`` (uint8), and the bytes it took;
-    raises ValueError when the data ends inside it. Counts are taken modulo 8, steps past a
-    group's k-steps are dropped and a lane past K multiplies zero, as on the device. B is int8
-    unless a column's steps repeat a lane (a packet :func:`group_vectors` never makes), whose
-    values then add up: int16."""
+    """B (K x N, int8) from the group format at the start of ``data`` (uint8), and the bytes it
+    took; raises ValueError when the data ends inside it. Counts are taken modulo 8, steps past
+    a group's k-steps are dropped and a lane past K multiplies zero, as on the device."""
     g = geometry
     n_tiles = -(-n // g.cols)
     groups = -(-k // GROUP)
-    vector = g.vector_beats(g.cols) * g.beat_bytes
-    header = g.vector_beats(groups) * g.beat_bytes
+    bb, vector_beats = g.beat_bytes, g.vector_beats(g.cols)
     data = np.asarray(data).view(np.uint8)
-    kept = np.minimum(GROUP, k - GROUP * np.arange(groups))  # each group's k-steps
     # The headers, tile by tile (each tile's place follows from the counts before it).
     counts = np.zeros((n_tiles, groups), np.int64)
-    starts = np.zeros(n_tiles, np.int64)  # each tile's first vector after its header
-    position = 0
+    uniform = np.zeros(n_tiles, bool)
+    position = 0  # in beats
     for t in range(n_tiles):
-        if position + header > data.size:
+        at = position * bb
+        if at + bb > data.size:
             raise ValueError("the input packet ends inside B")
-        counts[t] = data[position:position + header][:groups] & 7
-        starts[t] = position + header
-        position = starts[t] + int((counts[t] + (counts[t] > 0)).sum()) * vector
-    if position > data.size:
+        uniform[t] = data[at] & UNIFORM
+        if uniform[t]:
+            counts[t] = data[at] & 7
+        else:
+            if at + g.vector_beats(groups) * bb > data.size:
+                raise ValueError("the input packet ends inside B")
+            counts[t] = data[at:at + groups] & 7
+        position += _layout(g, counts[t:t + 1], uniform[t:t + 1]).beats
+    if position * bb > data.size:
         raise ValueError("the input packet ends inside B")
-    # Every kept step: its tile, group and number, its lane vector's and its values' offsets.
-    sizes = counts + (counts > 0)
-    heads = starts[:, None] + (np.cumsum(sizes, axis=1) - sizes) * vector  # [t, g]
-    steps = np.minimum(counts, kept).reshape(-1)
+    lay = _layout(g, counts, uniform)
+    # The codes: each n-tile's code beats, as one bit string per n-tile.
+    bits = np.unpackbits(data[:lay.beats * bb].reshape(-1, bb)[lay.code_rows], axis=1,
+                         bitorder="little").reshape(-1)
+    bits = np.concatenate([bits, np.zeros(3, np.uint8)])
+    tile_codes = lay.code_beats.sum(axis=1)
+    code_base = (np.cumsum(tile_codes) - tile_codes) * g.stream_width
+    bit = np.arange(3)
+    place = (code_base[:, None, None, None] + lay.code_bit[:, :, None, None]
+             + np.arange(g.cols)[None, None, :, None] * lay.width[:, :, None, None] + bit)
+    codes = ((bits[place] & (bit < lay.width[:, :, None, None])) << bit).sum(axis=3)  # [t, g, j]
+    # Every kept step: its tile, group and number, its values' offset.
+    kept = np.minimum(GROUP, k - GROUP * np.arange(groups))  # each group's k-steps
+    steps = np.minimum(lay.counts, kept).reshape(-1)
     where = np.repeat(np.arange(steps.size), steps)  # flat (t, g) of each step
     step = np.arange(where.size) - np.repeat(np.cumsum(steps) - steps, steps)
-    head = heads.reshape(-1)[where]
+    head = (lay.group_start + lay.code_beats).reshape(-1)[where] + step * vector_beats
     columns = np.arange(g.cols)
-    lanes = (data[head[:, None] + columns] >> (LANE_BITS * step[:, None]).astype(np.uint8)) & 3
-    values = data[(head + (1 + step) * vector)[:, None] + columns].view(np.int8)
+    lanes = CODE_LANES[lay.counts.reshape(-1)[where, None],
+                       codes.reshape(-1, g.cols)[where], step[:, None]]
+    values = data[(head * bb)[:, None] + columns].view(np.int8)
     tile, group = np.divmod(where, groups)
     rows = GROUP * group[:, None] + lanes  # the k of each value
-    cols = tile[:, None] * g.cols + columns
-    size = groups * GROUP * n_tiles * g.cols
-    flat = (rows * (n_tiles * g.cols) + cols).reshape(-1)
-    taken = np.bincount(flat, minlength=size)
-    b = np.bincount(flat, values.reshape(-1).astype(np.float64), minlength=size)
-    b = b.reshape(groups * GROUP, n_tiles * g.cols)[:k, :n]
-    # A column's steps that repeat a lane add up (more than int8 holds).
-    return b.astype(np.int16 if taken.max(initial=0) > 1 else np.int8), position
+    b = np.zeros((groups * GROUP, n_tiles * g.cols), np.int8)
+    b[rows, tile[:, None] * g.cols + columns] = values
+    return b[:k, :n], position * bb
 
 
 def pack_input(geometry, a, b, bias=None, mult=None, groups=False):

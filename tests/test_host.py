@@ -180,6 +180,28 @@ def test_info_and_repr():
         acc.matmul(np.ones((1, 1), np.int8), np.ones((1, 1), np.int8))
 
 
+def test_info_of_older_devices():
+    """A device of protocol 1.2 (an earlier group format of B) is driven with plain B only;
+    another major version is refused."""
+    from sparsa.host import driver
+
+    registers = {"ID": protocol.MAGIC, "ROWS": 8, "COLS": 8, "STREAM_WIDTH": 64, "MAX_K": 256,
+                 "MAX_N": 256, "FEATURES": protocol.features()}
+    by_address = {protocol.REGISTER[name].address: name for name in protocol.REGISTER}
+
+    class Transport:
+        def read(self, address):
+            return registers[by_address[address]]
+
+    for version, groups in (((1, 3), True), ((1, 2), False), ((1, 7), True)):
+        registers["VERSION"] = version[0] << 16 | version[1]
+        info = driver.read_info(Transport())
+        assert ("GROUPS" in info.features, "SPARSE_SKIP" in info.features) == (groups, True)
+    registers["VERSION"] = 2 << 16
+    with pytest.raises(driver.DeviceError, match="protocol 2.0"):
+        driver.read_info(Transport())
+
+
 @pytest.mark.parametrize("geometry", [(8, 8, 64), (4, 4, 32), (3, 5, 16), (16, 16, 64),
                                       (4, 8, 8), (8, 8, 128)])
 def test_pack_and_unpack_match_protocol_layout(geometry):
@@ -320,8 +342,7 @@ def test_open_arguments(caplog):
 def test_group_format_on_the_device_model():
     """Jobs with B in the group format on the device model: the golden model's result and
     counters (the group schedule's k-steps) for n:4, unstructured, mixed and dense B; a packet
-    cut short is TLAST_EARLY; a malformed one (counts past 4, a lane repeated in a column,
-    lanes past K) is read as the device reads it."""
+    cut short is TLAST_EARLY; malformed ones are read as the device reads them."""
     from sparsa.sim import patterns
 
     rng = np.random.default_rng(31)
@@ -349,29 +370,48 @@ def test_group_format_on_the_device_model():
             short = dataclasses.replace(forced, input_bytes=forced.input_bytes - g.beat_bytes)
             with pytest.raises(driver.DeviceError, match="TLAST_EARLY"):
                 acc.run_job(short, a, b, None, out)
-    # Malformed: one n-tile, K = 6 (a group of four and one of two).
+    # Malformed, one n-tile of 4 columns, 32-bit beats, B added up here from the lanes the
+    # protocol's table gives: counts past 4 (7: no codes, 3 steps past the group; 10: 2 steps),
+    # 2-step codes 6 and 7 (read as 0: lanes 0, 1), steps and lanes past K (K = 10), and a
+    # uniform header with its other bytes set.
     g = protocol.Geometry(4, 4, 32, 64, 64)
     device = reference.ReferenceDevice(4, 4, 32, 64, 64)
-    a = rng.integers(-128, 128, (3, 6), dtype=np.int8)
-    values = np.full((7, 4), 127, np.int8)
-    lanes = np.array([[0, 1, 2, 3], [0, 0, 0, 0], [1, 1, 3, 3], [1, 2, 3, 0]])  # [step, column]
-    lane_bytes = (lanes << (2 * np.arange(4))[:, None]).sum(axis=0).astype(np.uint8)
-    b = np.zeros((8, 4), np.int64)  # what the steps add up to (rows 6, 7: past K)
-    for group, steps in ((0, 7), (1, 3)):
-        for step in range(min(steps, 4 - 2 * group)):
-            b[4 * group + lanes[step], np.arange(4)] += values[step]
-    packet = [np.array([7, 8 + 3, 0, 0], np.uint8), lane_bytes, *values[:7].view(np.uint8),
-              lane_bytes, *values[:3].view(np.uint8),
-              protocol.pack_input(g, a, np.zeros((6, 4), np.int8))[-6 * 4:]]
-    packet = np.concatenate(packet)
-    for name, value in (("M", 3), ("K", 6), ("N", 4), ("OPTIONS", protocol.Option.GROUPS)):
-        device.write(protocol.REGISTER[name].address, value)
-    device.write(protocol.REGISTER["CONTROL"].address, protocol.Control.START)
-    received = np.zeros(1024, np.uint8)
-    size = device.transfer(packet, packet.size, received, received.size)
-    assert device.registers["ERROR"] == protocol.Error.NONE
-    assert_same(protocol.unpack_output(g, received[:size], 3, 4, False),
-                (a.astype(np.int64) @ b[:6]).astype(np.int32), "malformed group packet")
+
+    def run(k, header, code_beats, steps):
+        """``steps``: per group, per step its values and lanes (None: dropped)."""
+        a = rng.integers(-128, 128, (3, k), dtype=np.int8)
+        b = np.zeros((k + 3, 4), np.int64)
+        packet = [np.array(header, np.uint8)]
+        for group, (codes, group_steps) in enumerate(zip(code_beats, steps)):
+            packet += [np.array([code], "<u4").view(np.uint8) for code in codes]
+            for lanes in group_steps:
+                values = rng.integers(-128, 128, 4, dtype=np.int8)
+                packet.append(values.view(np.uint8))
+                if lanes is not None:
+                    b[4 * group + np.array(lanes), np.arange(4)] += values
+        packet = np.concatenate(packet + [protocol.pack_input(g, a, np.zeros((k, 4), np.int8))[
+            -k * 4:]])
+        for name, value in (("M", 3), ("K", k), ("N", 4), ("OPTIONS", protocol.Option.GROUPS)):
+            device.write(protocol.REGISTER[name].address, value)
+        device.write(protocol.REGISTER["CONTROL"].address, protocol.Control.START)
+        received = np.zeros(1024, np.uint8)
+        size = device.transfer(packet, packet.size, received, received.size)
+        assert device.registers["ERROR"] == protocol.Error.NONE
+        assert_same(protocol.unpack_output(g, received[:size], 3, 4, False),
+                    (a.astype(np.int64) @ b[:k]).astype(np.int32), "malformed group packet")
+
+    # Group 1's codes (3 bits a column: 6, 4, 0, 7) and group 2's (2 bits: 0, 1, 2, 3, the lane
+    # each column leaves out) share one code beat.
+    codes = (6 | 4 << 3 | 0 << 6 | 7 << 9) | (0 | 1 << 2 | 2 << 4 | 3 << 6) << 12
+    run(10, [7, 8 + 2, 3, 0], [[], [codes], []],
+        [[[0] * 4, [1] * 4, [2] * 4, [3] * 4, None, None, None],
+         [[0, 1, 0, 0], [1, 3, 1, 1]],
+         [[1, 0, 0, 0], [2, 2, 1, 1], None]])
+    # Uniform: 0x89 is one step per group (count 9 modulo 8), both groups' codes (2 bits a
+    # column) in one beat; lanes 2 and 3 of group 1 past K.
+    codes = (3 | 2 << 2 | 1 << 4) | (0 | 1 << 2 | 2 << 4 | 3 << 6) << 8
+    run(6, [0x89, 0xFF, 0x07, 0x55], [[codes], []],
+        [[[3, 2, 1, 0]], [[0, 1, 2, 3]]])
 
 
 def test_driver_picks_the_group_format():
@@ -576,11 +616,14 @@ def test_sparse_benchmark_patterns_and_bounds():
     assert bench.sparse_bounds(g, patterns.dense(rng, (13, 50)), dense) == bench.bounds(g, 13,
                                                                                         50, 18)
     # The group format: per group whose A is not all zero, the steps of its densest column;
-    # B's beats: per n-tile its counts, per group with steps its lane vector and steps.
+    # B's beats: per n-tile its counts (one beat if they are all the same), the beats of its
+    # codes (2, 3, 2 bits a column for 1, 2, 3 steps) and a beat per step.
     want, b_beats = 0, 0
     for j in range(0, 18, 4):
         counts = [int((b[k:k + 4, j:j + 4] != 0).sum(axis=0).max()) for k in range(0, 50, 4)]
-        b_beats += g.vector_beats(len(counts)) + sum(c + (c > 0) for c in counts)
+        code_bits = sum({1: 2, 2: 3, 3: 2}.get(c, 0) * g.cols for c in counts)
+        b_beats += (1 if len(set(counts)) == 1 else g.vector_beats(len(counts)))
+        b_beats += -(-code_bits // g.stream_width) + sum(counts)
         for i in range(0, 13, 4):
             live = [a[i:i + 4, k:k + 4].any() for k in range(0, 50, 4)]
             want += max(sum(c for c, on in zip(counts, live) if on), 4)

@@ -76,12 +76,22 @@ def test_group_format_layout(g):
     header = g.vector_beats(2) * g.beat_bytes
     vector = g.vector_beats(g.cols) * g.beat_bytes
     assert data[:header].tolist() == [2, 0] + [0] * (header - 2)  # group 1 has no step
-    lanes, step0, step1 = (data[header + i * vector:header + (i + 1) * vector][:g.cols]
-                           for i in range(3))
-    assert data.size == header + 3 * vector
-    assert (lanes[0] & 3, lanes[0] >> 2 & 3) == (1, 3) and lanes[g.cols - 1] & 3 == 0
+    # Group 0's codes (3 bits per column): column 0 lanes (1, 3), pair 4; the last column lane
+    # 0 and its lowest zero lane, (0, 1), pair 0; then its two steps.
+    code_beats = -(-3 * g.cols // g.stream_width)
+    codes = np.unpackbits(data[header:header + code_beats * g.beat_bytes], bitorder="little")
+    assert codes[:3].tolist() == [0, 0, 1] and not codes[3:].any()
+    step0, step1 = (data[header + code_beats * g.beat_bytes + i * vector:][:g.cols]
+                    for i in range(2))
+    assert data.size == header + code_beats * g.beat_bytes + 2 * vector
     assert (step0.view(np.int8)[0], step1.view(np.int8)[0]) == (5, -7)
     assert (step0.view(np.int8)[g.cols - 1], step1.view(np.int8)[g.cols - 1]) == (9, 0)
+    # One count in every group (2:4): a uniform header, one beat.
+    b = np.zeros((8, g.cols), np.int8)
+    b[[0, 3, 5, 6]] = 1
+    data = protocol.group_vectors(g, b)[0][0]
+    assert data[0] == protocol.UNIFORM | 2 and not data[1:g.beat_bytes].any()
+    assert data.size == (1 + -(-6 * g.cols // g.stream_width)) * g.beat_bytes + 4 * vector
     for k, n, zeros in ((1, 1, 0.0), (7, 13, 0.5), (g.max_k, 2 * g.cols + 1, 0.8), (9, 3, 1.0)):
         b = rng.integers(-128, 128, (k, n), dtype=np.int8)
         b[rng.random((k, n)) < zeros] = 0

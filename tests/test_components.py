@@ -16,6 +16,7 @@ from sparsa.hw.drain import Drain
 from sparsa.hw.job import JobControl
 from sparsa.hw.loader import Loader
 from sparsa.hw.sequencer import Sequencer
+from sparsa import protocol
 from sparsa.protocol import Error, Geometry, Option, pack_input, unpack_output
 from sparsa.sim import golden
 
@@ -370,20 +371,31 @@ def run_loader(g, a, b, bias, mult, options, beats, rng, free_delay=5):
     return seen
 
 
-@pytest.mark.parametrize("groups", [False, True], ids=["dense", "groups"])
-def test_loader_writes_every_word_and_mask(groups):
-    g = Geometry(4, 4, 16, 16, 12)  # 2-byte beats: multi-beat words of every kind
+@pytest.mark.parametrize("case", ["dense", "groups", "2:4"])
+@pytest.mark.parametrize("g", [Geometry(4, 4, 16, 16, 12), Geometry(3, 5, 8, 16, 15)], ids=str)
+def test_loader_writes_every_word_and_mask(g, case):
+    """Multi-beat words of every kind (2- and 1-byte beats); in the group format, groups of
+    every count, codes that fill the code buffer at every place (5 columns, 8-bit beats: a
+    unit of one bit) and that take more than one beat (3 bits x 5 columns), and a uniform
+    count (2:4 B)."""
+    from sparsa.sim import patterns
+
+    groups = case != "dense"
     rng = np.random.default_rng(3)
-    m, k, n = 10, 14, 9  # K: three groups and a partial one
+    m, k, n = 10, 14 if case != "2:4" else 16, 9  # K: three groups and a partial one
     a = rng.integers(-128, 128, (m, k), dtype=np.int8)
     b = rng.integers(-128, 128, (k, n), dtype=np.int8)
     a[:, 2] = 0
     a[5:, 4] = 0
     a[:, 8:12] = 0  # an all-zero group of A
-    b[1] = 0
-    b[3, 4:8] = 0
-    b[4:8, 4:8] = 0  # a group of no step in the second n-tile
-    b[8:12] = np.where(rng.random((4, n)) < 0.7, 0, b[8:12])  # fewer steps than k-steps
+    if case == "2:4":
+        b = patterns.n_of_m(rng, (k, n), 2, 4)
+        assert (protocol.group_counts(b, g.cols) == 2).all()
+    else:
+        b[1] = 0
+        b[3, 4:8] = 0
+        b[4:8, 4:8] = 0  # a group of no step in the second n-tile (of 4 columns)
+        b[8:12] = np.where(rng.random((4, n)) < 0.7, 0, b[8:12])  # fewer steps than k-steps
     bias = rng.integers(-2**31, 2**31, n, dtype=np.int64).astype(np.int32)
     mult = rng.integers(1, 2**31, n, dtype=np.int64).astype(np.int32)
     options = Option.BIAS | Option.REQUANT | Option.CHANNEL_QUANT | (Option.GROUPS * groups)

@@ -307,7 +307,7 @@ class Loader(wiring.Component):
                     m.d.comb += self.loading_a_next.eq(0)
                     m.next = "IDLE"
             if self.groups:
-                self._group_states(m, word, b_write, b_slot, b_lanes_q, early_tlast,
+                self._group_states(m, b_write, b_slot, b_lanes_q, early_tlast,
                                    n_tile_done)
             with m.State("A"):
                 complete = self._collect(m, g.vector_beats(rows))
@@ -408,7 +408,7 @@ class Loader(wiring.Component):
                        Mux(count == 3, step + (step >= two), step)))
         return lane[:2]
 
-    def _group_states(self, m, word, b_write, b_slot, b_lanes_q, early_tlast, n_tile_done):
+    def _group_states(self, m, b_write, b_slot, b_lanes_q, early_tlast, n_tile_done):
         """B in the group format: per n-tile its step counts (``COUNTS``), then per group the
         code beats it still needs (``HEAD``; a group of no steps takes a cycle in ``PASS``
         instead) and its steps (``STEPS``)."""

@@ -39,9 +39,8 @@ with the registers' values; ``CONTROL.SOFT_RESET`` only resets the datapath. Bad
 ``ERROR`` instead of hanging; see :mod:`sparsa.protocol`.
 """
 
-from amaranth import ClockDomain, DomainRenamer, Module, Shape, Signal
+from amaranth import ClockDomain, DomainRenamer, Module, Signal
 from amaranth.lib import stream, wiring
-from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -177,15 +176,8 @@ class GemmCore(wiring.Component):
         # two ends of a link. The input link takes beats only from ``start`` to the first
         # TLAST: a following packet waits outside for its job, and nothing is held across the
         # START reset.
-        #   The input link's beats then pass a FIFO of two entries of its own (``s_stage``),
-        # whose handshake and data the placer keeps beside the loader: the loader's ``take``
-        # and every decision on it then start from logic of that small FIFO, not from the
-        # link's, which is sized for the credits' round trip and sits where the beats arrive.
-        # (The link's own FIFO is unbuffered, so a beat reaches the loader as soon as through
-        # a buffered one.)
         layout = beat_layout(self.geometry.stream_width)
-        m.submodules.s_link = s_link = CreditLink(layout)
-        m.submodules.s_stage = s_stage = SyncFIFO(width=Shape.cast(layout).width, depth=2)
+        m.submodules.s_link = s_link = CreditLink(layout, buffered=True)
         m.submodules.m_link = m_link = CreditLink(layout)
         accepting = Signal()
         m.d.comb += [
@@ -193,13 +185,8 @@ class GemmCore(wiring.Component):
             s_link.i.valid.eq(self.s_axis.valid & accepting),
             s_link.i.payload.eq(self.s_axis.payload),
             drain.link_idle.eq(m_link.idle),
-            s_stage.w_stream.valid.eq(s_link.o.valid),
-            s_stage.w_stream.payload.eq(s_link.o.payload),
-            s_link.o.ready.eq(s_stage.w_stream.ready),
-            loader.input.valid.eq(s_stage.r_stream.valid),
-            loader.input.payload.eq(s_stage.r_stream.payload),
-            s_stage.r_stream.ready.eq(loader.input.ready),
         ]
+        wiring.connect(m, s_link.o, loader.input)
         wiring.connect(m, drain.output, m_link.i)
         wiring.connect(m, m_link.o, wiring.flipped(self.m_axis))
         with m.If(self.start):

@@ -66,11 +66,11 @@ and, to make up the count, its lowest zero lanes). Per n-tile ``t``:
 2. per group ``g`` with ``c[g] > 0``: its *code beats*, then ``c[g]`` vectors of ``cols`` int8,
    the steps' values.
 
-The codes of the n-tile's groups, in group order and in a group column ``j``'s in bits
-``j*b .. j*b+b-1`` (``b = CODE_BITS[c[g]]``), make one bit string, sent lowest bit first in
-whole beats (the last one zero-padded): the code beats before a group's steps are those that
-bring the beats of the string sent so far to ``ceil(bits / W)``, ``bits`` the string's length up
-to and including this group's codes. (A group of 4 steps has no codes, and at 2:4 eight
+The codes of the n-tile's groups, group after group (within a group, column ``j``'s code in
+bits ``j*b .. j*b+b-1``, ``b = CODE_BITS[c[g]]``), make one bit string, sent lowest bit first
+in whole beats (the last one zero-padded): the code beats before a group's steps are those
+that bring the beats of the string sent so far to ``ceil(bits / W)``, ``bits`` the string's
+length up to and including this group's codes. (A group of 4 steps has no codes, and at 2:4 eight
 columns' codes of eight groups fill three 64-bit beats, so 2:4 weights take about 0.6 of the
 plain format's bytes.) The device drops the steps of a group past its k-steps; a lane past K
 multiplies zero. A step's row ``i``, column ``j`` multiplies ``A[i, 4g + lane]``: the four A

@@ -383,18 +383,25 @@ class _Layout:
     """Where the parts of B's group format go, from its counts (``[t, g]``, taken modulo 8) and
     whether each n-tile's header is a uniform count: in beats from B's first, ``tile_start[t]``,
     ``header[t]``; per group its code beats' first (``group_start[t, g]``), their number
-    (``code_beats``) and, in bits of the n-tile's codes, where its codes begin (``code_bit``)
-    and each column's code's width (``width``); ``code_rows``, every code beat in order."""
+    (``code_beats``), each column's code's width (``width``) and, in bits of the string of
+    all code beats, where the group's codes begin (``code_bit``); ``code_rows``, every code
+    beat in order."""
 
     counts: np.ndarray
     tile_start: np.ndarray
     header: np.ndarray
     group_start: np.ndarray
     code_beats: np.ndarray
-    code_bit: np.ndarray
     width: np.ndarray
     beats: int
     code_rows: np.ndarray
+    code_bit: np.ndarray
+
+    def code_places(self, cols):
+        """``[t, g, j, i]``: bit ``i`` of column ``j``'s code in the string of all code beats
+        (meant where ``i < width[t, g]``)."""
+        return (self.code_bit[:, :, None, None] + np.arange(cols)[:, None]
+                * self.width[:, :, None, None] + np.arange(3))
 
 
 def _layout(geometry, counts, uniform):
@@ -413,8 +420,10 @@ def _layout(geometry, counts, uniform):
     each = code_beats.reshape(-1)
     code_rows = np.repeat(group_start.reshape(-1) - (np.cumsum(each) - each), each)
     code_rows += np.arange(code_rows.size)
-    return _Layout(counts, tile_start, header, group_start, code_beats,
-                   ends - width * g.cols, width, int(tile_beats.sum()), code_rows)
+    tile_codes = code_end[:, -1]
+    code_base = (np.cumsum(tile_codes) - tile_codes) * g.stream_width  # each n-tile's first bit
+    return _Layout(counts, tile_start, header, group_start, code_beats, width,
+                   int(tile_beats.sum()), code_rows, code_base[:, None] + ends - width * g.cols)
 
 
 def _uniform(counts):
@@ -438,14 +447,11 @@ def group_vectors(geometry, b):
     flat[(lay.tile_start[many] * g.beat_bytes)[:, None] + np.arange(groups)] = counts[many]
     out[lay.tile_start[uniform], 0] = UNIFORM | counts[uniform, 0]
     # Codes: each n-tile's bit string, in its code beats.
-    code_total = -(-(lay.code_bit[:, -1] + lay.width[:, -1] * g.cols) // g.stream_width)
-    code_base = (np.cumsum(code_total) - code_total) * g.stream_width  # each n-tile's first bit
-    bits = np.zeros(int(code_total.sum()) * g.stream_width, np.uint8)
+    bits = np.zeros(lay.code_rows.size * g.stream_width, np.uint8)
     bit = np.arange(3)
-    place = (code_base[:, None, None, None] + lay.code_bit[:, :, None, None]
-             + np.arange(g.cols)[None, None, :, None] * lay.width[:, :, None, None] + bit)
-    used = np.broadcast_to(bit < lay.width[:, :, None, None], place.shape)
-    bits[place[used]] = ((codes[:, :, :, None] >> bit) & 1)[used]
+    places = lay.code_places(g.cols)
+    used = np.broadcast_to(bit < lay.width[:, :, None, None], places.shape)
+    bits[places[used]] = ((codes[:, :, :, None] >> bit) & 1)[used]
     out[lay.code_rows] = np.packbits(bits, bitorder="little").reshape(-1, g.beat_bytes)
     # Values: a group's steps after its code beats, each a vector of cols bytes.
     vector_beats = g.vector_beats(g.cols)
@@ -496,13 +502,11 @@ def read_groups(geometry, data, k, n):
     # The codes: each n-tile's code beats, as one bit string per n-tile.
     bits = np.unpackbits(data[:lay.beats * bb].reshape(-1, bb)[lay.code_rows], axis=1,
                          bitorder="little").reshape(-1)
-    bits = np.concatenate([bits, np.zeros(3, np.uint8)])
-    tile_codes = lay.code_beats.sum(axis=1)
-    code_base = (np.cumsum(tile_codes) - tile_codes) * g.stream_width
+    bits = np.concatenate([bits, np.zeros(3, np.uint8)])  # (places past a code of no bits)
     bit = np.arange(3)
-    place = (code_base[:, None, None, None] + lay.code_bit[:, :, None, None]
-             + np.arange(g.cols)[None, None, :, None] * lay.width[:, :, None, None] + bit)
-    codes = ((bits[place] & (bit < lay.width[:, :, None, None])) << bit).sum(axis=3)  # [t, g, j]
+    codes = ((bits[lay.code_places(g.cols)] & (bit < lay.width[:, :, None, None]))
+             << bit).sum(axis=3)
+    # (codes[t, g, j])
     # Every kept step: its tile, group and number, its values' offset.
     kept = np.minimum(GROUP, k - GROUP * np.arange(groups))  # each group's k-steps
     steps = np.minimum(lay.counts, kept).reshape(-1)

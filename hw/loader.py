@@ -12,7 +12,7 @@ Contract:
 
 - Each completed word is written one cycle after its last beat, through registers (``en``,
   ``addr`` and the word: the memories' write enables are not on the loader's own path), to
-  ``bias_write`` / ``mult_write`` (address: the n-tile), ``b_write`` (n-tile x K + slot: the
+  ``bias_write`` / ``mult_write`` (address: the n-tile; a cycle later still), ``b_write`` (n-tile x K + slot: the
   word's values and each column's lane; a plain k-step k is slot k with lane ``k % 4`` in
   every column, step s of group g is slot 4g + s with the lanes of the group's codes; steps
   past the group's k-steps are dropped) or ``a_write`` (bank x max_k/4 + group: a group's four A
@@ -51,7 +51,7 @@ from .feed import b_word_width
 from .job import REGISTERS, SINGLE, job_layout
 from .link import beat_layout
 from .pe import LANES
-from .pipeline import delay, or_all, walk_flag
+from .pipeline import delay, or_all, walk_flag, walk_flag_behind
 
 
 class Loader(wiring.Component):
@@ -210,8 +210,19 @@ class Loader(wiring.Component):
         for lane, part in enumerate(a_group):
             with m.If(a_done_q & (a_place_q == lane)):
                 m.d.sync += part.eq(word_q[:8 * rows])
-        bias_write = write_later(self.bias_write, self.ld_nt, "bias")
-        mult_write = write_later(self.mult_write, self.ld_nt, "mult")
+        # The column vectors' writes come a cycle later still, from a registered event (their
+        # enables reach every part of their memories, placed apart from the loader), with the
+        # vector and its address a cycle behind ``word_q`` and ``ld_nt``.
+        vector_q = Signal(32 * cols, reset_less=True)
+        vector_address = delay(m, self.ld_nt, 1, "vector_address", reset_less=True)
+        m.d.sync += vector_q.eq(word_q[:32 * cols])
+        bias_done, mult_done = Signal(), Signal()  # a column vector is complete
+        m.d.comb += [
+            write_later(self.bias_write, vector_address, "bias", vector_q).eq(
+                delay(m, bias_done, 1, "bias_done_q")),
+            write_later(self.mult_write, vector_address, "mult", vector_q).eq(
+                delay(m, mult_done, 1, "mult_done_q")),
+        ]
         b_slot = Signal(range(g.n_tiles_max * g.max_k))
         b_write = write_later(self.b_write, b_slot, "b", Cat(word_q[:8 * cols], b_lanes_q))
         a_write = write_later(self.a_write,
@@ -221,7 +232,9 @@ class Loader(wiring.Component):
         start = self.start
         self.last_k, next_k, restart_k = walk_flag(m, start, self.single.k, self.ld_k, 1,
                                                    job.k, "last_k")
-        last_n_tile, next_n_tile, restart_n_tile = walk_flag(
+        # (The n-tile walk's flag from registers a cycle behind ``ld_j0``: its steps come from
+        # the input's handshake in the column vectors and plain B.)
+        last_n_tile, next_n_tile, restart_n_tile = walk_flag_behind(
             m, start, self.single.n, self.ld_j0, cols, job.n, "last_n_tile")
         last_m_tile, next_m_tile, _ = walk_flag(m, start, self.single.m, self.ld_i0, rows,
                                                 job.m, "last_m_tile")
@@ -238,23 +251,25 @@ class Loader(wiring.Component):
             with m.If(take & last & ~final):
                 m.d.comb += tlast_early.eq(1)
 
-        def column_vectors(write):
-            """Load one vector of ``cols`` int32 per n-tile (``write``: the memory's enable);
-            true after the last."""
+        def column_vectors(done):
+            """Load one vector of ``cols`` int32 per n-tile (``done``: the event of a complete
+            one, for its memory's write); true after the last."""
             complete = self._collect(m, g.vector_beats(4 * cols))
             early_tlast(Const(0))
-            m.d.comb += write.eq(complete)
+            m.d.comb += done.eq(complete)
             with m.If(complete):
-                m.d.sync += [self.ld_nt.eq(self.ld_nt + 1), self.ld_j0.eq(self.ld_j0 + cols),
-                             next_n_tile]
+                m.d.sync += [self.ld_nt.eq(self.ld_nt + 1), self.ld_j0.eq(self.ld_j0 + cols)]
+                m.d.comb += next_n_tile.eq(1)
                 with m.If(last_n_tile):
-                    m.d.sync += [self.ld_j0.eq(0), self.ld_nt.eq(0), restart_n_tile]
+                    m.d.sync += [self.ld_j0.eq(0), self.ld_nt.eq(0)]
+                    m.d.comb += restart_n_tile.eq(1)
             return complete & last_n_tile
 
         def n_tile_done():
             """The statements at the end of an n-tile's B."""
-            m.d.sync += [self.ld_j0.eq(self.ld_j0 + cols), next_n_tile,
-                         self.ld_nt.eq(self.ld_nt + 1), self.ld_b_base.eq(self.ld_b_base + job.k)]
+            m.d.sync += [self.ld_j0.eq(self.ld_j0 + cols), self.ld_nt.eq(self.ld_nt + 1),
+                         self.ld_b_base.eq(self.ld_b_base + job.k)]
+            m.d.comb += next_n_tile.eq(1)
             with m.If(last_n_tile):
                 m.d.comb += self.loading_a_next.eq(1)
                 m.next = "A"
@@ -277,14 +292,14 @@ class Loader(wiring.Component):
                     with m.Else():
                         self._to_b(m, self.registers.options & Option.GROUPS)
             with m.State("BIAS"):
-                with m.If(column_vectors(bias_write)):
+                with m.If(column_vectors(bias_done)):
                     self._to_b(m, job.groups)
                     with m.If(job.channel_quant):
                         m.next = "MULT"
                 with m.If(take & last):
                     m.next = "IDLE"
             with m.State("MULT"):
-                with m.If(column_vectors(mult_write)):
+                with m.If(column_vectors(mult_done)):
                     self._to_b(m, job.groups)
                 with m.If(take & last):
                     m.next = "IDLE"

@@ -1,6 +1,6 @@
 """Register chains, the one building block of the pipelines in :mod:`.array` (operand skew)
-and :mod:`.postproc` (stages), an OR over a list of values (one-hot selections), and a small
-unsigned product built from adders."""
+and :mod:`.postproc` (stages), an OR over a list of values (one-hot selections), a small
+unsigned product built from adders, and the position flags of a walk through the job."""
 
 from amaranth import Const, Mux, Signal, Value
 
@@ -61,3 +61,26 @@ def walk_flag(m, start, first_is_last, value, step, limit, name):
     with m.If(start):
         m.d.sync += flag.eq(first_is_last)
     return flag, flag.eq(value + 2 * step >= limit), flag.eq(step >= limit)
+
+
+def walk_flag_behind(m, start, first_is_last, value, step, limit, name):
+    """The flag of :func:`walk_flag` (``value + step >= limit``) with registers that take no
+    enable, for a walk whose steps come straight from a stream's handshake. Two registers
+    compare ``value`` in every cycle, one and two steps on, so they are a cycle behind it; the
+    flag chooses between them by what ``value`` did in that cycle (a step: the two-step
+    compare), or is ``first_is_last`` (latched at ``start``) in the cycle after ``start`` or a
+    return to 0. Each of its inputs is a register whose input is registers too: the handshake
+    reaches only the two event registers. Returns the flag and the events, which the caller
+    sets (combinationally) where ``value`` steps on (``stepped``) and returns to 0
+    (``restarted``, which wins over ``stepped``)."""
+    stepped, restarted = Signal(name=f"{name}_stepped"), Signal(name=f"{name}_restarted")
+    here, ahead = Signal(name=f"{name}_here"), Signal(name=f"{name}_ahead")
+    first = Signal(name=f"{name}_first")
+    moved, at_zero = Signal(name=f"{name}_moved"), Signal(name=f"{name}_at_zero")
+    m.d.sync += [here.eq(value + step >= limit), ahead.eq(value + 2 * step >= limit),
+                 moved.eq(stepped), at_zero.eq(start | restarted)]
+    with m.If(start):
+        m.d.sync += first.eq(first_is_last)
+    flag = Signal(name=name)
+    m.d.comb += flag.eq(Mux(at_zero, first, Mux(moved, ahead, here)))
+    return flag, stepped, restarted

@@ -10,12 +10,12 @@ bytes per m-tile, into two banks by turns. A word is as many beats as its bytes 
 
 Contract:
 
-- Each completed word is written one cycle after its last beat, through registers (``en``,
-  ``addr`` and the word: the memories' write enables are not on the loader's own path), to
-  ``bias_write`` / ``mult_write`` (address: the n-tile; a cycle later still), ``b_write`` (n-tile x K + slot: the
-  word's values and each column's lane; a plain k-step k is slot k with lane ``k % 4`` in
-  every column, step s of group g is slot 4g + s with the lanes of the group's codes; steps
-  past the group's k-steps are dropped) or ``a_write`` (bank x max_k/4 + group: a group's four A
+- Each completed word is written one cycle after its last beat (a column vector two), through
+  registers (``en``, ``addr`` and the word: the memories' write enables are not on the loader's
+  own path), to ``bias_write`` / ``mult_write`` (address: the n-tile), ``b_write`` (n-tile x
+  K + slot: the word's values and each column's lane; a plain k-step k is slot k with lane
+  ``k % 4`` in every column, step s of group g is slot 4g + s with the lanes of the group's
+  codes; steps past the group's k-steps are dropped) or ``a_write`` (bank x max_k/4 + group: a group's four A
   words side by side, written with its last word; in a last group of fewer than four, the
   lanes past K are zero).
 - ``panel_full[bank]`` is set a cycle after an A bank's last word (and its mask) is written,

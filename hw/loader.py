@@ -15,9 +15,9 @@ Contract:
   own path), to ``bias_write`` / ``mult_write`` (address: the n-tile), ``b_write`` (n-tile x
   K + slot: the word's values and each column's lane; a plain k-step k is slot k with lane
   ``k % 4`` in every column, step s of group g is slot 4g + s with the lanes of the group's
-  codes; steps past the group's k-steps are dropped) or ``a_write`` (bank x max_k/4 + group: a group's four A
-  words side by side, written with its last word; in a last group of fewer than four, the
-  lanes past K are zero).
+  codes; steps past the group's k-steps are dropped) or ``a_write`` (bank x max_k/4 + group:
+  a group's four A words side by side, written with its last word; in a last group of fewer
+  than four, the lanes past K are zero).
 - ``panel_full[bank]`` is set a cycle after an A bank's last word (and its mask) is written,
   and cleared when the sequencer sets ``free[bank]`` (freeing wins in the same cycle). The
   loader never writes into a full bank: it waits (``input.ready`` low) until it is freed.
@@ -213,9 +213,8 @@ class Loader(wiring.Component):
         # The column vectors' writes come a cycle later still, from a registered event (their
         # enables reach every part of their memories, placed apart from the loader), with the
         # vector and its address a cycle behind ``word_q`` and ``ld_nt``.
-        vector_q = Signal(32 * cols, reset_less=True)
+        vector_q = delay(m, word_q[:32 * cols], 1, "vector_q", reset_less=True)
         vector_address = delay(m, self.ld_nt, 1, "vector_address", reset_less=True)
-        m.d.sync += vector_q.eq(word_q[:32 * cols])
         bias_done, mult_done = Signal(), Signal()  # a column vector is complete
         m.d.comb += [
             write_later(self.bias_write, vector_address, "bias", vector_q).eq(

@@ -213,8 +213,9 @@ class Loader(wiring.Component):
         # The column vectors' writes come a cycle later still, from a registered event (their
         # enables reach every part of their memories, placed apart from the loader), with the
         # vector and its address a cycle behind ``word_q`` and ``ld_nt``.
-        vector_q = delay(m, word_q[:32 * cols], 1, "vector_q", reset_less=True)
+        vector_q = Signal(32 * cols, reset_less=True)
         vector_address = delay(m, self.ld_nt, 1, "vector_address", reset_less=True)
+        m.d.sync += vector_q.eq(word_q[:32 * cols])
         bias_done, mult_done = Signal(), Signal()  # a column vector is complete
         m.d.comb += [
             write_later(self.bias_write, vector_address, "bias", vector_q).eq(

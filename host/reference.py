@@ -117,10 +117,12 @@ def choose_format(geometry, a, b, requant=False):
     return False, plain, None
 
 
-def unpack_input(geometry, data, m, k, n, bias, channel_quant=False, groups=False):
+def unpack_input(geometry, data, m, k, n, bias, channel_quant=False, groups=False,
+                 slots=protocol.GROUP):
     """The operands in an input packet (views where the format allows): (a, b, bias or None,
-    multipliers or None, the bytes they took); B in the group format with ``groups`` (see
-    :func:`sparsa.protocol.read_groups`). Raises ValueError when the packet ends early."""
+    multipliers or None, the bytes they took); B in the group format with ``groups``, ``slots``
+    per group (see :func:`sparsa.protocol.read_groups`). Raises ValueError when the packet ends
+    early."""
     g = geometry
     m_tiles, n_tiles = g.tiles(m, n)
     data = data.view(np.int8)
@@ -135,7 +137,7 @@ def unpack_input(geometry, data, m, k, n, bias, channel_quant=False, groups=Fals
             position += n_tiles * vector
         columns.append(values)
     if groups:
-        b, span = protocol.read_groups(g, data[position:], k, n)
+        b, span = protocol.read_groups(g, data[position:], k, n, slots)
     else:
         vector = g.vector_beats(g.cols) * g.beat_bytes
         span = n_tiles * k * vector
@@ -184,8 +186,11 @@ class ReferenceDevice:
         self.geometry = protocol.Geometry(rows, cols, stream_width, max_k, max_n)
         self.features = protocol.features(sparse_skip)
         self.registers = {register.name: register.reset for register in REGISTERS}
+        k_limits = ((self.geometry.max_k_for(2), self.geometry.max_k_for(1)) if sparse_skip
+                    else (max_k, max_k))
         self.registers.update(ROWS=rows, COLS=cols, STREAM_WIDTH=stream_width, MAX_K=max_k,
-                              MAX_N=max_n, FEATURES=int(self.features))
+                              MAX_K2=k_limits[0], MAX_K1=k_limits[1], MAX_N=max_n,
+                              FEATURES=int(self.features))
         self._by_address = {register.address: register for register in REGISTERS}
         self._job = None
 
@@ -219,7 +224,7 @@ class ReferenceDevice:
         zero = _signed(r["QUANT_ZERO"])
         if m == 0 or k == 0 or n == 0:
             error = Error.ZERO_DIMENSION
-        elif k > g.max_k:
+        elif k > g.max_k_for(protocol.slots_per_group(options)):
             error = Error.K_TOO_LARGE
         elif n > g.max_n:
             error = Error.N_TOO_LARGE
@@ -228,6 +233,10 @@ class ReferenceDevice:
             error = Error.BAD_OPTION
         elif options & Option.GROUPS and (options & Option.NO_SKIP
                                           or not self.features & Feature.GROUPS):
+            error = Error.BAD_OPTION
+        elif options & (Option.STEPS_2 | Option.STEPS_1) and (
+                not options & Option.GROUPS
+                or options & (Option.STEPS_2 | Option.STEPS_1) == Option.STEPS_2 | Option.STEPS_1):
             error = Error.BAD_OPTION
         elif options & Option.REQUANT and not (r["QUANT_SHIFT"] <= 31 and -128 <= zero <= 127):
             error = Error.BAD_QUANT
@@ -255,7 +264,8 @@ class ReferenceDevice:
         if error == Error.NONE:
             try:
                 a, b, bias_values, mult, taken = unpack_input(
-                    g, send[:send_bytes], m, k, n, bias, channel_quant, groups)
+                    g, send[:send_bytes], m, k, n, bias, channel_quant, groups,
+                    protocol.slots_per_group(options))
             except ValueError:
                 error = Error.TLAST_EARLY
             else:

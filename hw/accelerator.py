@@ -52,7 +52,7 @@ from .bram import BlockMemory
 from .counters import COUNTERS, WorkCounters
 from .drain import Drain
 from .feed import Feed, b_word_width
-from .job import REGISTERS, JobControl
+from .job import REGISTERS, JobControl, a_bank_words
 from .link import CreditLink, beat_layout
 from .loader import Loader
 from .pe import LANES
@@ -90,12 +90,13 @@ class GemmCore(wiring.Component):
         m.submodules.array = array = SystolicArray(g.rows, g.cols, self.lut_columns,
                                                    self.dsp_packing)
         m.submodules.drain = drain = Drain(g)
-        m.submodules.counters = counters = WorkCounters(g.rows, g.cols, g.max_k)
+        m.submodules.counters = counters = WorkCounters(g.rows, g.cols, g.max_k_for(1))
         # The operand memories answer two cycles after the address: a block RAM's read and a
         # register on its output (in an ECP5 build the block's own output register).
         # B: a word per slot (values and lanes); A: a word per group (its four k-steps).
         m.submodules.b_mem = b_mem = BlockMemory(b_word_width(g.cols), n_tiles * g.max_k)
-        m.submodules.a_mem = a_mem = BlockMemory(8 * g.rows * LANES, 2 * g.max_k // LANES)
+        m.submodules.a_mem = a_mem = BlockMemory(8 * g.rows * LANES,
+                                                      2 * a_bank_words(g, self.sparse_skip))
         m.submodules.bias_mem = bias_mem = Memory(shape=32 * g.cols, depth=n_tiles, init=[])
         m.submodules.mult_mem = mult_mem = Memory(shape=32 * g.cols, depth=n_tiles, init=[])
         self._links(m, loader, drain)
@@ -133,7 +134,7 @@ class GemmCore(wiring.Component):
             sequencer.closing.eq(job.closing), sequencer.tlast_early.eq(loader.tlast_early),
             sequencer.panel_full.eq(loader.panel_full), sequencer.loading_a.eq(loader.loading_a),
             loader.free.eq(sequencer.free),
-            a_mem.read.addr.eq(sequencer.a_addr[2:]), b_mem.read.addr.eq(sequencer.b_addr),
+            a_mem.read.addr.eq(sequencer.a_addr), b_mem.read.addr.eq(sequencer.b_addr),
             feed.step.eq(sequencer.step), feed.slot.eq(sequencer.slot),
             feed.a_word.eq(a_mem.read.data), feed.b_word.eq(b_mem.read.data),
             array.valid.eq(feed.valid), array.first.eq(feed.first), array.last.eq(feed.last),
@@ -232,6 +233,9 @@ class Accelerator(wiring.Component):
         g = self.geometry
         return {"ROWS": g.rows, "COLS": g.cols, "STREAM_WIDTH": g.stream_width,
                 "MAX_K": g.max_k, "MAX_N": g.max_n,
+                # (Groups of at most 2 or 1 steps take fewer of the B memory's slots.)
+                "MAX_K2": g.max_k_for(2) if self.sparse_skip else g.max_k,
+                "MAX_K1": g.max_k_for(1) if self.sparse_skip else g.max_k,
                 "FEATURES": features(self.sparse_skip)}
 
     def elaborate(self, platform):

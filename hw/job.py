@@ -19,6 +19,9 @@ Contract:
   closes the job; ``tlast_missing`` only reports), ``job_end`` (the sequencer issued the last
   tile) sets ``closing``, and ``drained`` (the last beat has left the output link) ends the job:
   ``busy`` low, ``done`` high. Nothing but the core's reset clears them.
+- ``tile_slots`` (the B memory's slots per n-tile: ceil(K/4) times the slots per group, 1 with
+  ``STEPS_1``, 2 with ``STEPS_2``, else 4; ``one_slot``, ``two_slots``) is worked out the same
+  way, a stage deep, and latched with the job.
 - ``single`` holds ``1 >= K``, ``cols >= N``, ``rows >= M``, ``4 >= K`` (one group) and
   ``4 x beat bytes >= K`` (the group format's counts in one beat) from the registers,
   registered: the first values of the position flags of the loader and the drain
@@ -36,11 +39,20 @@ def job_layout(geometry):
     """The latched job: dimensions, options decoded, the per-tensor requantization."""
     return data.StructLayout({
         "m": unsigned(32),
-        "k": range(geometry.max_k + 1),
+        "k": range(geometry.max_k_for(1) + 1),
         "n": range(geometry.max_n + 1),
         "bias": 1, "requant": 1, "relu": 1, "no_skip": 1, "channel_quant": 1, "groups": 1,
+        # The B memory's slots per group (1, 2 or 4: ``one_slot``, ``two_slots``, neither)
+        # and per n-tile (``tile_slots``: that times ceil(K/4), at most max_k).
+        "one_slot": 1, "two_slots": 1, "tile_slots": range(geometry.max_k + 1),
         "mult": signed(32), "shift": unsigned(5), "zero": signed(8),
     })
+
+
+def a_bank_words(geometry, groups):
+    """The A memory's words per bank (a word holds a group of four k-steps) for the largest K of
+    a job: ``MAX_K1`` with the group format (``groups``), else ``MAX_K``."""
+    return geometry.max_k_for(1 if groups else GROUP) // GROUP
 
 
 # The job's registers as the core sees them (:mod:`.regs` holds them; START does not change
@@ -72,10 +84,11 @@ class JobControl(wiring.Component):
         # The job's values are latched at start and read only after it, so they need no reset
         # (the fewer loads on the core's reset, the shorter its net); the flags are reset.
         job_m = Signal(32, reset_less=True)
-        job_k = Signal(range(g.max_k + 1), reset_less=True)
+        job_k = Signal(range(g.max_k_for(1) + 1), reset_less=True)
         job_n = Signal(range(g.max_n + 1), reset_less=True)
         bias_en, requant, relu, no_skip = Signal(), Signal(), Signal(), Signal()
-        channel_quant, groups = Signal(), Signal()
+        channel_quant, groups, one_slot, two_slots = Signal(), Signal(), Signal(), Signal()
+        tile_slots = Signal(range(g.max_k + 1), reset_less=True)
         mult = Signal(signed(32), reset_less=True)
         shift = Signal(unsigned(5), reset_less=True)
         zero = Signal(signed(8), reset_less=True)
@@ -83,7 +96,8 @@ class JobControl(wiring.Component):
             self.job.m.eq(job_m), self.job.k.eq(job_k), self.job.n.eq(job_n),
             self.job.bias.eq(bias_en), self.job.requant.eq(requant), self.job.relu.eq(relu),
             self.job.no_skip.eq(no_skip), self.job.channel_quant.eq(channel_quant),
-            self.job.groups.eq(groups),
+            self.job.groups.eq(groups), self.job.one_slot.eq(one_slot),
+            self.job.two_slots.eq(two_slots), self.job.tile_slots.eq(tile_slots),
             self.job.mult.eq(mult), self.job.shift.eq(shift), self.job.zero.eq(zero),
         ]
 
@@ -95,13 +109,17 @@ class JobControl(wiring.Component):
         requant_asked = (r.options & Option.REQUANT).any()
         groups_asked = (r.options & Option.GROUPS).any()
         groups_refused = ((r.options & Option.NO_SKIP).any() if self.groups else Const(1))
+        steps_1, steps_2 = (r.options & Option.STEPS_1).any(), (r.options & Option.STEPS_2).any()
         conditions = [
             (Error.ZERO_DIMENSION, (r.m == 0) | (r.k == 0) | (r.n == 0)),
-            (Error.K_TOO_LARGE, r.k > g.max_k),
+            (Error.K_TOO_LARGE, (r.k > g.max_k_for(1))
+                | ((r.k > g.max_k_for(2)) & ~steps_1)
+                | ((r.k > g.max_k) & ~steps_1 & ~steps_2)),
             (Error.N_TOO_LARGE, r.n > g.max_n),
             (Error.BAD_OPTION, ((r.options & ~Const(KNOWN_OPTIONS, 32)) != 0)
                 | ((r.options & Option.CHANNEL_QUANT).any() & ~requant_asked)
-                | (groups_asked & groups_refused)),
+                | (groups_asked & groups_refused)
+                | ((steps_1 | steps_2) & ~groups_asked) | (steps_1 & steps_2)),
             (Error.BAD_QUANT, requant_asked & ((r.quant_shift > 31) | (zero_signed < -128)
                                                | (zero_signed > 127))),
         ]
@@ -121,9 +139,18 @@ class JobControl(wiring.Component):
             m.d.sync += first_is_last.eq(step >= register)
             m.d.comb += self.single[field].eq(first_is_last)
 
+        # The job's slots per n-tile, the same way (only a job that passes is latched with
+        # them, so the value is cut to its width).
+        groups_of_k = (r.k + GROUP - 1)[2:]
+        slots_next = Signal.like(tile_slots)
+        m.d.sync += slots_next.eq(Mux(steps_1, groups_of_k,
+                                      Mux(steps_2, groups_of_k << 1, groups_of_k << 2)))
+
         with m.If(self.start):
             m.d.sync += [
                 job_m.eq(r.m), job_k.eq(r.k), job_n.eq(r.n),
+                one_slot.eq(steps_1), two_slots.eq(steps_2 & ~steps_1),
+                tile_slots.eq(slots_next),
                 bias_en.eq(r.options & Option.BIAS),
                 requant.eq((r.options & Option.REQUANT).any()),
                 relu.eq((r.options & Option.RELU).any()),

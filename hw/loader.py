@@ -13,11 +13,12 @@ Contract:
 - Each completed word is written one cycle after its last beat (a column vector two), through
   registers (``en``, ``addr`` and the word: the memories' write enables are not on the loader's
   own path), to ``bias_write`` / ``mult_write`` (address: the n-tile), ``b_write`` (n-tile x
-  K + slot: the word's values and each column's lane; a plain k-step k is slot k with lane
-  ``k % 4`` in every column, step s of group g is slot 4g + s with the lanes of the group's
-  codes; steps past the group's k-steps are dropped) or ``a_write`` (bank x max_k/4 + group:
-  a group's four A words side by side, written with its last word; in a last group of fewer
-  than four, the lanes past K are zero).
+  ``job.tile_slots`` + slot: the word's values and each column's lane; a plain k-step k is
+  slot k with lane ``k % 4`` in every column, step s of group g is slot Sg + s with the lanes
+  of the group's codes, S the job's slots per group (1 with ``job.one_slot``, 2 with
+  ``job.two_slots``, else 4); steps past the group's k-steps or its S slots are dropped) or
+  ``a_write`` (bank x :func:`a_bank_words` + group: a group's four A words side by side,
+  written with its last word; in a last group of fewer than four, the lanes past K are zero).
 - ``panel_full[bank]`` is set a cycle after an A bank's last word (and its mask) is written,
   and cleared when the sequencer sets ``free[bank]`` (freeing wins in the same cycle). The
   loader never writes into a full bank: it waits (``input.ready`` low) until it is freed.
@@ -25,8 +26,8 @@ Contract:
   hold per slot whether it is to be issued: B's, whether its word was not all zero (always
   set with ``job.no_skip``; 0 for a group's slots past its steps); A's, whether the k-step's
   A word was not all zero, or with ``job.groups`` whether any of its group's was. Slot s sits
-  at bit ``max_k - 4G + s`` (G = ceil(K/4): each mask is a shift register taking a group's
-  four bits at a time, so no index decoders), and ``k_valid`` has the top 4G bits set; the
+  at bit ``max_k - SG + s`` (G = ceil(K/4): each mask is a shift register taking a group's
+  S bits at a time, so no index decoders), and ``k_valid`` has the top SG bits set; the
   bits below are stale and meant to be masked by it. The masks are updated a cycle after the
   group's last write (``panel_full`` with them).
 - A TLAST before the packet's last beat sets ``tlast_early``, a last beat without TLAST sets
@@ -48,7 +49,7 @@ from sparsa.protocol import CODE_BITS, CODE_PAIRS, GROUP, Option
 
 from .bram import write_signature
 from .feed import b_word_width
-from .job import REGISTERS, SINGLE, job_layout
+from .job import REGISTERS, SINGLE, a_bank_words, job_layout
 from .link import beat_layout
 from .pe import LANES
 from .pipeline import delay, or_all, walk_flag, walk_flag_behind
@@ -68,7 +69,8 @@ class Loader(wiring.Component):
             "bias_write": In(write_signature(32 * g.cols, n_tiles)),
             "mult_write": In(write_signature(32 * g.cols, n_tiles)),
             "b_write": In(write_signature(b_word_width(g.cols), n_tiles * g.max_k)),
-            "a_write": In(write_signature(8 * g.rows * LANES, 2 * g.max_k // LANES)),
+            "a_write": In(write_signature(8 * g.rows * LANES,
+                                         2 * a_bank_words(g, sparse_skip))),
             "panel_full": Out(2),
             "loading_a": Out(1),
             "tlast_early": Out(1), "tlast_missing": Out(1),
@@ -92,7 +94,7 @@ class Loader(wiring.Component):
         # the rest), so no data register waits on whether the word is complete.
         self.partial = [Signal(width, name=f"partial{index}", reset_less=True)
                         for index in range(self.beats_max - 1)]
-        self.ld_k = Signal(range(g.max_k))
+        self.ld_k = Signal(range(g.max_k_for(1) if self.groups else g.max_k))
         self.ld_j0 = Signal(range(g.max_n + cols))
         self.ld_i0 = Signal(33)
         self.ld_nt = Signal(range(g.n_tiles_max))
@@ -225,8 +227,9 @@ class Loader(wiring.Component):
         ]
         b_slot = Signal(range(g.n_tiles_max * g.max_k))
         b_write = write_later(self.b_write, b_slot, "b", Cat(word_q[:8 * cols], b_lanes_q))
+        bank_words = a_bank_words(g, self.groups)
         a_write = write_later(self.a_write,
-                              delay(m, Mux(self.ld_bank, g.max_k // LANES, 0) + self.ld_k[2:],
+                              delay(m, Mux(self.ld_bank, bank_words, 0) + self.ld_k[2:],
                                     1, "a_address", reset_less=True), "a", a_group_q)
         m.d.comb += a_write.eq(delay(m, self.a_group_end, 1, "a_group_end_q"))
         start = self.start
@@ -268,7 +271,7 @@ class Loader(wiring.Component):
         def n_tile_done():
             """The statements at the end of an n-tile's B."""
             m.d.sync += [self.ld_j0.eq(self.ld_j0 + cols), self.ld_nt.eq(self.ld_nt + 1),
-                         self.ld_b_base.eq(self.ld_b_base + job.k)]
+                         self.ld_b_base.eq(self.ld_b_base + job.tile_slots)]
             m.d.comb += next_n_tile.eq(1)
             with m.If(last_n_tile):
                 m.d.comb += self.loading_a_next.eq(1)
@@ -281,7 +284,7 @@ class Loader(wiring.Component):
                                  self.ld_nt.eq(0), self.ld_b_base.eq(0), self.ld_bank.eq(0),
                                  self.beat.eq(0)]
                     if self.groups:
-                        m.d.sync += self._walk.fill.eq(0)
+                        m.d.sync += [self._walk.fill.eq(0), self._walk.group_slot.eq(0)]
                     # (The options come from the register: the job is latched in this cycle.)
                     with m.If(self.rejected):
                         m.next = "DRAIN"
@@ -359,7 +362,7 @@ class Loader(wiring.Component):
         """The group format's registers and position flags (outside the FSM)."""
         g, job = self.geometry, self.job
         beat_bytes = g.beat_bytes
-        groups_max = g.max_k // GROUP
+        groups_max = g.max_k_for(1) // GROUP
         w = self._walk = type("GroupWalk", (), {})()
         w.positions = -(-groups_max // beat_bytes)  # beats of the widest job's counts
         # The counts, 3 bits each (taken modulo 8), the current group's lowest: a beat's are
@@ -368,8 +371,10 @@ class Loader(wiring.Component):
         w.counts = Signal(3 * beat_bytes * w.positions, reset_less=True)
         w.uniform = Signal()
         w.count_beat = Signal(range(w.positions))
-        w.count_k = Signal(range(g.max_k + GROUP * beat_bytes))  # k-steps whose counts are in
-        w.group_k = Signal(range(g.max_k + GROUP))  # the group's first k-step
+        k_most = g.max_k_for(1)
+        w.count_k = Signal(range(k_most + GROUP * beat_bytes))  # k-steps whose counts are in
+        w.group_k = Signal(range(k_most + GROUP))  # the group's first k-step
+        w.group_slot = Signal(range(g.max_k))  # its first slot in the n-tile's B
         w.step = Signal(3)  # the step of the group being loaded
         # The n-tile's code bits taken in and not yet used: the lowest ``fill`` units of
         # ``buffer`` (a unit: the greatest common divisor of the beat's and a column's bits,
@@ -383,11 +388,14 @@ class Loader(wiring.Component):
             m, self.start, self.single.counts, w.count_k, GROUP * beat_bytes, job.k, "last_count")
         w.last_group, w.next_group, w.restart_group = walk_flag(
             m, self.start, self.single.group, w.group_k, GROUP, job.k, "last_group")
-        # The group's k-steps: 4, or K - 4g for the last (a register, from the job and the
-        # walk: a step past them is dropped). It lags a group's start by a cycle, which only
-        # its first step sees, and that one is always kept.
+        # The group's steps kept: its k-steps (4, or K - 4g for the last) but at most its slots
+        # (a register, from the job and the walk: a step past them is dropped). It lags a
+        # group's start by a cycle, which only its first step sees, and that one is always
+        # kept.
+        w.slots = Mux(job.one_slot, 1, Mux(job.two_slots, 2, GROUP))
         w.steps_here = Signal(range(GROUP + 1))
-        m.d.sync += w.steps_here.eq(Mux(w.last_group, job.k - w.group_k, GROUP))
+        k_left = job.k - w.group_k
+        m.d.sync += w.steps_here.eq(Mux(w.last_group & (k_left < w.slots), k_left, w.slots))
 
     @staticmethod
     def _code_widths(count):
@@ -464,14 +472,15 @@ class Loader(wiring.Component):
 
         def group_done():
             m.d.comb += self.b_group_end.eq(1)
-            m.d.sync += [group_k.eq(group_k + GROUP), w.next_group]
+            m.d.sync += [group_k.eq(group_k + GROUP), w.next_group,
+                         w.group_slot.eq(w.group_slot + w.slots)]
             with m.If(~w.uniform):
                 m.d.sync += counts.eq(counts >> 3)
             begin(Mux(w.uniform, count, counts[3:6]))
             with m.If(w.last_group):
                 m.d.comb += self.b_tile_end.eq(1)
                 m.d.sync += [group_k.eq(0), w.restart_group, count_k.eq(0), w.restart_count,
-                             fill.eq(0)]
+                             fill.eq(0), w.group_slot.eq(0)]
                 m.d.comb += self.pausing_next.eq(0)
                 m.next = "COUNTS"
                 n_tile_done()
@@ -526,7 +535,7 @@ class Loader(wiring.Component):
             early_tlast(Const(0))
             kept = complete & (step < steps_here)
             m.d.comb += [b_write.eq(kept),
-                         b_slot.eq(self.ld_b_base + group_k + step[:2]),
+                         b_slot.eq(self.ld_b_base + w.group_slot + step[:2]),
                          self.b_word.eq(kept), self.b_place.eq(step[:2])]
             m.d.sync += b_lanes_q.eq(Cat(*(self._lane(count, step, w.codes, j)
                                            for j in range(cols))))
@@ -577,10 +586,16 @@ class Loader(wiring.Component):
         a_group = Signal(LANES)
         b_shifted = Signal(g.max_k)  # b_nonzero with the completed group shifted in
         a_any = a_group.any()
+
+        def shift_in(mask, bits):
+            """``mask`` with a group's slots (the low ones of ``bits``) shifted in at the top."""
+            return Mux(job.one_slot, Cat(mask[1:], bits[:1]),
+                       Mux(job.two_slots, Cat(mask[2:], bits[:2]), Cat(mask[LANES:], bits)))
+
         m.d.comb += [
             b_group.eq(b_nibble | Mux(b_word & b_bit, 1 << b_place, 0)),
             a_group.eq(a_nibble | Mux(a_word & a_bit, 1 << a_place, 0)),
-            b_shifted.eq(Cat(b_nonzero[LANES:], b_group)),
+            b_shifted.eq(shift_in(b_nonzero, b_group)),
             self.b_mask_write.addr.eq(b_nt),
             self.b_mask_write.data.eq(b_shifted),
             self.b_mask_write.en.eq(b_last),
@@ -589,10 +604,10 @@ class Loader(wiring.Component):
         with m.If(b_end):
             m.d.sync += [b_nonzero.eq(b_shifted), b_nibble.eq(0)]
             with m.If(b_first):
-                m.d.sync += self.k_valid.eq(Cat(self.k_valid[LANES:], Const(-1, LANES)))
+                m.d.sync += self.k_valid.eq(shift_in(self.k_valid, Const(-1, LANES)))
         a_bits = Mux(job.groups, Cat(*(a_any for _ in range(LANES))), a_group)
         with m.If(a_end):
             m.d.sync += a_nibble.eq(0)
         for bank in range(2):
             with m.If(a_end & (a_bank == bank)):
-                m.d.sync += self.a_nonzero[bank].eq(Cat(self.a_nonzero[bank][LANES:], a_bits))
+                m.d.sync += self.a_nonzero[bank].eq(shift_in(self.a_nonzero[bank], a_bits))

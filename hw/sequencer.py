@@ -4,8 +4,9 @@
 n-tile by n-tile within it, and for each tile issues its k-steps (its slots, see
 :class:`.Loader`: plain k-steps, or the steps of the group format), one per cycle: ``a_addr``
 and ``b_addr`` are the memory addresses of the slot decided in this cycle (registered: the
-words come out of the block RAMs two cycles later, see :class:`.Feed`; ``a_addr`` is bank x
-max_k + slot, the A memory's word of its group is ``a_addr >> 2``), and ``step`` says what it is
+words come out of the block RAMs two cycles later, see :class:`.Feed`; ``a_addr`` is the A
+memory's word of the slot's group, bank x :func:`.a_bank_words` + slot / S, S the job's slots
+per group), and ``step`` says what it is
 (``issue``, the tile's ``first`` and ``last``, ``kill``: a tile with no k-step at all issues one
 zero k-step so that it still yields its results).
 
@@ -36,7 +37,7 @@ from amaranth.utils import bits_for, ceil_log2
 from sparsa.protocol import GROUP
 
 from .bram import read_signature
-from .job import REGISTERS, job_layout
+from .job import REGISTERS, a_bank_words, job_layout
 from .picker import StepPicker, group_flags
 from .pipeline import delay, lut_product
 
@@ -52,12 +53,12 @@ class Sequencer(wiring.Component):
             "start": In(1), "rejected": In(1), "closing": In(1), "tlast_early": In(1),
             "registers": In(REGISTERS), "job": In(job_layout(g)),
             "panel_full": In(2), "loading_a": In(1), "popped": In(1),
-            "a_addr": Out(ceil_log2(2 * g.max_k)),
+            "a_addr": Out(ceil_log2(2 * a_bank_words(g, sparse_skip))),
             "b_addr": Out(ceil_log2(g.n_tiles_max * g.max_k)),
             "step": Out(STEP),
             "slot": Out(range(g.rows * g.cols + 1)),
             "advance": Out(1),
-            "skipped": Out(range(g.max_k + 1)),
+            "skipped": Out(range(g.max_k_for(1) + 1)),
             "free": Out(2), "job_end": Out(1), "nothing_reserved": Out(1),
             "waiting_panel": Out(1), "waiting_room": Out(1),
         }
@@ -88,8 +89,8 @@ class Sequencer(wiring.Component):
         self.in_issue = Signal()  # the sequencer is in ISSUE
         self.in_load = Signal()  # the sequencer is in LOAD
         # The slot to issue now is k_position - k_offset (the nonzero masks hold slot s at bit
-        # max_k - 4G + s, G the job's groups); the offset is folded into registered memory base
-        # addresses.
+        # max_k - SG + s, G the job's groups, S its slots per group); the offset is folded into
+        # registered memory base addresses (A's in groups: k_offset is a multiple of S).
         self.k_position = Signal(max(1, bits_for(g.max_k - 1)))
         self.k_offset = Signal(range(g.max_k), reset_less=True)
         self.ready = Signal()  # a k-step is there to issue
@@ -103,8 +104,15 @@ class Sequencer(wiring.Component):
         cols_real = Signal(range(cols + 1), reset_less=True)
         slot = Signal(range(rows * cols + 1), reset_less=True)
         m.d.comb += self.slot.eq(slot)
+        job = self.job
+
+        def in_groups(slot):
+            """A slot's A word (its group: slot / S) from ``slot``."""
+            return Mux(job.one_slot, slot, Mux(job.two_slots, slot >> 1, slot >> 2))
+
+        bank_words = a_bank_words(g, self.sparse_skip)
         m.d.sync += [
-            a_base.eq(Mux(self.sq_bank, g.max_k, 0) - self.k_offset),
+            a_base.eq(Mux(self.sq_bank, bank_words, 0) - in_groups(self.k_offset)),
             b_base.eq(self.sq_b_base - self.k_offset),
             self.sq_last_n.eq(self.sq_n_left <= cols),
             self.sq_last_m.eq(self.sq_m_left <= rows),
@@ -118,7 +126,7 @@ class Sequencer(wiring.Component):
             self._counter(m)
         # The k-step's memory addresses are registered (the sum is not in the block RAMs'
         # address set-up).
-        m.d.sync += [self.a_addr.eq(a_base + self.k_position),
+        m.d.sync += [self.a_addr.eq(a_base + in_groups(self.k_position)),
                      self.b_addr.eq(b_base + self.k_position)]
         room_next = self._room(m)
         self._accept(m, room_next)
@@ -190,8 +198,8 @@ class Sequencer(wiring.Component):
             self.empty.eq(picker.none),
         ]
         m.d.sync += [
-            # (Slots are counted from the mask bit of the job's first group: max_k - 4G.)
-            self.k_offset.eq(g.max_k - Cat(Const(0, 2), (job.k + GROUP - 1)[2:])),
+            # (Slots are counted from the mask bit of the job's first group: max_k - SG.)
+            self.k_offset.eq(g.max_k - job.tile_slots),
             next_nt.eq(next_nt_next),
             b_addr.eq(Mux(self.in_issue, next_nt, self.sq_nt)),
             b_tag1.eq(b_addr), b_tag2.eq(b_tag1),
@@ -291,7 +299,7 @@ class Sequencer(wiring.Component):
         m.d.sync += self.advance.eq(self.issue_last)
         with m.If(self.advance):
             m.d.sync += [self.sq_n_left.eq(self.sq_n_left - g.cols), self.sq_nt.eq(self.sq_nt + 1),
-                         self.sq_b_base.eq(self.sq_b_base + self.job.k)]
+                         self.sq_b_base.eq(self.sq_b_base + self.job.tile_slots)]
             with m.If(self.sq_last_n):
                 m.d.sync += [self.sq_n_left.eq(self.job.n), self.sq_nt.eq(0),
                              self.sq_b_base.eq(0), self.sq_m_left.eq(self.sq_m_left - g.rows)]

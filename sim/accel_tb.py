@@ -122,17 +122,21 @@ class AccelTB:
         frame = await with_timeout(self.sink.recv(), 10 * cycles, "ns")
         return frame.tdata
 
-    async def gemm(self, a, b, bias=None, requant=None, relu=False, skip=True, groups=False):
+    async def gemm(self, a, b, bias=None, requant=None, relu=False, skip=True, groups=False,
+                   slots=None):
         """Run one job; returns (C, STATUS, ERROR, counters). A ``requant`` multiplier that is
         an array (one per column) goes in the input packet (``OPTIONS.CHANNEL_QUANT``); B in
-        the group format with ``groups``."""
+        the group format with ``groups``, with ``slots`` per group (``OPTIONS.STEPS_*``; by
+        default the fewest that keep B's largest group, :func:`fewest_slots`)."""
         m, k = a.shape
         n = b.shape[1]
         mult = requant[0] if requant is not None and np.ndim(requant[0]) else None
         if mult is not None:
             requant = (np.asarray(mult), *requant[1:])
         options, quant = jobs.job_options(bias is not None, requant, relu, skip)
-        options |= Option.GROUPS if groups else 0
+        if groups:
+            slots = fewest_slots(b, self.geometry.cols) if slots is None else slots
+            options |= Option.GROUPS | protocol.STEPS_OPTIONS[slots]
         await self.start(m, k, n, options, quant)
         packet = protocol.pack_input(self.geometry, a, b, bias, mult, groups)
         await self.source.send(AxiStreamFrame(packet.tobytes()))
@@ -141,6 +145,12 @@ class AccelTB:
         status = await self.wait_done(cycles)
         c = protocol.unpack_output(self.geometry, data, m, n, requant is not None)
         return c, status, await self.read("ERROR"), await self.counters()
+
+
+def fewest_slots(b, cols):
+    """The fewest B memory slots per group (1, 2 or 4) that keep every step of B's groups."""
+    counts = protocol.group_counts(b, cols)
+    return protocol.slots_for(int(counts.max()) if counts.size else 0)
 
 
 def random_matrix(rng, shape):
@@ -203,19 +213,30 @@ async def test_random_jobs(dut):
         tb.set_pauses(rng, idle=float(rng.choice([0, 0.2, 0.6])),
                       backpressure=float(rng.choice([0, 0.2, 0.6])))
         m = int(rng.integers(1, max_dim + 1))
-        k = int(rng.integers(1, min(max_dim, g.max_k) + 1))
         n = int(rng.integers(1, min(max_dim, g.max_n) + 1))
-        a, b = random_matrix(rng, (m, k)), random_matrix(rng, (k, n))
-        bias, requant, relu = random_options(rng, n)
         skip = bool(rng.random() < 0.7)
         groups = skip and tb.groups and bool(rng.random() < 0.5)
-        if groups and rng.random() < 0.5:  # pruned weights: n:4 per group, mixed across groups
-            b = patterns.n_of_m(rng, (k, n), int(rng.integers(0, 5)), 4) if rng.random() < 0.5 \
-                else patterns.mixed_groups(rng, (k, n))
+        # Pruned weights (n:4 per group, or mixed across groups), with K up to what the
+        # slots they need allow; other B at random.
+        pruned = groups and bool(rng.random() < 0.5)
+        keep = int(rng.integers(0, 5)) if pruned and rng.random() < 0.5 else None
+        k_most = g.max_k_for(protocol.slots_for(keep)) if keep is not None else g.max_k
+        k = int(rng.integers(1, min(max_dim, k_most) + 1))
+        a = random_matrix(rng, (m, k))
+        if keep is not None:
+            b = patterns.n_of_m(rng, (k, n), keep, 4)
+        else:
+            b = patterns.mixed_groups(rng, (k, n)) if pruned else random_matrix(rng, (k, n))
+        bias, requant, relu = random_options(rng, n)
+        slots = None
+        if groups:  # the fewest slots that keep B's groups, or sometimes more where K fits
+            slots = int(rng.choice([s for s in (1, 2, 4) if s >= fewest_slots(b, g.cols)
+                                    and k <= g.max_k_for(s)]))
         label = (f"job {job}: M={m} K={k} N={n} bias={bias is not None} requant={requant} "
-                 f"relu={relu} skip={skip} groups={groups}")
+                 f"relu={relu} skip={skip} groups={groups} slots={slots}")
         dut._log.info(label)
-        got, status, error, counters = await tb.gemm(a, b, bias, requant, relu, skip, groups)
+        got, status, error, counters = await tb.gemm(a, b, bias, requant, relu, skip, groups,
+                                                     slots)
         assert_job(tb, got, status, error, counters, a, b, bias, requant, relu, skip, label,
                    groups)
     dut._log.info("%d random jobs bit-exact", cfg.get("count", 20))
@@ -249,6 +270,22 @@ async def test_directed_jobs(dut):
         got, status, error, counters = await tb.gemm(a, b, bias, requant, relu)
         assert_job(tb, got, status, error, counters, a, b, bias, requant, relu,
                    label=f"directed job {number}")
+    if not tb.groups:
+        return
+    # The largest K of 1:4 and 2:4 weights (MAX_K1, MAX_K2), over two n-tiles and m-tiles, and
+    # of weights whose groups take at most one step but are not 1:4 (some take none).
+    for keep, slots in ((1, 1), (2, 2), (None, 1)):
+        k = g.max_k_for(slots)
+        n = g.cols + 1
+        a = rng.integers(-128, 128, (g.rows + 1, k), dtype=np.int8)
+        b = (patterns.n_of_m(rng, (k, n), keep, 4) if keep is not None
+             else patterns.n_of_m(rng, (k, n), 1, 4) * (rng.random((k, n)) < 0.5))
+        bias = rng.integers(-2**20, 2**20, n, dtype=np.int32)
+        requant = (1 << 30, 4, 3)
+        got, status, error, counters = await tb.gemm(a, b, bias, requant, True, groups=True)
+        assert fewest_slots(b, g.cols) <= slots
+        assert_job(tb, got, status, error, counters, a, b, bias, requant, True,
+                   label=f"K={k} with {slots} slots per group", groups=True)
 
 
 @cocotb.test()
@@ -259,7 +296,9 @@ async def test_registers(dut):
     assert await tb.read("ID") == protocol.MAGIC
     assert await tb.read("VERSION") == protocol.VERSION[0] << 16 | protocol.VERSION[1]
     for name, value in (("ROWS", g.rows), ("COLS", g.cols), ("STREAM_WIDTH", g.stream_width),
-                        ("MAX_K", g.max_k), ("MAX_N", g.max_n)):
+                        ("MAX_K", g.max_k), ("MAX_N", g.max_n),
+                        ("MAX_K2", 2 * g.max_k if tb.groups else g.max_k),
+                        ("MAX_K1", 4 * g.max_k if tb.groups else g.max_k)):
         assert await tb.read(name) == value, name
     assert await tb.read("FEATURES") == features(cfg)
     for register in protocol.REGISTERS:
@@ -308,7 +347,8 @@ async def test_errors(dut):
     await expect_good_job()
     await expect_error(Error.K_TOO_LARGE, 4, g.max_k + 1, 4)
     await expect_error(Error.N_TOO_LARGE, 4, 4, g.max_n + 1)
-    await expect_error(Error.BAD_OPTION, 4, 4, 4, options=1 << 7)
+    await expect_error(Error.BAD_OPTION, 4, 4, 4, options=1 << 8)
+    await expect_error(Error.BAD_OPTION, 4, 4, 4, options=Option.STEPS_2)  # no GROUPS
     await expect_error(Error.BAD_OPTION, 4, 4, 4, options=Option.CHANNEL_QUANT)  # no REQUANT
     await expect_error(Error.BAD_QUANT, 4, 4, 4, options=Option.REQUANT, quant=(1, 32, 0))
     await expect_error(Error.BAD_QUANT, 4, 4, 4, options=Option.REQUANT, quant=(1, 3, 128))
@@ -337,6 +377,13 @@ async def test_errors(dut):
         await expect_good_job()
         return
     await expect_error(Error.BAD_OPTION, *good, options=Option.GROUPS | Option.NO_SKIP)
+    await expect_error(Error.BAD_OPTION, *good,
+                       options=Option.GROUPS | Option.STEPS_2 | Option.STEPS_1)
+    # K as large as the job's slots per group allow, and one more.
+    for slots in (4, 2, 1):
+        await expect_error(Error.K_TOO_LARGE, 4, g.max_k_for(slots) + 1, 4,
+                           options=Option.GROUPS | protocol.STEPS_OPTIONS[slots])
+    await expect_good_job()
     # The group format: TLAST inside B's counts, code beats and steps.
     grouped = protocol.pack_input(g, a, b, groups=True)
     for cut in (beat, 2 * beat, 4 * beat, len(grouped) - beat):
@@ -363,9 +410,9 @@ async def test_errors(dut):
             return [lane for lane in range(4) if lane != code][step]
         return step
 
-    async def malformed(k, header, counts):
+    async def malformed(k, header, counts, slots=4):
         """A job of K = ``k`` whose B has this header (bytes) and these counts (mod 8),
-        random codes and values."""
+        random codes and values, with ``slots`` per group (``OPTIONS.STEPS_*``)."""
         a6 = rng.integers(-128, 128, (g.rows + 1, k), dtype=np.int8)
         b6 = np.zeros((-(-k // 4) * 4, g.cols), np.int64)  # the B the steps make
         bits = []  # the n-tile's code bits, lowest first
@@ -381,7 +428,7 @@ async def test_errors(dut):
             for step in range(count):
                 values = rng.integers(-128, 128, g.cols, dtype=np.int8)
                 part.append(vec(values))
-                if step < min(4, k - 4 * group):
+                if step < min(slots, k - 4 * group):
                     lanes = [lanes_of(count, int(code), step) for code in codes]
                     b6[4 * group + np.array(lanes), columns] += values
         bits += [0] * (-len(bits) % g.stream_width)
@@ -390,7 +437,7 @@ async def test_errors(dut):
         part = [next(code_beats) if item is None else item for item in part]
         a_part = protocol.pack_input(g, a6, np.zeros((k, g.cols), np.int8))[
             -g.tiles(g.rows + 1, 1)[0] * k * g.vector_beats(g.rows) * g.beat_bytes:]
-        await tb.start(g.rows + 1, k, g.cols, Option.GROUPS)
+        await tb.start(g.rows + 1, k, g.cols, Option.GROUPS | protocol.STEPS_OPTIONS[slots])
         await tb.source.send(AxiStreamFrame(np.concatenate(part + [a_part]).tobytes()))
         data = await tb.receive(tb.budget(*good))
         status = await tb.wait_done(tb.budget(*good))
@@ -403,6 +450,9 @@ async def test_errors(dut):
     await malformed(10, [7, 8 + 2, 3], [7, 2, 3])
     # K = 6, a uniform header (0x80 | 9: 1 step per group) with other bytes set.
     await malformed(6, [0x80 | 8 | 1, 0xFF, 0x7], [1, 1])
+    # More steps than the job's slots per group: those past them are dropped.
+    await malformed(11, [2, 3, 1], [2, 3, 1], slots=1)
+    await malformed(9, [4, 1, 3], [4, 1, 3], slots=2)
 
 
 @cocotb.test()

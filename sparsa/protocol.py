@@ -72,8 +72,11 @@ in whole beats (the last one zero-padded): the code beats before a group's steps
 that bring the beats of the string sent so far to ``ceil(bits / W)``, ``bits`` the string's
 length up to and including this group's codes. (A group of 4 steps has no codes, and at 2:4 eight
 columns' codes of eight groups fill three 64-bit beats, so 2:4 weights take about 0.6 of the
-plain format's bytes.) The device drops the steps of a group past its k-steps; a lane past K
-multiplies zero. A step's row ``i``, column ``j`` multiplies ``A[i, 4g + lane]``: the four A
+plain format's bytes.) The device drops the steps of a group past its k-steps, and past its
+slots: the B memory keeps ``S`` slots per group, ``S`` = 1 with ``OPTIONS.STEPS_1``, 2 with
+``OPTIONS.STEPS_2``, else 4 (:func:`slots_per_group`), so a job whose groups take at most one
+step (1:4 weights) may have K up to ``MAX_K1`` = 4 x ``MAX_K``, at most two (2:4) up to
+``MAX_K2`` = 2 x ``MAX_K``. A lane past K multiplies zero. A step's row ``i``, column ``j`` multiplies ``A[i, 4g + lane]``: the four A
 values of a group travel through the array together and each PE picks one by the lane that
 came down its column, so a group costs ``c[g]`` cycles instead of four (2:4 weights: 2, 1:4:
 1, an all-zero group: 0).
@@ -97,7 +100,9 @@ all zero.
   are all skipped still yields its (bias-only) results through one zero k-step. ``OPTIONS.NO_SKIP`` issues every
   k-step; results are identical, only cycles and ``MACS``/``KSTEPS_SKIPPED`` differ.
 
-``OPTIONS.GROUPS`` with ``NO_SKIP``, or on a build without ``FEATURES.GROUPS``, is ``BAD_OPTION``.
+``OPTIONS.GROUPS`` with ``NO_SKIP``, or on a build without ``FEATURES.GROUPS``, is ``BAD_OPTION``,
+as are ``STEPS_2`` or ``STEPS_1`` without ``GROUPS`` and the two together. ``K_TOO_LARGE``: K
+above ``MAX_K1`` with ``STEPS_1``, else above ``MAX_K2`` with ``STEPS_2``, else above ``MAX_K``.
 ``KSTEPS_SKIPPED`` counts, per output tile, ``K`` less the steps issued (a group's steps stand in
 for its four k-steps).
 
@@ -137,7 +142,8 @@ from enum import IntEnum
 import numpy as np
 
 MAGIC = 0x53505253  # "SPRS"
-VERSION = (1, 3)  # 1.1: OPTIONS.CHANNEL_QUANT; 1.2: OPTIONS.GROUPS; 1.3: its codes
+VERSION = (1, 4)  # 1.1: OPTIONS.CHANNEL_QUANT; 1.2: OPTIONS.GROUPS; 1.3: its codes;
+# 1.4: OPTIONS.STEPS_2 / STEPS_1 with MAX_K2 / MAX_K1
 ADDRESS_WIDTH = 12  # a 4 KiB AXI4-Lite window
 # The IP's vendor:library:name:version, as the Vivado packaging script names it and the PYNQ
 # driver (sparsa.host.board.SparsaIP.bindto) binds to it.
@@ -163,6 +169,8 @@ class Option(IntEnum):
     NO_SKIP = 1 << 3  # issue every k-step, zero or not (for A/B comparison in one build)
     CHANNEL_QUANT = 1 << 4  # per-column requantization multipliers in the input packet
     GROUPS = 1 << 5  # B in the group format (see the module docstring)
+    STEPS_2 = 1 << 6  # with GROUPS: at most 2 steps per group kept, K up to MAX_K2
+    STEPS_1 = 1 << 7  # with GROUPS: at most 1 step per group kept, K up to MAX_K1
 
 
 class Feature(IntEnum):
@@ -215,6 +223,7 @@ REGISTERS = (
     Register("CONTROL", 0x20, "wo", doc="Control bits, self-clearing", fields=Control),
     Register("STATUS", 0x24, "ro", doc="Status bits", fields=Status),
     Register("ERROR", 0x28, "ro", doc="Error code of the current/last job", fields=Error),
+    Register("MAX_K2", 0x2C, "ro", doc="largest K of a job with OPTIONS.STEPS_2"),
     Register("M", 0x30, "rw", 1, "rows of A and C"),
     Register("K", 0x34, "rw", 1, "columns of A, rows of B"),
     Register("N", 0x38, "rw", 1, "columns of B and C"),
@@ -222,6 +231,7 @@ REGISTERS = (
     Register("QUANT_MULT", 0x40, "rw", 1 << 30, "requantization multiplier (int32)"),
     Register("QUANT_SHIFT", 0x44, "rw", 0, "requantization right shift, 0..31"),
     Register("QUANT_ZERO", 0x48, "rw", 0, "output zero point (int32 register, -128..127)"),
+    Register("MAX_K1", 0x4C, "ro", doc="largest K of a job with OPTIONS.STEPS_1"),
     Register("CYCLES", 0x50, "ro", doc="cycles from START to the last output beat"),
     Register("STALL_IN", 0x54, "ro", doc="cycles the array waited for operands"),
     Register("STALL_OUT", 0x58, "ro", doc="cycles the array waited for room in the output"),
@@ -236,8 +246,21 @@ REGISTER = {register.name: register for register in REGISTERS}
 RESET_QUANT = tuple(REGISTER[name].reset for name in ("QUANT_MULT", "QUANT_SHIFT", "QUANT_ZERO"))
 # Other bits, or CHANNEL_QUANT without REQUANT: BAD_OPTION.
 KNOWN_OPTIONS = (Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP
-                 | Option.CHANNEL_QUANT | Option.GROUPS)
+                 | Option.CHANNEL_QUANT | Option.GROUPS | Option.STEPS_2 | Option.STEPS_1)
 GROUP = 4  # k-steps per group of the group format
+STEPS_OPTIONS = {1: Option.STEPS_1, 2: Option.STEPS_2, 4: 0}  # a job's slots per group: its bit
+
+
+def slots_per_group(options):
+    """The B memory's slots per group of a job with these OPTIONS (1 with ``STEPS_1``, else 2
+    with ``STEPS_2``, else 4): the steps of a group it keeps, and so its largest K,
+    ``Geometry.max_k_for(slots)``."""
+    return 1 if options & Option.STEPS_1 else 2 if options & Option.STEPS_2 else GROUP
+
+
+def slots_for(most_steps):
+    """The fewest slots per group (1, 2 or 4) that keep groups of ``most_steps`` steps."""
+    return 1 if most_steps <= 1 else 2 if most_steps <= 2 else GROUP
 UNIFORM = 0x80  # in the first byte of an n-tile's counts: one count for all its groups
 CODE_BITS = np.array([0, 2, 3, 2, 0, 0, 0, 0])  # bits of a column's code, by count (mod 8)
 CODE_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # the lanes of a 2-step code
@@ -264,6 +287,11 @@ class Geometry:
     @property
     def beat_bytes(self):
         return self.stream_width // 8
+
+    def max_k_for(self, slots):
+        """The largest K of a job whose groups take ``slots`` slots of the B memory each (4:
+        ``MAX_K``, 2: ``MAX_K2``, 1: ``MAX_K1``)."""
+        return self.max_k * GROUP // slots
 
     def vector_beats(self, nbytes):
         return -(-nbytes // self.beat_bytes)
@@ -471,10 +499,11 @@ def group_beats(geometry, counts):
     return _layout(geometry, counts, _uniform(counts)).beats
 
 
-def read_groups(geometry, data, k, n):
+def read_groups(geometry, data, k, n, slots=GROUP):
     """B (K x N, int8) from the group format at the start of ``data`` (uint8), and the bytes it
     took; raises ValueError when the data ends inside it. Counts are taken modulo 8, steps past
-    a group's k-steps are dropped and a lane past K multiplies zero, as on the device."""
+    a group's k-steps or past its ``slots`` are dropped and a lane past K multiplies zero, as on
+    the device."""
     g = geometry
     n_tiles = -(-n // g.cols)
     groups = -(-k // GROUP)
@@ -508,7 +537,7 @@ def read_groups(geometry, data, k, n):
              << bit).sum(axis=3)
     # (codes[t, g, j])
     # Every kept step: its tile, group and number, its values' offset.
-    kept = np.minimum(GROUP, k - GROUP * np.arange(groups))  # each group's k-steps
+    kept = np.minimum(slots, k - GROUP * np.arange(groups))  # each group's steps kept
     steps = np.minimum(lay.counts, kept).reshape(-1)
     where = np.repeat(np.arange(steps.size), steps)  # flat (t, g) of each step
     step = np.arange(where.size) - np.repeat(np.cumsum(steps) - steps, steps)

@@ -13,7 +13,7 @@ from amaranth.sim import Simulator
 
 from sparsa.hw.counters import WorkCounters
 from sparsa.hw.drain import Drain
-from sparsa.hw.job import JobControl
+from sparsa.hw.job import JobControl, a_bank_words
 from sparsa.hw.loader import Loader
 from sparsa.hw.sequencer import Sequencer
 from sparsa import protocol
@@ -45,11 +45,14 @@ def simulate(dut, *benches):
 
 def set_job(ctx, port, geometry, m, k, n, options=0, quant=(0, 0, 0)):
     """The latched job of :func:`sparsa.hw.job.job_layout`, as JobControl gives it."""
+    slots = protocol.slots_per_group(options)
     fields = {"m": m, "k": k, "n": n, "bias": bool(options & Option.BIAS),
               "requant": bool(options & Option.REQUANT), "relu": bool(options & Option.RELU),
               "no_skip": bool(options & Option.NO_SKIP),
               "channel_quant": bool(options & Option.CHANNEL_QUANT),
               "groups": bool(options & Option.GROUPS),
+              "one_slot": slots == 1, "two_slots": slots == 2,
+              "tile_slots": slots * -(-k // protocol.GROUP),
               "mult": quant[0], "shift": quant[1], "zero": quant[2]}
     for name, value in fields.items():
         ctx.set(getattr(port, name), value)
@@ -76,16 +79,20 @@ def expected_error(geometry, m, k, n, options, shift, zero, groups=True):
     """The protocol's START checks, in its order (sparsa.protocol's module docstring);
     ``groups``: the build has the group format (``FEATURES.GROUPS``)."""
     known = (Option.BIAS | Option.REQUANT | Option.RELU | Option.NO_SKIP | Option.CHANNEL_QUANT
-             | Option.GROUPS)
+             | Option.GROUPS | Option.STEPS_2 | Option.STEPS_1)
+    steps = options & (Option.STEPS_2 | Option.STEPS_1)
+    slots = 1 if options & Option.STEPS_1 else 2 if options & Option.STEPS_2 else 4
     if 0 in (m, k, n):
         return Error.ZERO_DIMENSION
-    if k > geometry.max_k:
+    if k > geometry.max_k * 4 // slots:
         return Error.K_TOO_LARGE
     if n > geometry.max_n:
         return Error.N_TOO_LARGE
     if options & ~known or (options & Option.CHANNEL_QUANT and not options & Option.REQUANT):
         return Error.BAD_OPTION
     if options & Option.GROUPS and (options & Option.NO_SKIP or not groups):
+        return Error.BAD_OPTION
+    if steps and (not options & Option.GROUPS or steps == Option.STEPS_2 | Option.STEPS_1):
         return Error.BAD_OPTION
     if options & Option.REQUANT and (shift > 31 or not -128 <= zero <= 127):
         return Error.BAD_QUANT
@@ -97,14 +104,21 @@ def test_job_control_checks_and_status(groups):
     g = Geometry(4, 4, 32, 64, 32)
     rng = np.random.default_rng(1)
     cases = [(1, 1, 1, 0, 0, 0), (0, 5, 5, 0, 0, 0), (5, 65, 5, 0, 0, 0), (5, 64, 33, 0, 0, 0),
-             (5, 64, 32, 0x40, 0, 0), (5, 64, 32, Option.GROUPS, 0, 0),
+             (5, 64, 32, 0x100, 0, 0), (5, 64, 32, Option.GROUPS, 0, 0),
+             (5, 65, 32, Option.GROUPS, 0, 0), (5, 128, 32, Option.GROUPS | Option.STEPS_2, 0, 0),
+             (5, 129, 32, Option.GROUPS | Option.STEPS_2, 0, 0),
+             (5, 256, 32, Option.GROUPS | Option.STEPS_1, 0, 0),
+             (5, 257, 32, Option.GROUPS | Option.STEPS_1, 0, 0),
+             (5, 255, 32, Option.GROUPS | Option.STEPS_1 | Option.STEPS_2, 0, 0),
+             (5, 64, 32, Option.STEPS_2, 0, 0),
              (5, 64, 32, Option.GROUPS | Option.NO_SKIP, 0, 0), (5, 5, 5, Option.CHANNEL_QUANT, 0, 0),
              (5, 5, 5, Option.REQUANT, 32, 0), (5, 5, 5, Option.REQUANT, 31, 128),
              (5, 5, 5, Option.REQUANT, 31, -129), (5, 5, 5, Option.REQUANT | Option.RELU, 31, -128),
              (2**32 - 1, 0, 2**32 - 1, 0xFF, 99, 0)]
     for _ in range(40):
-        cases.append((int(rng.choice([0, 1, 4, 5, 2**31])), int(rng.choice([0, 1, 64, 65, 300])),
-                      int(rng.choice([0, 1, 4, 32, 33])), int(rng.integers(0, 128)),
+        cases.append((int(rng.choice([0, 1, 4, 5, 2**31])),
+                      int(rng.choice([0, 1, 64, 65, 127, 128, 129, 255, 256, 257, 2**32 - 1])),
+                      int(rng.choice([0, 1, 4, 32, 33])), int(rng.integers(0, 512)),
                       int(rng.choice([0, 31, 32, 1000])),
                       int(rng.choice([-129, -128, 0, 127, 128]))))
     dut = JobControl(g, groups)
@@ -126,7 +140,8 @@ def test_job_control_checks_and_status(groups):
             single = tuple(ctx.get(dut.single[field])
                            for field in ("k", "n", "m", "group", "counts"))
             job = (ctx.get(dut.job.m), ctx.get(dut.job.k), ctx.get(dut.job.n),
-                   ctx.get(dut.job.groups))
+                   ctx.get(dut.job.groups), ctx.get(dut.job.one_slot),
+                   ctx.get(dut.job.two_slots), ctx.get(dut.job.tile_slots))
             results.append((error, rejected, closing, busy, single, job))
             # The status afterwards: the loader's and the drain's events.
             ctx.set(dut.drained, 1)
@@ -151,7 +166,9 @@ def test_job_control_checks_and_status(groups):
         assert busy == 1
         assert single == (k <= 1, n <= g.cols, m <= g.rows, k <= 4, k <= 4 * g.beat_bytes)
         if want == Error.NONE:
-            assert job == (m, k, n, bool(options & Option.GROUPS))
+            slots = protocol.slots_per_group(options)
+            assert job == (m, k, n, bool(options & Option.GROUPS), slots == 1, slots == 2,
+                           slots * -(-k // 4))
     assert {result[0] for result in results} >= set(Error) - {Error.TLAST_EARLY,
                                                                Error.TLAST_MISSING}
 
@@ -235,35 +252,41 @@ class SequencerBench(Elaboratable):
         return m
 
 
-def mask_word(nonzero, max_k, rng):
-    """A mask register's value: slot s at bit max_k - 4G + s (G = ceil(K/4) groups), the slots
-    past K clear, stale bits below."""
-    low = max_k - 4 * -(-len(nonzero) // 4)
+def mask_word(nonzero, max_k, rng, span):
+    """A mask register's value: slot s at bit max_k - span + s (span: the job's slots, S x
+    ceil(K/4) for S slots per group), stale bits below."""
+    low = max_k - span
     stale = int(rng.integers(0, 1 << low)) if low else 0
     return sum(int(bit) << (low + i) for i, bit in enumerate(nonzero)) | stale
 
 
-@pytest.mark.parametrize("m,k,n,density", [(12, 20, 10, 0.5), (8, 7, 12, 0.15), (4, 1, 4, 0.5),
-                                           (9, 32, 3, 0.9)])
-def test_sequencer_issues_the_set_bits_of_the_masks(m, k, n, density):
+@pytest.mark.parametrize("m,k,n,density,slots", [
+    (12, 20, 10, 0.5, 4), (8, 7, 12, 0.15, 4), (4, 1, 4, 0.5, 4), (9, 32, 3, 0.9, 4),
+    (9, 125, 7, 0.6, 1), (6, 42, 10, 0.3, 2), (5, 64, 3, 0.8, 2)])
+def test_sequencer_issues_the_set_bits_of_the_masks(m, k, n, density, slots):
+    """The k-steps of the masks' set bits; with ``slots`` per group (the group format with
+    OPTIONS.STEPS_*, K up to 4 / slots x max_k) a slot's A word is its group."""
     g = Geometry(4, 4, 32, 32, 12)
     rng = np.random.default_rng(m * k * n)
     m_tiles, n_tiles = g.tiles(m, n)
-    a_nonzero = rng.random((2, k)) < density
-    b_nonzero = rng.random((g.n_tiles_max, k)) < density
+    span = slots * -(-k // 4)  # the job's slots per n-tile
+    a_nonzero = rng.random((2, span)) < density
+    b_nonzero = rng.random((g.n_tiles_max, span)) < density
+    if slots == 4:  # plain k-steps: the slots past K are clear
+        a_nonzero[:, k:] = b_nonzero[:, k:] = False
     b_nonzero[0] = False  # a tile with nothing to issue in every m-tile
-    b_masks = [mask_word(b_nonzero[t], g.max_k, rng) for t in range(g.n_tiles_max)]
+    b_masks = [mask_word(b_nonzero[t], g.max_k, rng, span) for t in range(g.n_tiles_max)]
+    options = Option.GROUPS | protocol.STEPS_OPTIONS[slots] if slots < 4 else 0
     bench = SequencerBench(g, b_masks)
     dut = bench.sequencer
     steps, freed, tile_ends = [], [], []
 
     async def drive(ctx):
-        set_registers(ctx, dut.registers, m, k, n)
-        set_job(ctx, dut.job, g, m, k, n)
+        set_registers(ctx, dut.registers, m, k, n, options)
+        set_job(ctx, dut.job, g, m, k, n, options)
         for bank in range(2):
-            ctx.set(dut.a_nonzero[bank], mask_word(a_nonzero[bank], g.max_k, rng))
-        slots = 4 * -(-k // 4)
-        ctx.set(dut.k_valid, ((1 << slots) - 1) << (g.max_k - slots))  # as the loader's
+            ctx.set(dut.a_nonzero[bank], mask_word(a_nonzero[bank], g.max_k, rng, span))
+        ctx.set(dut.k_valid, ((1 << span) - 1) << (g.max_k - span))  # as the loader's
         ctx.set(dut.panel_full, 0b11)
         await ctx.tick()
         ctx.set(dut.start, 1)
@@ -306,7 +329,7 @@ def test_sequencer_issues_the_set_bits_of_the_masks(m, k, n, density):
                 continue
             for index, kk in enumerate(ks):
                 want.append((index == 0, index == len(ks) - 1, 0,
-                             (mt % 2) * g.max_k + kk, nt * k + kk))
+                             (mt % 2) * a_bank_words(g, True) + kk // slots, nt * span + kk))
     got = [step[:3] if step[2] else step for step in steps]
     assert got == [tuple(int(v) for v in step) for step in want]
     assert tile_ends == want_ends
@@ -349,7 +372,8 @@ def run_loader(g, a, b, bias, mult, options, beats, rng, free_delay=5):
                 port = getattr(dut, f"{name}_write")
                 if ctx.get(port.en):
                     seen[name].append((ctx.get(port.addr), ctx.get(port.data)))
-                    if name == "a" and full_before >> (ctx.get(port.addr) // (g.max_k // 4)) & 1:
+                    bank = ctx.get(port.addr) // a_bank_words(g, True)
+                    if name == "a" and full_before >> bank & 1:
                         seen["full_writes"] += 1
             seen["early"] += ctx.get(dut.tlast_early)
             seen["missing"] += ctx.get(dut.tlast_missing)
@@ -371,7 +395,8 @@ def run_loader(g, a, b, bias, mult, options, beats, rng, free_delay=5):
     return seen
 
 
-@pytest.mark.parametrize("case", ["dense", "groups", "2:4", "one k-step"])
+@pytest.mark.parametrize("case", ["dense", "groups", "2:4", "one k-step", "2:4 in 2 slots",
+                                  "1:4 in 1 slot"])
 @pytest.mark.parametrize("g", [Geometry(4, 4, 16, 16, 12), Geometry(3, 5, 8, 16, 15),
                                Geometry(2, 2, 64, 16, 12)], ids=str)
 def test_loader_writes_every_word_and_mask(g, case):
@@ -380,13 +405,17 @@ def test_loader_writes_every_word_and_mask(g, case):
     unit of one bit) and that take more than one beat (3 bits x 5 columns), and a uniform
     count (2:4 B). On the 2x2 build with 64-bit beats every word is one beat, so with one
     k-step (plain B) the n-tile walk steps in consecutive cycles, in the column vectors and in
-    B."""
+    B. With 2 or 1 slots per group (OPTIONS.STEPS_*) K goes past max_k, up to 4 x max_k."""
     from sparsa.sim import patterns
 
-    groups = case in ("groups", "2:4")
+    groups = case not in ("dense", "one k-step")
+    slots = {"2:4 in 2 slots": 2, "1:4 in 1 slot": 1}.get(case, 4)
     rng = np.random.default_rng(3)
-    # K: three groups and a partial one; 2:4 four whole groups
-    m, k, n = 10, {"2:4": 16, "one k-step": 1}.get(case, 14), 9
+    # K: three groups and a partial one; 2:4 four whole groups; past max_k with fewer slots
+    # (2:4 a partial last group of two k-steps)
+    m, n = 10, 9
+    k = {"2:4": 16, "one k-step": 1, "2:4 in 2 slots": 2 * g.max_k - 2,
+         "1:4 in 1 slot": 4 * g.max_k}.get(case, 14)
     a = rng.integers(-128, 128, (m, k), dtype=np.int8)
     b = rng.integers(-128, 128, (k, n), dtype=np.int8)
     if k > 1:
@@ -396,6 +425,10 @@ def test_loader_writes_every_word_and_mask(g, case):
     if case == "2:4":
         b = patterns.n_of_m(rng, (k, n), 2, 4)
         assert (protocol.group_counts(b, g.cols) == 2).all()
+    elif slots < 4:
+        b = patterns.n_of_m(rng, (k, n), slots, 4)
+        b[:, 3] = 0  # a dead column; in the second n-tile some groups of no step
+        b[8:12, 4:] = 0
     elif case == "one k-step":
         b[0, 2:4] = 0
     else:
@@ -405,12 +438,14 @@ def test_loader_writes_every_word_and_mask(g, case):
         b[8:12] = np.where(rng.random((4, n)) < 0.7, 0, b[8:12])  # fewer steps than k-steps
     bias = rng.integers(-2**31, 2**31, n, dtype=np.int64).astype(np.int32)
     mult = rng.integers(1, 2**31, n, dtype=np.int64).astype(np.int32)
-    options = Option.BIAS | Option.REQUANT | Option.CHANNEL_QUANT | (Option.GROUPS * groups)
+    options = (Option.BIAS | Option.REQUANT | Option.CHANNEL_QUANT | (Option.GROUPS * groups)
+               | protocol.STEPS_OPTIONS[slots])
     packet = beats_of(g, pack_input(g, a, b, bias, mult, groups=groups))
     beats = [(data, index == len(packet) - 1) for index, data in enumerate(packet)]
     seen = run_loader(g, a, b, bias, mult, options, beats, rng)
     m_tiles, n_tiles = g.tiles(m, n)
-    slots = 4 * -(-k // 4)
+    n_groups = -(-k // 4)
+    span = slots * n_groups  # the slots of an n-tile
     assert seen["taken"] == len(beats)
     assert seen["early"] == seen["missing"] == seen["full_writes"] == 0
 
@@ -422,7 +457,7 @@ def test_loader_writes_every_word_and_mask(g, case):
 
     assert seen["bias"] == list(enumerate(vector(bias, 32)))
     assert seen["mult"] == list(enumerate(vector(mult, 32)))
-    b_pad = np.zeros((slots, n_tiles * g.cols), np.int8)
+    b_pad = np.zeros((4 * n_groups, n_tiles * g.cols), np.int8)
     b_pad[:k, :n] = b
     # B's words: values (cols bytes), then per column the lane of A it multiplies.
     words = {}
@@ -436,9 +471,9 @@ def test_loader_writes_every_word_and_mask(g, case):
     for t in range(n_tiles):
         tile = b_pad[:, t * g.cols:(t + 1) * g.cols]
         mask = []
-        for group in range(slots // 4):
+        for group in range(n_groups):
             block = tile[4 * group:4 * group + 4]
-            here = [t * k + 4 * group + s for s in range(4) if 4 * group + s < k]
+            here = [t * span + slots * group + s for s in range(min(slots, k - 4 * group))]
             if not groups:  # k-step by k-step, slot k with lane k % 4
                 for s, addr in enumerate(here):
                     values, lanes = words.pop(addr)
@@ -456,33 +491,34 @@ def test_loader_writes_every_word_and_mask(g, case):
                     got[lanes[j], j] += values[j]
                 mask.append(int(values.any()))
             assert got.tolist() == block.tolist()
-            mask += [0] * (4 - min(steps, len(here)))
+            mask += [0] * (slots - min(steps, len(here)))
         b_mask_want.append((t, mask))
     assert words == {}, f"B slots written that are not the job's: {sorted(words)}"
-    a_pad = np.zeros((m_tiles * g.rows, slots), np.int8)
+    a_pad = np.zeros((m_tiles * g.rows, 4 * n_groups), np.int8)
     a_pad[:m, :k] = a
     # A's words: a group's four k-steps side by side, lane l at byte l x rows.
-    assert [addr for addr, word in seen["a"]] == [(mt % 2) * g.max_k // 4 + group
+    assert [addr for addr, word in seen["a"]] == [(mt % 2) * a_bank_words(g, True) + group
                                                   for mt in range(m_tiles)
-                                                  for group in range(slots // 4)]
+                                                  for group in range(n_groups)]
     for (addr, word), (mt, group) in zip(seen["a"], [(mt, group) for mt in range(m_tiles)
-                                                      for group in range(slots // 4)]):
+                                                      for group in range(n_groups)]):
         for lane in range(4):  # (a_pad's lanes past K are zero)
             got = (word >> (8 * g.rows * lane)) & ((1 << 8 * g.rows) - 1)
             assert got == int.from_bytes(a_pad[mt * g.rows:(mt + 1) * g.rows, 4 * group + lane]
                                          .tobytes(), "little")
 
     def top_bits(word):
-        return [(word >> (g.max_k - slots + s)) & 1 for s in range(slots)]
+        return [(word >> (g.max_k - span + s)) & 1 for s in range(span)]
 
     assert [(addr, top_bits(word)) for addr, word in seen["b_mask"]] == b_mask_want
-    a_live = [[int(a_pad[mt * g.rows:(mt + 1) * g.rows, kk].any()) for kk in range(slots)]
+    a_live = [[int(a_pad[mt * g.rows:(mt + 1) * g.rows, kk].any()) for kk in range(4 * n_groups)]
               for mt in range(m_tiles)]
-    if groups:  # a slot is live where any k-step of its group is
-        a_live = [[max(live[s - s % 4:s - s % 4 + 4]) for s in range(slots)] for live in a_live]
+    if groups:  # a group's slots are live where any of its k-steps is
+        a_live = [[max(live[4 * group:4 * group + 4]) for group in range(n_groups)
+                   for _ in range(slots)] for live in a_live]
     assert [(bank, top_bits(word)) for bank, word in seen["a_panels"]] == [
         (mt % 2, a_live[mt]) for mt in range(m_tiles)]
-    assert top_bits(seen["k_valid"]) == [1] * slots
+    assert top_bits(seen["k_valid"]) == [1] * span
 
 
 @pytest.mark.parametrize("cut", ["early", "missing"])

@@ -17,7 +17,9 @@ from .validate import check_array, check_matmul
 log = logging.getLogger("sparsa")
 
 GROUP_FORMAT_VERSION = (1, 3)  # the protocol version whose group format this runtime writes
-IDENTITY = ("ID", "VERSION", "ROWS", "COLS", "STREAM_WIDTH", "MAX_K", "MAX_N", "FEATURES")
+STEPS_VERSION = (1, 4)  # the first with OPTIONS.STEPS_* and MAX_K2 / MAX_K1
+IDENTITY = ("ID", "VERSION", "ROWS", "COLS", "STREAM_WIDTH", "MAX_K", "MAX_K2", "MAX_K1", "MAX_N",
+            "FEATURES")
 COUNTER_KEYS = {"CYCLES": "cycles", "MACS": "macs", "MACS_SKIPPED": "macs_skipped",
                 "STALL_IN": "stall_in", "STALL_OUT": "stall_out",
                 "KSTEPS_SKIPPED": "ksteps_skipped"}
@@ -85,10 +87,17 @@ class Info:
     max_n: int
     features: tuple  # names of the Feature bits set
     version: tuple  # protocol (major, minor)
+    max_k2: int = 0  # K of a job whose groups take at most 2 steps (MAX_K2)
+    max_k1: int = 0  # ... at most 1 step (MAX_K1)
 
     @property
     def geometry(self):
         return protocol.Geometry(self.rows, self.cols, self.stream_width, self.max_k, self.max_n)
+
+    def max_k_for(self, slots):
+        """The largest K of a job with ``slots`` slots per group (4: MAX_K, 2: MAX_K2, 1:
+        MAX_K1)."""
+        return {1: self.max_k1, 2: self.max_k2}.get(slots, self.max_k) or self.max_k
 
 
 def read_info(transport):
@@ -107,8 +116,11 @@ def read_info(transport):
     features = tuple(feature.name for feature in Feature if values["FEATURES"] & feature
                      # (a device of protocol 1.2 reads an earlier group format: plain B only)
                      and not (feature == Feature.GROUPS and version < GROUP_FORMAT_VERSION))
+    # (Devices before protocol 1.4 keep 4 slots per group: K up to MAX_K in any format.)
+    limits = {name: transport.read(REGISTER[name].address) if version >= STEPS_VERSION
+              else values["MAX_K"] for name in ("MAX_K2", "MAX_K1")}
     return Info(values["ROWS"], values["COLS"], values["STREAM_WIDTH"], values["MAX_K"],
-                values["MAX_N"], features, version)
+                values["MAX_N"], features, version, limits["MAX_K2"], limits["MAX_K1"])
 
 
 class PreparedWeights:
@@ -245,9 +257,12 @@ class Accelerator:
         raise NotImplementedError
 
     def identity(self):
-        """The ID and capability registers as the device reports them: {name: value}."""
+        """The ID and capability registers as the device reports them: {name: value} (MAX_K2
+        and MAX_K1 from devices of protocol 1.4 on)."""
+        names = [name for name in IDENTITY
+                 if self.info.version >= STEPS_VERSION or name not in ("MAX_K2", "MAX_K1")]
         return {name: int(self._register_source().read(REGISTER[name].address))
-                for name in IDENTITY}
+                for name in names}
 
     def _register_source(self):
         raise NotImplementedError
@@ -264,21 +279,51 @@ class Accelerator:
     def __repr__(self):
         i = self.info
         return (f"<sparsa {self.backend}: {i.rows}x{i.cols} array, {i.stream_width}-bit streams, "
-                f"K <= {i.max_k}, N <= {i.max_n}, {'/'.join(i.features)}>")
+                f"K <= {i.max_k}{_sparse_k(i)}, N <= {i.max_n}, {'/'.join(i.features)}>")
+
+
+def _sparse_k(info):
+    """The larger K limits of B in fewer slots per group, for a device's description."""
+    if info.max_k_for(2) == info.max_k_for(1) == info.max_k:
+        return ""
+    return f" (2:4 {info.max_k_for(2)}, 1:4 {info.max_k_for(1)})"
+
+
+def _k_chunk(info, b, sparse_skip):
+    """The K of a plan's jobs for this B: ``MAX_K``, or, when K is larger and every group of
+    four k-steps of B has at most two (one) nonzeros in each column, ``MAX_K2`` (``MAX_K1``):
+    its jobs then take B in the group format with that many slots per group (one device job
+    instead of several summed on the host)."""
+    if not (sparse_skip and "GROUPS" in info.features and b.shape[0] > info.max_k):
+        return info.max_k
+    counts = protocol.group_counts(b, info.cols)
+    return info.max_k_for(protocol.slots_for(int(counts.max()) if counts.size else 0))
 
 
 def _in_format(geometry, job, a, b, max_transfer):
     """``job`` with B in the group format when that is estimated to take fewer cycles
-    (:func:`.reference.choose_format`) and its packet fits ``max_transfer``, else ``job``; and
-    the estimated counters of the job as chosen."""
+    (:func:`.reference.choose_format`) and its packet fits ``max_transfer``, or when its K
+    is past ``MAX_K`` (:func:`_k_chunk`), else ``job``; and the estimated counters of the job
+    as chosen. In the group format it asks for the fewest slots per group that keep B's
+    steps (``OPTIONS.STEPS_*``)."""
     a_job, b_job = job.operands(a, b)
-    groups, counters, b_beats = reference.choose_format(geometry, a_job, b_job, job.requant)
-    if not groups:
-        return job, counters
+    counts = protocol.group_counts(b_job, geometry.cols)
+    if job.k > geometry.max_k:  # only the group format holds it
+        b_beats = protocol.group_beats(geometry, counts)
+        counters = reference.counters(geometry, a_job, b_job, True, job.requant, True, b_beats)
+    else:
+        groups, counters, b_beats = reference.choose_format(geometry, a_job, b_job,
+                                                            job.requant, counts)
+        if not groups:
+            return job, counters
+        input_beats = geometry.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant,
+                                           b_beats)
+        if input_beats * geometry.beat_bytes > max_transfer:
+            return job, reference.counters(geometry, a_job, b_job, True, job.requant)
     input_beats = geometry.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant, b_beats)
-    if input_beats * geometry.beat_bytes > max_transfer:
-        return job, reference.counters(geometry, a_job, b_job, True, job.requant)
-    return dataclasses.replace(job, options=job.options | Option.GROUPS,
+    slots = protocol.slots_for(int(counts.max()) if counts.size else 0)
+    options = job.options | Option.GROUPS | protocol.STEPS_OPTIONS[slots]
+    return dataclasses.replace(job, options=options,
                                input_bytes=input_beats * geometry.beat_bytes), counters
 
 
@@ -328,7 +373,7 @@ class ReferenceAccelerator(Accelerator):
             self._pending = None
             g = self.info.geometry
             plan = jobs.plan(g, a.shape[0], a.shape[1], b.shape[1], bias, requant, relu,
-                             sparse_skip)
+                             sparse_skip, k_size=_k_chunk(self.info, b, sparse_skip))
             skip = sparse_skip and self._skips
             groups = skip and "GROUPS" in self.info.features  # as the device driver chooses
             self._last_counters = _report(
@@ -440,7 +485,8 @@ class DeviceAccelerator(Accelerator):
         m, k = a.shape
         n = b.shape[1]
         plan = jobs.plan(self.geometry, m, k, n, bias is not None, requant, relu,
-                         sparse_skip, self.max_transfer, "CHANNEL_QUANT" in self.info.features)
+                         sparse_skip, self.max_transfer, "CHANNEL_QUANT" in self.info.features,
+                         _k_chunk(self.info, b, sparse_skip))
         acc = out if plan.on_device else np.empty((m, n), np.int32)
         mult = requant[0] if requant is not None else None
         timing = {"pack": 0.0, "device": 0.0, "unpack": 0.0, "host": 0.0}

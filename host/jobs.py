@@ -96,17 +96,20 @@ def job_options(bias=False, requant=None, relu=False, sparse_skip=True):
 
 
 def plan(geometry, m, k, n, bias=False, requant=None, relu=False, sparse_skip=True,
-         max_transfer=DEFAULT_MAX_TRANSFER, channel_quant=True):
+         max_transfer=DEFAULT_MAX_TRANSFER, channel_quant=True, k_size=None):
     """The jobs for ``C[m, n] = A[m, k] @ B[k, n]`` with these options on ``geometry``.
 
     ``requant`` is ``(multiplier, shift, zero_point)``: scalars go to the device's registers, a
     per-column multiplier array into the input packet (when the device has ``channel_quant``);
-    a per-column shift makes the host requantize. Jobs are ordered m-chunk, n-chunk, k-chunk.
+    a per-column shift makes the host requantize. ``k_size``: the largest K of a job (default
+    ``MAX_K``; ``MAX_K2`` or ``MAX_K1`` for B that the group format keeps in fewer slots).
+    Jobs are ordered m-chunk, n-chunk, k-chunk.
     """
     g = geometry
     column_mult = requant is not None and isinstance(requant[0], np.ndarray)
     column_shift = requant is not None and isinstance(requant[1], np.ndarray)
-    split_k = k > g.max_k
+    k_size = g.max_k if k_size is None else k_size
+    split_k = k > k_size
     on_device = not split_k and not column_shift and (channel_quant or not column_mult)
     if on_device:
         options, quant = job_options(bias, requant, relu, sparse_skip)
@@ -116,7 +119,6 @@ def plan(geometry, m, k, n, bias=False, requant=None, relu=False, sparse_skip=Tr
     device_mult = bool(options & Option.CHANNEL_QUANT)
     # N chunks are whole n-tiles where the build allows; K chunks as large as the build takes.
     n_size = g.max_n - g.max_n % g.cols if g.max_n >= g.cols else g.max_n
-    k_size = g.max_k
     # M chunks: whole m-tiles, as many as keep both packets within the DMA's limit.
     widest = min(n, n_size)
     deepest = min(k, k_size)

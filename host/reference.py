@@ -103,14 +103,17 @@ def counters(geometry, a, b, skip=True, requant=False, groups=False, b_beats=Non
             "KSTEPS_SKIPPED": wrap(m_tiles * n_tiles * k - issued.sum())}
 
 
-def choose_format(geometry, a, b, requant=False):
+def choose_format(geometry, a, b, requant=False, counts=None):
     """Whether the job ``a @ b`` (with skipping, on a build with ``FEATURES.GROUPS``) is
     estimated to take fewer cycles with B in the group format, and the counters of the format
     chosen: ``(groups, counters, b_beats)`` (``b_beats``: B's beats in the group format, else
     None). The estimate (:func:`counters`) counts B's beats too, so dense B, whose group format
-    is a quarter longer, stays in the plain one."""
+    is a quarter longer, stays in the plain one. ``counts``: B's step counts
+    (:func:`sparsa.protocol.group_counts`), when the caller has them."""
     plain = counters(geometry, a, b, True, requant)
-    b_beats = protocol.group_beats(geometry, protocol.group_counts(b, geometry.cols))
+    if counts is None:
+        counts = protocol.group_counts(b, geometry.cols)
+    b_beats = protocol.group_beats(geometry, counts)
     grouped = counters(geometry, a, b, True, requant, True, b_beats)
     if grouped["CYCLES"] < plain["CYCLES"]:
         return True, grouped, b_beats

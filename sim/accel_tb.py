@@ -586,7 +586,8 @@ async def test_sparse_patterns(dut):
 
 @cocotb.test()
 async def test_bench(dut):
-    """Run the jobs in the ``.npz`` file ``jobs`` (a0, b0, skip0, optional groups0, ...)
+    """Run the jobs in the ``.npz`` file ``jobs`` (a0, b0, skip0, optional groups0 and slots0:
+    B's slots per group, by default the fewest that keep its groups, ...)
     without pauses, checking each against NumPy; write their counters to ``report`` (a JSON
     list)."""
     cfg, tb = await make_tb(dut)
@@ -595,7 +596,9 @@ async def test_bench(dut):
     for index in range(int(jobs["count"])):
         a, b, skip = jobs[f"a{index}"], jobs[f"b{index}"], bool(jobs[f"skip{index}"])
         groups = bool(jobs[f"groups{index}"]) if f"groups{index}" in jobs else False
-        got, status, error, counters = await tb.gemm(a, b, skip=skip, groups=groups)
+        slots = int(jobs[f"slots{index}"]) if f"slots{index}" in jobs else None
+        got, status, error, counters = await tb.gemm(a, b, skip=skip, groups=groups,
+                                                     slots=slots)
         assert_job(tb, got, status, error, counters, a, b, skip=skip, label=f"bench job {index}",
                    groups=groups)
         results.append({"m": a.shape[0], "k": a.shape[1], "n": b.shape[1], "skip": skip,

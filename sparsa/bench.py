@@ -20,8 +20,9 @@ def bounds(geometry, m, k, n):
 
 
 def run_jobs(jobs, cfg=DEFAULT_BUILD, simulator="verilator"):
-    """Run ``jobs`` ((a, b, skip) or (a, b, skip, groups): B in the group format with
-    ``groups``) on the simulated accelerator, without pauses; returns the counters of each
+    """Run ``jobs`` ((a, b, skip), (a, b, skip, groups): B in the group format with ``groups``,
+    or (a, b, skip, groups, slots): with ``slots`` per group, by default the fewest that keep
+    B's groups) on the simulated accelerator, without pauses; returns the counters of each
     (dicts with m, k, n, skip, groups and the protocol's COUNTERS)."""
     import numpy as np
 
@@ -30,9 +31,11 @@ def run_jobs(jobs, cfg=DEFAULT_BUILD, simulator="verilator"):
     with tempfile.TemporaryDirectory() as folder:
         job_file, report = Path(folder) / "jobs.npz", Path(folder) / "bench.json"
         arrays = {"count": len(jobs)}
-        for index, (a, b, skip, *groups) in enumerate(jobs):
+        for index, (a, b, skip, *rest) in enumerate(jobs):
             arrays.update({f"a{index}": a, f"b{index}": b, f"skip{index}": skip,
-                           f"groups{index}": bool(groups and groups[0])})
+                           f"groups{index}": bool(rest and rest[0])})
+            if len(rest) > 1:
+                arrays[f"slots{index}"] = rest[1]
         np.savez(job_file, **arrays)
         result = runner.run(accelerator_design(cfg), simulator, "sparsa.sim.accel_tb",
                             "test_bench", {**cfg, "jobs": str(job_file), "report": str(report)})
@@ -221,6 +224,53 @@ def run_structural(cfg=DEFAULT_BUILD, size=256, simulator="verilator", seed=0,
             groups = reference.choose_format(g, *device_job)[0]  # as the driver chose
             rows.append(_sparse_row(job, acc.last_counters, dense_cycles, g, device_job, groups))
     return rows
+
+
+def run_long_k(cfg=DEFAULT_BUILD, size=128, simulator="verilator", seed=0):
+    """2:4 and 1:4 weights with K past MAX_K on the simulated RTL (M = N = ``size``): one job
+    with K = MAX_K2 (MAX_K1), B kept in 2 (1) slots per group, against the same product as
+    jobs of K = MAX_K (what the device takes with 4 slots per group: B in the group format,
+    the partial sums added on the host) and the dense product as such jobs (plain B); table
+    rows."""
+    import numpy as np
+
+    from sparsa.sim import patterns
+
+    g = protocol.Geometry(**cfg)
+    rng = np.random.default_rng(seed)
+    cases = []
+    for name, keep in (("2:4 B", 2), ("1:4 B", 1)):
+        k = g.max_k_for(protocol.slots_for(keep))
+        a = patterns.dense(rng, (size, k))
+        b, dense_b = patterns.n_of_m(rng, (k, size), keep, 4), patterns.dense(rng, (k, size))
+        chunks = [slice(k0, k0 + g.max_k) for k0 in range(0, k, g.max_k)]
+        cases.append((name, k, len(chunks), [(a, b, True, True)],
+                      [(a[:, c], b[c], True, True, protocol.GROUP) for c in chunks],
+                      [(a[:, c], dense_b[c], True) for c in chunks]))
+    jobs = [job for case in cases for part in case[3:] for job in part]
+    measured = iter(run_jobs(jobs, cfg, simulator))
+    rows = []
+    for name, k, split, *parts in cases:
+        one, pieces, dense = ([next(measured) for _ in part] for part in parts)
+        cycles = one[0]["CYCLES"]
+        split_cycles = sum(job["CYCLES"] for job in pieces)
+        dense_cycles = sum(job["CYCLES"] for job in dense)
+        rows.append({"pattern": name, "m": size, "k": k, "n": size, "split_jobs": split,
+                     "cycles": cycles, "split_cycles": split_cycles,
+                     "dense_cycles": dense_cycles, "speedup": dense_cycles / cycles,
+                     "over_split": split_cycles / cycles})
+    return rows
+
+
+def format_long_k(rows):
+    lines = ["| B | M x K x N | one job: cycles | jobs of K = MAX_K: cycles | dense, jobs of "
+             "K = MAX_K: cycles | speedup over dense | over the split |",
+             "|:---|:---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['pattern']} | {r['m']} x {r['k']} x {r['n']} | {r['cycles']} | "
+                     f"{r['split_cycles']} ({r['split_jobs']} jobs) | {r['dense_cycles']} | "
+                     f"{r['speedup']:.2f}x | {r['over_split']:.2f}x |")
+    return "\n".join(lines)
 
 
 def format_sparse(rows):

@@ -281,6 +281,9 @@ def cmd_bench(args):
         rows = bench.run_dense([[size, size, size] for size in args.sizes], _build_config(args),
                                args.sim)
         print(bench.format_dense(rows))
+    elif args.what == "long-k":
+        rows = bench.run_long_k(_build_config(args), 128, args.sim)
+        print(bench.format_long_k(rows))
     elif args.what == "area":
         from concurrent.futures import ThreadPoolExecutor
 
@@ -440,8 +443,10 @@ def build_parser():
 
     bench = commands.add_parser(
         "bench", help="benchmarks: cycles on the simulated RTL, the reference backend's speed")
-    bench.add_argument("what", choices=("array", "sparse", "host", "all", "area"),
+    bench.add_argument("what", choices=("array", "sparse", "long-k", "host", "all", "area"),
                        help="array: dense GEMMs, utilization; sparse: sparse-skip speedups; "
+                            "long-k: 2:4 and 1:4 B with K = MAX_K2 / MAX_K1 in one job, "
+                            "M = N = 128, against jobs of K = MAX_K; "
                             "host: the reference backend's speed and the driver's packing; "
                             "all: array, sparse and host, written to OUT as results.json, "
                             "results.md and PNG plots; "

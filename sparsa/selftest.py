@@ -49,6 +49,10 @@ def cases(info, max_size=512, seed=0):
         _case("K split (K > MAX_K), requant", ints(19, 2 * max_k + 5), ints(2 * max_k + 5, 11),
               bias=bias(11), requant=(1 << 30, 20, 0)),
         _case("N split (N > MAX_N)", ints(9, 33), ints(33, max_n + 3 * cols + 1)),
+        # 1:4 weights past MAX_K: one job in one slot per group where the device has them.
+        _case("1:4 B, K = MAX_K1, requant + ReLU", ints(19, info.max_k_for(1)),
+              patterns.n_of_m(rng, (info.max_k_for(1), 2 * cols + 3), 1, 4),
+              bias=bias(2 * cols + 3), requant=(1 << 30, 9, -2), relu=True),
     ]
     size = min(128, max_size)
     out += [

@@ -181,8 +181,9 @@ def test_info_and_repr():
 
 
 def test_info_of_older_devices():
-    """A device of protocol 1.2 (an earlier group format of B) is driven with plain B only;
-    another major version is refused."""
+    """A device of protocol 1.2 (an earlier group format of B) is driven with plain B only, one
+    before 1.4 (no MAX_K2 / MAX_K1 registers: its reads would fail) with K up to MAX_K in any
+    format; another major version is refused."""
     from sparsa.host import driver
 
     registers = {"ID": protocol.MAGIC, "ROWS": 8, "COLS": 8, "STREAM_WIDTH": 64, "MAX_K": 256,
@@ -193,10 +194,15 @@ def test_info_of_older_devices():
         def read(self, address):
             return registers[by_address[address]]
 
-    for version, groups in (((1, 3), True), ((1, 2), False), ((1, 7), True)):
+    for version, groups, limits in (((1, 3), True, (256, 256)), ((1, 2), False, (256, 256)),
+                                    ((1, 4), True, (512, 1024)), ((1, 7), True, (512, 1024))):
         registers["VERSION"] = version[0] << 16 | version[1]
+        registers.pop("MAX_K2", None), registers.pop("MAX_K1", None)
+        if version >= (1, 4):
+            registers.update(MAX_K2=512, MAX_K1=1024)
         info = driver.read_info(Transport())
         assert ("GROUPS" in info.features, "SPARSE_SKIP" in info.features) == (groups, True)
+        assert (info.max_k_for(2), info.max_k_for(1), info.max_k_for(4)) == (*limits, 256)
     registers["VERSION"] = 2 << 16
     with pytest.raises(driver.DeviceError, match="protocol 2.0"):
         driver.read_info(Transport())
@@ -454,6 +460,72 @@ def test_driver_picks_the_group_format():
         assert [key[-1] for key in prepared._packed] == [sparse_skip]
 
 
+def test_k_past_max_k_with_fewer_slots():
+    """B whose groups of four k-steps hold at most two (one) nonzeros per column runs as one
+    job up to MAX_K2 (MAX_K1), in the group format with STEPS_2 (STEPS_1), post-processing on
+    the device; past that, or with a denser group, K is split at MAX_K as before. Exact, with
+    the fast reference's counters."""
+    from sparsa.sim import patterns
+
+    rng = np.random.default_rng(33)
+    device = reference.ReferenceDevice(**SMALL)
+    acc = driver.DeviceAccelerator(device, "reference-device")
+    fast = sparsa.open("reference", **SMALL)
+    assert (acc.info.max_k, acc.info.max_k2, acc.info.max_k1) == (64, 128, 256)
+    assert "K <= 64 (2:4 128, 1:4 256)" in repr(acc)
+    written = []
+    write = device.write
+    device.write = lambda address, value: (  # noqa: E731
+        written.append((protocol.REGISTERS[[r.address for r in protocol.REGISTERS]
+                                           .index(address)].name, value)), write(address, value))
+    Option = protocol.Option
+    denser = patterns.n_of_m(rng, (120, 20), 2, 4)
+    denser[4:7, 3] = 9  # one group of one column with three nonzeros
+    cases = [  # label, B, sparse_skip, the jobs' (K, OPTIONS' group bits)
+        ("2:4, K=120", patterns.n_of_m(rng, (120, 20), 2, 4), True,
+         [(120, Option.GROUPS | Option.STEPS_2)]),
+        ("1:4, K=256", patterns.n_of_m(rng, (256, 20), 1, 4), True,
+         [(256, Option.GROUPS | Option.STEPS_1)]),
+        ("1:4, K=300", patterns.n_of_m(rng, (300, 20), 1, 4), True,
+         [(256, Option.GROUPS | Option.STEPS_1), (44, Option.GROUPS | Option.STEPS_1)]),
+        ("2:4 but one group of 3", denser, True, [(64, Option.GROUPS)] * 1 + [(56, None)]),
+        ("2:4, no skipping", patterns.n_of_m(rng, (120, 20), 2, 4), False, [(64, 0), (56, 0)]),
+    ]
+    for label, b, sparse_skip, want in cases:
+        k, n = b.shape
+        a = patterns.dense(rng, (9, k))
+        bias = rng.integers(-2**20, 2**20, n, dtype=np.int32)
+        requant = (1 << 30, 6, -3)
+        written.clear()
+        got = acc.matmul(a, b, bias=bias, requant=requant, relu=True, sparse_skip=sparse_skip)
+        assert_same(got, golden.gemm(a, b, bias, requant, True), label)
+        ks = [value for name, value in written if name == "K"]
+        options = [value for name, value in written if name == "OPTIONS"]
+        group_bits = Option.GROUPS | Option.STEPS_2 | Option.STEPS_1
+        for (k_job, bits), k_got, options_got in zip(want, ks, options):
+            assert k_got == k_job, label
+            if bits is not None:  # (None: the format is the driver's estimate's choice)
+                assert options_got & group_bits == bits, label
+            # Bias, requantization and ReLU on the device when K is not split.
+            assert bool(options_got & Option.BIAS) == (len(want) == 1), label
+        assert len(ks) == len(want), label
+        fast.matmul(a, b, bias=bias, requant=requant, relu=True, sparse_skip=sparse_skip)
+        assert fast.last_counters == acc.last_counters, label
+    # The device model's checks of the slots.
+    device.write = write
+    for k, options, code in ((129, Option.GROUPS | Option.STEPS_2, "K_TOO_LARGE"),
+                             (128, Option.GROUPS | Option.STEPS_2, "NONE"),
+                             (257, Option.GROUPS | Option.STEPS_1, "K_TOO_LARGE"),
+                             (65, Option.GROUPS, "K_TOO_LARGE"),
+                             (8, Option.STEPS_1, "BAD_OPTION"),
+                             (8, Option.GROUPS | Option.STEPS_1 | Option.STEPS_2, "BAD_OPTION")):
+        for name, value in (("M", 1), ("K", k), ("N", 1), ("OPTIONS", options)):
+            device.write(protocol.REGISTER[name].address, value)
+        device.write(protocol.REGISTER["CONTROL"].address, protocol.Control.START)
+        assert protocol.Error(device.registers["ERROR"]).name == code, (k, options)
+        device.write(protocol.REGISTER["CONTROL"].address, protocol.Control.SOFT_RESET)
+
+
 def test_device_model_errors():
     """The device model refuses bad jobs as the RTL does; the driver reports them by name."""
     device = reference.ReferenceDevice(**SMALL)
@@ -468,7 +540,7 @@ def test_device_model_errors():
     assert_same(acc.matmul(a[:, :7], b[:7]), golden.matmul_int32(a[:, :7], b[:7]), "after errors")
     write = lambda name, value: device.write(protocol.REGISTER[name].address, value)  # noqa: E731
     for name, value, code in (("M", 0, "ZERO_DIMENSION"), ("N", 49, "N_TOO_LARGE"),
-                              ("OPTIONS", 1 << 6, "BAD_OPTION")):
+                              ("OPTIONS", 1 << 8, "BAD_OPTION")):
         write("M", 1), write("K", 1), write("N", 1), write("OPTIONS", 0)
         write(name, value)
         write("CONTROL", protocol.Control.START)

@@ -66,6 +66,42 @@ def test_sim_matches_reference(sim):
             assert (measured["cycles"] > 0) == needs_job, label
 
 
+def test_sim_sparse_weights_past_max_k(sim):
+    """2:4 and 1:4 weights with K past MAX_K (64 here) run on the RTL as single jobs in fewer
+    slots per group (up to MAX_K2 = 128 and MAX_K1 = 256), post-processing on the device:
+    exact, with the reference's exact counters."""
+    from sparsa.sim import patterns
+
+    rng = np.random.default_rng(4)
+    reference = sparsa.open("reference", **SMALL)
+    assert (sim.info.max_k2, sim.info.max_k1) == (128, 256)
+    written = []
+    sim._write = lambda name, value: (  # noqa: E731  (the driver's register writes, recorded)
+        written.append((name, value)), type(sim)._write(sim, name, value))
+    try:
+        for keep, k in ((2, 126), (1, 256)):
+            a = patterns.relu_like(rng, (7, k), 0.3)
+            b = patterns.n_of_m(rng, (k, 10), keep, 4)
+            bias = rng.integers(-2**20, 2**20, 10, dtype=np.int32)
+            requant = (1 << 30, 5, 2)
+            written.clear()
+            got = sim.matmul(a, b, bias=bias, requant=requant, relu=True)
+            assert np.array_equal(got, golden.gemm(a, b, bias, requant, True)), (keep, k)
+            steps = {2: protocol.Option.STEPS_2, 1: protocol.Option.STEPS_1}[keep]
+            assert [value for name, value in written if name == "K"] == [k]
+            (options,) = [value for name, value in written if name == "OPTIONS"]
+            assert options & steps and options & protocol.Option.BIAS, (keep, k)
+            reference.matmul(a, b, bias=bias, requant=requant, relu=True)
+            measured, estimated = sim.last_counters, reference.last_counters
+            for key in ("macs", "macs_skipped", "ksteps_skipped"):
+                assert measured[key] == estimated[key], (keep, k, key)
+            # B's steps per tile: at most keep per group of four k-steps.
+            tiles = 2 * 3  # m-tiles x n-tiles of the 4x4 build
+            assert measured["ksteps_skipped"] >= tiles * (k - keep * -(-k // 4))
+    finally:
+        del sim._write
+
+
 def test_int8_cnn_on_sim_matches_reference(sim):
     """A quantized CNN (im2col convolutions, per-channel requantization on the device between
     layers) gives the reference backend's integers, with the same work counters."""

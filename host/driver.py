@@ -300,12 +300,12 @@ def _k_chunk(info, b, sparse_skip):
     return info.max_k_for(protocol.slots_for(int(counts.max()) if counts.size else 0))
 
 
-def _in_format(geometry, job, a, b, max_transfer):
+def _in_format(geometry, job, a, b, max_transfer, steps=True):
     """``job`` with B in the group format when that is estimated to take fewer cycles
     (:func:`.reference.choose_format`) and its packet fits ``max_transfer``, or when its K
     is past ``MAX_K`` (:func:`_k_chunk`), else ``job``; and the estimated counters of the job
     as chosen. In the group format it asks for the fewest slots per group that keep B's
-    steps (``OPTIONS.STEPS_*``)."""
+    steps (``OPTIONS.STEPS_*``) when the device takes them (``steps``: protocol 1.4 on)."""
     a_job, b_job = job.operands(a, b)
     counts = protocol.group_counts(b_job, geometry.cols)
     if job.k > geometry.max_k:  # only the group format holds it
@@ -321,7 +321,7 @@ def _in_format(geometry, job, a, b, max_transfer):
         if input_beats * geometry.beat_bytes > max_transfer:
             return job, reference.counters(geometry, a_job, b_job, True, job.requant)
     input_beats = geometry.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant, b_beats)
-    slots = protocol.slots_for(int(counts.max()) if counts.size else 0)
+    slots = protocol.slots_for(int(counts.max()) if counts.size and steps else protocol.GROUP)
     options = job.options | Option.GROUPS | protocol.STEPS_OPTIONS[slots]
     return dataclasses.replace(job, options=options,
                                input_bytes=input_beats * geometry.beat_bytes), counters
@@ -492,7 +492,8 @@ class DeviceAccelerator(Accelerator):
         timing = {"pack": 0.0, "device": 0.0, "unpack": 0.0, "host": 0.0}
         planned = plan.jobs
         if sparse_skip and "GROUPS" in self.info.features:
-            planned = [_in_format(self.geometry, job, a, b, self.max_transfer)[0]
+            steps = self.info.version >= STEPS_VERSION
+            planned = [_in_format(self.geometry, job, a, b, self.max_transfer, steps)[0]
                        for job in planned]
         per_job = [self.run_job(job, a, b, bias, acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
                                 accumulate=job.k0 > 0, mult=mult, timing=timing,

@@ -511,6 +511,20 @@ def test_k_past_max_k_with_fewer_slots():
         assert len(ks) == len(want), label
         fast.matmul(a, b, bias=bias, requant=requant, relu=True, sparse_skip=sparse_skip)
         assert fast.last_counters == acc.last_counters, label
+    # A device of protocol 1.3 (no slots options) gets B in the group format with K <= MAX_K
+    # and no STEPS bit.
+    older = reference.ReferenceDevice(**SMALL)
+    older.registers["VERSION"] = 1 << 16 | 3
+    old_acc = driver.DeviceAccelerator(older, "reference-device")
+    b = patterns.n_of_m(rng, (120, 20), 1, 4)
+    options = []
+    older_write = older.write
+    older.write = lambda address, value: (  # noqa: E731
+        options.append(value) if address == protocol.REGISTER["OPTIONS"].address else None,
+        older_write(address, value))
+    a = patterns.dense(rng, (9, 120))
+    assert_same(old_acc.matmul(a, b), golden.matmul_int32(a, b), "protocol 1.3")
+    assert len(options) == 2 and all(value & group_bits == Option.GROUPS for value in options)
     # The device model's checks of the slots.
     device.write = write
     for k, options, code in ((129, Option.GROUPS | Option.STEPS_2, "K_TOO_LARGE"),

@@ -50,7 +50,7 @@ def cases(info, max_size=512, seed=0):
               bias=bias(11), requant=(1 << 30, 20, 0)),
         _case("N split (N > MAX_N)", ints(9, 33), ints(33, max_n + 3 * cols + 1)),
         # 1:4 weights past MAX_K: one job in one slot per group where the device has them.
-        _case("1:4 B, K = MAX_K1, requant + ReLU", ints(19, info.max_k_for(1)),
+        _case("1:4 B, K=MAX_K1, requant+ReLU", ints(19, info.max_k_for(1)),
               patterns.n_of_m(rng, (info.max_k_for(1), 2 * cols + 3), 1, 4),
               bias=bias(2 * cols + 3), requant=(1 << 30, 9, -2), relu=True),
     ]
@@ -119,7 +119,9 @@ def format_registers(report):
     version = r["VERSION"]
     return (f"ID={r['ID']:#010x} ({'sparsa' if r['ID'] == protocol.MAGIC else 'NOT sparsa'}) "
             f"VERSION={version >> 16}.{version & 0xFFFF} ROWS={r['ROWS']} COLS={r['COLS']} "
-            f"STREAM_WIDTH={r['STREAM_WIDTH']} MAX_K={r['MAX_K']} MAX_N={r['MAX_N']} "
+            f"STREAM_WIDTH={r['STREAM_WIDTH']} MAX_K={r['MAX_K']} "
+            + "".join(f"{name}={r[name]} " for name in ("MAX_K2", "MAX_K1") if name in r)
+            + f"MAX_N={r['MAX_N']} "
             f"FEATURES={r['FEATURES']:#x} ({'/'.join(report['features'])})")
 
 

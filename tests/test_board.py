@@ -357,9 +357,9 @@ def test_selftest_on_the_board_python_runs_without_hardware_packages(capsys, tmp
                      "--json", str(tmp_path / "report.json")]) == 0
     out = capsys.readouterr().out
     assert "ID=0x53505253 (sparsa) VERSION=1.4 ROWS=8 COLS=8" in out
-    assert "14 of 14 jobs exact: PASS" in out
+    assert "15 of 15 jobs exact: PASS" in out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["passed"] and [job["exact"] for job in report["jobs"]] == [True] * 14
+    assert report["passed"] and [job["exact"] for job in report["jobs"]] == [True] * 15
 
 
 def test_dma_left_faulted_is_reset_before_the_first_job():

@@ -267,7 +267,7 @@ def test_selftest_on_sim(sim):
     report = selftest.run(sim, max_size=64)
     assert report["registers"]["ROWS"] == 4 and report["registers"]["MAX_K"] == 64
     assert [job["exact"] for job in report["jobs"]] == [True] * len(report["jobs"])
-    assert len(report["jobs"]) == 13 and report["passed"]
+    assert len(report["jobs"]) == 14 and report["passed"]
     for job in report["jobs"]:
         assert job["cycles"] > 0 and not job["estimated"]
         assert job["device_s"] > 0 and job["pack_s"] > 0 and job["implied_mhz"] > 0

@@ -20,8 +20,9 @@ Contract:
   tile) sets ``closing``, and ``drained`` (the last beat has left the output link) ends the job:
   ``busy`` low, ``done`` high. Nothing but the core's reset clears them.
 - ``tile_slots`` (the B memory's slots per n-tile: ceil(K/4) times the slots per group, 1 with
-  ``STEPS_1``, 2 with ``STEPS_2``, else 4; ``one_slot``, ``two_slots``) is worked out the same
-  way, a stage deep, and latched with the job.
+  ``STEPS_1``, 2 with ``STEPS_2``, else 4 (``one_slot``, ``two_slots``), rounded up to a
+  multiple of four: the masks take slots four at a time) is worked out the same way, a stage
+  deep, and latched with the job.
 - ``single`` holds ``1 >= K``, ``cols >= N``, ``rows >= M``, ``4 >= K`` (one group) and
   ``4 x beat bytes >= K`` (the group format's counts in one beat) from the registers,
   registered: the first values of the position flags of the loader and the drain
@@ -43,7 +44,8 @@ def job_layout(geometry):
         "n": range(geometry.max_n + 1),
         "bias": 1, "requant": 1, "relu": 1, "no_skip": 1, "channel_quant": 1, "groups": 1,
         # The B memory's slots per group (1, 2 or 4: ``one_slot``, ``two_slots``, neither)
-        # and per n-tile (``tile_slots``: that times ceil(K/4), at most max_k).
+        # and per n-tile (``tile_slots``: that times ceil(K/4), rounded up to a multiple of
+        # four; at most max_k).
         "one_slot": 1, "two_slots": 1, "tile_slots": range(geometry.max_k + 1),
         "mult": signed(32), "shift": unsigned(5), "zero": signed(8),
     })
@@ -140,11 +142,13 @@ class JobControl(wiring.Component):
             m.d.comb += self.single[field].eq(first_is_last)
 
         # The job's slots per n-tile, the same way (only a job that passes is latched with
-        # them, so the value is cut to its width).
+        # them, so the value is cut to its width): S x G rounded up to whole nibbles of the
+        # masks, ceil(G x S / 4) x 4.
         groups_of_k = (r.k + GROUP - 1)[2:]
         slots_next = Signal.like(tile_slots)
-        m.d.sync += slots_next.eq(Mux(steps_1, groups_of_k,
-                                      Mux(steps_2, groups_of_k << 1, groups_of_k << 2)))
+        m.d.sync += slots_next.eq(Mux(steps_1, (groups_of_k + 3)[2:] << 2,
+                                      Mux(steps_2, (groups_of_k + 1)[1:] << 2,
+                                          groups_of_k << 2)))
 
         with m.If(self.start):
             m.d.sync += [

@@ -26,9 +26,10 @@ Contract:
   hold per slot whether it is to be issued: B's, whether its word was not all zero (always
   set with ``job.no_skip``; 0 for a group's slots past its steps); A's, whether the k-step's
   A word was not all zero, or with ``job.groups`` whether any of its group's was. Slot s sits
-  at bit ``max_k - SG + s`` (G = ceil(K/4): each mask is a shift register taking a group's
-  S bits at a time, so no index decoders), and ``k_valid`` has the top SG bits set; the
-  bits below are stale and meant to be masked by it. The masks are updated a cycle after the
+  at bit ``max_k - T + s`` (T = ``job.tile_slots``, SG rounded up to a multiple of four,
+  G = ceil(K/4): each mask is a shift register taking four slots' bits at a time, the slots
+  of one plain group or of 4/S groups, so no index decoders), and ``k_valid`` has the top T
+  bits set; the bits below are stale and meant to be masked by it. The masks are updated a cycle after the
   group's last write (``panel_full`` with them).
 - A TLAST before the packet's last beat sets ``tlast_early``, a last beat without TLAST sets
   ``tlast_missing``, each a cycle later, for one cycle; after the last beat, or a TLAST, the
@@ -129,10 +130,12 @@ class Loader(wiring.Component):
                           for index, part in enumerate(self.partial)), self.in_data)),
         ]
         # The words completed, for the masks (a cycle later): ``b_word``/``a_word`` with the
-        # slot's place in its group; ``b_group_end``/``a_group_end`` when a group is complete.
+        # slot's place in its nibble of the mask (four slots); ``a_group_end`` when an A group
+        # is complete, ``b_nibble_end`` when B's nibble is (its four slots, or the n-tile's
+        # last group).
         self.b_word, self.a_word = Signal(), Signal()
         self.b_place = Signal(range(LANES))
-        self.b_group_end, self.a_group_end = Signal(), Signal()
+        self.a_group_end, self.b_nibble_end = Signal(), Signal()
         self.b_tile_end = Signal()  # the end of an n-tile's B
         a_done = self._fsm(m, word)
         bank_free_next = ~self.panel_full.bit_select(self.ld_bank, 1)
@@ -313,7 +316,7 @@ class Loader(wiring.Component):
                 m.d.comb += [b_write.eq(complete),
                              b_slot.eq(self.ld_b_base + self.ld_k),
                              self.b_word.eq(complete), self.b_place.eq(self.ld_k[:2]),
-                             self.b_group_end.eq(group_end),
+                             self.b_nibble_end.eq(group_end),
                              self.b_tile_end.eq(complete & self.last_k)]
                 m.d.sync += b_lanes_q.eq(Cat(*(self.ld_k[:2] for _ in range(cols))))
                 with m.If(complete):
@@ -471,7 +474,9 @@ class Loader(wiring.Component):
             m.next = "IDLE"
 
         def group_done():
-            m.d.comb += self.b_group_end.eq(1)
+            # (B's mask takes a nibble when the group's slots end one, or with the n-tile.)
+            m.d.comb += self.b_nibble_end.eq(((w.group_slot + w.slots)[:2] == 0)
+                                             | w.last_group)
             m.d.sync += [group_k.eq(group_k + GROUP), w.next_group,
                          w.group_slot.eq(w.group_slot + w.slots)]
             with m.If(~w.uniform):
@@ -536,7 +541,7 @@ class Loader(wiring.Component):
             kept = complete & (step < steps_here)
             m.d.comb += [b_write.eq(kept),
                          b_slot.eq(self.ld_b_base + w.group_slot + step[:2]),
-                         self.b_word.eq(kept), self.b_place.eq(step[:2])]
+                         self.b_word.eq(kept), self.b_place.eq((w.group_slot + step)[:2])]
             m.d.sync += b_lanes_q.eq(Cat(*(self._lane(count, step, w.codes, j)
                                            for j in range(cols))))
             with m.If(complete):
@@ -564,9 +569,10 @@ class Loader(wiring.Component):
         """The nonzero masks, a cycle after each word (see the module's docstring)."""
         g, job = self.geometry, self.job
         no_skip = job.no_skip
-        # The word's bit and place and the group's end, registered; the group's bits gather
+        # The word's bit and place and the nibble's end, registered; the slots' bits gather
         # in a nibble and enter the mask (a shift register, no reset: bits not shifted in
-        # during this job are masked off by ``k_valid``) four at a time.
+        # during this job are masked off by ``k_valid``) four at a time, so the masks' wide
+        # registers shift by four whatever the job's slots per group.
         b_nonzero = Signal(g.max_k, reset_less=True)
         b_nibble, a_nibble = Signal(LANES), Signal(LANES)
         b_word, b_end, a_word, a_end = Signal(), Signal(), Signal(), Signal()
@@ -574,28 +580,33 @@ class Loader(wiring.Component):
         b_last, b_first = Signal(), Signal()
         b_bit, a_bit = Signal(), Signal()
         b_nt = Signal.like(self.ld_nt)
+        # A's slots: per k-step (plain B), or in the group format the group's S slots at its
+        # place in the nibble (group g's at (g x S) mod 4: ``a_span``), the nibble entering
+        # the mask when full or with the panel's last group (``a_shift``).
+        slots = Mux(job.one_slot, 1, Mux(job.two_slots, 2, LANES))
+        group = self.ld_k[2:]
+        place = Mux(job.one_slot, group[:2], Mux(job.two_slots, Cat(Const(0, 1), group[0]), 0))
+        a_span, a_shift = Signal(LANES), Signal()
         m.d.sync += [
-            b_word.eq(self.b_word), b_end.eq(self.b_group_end), b_place.eq(self.b_place),
+            b_word.eq(self.b_word), b_end.eq(self.b_nibble_end), b_place.eq(self.b_place),
             a_word.eq(self.a_word), a_end.eq(self.a_group_end), a_place.eq(self.ld_k[:2]),
+            a_span.eq((Mux(job.one_slot, 1, Mux(job.two_slots, 0b11, 0b1111)) << place)[:LANES]),
+            a_shift.eq(((place + slots)[:2] == 0) | self.last_k),
             b_last.eq(self.b_tile_end),
             b_first.eq(self.ld_nt == 0), b_nt.eq(self.ld_nt),
             b_bit.eq(no_skip | self._low_bits_any(8 * g.cols)),
             a_bit.eq(no_skip | self._low_bits_any(8 * g.rows)),
         ]
-        b_group = Signal(LANES)  # the group's bits with this word's
-        a_group = Signal(LANES)
-        b_shifted = Signal(g.max_k)  # b_nonzero with the completed group shifted in
-        a_any = a_group.any()
-
-        def shift_in(mask, bits):
-            """``mask`` with a group's slots (the low ones of ``bits``) shifted in at the top."""
-            return Mux(job.one_slot, Cat(mask[1:], bits[:1]),
-                       Mux(job.two_slots, Cat(mask[2:], bits[:2]), Cat(mask[LANES:], bits)))
-
+        b_group = Signal(LANES)  # the nibble's bits with this word's
+        a_group = Signal(LANES)  # the A group's k-steps with this word's
+        a_pack = Signal(LANES)  # the A slots of the nibble so far
+        a_packed = Signal(LANES)  # with this group's
+        b_shifted = Signal(g.max_k)  # b_nonzero with the completed nibble shifted in
         m.d.comb += [
             b_group.eq(b_nibble | Mux(b_word & b_bit, 1 << b_place, 0)),
             a_group.eq(a_nibble | Mux(a_word & a_bit, 1 << a_place, 0)),
-            b_shifted.eq(shift_in(b_nonzero, b_group)),
+            a_packed.eq(a_pack | Mux(job.groups, Mux(a_group.any(), a_span, 0), a_group)),
+            b_shifted.eq(Cat(b_nonzero[LANES:], b_group)),
             self.b_mask_write.addr.eq(b_nt),
             self.b_mask_write.data.eq(b_shifted),
             self.b_mask_write.en.eq(b_last),
@@ -604,10 +615,9 @@ class Loader(wiring.Component):
         with m.If(b_end):
             m.d.sync += [b_nonzero.eq(b_shifted), b_nibble.eq(0)]
             with m.If(b_first):
-                m.d.sync += self.k_valid.eq(shift_in(self.k_valid, Const(-1, LANES)))
-        a_bits = Mux(job.groups, Cat(*(a_any for _ in range(LANES))), a_group)
+                m.d.sync += self.k_valid.eq(Cat(self.k_valid[LANES:], Const(-1, LANES)))
         with m.If(a_end):
-            m.d.sync += a_nibble.eq(0)
+            m.d.sync += [a_nibble.eq(0), a_pack.eq(Mux(a_shift, 0, a_packed))]
         for bank in range(2):
-            with m.If(a_end & (a_bank == bank)):
-                m.d.sync += self.a_nonzero[bank].eq(shift_in(self.a_nonzero[bank], a_bits))
+            with m.If(a_end & a_shift & (a_bank == bank)):
+                m.d.sync += self.a_nonzero[bank].eq(Cat(self.a_nonzero[bank][LANES:], a_packed))

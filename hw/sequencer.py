@@ -89,8 +89,8 @@ class Sequencer(wiring.Component):
         self.in_issue = Signal()  # the sequencer is in ISSUE
         self.in_load = Signal()  # the sequencer is in LOAD
         # The slot to issue now is k_position - k_offset (the nonzero masks hold slot s at bit
-        # max_k - SG + s, G the job's groups, S its slots per group); the offset is folded into
-        # registered memory base addresses (A's in groups: k_offset is a multiple of S).
+        # max_k - T + s, T the job's slots per n-tile, ``tile_slots``); the offset is folded
+        # into registered memory base addresses (A's in groups: k_offset is a multiple of 4).
         self.k_position = Signal(max(1, bits_for(g.max_k - 1)))
         self.k_offset = Signal(range(g.max_k), reset_less=True)
         self.ready = Signal()  # a k-step is there to issue
@@ -198,7 +198,7 @@ class Sequencer(wiring.Component):
             self.empty.eq(picker.none),
         ]
         m.d.sync += [
-            # (Slots are counted from the mask bit of the job's first group: max_k - SG.)
+            # (Slots are counted from the mask bit of the job's first group: max_k - T.)
             self.k_offset.eq(g.max_k - job.tile_slots),
             next_nt.eq(next_nt_next),
             b_addr.eq(Mux(self.in_issue, next_nt, self.sq_nt)),

@@ -52,7 +52,7 @@ def set_job(ctx, port, geometry, m, k, n, options=0, quant=(0, 0, 0)):
               "channel_quant": bool(options & Option.CHANNEL_QUANT),
               "groups": bool(options & Option.GROUPS),
               "one_slot": slots == 1, "two_slots": slots == 2,
-              "tile_slots": slots * -(-k // protocol.GROUP),
+              "tile_slots": 4 * -(-slots * -(-k // protocol.GROUP) // 4),
               "mult": quant[0], "shift": quant[1], "zero": quant[2]}
     for name, value in fields.items():
         ctx.set(getattr(port, name), value)
@@ -168,7 +168,7 @@ def test_job_control_checks_and_status(groups):
         if want == Error.NONE:
             slots = protocol.slots_per_group(options)
             assert job == (m, k, n, bool(options & Option.GROUPS), slots == 1, slots == 2,
-                           slots * -(-k // 4))
+                           4 * -(-slots * -(-k // 4) // 4))
     assert {result[0] for result in results} >= set(Error) - {Error.TLAST_EARLY,
                                                                Error.TLAST_MISSING}
 
@@ -269,7 +269,7 @@ def test_sequencer_issues_the_set_bits_of_the_masks(m, k, n, density, slots):
     g = Geometry(4, 4, 32, 32, 12)
     rng = np.random.default_rng(m * k * n)
     m_tiles, n_tiles = g.tiles(m, n)
-    span = slots * -(-k // 4)  # the job's slots per n-tile
+    span = 4 * -(-slots * -(-k // 4) // 4)  # the job's slots per n-tile, whole nibbles
     a_nonzero = rng.random((2, span)) < density
     b_nonzero = rng.random((g.n_tiles_max, span)) < density
     if slots == 4:  # plain k-steps: the slots past K are clear
@@ -396,7 +396,7 @@ def run_loader(g, a, b, bias, mult, options, beats, rng, free_delay=5):
 
 
 @pytest.mark.parametrize("case", ["dense", "groups", "2:4", "one k-step", "2:4 in 2 slots",
-                                  "1:4 in 1 slot"])
+                                  "1:4 in 1 slot", "1:4 in 1 slot, K = 55"])
 @pytest.mark.parametrize("g", [Geometry(4, 4, 16, 16, 12), Geometry(3, 5, 8, 16, 15),
                                Geometry(2, 2, 64, 16, 12)], ids=str)
 def test_loader_writes_every_word_and_mask(g, case):
@@ -409,13 +409,14 @@ def test_loader_writes_every_word_and_mask(g, case):
     from sparsa.sim import patterns
 
     groups = case not in ("dense", "one k-step")
-    slots = {"2:4 in 2 slots": 2, "1:4 in 1 slot": 1}.get(case, 4)
+    slots = {"2:4 in 2 slots": 2, "1:4 in 1 slot": 1, "1:4 in 1 slot, K = 55": 1}.get(case, 4)
     rng = np.random.default_rng(3)
     # K: three groups and a partial one; 2:4 four whole groups; past max_k with fewer slots
-    # (2:4 a partial last group of two k-steps)
+    # (2:4: seven groups, the last of two k-steps, 14 slots: a last nibble of two; 1:4: 16
+    # groups, and 14, the last of three k-steps)
     m, n = 10, 9
-    k = {"2:4": 16, "one k-step": 1, "2:4 in 2 slots": 2 * g.max_k - 2,
-         "1:4 in 1 slot": 4 * g.max_k}.get(case, 14)
+    k = {"2:4": 16, "one k-step": 1, "2:4 in 2 slots": 2 * g.max_k - 6,
+         "1:4 in 1 slot": 4 * g.max_k, "1:4 in 1 slot, K = 55": 55}.get(case, 14)
     a = rng.integers(-128, 128, (m, k), dtype=np.int8)
     b = rng.integers(-128, 128, (k, n), dtype=np.int8)
     if k > 1:
@@ -445,7 +446,7 @@ def test_loader_writes_every_word_and_mask(g, case):
     seen = run_loader(g, a, b, bias, mult, options, beats, rng)
     m_tiles, n_tiles = g.tiles(m, n)
     n_groups = -(-k // 4)
-    span = slots * n_groups  # the slots of an n-tile
+    span = 4 * -(-slots * n_groups // 4)  # the slots of an n-tile, in whole nibbles
     assert seen["taken"] == len(beats)
     assert seen["early"] == seen["missing"] == seen["full_writes"] == 0
 
@@ -492,7 +493,7 @@ def test_loader_writes_every_word_and_mask(g, case):
                 mask.append(int(values.any()))
             assert got.tolist() == block.tolist()
             mask += [0] * (slots - min(steps, len(here)))
-        b_mask_want.append((t, mask))
+        b_mask_want.append((t, mask + [0] * (span - len(mask))))  # (a last partial nibble)
     assert words == {}, f"B slots written that are not the job's: {sorted(words)}"
     a_pad = np.zeros((m_tiles * g.rows, 4 * n_groups), np.int8)
     a_pad[:m, :k] = a
@@ -516,6 +517,7 @@ def test_loader_writes_every_word_and_mask(g, case):
     if groups:  # a group's slots are live where any of its k-steps is
         a_live = [[max(live[4 * group:4 * group + 4]) for group in range(n_groups)
                    for _ in range(slots)] for live in a_live]
+        a_live = [live + [0] * (span - len(live)) for live in a_live]
     assert [(bank, top_bits(word)) for bank, word in seen["a_panels"]] == [
         (mt % 2, a_live[mt]) for mt in range(m_tiles)]
     assert top_bits(seen["k_valid"]) == [1] * span

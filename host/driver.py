@@ -297,7 +297,7 @@ def _k_chunk(info, b, sparse_skip):
     if not (sparse_skip and "GROUPS" in info.features and b.shape[0] > info.max_k):
         return info.max_k
     counts = protocol.group_counts(b, info.cols)
-    return info.max_k_for(protocol.slots_for(int(counts.max()) if counts.size else 0))
+    return info.max_k_for(protocol.slots_for(counts))
 
 
 def _in_format(geometry, job, a, b, max_transfer, steps=True):
@@ -321,7 +321,7 @@ def _in_format(geometry, job, a, b, max_transfer, steps=True):
         if input_beats * geometry.beat_bytes > max_transfer:
             return job, reference.counters(geometry, a_job, b_job, True, job.requant)
     input_beats = geometry.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant, b_beats)
-    slots = protocol.slots_for(int(counts.max()) if counts.size and steps else protocol.GROUP)
+    slots = protocol.slots_for(counts) if steps else protocol.GROUP
     options = job.options | Option.GROUPS | protocol.STEPS_OPTIONS[slots]
     return dataclasses.replace(job, options=options,
                                input_bytes=input_beats * geometry.beat_bytes), counters

@@ -51,6 +51,11 @@ def job_layout(geometry):
     })
 
 
+def group_slots(job):
+    """The job's slots per group (1, 2 or 4) from its latched flags (``job_layout``)."""
+    return Mux(job.one_slot, 1, Mux(job.two_slots, 2, GROUP))
+
+
 def a_bank_words(geometry, groups):
     """The A memory's words per bank (a word holds a group of four k-steps) for the largest K of
     a job: ``MAX_K1`` with the group format (``groups``), else ``MAX_K``."""

@@ -29,8 +29,8 @@ Contract:
   at bit ``max_k - T + s`` (T = ``job.tile_slots``, SG rounded up to a multiple of four,
   G = ceil(K/4): each mask is a shift register taking four slots' bits at a time, the slots
   of one plain group or of 4/S groups, so no index decoders), and ``k_valid`` has the top T
-  bits set; the bits below are stale and meant to be masked by it. The masks are updated a cycle after the
-  group's last write (``panel_full`` with them).
+  bits set; the bits below are stale and meant to be masked by it. The masks are updated a
+  cycle after the group's last write (``panel_full`` with them).
 - A TLAST before the packet's last beat sets ``tlast_early``, a last beat without TLAST sets
   ``tlast_missing``, each a cycle later, for one cycle; after the last beat, or a TLAST, the
   loader takes (and drops) beats until a TLAST and waits for the next ``start``. A job that
@@ -50,7 +50,7 @@ from sparsa.protocol import CODE_BITS, CODE_PAIRS, GROUP, Option
 
 from .bram import write_signature
 from .feed import b_word_width
-from .job import REGISTERS, SINGLE, a_bank_words, job_layout
+from .job import REGISTERS, SINGLE, a_bank_words, group_slots, job_layout
 from .link import beat_layout
 from .pe import LANES
 from .pipeline import delay, or_all, walk_flag, walk_flag_behind
@@ -395,7 +395,7 @@ class Loader(wiring.Component):
         # (a register, from the job and the walk: a step past them is dropped). It lags a
         # group's start by a cycle, which only its first step sees, and that one is always
         # kept.
-        w.slots = Mux(job.one_slot, 1, Mux(job.two_slots, 2, GROUP))
+        w.slots = group_slots(job)
         w.steps_here = Signal(range(GROUP + 1))
         k_left = job.k - w.group_k
         m.d.sync += w.steps_here.eq(Mux(w.last_group & (k_left < w.slots), k_left, w.slots))
@@ -583,7 +583,7 @@ class Loader(wiring.Component):
         # A's slots: per k-step (plain B), or in the group format the group's S slots at its
         # place in the nibble (group g's at (g x S) mod 4: ``a_span``), the nibble entering
         # the mask when full or with the panel's last group (``a_shift``).
-        slots = Mux(job.one_slot, 1, Mux(job.two_slots, 2, LANES))
+        slots = group_slots(job)
         group = self.ld_k[2:]
         place = Mux(job.one_slot, group[:2], Mux(job.two_slots, Cat(Const(0, 1), group[0]), 0))
         a_span, a_shift = Signal(LANES), Signal()

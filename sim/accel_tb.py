@@ -149,8 +149,7 @@ class AccelTB:
 
 def fewest_slots(b, cols):
     """The fewest B memory slots per group (1, 2 or 4) that keep every step of B's groups."""
-    counts = protocol.group_counts(b, cols)
-    return protocol.slots_for(int(counts.max()) if counts.size else 0)
+    return protocol.slots_for(protocol.group_counts(b, cols))
 
 
 def random_matrix(rng, shape):

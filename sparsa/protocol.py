@@ -76,7 +76,8 @@ plain format's bytes.) The device drops the steps of a group past its k-steps, a
 slots: the B memory keeps ``S`` slots per group, ``S`` = 1 with ``OPTIONS.STEPS_1``, 2 with
 ``OPTIONS.STEPS_2``, else 4 (:func:`slots_per_group`), so a job whose groups take at most one
 step (1:4 weights) may have K up to ``MAX_K1`` = 4 x ``MAX_K``, at most two (2:4) up to
-``MAX_K2`` = 2 x ``MAX_K``. A lane past K multiplies zero. A step's row ``i``, column ``j`` multiplies ``A[i, 4g + lane]``: the four A
+``MAX_K2`` = 2 x ``MAX_K``. A lane past K multiplies zero. A step's row ``i``, column ``j``
+multiplies ``A[i, 4g + lane]``: the four A
 values of a group travel through the array together and each PE picks one by the lane that
 came down its column, so a group costs ``c[g]`` cycles instead of four (2:4 weights: 2, 1:4:
 1, an all-zero group: 0).
@@ -258,9 +259,11 @@ def slots_per_group(options):
     return 1 if options & Option.STEPS_1 else 2 if options & Option.STEPS_2 else GROUP
 
 
-def slots_for(most_steps):
-    """The fewest slots per group (1, 2 or 4) that keep groups of ``most_steps`` steps."""
-    return 1 if most_steps <= 1 else 2 if most_steps <= 2 else GROUP
+def slots_for(steps):
+    """The fewest slots per group (1, 2 or 4) that keep groups of ``steps`` steps (a count, or
+    an array of them such as :func:`group_counts`'s: its largest)."""
+    most = int(np.max(steps, initial=0))
+    return 1 if most <= 1 else 2 if most <= 2 else GROUP
 UNIFORM = 0x80  # in the first byte of an n-tile's counts: one count for all its groups
 CODE_BITS = np.array([0, 2, 3, 2, 0, 0, 0, 0])  # bits of a column's code, by count (mod 8)
 CODE_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))  # the lanes of a 2-step code

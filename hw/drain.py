@@ -120,7 +120,15 @@ class Drain(wiring.Component):
         out_i0 = Signal(33)
         padded = Signal(width * beats_int32)
         m.d.comb += padded.eq(fifo_data)
-        row_end = out_beat == Mux(job.requant, beats_int8, beats_int32) - 1
+        # Whether the beat offered now is its row's last: a register, from the beat counter's
+        # next value, so the output's handshake reaches the row FIFO's count (``popped``)
+        # through one LUT. (``job.requant`` changes only at a job's start, long before its
+        # first row.)
+        row_end = Signal(init=int(beats_int32 == 1))
+        beat_next = Signal.like(out_beat)
+        m.d.comb += beat_next.eq(out_beat)
+        m.d.sync += [out_beat.eq(beat_next),
+                     row_end.eq(beat_next == Mux(job.requant, beats_int8, beats_int32) - 1)]
         out_last_n, next_out_n, restart_out_n = walk_flag(m, self.start, self.single.n, out_j0,
                                                           cols, job.n, "out_last_n")
         out_last_m, next_out_m, _ = walk_flag(m, self.start, self.single.m, out_i0, rows,
@@ -146,10 +154,10 @@ class Drain(wiring.Component):
                 output.payload.last.eq(row_end & final_row),
             ]
             with m.If(out_take):
-                m.d.sync += out_beat.eq(out_beat + 1)
+                m.d.comb += beat_next.eq(out_beat + 1)
                 with m.If(row_end):
-                    m.d.comb += self.popped.eq(1)
-                    m.d.sync += [out_beat.eq(0), out_row.eq(out_row + 1)]
+                    m.d.comb += [self.popped.eq(1), beat_next.eq(0)]
+                    m.d.sync += out_row.eq(out_row + 1)
                     with m.If(out_row == rows - 1):
                         m.d.sync += out_row.eq(0)
                         m.d.comb += group_end.eq(1)

@@ -368,10 +368,18 @@ class Loader(wiring.Component):
         groups_max = g.max_k_for(1) // GROUP
         w = self._walk = type("GroupWalk", (), {})()
         w.positions = -(-groups_max // beat_bytes)  # beats of the widest job's counts
-        # The counts, 3 bits each (taken modulo 8), the current group's lowest: a beat's are
-        # written at its place, and each group end shifts them down by one (but for a uniform
-        # count, which stays).
-        w.counts = Signal(3 * beat_bytes * w.positions, reset_less=True)
+        # The counts, 3 bits each (taken modulo 8). The current group's (``count``) and the
+        # next one's (``following``) are registers of their own beside the state machine, each
+        # with the code units it needs (``*_need``); the groups after them are in ``counts``,
+        # the lowest first. A beat's counts are written at their places, and each group end
+        # moves them all down by one (but for a uniform count, which stays: ``following`` is
+        # written with it too).
+        w.count, w.following = Signal(3, reset_less=True), Signal(3, reset_less=True)
+        w.need_range = range(int(max(CODE_BITS)) * g.cols // gcd(g.stream_width, g.cols) + 1)
+        w.count_need = Signal(w.need_range, reset_less=True)
+        w.following_need = Signal(w.need_range, reset_less=True)
+        w.counts = Signal(3 * max(1, beat_bytes * w.positions - 2), reset_less=True)
+        w.final_step = Signal()  # the step being loaded is the group's last
         w.uniform = Signal()
         w.count_beat = Signal(range(w.positions))
         k_most = g.max_k_for(1)
@@ -410,7 +418,7 @@ class Loader(wiring.Component):
     def _need(self, count):
         """The units of code a group of ``count`` steps takes."""
         w, cols = self._walk, self.geometry.cols
-        need = Const(0, range(int(max(CODE_BITS)) * cols // w.unit + 1))
+        need = Const(0, w.need_range)
         for bits, this in self._code_widths(count):
             need = Mux(this, bits * cols // w.unit, need)
         return need
@@ -443,26 +451,25 @@ class Loader(wiring.Component):
         take, last = self.take, self.input.payload.last
         counts, count_beat, count_k, group_k = w.counts, w.count_beat, w.count_k, w.group_k
         step, steps_here, buffer, fill = w.step, w.steps_here, w.buffer, w.fill
-        count = counts[:3]
+        count = w.count
         beat_units = g.stream_width // w.unit
 
         def use(bits, count, fill_left):
             """The group's codes are the lowest of ``bits``: on to its steps."""
             m.d.sync += [w.codes.eq(bits[:len(w.codes)]), buffer.eq(self._used(bits, count)),
-                         fill.eq(fill_left), step.eq(0)]
+                         fill.eq(fill_left), step.eq(0), w.final_step.eq(count == 1)]
             m.next = "STEPS"
 
-        def begin(count, from_counts=False):
-            """On to a group whose count is ``count``: its steps, when its codes are in (from
-            ``COUNTS``, the n-tile's first group, only a group with no codes), its code beats
-            (``HEAD``), or, for a group of no steps, ``PASS``."""
-            need = self._need(count)
+        def begin(count, need, from_counts=False):
+            """On to a group whose count is ``count`` (its codes: ``need`` units): its steps,
+            when its codes are in (from ``COUNTS``, the n-tile's first group, only a group with
+            no codes), its code beats (``HEAD``), or, for a group of no steps, ``PASS``."""
             m.d.comb += self.pausing_next.eq(count == 0)
             with m.If(count == 0):
                 m.next = "PASS"
             with m.Elif(need == 0 if from_counts else fill >= need):
                 if from_counts:
-                    m.d.sync += step.eq(0)
+                    m.d.sync += [step.eq(0), w.final_step.eq(count == 1)]
                     m.next = "STEPS"
                 else:
                     use(buffer, count, fill - need)
@@ -473,6 +480,9 @@ class Loader(wiring.Component):
             m.d.comb += [self.loading_a_next.eq(0), self.pausing_next.eq(0)]
             m.next = "IDLE"
 
+        def set_count(register, need, value):
+            m.d.sync += [register.eq(value), need.eq(self._need(value))]
+
         def group_done():
             # (B's mask takes a nibble when the group's slots end one, or with the n-tile.)
             m.d.comb += self.b_nibble_end.eq(((w.group_slot + w.slots)[:2] == 0)
@@ -480,8 +490,10 @@ class Loader(wiring.Component):
             m.d.sync += [group_k.eq(group_k + GROUP), w.next_group,
                          w.group_slot.eq(w.group_slot + w.slots)]
             with m.If(~w.uniform):
-                m.d.sync += counts.eq(counts >> 3)
-            begin(Mux(w.uniform, count, counts[3:6]))
+                m.d.sync += [count.eq(w.following), w.count_need.eq(w.following_need),
+                             counts.eq(counts >> 3)]
+                set_count(w.following, w.following_need, counts[:3])
+            begin(w.following, w.following_need)
             with m.If(w.last_group):
                 m.d.comb += self.b_tile_end.eq(1)
                 m.d.sync += [group_k.eq(0), w.restart_group, count_k.eq(0), w.restart_count,
@@ -496,11 +508,18 @@ class Loader(wiring.Component):
                 with m.Switch(count_beat):
                     for position in range(w.positions):
                         with m.Case(position):
-                            field = slice(3 * beat_bytes * position,
-                                          3 * beat_bytes * (position + 1))
-                            m.d.sync += counts[field].eq(Cat(*(
-                                self.in_data[8 * byte:8 * byte + 3]
-                                for byte in range(beat_bytes))))
+                            for byte in range(beat_bytes):
+                                value = self.in_data[8 * byte:8 * byte + 3]
+                                group = position * beat_bytes + byte
+                                if group == 0:
+                                    # (A uniform count is the following group's too.)
+                                    set_count(count, w.count_need, value)
+                                    set_count(w.following, w.following_need, value)
+                                elif group == 1:
+                                    with m.If(~self.in_data[7] if position == 0 else 1):
+                                        set_count(w.following, w.following_need, value)
+                                else:
+                                    m.d.sync += counts[3 * (group - 2):3 * (group - 1)].eq(value)
                 m.d.sync += [count_beat.eq(count_beat + 1),
                              count_k.eq(count_k + GROUP * beat_bytes), w.next_count]
                 first = count_beat == 0
@@ -510,7 +529,8 @@ class Loader(wiring.Component):
                 with m.If(w.last_count | uniform):
                     m.d.sync += count_beat.eq(0)
                     # The first group's count: in this beat if it is the first of the counts.
-                    begin(Mux(first, self.in_data[:3], count), from_counts=True)
+                    first_count = Mux(first, self.in_data[:3], count)
+                    begin(first_count, self._need(first_count), from_counts=True)
             with m.If(take & last):
                 to_idle()
         with m.State("PASS"):
@@ -527,7 +547,7 @@ class Loader(wiring.Component):
                         low = place * w.unit
                         m.d.comb += merged.eq(Cat(buffer[:low], self.in_data,
                                                   buffer[low + g.stream_width:]))
-            need = self._need(count)
+            need = w.count_need
             with m.If(take):
                 with m.If(fill + beat_units >= need):
                     use(merged, count, fill + beat_units - need)
@@ -545,8 +565,8 @@ class Loader(wiring.Component):
             m.d.sync += b_lanes_q.eq(Cat(*(self._lane(count, step, w.codes, j)
                                            for j in range(cols))))
             with m.If(complete):
-                m.d.sync += step.eq(step + 1)
-                with m.If(step == count - 1):
+                m.d.sync += [step.eq(step + 1), w.final_step.eq(step + 2 == count)]
+                with m.If(w.final_step):
                     group_done()
             with m.If(take & last):
                 to_idle()

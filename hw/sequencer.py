@@ -82,6 +82,9 @@ class Sequencer(wiring.Component):
         self.sq_bank = Signal()
         self.sq_last_n, self.sq_last_m = Signal(), Signal()  # in the last n-tile / m-tile
         self.issued = Signal(range(g.max_k + 1))  # k-steps of this tile issued so far
+        # K less one less ``issued``: the tile's k-steps skipped if the one offered now is its
+        # last (a register, so ``skipped`` is a multiplexer of registers).
+        self.k_left = Signal(range(g.max_k_for(1)), reset_less=True)
         self.issue = Signal()  # a k-step goes to the array
         self.take = Signal()  # ``issue``, worked out apart for the picker (see _accept)
         self.issue_last = Signal()
@@ -130,7 +133,7 @@ class Sequencer(wiring.Component):
                      self.b_addr.eq(b_base + self.k_position)]
         room_next = self._room(m)
         self._accept(m, room_next)
-        m.d.comb += self.skipped.eq(self.job.k - self.issued - ~self.empty)
+        m.d.comb += self.skipped.eq(Mux(self.empty, self.job.k, self.k_left))
         self._position(m)
         self._fsm(m)
         return m
@@ -334,14 +337,14 @@ class Sequencer(wiring.Component):
                     m.next = "IDLE"
                 with m.Elif(self.mask_ready):
                     m.d.comb += self.tile_load.eq(1)
-                    m.d.sync += self.issued.eq(0)
+                    m.d.sync += [self.issued.eq(0), self.k_left.eq(self.job.k - 1)]
                     m.next = "ISSUE"
             with m.State("ISSUE"):
                 # (Until the first k-step is out of the picker, ``ready`` is low.)
                 with m.If(closing):
                     m.next = "IDLE"
                 with m.Elif(ready & more):
-                    m.d.sync += self.issued.eq(self.issued + 1)
+                    m.d.sync += [self.issued.eq(self.issued + 1), self.k_left.eq(self.k_left - 1)]
                 with m.Elif(ready & ~self.room):
                     m.d.comb += self.waiting_room.eq(1)
                 with m.Elif(self.issue_last):

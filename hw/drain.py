@@ -135,7 +135,6 @@ class Drain(wiring.Component):
                                               job.m, "out_last_m")
         final_row = (out_row == rows - 1) & out_last_n & out_last_m
         output = self.output
-        out_take = output.valid & output.ready
         finished = Signal()  # the last beat is in the output link
         group_end = Signal()  # the last row of a group of ``rows`` leaves
         # Where the drain is in the job (the group's columns and rows, and whether they are the
@@ -153,7 +152,9 @@ class Drain(wiring.Component):
                 output.payload.data.eq(padded.word_select(out_beat, width)),
                 output.payload.last.eq(row_end & final_row),
             ]
-            with m.If(out_take):
+            # (valid is high here: a beat leaves when ready, with no path from the closing
+            # beat's decision below.)
+            with m.If(output.ready):
                 m.d.comb += beat_next.eq(out_beat + 1)
                 with m.If(row_end):
                     m.d.comb += [self.popped.eq(1), beat_next.eq(0)]
@@ -166,7 +167,7 @@ class Drain(wiring.Component):
         with m.Elif(self.closing & self.nothing_reserved & self.busy & ~finished):
             # A job that ended early still closes its output packet: one zero beat with TLAST.
             m.d.comb += [output.valid.eq(1), output.payload.last.eq(1)]
-            with m.If(out_take):
+            with m.If(output.ready):
                 m.d.sync += finished.eq(1)
         # The job is done when its last beat has left the output link.
         with m.If(finished & self.link_idle):

@@ -515,9 +515,11 @@ class Loader(wiring.Component):
                                     # (A uniform count is the following group's too.)
                                     set_count(count, w.count_need, value)
                                     set_count(w.following, w.following_need, value)
-                                elif group == 1:
-                                    with m.If(~self.in_data[7] if position == 0 else 1):
+                                elif group == 1 and position == 0:
+                                    with m.If(~self.in_data[7]):  # (not a uniform header)
                                         set_count(w.following, w.following_need, value)
+                                elif group == 1:
+                                    set_count(w.following, w.following_need, value)
                                 else:
                                     m.d.sync += counts[3 * (group - 2):3 * (group - 1)].eq(value)
                 m.d.sync += [count_beat.eq(count_beat + 1),

@@ -43,6 +43,12 @@ def simulate(dut, *benches):
     sim.run()
 
 
+def tile_slots(k, slots):
+    """A job's B memory slots per n-tile: ``slots`` per group of four k-steps, rounded up to
+    whole nibbles of the masks (the contract of :mod:`sparsa.hw.job`)."""
+    return 4 * -(-slots * -(-k // protocol.GROUP) // 4)
+
+
 def set_job(ctx, port, geometry, m, k, n, options=0, quant=(0, 0, 0)):
     """The latched job of :func:`sparsa.hw.job.job_layout`, as JobControl gives it."""
     slots = protocol.slots_per_group(options)
@@ -52,7 +58,7 @@ def set_job(ctx, port, geometry, m, k, n, options=0, quant=(0, 0, 0)):
               "channel_quant": bool(options & Option.CHANNEL_QUANT),
               "groups": bool(options & Option.GROUPS),
               "one_slot": slots == 1, "two_slots": slots == 2,
-              "tile_slots": 4 * -(-slots * -(-k // protocol.GROUP) // 4),
+              "tile_slots": tile_slots(k, slots),
               "mult": quant[0], "shift": quant[1], "zero": quant[2]}
     for name, value in fields.items():
         ctx.set(getattr(port, name), value)
@@ -168,7 +174,7 @@ def test_job_control_checks_and_status(groups):
         if want == Error.NONE:
             slots = protocol.slots_per_group(options)
             assert job == (m, k, n, bool(options & Option.GROUPS), slots == 1, slots == 2,
-                           4 * -(-slots * -(-k // 4) // 4))
+                           tile_slots(k, slots))
     assert {result[0] for result in results} >= set(Error) - {Error.TLAST_EARLY,
                                                                Error.TLAST_MISSING}
 
@@ -269,7 +275,7 @@ def test_sequencer_issues_the_set_bits_of_the_masks(m, k, n, density, slots):
     g = Geometry(4, 4, 32, 32, 12)
     rng = np.random.default_rng(m * k * n)
     m_tiles, n_tiles = g.tiles(m, n)
-    span = 4 * -(-slots * -(-k // 4) // 4)  # the job's slots per n-tile, whole nibbles
+    span = tile_slots(k, slots)
     a_nonzero = rng.random((2, span)) < density
     b_nonzero = rng.random((g.n_tiles_max, span)) < density
     if slots == 4:  # plain k-steps: the slots past K are clear
@@ -446,7 +452,7 @@ def test_loader_writes_every_word_and_mask(g, case):
     seen = run_loader(g, a, b, bias, mult, options, beats, rng)
     m_tiles, n_tiles = g.tiles(m, n)
     n_groups = -(-k // 4)
-    span = 4 * -(-slots * n_groups // 4)  # the slots of an n-tile, in whole nibbles
+    span = tile_slots(k, slots)
     assert seen["taken"] == len(beats)
     assert seen["early"] == seen["missing"] == seen["full_writes"] == 0
 

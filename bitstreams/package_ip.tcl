@@ -20,8 +20,8 @@ set name sparsa_accel
 set version 1.0
 set top sparsa_accel
 
-# Ports the interfaces are inferred from (name and width; the stream width is checked by value
-# against the generated Verilog's TDATA when the IP is used, see build_overlay.tcl).
+# Ports the interfaces are inferred from (name and width: W is the stream width, read off the
+# generated Verilog's TDATA below, K = W / 8 its TKEEP; build_overlay.tcl sizes the DMA with W).
 set axi_lite_ports {
     s_axi_awaddr 12 s_axi_awvalid 1 s_axi_awready 1 s_axi_wdata 32 s_axi_wstrb 4
     s_axi_wvalid 1 s_axi_wready 1 s_axi_bresp 2 s_axi_bvalid 1 s_axi_bready 1
@@ -29,8 +29,8 @@ set axi_lite_ports {
     s_axi_rvalid 1 s_axi_rready 1
 }
 set stream_ports {
-    s_axis_tdata W s_axis_tvalid 1 s_axis_tready 1 s_axis_tlast 1
-    m_axis_tdata W m_axis_tvalid 1 m_axis_tready 1 m_axis_tlast 1
+    s_axis_tdata W s_axis_tvalid 1 s_axis_tready 1 s_axis_tlast 1 s_axis_tkeep K
+    m_axis_tdata W m_axis_tvalid 1 m_axis_tready 1 m_axis_tlast 1 m_axis_tkeep K
 }
 set clock_ports {aclk 1 aresetn 1}
 set register_window 4096 ;# 2**12 bytes: sparsa.protocol.ADDRESS_WIDTH

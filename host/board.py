@@ -50,7 +50,13 @@ def dma_faults(status):
 
 
 class PynqTransport:
-    """Registers through ``mmio``, packets through ``dma``; waits poll the DMA's status."""
+    """Registers through ``mmio``, packets through ``dma``; waits poll the DMA's status.
+
+    ``pynq.allocate`` gives buffers the CPU does not cache (PYNQ v3.0's default), where every
+    access goes to DDR: the driver touches each with one sequential write or read per job
+    (``uncached_buffers``)."""
+
+    uncached_buffers = True
 
     def __init__(self, mmio, dma, allocate, cycles_per_second=DEFAULT_CLOCK_HZ,
                  poll_interval=0.0, max_buffer=DEFAULT_MAX_BUFFER, reset_timeout=1.0,
@@ -68,6 +74,8 @@ class PynqTransport:
         # whether it counts the limit inclusively or not.
         limit = getattr(dma, "buffer_max_size", None)
         self.max_transfer = min(max_buffer, limit - 1) if limit else max_buffer
+        self._checked = False  # the channels' state looked at before this transport's first job
+        self._armed = False  # a channel may be writing into (or reading from) a buffer
 
     def read(self, address):
         return int(self.mmio.read(address))
@@ -92,9 +100,14 @@ class PynqTransport:
         Raises :class:`TransferError` as soon as a channel reports a fault or halts, and
         ``TimeoutError`` after ``timeout`` seconds. PYNQ's channels flush the send buffer and
         invalidate the receive buffer themselves."""
-        if any(self.dma_status(name) & (DMASR_HALTED | DMASR_FAULT_BITS)
-               for name, _ in DMA_CHANNELS):
-            self.recover()  # left halted or faulted, e.g. by an earlier process
+        status = [self.dma_status(name) for name, _ in DMA_CHANNELS]
+        if any(value & (DMASR_HALTED | DMASR_FAULT_BITS) for value in status) or (
+                not self._checked and not all(value & DMASR_IDLE for value in status)):
+            # Left halted or faulted, or (before this transport's first job) busy: a process
+            # killed mid-job leaves its channels armed with buffers that are gone.
+            self.recover()
+        self._checked = True
+        self._armed = True
         self.dma.recvchannel.transfer(receive, 0, receive_bytes)
         self.dma.sendchannel.transfer(send, 0, send_bytes)
         deadline = time.monotonic() + timeout
@@ -119,6 +132,7 @@ class PynqTransport:
             if pending and self.poll_interval:
                 time.sleep(self.poll_interval)
         self.dma.recvchannel.wait()  # idle: returns at once, PYNQ invalidates the buffer
+        self._armed = False
         return None  # the output size is the job's: simple-mode PYNQ does not report it
 
     def recover(self):
@@ -127,10 +141,7 @@ class PynqTransport:
         raises :class:`DeviceError` (reload the overlay then)."""
         registers = self.dma.mmio
         control = {name: int(registers.read(offset + DMACR)) for name, offset in DMA_CHANNELS}
-        registers.write(DMA_CHANNELS[0][1] + DMACR, DMACR_RESET)
-        self._until(lambda: not any(int(registers.read(offset + DMACR)) & DMACR_RESET
-                                    for _, offset in DMA_CHANNELS),
-                    "the DMA's soft reset (DMACR.Reset) did not complete")
+        self._reset()
         for name, offset in DMA_CHANNELS:  # RS again, with the interrupt enables PYNQ set
             registers.write(offset + DMACR, (control[name] & ~DMACR_RESET) | DMACR_RUN)
         self._until(lambda: not any(self.dma_status(name) & DMASR_HALTED
@@ -138,6 +149,24 @@ class PynqTransport:
                     "the DMA's channels did not start after its soft reset")
         for channel in (self.dma.sendchannel, self.dma.recvchannel):
             channel.start()  # running already, so PYNQ's spin ends at once; it resets its state
+
+    def _reset(self):
+        """DMACR.Reset, waited for: both channels stop and let go of their buffers (they come
+        back halted)."""
+        registers = self.dma.mmio
+        registers.write(DMA_CHANNELS[0][1] + DMACR, DMACR_RESET)
+        self._until(lambda: not any(int(registers.read(offset + DMACR)) & DMACR_RESET
+                                    for _, offset in DMA_CHANNELS),
+                    "the DMA's soft reset (DMACR.Reset) did not complete")
+        self._armed = False
+
+    def stop(self):
+        """Before the buffers are freed: a DMA still armed by a job that never finished (an
+        interrupt, a fault whose recovery failed) is reset, with a deadline, so it cannot
+        write into memory that is given back. Raises :class:`DeviceError` when it does not
+        stop."""
+        if self._armed:
+            self._reset()
 
     def _until(self, done, what):
         deadline = time.monotonic() + self.reset_timeout

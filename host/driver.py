@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -71,9 +72,18 @@ class BufferPool:
 
 def _release(pool, transport):
     """Free a driver's buffers and close its transport (on ``close()`` or when the driver is
-    collected or the interpreter exits)."""
-    pool.release()
-    transport.close()
+    collected or the interpreter exits). A transport that may still write into a buffer (a
+    DMA channel armed by a job that never finished) is stopped first; when it cannot be
+    stopped, its buffers are left allocated rather than freed under a running DMA."""
+    stop = getattr(transport, "stop", None)
+    try:
+        if stop is not None:
+            stop()
+        pool.release()
+    except DeviceError as error:
+        log.warning("sparsa: DMA buffers not freed: %s", error)
+    finally:
+        transport.close()
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,10 @@ class Accelerator:
     def __init__(self):
         self.last_counters = None
         self.closed = False
+        # Held by every call that touches the device or the counters: callers in several
+        # threads take turns. A caller that reads ``last_counters`` of its own call holds it
+        # around both (``with acc.lock: acc.matmul(...); acc.last_counters``).
+        self.lock = threading.RLock()
 
     def prepare(self, B):
         """``B`` (K x N int8) as weights to pass to :meth:`matmul` many times: checked and
@@ -196,6 +210,10 @@ class Accelerator:
         every k-step (same result; only the counters differ). ``out``: a C-contiguous array to
         write C into. Returns C: int32 (M, N), or int8 with ``requant``. Inputs are not modified.
         """
+        with self.lock:
+            return self._checked_matmul(A, B, bias, requant, relu, sparse_skip, out)
+
+    def _checked_matmul(self, A, B, bias, requant, relu, sparse_skip, out):
         if self.closed:
             raise RuntimeError("matmul on a closed accelerator")
         prepared = B if isinstance(B, PreparedWeights) else None
@@ -261,8 +279,9 @@ class Accelerator:
         and MAX_K1 from devices of protocol 1.4 on)."""
         names = [name for name in IDENTITY
                  if self.info.version >= STEPS_VERSION or name not in ("MAX_K2", "MAX_K1")]
-        return {name: int(self._register_source().read(REGISTER[name].address))
-                for name in names}
+        with self.lock:
+            return {name: int(self._register_source().read(REGISTER[name].address))
+                    for name in names}
 
     def _register_source(self):
         raise NotImplementedError
@@ -342,9 +361,9 @@ class ReferenceAccelerator(Accelerator):
 
     backend = "reference"
 
-    def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256, sparse_skip=True):
+    def __init__(self, sparse_skip=True, **geometry):
         super().__init__()
-        device = reference.ReferenceDevice(rows, cols, stream_width, max_k, max_n, sparse_skip)
+        device = reference.ReferenceDevice(**geometry, sparse_skip=sparse_skip)
         self.info = read_info(device)
         self._device = device  # the registers it would have
         self._skips = sparse_skip
@@ -404,8 +423,18 @@ class DeviceAccelerator(Accelerator):
                              or jobs.DEFAULT_MAX_TRANSFER)
         self.buffers = BufferPool(transport, self.max_transfer)
         self._finalizer = weakref.finalize(self, _release, self.buffers, transport)
+        # DMA buffers a host cannot cache (PYNQ's, by default): packets are built and read in
+        # ordinary memory and each DMA buffer gets one sequential write or read per job.
+        self._staging = {} if getattr(transport, "uncached_buffers", False) else None
         self.last_timing = None
         self._write("CONTROL", Control.SOFT_RESET)
+
+    def _staged(self, direction, nbytes):
+        """A reusable array in ordinary (cached) memory of ``nbytes`` for ``direction``."""
+        buffer = self._staging.get(direction)
+        if buffer is None or buffer.size < nbytes:
+            buffer = self._staging[direction] = np.empty(max(nbytes, MIN_BUFFER), np.uint8)
+        return buffer[:nbytes]
 
     def _write(self, name, value):
         self.transport.write(REGISTER[name].address, value)
@@ -437,26 +466,34 @@ class DeviceAccelerator(Accelerator):
         send = self.buffers.get("send", job.input_bytes)
         receive = self.buffers.get("receive", job.output_bytes)
         columns = slice(job.n0, job.n0 + job.n)
-        jobs.pack_into(g, send, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
+        staged = self._staging is not None
+        jobs.pack_into(g, self._staged("send", job.input_bytes) if staged else send,
+                       a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
                        b[job.k0:job.k0 + job.k, columns], bias[columns] if job.bias else None,
                        mult[columns] if job.channel_quant else None,
                        prepared.packed(g, job.k0, job.k, job.n0, job.n, job.groups)
                        if prepared else None, job.groups)
+        if staged:
+            send[:job.input_bytes] = self._staged("send", job.input_bytes)  # one write
         packed = time.perf_counter()
-        for name, value in job.registers():
-            self._write(name, value)
-        self._write("CONTROL", Control.START)
         try:
+            for name, value in job.registers():
+                self._write(name, value)
+            self._write("CONTROL", Control.START)
             self.transport.transfer(send, job.input_bytes, receive, job.output_bytes,
                                     self._timeout(job))
-        except (TimeoutError, TransferError) as error:
+            status, code = self._read("STATUS"), self._read("ERROR")
+            counts = {name: self._read(name) for name in protocol.COUNTERS}
+        except BaseException as error:  # a timeout, a fault, Ctrl-C, a transport's failure
             self._abandon(job, error)
-        status, code = self._read("STATUS"), self._read("ERROR")
         if code != Error.NONE or status != Status.DONE:
             raise DeviceError(f"job M={job.m} K={job.k} N={job.n} failed: STATUS={status:#x}, "
                               f"ERROR={_error_name(code)}")
-        counts = {name: self._read(name) for name in protocol.COUNTERS}
         moved = time.perf_counter()
+        if staged:
+            received = self._staged("receive", job.output_bytes)
+            received[:] = receive[:job.output_bytes]  # one sequential read
+            receive = received
         jobs.unpack_into(g, receive, out, job.requant, accumulate)
         if timing is not None:
             timing["pack"] += packed - started
@@ -465,20 +502,31 @@ class DeviceAccelerator(Accelerator):
         return counts
 
     def _abandon(self, job, error):
-        """After a timeout or a transfer fault: quote STATUS and ERROR, soft-reset the device,
-        let the transport recover (the board resets its DMA, with a deadline) and raise."""
-        status, code = self._read("STATUS"), self._read("ERROR")
-        self._write("CONTROL", Control.SOFT_RESET)
-        what = "timed out" if isinstance(error, TimeoutError) else "failed"
-        message = (f"job M={job.m} K={job.k} N={job.n} {what} ({error}); STATUS={status:#x}, "
-                   f"ERROR={_error_name(code)}; the device was soft-reset")
-        recover = getattr(self.transport, "recover", None)
-        if recover is not None:
-            try:
+        """Any exit from a job but success: quote STATUS and ERROR, soft-reset the device and
+        let the transport recover (the board resets its DMA, with deadlines), so no channel is
+        left armed and the next job runs. A timeout or a transfer fault raises
+        :class:`DeviceError` saying so; anything else (``KeyboardInterrupt``, an error of the
+        transport) is raised again as it was, once the device is safe."""
+        what = ("timed out" if isinstance(error, TimeoutError)
+                else "failed" if isinstance(error, TransferError) else "was interrupted")
+        message = f"job M={job.m} K={job.k} N={job.n} {what} ({error or type(error).__name__})"
+        failure = None
+        try:
+            status, code = self._read("STATUS"), self._read("ERROR")
+            self._write("CONTROL", Control.SOFT_RESET)
+            message += (f"; STATUS={status:#x}, ERROR={_error_name(code)}; "
+                        f"the device was soft-reset")
+            recover = getattr(self.transport, "recover", None)
+            if recover is not None:
                 recover()
-            except DeviceError as failure:
-                raise DeviceError(f"{message}, but recovery failed: {failure}") from error
-            message += " and the transport recovered"
+                message += " and the transport recovered"
+        except DeviceError as cleanup:
+            failure = cleanup
+            message += f", but recovery failed: {cleanup}"
+        if not isinstance(error, (TimeoutError, TransferError)):
+            if failure is not None:
+                log.warning("sparsa: %s", message)
+            raise error
         raise DeviceError(message) from error
 
     def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):

@@ -391,11 +391,12 @@ def _qgemm(model, node, env, accelerator, stats):
         if requant is not None and isinstance(requant[0], np.ndarray):
             group_requant = (np.ascontiguousarray(requant[0][cols]), requant[1], requant[2])
         started = time.perf_counter()
-        out = accelerator.matmul(patches[g], weights[node.name][g], bias=bias[cols].copy(),
-                                 requant=group_requant,
-                                 relu=bool(a.get("relu")) and mode == "device")
+        with accelerator.lock:  # this call's counters, not another thread's
+            out = accelerator.matmul(patches[g], weights[node.name][g], bias=bias[cols].copy(),
+                                     requant=group_requant,
+                                     relu=bool(a.get("relu")) and mode == "device")
+            counters = accelerator.last_counters
         stats["device_s"] += time.perf_counter() - started
-        counters = accelerator.last_counters
         for key in ("cycles", "macs", "macs_skipped"):
             stats[key] += int(counters[key])
         stats["estimated"] |= bool(counters.get("estimated"))

@@ -215,9 +215,10 @@ class QuantizedModel:
                 continue
             q.layer.check_input(x, "x")
             a, shape = q.layer.gemm_operands(x)
-            y = accelerator.matmul(a, q.weight, bias=q.bias, requant=q.requant,
-                                   relu=q.layer.relu, sparse_skip=sparse_skip)
-            counts = accelerator.last_counters
+            with accelerator.lock:  # this call's counters, not another thread's
+                y = accelerator.matmul(a, q.weight, bias=q.bias, requant=q.requant,
+                                       relu=q.layer.relu, sparse_skip=sparse_skip)
+                counts = accelerator.last_counters
             total = self.counters[gemm_index]
             for key, value in counts.items():
                 if key != "estimated":

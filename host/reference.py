@@ -18,8 +18,8 @@ hardware holds TREADY low, so the DMA would time out).
 import numpy as np
 
 from sparsa import protocol
-from sparsa.protocol import (GROUP, KNOWN_OPTIONS, REGISTERS, Control, Error, Feature, Option,
-                             Status)
+from sparsa.protocol import (DEFAULT_BUILD, GROUP, KNOWN_OPTIONS, REGISTERS, Control, Error,
+                             Feature, Option, Status)
 
 from . import arith, jobs
 
@@ -184,8 +184,10 @@ class ReferenceDevice:
 
     cycles_per_second = None  # no clock: transfers complete at once
 
-    def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256,
-                 sparse_skip=True):
+    def __init__(self, rows=DEFAULT_BUILD["rows"], cols=DEFAULT_BUILD["cols"],
+                 stream_width=DEFAULT_BUILD["stream_width"], max_k=DEFAULT_BUILD["max_k"],
+                 max_n=DEFAULT_BUILD["max_n"], sparse_skip=True):
+        protocol.check_build(rows, cols, stream_width, max_k, max_n)
         self.geometry = protocol.Geometry(rows, cols, stream_width, max_k, max_n)
         self.features = protocol.features(sparse_skip)
         self.registers = {register.name: register.reset for register in REGISTERS}

@@ -8,7 +8,9 @@ this process started (:func:`open_sim`, i.e. ``sparsa.open("sim")``) or, inside 
 """
 
 import logging
+import os
 import secrets
+import signal
 import tempfile
 import threading
 from multiprocessing.connection import Listener
@@ -18,13 +20,17 @@ import numpy as np
 
 from . import board
 from .board import PynqTransport
-from .driver import DeviceAccelerator
+from .driver import DeviceAccelerator, DeviceError
 
 log = logging.getLogger("sparsa")
 
 POLL_CYCLES = 64  # simulated cycles per DMA status poll
 # Simulated cycles per wall-clock second, at the least, to turn cycle budgets into timeouts.
 SIM_CYCLES_PER_SECOND = 500
+# Each request simulates a few cycles (a register access) or a poll's POLL_CYCLES; its reply is
+# waited for ten times that at SIM_CYCLES_PER_SECOND, and at least this long. A simulator that
+# does not answer by then is taken for stopped or hung.
+REPLY_SECONDS = 10.0
 
 
 class SimMMIO:
@@ -156,11 +162,13 @@ def allocate(shape, dtype):
     return np.zeros(shape, dtype)
 
 
-def accelerator(call, backend="sim", max_transfer=None, on_close=None):
+def accelerator(call, backend="sim", max_transfer=None, on_close=None, simulator=None):
     """The driver on the PYNQ transport over simulated MMIO/DMA reached through ``call``;
-    ``on_close`` runs when it is closed."""
+    ``on_close`` runs when it is closed; ``simulator`` (the :class:`SimServer`, if any) is kept
+    as the transport's ``simulator``."""
     transport = PynqTransport(SimMMIO(call), SimDMA(call), allocate,
                               cycles_per_second=SIM_CYCLES_PER_SECOND, on_close=on_close)
+    transport.simulator = simulator
     return DeviceAccelerator(transport, backend, max_transfer)
 
 
@@ -197,6 +205,10 @@ class SimServer:
         except OSError:
             self._thread.join()
             raise RuntimeError(f"the simulator did not start: {self._failure()}") from None
+        self._broken = None  # why the connection can no longer be used
+        self.pid, self.name = None, f"{design.key} on {simulator}"
+        self.pid = self.call("pid")
+        self.name += f", pid {self.pid}"
 
     def _failure(self):
         if self._error is not None:
@@ -206,30 +218,66 @@ class SimServer:
         return "no result"
 
     def call(self, name, *args):
+        """Send a request and wait for its reply, with a deadline (:data:`REPLY_SECONDS`, or
+        more for a long poll): a simulator that stopped answering raises ``TimeoutError``
+        naming it, and the connection is not used again."""
+        if self._broken:
+            raise DeviceError(f"the simulator ({self.name}) is not usable: {self._broken}; "
+                              f"open a new one")
+        cycles = args[1] if name == "dma_idle" else 0
+        timeout = max(REPLY_SECONDS, 10 * cycles / SIM_CYCLES_PER_SECOND)
         try:
             self._connection.send((name, *args))
-            status, value = self._connection.recv()
+            status, value = self._reply(name, timeout)
         except (EOFError, OSError):
+            self._broken = "it stopped"
             self._thread.join(timeout=30)
             raise RuntimeError(f"the simulator stopped: {self._failure()}") from None
         if status != "ok":
             raise RuntimeError(f"simulated board: {value}")
         return value
 
-    def close(self):
+    def _reply(self, name, timeout):
         try:
-            self._connection.send(("close",))
-        except OSError:
-            pass
+            ready = self._connection.poll(timeout)
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C): take the reply still on its way, so the next
+            # request is not answered with this one's.
+            if not self._connection.poll(timeout):
+                self._broken = f"no answer to {name!r} after an interrupt"
+            raise
+        if not ready:
+            self._broken = f"no answer to {name!r} within {timeout:.1f} s"
+            raise TimeoutError(f"the simulator ({self.name}) did not answer {name!r} within "
+                               f"{timeout:.1f} s: stopped (SIGSTOP) or hung")
+        return self._connection.recv()
+
+    def close(self):
+        if self._broken:
+            self._kill()  # it cannot be asked to stop
+        else:
+            try:
+                self._connection.send(("close",))
+            except OSError:
+                pass
         self._connection.close()
         self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            self._kill()
+            self._thread.join(timeout=30)
         self._folder.cleanup()
+
+    def _kill(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except (OSError, TypeError):
+            pass  # gone already
 
 
 def open_sim(simulator="verilator", idle=0.0, backpressure=0.0, seed=0, max_transfer=None,
              **build):
     """``sparsa.open("sim", ...)``: start a simulation of the build and return its driver."""
-    from sparsa.protocol import DEFAULT_BUILD
+    from sparsa.protocol import DEFAULT_BUILD, check_build
     from sparsa.sim import toolchain
 
     unknown = set(build) - set(DEFAULT_BUILD) - {"sparse_skip"}
@@ -242,10 +290,12 @@ def open_sim(simulator="verilator", idle=0.0, backpressure=0.0, seed=0, max_tran
     if reason:
         raise RuntimeError(f"simulator: {reason}")
     cfg = {**DEFAULT_BUILD, **build}
+    check_build(**{name: cfg[name] for name in DEFAULT_BUILD})
     server = SimServer(cfg, simulator, {"idle": idle, "backpressure": backpressure,
                                         "seed": seed})
     try:
-        return accelerator(server.call, "sim", max_transfer, on_close=server.close)
+        return accelerator(server.call, "sim", max_transfer, on_close=server.close,
+                           simulator=server)
     except BaseException:
         server.close()
         raise

@@ -2,9 +2,11 @@
 
 ``Accelerator(rows, cols, stream_width, max_k, max_n)`` is the top level. Ports, named as Vivado
 infers them: ``aclk``; ``aresetn`` (active-low, synchronous, AXI style); ``s_axis_*`` (operands
-in: tdata, tvalid, tready, tlast); ``m_axis_*`` (results out: tdata, tvalid, tready, tlast);
-``s_axi_*`` (AXI4-Lite registers, :mod:`.regs`). The stream layouts, register map and
-arithmetic are those of :mod:`sparsa.protocol`.
+in: tdata, tvalid, tready, tlast, tkeep); ``m_axis_*`` (results out: tdata, tvalid, tready,
+tlast, tkeep); ``s_axi_*`` (AXI4-Lite registers, :mod:`.regs`). Every packet is whole beats:
+``m_axis_tkeep`` is all ones, and ``s_axis_tkeep`` is accepted for a complete interface and not
+read (the host sends whole beats; a DMA's MM2S sets every byte of them). The stream layouts,
+register map and arithmetic are those of :mod:`sparsa.protocol`.
 
 Dataflow of one job (``C = A @ B``, ``M x K @ K x N``), one component per stage (each module's
 docstring has its contract):
@@ -45,9 +47,9 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from sparsa import protocol
-from sparsa.protocol import STREAM_WIDTHS, Control, features
+from sparsa.protocol import DEFAULT_BUILD, Control, features
 
-from .array import SystolicArray, check_dimensions, check_lut_columns
+from .array import SystolicArray, check_lut_columns
 from .bram import BlockMemory
 from .counters import COUNTERS, WorkCounters
 from .drain import Drain
@@ -201,20 +203,14 @@ class Accelerator(wiring.Component):
     how many of the array's columns (the last ones) multiply in LUTs; ``dsp_packing``, the
     other columns in pairs with two INT8 MACs per DSP slice (:class:`.PackedPair`)."""
 
-    def __init__(self, rows=8, cols=8, stream_width=64, max_k=256, max_n=256, sparse_skip=True,
-                 lut_columns=0, dsp_packing=False):
-        check_dimensions(rows, cols)
+    def __init__(self, rows=DEFAULT_BUILD["rows"], cols=DEFAULT_BUILD["cols"],
+                 stream_width=DEFAULT_BUILD["stream_width"], max_k=DEFAULT_BUILD["max_k"],
+                 max_n=DEFAULT_BUILD["max_n"], sparse_skip=True, lut_columns=0,
+                 dsp_packing=False):
+        protocol.check_build(rows, cols, stream_width, max_k, max_n)
         check_lut_columns(lut_columns, cols)
         self.lut_columns = lut_columns
         self.dsp_packing = bool(dsp_packing)
-        if stream_width not in STREAM_WIDTHS:
-            raise ValueError(f"stream_width must be one of {STREAM_WIDTHS}, not {stream_width}")
-        for name, value in (("max_k", max_k), ("max_n", max_n)):
-            if not isinstance(value, int) or not 1 <= value <= 65536:
-                raise ValueError(f"{name} must be an int between 1 and 65536, not {value!r}")
-        if max_k % LANES:
-            raise ValueError(f"max_k must be a multiple of {LANES} (A is kept in groups of "
-                             f"{LANES} k-steps), not {max_k}")
         self.geometry = protocol.Geometry(rows, cols, stream_width, max_k, max_n)
         self.sparse_skip = sparse_skip
         self._regs = RegisterBlock()
@@ -223,9 +219,9 @@ class Accelerator(wiring.Component):
                         if name.startswith("s_axi_")})
         members.update({
             "s_axis_tdata": In(stream_width), "s_axis_tvalid": In(1),
-            "s_axis_tready": Out(1), "s_axis_tlast": In(1),
+            "s_axis_tready": Out(1), "s_axis_tlast": In(1), "s_axis_tkeep": In(stream_width // 8),
             "m_axis_tdata": Out(stream_width), "m_axis_tvalid": Out(1),
-            "m_axis_tready": In(1), "m_axis_tlast": Out(1),
+            "m_axis_tready": In(1), "m_axis_tlast": Out(1), "m_axis_tkeep": Out(stream_width // 8),
         })
         super().__init__(members)
 
@@ -279,6 +275,7 @@ class Accelerator(wiring.Component):
             core.s_axis.valid.eq(self.s_axis_tvalid), self.s_axis_tready.eq(core.s_axis.ready),
             self.m_axis_tdata.eq(core.m_axis.payload.data),
             self.m_axis_tlast.eq(core.m_axis.payload.last),
+            self.m_axis_tkeep.eq(-1),
             self.m_axis_tvalid.eq(core.m_axis.valid), core.m_axis.ready.eq(self.m_axis_tready),
             regs.STATUS.eq(core.busy * protocol.Status.BUSY | core.done * protocol.Status.DONE
                            | (core.error != 0) * protocol.Status.ERROR),

@@ -43,11 +43,12 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
+from sparsa.protocol import check_dimensions
+
 from .pe import (ACCUMULATOR, B_OPERAND, LANES, LATENCY, OPERAND, PackedPair,
                  ProcessingElement)
 from .pipeline import delay, or_all
 
-MAX_DIMENSION = 32
 ROW_GROUP = 4  # rows gathered per register in the first stage of the result read-out
 GATHER_STAGES = 2
 
@@ -69,15 +70,6 @@ def check_lut_columns(lut_columns, cols):
             or not 0 <= lut_columns <= cols:
         raise ValueError(f"lut_columns must be an int between 0 and cols ({cols}), "
                          f"not {lut_columns!r}")
-
-
-def check_dimensions(rows, cols):
-    """Raise a clear error unless ``rows`` and ``cols`` are ints from 1 to MAX_DIMENSION."""
-    for name, value in (("rows", rows), ("cols", cols)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        if not 1 <= value <= MAX_DIMENSION:
-            raise ValueError(f"{name} must be between 1 and {MAX_DIMENSION}, not {value}")
 
 
 class SystolicArray(wiring.Component):

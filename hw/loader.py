@@ -174,11 +174,12 @@ class Loader(wiring.Component):
                 m.d.sync += self.beat.eq(self.beat + 1)
         return complete
 
-    def _fsm(self, m, word):
-        """The loader's states; returns the event of a completed A word."""
-        g, job = self.geometry, self.job
+    def _memory_writes(self, m, word):
+        """The memories' write ports, a cycle or two behind the input; returns the events and
+        addresses the states drive: (``b_write``, ``b_slot``, ``b_lanes_q``, ``bias_done``,
+        ``mult_done``, ``a_done``)."""
+        g = self.geometry
         rows, cols = g.rows, g.cols
-        take, last = self.take, self.input.payload.last
         # Completed words reach the memories a cycle later, through registers (enable, address
         # and the word). Nothing reads a word that soon: the sequencer looks at a panel only
         # once its flag is set (itself a cycle after the word), the drain at bias and
@@ -235,6 +236,15 @@ class Loader(wiring.Component):
                               delay(m, Mux(self.ld_bank, bank_words, 0) + self.ld_k[2:],
                                     1, "a_address", reset_less=True), "a", a_group_q)
         m.d.comb += a_write.eq(delay(m, self.a_group_end, 1, "a_group_end_q"))
+        return b_write, b_slot, b_lanes_q, bias_done, mult_done, a_done
+
+    def _fsm(self, m, word):
+        """The loader's states; returns the event of a completed A word."""
+        g, job = self.geometry, self.job
+        rows, cols = g.rows, g.cols
+        take, last = self.take, self.input.payload.last
+        a_place = self.ld_k[:2]
+        b_write, b_slot, b_lanes_q, bias_done, mult_done, a_done = self._memory_writes(m, word)
         start = self.start
         self.last_k, next_k, restart_k = walk_flag(m, start, self.single.k, self.ld_k, 1,
                                                    job.k, "last_k")

@@ -23,13 +23,14 @@ def array_verilog(rows, cols, name=ARRAY_TOP, lut_columns=0, dsp_packing=False,
 ACCELERATOR_TOP = "sparsa_accel"
 
 
-def accelerator_verilog(rows=8, cols=8, stream_width=64, max_k=256, max_n=256,
-                        sparse_skip=True, name=ACCELERATOR_TOP, lut_columns=0,
-                        dsp_packing=False, dsp="generic"):
-    """Verilog text of the AXI top level :class:`Accelerator` as module ``name``; ``dsp``:
-    ``"generic"`` (portable) or ``"ecp5"`` (MULT18X18D instances, see :mod:`.dsp`)."""
-    top = Accelerator(rows, cols, stream_width, max_k, max_n, sparse_skip, lut_columns,
-                      dsp_packing)
+def accelerator_verilog(sparse_skip=True, name=ACCELERATOR_TOP, lut_columns=0,
+                        dsp_packing=False, dsp="generic", **geometry):
+    """Verilog text of the AXI top level :class:`Accelerator` as module ``name``; ``geometry``:
+    any of its ``rows``, ``cols``, ``stream_width``, ``max_k``, ``max_n`` (default
+    :data:`~sparsa.protocol.DEFAULT_BUILD`'s); ``dsp``: ``"generic"`` (portable) or ``"ecp5"``
+    (MULT18X18D instances, see :mod:`.dsp`)."""
+    top = Accelerator(**geometry, sparse_skip=sparse_skip, lut_columns=lut_columns,
+                      dsp_packing=dsp_packing)
     return verilog.convert(top, name=name, emit_src=False, platform=DspTarget(dsp))
 
 

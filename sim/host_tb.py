@@ -11,6 +11,7 @@ transport drives it through stand-ins for PYNQ's objects (:mod:`sparsa.host.simu
 """
 
 import json
+import os
 from multiprocessing.connection import Client
 
 import cocotb
@@ -31,6 +32,10 @@ class SimBoard:
         self.sending = None
         self.receiving = None
         self.received = None
+
+    async def pid(self):
+        """This simulator's process id (the host stops it when it does not answer)."""
+        return os.getpid()
 
     async def read(self, address):
         return await self.tb.axil.read_dword(address)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsa.protocol import DSP_STYLES, STREAM_WIDTHS
+from sparsa.protocol import DEFAULT_BUILD, DSP_STYLES, MAX_DIMENSION, STREAM_WIDTHS
 from sparsa.synth import ECP5_PLACERS, ECP5_ROUTERS, ECP5_SPEEDS, ECP5_TMG_RIPUP
 
 
@@ -39,8 +39,6 @@ def _seeds(text):
 
 
 def _dimension(text):
-    from sparsa.hw.array import MAX_DIMENSION
-
     value = _positive(text)
     if value > MAX_DIMENSION:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_DIMENSION}, not {text}")
@@ -370,12 +368,12 @@ def cmd_synth(args):
 
 
 def _add_build_options(parser):
-    parser.add_argument("--rows", type=_dimension, default=8)
-    parser.add_argument("--cols", type=_dimension, default=8)
-    parser.add_argument("--stream-width", type=int, default=64, choices=STREAM_WIDTHS,
-                        help="AXI4-Stream TDATA bits")
-    parser.add_argument("--max-k", type=_positive, default=256)
-    parser.add_argument("--max-n", type=_positive, default=256)
+    parser.add_argument("--rows", type=_dimension, default=DEFAULT_BUILD["rows"])
+    parser.add_argument("--cols", type=_dimension, default=DEFAULT_BUILD["cols"])
+    parser.add_argument("--stream-width", type=int, default=DEFAULT_BUILD["stream_width"],
+                        choices=STREAM_WIDTHS, help="AXI4-Stream TDATA bits")
+    parser.add_argument("--max-k", type=_positive, default=DEFAULT_BUILD["max_k"])
+    parser.add_argument("--max-n", type=_positive, default=DEFAULT_BUILD["max_n"])
 
 
 def build_parser():

@@ -273,6 +273,42 @@ COUNTERS = ("CYCLES", "STALL_IN", "STALL_OUT", "MACS", "MACS_SKIPPED", "KSTEPS_S
 DEFAULT_BUILD = {"rows": 8, "cols": 8, "stream_width": 64, "max_k": 256, "max_n": 256}
 """The default build's geometry (``sparsa.hw.Accelerator()``, the CLI's defaults)."""
 
+MAX_DIMENSION = 32  # rows and columns of an array at most
+MAX_DEPTH = 65536  # max_k and max_n at most
+
+
+def check_dimensions(rows, cols):
+    """Raise a clear error unless ``rows`` and ``cols`` are ints from 1 to
+    :data:`MAX_DIMENSION`."""
+    for name, value in (("rows", rows), ("cols", cols)):
+        _check_int(name, value)
+        if not 1 <= value <= MAX_DIMENSION:
+            raise ValueError(f"{name} must be between 1 and {MAX_DIMENSION}, not {value}")
+
+
+def _check_int(name, value):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+
+
+def check_build(rows, cols, stream_width, max_k, max_n):
+    """Raise ``ValueError`` (``TypeError`` for a value that is not an int) naming the first of a
+    build's parameters outside its range: ``rows`` and ``cols`` 1 to :data:`MAX_DIMENSION`,
+    ``stream_width`` one of :data:`STREAM_WIDTHS`, ``max_k`` a multiple of 4 (A is kept in
+    groups of four k-steps) and ``max_n`` from 1 to :data:`MAX_DEPTH`. The gateware and every
+    host backend check a build with this one function."""
+    check_dimensions(rows, cols)
+    for name, value in (("stream_width", stream_width), ("max_k", max_k), ("max_n", max_n)):
+        _check_int(name, value)
+    if stream_width not in STREAM_WIDTHS:
+        raise ValueError(f"stream_width must be one of {STREAM_WIDTHS}, not {stream_width}")
+    for name, value in (("max_k", max_k), ("max_n", max_n)):
+        if not 1 <= value <= MAX_DEPTH:
+            raise ValueError(f"{name} must be an int between 1 and {MAX_DEPTH}, not {value}")
+    if max_k % GROUP:
+        raise ValueError(f"max_k must be a multiple of {GROUP} (A is kept in groups of "
+                         f"{GROUP} k-steps), not {max_k}")
+
 DSP_STYLES = ("generic", "ecp5")
 """How a build writes its multipliers and operand memories (``dsp=``; see :mod:`sparsa.hw.dsp`)."""
 

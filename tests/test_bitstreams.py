@@ -50,7 +50,7 @@ def test_tcl_ports_exist_in_generated_verilog(build):
     expected = {}
     for variable in ("axi_lite_ports", "stream_ports", "clock_ports"):
         for name, bits in tcl_list(PACKAGE, variable).items():
-            expected[name] = width if bits == "W" else int(bits)
+            expected[name] = {"W": width, "K": width // 8}.get(bits) or int(bits)
     assert {name: bits for name, (_, bits) in found.items()} == expected
     assert tcl_value(PACKAGE, "top") == ACCELERATOR_TOP
 

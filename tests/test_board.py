@@ -220,7 +220,7 @@ def test_dma_fault_is_named_at_once_and_recovered(channel, bit, name):
     message = str(error)
     assert f"DMA {channel} channel reports {name}" in message and "timed out" not in message
     assert "soft-reset and the transport recovered" in message and seconds < 5
-    assert dma.resets == 1
+    assert dma.resets == 2  # before the first job (its channels not idle yet), after the fault
     assert np.array_equal(acc.matmul(a, b), golden.matmul_int32(a, b))
 
 
@@ -246,7 +246,7 @@ def test_stuck_transfer_times_out_quoting_registers():
     assert isinstance(error, driver.DeviceError)
     assert "timed out (the DMA send and receive channel is not idle after 1.0 s" in str(error)
     assert "STATUS=0x1, ERROR=NONE" in str(error) and "soft-reset" in str(error)
-    assert 1.0 <= seconds < 5 and device.registers["STATUS"] == 0 and dma.resets == 1
+    assert 1.0 <= seconds < 5 and device.registers["STATUS"] == 0 and dma.resets == 2
 
 
 @pytest.mark.parametrize("failure,words", [
@@ -255,9 +255,13 @@ def test_stuck_transfer_times_out_quoting_registers():
 def test_recovery_that_fails_raises_within_its_deadline(failure, words):
     """A second fault during recovery (the reset never completes, or the channels never run
     again) raises within the reset deadline; nothing spins on the DMA without one."""
-    dma = FakeDMA(reference.ReferenceDevice(**SMALL), fault=("receive", 0x20), **failure)
+    dma = FakeDMA(reference.ReferenceDevice(**SMALL))
     acc = driver.DeviceAccelerator(transport(dma, cycles_per_second=1.0, reset_timeout=0.2),
                                    "pynq")
+    acc.matmul(*operands(np.random.default_rng(6), 4, 4, 4))  # the DMA checked and reset
+    dma.fault = ("receive", 0x20)
+    for name in failure:
+        setattr(dma, name, True)
     error, seconds = outcome(lambda: acc.matmul(*operands(np.random.default_rng(6), 4, 4, 4)))
     assert isinstance(error, driver.DeviceError)
     assert "DMASlvErr" in str(error) and "recovery failed" in str(error) and words in str(error)

@@ -68,6 +68,8 @@ class FakeChannel:
     def transfer(self, array, start=0, nbytes=0):
         if not self.running:
             raise RuntimeError("DMA channel not started")
+        if self.busy:
+            raise RuntimeError("DMA channel not idle")  # as PYNQ's channel refuses it
         self.array, self.nbytes = array, nbytes
         self.busy = self.started = True
         self.dma.kick(self)
@@ -141,7 +143,9 @@ class FakeDMA:
             if name == "receive":
                 send.busy = False  # MM2S finished; S2MM failed
             return
-        self.device.transfer(send.array, send.nbytes, receive.array, receive.nbytes)
+        # (The device's accesses to the buffers, through plain arrays: not the host's.)
+        self.device.transfer(np.asarray(send.array), send.nbytes, np.asarray(receive.array),
+                             receive.nbytes)
         send.busy = receive.busy = False
 
 
@@ -375,3 +379,174 @@ def test_dma_left_faulted_is_reset_before_the_first_job():
     error, _ = outcome(lambda: np.testing.assert_array_equal(acc.matmul(a, b),
                                                              golden.matmul_int32(a, b)))
     assert error is None and dma.resets == 1
+
+
+class Interrupting(FakeDMA):
+    """A DMA whose transfers never finish, and whose ``interrupt_after``-th status read from
+    then on raises ``KeyboardInterrupt`` (Ctrl-C while the driver polls); ``events`` records
+    resets, for the order of a reset and the buffers' release."""
+
+    def __init__(self, device, interrupt_after=3, **options):
+        super().__init__(device, **options)
+        self.interrupt_after = interrupt_after
+        self.polls = None  # counting from the next transfer
+        self.events = []
+
+    def kick(self, channel):
+        super().kick(channel)
+        if channel is self.sendchannel and self.stuck:
+            self.polls = 0
+
+    def read(self, offset, length=4):
+        if self.polls is not None and offset % 0x30 == board.DMASR:
+            self.polls += 1
+            if self.polls == self.interrupt_after:
+                self.polls = None
+                raise KeyboardInterrupt
+        return super().read(offset, length)
+
+    def write(self, offset, value):
+        if value & board.DMACR_RESET:
+            self.events.append("reset")
+        super().write(offset, value)
+
+
+def test_interrupted_job_leaves_the_board_usable():
+    """Ctrl-C while a job runs: the KeyboardInterrupt reaches the caller as it is, the device
+    is soft-reset and the DMA reset (no channel left armed), and the next job runs exactly."""
+    device = reference.ReferenceDevice(**SMALL)
+    dma = Interrupting(device)
+    acc = driver.DeviceAccelerator(transport(dma), "pynq")
+    rng = np.random.default_rng(10)
+    a, b = operands(rng, 7, 12, 5)
+    assert np.array_equal(acc.matmul(a, b), golden.matmul_int32(a, b))
+    dma.stuck = True
+    resets = dma.resets
+    error, seconds = outcome(lambda: acc.matmul(a, b))
+    assert isinstance(error, KeyboardInterrupt) and seconds < 5
+    assert dma.resets == resets + 1 and not dma.recvchannel.busy and not dma.sendchannel.busy
+    assert device.registers["STATUS"] == 0  # soft-reset: no job
+    dma.stuck = False
+    a, b = operands(rng, 9, 30, 6)
+    assert np.array_equal(acc.matmul(a, b), golden.matmul_int32(a, b))
+
+
+def test_close_resets_an_armed_dma_before_freeing_its_buffers():
+    """Buffers are never freed while a channel may still write into them: a transfer that was
+    interrupted outside the driver leaves the channels armed, and close() resets the DMA
+    before the buffers go; a DMA that does not reset keeps its buffers (and says so)."""
+    for sticks in (False, True):
+        dma = Interrupting(reference.ReferenceDevice(**SMALL))
+        acc = driver.DeviceAccelerator(transport(dma, reset_timeout=0.2), "pynq")
+        acc.matmul(*operands(np.random.default_rng(13), 4, 4, 4))  # the DMA checked
+        send, receive = acc.buffers.get("send", 64), acc.buffers.get("receive", 64)
+        dma.stuck = True
+        dma.events.clear()
+        with pytest.raises(KeyboardInterrupt):
+            acc.transport.transfer(send, 64, receive, 64, 10.0)
+        assert dma.recvchannel.busy  # armed with ``receive``
+        dma.reset_sticks = sticks
+        Buffer.freed = 0
+        original = Buffer.freebuffer
+        try:
+            Buffer.freebuffer = lambda self: (dma.events.append("free"), original(self))
+            acc.close()
+        finally:
+            Buffer.freebuffer = original
+        if sticks:
+            assert dma.events == ["reset"] and Buffer.freed == 0
+        else:
+            assert dma.events == ["reset", "free", "free"] and Buffer.freed == 2
+
+
+def test_dma_left_busy_by_a_killed_process_is_reset_before_the_first_job():
+    """Channels running but not idle (armed by a process that was killed mid-job) are reset
+    before this process's first job, which then runs exactly."""
+    dma = FakeDMA(reference.ReferenceDevice(**SMALL))
+    for channel in (dma.sendchannel, dma.recvchannel):
+        channel.busy = channel.started = True
+    acc = driver.DeviceAccelerator(transport(dma), "pynq")
+    a, b = operands(np.random.default_rng(11), 6, 10, 5)
+    error, _ = outcome(lambda: np.testing.assert_array_equal(acc.matmul(a, b),
+                                                             golden.matmul_int32(a, b)))
+    assert error is None and dma.resets == 1
+
+
+class Counted(np.ndarray):
+    """A DMA buffer the host cannot cache, as ``pynq.allocate`` gives by default: it counts
+    each indexing of it or of a view of it (a read or a write), and each NumPy function or
+    ufunc handed it, in ``accesses`` of the buffer it came from."""
+
+    inside = False  # within a counted access (NumPy's own indexing under it is not another)
+
+    def __array_finalize__(self, obj):
+        self.accesses = getattr(obj, "accesses", None)
+
+    def _count(self):
+        if self.accesses is not None and not Counted.inside:
+            self.accesses.append(1)
+
+    def __getitem__(self, key):
+        self._count()
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        self._count()
+        Counted.inside = True
+        try:
+            super().__setitem__(key, value)
+        finally:
+            Counted.inside = False
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        self._count()
+        plain = [np.asarray(x) if isinstance(x, Counted) else x for x in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(np.asarray(x) for x in kwargs["out"])
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+    def __array_function__(self, function, types, args, kwargs):
+        self._count()
+        return super().__array_function__(function, types, args, kwargs)
+
+
+@pytest.mark.parametrize("case", ["int32", "requant per channel", "group format"])
+def test_each_dma_buffer_is_touched_once_per_job(case):
+    """Packing writes each send buffer once, sequentially, and unpacking reads each receive
+    buffer once (a sequential copy into cached memory), whatever the job: never the strided
+    element-wise accesses that cost a trip to DDR each on an uncached buffer."""
+    buffers = []
+
+    def counted(shape, dtype):
+        buffer = np.zeros(shape, dtype).view(Counted)
+        buffer.accesses = []
+        buffers.append(buffer)
+        return buffer
+
+    rng = np.random.default_rng(12)
+    dma = FakeDMA(reference.ReferenceDevice(**SMALL))
+    acc = driver.DeviceAccelerator(board.PynqTransport(dma.device, dma, counted,
+                                                       cycles_per_second=1e9), "pynq")
+    a, b = operands(rng, 21, 40, 19)
+    options = {}
+    if case == "requant per channel":
+        options = {"bias": rng.integers(-1000, 1000, 19, dtype=np.int32),
+                   "requant": (rng.integers(1 << 29, 1 << 30, 19), 8, 3), "relu": True}
+    elif case == "group format":
+        b = sparsa.prune(b, "2:4")
+    got = acc.matmul(a, b, **options)
+    assert np.array_equal(got, golden.gemm(a, b, options.get("bias"), options.get("requant"),
+                                           options.get("relu", False)))
+    assert len(buffers) == 2
+    assert [len(buffer.accesses) for buffer in buffers] == [1, 1]
+
+
+def test_one_board_shared_by_threads():
+    """Two threads on one board (the PYNQ transport over the stand-in DMA): each gets its
+    own results, and its own calls' counters under ``acc.lock``."""
+    from builds import concurrent_matmuls
+
+    acc = driver.DeviceAccelerator(transport(FakeDMA(reference.ReferenceDevice(**SMALL))),
+                                   "pynq")
+    assert concurrent_matmuls(acc, threads=2, calls=20, seed=2) == []
+    acc.close()

@@ -345,6 +345,37 @@ def test_open_arguments(caplog):
     assert "sparsa backend: reference (pynq is not installed)" in caplog.text
 
 
+@pytest.mark.parametrize("device_model", [False, True])
+@pytest.mark.parametrize("argument,value,words", [
+    ("rows", 0, "rows must be between 1 and 32, not 0"),
+    ("cols", 0, "cols must be between 1 and 32, not 0"),
+    ("cols", 33, "cols must be between 1 and 32, not 33"),
+    ("max_k", 0, "max_k must be an int between 1 and 65536, not 0"),
+    ("max_k", 30, "max_k must be a multiple of 4"),
+    ("max_n", 0, "max_n must be an int between 1 and 65536, not 0"),
+    ("stream_width", 7, "stream_width must be one of (8, 16, 32, 64, 128, 256, 512, 1024), "
+                        "not 7"),
+])
+def test_open_refuses_a_bad_geometry(device_model, argument, value, words):
+    """A geometry no build can have is refused at open, naming the argument and its range
+    (the gateware's own check), rather than failing later inside a job."""
+    with pytest.raises(ValueError) as error:
+        sparsa.open("reference", device_model=device_model, **{argument: value})
+    assert str(error.value) == words or str(error.value).startswith(words)
+    with pytest.raises(TypeError, match="rows must be an int, not float"):
+        sparsa.open("reference", device_model=device_model, rows=4.0)
+
+
+@pytest.mark.parametrize("device_model", [False, True])
+def test_one_accelerator_shared_by_threads(device_model):
+    """Two threads calling one accelerator at once get exactly their own results, and the
+    counters of their own calls when they read them under ``acc.lock``."""
+    from builds import concurrent_matmuls
+
+    with sparsa.open("reference", device_model=device_model, **SMALL) as acc:
+        assert concurrent_matmuls(acc, threads=2, calls=30, seed=1) == []
+
+
 def test_group_format_on_the_device_model():
     """Jobs with B in the group format on the device model: the golden model's result and
     counters (the group schedule's k-steps) for n:4, unstructured, mixed and dense B; a packet

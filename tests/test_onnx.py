@@ -159,6 +159,36 @@ def test_backends_give_identical_outputs(quantized, reference):
         assert counters_a[key] == counters_b[key], key
 
 
+@pytest.mark.parametrize("device_model", [False, True])
+def test_compiled_model_shared_by_threads(quantized, device_model):
+    """One compiled model on one accelerator, run by two threads at once with different
+    inputs: each gets the outputs of its own inputs run alone, every time."""
+    import threading
+
+    compiled = sparsa_onnx.compile(quantized[("cnn", "QDQ", "QInt8", True)])
+    inputs = [data("cnn", 3, seed) for seed in range(4)]
+    with sparsa.open("reference", device_model=device_model, rows=4, cols=4) as acc:
+        alone = [compiled.run(acc, x)[0] for x in inputs]
+        wrong, barrier = [], threading.Barrier(2)
+
+        def worker(index):
+            try:
+                barrier.wait()
+                for repeat in range(5):
+                    which = (index + 2 * repeat) % len(inputs)
+                    if not np.array_equal(compiled.run(acc, inputs[which])[0], alone[which]):
+                        wrong.append((index, repeat))
+            except BaseException as error:  # reported, not lost in the thread
+                wrong.append(repr(error))
+
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not any(thread.is_alive() for thread in threads) and wrong == []
+
+
 def test_save_and_load_need_only_numpy(quantized, tmp_path):
     """A saved model loads and runs in a process where onnx, onnxruntime, Amaranth and cocotb
     cannot be imported, with the outputs of the model before saving."""

@@ -229,6 +229,8 @@ class SimServer:
         try:
             self._connection.send((name, *args))
             status, value = self._reply(name, timeout)
+        except TimeoutError:  # (an OSError, but the simulator is there: it does not answer)
+            raise
         except (EOFError, OSError):
             self._broken = "it stopped"
             self._thread.join(timeout=30)

@@ -5,8 +5,12 @@ must give the reference backend's integers for every job, with the same work cou
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ from builds import DEFAULT, ODD, SMALL, needs
 
 import sparsa
 from sparsa import protocol
-from sparsa.host import driver, jobs
+from sparsa.host import driver, jobs, simulation
 from sparsa.sim import golden, runner
 from sparsa.sim.runner import accelerator_design as design
 
@@ -282,3 +286,46 @@ def test_unclosed_sim_exits_quietly(verilator):
                           timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
+
+
+def test_sim_shared_by_threads(sim):
+    """Two threads on one simulated board take turns: each gets its own results, and its own
+    calls' work counters under ``acc.lock`` (the cycles move with the random stream pauses)."""
+    from builds import concurrent_matmuls
+
+    assert concurrent_matmuls(sim, threads=2, calls=6, seed=3, max_size=20,
+                              counters=("macs", "macs_skipped", "ksteps_skipped")) == []
+
+
+def test_frozen_simulator_raises_instead_of_hanging(verilator, monkeypatch):
+    """A simulator stopped (SIGSTOP) in the middle of a job: the job ends in a DeviceError
+    naming the job and the simulator once a reply is overdue, and close() ends the simulator
+    rather than waiting for it."""
+    monkeypatch.setattr(simulation, "REPLY_SECONDS", 1.0)
+    acc = sparsa.open("sim", **SMALL)
+    pid = acc.transport.simulator.pid
+    channel = acc.transport.dma.sendchannel
+    original = channel.transfer
+
+    def transfer_then_freeze(*args):
+        original(*args)
+        os.kill(pid, signal.SIGSTOP)
+
+    channel.transfer = transfer_then_freeze
+    a = np.ones((9, 20), np.int8)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        error=pytest.raises(driver.DeviceError, acc.matmul, a, a.T.copy())), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "matmul still blocked on the stopped simulator"
+    message = str(result["error"].value)
+    assert time.monotonic() - started < 20
+    assert "job M=9 K=20 N=9 timed out" in message and f"pid {pid}" in message
+    assert "did not answer 'dma_idle' within" in message
+    started = time.monotonic()
+    acc.close()
+    assert time.monotonic() - started < 30
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

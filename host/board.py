@@ -211,7 +211,7 @@ def find_in_overlay(ip_dict, ip=None, dma=None):
 
 
 class IPDriver(Accelerator):
-    """The accelerator API on PYNQ's object for the IP (``Overlay(...).sparsa_0``): ``matmul``,
+    """The accelerator API on PYNQ's object for the IP (``Overlay(...).sparsa``): ``matmul``,
     ``info``, ``last_counters``, ``last_timing``, ``close``. :data:`SparsaIP` is this class
     with ``pynq.DefaultIP``, bound to :data:`~sparsa.protocol.IP_VLNV`.
 

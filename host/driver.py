@@ -572,7 +572,7 @@ def _error_name(code):
 def open(backend="auto", **config):
     """An :class:`Accelerator`.
 
-    - ``"pynq"``: the board (PYNQ's object for the IP, ``Overlay(...).sparsa_0``); ``overlay``
+    - ``"pynq"``: the board (PYNQ's object for the IP, ``Overlay(...).sparsa``); ``overlay``
       (an ``Overlay`` or bitstream path; default the loaded one), ``ip``/``dma`` (names in the
       overlay; default found by type), ``max_transfer`` (bytes per DMA buffer, default 16 MiB).
     - ``"sim"``: the generated Verilog in a cocotb simulation started for this object;

@@ -149,6 +149,10 @@ ADDRESS_WIDTH = 12  # a 4 KiB AXI4-Lite window
 # The IP's vendor:library:name:version, as the Vivado packaging script names it and the PYNQ
 # driver (sparsa.host.board.SparsaIP.bindto) binds to it.
 IP_VLNV = "sparsa.dev:sparsa:sparsa_accel:1.0"
+# The block design's cells (bitstreams/build_overlay.tcl): PYNQ names an overlay's IP objects
+# after them, so the accelerator is ``Overlay("sparsa.bit").sparsa``.
+IP_CELL = "sparsa"
+DMA_CELL = "axi_dma"
 STREAM_WIDTHS = (8, 16, 32, 64, 128, 256, 512, 1024)  # TDATA widths a build may have
 
 

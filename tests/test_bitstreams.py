@@ -23,6 +23,7 @@ from sparsa.synth import ports
 BITSTREAMS = Path(__file__).resolve().parent.parent / "bitstreams"
 PACKAGE = (BITSTREAMS / "package_ip.tcl").read_text()
 OVERLAY = (BITSTREAMS / "build_overlay.tcl").read_text()
+VIVADO_VERSION = "2022.1"  # the PYNQ v3.0.1 image's, which the scripts target
 
 
 def tcl_list(text, variable):
@@ -89,11 +90,13 @@ proc get_bd_cells {args} { return [lindex $args end] }
 proc get_files {args} { return [lindex $args end] }
 proc make_wrapper {args} { return wrapper.v }
 proc get_runs {args} { return impl_1 }
-proc get_timing_paths {args} { return path }
+proc get_timing_paths {args} { return [expr {"-hold" in $args ? "hold_path" : "setup_path"}] }
+proc report_timing {args} { lappend ::calls [concat report_timing $args]; return "failing paths" }
+proc version {args} { return $::vivado }
 proc get_property {name args} {
     switch -- $name {
         PROGRESS { return 100% }
-        SLACK { return 0.25 }
+        SLACK { return [expr {[lindex $args end] eq "hold_path" ? $::hold : $::setup}] }
         DIRECTORY { return $::run_dir }
         default { return "" }
     }
@@ -101,13 +104,20 @@ proc get_property {name args} {
 namespace eval ipx {}
 proc ipx::current_core {} { return core }
 proc ipx::get_bus_interfaces {args} { return [lindex $args 0] }
-proc ipx::get_bus_parameters {args} { return $::polarity }
+proc ipx::get_bus_parameters {name args} {
+    return [expr {$name eq "POLARITY" ? $::polarity : ""}]
+}
+proc ipx::add_bus_parameter {args} {
+    lappend ::calls [concat ipx::add_bus_parameter $args]; return "[lindex $args 0]_of_[lindex $args 1]"
+}
 """
 
 
-def run_tcl(script, tmp_path, argv=(), polarity=""):
+def run_tcl(script, tmp_path, argv=(), polarity="", setup=0.25, hold=0.05,
+            vivado=VIVADO_VERSION):
     """Source a copy of ``script`` (under ``tmp_path``/bitstreams, so its build folder is
-    there) with Vivado stubbed; returns the recorded calls and the Tcl interpreter."""
+    there) with Vivado ``vivado`` stubbed, its routed design's worst ``setup`` and ``hold``
+    slack given; returns the recorded calls and the Tcl interpreter."""
     folder = tmp_path / "bitstreams"
     folder.mkdir(exist_ok=True)
     shutil.copy(BITSTREAMS / script, folder / script)
@@ -115,6 +125,9 @@ def run_tcl(script, tmp_path, argv=(), polarity=""):
     tcl.eval(VIVADO_STUBS)
     tcl.setvar("run_dir", str(tmp_path / "run"))
     tcl.setvar("polarity", polarity)
+    tcl.setvar("setup", str(setup))
+    tcl.setvar("hold", str(hold))
+    tcl.setvar("vivado", vivado)
     tcl.eval("set argv [list " + " ".join("{" + str(word) + "}" for word in argv) + "]")
     tcl.eval(f"source {{{folder / script}}}")
     calls = [tuple(map(str, tcl.splitlist(call)))
@@ -126,14 +139,20 @@ def overlay_workspace(tmp_path, stream_bits=None):
     """The files build_overlay.tcl reads and copies: a packaged IP, the run's outputs."""
     ip = tmp_path / "bitstreams" / "build" / "ip"
     ip.mkdir(parents=True)
-    (ip / "component.xml").write_text("<component/>")
     if stream_bits is not None:
         (ip / "stream_width").write_text(f"{stream_bits}\n")
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "sparsa_wrapper.bit").write_bytes(b"bit")
+    overlay_workspace_files(tmp_path)
+
+
+def overlay_workspace_files(tmp_path):
+    """What Vivado would have left for build_overlay.tcl: the packaged IP's component.xml and
+    the block design's hardware handoff."""
+    ip = tmp_path / "bitstreams" / "build" / "ip"
+    (ip / "component.xml").write_text("<component/>")
+    (tmp_path / "run").mkdir(exist_ok=True)
     handoff = (tmp_path / "bitstreams" / "build" / "sparsa" / "sparsa.gen" / "sources_1" / "bd"
                / "sparsa" / "hw_handoff")
-    handoff.mkdir(parents=True)
+    handoff.mkdir(parents=True, exist_ok=True)
     (handoff / "sparsa.hwh").write_text("<hwh/>")
 
 
@@ -179,7 +198,9 @@ def test_block_design_connects_every_interface_clock_and_reset(tmp_path):
     spaces = [call[call.index("-target_address_space") + 1] for call in calls
               if call[0] == "assign_bd_address" and call[-1].endswith("HP0_DDR_LOWOCM")]
     assert spaces == ["axi_dma/Data_MM2S", "axi_dma/Data_S2MM"]
-    assert (tmp_path / "bitstreams" / "build" / "sparsa.bit").read_bytes() == b"bit"
+    build = tmp_path / "bitstreams" / "build"
+    assert ("write_bitstream", "-force", f"{build}/sparsa.bit") in calls
+    assert (build / "sparsa.hwh").read_text() == "<hwh/>"
     assert "lmap" not in OVERLAY  # Vivado's Tcl is 8.5
 
 
@@ -207,5 +228,82 @@ def test_packaging_records_the_stream_width_and_guards_polarity(tmp_path, polari
     calls, _ = run_tcl("package_ip.tcl", tmp_path, [verilog], polarity)
     ip = tmp_path / "bitstreams" / "build" / "ip"
     assert (ip / "stream_width").read_text().strip() == "32"
-    added = [call for call in calls if call[0] == "ipx::add_bus_parameter"]
-    assert added == ([] if polarity else [("ipx::add_bus_parameter", "POLARITY", "aresetn")])
+    added = [call[1:] for call in calls if call[0] == "ipx::add_bus_parameter"]
+    assert added == ([] if polarity else [("POLARITY", "aresetn")]) + [("FREQ_HZ", "aclk")]
+
+
+@pytest.mark.parametrize("clock", [None, 142.5])
+def test_packaging_on_disk_checked_with_the_clock_frequency(tmp_path, clock):
+    """The IP is packaged from a project on disk (not in memory), its integrity checked, and
+    its clock interface's FREQ_HZ is the clock asked for (default 100 MHz), which the block
+    design then takes."""
+    verilog = tmp_path / "sparsa_accel.v"
+    verilog.write_text(accelerator_verilog(rows=4, cols=4, stream_width=32, max_k=64, max_n=48))
+    calls, _ = run_tcl("package_ip.tcl", tmp_path, [verilog] + ([clock] if clock else []))
+    names = [call[0] for call in calls]
+    project = [call for call in calls if call[0] == "create_project"][0]
+    assert "-in_memory" not in project and project[-3:-2] == (
+        f"{tmp_path}/bitstreams/build/ip_project",)
+    assert names.index("ipx::package_project") < names.index("ipx::check_integrity") \
+        < names.index("ipx::save_core") < names.index("close_project")
+    assert ("set_property", "value", str(round((clock or 100) * 1e6)), "FREQ_HZ_of_aclk") in calls
+    ip = tmp_path / "bitstreams" / "build" / "ip"
+    assert float((ip / "clock_mhz").read_text()) == (clock or 100)
+    overlay_workspace_files(tmp_path)
+    calls, _ = run_tcl("build_overlay.tcl", tmp_path)
+    ps = [call for call in calls if call[0] == "set_property" and call[-1] == "ps7"][0]
+    assert f"CONFIG.PCW_FPGA0_PERIPHERAL_FREQMHZ {clock or 100}" in ps[2]
+    with pytest.raises(tkinter.TclError, match=f"the IP was packaged for {clock or 100} MHz, "
+                                               "not '125'"):
+        run_tcl("build_overlay.tcl", tmp_path, ["sparsa", 125, 2])
+
+
+@pytest.mark.parametrize("setup,hold", [(-0.12, 0.05), (0.3, -0.02)])
+def test_a_design_that_misses_timing_writes_no_bitstream(tmp_path, monkeypatch, capfd, setup,
+                                                         hold):
+    """Negative setup or hold slack after routing: the failing paths are printed and the build
+    fails without a .bit or .hwh; SPARSA_ALLOW_TIMING_FAILURE=1 writes them, loudly."""
+    overlay_workspace(tmp_path, stream_bits=64)
+    build = tmp_path / "bitstreams" / "build"
+    monkeypatch.delenv("SPARSA_ALLOW_TIMING_FAILURE", raising=False)
+    with pytest.raises(tkinter.TclError, match=rf"timing not met at 100 MHz \(setup {setup} ns, "
+                                               rf"hold {hold} ns.*no bitstream written"):
+        run_tcl("build_overlay.tcl", tmp_path, setup=setup, hold=hold)
+    assert "failing paths" in capfd.readouterr().out
+    assert not (build / "sparsa.bit").exists() and not (build / "sparsa.hwh").exists()
+    monkeypatch.setenv("SPARSA_ALLOW_TIMING_FAILURE", "1")
+    calls, _ = run_tcl("build_overlay.tcl", tmp_path, setup=setup, hold=hold)
+    assert ("write_bitstream", "-force", f"{build}/sparsa.bit") in calls
+    assert "WARNING: timing not met" in capfd.readouterr().out
+
+
+def test_scripts_name_the_vivado_version_they_target(tmp_path, capfd):
+    """Both scripts state the Vivado release they target and warn on another one."""
+    overlay_workspace(tmp_path, stream_bits=64)
+    run_tcl("build_overlay.tcl", tmp_path)
+    assert "WARNING" not in capfd.readouterr().out
+    run_tcl("build_overlay.tcl", tmp_path, vivado="2024.2")
+    assert ("WARNING: these scripts target Vivado 2022.1 (the PYNQ v3.0.1 image's); this is "
+            "Vivado 2024.2") in capfd.readouterr().out
+    verilog = tmp_path / "sparsa_accel.v"
+    verilog.write_text(accelerator_verilog(rows=4, cols=4, stream_width=32, max_k=64, max_n=48))
+    run_tcl("package_ip.tcl", tmp_path, [verilog], vivado="2020.2")
+    assert "this is Vivado 2020.2" in capfd.readouterr().out
+    assert tcl_value(PACKAGE, "vivado_version") == tcl_value(OVERLAY, "vivado_version") \
+        == VIVADO_VERSION
+
+
+def test_cell_names_are_the_ones_the_driver_and_docs_use():
+    """The block design's cells are protocol.IP_CELL and DMA_CELL (PYNQ names the overlay's
+    attributes after them); every overlay attribute the docs show is the accelerator's."""
+    cells = dict(re.findall(r"create_bd_cell -type ip -vlnv (\S+) (\w+)", OVERLAY))
+    assert cells["$vlnv"] == protocol.IP_CELL
+    assert cells["xilinx.com:ip:axi_dma"] == protocol.DMA_CELL
+    root = BITSTREAMS.parent
+    shown = set()
+    for path in [root / "README.md", *root.glob("docs/*.md"), BITSTREAMS / "README.md",
+                 *root.glob("host/*.py"), *root.glob("notebooks/*.ipynb")]:
+        shown |= set(re.findall(r"(?:\bol|\boverlay|Overlay\([^)]*\))\.([a-z_]\w*)\b",
+                                path.read_text()))
+    overlay_api = {"ip_dict", "download", "is_loaded", "bitfile_name"}
+    assert shown - overlay_api == {protocol.IP_CELL}, shown

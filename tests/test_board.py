@@ -305,19 +305,20 @@ def test_open_pynq_returns_the_ip_object_with_the_pl_clock(monkeypatch):
     ip_class = board.ip_driver_class(FakeDefaultIP)
     device = reference.ReferenceDevice(**SMALL)
 
-    class Overlay:
-        ip_dict = {"sparsa_0": {"type": protocol.IP_VLNV},
-                   "axi_dma_0": {"type": "xilinx.com:ip:axi_dma:7.1"},
+    class Overlay:  # PYNQ's attributes are named after the block design's cells
+        ip_dict = {protocol.IP_CELL: {"type": protocol.IP_VLNV},
+                   protocol.DMA_CELL: {"type": "xilinx.com:ip:axi_dma:7.1"},
                    "ps7": {"type": "xilinx.com:ip:processing_system7:5.5"}}
-        sparsa_0 = ip_class({"mmio": device})
-        axi_dma_0 = FakeDMA(device)
+
+    setattr(Overlay, protocol.IP_CELL, ip_class({"mmio": device}))
+    setattr(Overlay, protocol.DMA_CELL, FakeDMA(device))
 
     fake = types.ModuleType("pynq")
     fake.allocate = allocate
     fake.Clocks = types.SimpleNamespace(fclk0_mhz=142.0)
     monkeypatch.setitem(sys.modules, "pynq", fake)
     acc = sparsa.open("pynq", overlay=Overlay(), max_transfer=1 << 20)
-    assert acc is Overlay.sparsa_0
+    assert acc is getattr(Overlay, protocol.IP_CELL)
     assert acc.transport.cycles_per_second == 142e6 and acc.transport.max_transfer == 1 << 20
     a, b = operands(np.random.default_rng(8), 6, 6, 6)
     assert np.array_equal(acc.matmul(a, b), golden.matmul_int32(a, b))
@@ -325,14 +326,14 @@ def test_open_pynq_returns_the_ip_object_with_the_pl_clock(monkeypatch):
 
 
 def test_overlay_lookup():
-    entries = {"sparsa_0": {"type": protocol.IP_VLNV},
-               "axi_dma_0": {"type": "xilinx.com:ip:axi_dma:7.1"},
+    entries = {protocol.IP_CELL: {"type": protocol.IP_VLNV},
+               protocol.DMA_CELL: {"type": "xilinx.com:ip:axi_dma:7.1"},
                "ps7": {"type": "xilinx.com:ip:processing_system7:5.5"}}
-    assert board.find_in_overlay(entries) == ("sparsa_0", "axi_dma_0")
+    assert board.find_in_overlay(entries) == (protocol.IP_CELL, protocol.DMA_CELL)
     with pytest.raises(ValueError, match="expected one IP of type"):
         board.find_in_overlay({"ps7": entries["ps7"]})
     with pytest.raises(ValueError, match="expected one AXI DMA, found none"):
-        board.find_in_overlay({"sparsa_0": entries["sparsa_0"]})
+        board.find_in_overlay({protocol.IP_CELL: entries[protocol.IP_CELL]})
 
 
 def test_unclosed_driver_exits_quietly():

@@ -29,12 +29,10 @@ Contract:
   room (the work counters count them).
 """
 
-from amaranth import Cat, Const, Module, Mux, Signal
+from amaranth import Module, Mux, Signal
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for, ceil_log2
-
-from sparsa.protocol import GROUP
 
 from .bram import read_signature
 from .job import REGISTERS, a_bank_words, job_layout

@@ -605,17 +605,3 @@ async def test_bench(dut):
     with open(cfg["report"], "w") as f:
         json.dump(results, f)
 
-
-@cocotb.test()
-async def test_job(dut):
-    """Run the job in the ``.npz`` file ``job`` (a, b, optional bias, requant, relu) with the
-    pauses ``idle``/``backpressure``; write the result and counters to ``report``."""
-    cfg, tb = await make_tb(dut)
-    job = np.load(cfg["job"])
-    tb.set_pauses(np.random.default_rng(cfg.get("seed", 0)), cfg.get("idle", 0.0),
-                  cfg.get("backpressure", 0.0))
-    bias = job["bias"] if "bias" in job else None
-    requant = tuple(int(v) for v in job["requant"]) if "requant" in job else None
-    relu = bool(job["relu"]) if "relu" in job else False
-    c, status, error, counters = await tb.gemm(job["a"], job["b"], bias, requant, relu)
-    np.savez(cfg["report"], c=c, status=status, error=error, **counters)

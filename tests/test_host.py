@@ -12,7 +12,7 @@ from builds import ODD, SMALL
 
 import sparsa
 from sparsa import protocol
-from sparsa.host import board, driver, jobs, quant, reference
+from sparsa.host import driver, jobs, quant, reference
 from sparsa.sim import golden
 
 

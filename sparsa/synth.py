@@ -12,7 +12,8 @@ The accelerator has about 250 port bits, more than the ECP5 package has pins, an
 system its AXI ports are internal anyway. So place-and-route runs on a *harness*
 (:func:`harness`): every input comes from a shift register fed by one pin and every output is
 registered, then reduced to one pin by a registered XOR tree, so no logic is optimized away and
-every timing path of the design is register to register, as it would be inside an SoC.
+every timing path of the design is register to register, as it would be inside an SoC. Ports
+with no logic behind them (TKEEP: an input never read, an output tied high) stay out of it.
 :data:`HARNESS_STAGES` registers per bit sit between the pins' logic and the design, so the
 harness's own wiring does not set the Fmax: with a bare shift register, the registers driving
 the design's inputs lie along a chain that starts at the input pin, and the logic they feed is
@@ -76,6 +77,27 @@ def ports(verilog_text, top):
     return found
 
 
+def logic_free_ports(verilog_text, top):
+    """The ports of module ``top`` with no logic behind them: inputs the module never reads
+    (named only where they are declared) and outputs it ties to a constant (``assign name =
+    <literal>;``), such as ``s_axis_tkeep`` and ``m_axis_tkeep``."""
+    match = re.search(rf"^module {re.escape(top)}\(.*?^endmodule", verilog_text, re.S | re.M)
+    if match is None:
+        raise ValueError(f"top: no module {top!r} in the Verilog")
+    body = match.group(0).split(");", 1)[1]  # after the port list
+    free = set()
+    for name, (direction, _) in ports(verilog_text, top).items():
+        uses = [line for line in body.splitlines()
+                if re.search(rf"\b{name}\b", line)
+                and not re.match(rf"\s*(input|output|wire)\s+(\[\d+:\d+\]\s+)?{name};", line)]
+        if direction == "input" and not uses:
+            free.add(name)
+        elif direction == "output" and len(uses) == 1 and re.match(
+                rf"\s*assign {name} = \d+'[hdb][0-9a-fA-F]+;", uses[0]):
+            free.add(name)
+    return free
+
+
 def _xor_tree(source, width):
     """Verilog that XOR-reduces ``source`` (``width`` bits) four bits per register level; the
     name of the final 1-bit register, and the declarations and assignments."""
@@ -98,10 +120,13 @@ def harness(verilog_text, top, clock="aclk", stages=HARNESS_STAGES):
     module :data:`HARNESS_TOP` with ports ``clk``, ``din``, ``dout``. Every input bit crosses
     ``stages`` registers of its own between the shift register and the design, and every output
     bit ``stages`` registers before the XOR tree, so the placer can put the last register by
-    the logic it drives, as a neighbouring block's register would be in an SoC."""
+    the logic it drives, as a neighbouring block's register would be in an SoC. Ports with no
+    logic behind them (:func:`logic_free_ports`) are left unconnected: they would only lengthen
+    the harness's chains."""
     inputs, outputs = [], []
+    free = logic_free_ports(verilog_text, top)
     for name, (direction, width) in sorted(ports(verilog_text, top).items()):
-        if name != clock:
+        if name != clock and name not in free:
             (inputs if direction == "input" else outputs).append((name, width))
     in_bits = sum(width for _, width in inputs)
     out_bits = sum(width for _, width in outputs)

@@ -230,13 +230,14 @@ class IPDriver(Accelerator):
     def attach(self, dma, allocate, cycles_per_second=DEFAULT_CLOCK_HZ,
                max_buffer=DEFAULT_MAX_BUFFER):
         """Drive the accelerator through ``dma`` (a ``pynq.lib.dma.DMA``)."""
-        if self._device is not None:
-            self._device.close()
-        transport = PynqTransport(self.mmio, dma, allocate, cycles_per_second,
-                                  max_buffer=max_buffer)
-        self._device = DeviceAccelerator(transport, "pynq")
-        self.closed = False
-        return self
+        with self.lock:
+            if self._device is not None:
+                self._device.close()
+            transport = PynqTransport(self.mmio, dma, allocate, cycles_per_second,
+                                      max_buffer=max_buffer)
+            self._device = DeviceAccelerator(transport, "pynq")
+            self.closed = False
+            return self
 
     def _connect(self):
         if self._device is None:
@@ -282,10 +283,11 @@ class IPDriver(Accelerator):
 
     def close(self):
         """Free the DMA buffers; :meth:`attach` opens the IP again."""
-        if self._device is not None:
-            self._device.close()
-            self._device = None
-        self.closed = True
+        with self.lock:
+            if self._device is not None:
+                self._device.close()
+                self._device = None
+            self.closed = True
 
 
 def ip_driver_class(default_ip):

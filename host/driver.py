@@ -433,7 +433,8 @@ class DeviceAccelerator(Accelerator):
         """A reusable array in ordinary (cached) memory of ``nbytes`` for ``direction``."""
         buffer = self._staging.get(direction)
         if buffer is None or buffer.size < nbytes:
-            buffer = self._staging[direction] = np.empty(max(nbytes, MIN_BUFFER), np.uint8)
+            size = max(MIN_BUFFER, 1 << (nbytes - 1).bit_length())  # as the pool sizes them
+            buffer = self._staging[direction] = np.empty(size, np.uint8)
         return buffer[:nbytes]
 
     def _write(self, name, value):
@@ -467,14 +468,14 @@ class DeviceAccelerator(Accelerator):
         receive = self.buffers.get("receive", job.output_bytes)
         columns = slice(job.n0, job.n0 + job.n)
         staged = self._staging is not None
-        jobs.pack_into(g, self._staged("send", job.input_bytes) if staged else send,
-                       a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
+        packet = self._staged("send", job.input_bytes) if staged else send
+        jobs.pack_into(g, packet, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
                        b[job.k0:job.k0 + job.k, columns], bias[columns] if job.bias else None,
                        mult[columns] if job.channel_quant else None,
                        prepared.packed(g, job.k0, job.k, job.n0, job.n, job.groups)
                        if prepared else None, job.groups)
         if staged:
-            send[:job.input_bytes] = self._staged("send", job.input_bytes)  # one write
+            send[:job.input_bytes] = packet  # one sequential write
         packed = time.perf_counter()
         try:
             for name, value in job.registers():
@@ -557,9 +558,10 @@ class DeviceAccelerator(Accelerator):
 
     def close(self):
         """Free the DMA buffers and close the transport (also done when the object is collected
-        or the interpreter exits)."""
-        self._finalizer()
-        super().close()
+        or the interpreter exits); a call running in another thread finishes first."""
+        with self.lock:
+            self._finalizer()
+            super().close()
 
 
 def _error_name(code):

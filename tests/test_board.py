@@ -551,3 +551,30 @@ def test_one_board_shared_by_threads():
                                    "pynq")
     assert concurrent_matmuls(acc, threads=2, calls=20, seed=2) == []
     acc.close()
+
+
+def test_close_from_another_thread_waits_for_the_running_job():
+    """close() while another thread's job is on the DMA waits for that job (its buffers are
+    not freed under it), then frees them; the job's result is exact."""
+    dma = FakeDMA(reference.ReferenceDevice(**SMALL))
+    acc = driver.DeviceAccelerator(transport(dma), "pynq")
+    a, b = operands(np.random.default_rng(14), 8, 12, 6)
+    acc.matmul(a, b)  # the DMA checked
+    dma.stuck = True
+    result = {}
+    job = threading.Thread(target=lambda: result.update(c=acc.matmul(a, b)), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 5
+    while not dma.sendchannel.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    Buffer.freed = 0
+    closing = threading.Thread(target=acc.close, daemon=True)
+    closing.start()
+    closing.join(0.3)
+    assert closing.is_alive() and Buffer.freed == 0  # waiting for the job
+    dma.stuck = False
+    dma.kick(dma.sendchannel)  # the transfer completes
+    job.join(5)
+    closing.join(5)
+    assert not closing.is_alive() and Buffer.freed == 2
+    assert np.array_equal(result["c"], golden.matmul_int32(a, b))

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from sparsa.protocol import IP_VLNV
+from sparsa.protocol import DMA_CELL, IP_CELL, IP_VLNV
 
 from .driver import Accelerator, DeviceAccelerator, DeviceError, TransferError
 
@@ -193,20 +193,23 @@ def pl_clock_hz(pynq):
 
 
 def find_in_overlay(ip_dict, ip=None, dma=None):
-    """The accelerator's and its DMA's names in a PYNQ ``ip_dict``."""
+    """The accelerator's and its DMA's names in a PYNQ ``ip_dict``: the cells sparsa's block
+    design names (:data:`~sparsa.protocol.IP_CELL`, :data:`~sparsa.protocol.DMA_CELL`) where
+    they are of the right type, else the one IP of each type."""
+    def of_type(name, matches, what):
+        entry = ip_dict.get(name)
+        if entry is not None and matches(str(entry.get("type", ""))):
+            return name
+        found = [key for key, value in ip_dict.items() if matches(str(value.get("type", "")))]
+        if len(found) != 1:
+            raise ValueError(f"overlay: expected one {what}, found {found or 'none'}; "
+                             f"pass {'ip' if name == IP_CELL else 'dma'}=<name>")
+        return found[0]
+
     if ip is None:
-        found = [name for name, entry in ip_dict.items() if entry.get("type") == IP_VLNV]
-        if len(found) != 1:
-            raise ValueError(f"overlay: expected one IP of type {IP_VLNV}, found "
-                             f"{found or 'none'}; pass ip=<name>")
-        ip = found[0]
+        ip = of_type(IP_CELL, lambda vlnv: vlnv == IP_VLNV, f"IP of type {IP_VLNV}")
     if dma is None:
-        found = [name for name, entry in ip_dict.items()
-                 if str(entry.get("type", "")).startswith(DMA_VLNV_PREFIX)]
-        if len(found) != 1:
-            raise ValueError(f"overlay: expected one AXI DMA, found {found or 'none'}; "
-                             f"pass dma=<name>")
-        dma = found[0]
+        dma = of_type(DMA_CELL, lambda vlnv: vlnv.startswith(DMA_VLNV_PREFIX), "AXI DMA")
     return ip, dma
 
 

@@ -332,6 +332,15 @@ def test_overlay_lookup():
     assert board.find_in_overlay(entries) == (protocol.IP_CELL, protocol.DMA_CELL)
     with pytest.raises(ValueError, match="expected one IP of type"):
         board.find_in_overlay({"ps7": entries["ps7"]})
+    # An overlay with a second DMA (e.g. for video): sparsa's block design's cell is the one.
+    two = {**entries, "video_dma": {"type": "xilinx.com:ip:axi_dma:7.1"}}
+    assert board.find_in_overlay(two) == (protocol.IP_CELL, protocol.DMA_CELL)
+    with pytest.raises(ValueError, match="expected one AXI DMA, found .*pass dma=<name>"):
+        board.find_in_overlay({key: two[key] for key in (protocol.IP_CELL, "video_dma",
+                                                          "ps7")} | {"dma2": two["video_dma"]})
+    # Another design's names: found by type.
+    renamed = {"accel": entries[protocol.IP_CELL], "dma": entries[protocol.DMA_CELL]}
+    assert board.find_in_overlay(renamed) == ("accel", "dma")
     with pytest.raises(ValueError, match="expected one AXI DMA, found none"):
         board.find_in_overlay({protocol.IP_CELL: entries[protocol.IP_CELL]})
 

@@ -265,7 +265,7 @@ class Accelerator:
 
     def _no_job(self, products):
         """The counters of a call that needed no job (every product had a zero operand)."""
-        self.last_counters = dict({key: 0 for key in COUNTER_KEYS.values()},
+        self.last_counters = dict({key: 0 for key in COUNTER_KEYS.values()}, jobs=0,
                                   macs_skipped=products,
                                   estimated=self.backend in ("reference", "reference-device"))
         if hasattr(self, "last_timing"):
@@ -347,10 +347,12 @@ def _in_format(geometry, job, a, b, max_transfer, steps=True):
 
 
 def _report(per_job, estimated):
-    """``last_counters`` for a call: the device counters of its jobs, summed."""
+    """``last_counters`` for a call: the device counters of its jobs, summed, and how many
+    jobs it took (``jobs``)."""
     per_job = list(per_job)
     report = {key: sum(int(counts[name]) for counts in per_job)
               for name, key in COUNTER_KEYS.items()}
+    report["jobs"] = len(per_job)
     report["estimated"] = estimated
     return report
 

@@ -326,12 +326,32 @@ def im2col(x, kernel, strides, pads, dilations, pad_value):
     return np.ascontiguousarray(a), (batch, oh, ow)
 
 
+def group_batches(info, groups, k, n):
+    """How many of a convolution's ``groups`` (each ``k`` x ``n``) one ``matmul`` takes side by
+    side: as many as keep K within the device's ``max_k`` and N within its ``max_n`` (one
+    device job, but for M), at least one."""
+    return max(1, min(groups, info.max_k // k, info.max_n // n))
+
+
+def block_diagonal(w):
+    """The groups' weights ``w`` (G, K, N) as one (G*K, G*N) matrix, group g's block at rows
+    g*K and columns g*N, zeros elsewhere."""
+    groups, k, n = w.shape
+    if groups == 1:
+        return w[0]
+    out = np.zeros((groups * k, groups * n), w.dtype)
+    for g in range(groups):
+        out[g * k:(g + 1) * k, g * n:(g + 1) * n] = w[g]
+    return out
+
+
 class _Run:
     """What one :meth:`CompiledModel.run` measures, per node."""
 
     def __init__(self, nodes):
         self.stats = [{"host_s": 0.0, "device_s": 0.0, "cycles": 0, "macs": 0, "macs_skipped": 0,
-                       "products": 0, "jobs": 0, "estimated": False} for _ in nodes]
+                       "products": 0, "jobs": 0, "calls": 0, "estimated": False}
+                      for _ in nodes]
 
 
 def _bias(node, constants, zero_point):
@@ -363,17 +383,14 @@ def _qgemm(model, node, env, accelerator, stats):
         if x.shape[1] != channels:
             raise ModelError(f"{node.describe()}: expected {channels} input channels, got "
                              f"shape {x.shape}")
-        per_group = x.shape[1] // groups
-        patches = [im2col(x[:, g * per_group:(g + 1) * per_group], conv["kernel_shape"],
-                          conv["strides"], conv["pads"], conv["dilations"], zero_point)
-                   for g in range(groups)]
-        shape = patches[0][1]
-        patches = [p for p, _ in patches]
+        # (A group's channels are consecutive, so its patches are the columns g*k:(g+1)*k.)
+        patches, shape = im2col(x, conv["kernel_shape"], conv["strides"], conv["pads"],
+                                conv["dilations"], zero_point)
     else:
         if x.shape[-1] != k:
             raise ModelError(f"{node.describe()}: expected the input's last axis of {k}, got "
                              f"shape {x.shape}")
-        patches = [x.reshape(-1, k)]
+        patches = x.reshape(-1, k)
         shape = x.shape[:-1]
     bias = _bias(node, consts, zero_point)
     mode = a["mode"]
@@ -382,28 +399,30 @@ def _qgemm(model, node, env, accelerator, stats):
         mult = consts[a["multiplier"]]
         requant = (mult if mult.size > 1 else int(mult[0]), a["shift"], a["out_zero"])
     stats["host_s"] += time.perf_counter() - started
-    weights = model._prepared_weights(accelerator)
+    weights = model._prepared_weights(accelerator)[node.name]
     n_group = n // groups
+    per_call = group_batches(accelerator.info, groups, k, n_group)  # as the weights were laid
     outs = []
-    for g in range(groups):
-        cols = slice(g * n_group, (g + 1) * n_group)
-        group_requant = requant
+    for first, w in zip(range(0, groups, per_call), weights):
+        last = min(groups, first + per_call)
+        cols = slice(first * n_group, last * n_group)
+        call_requant = requant
         if requant is not None and isinstance(requant[0], np.ndarray):
-            group_requant = (np.ascontiguousarray(requant[0][cols]), requant[1], requant[2])
+            call_requant = (np.ascontiguousarray(requant[0][cols]), requant[1], requant[2])
         started = time.perf_counter()
         with accelerator.lock:  # this call's counters, not another thread's
-            out = accelerator.matmul(patches[g], weights[node.name][g], bias=bias[cols].copy(),
-                                     requant=group_requant,
+            out = accelerator.matmul(patches[:, first * k:last * k], w,
+                                     bias=bias[cols].copy(), requant=call_requant,
                                      relu=bool(a.get("relu")) and mode == "device")
             counters = accelerator.last_counters
         stats["device_s"] += time.perf_counter() - started
-        for key in ("cycles", "macs", "macs_skipped"):
+        for key in ("cycles", "macs", "macs_skipped", "jobs"):
             stats[key] += int(counters[key])
         stats["estimated"] |= bool(counters.get("estimated"))
-        stats["products"] += patches[g].shape[0] * patches[g].shape[1] * n_group
-        stats["jobs"] += 1
+        stats["calls"] += 1
         outs.append(out)
-    y = outs[0] if groups == 1 else np.concatenate(outs, axis=1)
+    stats["products"] += patches.shape[0] * k * n
+    y = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
     started = time.perf_counter()
     if mode == "host":  # requantization the device cannot apply (a multiplier of 1 or more)
         scale = consts[a["scale"]]
@@ -474,16 +493,21 @@ class CompiledModel:
     # -- running --
 
     def _prepared_weights(self, accelerator):
-        """Each QGemm's weights prepared for ``accelerator`` (once per accelerator)."""
+        """Each QGemm's weights prepared for ``accelerator`` (once per accelerator): a list of
+        weight matrices, one per ``matmul`` call. The groups of a grouped convolution go side
+        by side, as many as one device job takes (:func:`group_batches`), in a block-diagonal
+        B: the device skips the k-steps whose B vector is all zero in an n-tile, and the driver
+        leaves out columns of B that are all zero, so the zeros between groups cost little."""
         prepared = self._prepared.get(accelerator)
         if prepared is None:
-            prepare = getattr(accelerator, "prepare", None)
             prepared = {}
             for node in self.nodes:
                 if node.op == "QGemm":
                     w = self.constants[node.attrs["weight"]]
-                    prepared[node.name] = [prepare(w[g]) if prepare else w[g]
-                                           for g in range(w.shape[0])]
+                    per_call = group_batches(accelerator.info, *w.shape)
+                    prepared[node.name] = [
+                        accelerator.prepare(block_diagonal(w[first:first + per_call]))
+                        for first in range(0, w.shape[0], per_call)]
             self._prepared[accelerator] = prepared
         return prepared
 
@@ -564,12 +588,12 @@ class CompiledModel:
 
     def summary(self, batch=1):
         """A per-node table (str): op, output shape, device or host, MACs per batch of
-        ``batch``, weight zeros; after a :meth:`run`, its device cycles, MACs issued and
-        skipped and host milliseconds."""
+        ``batch``, weight zeros; after a :meth:`run`, its device jobs and cycles, MACs issued
+        and skipped and host milliseconds."""
         shapes = self._shapes(batch)
         lines = [f"{'node':<28} {'op':<18} {'output':<18} {'where':<6} {'MACs':>10} "
-                 f"{'w zeros':>7}" + (f" {'cycles':>10} {'MACs run':>10} {'skipped':>10} "
-                                      f"{'host ms':>8}" if self.last_run else "")]
+                 f"{'w zeros':>7}" + (f" {'jobs':>5} {'cycles':>10} {'MACs run':>10} "
+                                      f"{'skipped':>10} {'host ms':>8}" if self.last_run else "")]
         for index, node in enumerate(self.nodes):
             shape = shapes.get(node.outputs[0])
             macs, zeros, where = "", "", "host"
@@ -585,15 +609,16 @@ class CompiledModel:
                     f"{macs:>10} {zeros:>7}")
             if self.last_run:
                 s = self.last_run[index]
-                line += (f" {s['cycles'] if where == 'device' else '':>10} "
+                line += (f" {s['jobs'] if where == 'device' else '':>5}"
+                         f" {s['cycles'] if where == 'device' else '':>10} "
                          f"{s['macs'] if where == 'device' else '':>10} "
                          f"{s['macs_skipped'] if where == 'device' else '':>10} "
                          f"{1e3 * s['host_s']:>8.2f}")
             lines.append(line)
         if self.last_run:
             total = {key: sum(s[key] for s in self.last_run)
-                     for key in ("cycles", "macs", "macs_skipped", "host_s", "device_s")}
-            lines.append(f"total: {total['cycles']} device cycles"
+                     for key in ("jobs", "cycles", "macs", "macs_skipped", "host_s", "device_s")}
+            lines.append(f"total: {total['jobs']} device jobs, {total['cycles']} device cycles"
                          f"{' (estimated)' if any(s['estimated'] for s in self.last_run) else ''}"
                          f", {total['macs']} MACs issued, {total['macs_skipped']} skipped, "
                          f"host ops {1e3 * total['host_s']:.1f} ms, accelerator calls "

@@ -251,7 +251,7 @@ class QuantizedModel:
     def reset_counters(self):
         self.counters = [
             {"cycles": 0, "macs": 0, "macs_skipped": 0, "stall_in": 0, "stall_out": 0,
-             "ksteps_skipped": 0, "products": 0, "zero_activation_products": 0,
+             "ksteps_skipped": 0, "jobs": 0, "products": 0, "zero_activation_products": 0,
              "estimated": False}
             for _ in self.gemm_layers]
 

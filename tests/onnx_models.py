@@ -122,6 +122,27 @@ def bn_cnn(rng):
                   constants, "bn_cnn")
 
 
+def inverted_residual(rng, channels=40):
+    """A MobileNetV2 block: x (N, 3, 8, 8) -> 1x1 expansion to ``channels``, Relu, a 3x3
+    depthwise convolution (``group=channels``), Relu, 1x1 projection to 8 -> (N, 8, 8, 8)."""
+    f = _weights(rng)
+    constants = [_constant("w1", f(channels, 3, 1, 1)), _constant("b1", f(channels)),
+                 _constant("wd", f(channels, 1, 3, 3)), _constant("bd", f(channels)),
+                 _constant("w2", f(8, channels, 1, 1)), _constant("b2", f(8))]
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["e"], "expand"),
+        node("Relu", ["e"], ["er"], "expand_relu"),
+        node("Conv", ["er", "wd", "bd"], ["d"], "depthwise", pads=[1, 1, 1, 1],
+             group=channels),
+        node("Relu", ["d"], ["dr"], "depthwise_relu"),
+        node("Conv", ["dr", "w2", "b2"], ["y"], "project"),
+    ]
+    return _model(nodes, _input([3, 8, 8]),
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                  constants, "inverted_residual")
+
+
 def quantize_static(model, data, directory, quant_format="QDQ", activations="QInt8",
                     per_channel=False):
     """``model`` quantized by onnxruntime's ``quantize_static``, calibrated on ``data``. uint8

@@ -123,7 +123,10 @@ def test_counters():
                     assert counters[name.lower()] == value, (config, device_model, skip, name)
                 assert counters["estimated"] is True and counters["cycles"] > 0
                 assert set(counters) == {"cycles", "macs", "macs_skipped", "stall_in",
-                                         "stall_out", "ksteps_skipped", "estimated"}
+                                         "stall_out", "ksteps_skipped", "jobs", "estimated"}
+                assert counters["jobs"] == len(jobs.plan(
+                    acc.info.geometry, *live_a.shape, live_b.shape[1], False, None, False, skip,
+                    k_size=driver._k_chunk(acc.info, live_b, skip)).jobs)
 
 
 def test_reference_counters_are_the_device_models():

@@ -159,6 +159,41 @@ def test_backends_give_identical_outputs(quantized, reference):
         assert counters_a[key] == counters_b[key], key
 
 
+def test_depthwise_convolution_in_few_jobs(tmp_path):
+    """A depthwise convolution of 40 channels runs as two device jobs, not one per channel:
+    its groups side by side in a block-diagonal B, as many as K <= MAX_K allows (28 of K = 9).
+    The integers are those of one job per group (a build whose MAX_K takes one group), on the
+    reference and the device model alike, and agree with onnxruntime's."""
+    rng = np.random.default_rng(8)
+    model = onnx_models.quantize_static(
+        onnx_models.inverted_residual(rng), rng.standard_normal((32, 3, 8, 8)).astype(np.float32),
+        tmp_path, "QDQ", "QInt8", True)
+    compiled = sparsa_onnx.compile(model)
+    x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    names = [out for node in compiled.nodes for out in node.outputs]
+    runs = {}
+    for label, options in (("batched", {}), ("device model", {"device_model": True}),
+                           ("one group per job", {"max_k": 12})):
+        with sparsa.open("reference", **options) as acc:
+            outputs, tensors = compiled.run(acc, x, keep=names)
+            stats = dict(zip((node.name for node in compiled.nodes), compiled.last_run))
+            runs[label] = (outputs, tensors, stats)
+    (out, tensors, stats) = runs["batched"]
+    depthwise = [node.name for node in compiled.nodes
+                 if node.op == "QGemm" and node.attrs["groups"] == 40][0]
+    assert stats[depthwise]["calls"] == stats[depthwise]["jobs"] == 2
+    assert runs["one group per job"][2][depthwise]["calls"] == 40
+    for label in ("device model", "one group per job"):
+        other_out, other_tensors, other_stats = runs[label]
+        assert all(np.array_equal(a, b) for a, b in zip(out, other_out)), label
+        assert all(np.array_equal(tensors[n], other_tensors[n]) for n in names), label
+    assert {key: runs["device model"][2][depthwise][key] for key in ("macs", "jobs")} == \
+        {key: stats[depthwise][key] for key in ("macs", "jobs")}
+    with sparsa.open("reference") as acc:
+        agreement = sparsa_onnx.node_agreement(model, compiled, {"x": x}, acc)
+    assert agreement[depthwise][0] >= 0.999 and agreement[depthwise][1] <= 1
+
+
 @pytest.mark.parametrize("device_model", [False, True])
 def test_compiled_model_shared_by_threads(quantized, device_model):
     """One compiled model on one accelerator, run by two threads at once with different
@@ -249,7 +284,12 @@ def test_summary_before_and_after_a_run(quantized, reference):
     after = compiled.summary(batch=2)
     assert "cycles" in after.splitlines()[0] and "total:" in after
     counters = compiled.run_counters()
-    assert counters["macs"] >= counters["products"] > 0 and counters["jobs"] == 5
+    # One device job per node, conv2's two groups side by side in one (block-diagonal B).
+    assert counters["macs"] >= counters["products"] > 0 and counters["jobs"] == 4
+    conv2 = [stats for node, stats in zip(compiled.nodes, compiled.last_run)
+             if node.name == "conv2"][0]
+    assert conv2["calls"] == conv2["jobs"] == 1
+    assert "jobs" in after.splitlines()[0]
 
 
 def _qlinear_conv(bias, x_zero=100, scales=(0.1, 0.01, 0.5), y_zero=3):

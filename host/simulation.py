@@ -7,7 +7,6 @@ this process started (:func:`open_sim`, i.e. ``sparsa.open("sim")``) or, inside 
 ``cocotb.task.resume`` on the board itself (:func:`accelerator`).
 """
 
-import logging
 import os
 import secrets
 import signal
@@ -21,8 +20,6 @@ import numpy as np
 from . import board
 from .board import PynqTransport
 from .driver import DeviceAccelerator, DeviceError
-
-log = logging.getLogger("sparsa")
 
 POLL_CYCLES = 64  # simulated cycles per DMA status poll
 # Simulated cycles per wall-clock second, at the least, to turn cycle budgets into timeouts.
@@ -183,8 +180,7 @@ class SimServer:
         authkey = secrets.token_bytes(16)
         self._listener = Listener(address, "AF_UNIX", authkey=authkey)
         design = runner.accelerator_design(cfg)
-        log.info("sparsa sim: building %s for %s", design.key, simulator)
-        runner.build(design, simulator)
+        runner.build(design, simulator)  # (it logs its progress when it takes long)
         self.result = None
         self._error = None
 

@@ -28,6 +28,7 @@ from typing import Callable
 from . import toolchain
 
 log = logging.getLogger("sparsa")
+QUIET_SECONDS = 3  # a build says nothing before this (an up-to-date one takes less)
 PROGRESS_SECONDS = 30  # how often a running build says how long it has taken
 
 # Simulation models of the vendor primitives a DSP style instantiates (see sparsa.hw.dsp and
@@ -162,28 +163,34 @@ def _lock_path(folder, kind):
 
 
 class _Progress:
-    """While a build runs: a line when it starts, one every :data:`PROGRESS_SECONDS` with the
-    time taken so far, one at the end (INFO on logger ``sparsa``)."""
+    """While a build runs: once it has taken ``QUIET_SECONDS`` (an up-to-date build takes
+    less), a line saying what it builds, then one every :data:`PROGRESS_SECONDS` with the time
+    taken so far, and one at the end (INFO on logger ``sparsa``)."""
 
     def __init__(self, what):
         self.what = what
         self._done = threading.Event()
+        self._said = False
 
     def __enter__(self):
         self.started = time.monotonic()
-        log.info("sparsa sim: building %s", self.what)
         self._thread = threading.Thread(target=self._report, daemon=True,
                                         name="sparsa-build-progress")
         self._thread.start()
 
     def _report(self):
+        if self._done.wait(QUIET_SECONDS):
+            return
+        self._said = True
+        log.info("sparsa sim: building %s (a first build takes minutes)", self.what)
         while not self._done.wait(PROGRESS_SECONDS):
             log.info("sparsa sim: still building (%s so far)", _elapsed(self.started))
 
     def __exit__(self, *exc):
         self._done.set()
         self._thread.join()
-        log.info("sparsa sim: built in %s", _elapsed(self.started))
+        if self._said:
+            log.info("sparsa sim: built in %s", _elapsed(self.started))
 
 
 def _elapsed(started):

@@ -35,6 +35,7 @@ def test_builds_keyed_by_the_verilog_and_older_ones_replaced(tmp_path, monkeypat
     when it starts and how long it took."""
     monkeypatch.setenv("SPARSA_BUILD_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(runner, "_built", {})
+    monkeypatch.setattr(runner, "QUIET_SECONDS", 0)
     with caplog.at_level(logging.INFO, logger="sparsa"):
         _, first = runner.build(memory_design(), icarus)
     assert first.parent == tmp_path / "cache" and (first / "sim.vvp").exists()
@@ -57,12 +58,22 @@ def test_builds_keyed_by_the_verilog_and_older_ones_replaced(tmp_path, monkeypat
 
 
 def test_a_long_build_reports_its_progress(monkeypatch, caplog):
+    """A build that takes long says what it builds, how long it has taken every so often and
+    when it is done; one that is up to date (quick) says nothing."""
+    monkeypatch.setattr(runner, "QUIET_SECONDS", 0.05)
     monkeypatch.setattr(runner, "PROGRESS_SECONDS", 0.05)
     with caplog.at_level(logging.INFO, logger="sparsa"):
         with runner._Progress("something"):
             time.sleep(0.3)
     assert "sparsa sim: building something" in caplog.text
     assert "sparsa sim: still building (0 s so far)" in caplog.text
+    assert "sparsa sim: built in 0 s" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(runner, "QUIET_SECONDS", 5)
+    with caplog.at_level(logging.INFO, logger="sparsa"):
+        with runner._Progress("quick"):
+            pass
+    assert caplog.text == ""
 
 
 @pytest.mark.parametrize("simulator", ["verilator", "icarus"])

@@ -262,6 +262,60 @@ def run_long_k(cfg=DEFAULT_BUILD, size=128, simulator="verilator", seed=0):
     return rows
 
 
+def run_grouped(cfg=DEFAULT_BUILD, channels=96, size=8, simulator="verilator", seed=0):
+    """A 3x3 depthwise convolution (``channels`` channels, a ``size`` x ``size`` int8 input,
+    pads 1, requantized with ReLU: the jobs a compiled MobileNet block gives) through the
+    driver on the simulated RTL: its groups side by side in block-diagonal B
+    (:func:`sparsa.host.graph.group_batches`, what compiled models run) against one job per
+    channel; table rows with the RTL's jobs and cycles and the reference's estimate."""
+    import numpy as np
+
+    import sparsa
+    from sparsa.host.graph import block_diagonal, group_batches, im2col
+    from sparsa.sim import golden
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 128, (1, channels, size, size), dtype=np.int8)
+    w = rng.integers(-128, 128, (channels, 9, 1), dtype=np.int8)
+    patches, _ = im2col(x, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 0)
+    requant = (1 << 30, 12, 0)
+    want = np.concatenate([golden.gemm(patches[:, 9 * c:9 * c + 9], w[c], None, requant, True)
+                           for c in range(channels)], axis=1)
+    rows = []
+    with sparsa.open("sim", simulator=simulator, **cfg) as sim, \
+            sparsa.open("reference", **cfg) as reference:
+        for layout, per_call in (("block-diagonal", group_batches(sim.info, channels, 9, 1)),
+                                 ("one job per channel", 1)):
+            row = {"layout": layout, "channels": channels, "m": patches.shape[0],
+                   "groups_per_call": per_call, "calls": 0}
+            for name, acc in (("rtl", sim), ("estimate", reference)):
+                outs, totals = [], {"jobs": 0, "cycles": 0}
+                for first in range(0, channels, per_call):
+                    last = min(channels, first + per_call)
+                    outs.append(acc.matmul(patches[:, 9 * first:9 * last],
+                                           block_diagonal(w[first:last]), requant=requant,
+                                           relu=True))
+                    for key in totals:
+                        totals[key] += acc.last_counters[key]
+                row["calls"] = len(outs)
+                row[f"{name}_jobs"], row[f"{name}_cycles"] = totals["jobs"], totals["cycles"]
+                row[f"{name}_exact"] = bool(np.array_equal(np.concatenate(outs, axis=1), want))
+            rows.append(row)
+    return rows
+
+
+def format_grouped(rows):
+    lines = ["| layout | channels | M | groups per call | device jobs | cycles (RTL) | reference "
+             "estimate | exact (RTL / reference) |", "|:---|---:|---:|---:|---:|---:|---:|:---|"]
+    for r in rows:
+        error = r["estimate_cycles"] / r["rtl_cycles"] - 1
+        lines.append(f"| {r['layout']} | {r['channels']} | {r['m']} | {r['groups_per_call']} | "
+                     f"{r['rtl_jobs']} | {r['rtl_cycles']} | {r['estimate_cycles']} "
+                     f"({100 * error:+.1f}%) | {'yes' if r['rtl_exact'] else 'NO'} / "
+                     f"{'yes' if r['estimate_exact'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def format_long_k(rows):
     lines = ["| B | M x K x N | one job: cycles | jobs of K = MAX_K: cycles | dense, jobs of "
              "K = MAX_K: cycles | speedup over dense | over the split |",

@@ -282,6 +282,9 @@ def cmd_bench(args):
     elif args.what == "long-k":
         rows = bench.run_long_k(_build_config(args), 128, args.sim)
         print(bench.format_long_k(rows))
+    elif args.what == "grouped":
+        rows = bench.run_grouped(_build_config(args), simulator=args.sim)
+        print(bench.format_grouped(rows))
     elif args.what == "area":
         from concurrent.futures import ThreadPoolExecutor
 
@@ -441,10 +444,13 @@ def build_parser():
 
     bench = commands.add_parser(
         "bench", help="benchmarks: cycles on the simulated RTL, the reference backend's speed")
-    bench.add_argument("what", choices=("array", "sparse", "long-k", "host", "all", "area"),
+    bench.add_argument("what", choices=("array", "sparse", "long-k", "grouped", "host", "all",
+                                        "area"),
                        help="array: dense GEMMs, utilization; sparse: sparse-skip speedups; "
                             "long-k: 2:4 and 1:4 B with K = MAX_K2 / MAX_K1 in one job, "
                             "M = N = 128, against jobs of K = MAX_K; "
+                            "grouped: a 96-channel 3x3 depthwise convolution as block-diagonal "
+                            "jobs against one job per channel; "
                             "host: the reference backend's speed and the driver's packing; "
                             "all: array, sparse and host, written to OUT as results.json, "
                             "results.md and PNG plots; "

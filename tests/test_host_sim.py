@@ -329,3 +329,16 @@ def test_frozen_simulator_raises_instead_of_hanging(verilator, monkeypatch):
     assert time.monotonic() - started < 30
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_grouped_benchmark_on_the_rtl(verilator):
+    """``sparsa bench grouped`` on a small build: both layouts exact on the RTL and the
+    reference, the block-diagonal one in fewer jobs and fewer cycles."""
+    from sparsa import bench
+
+    rows = bench.run_grouped(SMALL, channels=12, size=4)
+    batched, per_channel = rows
+    assert all(r["rtl_exact"] and r["estimate_exact"] for r in rows)
+    assert batched["groups_per_call"] == 7 and per_channel["rtl_jobs"] == 12
+    assert batched["rtl_jobs"] == 2 and batched["rtl_cycles"] < per_channel["rtl_cycles"]
+    assert "| block-diagonal | 12 | 16 | 7 | 2 |" in bench.format_grouped(rows)

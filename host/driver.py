@@ -327,18 +327,21 @@ def _in_format(geometry, job, a, b, max_transfer, steps=True):
     steps (``OPTIONS.STEPS_*``) when the device takes them (``steps``: protocol 1.4 on)."""
     a_job, b_job = job.operands(a, b)
     counts = protocol.group_counts(b_job, geometry.cols)
+    vectors = geometry.column_beats(job.n, job.bias, job.channel_quant)
     if job.k > geometry.max_k:  # only the group format holds it
         b_beats = protocol.group_beats(geometry, counts)
-        counters = reference.counters(geometry, a_job, b_job, True, job.requant, True, b_beats)
+        counters = reference.counters(geometry, a_job, b_job, True, job.requant, True, b_beats,
+                                      vectors)
     else:
         groups, counters, b_beats = reference.choose_format(geometry, a_job, b_job,
-                                                            job.requant, counts)
+                                                            job.requant, counts, vectors)
         if not groups:
             return job, counters
         input_beats = geometry.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant,
                                            b_beats)
         if input_beats * geometry.beat_bytes > max_transfer:
-            return job, reference.counters(geometry, a_job, b_job, True, job.requant)
+            return job, reference.counters(geometry, a_job, b_job, True, job.requant,
+                                           vectors=vectors)
     input_beats = geometry.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant, b_beats)
     slots = protocol.slots_for(counts) if steps else protocol.GROUP
     options = job.options | Option.GROUPS | protocol.STEPS_OPTIONS[slots]
@@ -399,7 +402,9 @@ class ReferenceAccelerator(Accelerator):
             groups = skip and "GROUPS" in self.info.features  # as the device driver chooses
             self._last_counters = _report(
                 (_in_format(g, job, a, b, jobs.DEFAULT_MAX_TRANSFER)[1] if groups
-                 else reference.counters(g, *job.operands(a, b), skip, job.requant)
+                 else reference.counters(g, *job.operands(a, b), skip, job.requant,
+                                         vectors=g.column_beats(job.n, job.bias,
+                                                                job.channel_quant))
                  for job in plan.jobs), estimated=True)
         return self._last_counters
 

@@ -347,14 +347,19 @@ class Geometry:
     def tiles(self, m, n):
         return -(-m // self.rows), -(-n // self.cols)
 
+    def column_beats(self, n, bias, channel_quant=False):
+        """Beats of an input packet's column vectors: the bias and the multipliers."""
+        return -(-n // self.cols) * self.vector_beats(4 * self.cols) * (bool(bias)
+                                                                        + bool(channel_quant))
+
     def input_beats(self, m, k, n, bias, channel_quant=False, b_beats=None):
         """Beats of an input packet; ``b_beats``: B's (of the group format, see
         :func:`group_beats`), else those of the plain one."""
         m_tiles, n_tiles = self.tiles(m, n)
         if b_beats is None:
             b_beats = n_tiles * k * self.vector_beats(self.cols)
-        return (n_tiles * self.vector_beats(4 * self.cols) * (bool(bias) + bool(channel_quant))
-                + b_beats + m_tiles * k * self.vector_beats(self.rows))
+        return (self.column_beats(n, bias, channel_quant) + b_beats
+                + m_tiles * k * self.vector_beats(self.rows))
 
     def output_beats(self, m, n, requant):
         m_tiles, n_tiles = self.tiles(m, n)

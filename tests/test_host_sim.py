@@ -342,3 +342,46 @@ def test_grouped_benchmark_on_the_rtl(verilator):
     assert batched["groups_per_call"] == 7 and per_channel["rtl_jobs"] == 12
     assert batched["rtl_jobs"] == 2 and batched["rtl_cycles"] < per_channel["rtl_cycles"]
     assert "| block-diagonal | 12 | 16 | 7 | 2 |" in bench.format_grouped(rows)
+
+
+def test_cycle_estimate_on_random_compiler_jobs(verilator):
+    """The reference's cycles, stalls and work counters against the RTL's on random jobs of the
+    shapes compiled models give (small K, N = 1, int8 output with the output stream the limit,
+    bias, per-tensor and per-channel requantization, 2:4 weights in the group format, several
+    m- and n-tiles) on the default build: MACs and STALL_IN exact, cycles and STALL_OUT within
+    1% of the job's cycles (one cycle on jobs of under a hundred)."""
+    rng = np.random.default_rng(11)
+    worst = 0.0
+    with sparsa.open("sim") as sim, sparsa.open("reference") as reference:
+        for index in range(40):
+            m = int(rng.choice([8, 30, 64, 100, 256]))
+            k = int(rng.choice([1, 3, 9, 16, 27, 64, 72, 150, 256]))
+            n = int(rng.choice([1, 8, 16, 40, 100]))
+            a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+            a[a == 0] = 1
+            if index % 4 == 1:
+                a[rng.random((m, k)) < 0.5] = 0  # ReLU-like activations
+            b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+            b[b == 0] = 1
+            if index % 3 == 2 and k >= 4:
+                b = sparsa.prune(b, "2:4")
+            bias = rng.integers(-1000, 1000, n, dtype=np.int32) if index % 2 else None
+            requant = None
+            if index % 5 != 4:
+                multiplier = rng.integers(1 << 29, 1 << 30, n) if index % 3 else 1 << 30
+                requant = (multiplier, 10, 0)
+            counters = []
+            for acc in (sim, reference):
+                acc.matmul(a, b, bias=bias, requant=requant, relu=requant is not None)
+                counters.append(acc.last_counters)
+            rtl, estimate = counters
+            label = (index, m, k, n, bias is not None, requant is not None)
+            assert (estimate["macs"], estimate["macs_skipped"], estimate["jobs"],
+                    estimate["stall_in"]) == (rtl["macs"], rtl["macs_skipped"], rtl["jobs"],
+                                              rtl["stall_in"]), label
+            for name in ("cycles", "stall_out"):
+                allowed = max(1, 0.01 * rtl["cycles"])
+                assert abs(estimate[name] - rtl[name]) <= allowed, (label, name, rtl, estimate)
+            if rtl["cycles"] >= 100:
+                worst = max(worst, abs(estimate["cycles"] / rtl["cycles"] - 1))
+    assert worst <= 0.01

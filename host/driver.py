@@ -589,7 +589,8 @@ def open(backend="auto", **config):
       ``stream_width``, ``max_k``, ``max_n``, ``sparse_skip``, and stream ``idle``/
       ``backpressure`` probabilities.
     - ``"reference"``: NumPy, bit-exact and fast; the build's geometry (for counters).
-      ``device_model=True`` runs the full driver against the byte-level device model instead.
+      ``device_model=True`` runs the full driver against the byte-level device model instead;
+      with ``clock_mhz`` its jobs take their estimated cycles at that clock in wall time.
     - ``"auto"``: the board when PYNQ is importable and an overlay is given or loaded with the
       sparsa IP, else the reference; logs which and why.
     """
@@ -616,11 +617,15 @@ def open(backend="auto", **config):
     if backend == "reference":
         device_model = config.pop("device_model", False)
         _no_unknown(set(config) - {"rows", "cols", "stream_width", "max_k", "max_n",
-                                   "sparse_skip", "max_transfer"}, backend)
+                                   "sparse_skip", "max_transfer", "clock_mhz"}, backend)
         max_transfer = config.pop("max_transfer", None)
+        clock_mhz = config.pop("clock_mhz", None)
+        if clock_mhz is not None and not device_model:
+            raise ValueError("clock_mhz: the reference takes time only as a device model: "
+                             "pass device_model=True too")
         if device_model:
-            return DeviceAccelerator(reference.ReferenceDevice(**config), "reference-device",
-                                     max_transfer)
+            return DeviceAccelerator(reference.ReferenceDevice(**config, clock_mhz=clock_mhz),
+                                     "reference-device", max_transfer)
         return ReferenceAccelerator(**config)
     raise ValueError(f"backend: expected 'auto', 'pynq', 'sim' or 'reference', got {backend!r}")
 

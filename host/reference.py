@@ -15,6 +15,8 @@ already under way); input sent while no job is started is refused with an except
 hardware holds TREADY low, so the DMA would time out).
 """
 
+import time
+
 import numpy as np
 
 from sparsa import protocol
@@ -229,14 +231,20 @@ def _fits(size, receive_bytes):
 
 
 class ReferenceDevice:
-    """The device as a transport: ``read``/``write`` registers, ``transfer`` packets."""
-
-    cycles_per_second = None  # no clock: transfers complete at once
+    """The device as a transport: ``read``/``write`` registers, ``transfer`` packets. With
+    ``clock_mhz``, a transfer takes the job's estimated cycles at that clock in wall time (at
+    least), as a board's would; without it, transfers complete at once."""
 
     def __init__(self, rows=DEFAULT_BUILD["rows"], cols=DEFAULT_BUILD["cols"],
                  stream_width=DEFAULT_BUILD["stream_width"], max_k=DEFAULT_BUILD["max_k"],
-                 max_n=DEFAULT_BUILD["max_n"], sparse_skip=True):
+                 max_n=DEFAULT_BUILD["max_n"], sparse_skip=True, clock_mhz=None):
         protocol.check_build(rows, cols, stream_width, max_k, max_n)
+        if clock_mhz is not None and not (isinstance(clock_mhz, (int, float))
+                                          and 0 < clock_mhz <= 10000):
+            raise ValueError(f"clock_mhz: expected a clock in MHz (0 to 10000), got "
+                             f"{clock_mhz!r}")
+        # The driver's timeouts follow the clock; without one, no timeout is needed.
+        self.cycles_per_second = clock_mhz * 1e6 if clock_mhz else None
         self.geometry = protocol.Geometry(rows, cols, stream_width, max_k, max_n)
         self.features = protocol.features(sparse_skip)
         self.registers = {register.name: register.reset for register in REGISTERS}
@@ -305,7 +313,16 @@ class ReferenceDevice:
 
     def transfer(self, send, send_bytes, receive, receive_bytes, timeout=None):
         """Consume an input packet of ``send_bytes`` from ``send``; write the output packet into
-        ``receive`` (at most ``receive_bytes``); returns the output packet's size."""
+        ``receive`` (at most ``receive_bytes``); returns the output packet's size (with a
+        clock, once the job's cycles have passed)."""
+        started = time.monotonic()
+        size = self._transfer(send, send_bytes, receive, receive_bytes)
+        if self.cycles_per_second:
+            time.sleep(max(0.0, started + self.registers["CYCLES"] / self.cycles_per_second
+                           - time.monotonic()))
+        return size
+
+    def _transfer(self, send, send_bytes, receive, receive_bytes):
         if self._job is None:
             raise TimeoutError("the device has no job started: input not accepted")
         m, k, n, options, quant, error = self._job

@@ -5,6 +5,7 @@ the protocol's plain layout; argument errors; quantization helpers; the PYNQ tra
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -367,6 +368,27 @@ def test_open_refuses_a_bad_geometry(device_model, argument, value, words):
     assert str(error.value) == words or str(error.value).startswith(words)
     with pytest.raises(TypeError, match="rows must be an int, not float"):
         sparsa.open("reference", device_model=device_model, rows=4.0)
+
+
+def test_timed_device_model_takes_its_cycles():
+    """``clock_mhz``: each job of the device model takes its estimated cycles at that clock in
+    wall time, with the same results and counters as without; refused without the model."""
+    rng = np.random.default_rng(7)
+    a, b = operands(rng, 200, 100, 60)
+    with sparsa.open("reference", device_model=True) as quick:
+        want = quick.matmul(a, b)
+        counters = quick.last_counters
+    with sparsa.open("reference", device_model=True, clock_mhz=1.0) as timed:
+        started = time.monotonic()
+        assert np.array_equal(timed.matmul(a, b), want)
+        elapsed = time.monotonic() - started
+        assert timed.last_counters == counters
+    assert elapsed >= counters["cycles"] / 1e6  # a microsecond a cycle at 1 MHz
+    with pytest.raises(ValueError, match="clock_mhz: the reference takes time only as a "
+                                         "device model"):
+        sparsa.open("reference", clock_mhz=100)
+    with pytest.raises(ValueError, match="clock_mhz: expected a clock in MHz"):
+        sparsa.open("reference", device_model=True, clock_mhz=0)
 
 
 @pytest.mark.parametrize("device_model", [False, True])

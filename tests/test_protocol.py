@@ -134,3 +134,41 @@ def test_requantization_by_hand():
 def test_accelerator_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Accelerator(**kwargs)
+
+
+def test_importing_the_protocol_loads_no_runtime():
+    """``import sparsa.protocol`` (what the gateware imports) loads no part of the host
+    runtime; ``sparsa.open`` and the other runtime names load it on first use."""
+    import subprocess
+    import sys
+
+    program = ("import sys, sparsa.protocol\n"
+               "print(sorted(m for m in sys.modules if m.startswith('sparsa.')))\n"
+               "import sparsa\n"
+               "print(sparsa.open('reference').info.rows, 'sparsa.host' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["['sparsa.protocol']", "8 True"]
+
+
+def test_importing_sparsa_on_a_board_registers_the_ip_driver(tmp_path):
+    """Where pynq is installed, ``import sparsa`` loads the runtime at once, so the IP's driver
+    class (``SparsaIP``, a ``pynq.DefaultIP``) exists before an ``Overlay`` is made."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "pynq"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("class DefaultIP:\n    bindto = []\n")
+    program = ("import sys, sparsa\n"
+               "loaded = 'sparsa.host.board' in sys.modules\n"
+               "from sparsa.host import board\n"
+               "print(loaded, board.SparsaIP.bindto)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "['sparsa.dev:sparsa:sparsa_accel:1.0']"]

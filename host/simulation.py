@@ -241,7 +241,9 @@ class SimServer:
         except BaseException:
             # Interrupted while waiting (Ctrl-C): take the reply still on its way, so the next
             # request is not answered with this one's.
-            if not self._connection.poll(timeout):
+            if self._connection.poll(timeout):
+                self._connection.recv()
+            else:
                 self._broken = f"no answer to {name!r} after an interrupt"
             raise
         if not ready:

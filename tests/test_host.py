@@ -883,3 +883,39 @@ def test_prune_patterns():
             sparsa.prune(w, bad)
     with pytest.raises(ValueError, match="weights"):
         sparsa.prune(np.ones(5), "2:4")
+
+
+def test_simulator_reply_after_an_interrupt_is_not_taken_for_the_next():
+    """Ctrl-C while waiting for the simulator's reply: the reply still on its way is taken and
+    dropped, so the next request gets its own answer; a simulator that does not answer even
+    then is marked unusable."""
+    from sparsa.host import simulation
+
+    class Connection:
+        def __init__(self, replies, interrupt_first=True):
+            self.replies, self.interrupt = list(replies), interrupt_first
+
+        def send(self, message):
+            pass
+
+        def poll(self, timeout):
+            if self.interrupt:
+                self.interrupt = False
+                raise KeyboardInterrupt
+            return bool(self.replies)
+
+        def recv(self):
+            return self.replies.pop(0)
+
+    server = object.__new__(simulation.SimServer)
+    server.name, server._broken = "test", None
+    server._connection = Connection([("ok", 7), ("ok", 42)])
+    with pytest.raises(KeyboardInterrupt):
+        server.call("read", 0)
+    assert server.call("read", 4) == 42
+    server._connection = Connection([])
+    with pytest.raises(KeyboardInterrupt):
+        server.call("read", 0)
+    with pytest.raises(driver.DeviceError, match="not usable: no answer to 'read' after an "
+                                                 "interrupt"):
+        server.call("read", 4)

@@ -594,6 +594,7 @@ class CompiledModel:
         lines = [f"{'node':<28} {'op':<18} {'output':<18} {'where':<6} {'MACs':>10} "
                  f"{'w zeros':>7}" + (f" {'jobs':>5} {'cycles':>10} {'MACs run':>10} "
                                       f"{'skipped':>10} {'host ms':>8}" if self.last_run else "")]
+        layers = {"device": 0, "grouped": 0, "macs": 0, "weights": 0, "zeros": 0}
         for index, node in enumerate(self.nodes):
             shape = shapes.get(node.outputs[0])
             macs, zeros, where = "", "", "host"
@@ -601,9 +602,14 @@ class CompiledModel:
                 where = "device"
                 w = self.constants[node.attrs["weight"]]
                 zeros = f"{np.mean(w == 0):.0%}"
+                layers["device"] += 1
+                layers["grouped"] += node.attrs["groups"] > 1
+                layers["weights"] += w.size
+                layers["zeros"] += int(np.count_nonzero(w == 0))
                 if shape is not None:
                     pixels = int(np.prod(shape)) // node.attrs["n"]
                     macs = f"{pixels * node.attrs['k'] * node.attrs['n']}"
+                    layers["macs"] += int(macs)
             line = (f"{node.name[:28]:<28} {node.attrs.get('source_op', node.op)[:18]:<18} "
                     f"{str(tuple(shape)) if shape is not None else '?':<18} {where:<6} "
                     f"{macs:>10} {zeros:>7}")
@@ -615,6 +621,10 @@ class CompiledModel:
                          f"{s['macs_skipped'] if where == 'device' else '':>10} "
                          f"{1e3 * s['host_s']:>8.2f}")
             lines.append(line)
+        lines.append(f"model: {layers['device']} of {len(self.nodes)} nodes on the device "
+                     f"({layers['grouped']} grouped), "
+                     + (f"{layers['macs']} MACs for a batch of {batch}, " if shapes else "")
+                     + f"{layers['zeros'] / max(1, layers['weights']):.0%} of the weights zero")
         if self.last_run:
             total = {key: sum(s[key] for s in self.last_run)
                      for key in ("jobs", "cycles", "macs", "macs_skipped", "host_s", "device_s")}
@@ -634,6 +644,10 @@ class CompiledModel:
         for t in self.inputs:
             if any(d is None for d in t.shape[1:]):
                 return {}
+            if t.shape and t.shape[0] is not None and int(t.shape[0]) != batch:
+                raise ModelError(f"batch: the model's input {t.name!r} has a fixed batch of "
+                                 f"{t.shape[0]} (shape {t.shape}); ask for summary(batch="
+                                 f"{t.shape[0]})")
             shape = [batch] + [int(d) for d in t.shape[1:]]
             feeds[t.name] = np.zeros(shape, _NUMPY_TYPE[t.dtype])
         names = [name for node in self.nodes for name in node.outputs if name]

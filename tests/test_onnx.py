@@ -280,6 +280,15 @@ def test_summary_before_and_after_a_run(quantized, reference):
     conv1 = next(line for line in before.splitlines() if line.startswith("conv1 "))
     # 2 images x 8x8 pixels x 9 inputs x 8 channels, on the device
     assert "device" in conv1 and str(2 * 64 * 9 * 8) in conv1 and "(2, 8, 8, 8)" in conv1
+    fixed = sparsa_onnx.compile(quantized[("cnn", "QDQ", "QInt8", False)])
+    fixed.inputs[0].shape = [1, 1, 8, 8]  # a model exported with a batch of one
+    with pytest.raises(sparsa_onnx.ModelError, match=r"batch: the model's input 'x' has a "
+                                                     r"fixed batch of 1 .*summary\(batch=1\)"):
+        fixed.summary(batch=2)
+    assert "(1, 8, 8, 8)" in fixed.summary(batch=1)
+    model_line = [line for line in before.splitlines() if line.startswith("model: ")][0]
+    assert model_line.startswith("model: 4 of ") and "(1 grouped)" in model_line
+    assert "MACs for a batch of 2" in model_line
     compiled.run(reference, data("cnn", 2, 10))
     after = compiled.summary(batch=2)
     assert "cycles" in after.splitlines()[0] and "total:" in after

@@ -258,6 +258,13 @@ class Accelerator:
         self._add_skipped(removed)
         return True
 
+    def counters_later(self):
+        """The last call's counters as a callable that returns them: for a caller that may or
+        may not look at them (a compiled model's per-node report), so the reference works out
+        its estimate only when they are asked for."""
+        counters = self.last_counters
+        return lambda: counters
+
     def _add_skipped(self, products):
         counters = self.last_counters
         if counters is not None:
@@ -384,8 +391,13 @@ class ReferenceAccelerator(Accelerator):
         else:
             np.copyto(out, arith.gemm(a, b, bias, requant, relu, self._workspace))
         # The counters take a fifth of the GEMM's time at 512^3; they are worked out when first
-        # asked for, from copies of the operands (the caller may change its arrays meanwhile).
-        self._pending = (a.copy(), b.copy(), bias is not None, requant, relu, sparse_skip)
+        # asked for, from copies of what they depend on (the caller may change its arrays
+        # meanwhile).
+        # (Only A's nonzero pattern counts, kept as bits; prepared weights are read-only and
+        # kept as they are.)
+        self._pending = (np.packbits(a != 0, axis=1), a.shape[1],
+                         b if not b.flags.writeable else b.copy(), bias is not None, requant,
+                         relu, sparse_skip)
         self._last_counters = None
         return out
 
@@ -393,20 +405,34 @@ class ReferenceAccelerator(Accelerator):
     def last_counters(self):
         """The counters the device would report: summed over the jobs the driver would run."""
         if self._pending is not None:
-            a, b, bias, requant, relu, sparse_skip = self._pending
+            self._last_counters = self._estimate(self._pending)
             self._pending = None
-            g = self.info.geometry
-            plan = jobs.plan(g, a.shape[0], a.shape[1], b.shape[1], bias, requant, relu,
-                             sparse_skip, k_size=_k_chunk(self.info, b, sparse_skip))
-            skip = sparse_skip and self._skips
-            groups = skip and "GROUPS" in self.info.features  # as the device driver chooses
-            self._last_counters = _report(
-                (_in_format(g, job, a, b, jobs.DEFAULT_MAX_TRANSFER)[1] if groups
-                 else reference.counters(g, *job.operands(a, b), skip, job.requant,
-                                         vectors=g.column_beats(job.n, job.bias,
-                                                                job.channel_quant))
-                 for job in plan.jobs), estimated=True)
         return self._last_counters
+
+    def counters_later(self):
+        if self._pending is None:
+            return super().counters_later()
+        pending, done = self._pending, []
+
+        def counters():
+            if not done:
+                done.append(self._estimate(pending))
+            return done[0]
+        return counters
+
+    def _estimate(self, pending):
+        a_bits, k, b, bias, requant, relu, sparse_skip = pending
+        a = np.unpackbits(a_bits, axis=1, count=k)  # A's nonzeros as ones
+        g = self.info.geometry
+        plan = jobs.plan(g, a.shape[0], a.shape[1], b.shape[1], bias, requant, relu,
+                         sparse_skip, k_size=_k_chunk(self.info, b, sparse_skip))
+        skip = sparse_skip and self._skips
+        groups = skip and "GROUPS" in self.info.features  # as the device driver chooses
+        return _report(
+            (_in_format(g, job, a, b, jobs.DEFAULT_MAX_TRANSFER)[1] if groups
+             else reference.counters(g, *job.operands(a, b), skip, job.requant,
+                                     vectors=g.column_beats(job.n, job.bias, job.channel_quant))
+             for job in plan.jobs), estimated=True)
 
     def _register_source(self):
         return self._device

@@ -350,8 +350,20 @@ class _Run:
 
     def __init__(self, nodes):
         self.stats = [{"host_s": 0.0, "device_s": 0.0, "cycles": 0, "macs": 0, "macs_skipped": 0,
-                       "products": 0, "jobs": 0, "calls": 0, "estimated": False}
-                      for _ in nodes]
+                       "products": 0, "jobs": 0, "calls": 0, "estimated": False,
+                       "counters": []} for _ in nodes]
+
+    @staticmethod
+    def settle(stats):
+        """Add each node's pending device counters (callables, see
+        :meth:`~sparsa.host.driver.Accelerator.counters_later`) into its figures."""
+        for entry in stats:
+            for counters in entry.pop("counters", ()):
+                counters = counters()
+                for key in ("cycles", "macs", "macs_skipped", "jobs"):
+                    entry[key] += int(counters[key])
+                entry["estimated"] |= bool(counters.get("estimated"))
+        return stats
 
 
 def _bias(node, constants, zero_point):
@@ -414,11 +426,8 @@ def _qgemm(model, node, env, accelerator, stats):
             out = accelerator.matmul(patches[:, first * k:last * k], w,
                                      bias=bias[cols].copy(), requant=call_requant,
                                      relu=bool(a.get("relu")) and mode == "device")
-            counters = accelerator.last_counters
+            stats["counters"].append(accelerator.counters_later())  # summed when asked for
         stats["device_s"] += time.perf_counter() - started
-        for key in ("cycles", "macs", "macs_skipped", "jobs"):
-            stats[key] += int(counters[key])
-        stats["estimated"] |= bool(counters.get("estimated"))
         stats["calls"] += 1
         outs.append(out)
     stats["products"] += patches.shape[0] * k * n
@@ -472,7 +481,7 @@ class CompiledModel:
         self.outputs = list(outputs)
         self.source = source
         self.shifted = set(shifted)  # uint8 tensors of the ONNX model, held as int8 less 128
-        self.last_run = None
+        self._last_run = None
         self._prepared = weakref.WeakKeyDictionary()
         self._check()
 
@@ -491,6 +500,19 @@ class CompiledModel:
                 raise ModelError(f"output {t.name!r} is produced by no node")
 
     # -- running --
+
+    @property
+    def last_run(self):
+        """Per node, what the last :meth:`run` measured: host and accelerator seconds, device
+        jobs, cycles, MACs issued and skipped (the reference's estimate is worked out when this
+        is first read), products, ``matmul`` calls (None before a run)."""
+        if self._last_run is not None:
+            _Run.settle(self._last_run)
+        return self._last_run
+
+    @last_run.setter
+    def last_run(self, value):
+        self._last_run = value
 
     def _prepared_weights(self, accelerator):
         """Each QGemm's weights prepared for ``accelerator`` (once per accelerator): a list of
@@ -525,6 +547,7 @@ class CompiledModel:
             raise ModelError("accelerator: closed")
         env = dict(self.constants)
         env.update(self._feeds(inputs))
+        self.last_run = None  # (the previous run's pending counters and their operands go)
         run = _Run(self.nodes)
         for index, node in enumerate(self.nodes):
             try:

@@ -316,6 +316,79 @@ def format_grouped(rows):
     return "\n".join(lines)
 
 
+def run_models(batches=(1, 32), repeats=5, seed=0):
+    """``sparsa bench models``: the MobileNetV2- and ResNet-18-style networks of
+    :mod:`sparsa.models`, quantized by onnxruntime (QDQ; weights per channel and per tensor),
+    compiled by sparsa; per model and batch, the reference backend's time against onnxruntime's
+    on the same quantized model (best of ``repeats``, side by side, same machine), and per
+    image the device jobs, the estimated device cycles (dense and with 2:4 weights) and the
+    host's time. Table rows."""
+    import tempfile
+    import time
+
+    import numpy as np
+    import onnxruntime
+
+    import sparsa
+    from sparsa import models
+    from sparsa import onnx as sparsa_onnx
+    from sparsa.demo import quantize_with_onnxruntime
+
+    rng = np.random.default_rng(seed)
+    calibration = rng.standard_normal((16, *models.INPUT)).astype(np.float32)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder, sparsa.open("reference") as acc:
+        for name, build, per_channel in (("MobileNetV2-style", models.mobilenet_v2, True),
+                                         ("ResNet-18-style", models.resnet18, False)):
+            float_model = build(rng)
+            compiled = {}
+            for label, source in (("dense", float_model),
+                                  ("2:4", sparsa_onnx.prune_weights(float_model, "2:4")[0])):
+                source.graph.name = f"{float_model.graph.name}_{label.replace(':', 'of')}"
+                quantized = quantize_with_onnxruntime(source, calibration, folder, per_channel)
+                compiled[label] = (quantized, sparsa_onnx.compile(quantized))
+            quantized, model = compiled["dense"]
+            session = onnxruntime.InferenceSession(quantized.SerializeToString(),
+                                                   providers=["CPUExecutionProvider"])
+            for batch in batches:
+                x = rng.standard_normal((batch, *models.INPUT)).astype(np.float32)
+                ours, theirs = [], []
+                for _ in range(repeats):  # side by side, each best of the repeats
+                    started = time.perf_counter()
+                    model.run(acc, x)
+                    ours.append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    session.run(None, {"x": x})
+                    theirs.append(time.perf_counter() - started)
+                counters = model.run_counters()
+                host = sum(stats["host_s"] for stats in model.last_run)
+                pruned = compiled["2:4"][1]
+                pruned.run(acc, x)
+                rows.append({
+                    "model": name, "batch": batch, "quantization": "QDQ, weights per " + (
+                        "channel" if per_channel else "tensor"),
+                    "jobs_per_image": counters["jobs"] / batch,
+                    "cycles_per_image": counters["cycles"] / batch,
+                    "cycles_2of4_per_image": pruned.run_counters()["cycles"] / batch,
+                    "host_ms_per_image": 1e3 * host / batch,
+                    "reference_ms": 1e3 * min(ours), "onnxruntime_ms": 1e3 * min(theirs),
+                    "ratio": min(ours) / min(theirs)})
+    return rows
+
+
+def format_models(rows):
+    lines = ["| model | batch | device jobs per image | device cycles per image (estimated) | "
+             "with 2:4 weights | host ms per image | reference ms | onnxruntime ms | "
+             "reference / onnxruntime |", "|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} ({r['quantization']}) | {r['batch']} | "
+                     f"{r['jobs_per_image']:.4g} | {r['cycles_per_image']:.0f} | "
+                     f"{r['cycles_2of4_per_image']:.0f} | {r['host_ms_per_image']:.2f} | "
+                     f"{r['reference_ms']:.1f} | {r['onnxruntime_ms']:.1f} | "
+                     f"{r['ratio']:.1f}x |")
+    return "\n".join(lines)
+
+
 def format_long_k(rows):
     lines = ["| B | M x K x N | one job: cycles | jobs of K = MAX_K: cycles | dense, jobs of "
              "K = MAX_K: cycles | speedup over dense | over the split |",

@@ -285,6 +285,14 @@ def cmd_bench(args):
     elif args.what == "grouped":
         rows = bench.run_grouped(_build_config(args), simulator=args.sim)
         print(bench.format_grouped(rows))
+    elif args.what == "models":
+        missing = [name for name in ("onnx", "onnxruntime")
+                   if importlib.util.find_spec(name) is None]
+        if missing:
+            print(f"sparsa bench models needs {' and '.join(missing)}: "
+                  f"pip install 'sparsa[bench]'", file=sys.stderr)
+            return 2
+        print(bench.format_models(bench.run_models()))
     elif args.what == "area":
         from concurrent.futures import ThreadPoolExecutor
 
@@ -444,13 +452,15 @@ def build_parser():
 
     bench = commands.add_parser(
         "bench", help="benchmarks: cycles on the simulated RTL, the reference backend's speed")
-    bench.add_argument("what", choices=("array", "sparse", "long-k", "grouped", "host", "all",
-                                        "area"),
+    bench.add_argument("what", choices=("array", "sparse", "long-k", "grouped", "models",
+                                        "host", "all", "area"),
                        help="array: dense GEMMs, utilization; sparse: sparse-skip speedups; "
                             "long-k: 2:4 and 1:4 B with K = MAX_K2 / MAX_K1 in one job, "
                             "M = N = 128, against jobs of K = MAX_K; "
                             "grouped: a 96-channel 3x3 depthwise convolution as block-diagonal "
                             "jobs against one job per channel; "
+                            "models: MobileNetV2- and ResNet-18-style networks on the reference "
+                            "backend against onnxruntime, device jobs and cycles per image; "
                             "host: the reference backend's speed and the driver's packing; "
                             "all: array, sparse and host, written to OUT as results.json, "
                             "results.md and PNG plots; "

@@ -113,12 +113,12 @@ SCHEDULE = {"input": 5, "enter": 17, "room": 10, "end": 13, "setup": 3, "panel":
 
 
 def _schedule(g, issued, panel, stall_in, requant, groups=False):
-    """The job's cycles, ``STALL_IN`` and ``STALL_OUT``, following its tiles in issue order: a tile starts
-    when the one before has issued its last k-step and its A panel is in; it takes its issued
-    k-steps and set-up, at least the array's issue rule; its last k-step waits until the row
-    FIFO has room for its rows (two tiles' rows: the tile two before has left it); its rows
-    reach the FIFO ``enter`` cycles later and leave one after another at the output stream's
-    pace."""
+    """The job's cycles, ``STALL_IN`` and ``STALL_OUT``, following its tiles in issue order
+    (``stall_in``: the cycles before the first tile can start): a tile starts when the one
+    before has issued its last k-step and its A panel is in; it takes its issued k-steps and
+    set-up, at least the array's issue rule; its last k-step waits until the row FIFO has room
+    for its rows (two tiles' rows: the tile two before has left it); its rows reach the FIFO
+    ``cols + enter`` cycles later and leave one after another at the output stream's pace."""
     s = SCHEDULE
     m_tiles, n_tiles = issued.shape
     steps = (issued + s["setup"]).tolist()
@@ -127,13 +127,13 @@ def _schedule(g, issued, panel, stall_in, requant, groups=False):
     row_beats = g.vector_beats((1 if requant else 4) * g.cols)
     tile_out = g.rows * row_beats
     popped, stall_out, end, left, m_ends, first = [], 0, stall_in, 0, [], stall_in
+    reload = max(panel + s["group_panel"], s["group_reload"]) if groups else panel + s["panel"]
     for i in range(m_tiles):
         # The panel streams after the one before; its bank is free once the m-tile two before
         # is done. (STALL_IN: the cycles waiting for it, the first panel's included.)
         ready = first + i * (panel + s["panel"])
         if i >= 2:
-            ready = max(ready, m_ends[i - 2] + (max(panel + s["group_panel"], s["group_reload"])
-                                                if groups else panel + s["panel"]))
+            ready = max(ready, m_ends[i - 2] + reload)
         waited = max(0, ready - end)
         for j in range(n_tiles):
             begin = max(end, ready) + (s["m_tile"] if j == 0 else 0)

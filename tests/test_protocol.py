@@ -172,3 +172,30 @@ def test_importing_sparsa_on_a_board_registers_the_ip_driver(tmp_path):
                           timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "['sparsa.dev:sparsa:sparsa_accel:1.0']"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_requantization_is_gemmlowps(seed):
+    """The reference's requantization (sparsa.host.arith, rewritten as floors of shifted sums)
+    against the golden transcription of gemmlowp's two steps, on int32 extremes, ties, every
+    shift, multipliers from INT32_MIN up, per tensor and per column."""
+    from sparsa.host import arith
+
+    rng = np.random.default_rng(seed)
+    low, high = -2**31, 2**31 - 1
+    edges = [0, 1, -1, 2, -2, 3, -3, low, high, low + 1, 1 << 30, -(1 << 30), (1 << 30) + 1]
+    for shift in range(32):
+        x = rng.integers(low, high + 1, (40, 24), dtype=np.int64)
+        x[:len(edges), 0] = x[0, :len(edges)] = edges
+        x = x.astype(np.int32)
+        for multiplier in (low, high, 0, 1, -1, int(rng.integers(low, high + 1)),
+                           rng.integers(low, high + 1, 24)):
+            column_shift = rng.integers(0, 32, 24) if shift == 31 else shift
+            for zero_point in (0, -128, 127, 9):
+                scaled = golden.rounding_divide_by_pot(
+                    golden.saturating_rounding_doubling_high_mul(x, np.asarray(multiplier)),
+                    np.asarray(column_shift))
+                want = np.clip(scaled + zero_point, -128, 127).astype(np.int8)
+                got = arith.requantize(x, multiplier, column_shift, zero_point)
+                assert np.array_equal(got, want), (shift, multiplier, zero_point)
+                assert np.array_equal(arith.scale(x, multiplier, column_shift), scaled)

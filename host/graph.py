@@ -411,9 +411,8 @@ def _qgemm(model, node, env, accelerator, stats):
         mult = consts[a["multiplier"]]
         requant = (mult if mult.size > 1 else int(mult[0]), a["shift"], a["out_zero"])
     stats["host_s"] += time.perf_counter() - started
-    weights = model._prepared_weights(accelerator)[node.name]
+    per_call, weights = model._prepared_weights(accelerator)[node.name]
     n_group = n // groups
-    per_call = group_batches(accelerator.info, groups, k, n_group)  # as the weights were laid
     outs = []
     for first, w in zip(range(0, groups, per_call), weights):
         last = min(groups, first + per_call)
@@ -515,8 +514,8 @@ class CompiledModel:
         self._last_run = value
 
     def _prepared_weights(self, accelerator):
-        """Each QGemm's weights prepared for ``accelerator`` (once per accelerator): a list of
-        weight matrices, one per ``matmul`` call. The groups of a grouped convolution go side
+        """Each QGemm's weights prepared for ``accelerator`` (once per accelerator): the groups
+        per ``matmul`` call and a list of weight matrices, one per call. The groups of a grouped convolution go side
         by side, as many as one device job takes (:func:`group_batches`), in a block-diagonal
         B: the device skips the k-steps whose B vector is all zero in an n-tile, and the driver
         leaves out columns of B that are all zero, so the zeros between groups cost little."""
@@ -527,7 +526,7 @@ class CompiledModel:
                 if node.op == "QGemm":
                     w = self.constants[node.attrs["weight"]]
                     per_call = group_batches(accelerator.info, *w.shape)
-                    prepared[node.name] = [
+                    prepared[node.name] = per_call, [
                         accelerator.prepare(block_diagonal(w[first:first + per_call]))
                         for first in range(0, w.shape[0], per_call)]
             self._prepared[accelerator] = prepared

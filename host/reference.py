@@ -88,7 +88,6 @@ def counters(geometry, a, b, skip=True, requant=False, groups=False, b_beats=Non
     cols_real = np.minimum(g.cols, n - g.cols * np.arange(n_tiles))
     macs = int(rows_real @ issued @ cols_real)
     panel = k * g.vector_beats(g.rows)
-    # + the panel flag's cycle and the input link's two registers
     if b_beats is None:
         b_beats = (protocol.group_beats(g, steps.T) if groups
                    else n_tiles * k * g.vector_beats(g.cols))
@@ -121,8 +120,9 @@ def _schedule(g, issued, panel, stall_in, requant, groups=False):
     ``cols + enter`` cycles later and leave one after another at the output stream's pace."""
     s = SCHEDULE
     m_tiles, n_tiles = issued.shape
-    steps = (issued + s["setup"]).tolist()
-    tile_cycles = np.maximum(issued + s["setup"], max(g.rows, g.cols) + 1).tolist()
+    steps = issued + s["setup"]
+    tile_cycles = np.maximum(steps, max(g.rows, g.cols) + 1).tolist()
+    steps = steps.tolist()
     tile_cycles[0][0] = steps[0][0]  # (the issue rule spaces two tiles)
     row_beats = g.vector_beats((1 if requant else 4) * g.cols)
     tile_out = g.rows * row_beats

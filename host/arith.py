@@ -10,6 +10,8 @@ accumulators do.
 
 import numpy as np
 
+from . import cpu
+
 FLOAT32_EXACT_K = 1024  # 1024 * 128 * 128 == 2**24: the largest K whose sums float32 holds exactly
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -32,7 +34,8 @@ class Workspace:
 
 def matmul(a, b, out=None, workspace=None):
     """``a @ b`` for int8 ``a`` (M x K) and ``b`` (K x N) as int32 with wrap-around (wider
-    integers go through int64, exactly but without BLAS)."""
+    integers go through int64, exactly but without BLAS; large int8 products through
+    onnxruntime's kernel when it is installed, :func:`sparsa.host.cpu.matmul`)."""
     (m, k), n = a.shape, b.shape[1]
     if a.dtype != np.int8 or b.dtype != np.int8:
         product = a.astype(np.int64) @ b.astype(np.int64)
@@ -40,6 +43,9 @@ def matmul(a, b, out=None, workspace=None):
             return product.astype(np.int32)  # two's-complement wrap
         np.copyto(out, product, casting="unsafe")
         return out
+    result = cpu.matmul(a, b, out)  # onnxruntime's kernel, when installed
+    if result is not None:
+        return result
     workspace = workspace or Workspace()
     if out is None:
         out = np.empty((m, n), np.int32)

@@ -214,7 +214,7 @@ class Accelerator:
             return self._checked_matmul(A, B, bias, requant, relu, sparse_skip, out)
 
     def _checked_matmul(self, A, B, bias, requant, relu, sparse_skip, out):
-        if self.closed:
+        if self.closed and not getattr(self, "_counting", False):  # (estimates need no device)
             raise RuntimeError("matmul on a closed accelerator")
         prepared = B if isinstance(B, PreparedWeights) else None
         if prepared is not None:
@@ -372,6 +372,9 @@ class ReferenceAccelerator(Accelerator):
     the counters the device would report (cycles estimated)."""
 
     backend = "reference"
+    # A compiled model runs a convolution on it as one CPU kernel call, not as the device's
+    # calls (see sparsa.host.graph); :meth:`counters_of` gives the device's counters.
+    whole_layers = True
 
     def __init__(self, sparse_skip=True, **geometry):
         super().__init__()
@@ -380,9 +383,12 @@ class ReferenceAccelerator(Accelerator):
         self._device = device  # the registers it would have
         self._skips = sparse_skip
         self._workspace = arith.Workspace()
+        self._counting = False
 
     def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
-        if requant is None:
+        if self._counting:
+            pass
+        elif requant is None:
             arith.matmul(a, b, out=out, workspace=self._workspace)
             if bias is not None:
                 np.add(out, bias, out=out)  # int32 wrap
@@ -400,6 +406,19 @@ class ReferenceAccelerator(Accelerator):
                          relu, sparse_skip)
         self._last_counters = None
         return out
+
+    def counters_of(self, A, B, *, bias=None, requant=None, relu=False, sparse_skip=True):
+        """The counters ``matmul`` with these arguments would report (its jobs, estimated
+        cycles, MACs issued and skipped), without computing C; ``last_counters`` stays."""
+        with self.lock:
+            kept = self._pending, self._last_counters
+            self._counting = True
+            try:
+                self._checked_matmul(A, B, bias, requant, relu, sparse_skip, None)
+                return self.last_counters
+            finally:
+                self._counting = False
+                self._pending, self._last_counters = kept
 
     @property
     def last_counters(self):

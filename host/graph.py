@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import arith, cpu
+
 FORMAT = "sparsa-compiled-model"
 VERSION = 1
 
@@ -378,7 +380,8 @@ def _bias(node, constants, zero_point):
 
 
 def _qgemm(model, node, env, accelerator, stats):
-    """Run a QGemm node: im2col or flatten, one ``matmul`` per group, the output mode."""
+    """Run a QGemm node: im2col or flatten, one ``matmul`` per group of groups, the output
+    mode; on the reference backend a convolution runs whole (:func:`_whole_conv`)."""
     a = node.attrs
     consts = model.constants
     x = env[node.inputs[0]]
@@ -386,74 +389,139 @@ def _qgemm(model, node, env, accelerator, stats):
         raise ModelError(f"{node.describe()}: expected an int8 input, got {x.dtype}")
     zero_point = (_int(env[node.inputs[1]]) if len(node.inputs) > 1 and node.inputs[1]
                   else a.get("x_zero", 0))
-    groups, k, n = a["groups"], a["k"], a["n"]
+    k, n = a["k"], a["n"]
     conv = a.get("conv")
     started = time.perf_counter()  # host time: the operands (im2col) and the output's layout
     if conv:
         _check_4d(node, x)
-        channels = k // (conv["kernel_shape"][0] * conv["kernel_shape"][1]) * groups
+        channels = k // (conv["kernel_shape"][0] * conv["kernel_shape"][1]) * a["groups"]
         if x.shape[1] != channels:
             raise ModelError(f"{node.describe()}: expected {channels} input channels, got "
                              f"shape {x.shape}")
-        # (A group's channels are consecutive, so its patches are the columns g*k:(g+1)*k.)
-        patches, shape = im2col(x, conv["kernel_shape"], conv["strides"], conv["pads"],
-                                conv["dilations"], zero_point)
-    else:
-        if x.shape[-1] != k:
-            raise ModelError(f"{node.describe()}: expected the input's last axis of {k}, got "
-                             f"shape {x.shape}")
-        patches = x.reshape(-1, k)
-        shape = x.shape[:-1]
+    elif x.shape[-1] != k:
+        raise ModelError(f"{node.describe()}: expected the input's last axis of {k}, got "
+                         f"shape {x.shape}")
     bias = _bias(node, consts, zero_point)
-    mode = a["mode"]
     requant = None
-    if mode == "device":
+    if a["mode"] == "device":
         mult = consts[a["multiplier"]]
         requant = (mult if mult.size > 1 else int(mult[0]), a["shift"], a["out_zero"])
+    if conv and getattr(accelerator, "whole_layers", False):
+        kernel = model._cpu_kernel(node)
+        if kernel is not None and kernel.usable(bias):
+            stats["host_s"] += time.perf_counter() - started
+            return _whole_conv(model, node, kernel, x, zero_point, bias, requant, accelerator,
+                               stats)
+    patches, shape = _patches(node, x, zero_point)
     stats["host_s"] += time.perf_counter() - started
-    per_call, weights = model._prepared_weights(accelerator)[node.name]
-    n_group = n // groups
     outs = []
-    for first, w in zip(range(0, groups, per_call), weights):
-        last = min(groups, first + per_call)
-        cols = slice(first * n_group, last * n_group)
-        call_requant = requant
-        if requant is not None and isinstance(requant[0], np.ndarray):
-            call_requant = (np.ascontiguousarray(requant[0][cols]), requant[1], requant[2])
+    for args in _calls(model, node, accelerator, patches, bias, requant):
         started = time.perf_counter()
         with accelerator.lock:  # this call's counters, not another thread's
-            out = accelerator.matmul(patches[:, first * k:last * k], w,
-                                     bias=bias[cols].copy(), requant=call_requant,
-                                     relu=bool(a.get("relu")) and mode == "device")
+            outs.append(accelerator.matmul(*args[:2], bias=args[2], requant=args[3],
+                                           relu=args[4]))
             stats["counters"].append(accelerator.counters_later())  # summed when asked for
         stats["device_s"] += time.perf_counter() - started
         stats["calls"] += 1
-        outs.append(out)
     stats["products"] += patches.shape[0] * k * n
     y = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
     started = time.perf_counter()
-    if mode == "host":  # requantization the device cannot apply (a multiplier of 1 or more)
-        scale = consts[a["scale"]]
-        q = np.rint(y.astype(np.float64) * scale) + a["out_zero"]
-        y = np.clip(q, -128, 127).astype(np.int8)
-        if a.get("relu"):
-            y = np.maximum(y, np.int8(a["out_zero"]))
-    elif mode == "float":
-        y = y.astype(np.float32) * consts[a["scale"]].astype(np.float32)
-        if "float_bias" in a:
-            y = y + consts[a["float_bias"]]
-        if a.get("relu"):
-            y = np.maximum(y, np.float32(0))
-    if a.get("clip"):
-        low, high = a["clip"]
-        dtype = y.dtype.type
-        y = np.clip(y, dtype(low), dtype(high))
+    y = _output(node, consts, y, -1)
     if conv:
         batch, oh, ow = shape
         y = np.ascontiguousarray(y.reshape(batch, oh, ow, n).transpose(0, 3, 1, 2))
     else:
         y = y.reshape(tuple(shape) + (n,))
     stats["host_s"] += time.perf_counter() - started
+    return y
+
+
+def _patches(node, x, zero_point):
+    """The node's A: a convolution's im2col patches (with the output's batch and spatial
+    shape) or the rows of an ``[..., K]`` input (with its leading shape)."""
+    conv = node.attrs.get("conv")
+    if conv:
+        # (A group's channels are consecutive, so its patches are the columns g*k:(g+1)*k.)
+        return im2col(x, conv["kernel_shape"], conv["strides"], conv["pads"],
+                      conv["dilations"], zero_point)
+    return x.reshape(-1, node.attrs["k"]), x.shape[:-1]
+
+
+def _calls(model, node, accelerator, patches, bias, requant):
+    """The node's ``matmul`` calls on ``accelerator``, as (A, prepared B, bias, requant, relu):
+    one per batch of groups (:meth:`CompiledModel._prepared_weights`)."""
+    a = node.attrs
+    groups, k, n = a["groups"], a["k"], a["n"]
+    per_call, weights = model._prepared_weights(accelerator)[node.name]
+    n_group = n // groups
+    relu = bool(a.get("relu")) and a["mode"] == "device"
+    for first, w in zip(range(0, groups, per_call), weights):
+        last = min(groups, first + per_call)
+        cols = slice(first * n_group, last * n_group)
+        call_requant = requant
+        if requant is not None and isinstance(requant[0], np.ndarray):
+            call_requant = (np.ascontiguousarray(requant[0][cols]), requant[1], requant[2])
+        yield patches[:, first * k:last * k], w, bias[cols].copy(), call_requant, relu
+
+
+def _whole_conv(model, node, kernel, x, zero_point, bias, requant, accelerator, stats):
+    """A convolution on the reference backend in one call of its CPU kernel
+    (:class:`sparsa.host.cpu.ConvKernel`, NCHW in and out, no im2col), with the device's
+    requantization along the channel axis; its device counters are those of the device's
+    calls (:func:`_calls`), worked out from the input when they are asked for."""
+    a = node.attrs
+    started = time.perf_counter()
+    acc = kernel(x, zero_point, bias)
+    if requant is not None:
+        mult = requant[0]
+        if isinstance(mult, np.ndarray):
+            mult = mult.reshape(-1, 1, 1)
+        acc = arith.postprocess(acc, None, (mult, requant[1], requant[2]),
+                                bool(a.get("relu")))
+    stats["device_s"] += time.perf_counter() - started
+    started = time.perf_counter()
+    y = _output(node, model.constants, acc, 1)
+    stats["host_s"] += time.perf_counter() - started
+    groups = a["groups"]
+    stats["calls"] += -(-groups // model._prepared_weights(accelerator)[node.name][0])
+    stats["products"] += acc.size // a["n"] * a["k"] * a["n"]
+
+    def counters():
+        patches, _ = _patches(node, x, zero_point)
+        reports = [accelerator.counters_of(*args[:2], bias=args[2], requant=args[3],
+                                           relu=args[4])
+                   for args in _calls(model, node, accelerator, patches, bias, requant)]
+        return {key: sum(r[key] for r in reports)
+                for key in ("cycles", "macs", "macs_skipped", "jobs", "estimated")}
+    stats["counters"].append(counters)
+    return y
+
+
+def _output(node, consts, y, axis):
+    """The node's output from the device's (``y``: int8 in the device mode, else int32) along
+    channel axis ``axis``: requantized on the host (a multiplier the device cannot take),
+    dequantized to float32 (the float mode), clipped."""
+    a = node.attrs
+
+    def per_channel(name):
+        values = consts[a[name]]
+        return values.reshape((-1,) + (1,) * (y.ndim - 1 - axis)) if axis != -1 else values
+    mode = a["mode"]
+    if mode == "host":  # requantization the device cannot apply (a multiplier of 1 or more)
+        q = np.rint(y.astype(np.float64) * per_channel("scale")) + a["out_zero"]
+        y = np.clip(q, -128, 127).astype(np.int8)
+        if a.get("relu"):
+            y = np.maximum(y, np.int8(a["out_zero"]))
+    elif mode == "float":
+        y = y.astype(np.float32) * per_channel("scale").astype(np.float32)
+        if "float_bias" in a:
+            y = y + per_channel("float_bias")
+        if a.get("relu"):
+            y = np.maximum(y, np.float32(0))
+    if a.get("clip"):
+        low, high = a["clip"]
+        dtype = y.dtype.type
+        y = np.clip(y, dtype(low), dtype(high))
     return y
 
 
@@ -531,6 +599,17 @@ class CompiledModel:
                         for first in range(0, w.shape[0], per_call)]
             self._prepared[accelerator] = prepared
         return prepared
+
+    def _cpu_kernel(self, node):
+        """The CPU kernel of a convolution node for the reference backend (built once), or
+        None (no onnxruntime, or no exact form; the node then runs as the device's calls)."""
+        if not cpu.available():
+            return None
+        kernels = self.__dict__.setdefault("_cpu_kernels", {})
+        if node.name not in kernels:
+            kernels[node.name] = cpu.conv_kernel(self.constants[node.attrs["weight"]],
+                                                 node.attrs["conv"])
+        return kernels[node.name]
 
     def _feeds(self, inputs):
         values = by_name(self.inputs, inputs, "inputs")

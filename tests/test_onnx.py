@@ -194,6 +194,36 @@ def test_depthwise_convolution_in_few_jobs(tmp_path):
     assert agreement[depthwise][0] >= 0.999 and agreement[depthwise][1] <= 1
 
 
+def test_reference_runs_convolutions_whole_with_the_device_calls_counters(tmp_path,
+                                                                        monkeypatch):
+    """On the reference, a convolution is one onnxruntime call (sparsa.host.cpu) instead of the
+    device's im2col and calls: every tensor and every counter (cycles included) is the same
+    as the NumPy path's, which runs the device's calls."""
+    rng = np.random.default_rng(9)
+    model = onnx_models.quantize_static(
+        onnx_models.inverted_residual(rng), rng.standard_normal((32, 3, 8, 8)).astype(np.float32),
+        tmp_path, "QDQ", "QInt8", True)
+    compiled = sparsa_onnx.compile(model)
+    x = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)
+    names = [out for node in compiled.nodes for out in node.outputs]
+    runs = []
+    for kernels in ("onnxruntime", "numpy"):
+        monkeypatch.setenv("SPARSA_CPU_KERNELS", kernels)
+        with sparsa.open("reference") as acc:
+            outputs, tensors = compiled.run(acc, x, keep=names)
+        runs.append((outputs, tensors, [dict(s) for s in compiled.last_run]))
+    kernels = compiled.__dict__.get("_cpu_kernels", {})  # built by the first run
+    assert len(kernels) == 3 and all(kernels.values())
+    (out, tensors, stats), (out_np, tensors_np, stats_np) = runs
+    assert all(np.array_equal(a, b) for a, b in zip(out, out_np))
+    assert all(np.array_equal(tensors[n], tensors_np[n]) for n in names)
+    convolutions = [i for i, node in enumerate(compiled.nodes) if node.op == "QGemm"]
+    assert len(convolutions) == 3
+    for i in convolutions:
+        for key in ("cycles", "macs", "macs_skipped", "jobs", "calls", "products"):
+            assert stats[i][key] == stats_np[i][key] > 0 or key == "macs_skipped", key
+
+
 @pytest.mark.parametrize("device_model", [False, True])
 def test_compiled_model_shared_by_threads(quantized, device_model):
     """One compiled model on one accelerator, run by two threads at once with different

@@ -8,6 +8,8 @@ int32 exactly, and the chunks are added in int32 with two's-complement wrap, as 
 accumulators do.
 """
 
+import threading
+
 import numpy as np
 
 from . import cpu
@@ -71,42 +73,82 @@ def requantize(x, multiplier, shift, zero_point):
     ``multiplier`` and ``shift`` may be scalars or arrays broadcasting against ``x`` (one per
     output column: per-channel requantization).
     """
-    out = scale(x, multiplier, shift)
-    out += zero_point
-    np.clip(out, -128, 127, out=out)
-    return out.astype(np.int8)
+    zero_point = np.asarray(zero_point)
+    if zero_point.ndim:
+        out = scale(x, multiplier, shift)
+        out += zero_point
+        np.clip(out, -128, 127, out=out)
+        return out.astype(np.int8)
+    scaled = _scaled(x, multiplier, shift)
+    zero = int(zero_point)
+    np.clip(scaled, -128 - zero, 127 - zero, out=scaled)  # then the zero point, in int8
+    out = scaled.astype(np.int8)
+    out += np.int8(zero)
+    return out
 
 
 def scale(x, multiplier, shift):
     """The multiply and shift of :func:`requantize`, before the zero point and the int8
-    saturation (int64), in place on one int64 array: the reference's costliest pass after
-    the GEMM.
+    saturation (a new int64 array)."""
+    return _scaled(x, multiplier, shift).copy()
+
+
+_local = threading.local()
+
+
+def _scaled(x, multiplier, shift):
+    """:func:`scale` into this thread's scratch int64 array (valid until its next call): the
+    reference's costliest pass after the GEMM, in place on one array kept between calls
+    (a fresh array of this size costs its page faults, as much again as the arithmetic).
 
     gemmlowp's doubling high multiply nudges the product by 2**30 (by 1 - 2**30 below zero)
     and divides by 2**31 truncating toward zero, which is ``floor((p + 2**30) / 2**31)`` for
     every ``p``; its rounding right shift rounds half away from zero, which is
-    ``floor((high + 2**(shift-1) - (high < 0)) / 2**shift)`` for a shift of at least one."""
+    ``floor((high + 2**(shift-1) - (high < 0)) / 2**shift)`` for a shift of at least one
+    (``high >> 63`` is ``-(high < 0)``)."""
     x = np.asarray(x)
     multiplier = np.asarray(multiplier, np.int64)
     shift = np.asarray(shift, np.int64)
-    p = x.astype(np.int64)
+    workspace = getattr(_local, "workspace", None)
+    if workspace is None:
+        workspace = _local.workspace = Workspace()
+    p = workspace.get("scaled", x.shape, np.int64)
+    np.copyto(p, x, casting="unsafe")  # (integers, of any type)
     saturate = (x == INT32_MIN) & (multiplier == INT32_MIN) if (
         multiplier == INT32_MIN).any() else None
-    p *= multiplier  # |p| <= 2**62: exact in int64
+    _multiply(p, multiplier, workspace)  # |p| <= 2**62: exact in int64
     p += 1 << 30
     p >>= 31
     if saturate is not None:
         p[np.broadcast_to(saturate, p.shape)] = INT32_MAX
-    mask = (np.int64(1) << shift) - 1
-    nonnegative = p >= 0
-    p += mask >> 1
-    if shift.ndim:
-        nonnegative &= mask > 0
+    if shift.ndim:  # one shift per column
+        mask = (np.int64(1) << shift) - 1
+        nonnegative = (p >= 0) & (mask > 0)
+        p += mask >> 1
         p += nonnegative
-    elif shift > 0:
-        p += nonnegative
-    p >>= shift
+        p >>= shift
+        return p
+    if shift > 0:
+        sign = workspace.get("sign", x.shape, np.int64)
+        np.right_shift(p, 63, out=sign)
+        p += sign
+        p += 1 << (int(shift) - 1)
+        p >>= shift
     return p
+
+
+def _multiply(p, multiplier, workspace):
+    """``p *= multiplier`` (int64). Multipliers along an axis other than the last (a
+    convolution's channels in NCHW) are first spread over the axes after it, once for all
+    the leading ones: NumPy's multiply by a broadcast array takes two to three times longer."""
+    padded = multiplier.reshape((1,) * (p.ndim - multiplier.ndim) + multiplier.shape)
+    first = next((axis for axis, size in enumerate(padded.shape) if size > 1), p.ndim)
+    if first >= p.ndim - 1 or np.prod(p.shape[:first]) < 4:
+        p *= multiplier
+        return
+    spread = workspace.get("multiplier", p.shape[first:], np.int64)
+    np.copyto(spread, padded[(0,) * first])
+    p *= spread
 
 
 def postprocess(acc, bias=None, requant=None, relu=False):

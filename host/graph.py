@@ -76,19 +76,29 @@ def _per_axis(values, x, axis):
 
 def quantize_linear(x, scale, zero_point, axis=1):
     """ONNX QuantizeLinear to the graph's int8 (``zero_point`` already in int8 terms): round
-    half to even, saturate to -128..127."""
+    half to even, saturate to -128..127. (In float32: the rounded quotient plus a zero point
+    is exact below 2**23, and saturates alike above.)"""
     x = np.asarray(x, np.float32)
     scale = _per_axis(np.asarray(scale, np.float32), x, axis)
     zero_point = _per_axis(np.asarray(zero_point, np.int64), x, axis)
-    q = np.rint(x / scale).astype(np.float64) + zero_point
-    return np.clip(q, -128, 127).astype(np.int8)
+    q = np.divide(x, scale, dtype=np.float32)
+    np.rint(q, out=q)
+    q += zero_point.astype(np.float32)
+    np.clip(q, -128, 127, out=q)
+    return q.astype(np.int8)
 
 
 def dequantize_linear(q, scale, zero_point=0, axis=1):
-    """ONNX DequantizeLinear: ``(q - zero_point) * scale`` as float32."""
+    """ONNX DequantizeLinear: ``(q - zero_point) * scale`` as float32 (the difference of two
+    int8 is exact in float32)."""
     scale = _per_axis(np.asarray(scale, np.float32), q, axis)
     zero_point = _per_axis(np.asarray(zero_point, np.int64), q, axis)
-    return ((q.astype(np.int64) - zero_point).astype(np.float32) * scale).astype(np.float32)
+    if q.dtype.itemsize > 2:  # int32 (a bias): the difference first, as ONNX defines it
+        return (q.astype(np.int64) - zero_point).astype(np.float32) * scale
+    y = q.astype(np.float32)
+    y -= zero_point.astype(np.float32)
+    y *= scale
+    return y
 
 
 def _quantize(node, x, scale, zero_point=None):
@@ -537,6 +547,45 @@ class TensorInfo:
     shape: list
 
 
+_FUSED_AWAY = object()
+
+
+class _QuantizedAdd:
+    """``QuantizeLinear(DequantizeLinear(a) + DequantizeLinear(b))`` (then a ``Relu``) of int8
+    ``a`` and ``b`` of one shape, per tensor: one lookup in the table of its value for every
+    pair (computed by the same functions, so identical). Other inputs (other types, shapes
+    that broadcast) take the nodes one by one."""
+
+    def __init__(self, model, dequantize, add, chain):
+        self.nodes = list(dequantize) + [add] + list(chain)
+        self.inputs = [dq.inputs[0] for dq in dequantize]
+        self.output = chain[-1].outputs[0]
+        self.model = model
+        values = np.arange(-128, 128, dtype=np.int8)
+        env = dict(model.constants)
+        env[self.inputs[0]] = values.reshape(256, 1)
+        env[self.inputs[1]] = values.reshape(1, 256)
+        table = self._unfused(env).astype(np.int8)
+        # Indexed by the two inputs' bits: (a as uint8) * 256 + (b as uint8).
+        self.table = np.roll(table, (-128, -128), axis=(0, 1)).reshape(-1)
+
+    def _unfused(self, env):
+        env = dict(env)
+        for node in self.nodes:
+            for name, value in zip(node.outputs, run_host_op(node, env)):
+                env[name] = value
+        return env[self.output]
+
+    def __call__(self, env):
+        a, b = env[self.inputs[0]], env[self.inputs[1]]
+        if not (a.dtype == b.dtype == np.int8 and a.shape == b.shape):
+            return self._unfused(env)
+        index = a.view(np.uint8).astype(np.uint16)
+        index <<= 8
+        index |= b.view(np.uint8)
+        return self.table[index]
+
+
 class CompiledModel:
     """A model compiled for the accelerator: run it with :meth:`run`, save it with
     :meth:`save`, see it with :meth:`summary`."""
@@ -611,6 +660,60 @@ class CompiledModel:
                                                  node.attrs["conv"])
         return kernels[node.name]
 
+    def _fused(self):
+        """Planned once: the node indices that run fused, each mapped to its step or to
+        :data:`_FUSED_AWAY` (its work done by another's step). Fused: a residual add of two
+        int8 tensors in real terms, ``DequantizeLinear`` of each, ``Add``,
+        ``QuantizeLinear`` (and an int8 ``Relu`` after it), all per tensor, as one lookup
+        in a table of the 65,536 input pairs (:class:`_QuantizedAdd`) where the float tensors
+        between them have no other use."""
+        if "_fusion" in self.__dict__:
+            return self._fusion
+        consumers = {}
+        producer = {}
+        for index, node in enumerate(self.nodes):
+            for name in node.inputs:
+                if name:
+                    consumers.setdefault(name, []).append(index)
+            for name in node.outputs:
+                producer[name] = index
+        outputs = {t.name for t in self.outputs}
+
+        def only_use(name):
+            """The one node that reads ``name`` (not a model output), or None."""
+            users = consumers.get(name, [])
+            return self.nodes[users[0]] if len(users) == 1 and name not in outputs else None
+
+        def scalar(name):
+            value = self.constants.get(name) if name else np.zeros(1, np.int64)
+            return value is not None and value.size == 1
+
+        def per_tensor(node, op):
+            return (node is not None and node.op == op and len(node.inputs) >= 2
+                    and all(scalar(n) for n in (node.inputs[1:] + [""])[:2]))
+
+        plan = {}
+        for index, node in enumerate(self.nodes):
+            if node.op != "Add" or len(node.inputs) != 2:
+                continue
+            dequantize = [self.nodes[producer[n]] if n in producer else None
+                          for n in node.inputs]
+            quantize = only_use(node.outputs[0])
+            if not (all(per_tensor(dq, "DequantizeLinear") for dq in dequantize)
+                    and per_tensor(quantize, "QuantizeLinear")):
+                continue
+            relu = only_use(quantize.outputs[0])
+            relu = relu if relu is not None and relu.op == "Relu" else None
+            chain = [quantize] + ([relu] if relu is not None else [])
+            plan[index] = _QuantizedAdd(self, dequantize, node, chain)
+            for later in chain:
+                plan[self.nodes.index(later)] = _FUSED_AWAY
+            for dq in dequantize:  # dequantized only for this add: not at all
+                if only_use(dq.outputs[0]) is node:
+                    plan[self.nodes.index(dq)] = _FUSED_AWAY
+        self._fusion = plan
+        return plan
+
     def _feeds(self, inputs):
         values = by_name(self.inputs, inputs, "inputs")
         return {t.name: _input_array(t, values[t.name]) for t in self.inputs}
@@ -627,8 +730,17 @@ class CompiledModel:
         env.update(self._feeds(inputs))
         self.last_run = None  # (the previous run's pending counters and their operands go)
         run = _Run(self.nodes)
+        fused = {} if keep else self._fused()  # (kept tensors need every node to run)
         for index, node in enumerate(self.nodes):
+            step = fused.get(index)
+            if step is _FUSED_AWAY:
+                continue
             try:
+                if step is not None:
+                    started = time.perf_counter()
+                    env[step.output] = step(env)
+                    run.stats[index]["host_s"] += time.perf_counter() - started
+                    continue
                 results = self._step(node, env, accelerator, run.stats[index])
             except ModelError as error:
                 if node.name in str(error):

@@ -38,3 +38,33 @@ def test_benchmark_networks_run_as_onnxruntime_does(build, per_channel, tmp_path
     calls = {node.name: stats["calls"] for node, stats in zip(compiled.nodes, compiled.last_run)}
     assert [calls[node.name] for node in grouped] == [-(-node.attrs["groups"] // 28)
                                                       for node in grouped]
+
+
+def test_residual_adds_run_fused_with_the_unfused_results(tmp_path):
+    """The ResNet-style network's residual adds (DequantizeLinear of both int8 branches, Add,
+    QuantizeLinear, Relu) run as one table lookup each: the outputs equal those of every node
+    run on its own (a run that keeps the intermediate tensors runs unfused), on inputs wide
+    enough to saturate, and on a batch that the table's shapes do not fix."""
+    import sparsa
+    from sparsa import onnx as sparsa_onnx
+    from sparsa.demo import quantize_with_onnxruntime
+
+    rng = np.random.default_rng(3)
+    calibration = rng.standard_normal((4, *models.INPUT)).astype(np.float32)
+    compiled = sparsa_onnx.compile(quantize_with_onnxruntime(models.resnet18(rng), calibration,
+                                                              tmp_path, False))
+    fused = compiled._fused()
+    adds = [i for i, step in fused.items() if step is not sparsa.host.graph._FUSED_AWAY]
+    assert len(adds) == 8 and all(compiled.nodes[i].op == "Add" for i in adds)
+    # Each: its two dequantizations, its quantization and Relu fused away.
+    assert len(fused) == 8 * 5
+    names = [out for node in compiled.nodes for out in node.outputs]
+    with sparsa.open("reference") as acc:
+        for scale, batch in ((1.0, 2), (6.0, 3)):
+            x = (scale * rng.standard_normal((batch, *models.INPUT))).astype(np.float32)
+            fast = compiled.run(acc, x)
+            slow, tensors = compiled.run(acc, x, keep=names)
+            assert all(np.array_equal(a, b) for a, b in zip(fast, slow))
+            # The adds' outputs saturate somewhere and take many values: the table is used.
+            relu = compiled.nodes[adds[-1] + 2].outputs[0]
+            assert len(np.unique(tensors[relu])) > 50

@@ -199,3 +199,16 @@ def test_fast_requantization_is_gemmlowps(seed):
                 got = arith.requantize(x, multiplier, column_shift, zero_point)
                 assert np.array_equal(got, want), (shift, multiplier, zero_point)
                 assert np.array_equal(arith.scale(x, multiplier, column_shift), scaled)
+    # Per channel of an NCHW tensor (the reference's whole convolutions): multipliers along
+    # axis 1, spread over the spatial axes when the batch is large enough, or broadcast.
+    for shape in ((6, 5, 32, 40), (2, 3, 4, 5)):
+        x = rng.integers(low, high + 1, shape, dtype=np.int64)
+        x.reshape(-1)[:len(edges)] = edges
+        x = x.astype(np.int32)
+        for shift in (0, 1, 7, 31):
+            multiplier = rng.integers(low, high + 1, (shape[1], 1, 1))
+            multiplier[0] = low
+            scaled = golden.rounding_divide_by_pot(
+                golden.saturating_rounding_doubling_high_mul(x, multiplier), shift)
+            want = np.clip(scaled - 5, -128, 127).astype(np.int8)
+            assert np.array_equal(arith.requantize(x, multiplier, shift, -5), want), shape

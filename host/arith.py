@@ -74,6 +74,16 @@ def requantize(x, multiplier, shift, zero_point):
     output column: per-channel requantization).
     """
     zero_point = np.asarray(zero_point)
+    x = np.asarray(x)
+    rows = max(1, BLOCK // max(1, x[:1].size))
+    if x.ndim > 1 and x.shape[0] > rows and all(
+            np.ndim(v) < x.ndim or np.shape(v)[0] == 1 for v in (multiplier, shift, zero_point)):
+        # In blocks of leading rows: each block's int64 passes stay in the CPU's caches.
+        out = np.empty(x.shape, np.int8)
+        for start in range(0, x.shape[0], rows):
+            out[start:start + rows] = requantize(x[start:start + rows], multiplier, shift,
+                                                 zero_point)
+        return out
     if zero_point.ndim:
         out = scale(x, multiplier, shift)
         out += zero_point
@@ -94,6 +104,7 @@ def scale(x, multiplier, shift):
 
 
 _local = threading.local()
+BLOCK = 1 << 19  # elements per block of a large requantization (4 MiB of int64)
 
 
 def _scaled(x, multiplier, shift):

@@ -220,31 +220,32 @@ class Accelerator:
         if prepared is not None:
             B = prepared.array
         requant = check_matmul(A, B, bias, requant, relu, sparse_skip, out)
-        dtype = np.int8 if requant is not None else np.int32
-        if out is None:
-            out = np.empty((A.shape[0], B.shape[1]), dtype)
-        if sparse_skip and self._without_structural_zeros(A, B, bias, requant, bool(relu), out,
-                                                          prepared):
-            return out
+        if sparse_skip:
+            done = self._without_structural_zeros(A, B, bias, requant, bool(relu), out, prepared)
+            if done is not None:
+                return done
+        # (out=None: the backend's own new array, sparing the reference a copy.)
         return self._matmul(A, B, bias, requant, bool(relu), bool(sparse_skip), out, prepared)
 
     def _without_structural_zeros(self, a, b, bias, requant, relu, out, prepared):
         """Rows of A and columns of B that are all zero (padding rows, masked samples, dead or
         pruned output channels) left out of the device's job: their outputs are those of a
         zero sum (bias, requantization and ReLU of 0), filled in here, and their products are
-        added to ``macs_skipped`` (every one has a zero operand). Returns False when there are
-        none (the job runs as it is)."""
+        added to ``macs_skipped`` (every one has a zero operand). Returns C (``out``, or a new
+        array), or None when there are none (the job runs as it is)."""
         m, k = a.shape
         n = b.shape[1]
         rows = np.flatnonzero(a.any(axis=1))
         cols = prepared.live_columns if prepared is not None else np.flatnonzero(b.any(axis=0))
         if len(rows) == m and len(cols) == n:
-            return False
+            return None
+        if out is None:
+            out = np.empty((m, n), np.int8 if requant is not None else np.int32)
         out[...] = arith.postprocess(np.zeros((1, n), np.int32), bias, requant, relu)
         removed = m * k * n - len(rows) * k * len(cols)
         if len(rows) == 0 or len(cols) == 0:
             self._no_job(removed)
-            return True
+            return out
         if len(cols) < n:
             prepared = prepared.live() if prepared is not None else None
             b = prepared.array if prepared is not None else np.ascontiguousarray(b[:, cols])
@@ -256,7 +257,7 @@ class Accelerator:
         self._matmul(a, b, bias, requant, relu, True, live, prepared)
         out[np.ix_(rows, cols)] = live
         self._add_skipped(removed)
-        return True
+        return out
 
     def counters_later(self):
         """The last call's counters as a callable that returns them: for a caller that may or
@@ -385,26 +386,49 @@ class ReferenceAccelerator(Accelerator):
         self._workspace = arith.Workspace()
         self._counting = False
 
-    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
+    def _checked_matmul(self, A, B, bias, requant, relu, sparse_skip, out):
+        """C straight from the operands (rows and columns that are all zero need no special
+        case here); the device's counters, which do, are worked out when first asked for
+        (:meth:`_count`), from what they depend on: A's nonzero pattern (kept as bits), B (a
+        copy, unless prepared: read-only), which of bias, requantization and ReLU apply."""
         if self._counting:
-            pass
-        elif requant is None:
-            arith.matmul(a, b, out=out, workspace=self._workspace)
+            return super()._checked_matmul(A, B, bias, requant, relu, sparse_skip, out)
+        if self.closed:
+            raise RuntimeError("matmul on a closed accelerator")
+        prepared = B if isinstance(B, PreparedWeights) else None
+        b = prepared.array if prepared is not None else B
+        requant = check_matmul(A, b, bias, requant, relu, sparse_skip, out)
+        relu = bool(relu)
+        if requant is None:
+            out = arith.matmul(A, b, out=out, workspace=self._workspace)
             if bias is not None:
                 np.add(out, bias, out=out)  # int32 wrap
             if relu:
                 np.maximum(out, 0, out=out)
+        elif out is None:
+            out = arith.gemm(A, b, bias, requant, relu, self._workspace)
         else:
-            np.copyto(out, arith.gemm(a, b, bias, requant, relu, self._workspace))
-        # The counters take a fifth of the GEMM's time at 512^3; they are worked out when first
-        # asked for, from copies of what they depend on (the caller may change its arrays
-        # meanwhile).
-        # (Only A's nonzero pattern counts, kept as bits; prepared weights are read-only and
-        # kept as they are.)
-        self._pending = (np.packbits(a != 0, axis=1), a.shape[1],
-                         b if not b.flags.writeable else b.copy(), bias is not None, requant,
-                         relu, sparse_skip)
+            np.copyto(out, arith.gemm(A, b, bias, requant, relu, self._workspace))
+        self._pending = (np.packbits(A != 0, axis=1), A.shape[1],
+                         prepared if prepared is not None else b.copy(), bias is not None,
+                         None if requant is None else tuple(
+                             v.copy() if isinstance(v, np.ndarray) else v for v in requant),
+                         relu, bool(sparse_skip))
         self._last_counters = None
+        return out
+
+    def _count(self, pending):
+        """The counters of a call from what :meth:`_checked_matmul` kept of it."""
+        a_bits, k, b, bias, requant, relu, sparse_skip = pending
+        a = np.unpackbits(a_bits, axis=1, count=k).view(np.int8)  # A's nonzeros as ones
+        n = b.shape[1]
+        return self.counters_of(a, b, bias=np.zeros(n, np.int32) if bias else None,
+                                requant=requant, relu=relu, sparse_skip=sparse_skip)
+
+    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
+        # Reached only while counting (the base class's path, structural zeros left out).
+        self._last_counters = self._estimate((a, b, bias is not None, requant, relu,
+                                              sparse_skip))
         return out
 
     def counters_of(self, A, B, *, bias=None, requant=None, relu=False, sparse_skip=True):
@@ -412,10 +436,11 @@ class ReferenceAccelerator(Accelerator):
         cycles, MACs issued and skipped), without computing C; ``last_counters`` stays."""
         with self.lock:
             kept = self._pending, self._last_counters
+            self._pending = None
             self._counting = True
             try:
                 self._checked_matmul(A, B, bias, requant, relu, sparse_skip, None)
-                return self.last_counters
+                return self._last_counters
             finally:
                 self._counting = False
                 self._pending, self._last_counters = kept
@@ -424,7 +449,7 @@ class ReferenceAccelerator(Accelerator):
     def last_counters(self):
         """The counters the device would report: summed over the jobs the driver would run."""
         if self._pending is not None:
-            self._last_counters = self._estimate(self._pending)
+            self._last_counters = self._count(self._pending)
             self._pending = None
         return self._last_counters
 
@@ -435,13 +460,12 @@ class ReferenceAccelerator(Accelerator):
 
         def counters():
             if not done:
-                done.append(self._estimate(pending))
+                done.append(self._count(pending))
             return done[0]
         return counters
 
-    def _estimate(self, pending):
-        a_bits, k, b, bias, requant, relu, sparse_skip = pending
-        a = np.unpackbits(a_bits, axis=1, count=k)  # A's nonzeros as ones
+    def _estimate(self, call):
+        a, b, bias, requant, relu, sparse_skip = call
         g = self.info.geometry
         plan = jobs.plan(g, a.shape[0], a.shape[1], b.shape[1], bias, requant, relu,
                          sparse_skip, k_size=_k_chunk(self.info, b, sparse_skip))
@@ -585,6 +609,8 @@ class DeviceAccelerator(Accelerator):
     def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
         m, k = a.shape
         n = b.shape[1]
+        if out is None:
+            out = np.empty((m, n), np.int8 if requant is not None else np.int32)
         plan = jobs.plan(self.geometry, m, k, n, bias is not None, requant, relu,
                          sparse_skip, self.max_transfer, "CHANNEL_QUANT" in self.info.features,
                          _k_chunk(self.info, b, sparse_skip))

@@ -191,13 +191,15 @@ def _import(model, outputs):
             raise ModelError(f"outputs: no tensor {out!r} in the model")
     # Only the nodes the outputs need are compiled (a cut leaves out, e.g., a classifier's
     # label branch).
-    needed, used = set(names), []
-    for node in reversed(g.node):
-        if any(out in needed for out in node.output):
-            used.append(node)
-            needed.update(node.input)
-    used = {id(node) for node in used}
-    for index, node in _topological([n for n in g.node if id(n) in used], set(graph.types)):
+    # (By position: protobuf's Python objects for nodes are made on access, so their ids are
+    # not the nodes'.)
+    nodes = list(g.node)
+    needed, used = set(names), set()
+    for position in reversed(range(len(nodes))):
+        if any(out in needed for out in nodes[position].output):
+            used.add(position)
+            needed.update(nodes[position].input)
+    for index, node in _topological([nodes[i] for i in sorted(used)], set(graph.types)):
         name = graph.fresh(node.name or f"{node.op_type}_{index}")
         try:
             _import_node(graph, node, name)

@@ -175,7 +175,7 @@ def test_importing_sparsa_on_a_board_registers_the_ip_driver(tmp_path):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_fast_requantization_is_gemmlowps(seed):
+def test_fast_requantization_is_gemmlowps(seed, monkeypatch):
     """The reference's requantization (sparsa.host.arith, rewritten as floors of shifted sums)
     against the golden transcription of gemmlowp's two steps, on int32 extremes, ties, every
     shift, multipliers from INT32_MIN up, per tensor and per column."""
@@ -200,8 +200,10 @@ def test_fast_requantization_is_gemmlowps(seed):
                 assert np.array_equal(got, want), (shift, multiplier, zero_point)
                 assert np.array_equal(arith.scale(x, multiplier, column_shift), scaled)
     # Per channel of an NCHW tensor (the reference's whole convolutions): multipliers along
-    # axis 1, spread over the spatial axes when the batch is large enough, or broadcast.
-    for shape in ((6, 5, 32, 40), (2, 3, 4, 5)):
+    # axis 1, spread over the spatial axes when the batch is large enough, or broadcast; in
+    # blocks of a few images (as large tensors are).
+    monkeypatch.setattr(arith, "BLOCK", 4 * 5 * 32 * 40)
+    for shape in ((6, 5, 32, 40), (2, 3, 4, 5), (9, 5, 32, 40)):
         x = rng.integers(low, high + 1, shape, dtype=np.int64)
         x.reshape(-1)[:len(edges)] = edges
         x = x.astype(np.int32)

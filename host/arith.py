@@ -8,6 +8,8 @@ int32 exactly, and the chunks are added in int32 with two's-complement wrap, as 
 accumulators do.
 """
 
+import concurrent.futures
+import os
 import threading
 
 import numpy as np
@@ -78,11 +80,14 @@ def requantize(x, multiplier, shift, zero_point):
     rows = max(1, BLOCK // max(1, x[:1].size))
     if x.ndim > 1 and x.shape[0] > rows and all(
             np.ndim(v) < x.ndim or np.shape(v)[0] == 1 for v in (multiplier, shift, zero_point)):
-        # In blocks of leading rows: each block's int64 passes stay in the CPU's caches.
+        # In blocks of leading rows, each block's int64 passes in the CPU's caches, the blocks
+        # shared among the cores (NumPy's loops release the GIL).
         out = np.empty(x.shape, np.int8)
-        for start in range(0, x.shape[0], rows):
+
+        def block(start):
             out[start:start + rows] = requantize(x[start:start + rows], multiplier, shift,
                                                  zero_point)
+        list(_pool().map(block, range(0, x.shape[0], rows)))
         return out
     if zero_point.ndim:
         out = scale(x, multiplier, shift)
@@ -104,6 +109,20 @@ def scale(x, multiplier, shift):
 
 
 _local = threading.local()
+_pools = []
+
+
+def _pool():
+    """Threads for the blocks of large element-wise passes: one per core."""
+    if not _pools:
+        with _pool_lock:
+            if not _pools:
+                _pools.append(concurrent.futures.ThreadPoolExecutor(
+                    os.cpu_count() or 1, thread_name_prefix="sparsa-arith"))
+    return _pools[0]
+
+
+_pool_lock = threading.Lock()
 BLOCK = 1 << 19  # elements per block of a large requantization (4 MiB of int64)
 
 

@@ -327,6 +327,112 @@ def run_host_op(node, tensors):
     return result if isinstance(result, tuple) else (result,)
 
 
+# ---- shapes without running -------------------------------------------------------------------
+
+def _window_shape(node, shape, dilations):
+    a = node.attrs
+    (kh, kw), (sh, sw), (top, left, bottom, right) = a["kernel_shape"], a["strides"], a["pads"]
+    dh, dw = dilations
+    oh = (shape[2] + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    ow = (shape[3] + left + right - (kw - 1) * dw - 1) // sw + 1
+    return (shape[0], shape[1], oh, ow)
+
+
+def _axes(node, value, name="axes"):
+    if value is not None:
+        return [int(v) for v in np.asarray(value).reshape(-1)]
+    return node.attrs.get(name)
+
+
+def _reshape_shape(node, x, shape):
+    shape = [int(v) for v in np.asarray(shape).reshape(-1)]
+    if not node.attrs.get("allowzero", 0):
+        shape = [x[i] if v == 0 else v for i, v in enumerate(shape)]
+    if -1 in shape:
+        known = int(np.prod([v for v in shape if v != -1]))
+        shape[shape.index(-1)] = int(np.prod(x)) // max(1, known)
+    return tuple(shape)
+
+
+def _squeeze_shape(node, x, axes=None):
+    axes = _axes(node, axes)
+    if axes is None:
+        return tuple(d for d in x if d != 1)
+    axes = {a % len(x) for a in axes}
+    return tuple(d for i, d in enumerate(x) if i not in axes)
+
+
+def _unsqueeze_shape(node, x, axes=None):
+    axes = _axes(node, axes)
+    rank = len(x) + len(axes)
+    out = list(x)
+    for a in sorted(a % rank for a in axes):
+        out.insert(a, 1)
+    return tuple(out)
+
+
+def _pad_shape(node, x, pads=None, value=None, axes=None):
+    pads = [int(v) for v in np.asarray(pads if pads is not None
+                                       else node.attrs["pads"]).reshape(-1)]
+    axes = list(range(len(x))) if axes is None else [a % len(x) for a in _axes(node, axes)]
+    out = list(x)
+    for i, a in enumerate(axes):
+        out[a] += pads[i] + pads[i + len(axes)]
+    return tuple(out)
+
+
+def _argmax_shape(node, x):
+    axis = _axis(node, len(x))
+    keep = node.attrs.get("keepdims", 1)
+    return tuple(1 if i == axis else d for i, d in enumerate(x) if keep or i != axis)
+
+
+def _concat_shape(node, *xs):
+    axis = _axis(node, len(xs[0]))
+    out = list(xs[0])
+    out[axis] = sum(x[axis] for x in xs)
+    return tuple(out)
+
+
+def _qgemm_shape(node, x):
+    a = node.attrs
+    conv = a.get("conv")
+    if conv:
+        return (x[0], a["n"]) + _window_shape(Node("", "", [], [], conv), x,
+                                                conv["dilations"])[2:]
+    return tuple(x[:-1]) + (a["n"],)
+
+
+_SAME = lambda node, x, *rest: x  # noqa: E731
+SHAPES = {
+    "QuantizeLinear": _SAME, "DequantizeLinear": _SAME, "Relu": _SAME, "Clip": _SAME,
+    "Cast": _SAME, "Identity": _SAME, "Softmax": _SAME,
+    "Dropout": lambda node, x, *rest: (x, x),
+    "DynamicQuantizeLinear": lambda node, x: (x, (), ()),
+    "MaxPool": lambda node, x: _window_shape(node, x, node.attrs["dilations"]),
+    "AveragePool": lambda node, x: _window_shape(node, x, (1, 1)),
+    "GlobalAveragePool": lambda node, x: tuple(x[:2]) + (1,) * (len(x) - 2),
+    "Add": lambda node, *xs: np.broadcast_shapes(*xs),
+    "Sub": lambda node, *xs: np.broadcast_shapes(*xs),
+    "Mul": lambda node, *xs: np.broadcast_shapes(*xs),
+    "Sum": lambda node, *xs: np.broadcast_shapes(*xs),
+    "Concat": _concat_shape,
+    "Flatten": lambda node, x: (int(np.prod(x[:_axis(node, len(x), default=1)])),
+                                int(np.prod(x[_axis(node, len(x), default=1):]))),
+    "Reshape": _reshape_shape,
+    "Transpose": lambda node, x: tuple(x[i] for i in (node.attrs.get("perm")
+                                                       or list(range(len(x)))[::-1])),
+    "Squeeze": _squeeze_shape,
+    "Unsqueeze": _unsqueeze_shape,
+    "Pad": _pad_shape,
+    "ArgMax": _argmax_shape,
+    "QGemm": _qgemm_shape,
+}
+"""Output shapes of each op from its input shapes (a constant input as its value), without
+running it: ``f(node, *inputs) -> shape`` (or a tuple of shapes, one per output)."""
+_VALUE_INPUTS = {"Reshape": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Pad": (1, 2, 3)}
+
+
 # ---- the accelerator's node -----------------------------------------------------------------
 
 def im2col(x, kernel, strides, pads, dilations, pad_value):
@@ -799,61 +905,111 @@ class CompiledModel:
 
     # -- reports --
 
-    def summary(self, batch=1):
-        """A per-node table (str): op, output shape, device or host, MACs per batch of
-        ``batch``, weight zeros; after a :meth:`run`, its device jobs and cycles, MACs issued
-        and skipped and host milliseconds."""
+    def summary(self, batch=1, accelerator=None):
+        """A per-node table (str) worked out without running the model: op, output shape,
+        device (``g=N``: a convolution of N groups) or host, MACs for a batch of ``batch``,
+        weight zeros, and per image the device jobs and cycles it is projected to take
+        (:meth:`projection`: every activation nonzero) on ``accelerator``'s build (default:
+        the default build); after a :meth:`run`, that run's device jobs and cycles, MACs
+        issued and skipped and host milliseconds too. Totals at the end."""
         shapes = self._shapes(batch)
-        lines = [f"{'node':<28} {'op':<18} {'output':<18} {'where':<6} {'MACs':>10} "
-                 f"{'w zeros':>7}" + (f" {'jobs':>5} {'cycles':>10} {'MACs run':>10} "
-                                      f"{'skipped':>10} {'host ms':>8}" if self.last_run else "")]
+        projected = self.projection(accelerator)
+        ran = self.last_run
+        lines = [f"{'node':<28} {'op':<18} {'output':<18} {'where':<11} {'MACs':>11} "
+                 f"{'w zeros':>7} {'jobs/img':>8} {'cycles/img':>10}"
+                 + (f" {'jobs':>5} {'cycles':>10} {'MACs run':>11} {'skipped':>11} "
+                    f"{'host ms':>8}" if ran else "")]
         layers = {"device": 0, "grouped": 0, "macs": 0, "weights": 0, "zeros": 0}
         for index, node in enumerate(self.nodes):
             shape = shapes.get(node.outputs[0])
-            macs, zeros, where = "", "", "host"
+            macs = zeros = jobs = cycles = ""
+            where = "host"
             if node.op == "QGemm":
-                where = "device"
+                groups = node.attrs["groups"]
+                where = "device" + (f" g={groups}" if groups > 1 else "")
                 w = self.constants[node.attrs["weight"]]
                 zeros = f"{np.mean(w == 0):.0%}"
                 layers["device"] += 1
-                layers["grouped"] += node.attrs["groups"] > 1
+                layers["grouped"] += groups > 1
                 layers["weights"] += w.size
                 layers["zeros"] += int(np.count_nonzero(w == 0))
                 if shape is not None:
                     pixels = int(np.prod(shape)) // node.attrs["n"]
                     macs = f"{pixels * node.attrs['k'] * node.attrs['n']}"
                     layers["macs"] += int(macs)
+                if node.name in projected:
+                    jobs, cycles = (projected[node.name][key] for key in ("jobs", "cycles"))
             line = (f"{node.name[:28]:<28} {node.attrs.get('source_op', node.op)[:18]:<18} "
-                    f"{str(tuple(shape)) if shape is not None else '?':<18} {where:<6} "
-                    f"{macs:>10} {zeros:>7}")
-            if self.last_run:
-                s = self.last_run[index]
-                line += (f" {s['jobs'] if where == 'device' else '':>5}"
-                         f" {s['cycles'] if where == 'device' else '':>10} "
-                         f"{s['macs'] if where == 'device' else '':>10} "
-                         f"{s['macs_skipped'] if where == 'device' else '':>10} "
-                         f"{1e3 * s['host_s']:>8.2f}")
+                    f"{str(tuple(shape)) if shape is not None else '?':<18} {where:<11} "
+                    f"{macs:>11} {zeros:>7} {jobs:>8} {cycles:>10}")
+            if ran:
+                s = ran[index]
+                device = node.op == "QGemm"
+                line += (f" {s['jobs'] if device else '':>5} {s['cycles'] if device else '':>10}"
+                         f" {s['macs'] if device else '':>11} "
+                         f"{s['macs_skipped'] if device else '':>11} {1e3 * s['host_s']:>8.2f}")
             lines.append(line)
+        per_image = {key: sum(p[key] for p in projected.values()) for key in ("jobs", "cycles")}
         lines.append(f"model: {layers['device']} of {len(self.nodes)} nodes on the device "
                      f"({layers['grouped']} grouped), "
                      + (f"{layers['macs']} MACs for a batch of {batch}, " if shapes else "")
-                     + f"{layers['zeros'] / max(1, layers['weights']):.0%} of the weights zero")
-        if self.last_run:
-            total = {key: sum(s[key] for s in self.last_run)
+                     + f"{layers['zeros'] / max(1, layers['weights']):.0%} of the weights zero; "
+                     + (f"per image {per_image['jobs']} device jobs, {per_image['cycles']} "
+                        f"cycles projected" if projected else "no projection (the input's "
+                        "shape is open)"))
+        if ran:
+            total = {key: sum(s[key] for s in ran)
                      for key in ("jobs", "cycles", "macs", "macs_skipped", "host_s", "device_s")}
             lines.append(f"total: {total['jobs']} device jobs, {total['cycles']} device cycles"
-                         f"{' (estimated)' if any(s['estimated'] for s in self.last_run) else ''}"
+                         f"{' (estimated)' if any(s['estimated'] for s in ran) else ''}"
                          f", {total['macs']} MACs issued, {total['macs_skipped']} skipped, "
                          f"host ops {1e3 * total['host_s']:.1f} ms, accelerator calls "
                          f"{1e3 * total['device_s']:.1f} ms")
         return "\n".join(lines)
 
-    def _shapes(self, batch):
-        """Output shapes of every tensor for a batch of ``batch``, by running the graph's
-        shapes through the reference (cheap: zeros in, shapes out)."""
+    def projection(self, accelerator=None):
+        """Per device node, the device jobs and cycles of one image with every activation
+        nonzero (the weights as they are: their zeros skip), as the reference estimates them
+        for ``accelerator``'s build (default: the default build): ``{node: {"jobs", "cycles",
+        "macs"}}``, worked out once per build. Empty when the input's shape is open."""
         from .driver import ReferenceAccelerator
 
-        feeds = {}
+        info = accelerator.info if accelerator is not None else None
+        key = None if info is None else (info.rows, info.cols, info.stream_width, info.max_k,
+                                         info.max_n)
+        cache = self.__dict__.setdefault("_projections", {})
+        if key in cache:
+            return cache[key]
+        shapes = self._shapes(1)
+        geometry = {} if info is None else dict(zip(
+            ("rows", "cols", "stream_width", "max_k", "max_n"), key))
+        result = {}
+        with ReferenceAccelerator(**geometry) as reference:
+            for node in self.nodes:
+                if node.op != "QGemm" or node.outputs[0] not in shapes:
+                    continue
+                a = node.attrs
+                rows = int(np.prod(shapes[node.outputs[0]])) // a["n"]
+                dense = np.broadcast_to(np.int8(1), (rows, a["groups"] * a["k"]))
+                requant = None
+                if a["mode"] == "device":
+                    mult = self.constants[a["multiplier"]]
+                    requant = (mult if mult.size > 1 else int(mult[0]), a["shift"],
+                               a["out_zero"])
+                bias = np.zeros(a["n"], np.int32)
+                counts = [reference.counters_of(*args[:2], bias=args[2], requant=args[3],
+                                                relu=args[4])
+                          for args in _calls(self, node, reference, dense, bias, requant)]
+                result[node.name] = {k: sum(int(c[k]) for c in counts)
+                                     for k in ("jobs", "cycles", "macs")}
+        cache[key] = result
+        return result
+
+    def _shapes(self, batch):
+        """The shape of every tensor for a batch of ``batch``, from the inputs' shapes through
+        each op's shape rule (:data:`SHAPES`), nothing run; a tensor whose shape a rule
+        cannot tell (an input the model leaves open, an op without a rule) is left out."""
+        shapes = {}
         for t in self.inputs:
             if any(d is None for d in t.shape[1:]):
                 return {}
@@ -861,18 +1017,33 @@ class CompiledModel:
                 raise ModelError(f"batch: the model's input {t.name!r} has a fixed batch of "
                                  f"{t.shape[0]} (shape {t.shape}); ask for summary(batch="
                                  f"{t.shape[0]})")
-            shape = [batch] + [int(d) for d in t.shape[1:]]
-            feeds[t.name] = np.zeros(shape, _NUMPY_TYPE[t.dtype])
-        names = [name for node in self.nodes for name in node.outputs if name]
-        keep_last_run = self.last_run
-        try:
-            with ReferenceAccelerator() as acc:
-                _, env = self.run(acc, feeds, keep=names)
-        except (ModelError, ValueError):
-            return {}
-        finally:
-            self.last_run = keep_last_run
-        return {name: np.shape(value) for name, value in env.items()}
+            shapes[t.name] = (batch,) + tuple(int(d) for d in t.shape[1:])
+        for name, value in self.constants.items():
+            shapes[name] = value.shape
+        for node in self.nodes:
+            rule = SHAPES.get(node.op)
+            if rule is None or any(name and name not in shapes for name in node.inputs):
+                continue
+            args = []
+            for i, name in enumerate(node.inputs):
+                if i in _VALUE_INPUTS.get(node.op, ()):
+                    args.append(self.constants.get(name) if name else None)
+                    if name and name not in self.constants:
+                        break  # a shape worked out at run time
+                else:
+                    args.append(shapes[name] if name else None)
+            else:
+                while args and args[-1] is None:
+                    args.pop()
+                try:
+                    out = rule(node, *args)
+                except (ValueError, KeyError, TypeError, IndexError):
+                    continue
+                outs = out if out and isinstance(out[0], tuple) else (out,)
+                for name, shape in zip(node.outputs, outs):
+                    if name:
+                        shapes[name] = tuple(int(d) for d in shape)
+        return shapes
 
     def run_counters(self):
         """The last run's device counters summed over nodes: cycles, MACs, MACs skipped."""

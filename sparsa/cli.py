@@ -240,7 +240,7 @@ def cmd_infer(args):
         return 1
     batch = next(iter(inputs.values())).shape[0] if isinstance(inputs, dict) else inputs.shape[0]
     print(f"  {batch} samples in {seconds:.3f} s")
-    print(model.summary(batch))
+    print(model.summary(batch, acc))  # (the projection for the build it ran on)
     for info, value in zip(model.outputs, outputs):
         print(f"  output {info.name}: {value.dtype} {value.shape}")
     if args.output:

@@ -307,9 +307,24 @@ def test_outputs_cut_and_uint8_tensors(quantized, reference):
 def test_summary_before_and_after_a_run(quantized, reference):
     compiled = sparsa_onnx.compile(quantized[("cnn", "QDQ", "QInt8", False)])
     before = compiled.summary(batch=2)
+    assert compiled.last_run is None  # nothing was run
     conv1 = next(line for line in before.splitlines() if line.startswith("conv1 "))
     # 2 images x 8x8 pixels x 9 inputs x 8 channels, on the device
     assert "device" in conv1 and str(2 * 64 * 9 * 8) in conv1 and "(2, 8, 8, 8)" in conv1
+    assert "device g=2" in next(line for line in before.splitlines()
+                                if line.startswith("conv2 "))
+    # The projection (per image, every activation nonzero): each product whose weight k-step
+    # vector is not all zero is issued; these weights have no such zero vector but conv2's
+    # two groups' (its block-diagonal B's zeros).
+    projected = compiled.projection()
+    for node in compiled.nodes:
+        if node.op == "QGemm" and node.attrs["groups"] == 1:
+            shape = compiled._shapes(1)[node.outputs[0]]
+            assert projected[node.name]["macs"] == int(np.prod(shape)) * node.attrs["k"], \
+                node.name
+            assert projected[node.name]["jobs"] == 1 and projected[node.name]["cycles"] > 0
+    per_image = sum(p["cycles"] for p in projected.values())
+    assert f"per image 4 device jobs, {per_image} cycles projected" in before
     fixed = sparsa_onnx.compile(quantized[("cnn", "QDQ", "QInt8", False)])
     fixed.inputs[0].shape = [1, 1, 8, 8]  # a model exported with a batch of one
     with pytest.raises(sparsa_onnx.ModelError, match=r"batch: the model's input 'x' has a "
@@ -503,3 +518,21 @@ def test_host_ops_on_uint8_tensors(reference):
     theirs = sparsa_onnx.onnxruntime_tensors(model, {"x": x})
     for got, want in zip(ours, theirs):
         assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_shapes_without_running_are_the_run_shapes(quantized, reference, tmp_path):
+    """summary()'s shapes come from each op's shape rule, not a run: on every test model
+    (QDQ and QOperator, int8 and uint8, the FFN's ArgMax -> Cast, pooling, Flatten, Concat),
+    each tensor's shape is the one a run gives it."""
+    rng = np.random.default_rng(4)
+    models = [quantized[key] for key in quantized] + [onnx_models.quantize_static(
+        onnx_models.inverted_residual(rng), rng.standard_normal((16, 3, 8, 8)).astype(np.float32),
+        tmp_path, "QDQ", "QInt8", True)]
+    for model in models:
+        compiled = sparsa_onnx.compile(model)
+        names = [out for node in compiled.nodes for out in node.outputs if out]
+        for batch in (1, 3):
+            x = rng.standard_normal((batch, *compiled.inputs[0].shape[1:])).astype(np.float32)
+            _, tensors = compiled.run(reference, x, keep=names)
+            shapes = compiled._shapes(batch)
+            assert {n: shapes.get(n) for n in names} == {n: tensors[n].shape for n in names}

@@ -257,6 +257,16 @@ class IPDriver(Accelerator):
         return self._connect().info
 
     @property
+    def concurrent(self):
+        return True  # the driver's matmul, which overlaps calls from several threads
+
+    def matmul(self, A, B, *, bias=None, requant=None, relu=False, sparse_skip=True, out=None):
+        if self.closed:
+            raise RuntimeError("matmul on a closed accelerator")
+        return self._connect().matmul(A, B, bias=bias, requant=requant, relu=relu,
+                                      sparse_skip=sparse_skip, out=out)
+
+    @property
     def last_counters(self):
         return self._device.last_counters if self._device is not None else None
 

@@ -1,7 +1,10 @@
 """What users call: ``sparsa.open(backend)`` and the accelerator object's ``matmul``."""
 
+import collections
+import concurrent.futures
 import dataclasses
 import logging
+import queue
 import threading
 import time
 import weakref
@@ -142,6 +145,7 @@ class PreparedWeights:
         self.array = np.array(b, np.int8, order="C")
         self.array.flags.writeable = False
         self._packed = {}
+        self.formats = {}  # the B format chosen per job shape (see _in_format)
         self._live_columns = None
         self._live = None
 
@@ -327,34 +331,50 @@ def _k_chunk(info, b, sparse_skip):
     return info.max_k_for(protocol.slots_for(counts))
 
 
-def _in_format(geometry, job, a, b, max_transfer, steps=True):
+def _in_format(geometry, job, a, b, max_transfer, steps=True, prepared=None, count=True):
     """``job`` with B in the group format when that is estimated to take fewer cycles
     (:func:`.reference.choose_format`) and its packet fits ``max_transfer``, or when its K
     is past ``MAX_K`` (:func:`_k_chunk`), else ``job``; and the estimated counters of the job
-    as chosen. In the group format it asks for the fewest slots per group that keep B's
-    steps (``OPTIONS.STEPS_*``) when the device takes them (``steps``: protocol 1.4 on)."""
+    as chosen (None without ``count``). In the group format it asks for the fewest slots per
+    group that keep B's steps (``OPTIONS.STEPS_*``) when the device takes them (``steps``:
+    protocol 1.4 on). For ``prepared`` weights the choice is made once per job shape, for
+    activations without zeros, and kept with them: a compiled model's jobs cost the host no
+    estimate (a call's own A decides otherwise)."""
+    g = geometry
     a_job, b_job = job.operands(a, b)
-    counts = protocol.group_counts(b_job, geometry.cols)
-    vectors = geometry.column_beats(job.n, job.bias, job.channel_quant)
-    if job.k > geometry.max_k:  # only the group format holds it
-        b_beats = protocol.group_beats(geometry, counts)
-        counters = reference.counters(geometry, a_job, b_job, True, job.requant, True, b_beats,
-                                      vectors)
-    else:
-        groups, counters, b_beats = reference.choose_format(geometry, a_job, b_job,
-                                                            job.requant, counts, vectors)
-        if not groups:
-            return job, counters
-        input_beats = geometry.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant,
-                                           b_beats)
-        if input_beats * geometry.beat_bytes > max_transfer:
-            return job, reference.counters(geometry, a_job, b_job, True, job.requant,
-                                           vectors=vectors)
-    input_beats = geometry.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant, b_beats)
-    slots = protocol.slots_for(counts) if steps else protocol.GROUP
-    options = job.options | Option.GROUPS | protocol.STEPS_OPTIONS[slots]
-    return dataclasses.replace(job, options=options,
-                               input_bytes=input_beats * geometry.beat_bytes), counters
+    key = (g, job.m, job.k0, job.k, job.n0, job.n, job.options, max_transfer, steps)
+    choice = prepared.formats.get(key) if prepared is not None else None
+    counters = None
+    if choice is None:
+        counts = protocol.group_counts(b_job, g.cols)
+        vectors = g.column_beats(job.n, job.bias, job.channel_quant)
+        b_beats = protocol.group_beats(g, counts)
+        if job.k > g.max_k:  # only the group format holds it
+            groups = True
+        else:
+            basis = np.broadcast_to(np.int8(1), a_job.shape) if prepared is not None else a_job
+            groups, counters, _ = reference.choose_format(g, basis, b_job, job.requant, counts,
+                                                         vectors)
+            if prepared is not None:
+                counters = None  # (those of activations without zeros)
+            if groups and g.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant,
+                                        b_beats) * g.beat_bytes > max_transfer:
+                groups, counters = False, None
+        chosen = job
+        if groups:
+            slots = protocol.slots_for(counts) if steps else protocol.GROUP
+            chosen = dataclasses.replace(
+                job, options=job.options | Option.GROUPS | protocol.STEPS_OPTIONS[slots],
+                input_bytes=g.input_beats(job.m, job.k, job.n, job.bias, job.channel_quant,
+                                          b_beats) * g.beat_bytes)
+        choice = (chosen, b_beats if groups else None, vectors)
+        if prepared is not None:
+            prepared.formats[key] = choice
+    chosen, b_beats, vectors = choice
+    if count and counters is None:
+        counters = reference.counters(g, a_job, b_job, True, job.requant, b_beats is not None,
+                                      b_beats, vectors)
+    return chosen, counters if count else None
 
 
 def _report(per_job, estimated):
@@ -428,7 +448,7 @@ class ReferenceAccelerator(Accelerator):
     def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
         # Reached only while counting (the base class's path, structural zeros left out).
         self._last_counters = self._estimate((a, b, bias is not None, requant, relu,
-                                              sparse_skip))
+                                              sparse_skip, prepared))
         return out
 
     def counters_of(self, A, B, *, bias=None, requant=None, relu=False, sparse_skip=True):
@@ -465,14 +485,15 @@ class ReferenceAccelerator(Accelerator):
         return counters
 
     def _estimate(self, call):
-        a, b, bias, requant, relu, sparse_skip = call
+        a, b, bias, requant, relu, sparse_skip, prepared = call
         g = self.info.geometry
         plan = jobs.plan(g, a.shape[0], a.shape[1], b.shape[1], bias, requant, relu,
                          sparse_skip, k_size=_k_chunk(self.info, b, sparse_skip))
         skip = sparse_skip and self._skips
         groups = skip and "GROUPS" in self.info.features  # as the device driver chooses
         return _report(
-            (_in_format(g, job, a, b, jobs.DEFAULT_MAX_TRANSFER)[1] if groups
+            (_in_format(g, job, a, b, jobs.DEFAULT_MAX_TRANSFER, prepared=prepared)[1]
+             if groups
              else reference.counters(g, *job.operands(a, b), skip, job.requant,
                                      vectors=g.column_beats(job.n, job.bias, job.channel_quant))
              for job in plan.jobs), estimated=True)
@@ -487,9 +508,20 @@ class ReferenceAccelerator(Accelerator):
 
 
 class DeviceAccelerator(Accelerator):
-    """The driver over a transport (board, simulated RTL or the reference device model)."""
+    """The driver over a transport (board, simulated RTL or the reference device model).
+
+    Jobs are double-buffered: each has a slot (a send and a receive buffer, two slots), is
+    packed into it on the caller's thread, runs on the device (its register writes, the
+    transfer, its status: one job at a time, in order) and is unpacked from it, so the host
+    packs one job and unpacks another while the device runs a third: a GEMM of several jobs
+    runs its device part on a helper thread, and calls from several threads at once (a
+    compiled model's micro-batches) share the device the same way. ``last_counters`` and
+    ``last_timing`` are those of the calling thread's last call."""
+
+    concurrent = True  # matmul may be called from several threads at once, and overlaps
 
     def __init__(self, transport, backend, max_transfer=None):
+        self._local = threading.local()  # (before Accelerator's, which sets last_counters)
         super().__init__()
         self.transport = transport
         self.backend = backend
@@ -502,8 +534,30 @@ class DeviceAccelerator(Accelerator):
         # DMA buffers a host cannot cache (PYNQ's, by default): packets are built and read in
         # ordinary memory and each DMA buffer gets one sequential write or read per job.
         self._staging = {} if getattr(transport, "uncached_buffers", False) else None
-        self.last_timing = None
+        self._io = threading.Lock()  # the transport: one job's registers and transfer at once
+        self._slots = queue.LifoQueue()  # free slots, the first one first
+        for slot in range(SLOTS - 1, -1, -1):
+            self._slots.put(slot)
+        self._runner = None  # the helper thread for GEMMs of several jobs (made on first use)
         self._write("CONTROL", Control.SOFT_RESET)
+
+    @property
+    def last_counters(self):
+        return getattr(self._local, "counters", None)
+
+    @last_counters.setter
+    def last_counters(self, value):
+        self._local.counters = value
+
+    @property
+    def last_timing(self):
+        """The calling thread's last call: seconds packing, on the device (registers, transfer,
+        status; the device's busy time), unpacking, and post-processing on the host."""
+        return getattr(self._local, "timing", None)
+
+    @last_timing.setter
+    def last_timing(self, value):
+        self._local.timing = value
 
     def _staged(self, direction, nbytes):
         """A reusable array in ordinary (cached) memory of ``nbytes`` for ``direction``."""
@@ -518,6 +572,10 @@ class DeviceAccelerator(Accelerator):
 
     def _register_source(self):
         return self.transport
+
+    def identity(self):
+        with self._io:
+            return super().identity()
 
     def _read(self, name):
         return self.transport.read(REGISTER[name].address)
@@ -538,13 +596,33 @@ class DeviceAccelerator(Accelerator):
         """Run one planned job; its result goes into ``out`` (a view of C). Returns counters.
         ``mult``: the per-column multipliers of the whole GEMM, for a CHANNEL_QUANT job.
         ``timing``: a dict whose ``pack``, ``device`` and ``unpack`` seconds this job adds to."""
+        slot = self._take_slot()
+        try:
+            self._pack(slot, job, a, b, bias, mult, prepared, timing)
+            counts = self._run_on_device(slot, job, timing)
+            self._unpack(slot, job, out, accumulate, timing)
+        finally:
+            self._slots.put(slot)
+        return counts
+
+    def _take_slot(self):
+        slot = self._slots.get()
+        if self.closed:
+            self._slots.put(slot)
+            raise RuntimeError("matmul on a closed accelerator")
+        return slot
+
+    def _buffer(self, slot, direction, nbytes):
+        return self.buffers.get(direction if slot == 0 else f"{direction}{slot}", nbytes)
+
+    def _pack(self, slot, job, a, b, bias, mult, prepared, timing):
+        """The job's input packet into the slot's send buffer (on the caller's thread)."""
         g = self.geometry
         started = time.perf_counter()
-        send = self.buffers.get("send", job.input_bytes)
-        receive = self.buffers.get("receive", job.output_bytes)
+        send = self._buffer(slot, "send", job.input_bytes)
         columns = slice(job.n0, job.n0 + job.n)
         staged = self._staging is not None
-        packet = self._staged("send", job.input_bytes) if staged else send
+        packet = self._staged(f"send{slot}", job.input_bytes) if staged else send
         jobs.pack_into(g, packet, a[job.m0:job.m0 + job.m, job.k0:job.k0 + job.k],
                        b[job.k0:job.k0 + job.k, columns], bias[columns] if job.bias else None,
                        mult[columns] if job.channel_quant else None,
@@ -552,31 +630,44 @@ class DeviceAccelerator(Accelerator):
                        if prepared else None, job.groups)
         if staged:
             send[:job.input_bytes] = packet  # one sequential write
-        packed = time.perf_counter()
-        try:
-            for name, value in job.registers():
-                self._write(name, value)
-            self._write("CONTROL", Control.START)
-            self.transport.transfer(send, job.input_bytes, receive, job.output_bytes,
-                                    self._timeout(job))
-            status, code = self._read("STATUS"), self._read("ERROR")
-            counts = {name: self._read(name) for name in protocol.COUNTERS}
-        except BaseException as error:  # a timeout, a fault, Ctrl-C, a transport's failure
-            self._abandon(job, error)
+        if timing is not None:
+            timing["pack"] += time.perf_counter() - started
+
+    def _run_on_device(self, slot, job, timing=None):
+        """The job on the device, from the slot's send buffer into its receive buffer: its
+        registers, START, the transfer, its status and counters (one job at a time)."""
+        send = self._buffer(slot, "send", job.input_bytes)
+        receive = self._buffer(slot, "receive", job.output_bytes)
+        with self._io:
+            started = time.perf_counter()
+            try:
+                for name, value in job.registers():
+                    self._write(name, value)
+                self._write("CONTROL", Control.START)
+                self.transport.transfer(send, job.input_bytes, receive, job.output_bytes,
+                                        self._timeout(job))
+                status, code = self._read("STATUS"), self._read("ERROR")
+                counts = {name: self._read(name) for name in protocol.COUNTERS}
+            except BaseException as error:  # a timeout, a fault, Ctrl-C, a transport's failure
+                self._abandon(job, error)
+            if timing is not None:
+                timing["device"] += time.perf_counter() - started
         if code != Error.NONE or status != Status.DONE:
             raise DeviceError(f"job M={job.m} K={job.k} N={job.n} failed: STATUS={status:#x}, "
                               f"ERROR={_error_name(code)}")
-        moved = time.perf_counter()
-        if staged:
-            received = self._staged("receive", job.output_bytes)
+        return counts
+
+    def _unpack(self, slot, job, out, accumulate, timing):
+        """The job's result from the slot's receive buffer into ``out``."""
+        started = time.perf_counter()
+        receive = self._buffer(slot, "receive", job.output_bytes)
+        if self._staging is not None:
+            received = self._staged(f"receive{slot}", job.output_bytes)
             received[:] = receive[:job.output_bytes]  # one sequential read
             receive = received
-        jobs.unpack_into(g, receive, out, job.requant, accumulate)
+        jobs.unpack_into(self.geometry, receive, out, job.requant, accumulate)
         if timing is not None:
-            timing["pack"] += packed - started
-            timing["device"] += moved - packed
-            timing["unpack"] += time.perf_counter() - moved
-        return counts
+            timing["unpack"] += time.perf_counter() - started
 
     def _abandon(self, job, error):
         """Any exit from a job but success: quote STATUS and ERROR, soft-reset the device and
@@ -606,6 +697,10 @@ class DeviceAccelerator(Accelerator):
             raise error
         raise DeviceError(message) from error
 
+    def matmul(self, A, B, *, bias=None, requant=None, relu=False, sparse_skip=True, out=None):
+        # Not under ``lock``: calls from several threads overlap (see the class).
+        return self._checked_matmul(A, B, bias, requant, relu, sparse_skip, out)
+
     def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
         m, k = a.shape
         n = b.shape[1]
@@ -620,12 +715,16 @@ class DeviceAccelerator(Accelerator):
         planned = plan.jobs
         if sparse_skip and "GROUPS" in self.info.features:
             steps = self.info.version >= STEPS_VERSION
-            planned = [_in_format(self.geometry, job, a, b, self.max_transfer, steps)[0]
-                       for job in planned]
-        per_job = [self.run_job(job, a, b, bias, acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
-                                accumulate=job.k0 > 0, mult=mult, timing=timing,
-                                prepared=prepared)
-                   for job in planned]
+            planned = [_in_format(self.geometry, job, a, b, self.max_transfer, steps,
+                                  prepared, count=False)[0] for job in planned]
+        if len(planned) == 1:
+            job = planned[0]
+            per_job = [self.run_job(job, a, b, bias, acc[job.m0:job.m0 + job.m,
+                                                         job.n0:job.n0 + job.n],
+                                    accumulate=job.k0 > 0, mult=mult, timing=timing,
+                                    prepared=prepared)]
+        else:
+            per_job = self._pipelined(planned, a, b, bias, acc, mult, prepared, timing)
         if not plan.on_device:
             started = time.perf_counter()
             np.copyto(out, arith.postprocess(acc, bias, requant, relu), casting="unsafe")
@@ -634,12 +733,71 @@ class DeviceAccelerator(Accelerator):
         self.last_timing = timing
         return out
 
+    def _pipelined(self, planned, a, b, bias, acc, mult, prepared, timing):
+        """Several jobs, each packed while the one before is on the device (on the helper
+        thread) and unpacked while the one after is; unpacked in order (K chunks add up).
+        Returns their counters. A failed job stops the rest; its error is raised once every
+        job already on its way has finished and its slot is free again."""
+        if self._runner is None:
+            with self.lock:
+                if self._runner is None:
+                    self._runner = concurrent.futures.ThreadPoolExecutor(
+                        1, thread_name_prefix="sparsa-device")
+        pending = collections.deque()  # (job, slot, future), in order
+        per_job = []
+
+        def finish_oldest():
+            job, slot, future = pending.popleft()
+            try:
+                per_job.append(future.result())
+                self._unpack(slot, job, acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
+                             job.k0 > 0, timing)
+            finally:
+                self._slots.put(slot)
+
+        try:
+            for job in planned:
+                try:  # a free slot; else this call's oldest job frees its own first
+                    slot = self._slots.get_nowait()
+                except queue.Empty:
+                    if pending:
+                        finish_oldest()
+                    slot = self._slots.get()
+                if self.closed:
+                    self._slots.put(slot)
+                    raise RuntimeError("matmul on a closed accelerator")
+                try:
+                    self._pack(slot, job, a, b, bias, mult, prepared, timing)
+                    pending.append((job, slot, self._runner.submit(
+                        self._run_on_device, slot, job, timing)))
+                except BaseException:
+                    self._slots.put(slot)
+                    raise
+            while pending:
+                finish_oldest()
+        finally:
+            while pending:  # after an error: let the jobs on their way end, free their slots
+                job, slot, future = pending.popleft()
+                concurrent.futures.wait([future])
+                self._slots.put(slot)
+        return per_job
+
     def close(self):
         """Free the DMA buffers and close the transport (also done when the object is collected
-        or the interpreter exits); a call running in another thread finishes first."""
+        or the interpreter exits); calls running in other threads finish their jobs first."""
         with self.lock:
+            if not self.closed:
+                self.closed = True
+                held = [self._slots.get() for _ in range(SLOTS)]  # no job in flight
+                if self._runner is not None:
+                    self._runner.shutdown(wait=True)
+                for slot in held:
+                    self._slots.put(slot)
             self._finalizer()
             super().close()
+
+
+SLOTS = 2  # jobs in flight per device: one on the device while the host packs or unpacks one
 
 
 def _error_name(code):

@@ -19,8 +19,11 @@ uint8 are converted at the edges. Every backend gives identical outputs: the hos
 same NumPy on each, and the accelerators are bit-exact with each other.
 """
 
+import concurrent.futures
+import contextlib
 import io
 import json
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -467,9 +470,17 @@ class _Run:
     """What one :meth:`CompiledModel.run` measures, per node."""
 
     def __init__(self, nodes):
-        self.stats = [{"host_s": 0.0, "device_s": 0.0, "cycles": 0, "macs": 0, "macs_skipped": 0,
-                       "products": 0, "jobs": 0, "calls": 0, "estimated": False,
-                       "counters": []} for _ in nodes]
+        self.stats = [{"host_s": 0.0, "device_s": 0.0, "busy_s": 0.0, "driver_s": 0.0,
+                       "cycles": 0, "macs": 0, "macs_skipped": 0, "products": 0, "jobs": 0,
+                       "calls": 0, "estimated": False, "counters": []} for _ in nodes]
+        self.wall_s = 0.0
+
+    def add(self, other):
+        """Another run's figures (a micro-batch's) into these."""
+        for mine, theirs in zip(self.stats, other.stats):
+            for key, value in theirs.items():
+                mine[key] = (mine[key] + value if key != "estimated"
+                             else mine[key] or value)
 
     @staticmethod
     def settle(stats):
@@ -531,13 +542,20 @@ def _qgemm(model, node, env, accelerator, stats):
     patches, shape = _patches(node, x, zero_point)
     stats["host_s"] += time.perf_counter() - started
     outs = []
+    # This call's counters, not another thread's: a concurrent accelerator keeps them per
+    # thread; another is held for the call and its counters.
+    concurrent = getattr(accelerator, "concurrent", False)
     for args in _calls(model, node, accelerator, patches, bias, requant):
         started = time.perf_counter()
-        with accelerator.lock:  # this call's counters, not another thread's
+        with contextlib.nullcontext() if concurrent else accelerator.lock:
             outs.append(accelerator.matmul(*args[:2], bias=args[2], requant=args[3],
                                            relu=args[4]))
             stats["counters"].append(accelerator.counters_later())  # summed when asked for
+            timing = getattr(accelerator, "last_timing", None)
         stats["device_s"] += time.perf_counter() - started
+        if timing is not None:  # a device's: its busy time, and the driver's on the host
+            stats["busy_s"] += timing["device"]
+            stats["driver_s"] += timing["pack"] + timing["unpack"] + timing.get("host", 0.0)
         stats["calls"] += 1
     stats["products"] += patches.shape[0] * k * n
     y = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
@@ -705,6 +723,8 @@ class CompiledModel:
         self.shifted = set(shifted)  # uint8 tensors of the ONNX model, held as int8 less 128
         self._last_run = None
         self._prepared = weakref.WeakKeyDictionary()
+        self._building = threading.RLock()  # what runs build once, from any thread
+        self._last_wall = 0.0
         self._check()
 
     def _check(self):
@@ -738,21 +758,25 @@ class CompiledModel:
 
     def _prepared_weights(self, accelerator):
         """Each QGemm's weights prepared for ``accelerator`` (once per accelerator): the groups
-        per ``matmul`` call and a list of weight matrices, one per call. The groups of a grouped convolution go side
-        by side, as many as one device job takes (:func:`group_batches`), in a block-diagonal
+        per ``matmul`` call and a list of weight matrices, one per call. The groups of a
+        grouped convolution go side by side, as many as one device job takes (:func:`group_batches`), in a block-diagonal
         B: the device skips the k-steps whose B vector is all zero in an n-tile, and the driver
         leaves out columns of B that are all zero, so the zeros between groups cost little."""
         prepared = self._prepared.get(accelerator)
-        if prepared is None:
-            prepared = {}
-            for node in self.nodes:
-                if node.op == "QGemm":
-                    w = self.constants[node.attrs["weight"]]
-                    per_call = group_batches(accelerator.info, *w.shape)
-                    prepared[node.name] = per_call, [
-                        accelerator.prepare(block_diagonal(w[first:first + per_call]))
-                        for first in range(0, w.shape[0], per_call)]
-            self._prepared[accelerator] = prepared
+        if prepared is not None:
+            return prepared
+        with self._building:
+            prepared = self._prepared.get(accelerator)
+            if prepared is None:
+                prepared = {}
+                for node in self.nodes:
+                    if node.op == "QGemm":
+                        w = self.constants[node.attrs["weight"]]
+                        per_call = group_batches(accelerator.info, *w.shape)
+                        prepared[node.name] = per_call, [
+                            accelerator.prepare(block_diagonal(w[first:first + per_call]))
+                            for first in range(0, w.shape[0], per_call)]
+                self._prepared[accelerator] = prepared
         return prepared
 
     def _cpu_kernel(self, node):
@@ -762,8 +786,10 @@ class CompiledModel:
             return None
         kernels = self.__dict__.setdefault("_cpu_kernels", {})
         if node.name not in kernels:
-            kernels[node.name] = cpu.conv_kernel(self.constants[node.attrs["weight"]],
-                                                 node.attrs["conv"])
+            with self._building:
+                if node.name not in kernels:
+                    kernels[node.name] = cpu.conv_kernel(self.constants[node.attrs["weight"]],
+                                                         node.attrs["conv"])
         return kernels[node.name]
 
     def _fused(self):
@@ -775,6 +801,12 @@ class CompiledModel:
         between them have no other use."""
         if "_fusion" in self.__dict__:
             return self._fusion
+        with self._building:
+            if "_fusion" not in self.__dict__:
+                self._fusion = self._plan_fusion()
+        return self._fusion
+
+    def _plan_fusion(self):
         consumers = {}
         producer = {}
         for index, node in enumerate(self.nodes):
@@ -817,26 +849,110 @@ class CompiledModel:
             for dq in dequantize:  # dequantized only for this add: not at all
                 if only_use(dq.outputs[0]) is node:
                     plan[self.nodes.index(dq)] = _FUSED_AWAY
-        self._fusion = plan
         return plan
 
     def _feeds(self, inputs):
         values = by_name(self.inputs, inputs, "inputs")
         return {t.name: _input_array(t, values[t.name]) for t in self.inputs}
 
-    def run(self, accelerator, inputs, *, keep=()):
+    def run(self, accelerator, inputs, *, keep=(), micro_batches=None):
         """The model's outputs for ``inputs`` (an array, or a dict by input name; any batch
         size) on ``accelerator`` (from ``sparsa.open``): a list of arrays in the order of
         :attr:`outputs`, typed as the ONNX model types them. Per-node device cycles, MACs
         and host time go to :attr:`last_run` (see :meth:`summary`). ``keep``: names of
-        intermediate tensors to return too, as a second value (a dict)."""
+        intermediate tensors to return too, as a second value (a dict).
+
+        ``micro_batches``: on a device (an accelerator that overlaps calls from several
+        threads), the batch is cut into this many parts run two at a time, so one part's
+        host work (its host ops, im2col, packing) runs while the device runs the other's
+        jobs. The default is two parts of a batch of 2 or more (one on the reference
+        backend, or when the model mixes the samples of a batch: :meth:`separable`); the
+        outputs are the same either way."""
         if getattr(accelerator, "closed", False):
             raise ModelError("accelerator: closed")
-        env = dict(self.constants)
-        env.update(self._feeds(inputs))
+        feeds = self._feeds(inputs)
+        parts = self._parts(accelerator, feeds, keep, micro_batches)
         self.last_run = None  # (the previous run's pending counters and their operands go)
+        started = time.perf_counter()
+        if parts > 1:
+            outputs, run = self._run_parts(accelerator, feeds, parts)
+        else:
+            outputs, env, run = self._run_graph(accelerator, feeds, bool(keep))
+        run.wall_s = time.perf_counter() - started
+        self._last_wall = run.wall_s
+        self.last_run = run.stats
+        outputs = [_output_array(t, value) for t, value in zip(self.outputs, outputs)]
+        if keep:
+            unknown = [name for name in keep if name not in env]
+            if unknown:
+                raise ModelError(f"keep: no tensor {unknown[0]!r} in the compiled model")
+            return outputs, {name: self._onnx_value(name, env[name]) for name in keep}
+        return outputs
+
+    def _parts(self, accelerator, feeds, keep, micro_batches):
+        batch = {value.shape[0] for value in feeds.values() if value.ndim}
+        batch = batch.pop() if len(batch) == 1 else 1
+        if micro_batches is not None:
+            if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) \
+                    or micro_batches < 1:
+                raise ModelError(f"micro_batches: expected a positive int, got "
+                                 f"{micro_batches!r}")
+            if micro_batches > 1 and not self.separable():
+                raise ModelError("micro_batches: this model mixes the samples of a batch "
+                                 "(see separable()); it runs whole")
+            return min(micro_batches, batch) if not keep else 1
+        if keep or not getattr(accelerator, "concurrent", False) or batch < 2 \
+                or not self.separable():
+            return 1
+        return 2
+
+    def separable(self):
+        """Whether every sample of a batch goes through the model on its own (so a batch may
+        run in parts): every tensor's first axis is the batch's (by the shape rules, for two
+        batch sizes) and no op reduces, normalizes or reorders along it."""
+        if "_separable" not in self.__dict__:
+            self._separable = self._check_separable()
+        return self._separable
+
+    def _check_separable(self):
+        if not self.inputs or any(not t.shape or t.shape[0] is not None for t in self.inputs):
+            return False
+        shapes = [self._shapes(batch) for batch in (2, 3)]
+        for node in self.nodes:
+            if node.op in ("DynamicQuantizeLinear",):
+                return False
+            if node.op in ("Softmax", "ArgMax", "Concat") and node.attrs.get("axis", 0) == 0:
+                return False  # (a negative axis names a later one: shapes keep the batch)
+            if node.op == "Transpose" and (node.attrs.get("perm") or [1])[0] != 0:
+                return False
+            for name in node.outputs:
+                if name and any(name not in s or not s[name] or s[name][0] != batch
+                                for s, batch in zip(shapes, (2, 3))):
+                    return False
+        return True
+
+    def _run_parts(self, accelerator, feeds, parts):
+        batch = next(iter(feeds.values())).shape[0]
+        bounds = np.linspace(0, batch, parts + 1).astype(int)
+        chunks = [{name: value[low:high] for name, value in feeds.items()}
+                  for low, high in zip(bounds[:-1], bounds[1:])]
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="sparsa-run") as pool:
+            done = [pool.submit(self._run_graph, accelerator, chunk, False) for chunk in chunks]
+            concurrent.futures.wait(done)
+            results = [future.result() for future in done]  # (the first error, once all end)
         run = _Run(self.nodes)
-        fused = {} if keep else self._fused()  # (kept tensors need every node to run)
+        for _, _, part in results:
+            run.add(part)
+        outputs = [np.concatenate([outs[i] for outs, _, _ in results])
+                   for i in range(len(self.outputs))]
+        return outputs, run
+
+    def _run_graph(self, accelerator, feeds, unfused):
+        """One pass over the graph: the outputs, the tensors and the figures (a :class:`_Run`)."""
+        env = dict(self.constants)
+        env.update(feeds)
+        run = _Run(self.nodes)
+        fused = {} if unfused else self._fused()  # (kept tensors need every node to run)
         for index, node in enumerate(self.nodes):
             step = fused.get(index)
             if step is _FUSED_AWAY:
@@ -855,14 +971,7 @@ class CompiledModel:
             for name, value in zip(node.outputs, results):
                 if name:
                     env[name] = value
-        self.last_run = run.stats
-        outputs = [_output_array(t, env[t.name]) for t in self.outputs]
-        if keep:
-            unknown = [name for name in keep if name not in env]
-            if unknown:
-                raise ModelError(f"keep: no tensor {unknown[0]!r} in the compiled model")
-            return outputs, {name: self._onnx_value(name, env[name]) for name in keep}
-        return outputs
+        return [env[t.name] for t in self.outputs], env, run
 
     def _step(self, node, env, accelerator, stats):
         """One node's outputs (a tuple), its host and device time added to ``stats``."""
@@ -918,7 +1027,7 @@ class CompiledModel:
         lines = [f"{'node':<28} {'op':<18} {'output':<18} {'where':<11} {'MACs':>11} "
                  f"{'w zeros':>7} {'jobs/img':>8} {'cycles/img':>10}"
                  + (f" {'jobs':>5} {'cycles':>10} {'MACs run':>11} {'skipped':>11} "
-                    f"{'host ms':>8}" if ran else "")]
+                    f"{'host ms':>8} {'dev ms':>8}" if ran else "")]
         layers = {"device": 0, "grouped": 0, "macs": 0, "weights": 0, "zeros": 0}
         for index, node in enumerate(self.nodes):
             shape = shapes.get(node.outputs[0])
@@ -945,9 +1054,12 @@ class CompiledModel:
             if ran:
                 s = ran[index]
                 device = node.op == "QGemm"
+                busy = s["busy_s"] or s["device_s"]  # (the reference: its CPU kernels' time)
                 line += (f" {s['jobs'] if device else '':>5} {s['cycles'] if device else '':>10}"
                          f" {s['macs'] if device else '':>11} "
-                         f"{s['macs_skipped'] if device else '':>11} {1e3 * s['host_s']:>8.2f}")
+                         f"{s['macs_skipped'] if device else '':>11} "
+                         f"{1e3 * (s['host_s'] + s['driver_s']):>8.2f} "
+                         + (f"{1e3 * busy:>8.2f}" if device else f"{'':>8}"))
             lines.append(line)
         per_image = {key: sum(p[key] for p in projected.values()) for key in ("jobs", "cycles")}
         lines.append(f"model: {layers['device']} of {len(self.nodes)} nodes on the device "
@@ -958,13 +1070,20 @@ class CompiledModel:
                         f"cycles projected" if projected else "no projection (the input's "
                         "shape is open)"))
         if ran:
-            total = {key: sum(s[key] for s in ran)
-                     for key in ("jobs", "cycles", "macs", "macs_skipped", "host_s", "device_s")}
-            lines.append(f"total: {total['jobs']} device jobs, {total['cycles']} device cycles"
-                         f"{' (estimated)' if any(s['estimated'] for s in ran) else ''}"
-                         f", {total['macs']} MACs issued, {total['macs_skipped']} skipped, "
-                         f"host ops {1e3 * total['host_s']:.1f} ms, accelerator calls "
+            total = self.run_counters()
+            line = (f"total: {total['jobs']} device jobs, {total['cycles']} device cycles"
+                    f"{' (estimated)' if any(s['estimated'] for s in ran) else ''}, "
+                    f"{total['macs']} MACs issued, {total['macs_skipped']} skipped; run "
+                    f"{1e3 * total['wall_s']:.1f} ms: ")
+            if total["busy_s"]:  # a device's
+                line += (f"host {1e3 * total['host_s']:.1f} ms (ops {1e3 * total['ops_s']:.1f}, "
+                         f"driver {1e3 * total['driver_s']:.1f}), device busy "
+                         f"{1e3 * total['busy_s']:.1f} ms ({total['busy_fraction']:.0%} of the "
+                         f"run)")
+            else:
+                line += (f"host ops {1e3 * total['ops_s']:.1f} ms, accelerator calls "
                          f"{1e3 * total['device_s']:.1f} ms")
+            lines.append(line)
         return "\n".join(lines)
 
     def projection(self, accelerator=None):
@@ -1046,11 +1165,21 @@ class CompiledModel:
         return shapes
 
     def run_counters(self):
-        """The last run's device counters summed over nodes: cycles, MACs, MACs skipped."""
+        """The last run's figures summed over nodes: device cycles, MACs issued and skipped,
+        products, jobs; and its times: ``wall_s`` (the run), ``ops_s`` (host ops, im2col,
+        layouts), ``driver_s`` (the driver's packing and unpacking), ``host_s`` (the two),
+        ``busy_s`` (the device's busy time: registers, transfers; 0 on the reference),
+        ``device_s`` (time in accelerator calls), ``busy_fraction`` (busy over wall)."""
         if not self.last_run:
             raise ModelError("run_counters: the model has not been run")
-        return {key: sum(s[key] for s in self.last_run)
-                for key in ("cycles", "macs", "macs_skipped", "products", "jobs")}
+        totals = {key: sum(s[key] for s in self.last_run)
+                  for key in ("cycles", "macs", "macs_skipped", "products", "jobs", "host_s",
+                              "driver_s", "busy_s", "device_s")}
+        totals["ops_s"] = totals.pop("host_s")
+        totals["host_s"] = totals["ops_s"] + totals["driver_s"]
+        totals["wall_s"] = self._last_wall
+        totals["busy_fraction"] = totals["busy_s"] / self._last_wall if self._last_wall else 0.0
+        return totals
 
     # -- saving --
 

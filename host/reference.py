@@ -126,31 +126,42 @@ def _schedule(g, issued, panel, stall_in, requant, groups=False):
     tile_cycles[0][0] = steps[0][0]  # (the issue rule spaces two tiles)
     row_beats = g.vector_beats((1 if requant else 4) * g.cols)
     tile_out = g.rows * row_beats
-    popped, stall_out, end, left, m_ends, first = [], 0, stall_in, 0, [], stall_in
     reload = max(panel + s["group_panel"], s["group_reload"]) if groups else panel + s["panel"]
+    panel_step, room_delay, m_tile = panel + s["panel"], s["room"], s["m_tile"]
+    read_out = g.cols + s["enter"]
+    # (A hot loop: conditionals rather than max(), locals, no appends.)
+    popped = [0] * (m_tiles * n_tiles)
+    m_ends = [0] * m_tiles
+    stall_out, end, left, first, t = 0, stall_in, 0, stall_in, 0
     for i in range(m_tiles):
         # The panel streams after the one before; its bank is free once the m-tile two before
         # is done. (STALL_IN: the cycles waiting for it, the first panel's included.)
-        ready = first + i * (panel + s["panel"])
-        if i >= 2:
-            ready = max(ready, m_ends[i - 2] + reload)
-        waited = max(0, ready - end)
+        ready = first + i * panel_step
+        if i >= 2 and m_ends[i - 2] + reload > ready:
+            ready = m_ends[i - 2] + reload
+        if ready > end:
+            stall_in += ready - end
+        row_cycles, row_steps = tile_cycles[i], steps[i]
         for j in range(n_tiles):
-            begin = max(end, ready) + (s["m_tile"] if j == 0 else 0)
-            natural = begin + tile_cycles[i][j]
-            t = len(popped)
+            begin = end if end > ready else ready
+            if j == 0:
+                begin += m_tile
+            natural = begin + row_cycles[j]
             if t >= 2:
-                room = popped[t - 2] + s["room"]
+                room = popped[t - 2] + room_delay
                 # (STALL_OUT: the cycles the last k-step waits for room, the issue rule's own
                 # wait included.)
-                stall_out += max(0, room - begin - steps[i][j])
-                end = max(natural, room)
+                wait = room - begin - row_steps[j]
+                if wait > 0:
+                    stall_out += wait
+                end = natural if natural > room else room
             else:
                 end = natural
-            left = max(left, end + g.cols + s["enter"]) + tile_out
-            popped.append(left)
-        m_ends.append(end)
-        stall_in += waited
+            entered = end + read_out
+            left = (entered if entered > left else left) + tile_out
+            popped[t] = left
+            t += 1
+        m_ends[i] = end
     return left + s["end"], stall_in, stall_out
 
 

@@ -919,3 +919,86 @@ def test_simulator_reply_after_an_interrupt_is_not_taken_for_the_next():
     with pytest.raises(driver.DeviceError, match="not usable: no answer to 'read' after an "
                                                  "interrupt"):
         server.call("read", 4)
+
+
+class Recorded(reference.ReferenceDevice):
+    """The device model with each transfer taking ``seconds`` of wall time, recorded as
+    (start, end, thread) intervals."""
+
+    def __init__(self, seconds, **build):
+        super().__init__(**build)
+        self.seconds = seconds
+        self.transfers = []
+
+    def transfer(self, *args, **kwargs):
+        import threading
+
+        started = time.perf_counter()
+        size = super().transfer(*args, **kwargs)
+        time.sleep(self.seconds)
+        self.transfers.append((started, time.perf_counter(), threading.get_ident()))
+        return size
+
+
+def test_jobs_are_double_buffered(monkeypatch):
+    """A GEMM of several jobs packs job n+1 while job n is on the device, and unpacks job n
+    while job n+1 is: the packing and unpacking intervals fall inside transfers. Calls from
+    several threads share the device one job at a time (no two transfers overlap), each
+    thread's counters its own, results exact."""
+    import threading
+
+    device = Recorded(0.05, **SMALL)
+    acc = driver.DeviceAccelerator(device, "reference-device", max_transfer=4096)
+    packs, unpacks = [], []
+
+    def recorder(function, log):
+        def recorded(*args, **kwargs):
+            started = time.perf_counter()
+            result = function(*args, **kwargs)
+            log.append((started, time.perf_counter()))
+            return result
+        return recorded
+    monkeypatch.setattr(jobs, "pack_into", recorder(jobs.pack_into, packs))
+    monkeypatch.setattr(jobs, "unpack_into", recorder(jobs.unpack_into, unpacks))
+    rng = np.random.default_rng(5)
+    a, b = operands(rng, 600, 40, 12)
+    assert np.array_equal(acc.matmul(a, b), golden.matmul_int32(a, b))
+    transfers = device.transfers
+    assert len(transfers) >= 4 and len(packs) == len(unpacks) == len(transfers)
+    during = lambda interval: any(start < interval[0] and interval[1] < end  # noqa: E731
+                                  for start, end, _ in transfers)
+    assert sum(map(during, packs[1:])) >= len(packs) - 2  # all but the first (and the slack)
+    assert sum(map(during, unpacks[:-1])) >= len(unpacks) - 2
+    timing = acc.last_timing
+    assert timing["device"] >= 0.05 * len(transfers)
+
+    # Two threads at once: device jobs in turn, each thread's counters and timing its own.
+    device.transfers.clear()
+    shapes = {0: (64, 40, 12), 1: (30, 20, 7)}
+    seen, errors, barrier = {}, [], threading.Barrier(2)
+
+    def worker(index):
+        try:
+            x, y = operands(np.random.default_rng(index), *shapes[index])
+            barrier.wait()
+            for _ in range(3):
+                ok = np.array_equal(acc.matmul(x, y), golden.matmul_int32(x, y))
+                seen[index] = (ok, acc.last_counters["macs"], acc.last_counters["jobs"])
+        except BaseException as error:
+            errors.append(repr(error))
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and all(seen[i][0] for i in range(2))
+    for index, (m, k, n) in shapes.items():
+        x, y = operands(np.random.default_rng(index), m, k, n)
+        alone = sparsa.open("reference", **SMALL)
+        alone.matmul(x, y)
+        assert seen[index][1] == alone.last_counters["macs"]
+    ordered = sorted(device.transfers)
+    assert all(first[1] <= second[0] for first, second in zip(ordered, ordered[1:]))
+    acc.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        acc.matmul(a, b)

@@ -8,6 +8,7 @@ elsewhere; end to end, top-1 must agree with onnxruntime on at least 99.5% of in
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -536,3 +537,57 @@ def test_shapes_without_running_are_the_run_shapes(quantized, reference, tmp_pat
             _, tensors = compiled.run(reference, x, keep=names)
             shapes = compiled._shapes(batch)
             assert {n: shapes.get(n) for n in names} == {n: tensors[n].shape for n in names}
+
+
+def test_micro_batches_overlap_host_and_device(quantized, float_models, tmp_path):
+    """On a device, a batch runs as two micro-batches by default, one's host work beside the
+    other's device jobs: the device's transfers come from two threads, one at a time; the
+    outputs and the summed counters are those of the batch run whole; the report gives the
+    run's host and device totals and the device's busy fraction. A model that mixes a
+    batch's samples (dynamic quantization: one scale per batch) runs whole, and refuses
+    micro-batches asked for."""
+    import threading
+
+    from sparsa.host import driver, reference
+
+    compiled = sparsa_onnx.compile(quantized[("cnn", "QDQ", "QInt8", True)])
+    assert compiled.separable()
+    x = data("cnn", 6, 11)
+    with sparsa.open("reference") as acc:
+        expected = compiled.run(acc, x)[0]
+    transfers = []
+
+    class Threads(reference.ReferenceDevice):
+        def transfer(self, *args, **kwargs):
+            started = time.perf_counter()
+            size = super().transfer(*args, **kwargs)
+            time.sleep(0.01)
+            transfers.append((started, time.perf_counter(), threading.get_ident()))
+            return size
+    acc = driver.DeviceAccelerator(Threads(), "reference-device")
+    whole = compiled.run(acc, x, micro_batches=1)[0]
+    counters = compiled.run_counters()
+    assert np.array_equal(whole, expected) and len({t[2] for t in transfers}) == 1
+    transfers.clear()
+    parts = compiled.run(acc, x)[0]
+    assert np.array_equal(parts, expected)
+    assert len({t[2] for t in transfers}) == 2  # each micro-batch's jobs from its thread
+    ordered = sorted(transfers)
+    assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:]))  # one job at a time
+    split = compiled.run_counters()
+    assert split["jobs"] == 2 * counters["jobs"] and split["busy_s"] >= 0.01 * split["jobs"]
+    assert split["macs"] + split["macs_skipped"] == counters["macs"] + counters["macs_skipped"]
+    assert 0 < split["busy_fraction"] <= 1 and split["host_s"] > 0
+    assert "device busy" in compiled.summary(6, acc).splitlines()[-1]
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(sparsa_onnx.ModelError, match="micro_batches: expected"):
+            compiled.run(acc, x, micro_batches=bad)
+    dynamic = sparsa_onnx.compile(onnx_models.quantize_dynamic(float_models["ffn"], tmp_path,
+                                                               ["MatMul", "Gemm"]))
+    assert not dynamic.separable()
+    with pytest.raises(sparsa_onnx.ModelError, match="mixes the samples"):
+        dynamic.run(acc, data("ffn", 4, 1), micro_batches=2)
+    transfers.clear()
+    dynamic.run(acc, data("ffn", 4, 1))
+    assert len({t[2] for t in transfers}) == 1
+    acc.close()

@@ -236,8 +236,17 @@ def _build_locked(design, simulator, waves, folder, text):
         sources.append(dump)
         args += ["-s", ICARUS_WAVES_TOP]
         cocotb_waves = False
+    # A build records where its cocotb and simulator came from (its makefiles name them):
+    # another installation (a moved or new virtual environment) rebuilds it.
+    import cocotb
+
+    made_with = {"args": args, "cocotb": [cocotb.__version__, str(Path(cocotb.__file__).parent)],
+                 "simulator": shutil.which({"icarus": "iverilog"}.get(simulator, simulator))}
     stamp = folder / "build-args.json"
-    flags_changed = not stamp.exists() or json.loads(stamp.read_text()) != args
+    try:
+        flags_changed = json.loads(stamp.read_text()) != made_with
+    except (OSError, ValueError):
+        flags_changed = True
     runner = get_runner(simulator)
     runner.log.setLevel(logging.WARNING)  # the commands it runs; their output goes to the logs
     build_log = folder / "build.log"
@@ -256,7 +265,7 @@ def _build_locked(design, simulator, waves, folder, text):
         tail = "\n".join(build_log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"building {design.key} for {simulator} failed ({build_log}):\n"
                            f"{tail}") from error
-    stamp.write_text(json.dumps(args))
+    stamp.write_text(json.dumps(made_with))
     return runner
 
 

@@ -118,6 +118,22 @@ endmodule
 """
 
 
+def _installation(simulator):
+    """Where cocotb and the simulator come from, and their versions."""
+    import cocotb
+
+    tool = shutil.which({"icarus": "iverilog"}.get(simulator, simulator)) or simulator
+    return f"\ncocotb {cocotb.__version__} {Path(cocotb.__file__).parent}\n{simulator} {tool}"
+
+
+def _folder(configuration, text, simulator):
+    """A build's folder, by the Verilog and the installation that builds it: a build's
+    makefiles and dependency files name cocotb's and the simulator's files, so another
+    installation (a moved or new virtual environment) builds its own."""
+    digest = hashlib.sha256((text + _installation(simulator)).encode()).hexdigest()[:16]
+    return build_root() / f"{configuration}-{digest}"
+
+
 def _configuration(design, simulator, waves):
     """The cache folder's name for a configuration, less the Verilog's hash."""
     return f"{design.key}-{simulator}{'-waves' if waves else ''}"
@@ -125,7 +141,7 @@ def _configuration(design, simulator, waves):
 
 def build(design, simulator, waves=False):
     """Build ``design`` for ``simulator``; returns (runner, build folder). Cached per process,
-    and on disk in :func:`build_root` by the Verilog's hash."""
+    and on disk in :func:`build_root` by the Verilog's hash and the installation."""
     key = (design.key, simulator, waves)
     if key in _built:
         return _built[key]
@@ -134,7 +150,7 @@ def build(design, simulator, waves=False):
         raise RuntimeError(reason)
     text = design.generate()
     configuration = _configuration(design, simulator, waves)
-    folder = build_root() / f"{configuration}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    folder = _folder(configuration, text, simulator)
     folder.mkdir(parents=True, exist_ok=True)
     # One build at a time per folder: test processes running side by side (pytest -n) share
     # the builds, and the second waits for the first's rather than writing over it.
@@ -236,17 +252,8 @@ def _build_locked(design, simulator, waves, folder, text):
         sources.append(dump)
         args += ["-s", ICARUS_WAVES_TOP]
         cocotb_waves = False
-    # A build records where its cocotb and simulator came from (its makefiles name them):
-    # another installation (a moved or new virtual environment) rebuilds it.
-    import cocotb
-
-    made_with = {"args": args, "cocotb": [cocotb.__version__, str(Path(cocotb.__file__).parent)],
-                 "simulator": shutil.which({"icarus": "iverilog"}.get(simulator, simulator))}
     stamp = folder / "build-args.json"
-    try:
-        flags_changed = json.loads(stamp.read_text()) != made_with
-    except (OSError, ValueError):
-        flags_changed = True
+    flags_changed = not stamp.exists() or json.loads(stamp.read_text()) != args
     runner = get_runner(simulator)
     runner.log.setLevel(logging.WARNING)  # the commands it runs; their output goes to the logs
     build_log = folder / "build.log"
@@ -265,7 +272,7 @@ def _build_locked(design, simulator, waves, folder, text):
         tail = "\n".join(build_log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"building {design.key} for {simulator} failed ({build_log}):\n"
                            f"{tail}") from error
-    stamp.write_text(json.dumps(made_with))
+    stamp.write_text(json.dumps(args))
     return runner
 
 

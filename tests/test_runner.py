@@ -87,3 +87,20 @@ def test_waves_run_writes_a_trace(tmp_path, monkeypatch, simulator, request):
     assert result.passed, result.log_tail()
     assert result.waveform.exists() and result.waveform.stat().st_size > 0
     assert result.waveform.suffix == {"verilator": ".vcd", "icarus": ".fst"}[simulator]
+
+
+def test_build_folders_are_per_installation(monkeypatch, tmp_path):
+    """A build's folder follows its Verilog and the cocotb and simulator installation that
+    builds it (their makefiles name each other's files): a moved or new virtual environment
+    gets its own build rather than one whose makefiles point into a folder that is gone."""
+    from sparsa.sim import runner
+
+    monkeypatch.setenv("SPARSA_BUILD_DIR", str(tmp_path))
+    here = runner._folder("accel_8x8-verilator", "module top; endmodule", "verilator")
+    assert here == runner._folder("accel_8x8-verilator", "module top; endmodule", "verilator")
+    assert here != runner._folder("accel_8x8-verilator", "module top2; endmodule", "verilator")
+    assert here.parent == tmp_path and here.name.startswith("accel_8x8-verilator-")
+    import cocotb
+
+    monkeypatch.setattr(cocotb, "__file__", "/elsewhere/.venv/lib/cocotb/__init__.py")
+    assert runner._folder("accel_8x8-verilator", "module top; endmodule", "verilator") != here

@@ -518,7 +518,11 @@ class DeviceAccelerator(Accelerator):
     compiled model's micro-batches) share the device the same way. ``last_counters`` and
     ``last_timing`` are those of the calling thread's last call."""
 
-    concurrent = True  # matmul may be called from several threads at once, and overlaps
+    @property
+    def concurrent(self):
+        """Whether ``matmul`` may be called from several threads at once, and overlaps (not
+        over a transport that only its caller's thread may use: a cocotb bridge)."""
+        return getattr(self.transport, "any_thread", True)
 
     def __init__(self, transport, backend, max_transfer=None):
         self._local = threading.local()  # (before Accelerator's, which sets last_counters)
@@ -698,6 +702,9 @@ class DeviceAccelerator(Accelerator):
         raise DeviceError(message) from error
 
     def matmul(self, A, B, *, bias=None, requant=None, relu=False, sparse_skip=True, out=None):
+        if not self.concurrent:
+            return super().matmul(A, B, bias=bias, requant=requant, relu=relu,
+                                  sparse_skip=sparse_skip, out=out)
         # Not under ``lock``: calls from several threads overlap (see the class).
         return self._checked_matmul(A, B, bias, requant, relu, sparse_skip, out)
 
@@ -717,12 +724,12 @@ class DeviceAccelerator(Accelerator):
             steps = self.info.version >= STEPS_VERSION
             planned = [_in_format(self.geometry, job, a, b, self.max_transfer, steps,
                                   prepared, count=False)[0] for job in planned]
-        if len(planned) == 1:
-            job = planned[0]
+        if len(planned) == 1 or not getattr(self.transport, "any_thread", True):
+            # (One job, or a transport only its caller's thread may use: in turn.)
             per_job = [self.run_job(job, a, b, bias, acc[job.m0:job.m0 + job.m,
                                                          job.n0:job.n0 + job.n],
                                     accumulate=job.k0 > 0, mult=mult, timing=timing,
-                                    prepared=prepared)]
+                                    prepared=prepared) for job in planned]
         else:
             per_job = self._pipelined(planned, a, b, bias, acc, mult, prepared, timing)
         if not plan.on_device:
@@ -749,7 +756,11 @@ class DeviceAccelerator(Accelerator):
         def finish_oldest():
             job, slot, future = pending.popleft()
             try:
-                per_job.append(future.result())
+                try:
+                    counts = future.result()
+                finally:  # (interrupted while waiting: the job leaves its buffers first)
+                    concurrent.futures.wait([future])
+                per_job.append(counts)
                 self._unpack(slot, job, acc[job.m0:job.m0 + job.m, job.n0:job.n0 + job.n],
                              job.k0 > 0, timing)
             finally:

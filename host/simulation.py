@@ -159,13 +159,16 @@ def allocate(shape, dtype):
     return np.zeros(shape, dtype)
 
 
-def accelerator(call, backend="sim", max_transfer=None, on_close=None, simulator=None):
+def accelerator(call, backend="sim", max_transfer=None, on_close=None, simulator=None,
+                any_thread=True):
     """The driver on the PYNQ transport over simulated MMIO/DMA reached through ``call``;
     ``on_close`` runs when it is closed; ``simulator`` (the :class:`SimServer`, if any) is kept
-    as the transport's ``simulator``."""
+    as the transport's ``simulator``. ``any_thread=False``: ``call`` works only on the
+    caller's thread (a cocotb bridge), so jobs run on the device from there too."""
     transport = PynqTransport(SimMMIO(call), SimDMA(call), allocate,
                               cycles_per_second=SIM_CYCLES_PER_SECOND, on_close=on_close)
     transport.simulator = simulator
+    transport.any_thread = any_thread
     return DeviceAccelerator(transport, backend, max_transfer)
 
 

@@ -124,7 +124,8 @@ async def test_driver(dut):
 
     def host_program():
         report = []
-        with simulation.accelerator(call, max_transfer=cfg.get("max_transfer")) as acc:
+        with simulation.accelerator(call, max_transfer=cfg.get("max_transfer"),
+                                    any_thread=False) as acc:  # (resume: this thread's)
             for index in range(int(jobs["count"])):
                 a, b = jobs[f"a{index}"], jobs[f"b{index}"]
                 bias = jobs[f"bias{index}"] if f"bias{index}" in jobs else None

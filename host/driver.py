@@ -429,7 +429,7 @@ class ReferenceAccelerator(Accelerator):
             out = arith.gemm(A, b, bias, requant, relu, self._workspace)
         else:
             np.copyto(out, arith.gemm(A, b, bias, requant, relu, self._workspace))
-        self._pending = (np.packbits(A != 0, axis=1), A.shape[1],
+        self._pending = (np.packbits(A.view(np.uint8), axis=1), A.shape[1],  # (nonzero: 1)
                          prepared if prepared is not None else b.copy(), bias is not None,
                          None if requant is None else tuple(
                              v.copy() if isinstance(v, np.ndarray) else v for v in requant),

@@ -407,6 +407,43 @@ def format_models(rows):
     return "\n".join(lines)
 
 
+def plot_models(rows, path):
+    """The networks' time: the reference against onnxruntime per model and batch, and on the
+    timed device model the run's wall time against its host and device-busy totals, as a
+    PNG."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    labels = [f"{r['model'].split('-')[0]}\nbatch {r['batch']}" for r in rows]
+    at = range(len(rows))
+    width = 0.38
+    left.bar([x - width / 2 for x in at], [r["reference_ms"] / r["batch"] for r in rows],
+             width, label="sparsa reference (bit-exact)")
+    left.bar([x + width / 2 for x in at], [r["onnxruntime_ms"] / r["batch"] for r in rows],
+             width, label="onnxruntime (same quantized model)")
+    left.set_yscale("log")
+    left.set_ylabel("ms per image (best of several)")
+    left.set_xticks(list(at), labels, fontsize=8)
+    left.set_title("CPU: reference backend vs onnxruntime", fontsize=10)
+    left.legend(fontsize=8)
+    width = 0.27
+    for offset, key, label in ((-width, "timed_host_s", "host total"),
+                               (0, "timed_busy_s", "device busy total"),
+                               (width, "timed_wall_s", "run wall time")):
+        right.bar([x + offset for x in at], [r[key] / r["batch"] * 1e3 for r in rows], width,
+                  label=label)
+    right.set_yscale("log")
+    right.set_ylabel("ms per image")
+    right.set_xticks(list(at), labels, fontsize=8)
+    right.set_title("timed device model (8x8, 100 MHz), micro-batches",
+                    fontsize=10)
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3, axis="y", which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def format_long_k(rows):
     lines = ["| B | M x K x N | one job: cycles | jobs of K = MAX_K: cycles | dense, jobs of "
              "K = MAX_K: cycles | speedup over dense | over the split |",

@@ -294,7 +294,13 @@ def cmd_bench(args):
             print(f"sparsa bench models needs {' and '.join(missing)}: "
                   f"pip install 'sparsa[bench]'", file=sys.stderr)
             return 2
-        print(bench.format_models(bench.run_models()))
+        rows = bench.run_models()
+        print(bench.format_models(rows))
+        args.out.mkdir(parents=True, exist_ok=True)
+        bench.plot_models(rows, args.out / "models.png")
+        (args.out / "models.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (args.out / "models.md").write_text(bench.format_models(rows) + "\n")
+        print(f"wrote {args.out / 'models.png'}, models.json, models.md")
     elif args.what == "area":
         from concurrent.futures import ThreadPoolExecutor
 

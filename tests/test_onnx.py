@@ -160,16 +160,22 @@ def test_backends_give_identical_outputs(quantized, reference):
         assert counters_a[key] == counters_b[key], key
 
 
+def inverted_residual(rng, tmp_path):
+    """The MobileNetV2 block of onnx_models quantized by onnxruntime (QDQ, int8, weights per
+    channel), and compiled."""
+    model = onnx_models.quantize_static(
+        onnx_models.inverted_residual(rng), rng.standard_normal((32, 3, 8, 8)).astype(np.float32),
+        tmp_path, "QDQ", "QInt8", True)
+    return model, sparsa_onnx.compile(model)
+
+
 def test_depthwise_convolution_in_few_jobs(tmp_path):
     """A depthwise convolution of 40 channels runs as two device jobs, not one per channel:
     its groups side by side in a block-diagonal B, as many as K <= MAX_K allows (28 of K = 9).
     The integers are those of one job per group (a build whose MAX_K takes one group), on the
     reference and the device model alike, and agree with onnxruntime's."""
     rng = np.random.default_rng(8)
-    model = onnx_models.quantize_static(
-        onnx_models.inverted_residual(rng), rng.standard_normal((32, 3, 8, 8)).astype(np.float32),
-        tmp_path, "QDQ", "QInt8", True)
-    compiled = sparsa_onnx.compile(model)
+    model, compiled = inverted_residual(rng, tmp_path)
     x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
     names = [out for node in compiled.nodes for out in node.outputs]
     runs = {}
@@ -201,10 +207,7 @@ def test_reference_runs_convolutions_whole_with_the_device_calls_counters(tmp_pa
     device's im2col and calls: every tensor and every counter (cycles included) is the same
     as the NumPy path's, which runs the device's calls."""
     rng = np.random.default_rng(9)
-    model = onnx_models.quantize_static(
-        onnx_models.inverted_residual(rng), rng.standard_normal((32, 3, 8, 8)).astype(np.float32),
-        tmp_path, "QDQ", "QInt8", True)
-    compiled = sparsa_onnx.compile(model)
+    model, compiled = inverted_residual(rng, tmp_path)
     x = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)
     names = [out for node in compiled.nodes for out in node.outputs]
     runs = []
@@ -526,9 +529,7 @@ def test_shapes_without_running_are_the_run_shapes(quantized, reference, tmp_pat
     (QDQ and QOperator, int8 and uint8, the FFN's ArgMax -> Cast, pooling, Flatten, Concat),
     each tensor's shape is the one a run gives it."""
     rng = np.random.default_rng(4)
-    models = [quantized[key] for key in quantized] + [onnx_models.quantize_static(
-        onnx_models.inverted_residual(rng), rng.standard_normal((16, 3, 8, 8)).astype(np.float32),
-        tmp_path, "QDQ", "QInt8", True)]
+    models = [quantized[key] for key in quantized] + [inverted_residual(rng, tmp_path)[0]]
     for model in models:
         compiled = sparsa_onnx.compile(model)
         names = [out for node in compiled.nodes for out in node.outputs if out]

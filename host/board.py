@@ -1,6 +1,6 @@
 """The PYNQ transport: the accelerator's AXI4-Lite registers through MMIO, its streams through an
-AXI DMA in simple mode, buffers from ``pynq.allocate``; and :class:`SparsaIP`, the driver PYNQ
-binds to the accelerator's IP.
+AXI DMA in simple mode, buffers from ``pynq.allocate``. (The driver PYNQ binds to the IP,
+:data:`sparsa.host.backends.SparsaIP`, is above it.)
 
 :class:`PynqTransport` only needs objects that behave like PYNQ's: an ``mmio`` with
 ``read(offset)``/``write(offset, value)``, a ``dma`` with ``sendchannel``/``recvchannel``
@@ -11,7 +11,7 @@ ways a DMA fails, so this code is what runs in all three places.
 
 The DMA's status is read from its registers (PG021, simple mode): each poll reads both
 channels' DMASR, so a fault (DMAIntErr, DMASlvErr, DMADecErr) or a channel that halted raises
-:class:`~sparsa.host.driver.TransferError` at once, naming it, instead of waiting out the
+:class:`~sparsa.host.errors.TransferError` at once, naming it, instead of waiting out the
 timeout. :meth:`PynqTransport.recover` soft-resets the DMA (DMACR.Reset) and starts both
 channels again, each step with a deadline.
 """
@@ -22,7 +22,7 @@ import numpy as np
 
 from sparsa.protocol import DMA_CELL, IP_CELL, IP_VLNV
 
-from .driver import Accelerator, DeviceAccelerator, DeviceError, TransferError
+from .errors import DeviceError, TransferError
 
 DMA_VLNV_PREFIX = "xilinx.com:ip:axi_dma:"
 # Bytes per DMA buffer at most: a send and a receive buffer of this size stay well inside the
@@ -211,143 +211,6 @@ def find_in_overlay(ip_dict, ip=None, dma=None):
     if dma is None:
         dma = of_type(DMA_CELL, lambda vlnv: vlnv.startswith(DMA_VLNV_PREFIX), "AXI DMA")
     return ip, dma
-
-
-class IPDriver(Accelerator):
-    """The accelerator API on PYNQ's object for the IP (``Overlay(...).sparsa``): ``matmul``,
-    ``info``, ``last_counters``, ``last_timing``, ``close``. :data:`SparsaIP` is this class
-    with ``pynq.DefaultIP``, bound to :data:`~sparsa.protocol.IP_VLNV`.
-
-    The DMA is found on first use: the one AXI DMA of the loaded overlay, unless
-    :meth:`attach` named it (``sparsa.open("pynq")`` does).
-    """
-
-    backend = "pynq"
-
-    def __init__(self, description):
-        self._device = None
-        Accelerator.__init__(self)
-        # The next class after Accelerator in SparsaIP's bases is PYNQ's DefaultIP: self.mmio.
-        super(Accelerator, self).__init__(description=description)
-
-    def attach(self, dma, allocate, cycles_per_second=DEFAULT_CLOCK_HZ,
-               max_buffer=DEFAULT_MAX_BUFFER):
-        """Drive the accelerator through ``dma`` (a ``pynq.lib.dma.DMA``)."""
-        with self.lock:
-            if self._device is not None:
-                self._device.close()
-            transport = PynqTransport(self.mmio, dma, allocate, cycles_per_second,
-                                      max_buffer=max_buffer)
-            self._device = DeviceAccelerator(transport, "pynq")
-            self.closed = False
-            return self
-
-    def _connect(self):
-        if self._device is None:
-            import pynq
-            from pynq.lib.dma import DMA
-
-            entries = pynq.PL.ip_dict
-            _, name = find_in_overlay(entries)
-            self.attach(DMA(entries[name]), pynq.allocate, pl_clock_hz(pynq))
-        return self._device
-
-    @property
-    def info(self):
-        return self._connect().info
-
-    @property
-    def concurrent(self):
-        return True  # the driver's matmul, which overlaps calls from several threads
-
-    def matmul(self, A, B, *, bias=None, requant=None, relu=False, sparse_skip=True, out=None):
-        if self.closed:
-            raise RuntimeError("matmul on a closed accelerator")
-        return self._connect().matmul(A, B, bias=bias, requant=requant, relu=relu,
-                                      sparse_skip=sparse_skip, out=out)
-
-    @property
-    def last_counters(self):
-        return self._device.last_counters if self._device is not None else None
-
-    @last_counters.setter
-    def last_counters(self, value):
-        pass  # Accelerator.__init__'s; the counters are the driver's
-
-    def _add_skipped(self, products):
-        self._connect()._add_skipped(products)
-
-    def _no_job(self, products):
-        self._connect()._no_job(products)
-
-    @property
-    def last_timing(self):
-        return self._device.last_timing if self._device is not None else None
-
-    @property
-    def transport(self):
-        return self._connect().transport
-
-    def _matmul(self, a, b, bias, requant, relu, sparse_skip, out, prepared=None):
-        return self._connect()._matmul(a, b, bias, requant, relu, sparse_skip, out, prepared)
-
-    def _register_source(self):
-        return self._connect().transport
-
-    def close(self):
-        """Free the DMA buffers; :meth:`attach` opens the IP again."""
-        with self.lock:
-            if self._device is not None:
-                self._device.close()
-                self._device = None
-            self.closed = True
-
-
-def ip_driver_class(default_ip):
-    """:class:`IPDriver` on ``default_ip`` (``pynq.DefaultIP``; a stand-in in the tests),
-    bound to the accelerator's VLNV. Creating it registers it with PYNQ."""
-    return type("SparsaIP", (IPDriver, default_ip), {"bindto": [IP_VLNV],
-                                                     "__module__": __name__})
-
-
-def _pynq_default_ip():
-    import importlib.util
-
-    if importlib.util.find_spec("pynq") is None:
-        return None
-    try:
-        from pynq import DefaultIP
-    except Exception:  # pynq installed but not usable on this machine
-        return None
-    return DefaultIP
-
-
-_DEFAULT_IP = _pynq_default_ip()
-# PYNQ's driver for the IP: importing sparsa before Overlay(...) binds it.
-SparsaIP = ip_driver_class(_DEFAULT_IP) if _DEFAULT_IP is not None else None
-
-
-def open_board(overlay=None, ip=None, dma=None, max_buffer=DEFAULT_MAX_BUFFER):
-    """The accelerator in ``overlay`` (an ``Overlay`` or a bitstream path; default: the overlay
-    PYNQ has loaded): PYNQ's :data:`SparsaIP` object for it, attached to its DMA."""
-    try:
-        import pynq
-    except ImportError:
-        raise RuntimeError("backend 'pynq' needs the pynq package, which runs on PYNQ boards; "
-                           "elsewhere use backend='sim' or 'reference'") from None
-
-    if overlay is None:
-        overlay = pynq.Overlay(pynq.PL.bitfile_name, download=False)
-    elif isinstance(overlay, str):
-        overlay = pynq.Overlay(overlay)
-    ip, dma = find_in_overlay(overlay.ip_dict, ip, dma)
-    accelerator, channel = getattr(overlay, ip), getattr(overlay, dma)
-    if isinstance(accelerator, IPDriver):
-        return accelerator.attach(channel, pynq.allocate, pl_clock_hz(pynq), max_buffer)
-    # An Overlay made before sparsa was imported gave the IP PYNQ's DefaultIP.
-    transport = PynqTransport(accelerator.mmio, channel, pynq.allocate, pl_clock_hz(pynq),
-                              max_buffer=max_buffer)
-    return DeviceAccelerator(transport, "pynq")
 
 
 def loaded_overlay_has_sparsa():

@@ -16,6 +16,7 @@ from sparsa import protocol
 from sparsa.protocol import REGISTER, Control, Error, Feature, Option, Status
 
 from . import arith, jobs, reference
+from .errors import DeviceError, TransferError
 from .validate import check_array, check_matmul
 
 log = logging.getLogger("sparsa")
@@ -27,14 +28,6 @@ IDENTITY = ("ID", "VERSION", "ROWS", "COLS", "STREAM_WIDTH", "MAX_K", "MAX_K2", 
 COUNTER_KEYS = {"CYCLES": "cycles", "MACS": "macs", "MACS_SKIPPED": "macs_skipped",
                 "STALL_IN": "stall_in", "STALL_OUT": "stall_out",
                 "KSTEPS_SKIPPED": "ksteps_skipped"}
-
-
-class DeviceError(RuntimeError):
-    """The device refused a job or did not finish it; the message quotes STATUS and ERROR."""
-
-
-class TransferError(DeviceError):
-    """The transport could not move a job's packets: e.g. the DMA reported a fault."""
 
 
 MIN_BUFFER = 4096  # bytes: the smallest DMA buffer (one page)
@@ -816,60 +809,3 @@ def _error_name(code):
         return Error(code).name
     except ValueError:
         return str(code)
-
-
-def open(backend="auto", **config):
-    """An :class:`Accelerator`.
-
-    - ``"pynq"``: the board (PYNQ's object for the IP, ``Overlay(...).sparsa``); ``overlay``
-      (an ``Overlay`` or bitstream path; default the loaded one), ``ip``/``dma`` (names in the
-      overlay; default found by type), ``max_transfer`` (bytes per DMA buffer, default 16 MiB).
-    - ``"sim"``: the generated Verilog in a cocotb simulation started for this object;
-      ``simulator`` (``"verilator"`` or ``"icarus"``), the build's ``rows``, ``cols``,
-      ``stream_width``, ``max_k``, ``max_n``, ``sparse_skip``, and stream ``idle``/
-      ``backpressure`` probabilities.
-    - ``"reference"``: NumPy, bit-exact and fast; the build's geometry (for counters).
-      ``device_model=True`` runs the full driver against the byte-level device model instead;
-      with ``clock_mhz`` its jobs take their estimated cycles at that clock in wall time.
-    - ``"auto"``: the board when PYNQ is importable and an overlay is given or loaded with the
-      sparsa IP, else the reference; logs which and why.
-    """
-    if backend == "auto":
-        from . import board
-
-        if config.get("overlay") is not None:
-            backend, why = "pynq", "an overlay was given"
-        else:
-            usable, why = board.loaded_overlay_has_sparsa()
-            backend = "pynq" if usable else "reference"
-        log.info("sparsa backend: %s (%s)", backend, why)
-    if backend == "pynq":
-        from . import board
-
-        unknown = set(config) - {"overlay", "ip", "dma", "max_transfer"}
-        _no_unknown(unknown, backend)
-        return board.open_board(config.get("overlay"), config.get("ip"), config.get("dma"),
-                                config.get("max_transfer") or board.DEFAULT_MAX_BUFFER)
-    if backend == "sim":
-        from . import simulation
-
-        return simulation.open_sim(**config)
-    if backend == "reference":
-        device_model = config.pop("device_model", False)
-        _no_unknown(set(config) - {"rows", "cols", "stream_width", "max_k", "max_n",
-                                   "sparse_skip", "max_transfer", "clock_mhz"}, backend)
-        max_transfer = config.pop("max_transfer", None)
-        clock_mhz = config.pop("clock_mhz", None)
-        if clock_mhz is not None and not device_model:
-            raise ValueError("clock_mhz: the reference takes time only as a device model: "
-                             "pass device_model=True too")
-        if device_model:
-            return DeviceAccelerator(reference.ReferenceDevice(**config, clock_mhz=clock_mhz),
-                                     "reference-device", max_transfer)
-        return ReferenceAccelerator(**config)
-    raise ValueError(f"backend: expected 'auto', 'pynq', 'sim' or 'reference', got {backend!r}")
-
-
-def _no_unknown(unknown, backend):
-    if unknown:
-        raise TypeError(f"open(backend={backend!r}): unexpected options {sorted(unknown)}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import board
 from .board import PynqTransport
-from .driver import DeviceAccelerator, DeviceError
+from .errors import DeviceError
 
 POLL_CYCLES = 64  # simulated cycles per DMA status poll
 # Simulated cycles per wall-clock second, at the least, to turn cycle budgets into timeouts.
@@ -159,19 +159,6 @@ def allocate(shape, dtype):
     return np.zeros(shape, dtype)
 
 
-def accelerator(call, backend="sim", max_transfer=None, on_close=None, simulator=None,
-                any_thread=True):
-    """The driver on the PYNQ transport over simulated MMIO/DMA reached through ``call``;
-    ``on_close`` runs when it is closed; ``simulator`` (the :class:`SimServer`, if any) is kept
-    as the transport's ``simulator``. ``any_thread=False``: ``call`` works only on the
-    caller's thread (a cocotb bridge), so jobs run on the device from there too."""
-    transport = PynqTransport(SimMMIO(call), SimDMA(call), allocate,
-                              cycles_per_second=SIM_CYCLES_PER_SECOND, on_close=on_close)
-    transport.simulator = simulator
-    transport.any_thread = any_thread
-    return DeviceAccelerator(transport, backend, max_transfer)
-
-
 class SimServer:
     """A simulator running ``sparsa.sim.host_tb.test_serve``, and the socket to it."""
 
@@ -275,31 +262,3 @@ class SimServer:
             os.kill(self.pid, signal.SIGKILL)
         except (OSError, TypeError):
             pass  # gone already
-
-
-def open_sim(simulator="verilator", idle=0.0, backpressure=0.0, seed=0, max_transfer=None,
-             **build):
-    """``sparsa.open("sim", ...)``: start a simulation of the build and return its driver."""
-    from sparsa.protocol import DEFAULT_BUILD, check_build
-    from sparsa.sim import toolchain
-
-    unknown = set(build) - set(DEFAULT_BUILD) - {"sparse_skip"}
-    if unknown:
-        raise TypeError(f"open(backend='sim'): unexpected options {sorted(unknown)}")
-    for name, value in (("idle", idle), ("backpressure", backpressure)):
-        if not 0 <= value < 1:
-            raise ValueError(f"{name}: expected a probability in [0, 1), got {value}")
-    reason = toolchain.missing(simulator)
-    if reason:
-        raise RuntimeError(f"simulator: {reason}")
-    cfg = {**DEFAULT_BUILD, **build}
-    check_build(**{name: cfg[name] for name in DEFAULT_BUILD})
-    server = SimServer(cfg, simulator, {"idle": idle, "backpressure": backpressure,
-                                        "seed": seed})
-    try:
-        return accelerator(server.call, "sim", max_transfer, on_close=server.close,
-                           simulator=server)
-    except BaseException:
-        server.close()
-        raise
-

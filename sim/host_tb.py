@@ -114,7 +114,7 @@ async def test_driver(dut):
     """The host driver, unchanged, in this cocotb test: jobs from ``jobs`` (an .npz of a0, b0,
     bias0, requant0, relu0, ...) through ``sparsa``'s PYNQ transport on the simulated RTL,
     each checked against the golden model; the results go to ``report`` (JSON)."""
-    from sparsa.host import simulation
+    from sparsa.host import backends
 
     cfg, board = await make_board(dut)
     jobs = np.load(cfg["jobs"])
@@ -124,7 +124,7 @@ async def test_driver(dut):
 
     def host_program():
         report = []
-        with simulation.accelerator(call, max_transfer=cfg.get("max_transfer"),
+        with backends.sim_accelerator(call, max_transfer=cfg.get("max_transfer"),
                                     any_thread=False) as acc:  # (resume: this thread's)
             for index in range(int(jobs["count"])):
                 a, b = jobs[f"a{index}"], jobs[f"b{index}"]

@@ -34,5 +34,5 @@ def __dir__():
 
 if _util.find_spec("pynq") is not None:
     # On a board: the runtime now, so that importing sparsa before ``Overlay(...)`` registers
-    # its driver for the IP with PYNQ (sparsa.host.board.SparsaIP).
+    # its driver for the IP with PYNQ (sparsa.host.backends.SparsaIP).
     from sparsa import host as _host  # noqa: E402,F401

@@ -147,7 +147,7 @@ VERSION = (1, 4)  # 1.1: OPTIONS.CHANNEL_QUANT; 1.2: OPTIONS.GROUPS; 1.3: its co
 # 1.4: OPTIONS.STEPS_2 / STEPS_1 with MAX_K2 / MAX_K1
 ADDRESS_WIDTH = 12  # a 4 KiB AXI4-Lite window
 # The IP's vendor:library:name:version, as the Vivado packaging script names it and the PYNQ
-# driver (sparsa.host.board.SparsaIP.bindto) binds to it.
+# driver (sparsa.host.backends.SparsaIP.bindto) binds to it.
 IP_VLNV = "sparsa.dev:sparsa:sparsa_accel:1.0"
 # The block design's cells (bitstreams/build_overlay.tcl): PYNQ names an overlay's IP objects
 # after them, so the accelerator is ``Overlay("sparsa.bit").sparsa``.

@@ -20,7 +20,7 @@ from builds import SMALL
 
 import sparsa
 from sparsa import protocol
-from sparsa.host import board, driver, reference
+from sparsa.host import backends, board, driver, reference
 from sparsa.sim import golden
 
 FAULTS = [(bit, name.split()[0]) for bit, name in board.DMASR_FAULTS]
@@ -281,7 +281,7 @@ class FakeDefaultIP:
 
 def test_ip_driver_is_the_accelerator():
     """PYNQ's object for the IP is the driver: matmul, info, counters, timing, close."""
-    ip_class = board.ip_driver_class(FakeDefaultIP)
+    ip_class = backends.ip_driver_class(FakeDefaultIP)
     assert ip_class.bindto == [protocol.IP_VLNV] and ip_class.__name__ == "SparsaIP"
     device = reference.ReferenceDevice(**SMALL)
     ip = ip_class({"mmio": device})
@@ -302,7 +302,7 @@ def test_ip_driver_is_the_accelerator():
 def test_open_pynq_returns_the_ip_object_with_the_pl_clock(monkeypatch):
     """``sparsa.open("pynq")`` gives the overlay's SparsaIP object, attached to the overlay's
     DMA, its timeouts from the PL clock."""
-    ip_class = board.ip_driver_class(FakeDefaultIP)
+    ip_class = backends.ip_driver_class(FakeDefaultIP)
     device = reference.ReferenceDevice(**SMALL)
 
     class Overlay:  # PYNQ's attributes are named after the block design's cells

@@ -1002,3 +1002,34 @@ def test_jobs_are_double_buffered(monkeypatch):
     acc.close()
     with pytest.raises(RuntimeError, match="closed"):
         acc.matmul(a, b)
+
+
+def test_transports_sit_below_the_driver():
+    """The transports (board, simulation, the reference device) and what they use import
+    nothing of the driver or of the module that puts drivers and transports together."""
+    import ast
+    from pathlib import Path
+
+    import sparsa.host
+
+    folder = Path(sparsa.host.__file__).parent
+    for name in ("board", "simulation", "reference", "jobs", "arith", "cpu", "errors"):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                imported.add(module)
+                imported.update(f"{module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        above = {m for m in imported
+                 if m.split(".")[-1] in ("driver", "backends", "graph")
+                 and (m.startswith(".") or m.startswith("sparsa.host"))}
+        assert not above, (name, above)
+    assert sparsa.open is sparsa.host.backends.open and set(sparsa.host.backends.BACKENDS) == {
+        "pynq", "sim", "reference"}
+    with pytest.raises(ValueError, match="backend: expected 'auto', 'pynq', 'sim', 'reference'"):
+        sparsa.open("fpga")
+    with pytest.raises(TypeError, match="max_transfer is the device model's"):
+        sparsa.open("reference", max_transfer=4096)

@@ -163,9 +163,9 @@ def test_importing_sparsa_on_a_board_registers_the_ip_driver(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text("class DefaultIP:\n    bindto = []\n")
     program = ("import sys, sparsa\n"
-               "loaded = 'sparsa.host.board' in sys.modules\n"
-               "from sparsa.host import board\n"
-               "print(loaded, board.SparsaIP.bindto)\n")
+               "loaded = 'sparsa.host.backends' in sys.modules\n"
+               "from sparsa.host import backends\n"
+               "print(loaded, backends.SparsaIP.bindto)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path),
                                                        os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,

@@ -378,6 +378,13 @@ def test_selftest_on_the_board_python_runs_without_hardware_packages(capsys, tmp
     assert "15 of 15 jobs exact: PASS" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["passed"] and [job["exact"] for job in report["jobs"]] == [True] * 15
+    # The dense jobs again from two threads at once, on the device model at the clock: exact,
+    # the device busy for at least the jobs' cycles at 100 MHz, within the wall time.
+    overlap = report["overlap"]
+    dense = [job for job in report["jobs"] if job["name"].startswith("dense")]
+    assert overlap["exact"] and overlap["calls"] == len(dense) == 2
+    assert overlap["busy_s"] >= sum(job["cycles"] for job in dense) / 100e6
+    assert 0 < overlap["busy_fraction"] <= 1 and "overlapped: the dense jobs" in out
 
 
 def test_dma_left_faulted_is_reset_before_the_first_job():

@@ -1,10 +1,13 @@
-"""The ``sparsa`` command line."""
+"""The sparsa command line: generate the accelerator, simulate it, run GEMMs and compiled
+models on the board, the simulator or the NumPy reference, benchmark and synthesize it."""
 
 import argparse
 import importlib.util
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +46,66 @@ def _dimension(text):
     if value > MAX_DIMENSION:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_DIMENSION}, not {text}")
     return value
+
+
+class UserError(Exception):
+    """A mistake in a command's arguments or environment: one line, exit status 2."""
+
+
+# The files a command writes (argument name: what it is), checked before any work.
+OUTPUTS = {"output": "--output", "json": "--json", "plot": "--plot"}
+OUTPUT_DIRECTORIES = {"out": "--out", "workdir": "--workdir"}
+
+
+def _check_outputs(args):
+    """Every output a command was given can be written, tried before any work: a file path
+    that is not a folder (opened for appending, and removed again if it was not there), a
+    folder that can be made and written in."""
+    for name, option in {**OUTPUTS, **OUTPUT_DIRECTORIES}.items():
+        path = getattr(args, name, None)
+        if path is None or not isinstance(path, Path):
+            continue
+        if name in OUTPUTS and path.is_dir():
+            raise UserError(f"{option} {path}: is a folder; give a file name")
+        folder = path if name in OUTPUT_DIRECTORIES else path.parent
+        existed = path.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if name in OUTPUTS:
+                with open(path, "ab"):
+                    pass
+            else:
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+        except OSError as error:
+            raise UserError(f"{option} {path}: cannot be written "
+                            f"({error.strerror or error})") from None
+        finally:
+            if name in OUTPUTS and not existed and path.is_file():
+                path.unlink()
+
+
+def _available_memory():
+    """Bytes of memory available to allocate (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _open(args):
+    """``sparsa.open`` for ``--backend``, its refusals (a missing package or simulator, a
+    build no device can have) as one line."""
+    import sparsa
+
+    try:
+        return sparsa.open(args.backend, **_open_options(args))
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise UserError(f"--backend {args.backend}: {error}") from None
 
 
 def _build_config(args):
@@ -137,6 +200,13 @@ def cmd_run(args):
     import sparsa
     from sparsa.sim import golden
 
+    m, k, n = args.m, args.k, args.n
+    # A and B, their random draws (float64), the result and NumPy's int64 check of it.
+    need = 9 * (m * k + k * n) + 20 * m * n
+    available = _available_memory()
+    if available is not None and need > available:
+        raise UserError(f"-m {m} -k {k} -n {n}: needs about {need / 2**30:.1f} GiB of memory, "
+                        f"{available / 2**30:.1f} GiB is available")
     rng = np.random.default_rng(args.seed)
     a = rng.integers(-128, 128, (args.m, args.k), dtype=np.int8)
     b = rng.integers(-128, 128, (args.k, args.n), dtype=np.int8)
@@ -147,7 +217,7 @@ def cmd_run(args):
     if args.requant:
         options["requant"] = sparsa.requant_params(1.0, 1.0, float(args.k * 64), -3)
     started = time.perf_counter()
-    with sparsa.open(args.backend, **_open_options(args)) as acc:
+    with _open(args) as acc:
         opened = time.perf_counter() - started
         started = time.perf_counter()
         c = acc.matmul(a, b, **options)
@@ -177,7 +247,11 @@ def cmd_selftest(args):
         # take their cycles at the clock: the overlap's figures are a board's.
         options.update(device_model=True, clock_mhz=args.clock_mhz)
     started = time.perf_counter()
-    with sparsa.open(args.backend, **options) as acc:
+    try:
+        acc = sparsa.open(args.backend, **options)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise UserError(f"--backend {args.backend}: {error}") from None
+    with acc:
         print(f"sparsa selftest: {acc!r} (opened in {time.perf_counter() - started:.2f} s)")
         print("  registers: " + selftest.format_registers(
             {"registers": acc.identity(), "features": acc.info.features}))
@@ -197,7 +271,7 @@ def _load_array(path, what):
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"sparsa: {what} {path}: not a .npy/.npz file NumPy reads ({error})")
+        raise UserError(f"{what} {path}: not a .npy/.npz file NumPy reads ({error})") from None
     if isinstance(data, np.lib.npyio.NpzFile):
         with data:
             return {name: data[name] for name in data.files}
@@ -228,10 +302,10 @@ def cmd_infer(args):
     from sparsa.host import graph
 
     try:
-        model = graph.load(args.model)
         inputs = _load_array(args.input, "--input")
+        model = graph.load(args.model)
         started = time.perf_counter()
-        with sparsa.open(args.backend, **_open_options(args)) as acc:
+        with _open(args) as acc:
             opened = time.perf_counter() - started
             started = time.perf_counter()
             outputs = model.run(acc, inputs)
@@ -247,11 +321,23 @@ def cmd_infer(args):
         print(f"  output {info.name}: {value.dtype} {value.shape}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        if len(outputs) == 1:
-            np.save(args.output, outputs[0])
-        else:
-            np.savez(args.output, **{info.name: value
-                                     for info, value in zip(model.outputs, outputs)})
+        with open(args.output, "wb") as file:  # (np.save would add .npy to another name)
+            if len(outputs) == 1:
+                np.save(file, outputs[0])
+            else:
+                np.savez(file, **{info.name: value
+                                  for info, value in zip(model.outputs, outputs)})
+        print(f"  wrote {args.output}")
+    if args.json:
+        stats = [{key: value for key, value in entry.items() if key != "counters"}
+                 for entry in model.last_run]
+        report = {"model": str(args.model), "backend": acc.backend, "batch": int(batch),
+                  "seconds": seconds, "totals": model.run_counters(),
+                  "nodes": [dict(name=node.name, op=node.op, **entry)
+                            for node, entry in zip(model.nodes, stats)]}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"  wrote {args.json}")
     return 0
 
 
@@ -395,9 +481,40 @@ def _add_build_options(parser):
     parser.add_argument("--max-n", type=_positive, default=DEFAULT_BUILD["max_n"])
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown; descriptions and examples as written."""
+
+
+EXAMPLES = {
+    "verilog": "sparsa verilog -o build/sparsa_accel.v --rows 8 --cols 8 --lint",
+    "demo": "sparsa demo --images 50",
+    "run": "sparsa run --backend reference -m 100 -k 300 -n 77 --sparsity 0.5 --requant",
+    "selftest": "sparsa selftest --backend pynq --json selftest.json",
+    "bench": "sparsa bench models",
+    "compile": "sparsa compile model_int8.onnx -o model.npz",
+    "infer": "sparsa infer model.npz --input images.npy --output logits.npy --json layers.json",
+    "synth": "sparsa synth --target ecp5 --seeds 1,2,3",
+}
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="sparsa", description=__doc__)
+    from importlib import metadata
+
+    parser = argparse.ArgumentParser(prog="sparsa", description=__doc__,
+                                     formatter_class=_Formatter)
+    try:
+        version = metadata.version("sparsa")
+    except metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    parser.add_argument("--version", action="version", version=f"sparsa {version}")
     commands = parser.add_subparsers(dest="command", required=True)
+    add_parser = commands.add_parser
+
+    def command(name, **options):
+        """A subcommand: its help as its description, an example, defaults shown."""
+        return add_parser(name, description=options.get("help"), formatter_class=_Formatter,
+                          epilog=f"example:\n  {EXAMPLES[name]}", **options)
+    commands.add_parser = command
 
     verilog = commands.add_parser("verilog", help="write the Verilog of the accelerator or array")
     _add_build_options(verilog)
@@ -510,6 +627,8 @@ def build_parser():
                        help="simulator for --backend sim")
     infer.add_argument("--output", type=Path,
                        help="write the outputs (.npy for one output, else .npz by name)")
+    infer.add_argument("--json", type=Path,
+                       help="also write the per-layer report (times, jobs, cycles) as JSON")
     infer.set_defaults(func=cmd_infer)
 
     synth = commands.add_parser(
@@ -555,12 +674,31 @@ EXTRAS = {"amaranth": "hw", "cocotb": "sim", "cocotb_tools": "sim", "cocotbext":
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sparsa").setLevel(logging.INFO)  # e.g. which backend "auto" chose
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        args = build_parser().parse_args(argv)
         if getattr(args, "command", None) == "bench":
             args.sizes_given = args.sizes is not None
             args.sizes = args.sizes or [64, 128, 256]
+        _check_outputs(args)
+        if hasattr(args, "max_k"):  # a build: checked as the gateware checks it
+            from sparsa.protocol import check_build
+
+            try:
+                check_build(**_build_config(args))
+            except ValueError as error:
+                raise UserError(f"the build: {error}") from None
         return args.func(args)
+    except UserError as error:
+        print(f"sparsa {args.command}: {error}", file=sys.stderr)
+        return 2
+    except MemoryError as error:
+        print(f"sparsa {args.command}: out of memory ({error}); try smaller sizes",
+              file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (| head): the rest goes nowhere, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ModuleNotFoundError as error:
         package = (error.name or "").split(".")[0]
         if package not in EXTRAS:

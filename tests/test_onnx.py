@@ -592,3 +592,26 @@ def test_micro_batches_overlap_host_and_device(quantized, float_models, tmp_path
     dynamic.run(acc, data("ffn", 4, 1))
     assert len({t[2] for t in transfers}) == 1
     acc.close()
+
+
+def test_external_data_outside_the_models_folder_is_refused(tmp_path):
+    """A model whose external data points outside its folder is refused (onnx 1.16 on, which
+    the extras require), not read into the compiled weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    weights.ClearField("raw_data")
+    weights.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../outside.bin"), ("offset", "0"), ("length", "64")):
+        entry = weights.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "outside",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [weights])
+    np.full((4, 4), 7, np.float32).tofile(tmp_path / "outside.bin")
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "model" / "model.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    with pytest.raises(sparsa_onnx.ModelError, match="points outside the directory"):
+        sparsa_onnx.compile(path, calibration=np.ones((2, 4), np.float32))

@@ -230,10 +230,13 @@ def _scalar(value):
 
 
 def _softmax(node, x):
+    """ONNX Softmax over ``axis`` (opset 13 on), or with ``through_last`` over every axis from
+    ``axis`` on together (before opset 13)."""
     axis = _axis(node, x.ndim, default=-1)
+    axes = tuple(range(axis, x.ndim)) if node.attrs.get("through_last") else axis
     x = np.asarray(x, np.float32)
-    shifted = np.exp(x - x.max(axis=axis, keepdims=True))
-    return (shifted / shifted.sum(axis=axis, keepdims=True)).astype(np.float32)
+    shifted = np.exp(x - x.max(axis=axes, keepdims=True))
+    return (shifted / shifted.sum(axis=axes, keepdims=True)).astype(np.float32)
 
 
 def _argmax(node, x):

@@ -45,6 +45,12 @@ SUPPORTED_OPS = tuple(sorted(set(GEMM_OPS + QOPERATOR_OPS + MICROSOFT_OPS) | set
 _ACTIVATIONS = ("Relu", "Clip")
 
 
+# The ai.onnx opsets read, the ones tested (tests/test_onnx.py): onnxruntime's quantizer makes
+# models from 11 on; opset 21's QuantizeLinear and DequantizeLinear add block quantization,
+# which the runtime does not have.
+OPSETS = (11, 20)
+
+
 def compile(model, *, calibration=None, outputs=None):  # noqa: A001  (sparsa.onnx.compile)
     """A :class:`~sparsa.host.graph.CompiledModel` for ``model`` (a path or an
     ``onnx.ModelProto``).
@@ -168,6 +174,16 @@ def _import(model, outputs):
     graph = _Graph()
     opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     graph.opset = opset.get("ai.onnx", 1)
+    low, high = OPSETS
+    if not low <= graph.opset <= high:
+        raise ModelError(f"model: its ai.onnx opset is {graph.opset}; sparsa reads opsets {low} "
+                         f"to {high} (the tested ones): convert it with "
+                         f"onnx.version_converter.convert_version(model, 17)")
+    import onnx
+
+    if not 3 <= model.ir_version <= onnx.IR_VERSION:
+        raise ModelError(f"model: its IR version is {model.ir_version}; this onnx "
+                         f"({onnx.__version__}) reads IR versions 3 to {onnx.IR_VERSION}")
     for init in g.initializer:
         value = numpy_helper.to_array(init)
         graph.types[init.name] = value.dtype.name
@@ -370,9 +386,15 @@ def _pool_attrs(node, name, attrs):
                                        f"(export with auto_pad NOTSET)")
     if attrs.get("ceil_mode", 0):
         raise _unsupported(node, name, "ceil_mode=1 is not supported")
-    return {"kernel_shape": kernel, "strides": list(attrs.get("strides", [1, 1])),
-            "pads": [pads[0], pads[1], pads[2], pads[3]],
-            "dilations": list(attrs.get("dilations", [1, 1]))}
+    strides = list(attrs.get("strides", [1, 1]))
+    dilations = list(attrs.get("dilations", [1, 1]))
+    for what, values, count, low in (("strides", strides, 2, 1), ("dilations", dilations, 2, 1),
+                                     ("pads", pads, 4, 0), ("kernel_shape", kernel, 2, 0)):
+        if len(values) != count or any(int(v) < low for v in values):
+            raise ModelError(f"{node.op_type} node {name!r}: {what} {values}: expected {count} "
+                             f"integers of at least {low}")
+    return {"kernel_shape": kernel, "strides": strides,
+            "pads": [pads[0], pads[1], pads[2], pads[3]], "dilations": dilations}
 
 
 def _gemm_attrs(node, name, op, attrs):
@@ -380,6 +402,8 @@ def _gemm_attrs(node, name, op, attrs):
         result = _pool_attrs(node, name, {"kernel_shape": attrs.get("kernel_shape", [0, 0]),
                                           **attrs})
         result["group"] = attrs.get("group", 1)
+        if result["group"] < 1:
+            raise ModelError(f"{op} node {name!r}: group {result['group']}: expected at least 1")
         return result
     if op == "Gemm":
         if attrs.get("transA", 0):
@@ -406,7 +430,11 @@ def _host_attrs(graph, node, name, op, attrs, inputs):
             raise _unsupported(node, name, f"cast to {to} is not supported")
         return {"to": to, "from_shifted": inputs[0] in graph.shifted, "to_shifted": to == "uint8"}
     if op == "Softmax":
-        return {"axis": attrs.get("axis", -1 if graph.opset >= 13 else 1)}
+        if graph.opset >= 13:
+            return {"axis": attrs.get("axis", -1)}
+        # Before opset 13: the input as a matrix of its axes before ``axis`` by those from it
+        # on, normalized over the latter together.
+        return {"axis": attrs.get("axis", 1), "through_last": 1}
     if op == "Pad":
         mode = attrs.get("mode", b"constant")
         if mode not in (b"constant", "constant"):
@@ -461,7 +489,8 @@ def _import_microsoft(graph, node, name, attrs, inputs, outputs):
         y_scale, y_zp = inputs[3], inputs[4] if len(inputs) > 4 else ""
         result = graph.fresh(f"{name}_float")
         _add(graph, "Softmax", f"{name}/softmax", [x], [result],
-             {"axis": attrs.get("axis", -1 if attrs.get("opset", 13) >= 13 else 1)}, "float32")
+             {"axis": attrs.get("axis", -1)} if attrs.get("opset", 13) >= 13
+             else {"axis": attrs.get("axis", 1), "through_last": 1}, "float32")
     else:
         if attrs.get("channels_last", 0):
             raise _unsupported(node, name, "channels_last=1 is not supported")
@@ -1020,6 +1049,9 @@ def _calibration_feeds(graph, calibration):
                                              for d, s in zip(t.shape, value.shape)):
             raise ModelError(f"calibration[{t.name!r}]: expected shape {tuple(t.shape)} (None: "
                              f"any), got {value.shape}")
+        if value.ndim and value.shape[0] == 0:
+            raise ModelError(f"calibration[{t.name!r}]: expected at least one sample, got "
+                             f"shape {value.shape}")
         feeds[t.name] = value
     return feeds
 

@@ -615,3 +615,84 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path):
     path.write_bytes(helper.make_model(graph).SerializeToString())
     with pytest.raises(sparsa_onnx.ModelError, match="points outside the directory"):
         sparsa_onnx.compile(path, calibration=np.ones((2, 4), np.float32))
+
+
+@pytest.mark.parametrize("attribute, value, message", [
+    ("strides", [0, 1], r"strides \[0, 1\]: expected 2 integers of at least 1"),
+    ("dilations", [1, 0], r"dilations \[1, 0\]: expected 2 integers of at least 1"),
+    ("pads", [1, -1, 1, 1], r"pads \[1, -1, 1, 1\]: expected 4 integers of at least 0"),
+    ("group", 0, r"group 0: expected at least 1"),
+])
+def test_convolution_attributes_checked_at_compile_time(float_models, attribute, value,
+                                                        message):
+    """A Conv whose strides, dilations, pads or group no convolution has is refused when it
+    is compiled, naming the node (not at run time inside NumPy)."""
+    from onnx import helper
+
+    bad = onnx.ModelProto()
+    bad.CopyFrom(float_models["cnn"])
+    conv = next(node for node in bad.graph.node if node.op_type == "Conv")
+    kept = [a for a in conv.attribute if a.name != attribute]
+    del conv.attribute[:]
+    conv.attribute.extend(kept + [helper.make_attribute(attribute, value)])
+    with pytest.raises(graph.ModelError, match=rf"Conv node '{conv.name}'.*{message}"):
+        sparsa_onnx.compile(bad, calibration=data("cnn", 4, 0))
+
+
+def test_calibration_needs_a_sample(float_models):
+    with pytest.raises(graph.ModelError, match=r"calibration\['x'\]: expected at least one "
+                                               r"sample, got shape \(0, 1, 8, 8\)"):
+        sparsa_onnx.compile(float_models["cnn"], calibration=data("cnn", 0, 0))
+
+
+@pytest.mark.parametrize("opset", [10, 21])
+def test_opsets_outside_the_tested_range_refused(float_models, opset):
+    model = onnx.ModelProto()
+    model.CopyFrom(float_models["cnn"])
+    model.opset_import[0].version = opset
+    with pytest.raises(graph.ModelError, match=rf"ai.onnx opset is {opset}; sparsa reads "
+                                               r"opsets 11 to 20.*convert_version"):
+        sparsa_onnx.compile(model, calibration=data("cnn", 4, 0))
+
+
+@pytest.mark.parametrize("opset", [11, 13, 20])
+def test_tested_opsets_agree_with_onnxruntime(float_models, tmp_path, opset):
+    """The CNN at the range's ends (and 13), quantized by onnxruntime there: every accelerated
+    node agrees with onnxruntime's."""
+    model = onnx.ModelProto()
+    model.CopyFrom(float_models["cnn"])
+    model.opset_import[0].version = opset
+    model.graph.name = f"cnn_opset{opset}"
+    quantized_model = onnx_models.quantize_static(model, data("cnn", 32, 2), tmp_path)
+    assert quantized_model.opset_import[0].version >= opset
+    compiled = sparsa_onnx.compile(quantized_model)
+    with sparsa.open("reference") as acc:
+        agreement = sparsa_onnx.node_agreement(quantized_model, compiled,
+                                               {"x": data("cnn", 20, 3)}, acc)
+    assert agreement and all(equal >= 0.999 and largest <= 1
+                             for equal, largest in agreement.values()), agreement
+
+
+def test_softmax_before_opset_13_normalizes_every_axis_from_its_own(tmp_path):
+    """Softmax before opset 13 takes the input as a matrix (the axes before ``axis`` by those
+    from it on) and normalizes each row: over axes 1, 2 and 3 together here, as onnxruntime
+    does, not over axis 1 alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(6)
+    w = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], "project"),
+             helper.make_node("Softmax", ["h"], ["y"], "softmax", axis=1)]
+    graph_ = helper.make_graph(
+        nodes, "legacy_softmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                ["N", 2, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 3, 4])], [w])
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    x = rng.standard_normal((5, 2, 3, 4)).astype(np.float32)
+    compiled = sparsa_onnx.compile(model, calibration=x)
+    with sparsa.open("reference") as acc:
+        ours = compiled.run(acc, x)[0]
+    theirs = sparsa_onnx.onnxruntime_tensors(model, {"x": x})[0]
+    assert np.allclose(ours.reshape(5, -1).sum(axis=1), 1, atol=1e-5)
+    assert np.abs(ours - theirs).max() < 0.01  # the int8 projection's rounding only

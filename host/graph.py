@@ -26,6 +26,7 @@ import json
 import threading
 import time
 import weakref
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -662,6 +663,138 @@ def _output(node, consts, y, axis):
     return y
 
 
+# ---- the QGemm node's format -----------------------------------------------------------------
+
+QGEMM_MODES = ("device", "host", "float", "int32")
+QGEMM_ATTRS = {
+    "groups": "int >= 1", "k": "int >= 1", "n": "int >= 1, a multiple of groups",
+    "source_op": "the ONNX op it came from", "x_zero": "the input's zero point, -128..127",
+    "conv": "kernel_shape, strides, dilations (2 ints >= 1), pads (4 ints >= 0)",
+    "weight": "constant: int8 (groups, k, n / groups)", "colsum": "constant: n integers",
+    "bias": "constant: n int32", "mode": " | ".join(QGEMM_MODES),
+    "multiplier": "constant (device): 1 or n int32", "shift": "(device) 0..31",
+    "out_zero": "(device, host) -128..127", "scale": "constant (host, float): 1 or n finite "
+    "numbers, > 0 on the host", "float_bias": "constant (float): n finite numbers",
+    "relu": "true or false", "clip": "[low, high] (device, host)",
+}
+"""The QGemm node's attributes and what each holds (:func:`check_qgemm`); the compiler writes
+them, :func:`load` checks them, :func:`_qgemm` reads them."""
+
+
+def _is_int(value, low=None, high=None):
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and (low is None or value >= low) and (high is None or value <= high))
+
+
+def check_qgemm(node, constants):
+    """Raise :class:`ModelError` naming the node and the attribute when a QGemm node's
+    attributes are not what :data:`QGEMM_ATTRS` says (types, ranges, constants' dtypes and
+    shapes, the mode's own attributes)."""
+    a = node.attrs
+
+    def bad(name, got):
+        raise ModelError(f"{node.describe()}: attribute {name!r}: expected "
+                         f"{QGEMM_ATTRS.get(name, 'no such attribute')}, got {got}")
+
+    unknown = sorted(set(a) - set(QGEMM_ATTRS))
+    if unknown:
+        bad(unknown[0], repr(a[unknown[0]]))
+    for name in ("groups", "k", "n"):
+        if not _is_int(a.get(name), 1):
+            bad(name, repr(a.get(name)))
+    groups, k, n = a["groups"], a["k"], a["n"]
+    if n % groups:
+        bad("n", f"{n} with {groups} groups")
+    if "x_zero" in a and not _is_int(a["x_zero"], -128, 127):
+        bad("x_zero", repr(a["x_zero"]))
+    if a.get("mode") not in QGEMM_MODES:
+        bad("mode", repr(a.get("mode")))
+    mode = a["mode"]
+    if "relu" in a and not isinstance(a["relu"], bool):
+        bad("relu", repr(a["relu"]))
+    conv = a.get("conv")
+    if conv is not None:
+        ok = isinstance(conv, dict) and set(conv) == {"kernel_shape", "strides", "pads",
+                                                      "dilations"}
+        for key, count, low in (("kernel_shape", 2, 1), ("strides", 2, 1), ("dilations", 2, 1),
+                                ("pads", 4, 0)):
+            values = conv.get(key) if ok else None
+            ok = ok and isinstance(values, list) and len(values) == count and all(
+                _is_int(v, low) for v in values)
+        if not ok or k % (conv["kernel_shape"][0] * conv["kernel_shape"][1]):
+            bad("conv", repr(conv))
+
+    def constant(name, kinds, shapes, required=True):
+        key = a.get(name)
+        if key is None and not required:
+            return None
+        if not isinstance(key, str) or key not in constants:
+            bad(name, f"{key!r}, not one of the model's constants")
+        value = constants[key]
+        if value.dtype.kind not in kinds or value.shape not in shapes:
+            bad(name, f"{value.dtype} {value.shape}")
+        return value
+
+    constant("weight", "i", [(groups, k, n // groups)])
+    if constants[a["weight"]].dtype != np.int8:
+        bad("weight", str(constants[a["weight"]].dtype))
+    constant("colsum", "iu", [(n,)])
+    bias = constant("bias", "iu", [(n,)])
+    if bias.size and (bias.min() < -2**31 or bias.max() > 2**31 - 1):
+        bad("bias", f"values {bias.min()}..{bias.max()}")
+    if mode in ("device", "host"):
+        if not _is_int(a.get("out_zero"), -128, 127):
+            bad("out_zero", repr(a.get("out_zero")))
+        clip = a.get("clip")
+        if clip is not None and not (isinstance(clip, list) and len(clip) == 2 and all(
+                _is_int(v, -128, 127) for v in clip)):
+            bad("clip", repr(clip))
+    if mode == "device":
+        mult = constant("multiplier", "iu", [(1,), (n,)])
+        if mult.min() < -2**31 or mult.max() > 2**31 - 1:
+            bad("multiplier", f"values {mult.min()}..{mult.max()}")
+        if not _is_int(a.get("shift"), 0, 31):
+            bad("shift", repr(a.get("shift")))
+    if mode in ("host", "float"):
+        scale = constant("scale", "f", [(1,), (n,)])
+        if not np.all(np.isfinite(scale)) or (mode == "host" and not np.all(scale > 0)):
+            bad("scale", f"values {scale.min()}..{scale.max()}")
+    if mode == "float":
+        float_bias = constant("float_bias", "f", [(n,)], required=False)
+        if float_bias is not None and not np.all(np.isfinite(float_bias)):
+            bad("float_bias", "values that are not finite")
+
+
+def _check_window(node):
+    """A pooling node's kernel_shape, strides (and dilations): 2 ints >= 1; pads: 4 >= 0."""
+    a = node.attrs
+    for key, count, low in (("kernel_shape", 2, 1), ("strides", 2, 1), ("pads", 4, 0)) + (
+            (("dilations", 2, 1),) if node.op == "MaxPool" else ()):
+        values = a.get(key)
+        if not (isinstance(values, list) and len(values) == count
+                and all(_is_int(v, low) for v in values)):
+            raise ModelError(f"{node.describe()}: attribute {key!r}: expected {count} ints of "
+                             f"at least {low}, got {values!r}")
+
+
+def _check_quantization(node, constants):
+    """A (De)QuantizeLinear's constant scale and zero point: scales finite and > 0, zero
+    points in int8 (the graph's terms)."""
+    names = (node.inputs + ["", ""])[1:3]
+    for role, name in zip(("scale", "zero point"), names):
+        value = constants.get(name) if name else None
+        if value is None:
+            continue
+        if role == "scale" and (value.dtype.kind != "f" or not np.all(np.isfinite(value))
+                                or not np.all(value > 0)):
+            raise ModelError(f"{node.describe()}: the scale {name!r} must be finite and > 0")
+        if role == "zero point" and node.op == "QuantizeLinear" and (
+                value.dtype.kind not in "iu" or value.min(initial=0) < -128
+                or value.max(initial=0) > 127):
+            raise ModelError(f"{node.describe()}: the zero point {name!r} must be in "
+                             f"-128..127 (int8)")
+
+
 # ---- the model ------------------------------------------------------------------------------
 
 @dataclass
@@ -735,6 +868,12 @@ class CompiledModel:
         for node in self.nodes:
             if node.op != "QGemm" and node.op not in HOST_OPS:
                 raise ModelError(f"{node.describe()}: not an op this runtime has")
+            if node.op == "QGemm":
+                check_qgemm(node, self.constants)
+            elif node.op in ("QuantizeLinear", "DequantizeLinear"):
+                _check_quantization(node, self.constants)
+            elif node.op in ("MaxPool", "AveragePool"):
+                _check_window(node)
             for name in node.inputs:
                 if name and name not in known:
                     raise ModelError(f"{node.describe()}: input {name!r} is produced by no "
@@ -1259,23 +1398,100 @@ def _output_array(info, value):
 
 
 def load(path):
-    """A :class:`CompiledModel` from a file :meth:`CompiledModel.save` wrote."""
+    """A :class:`CompiledModel` from a file :meth:`CompiledModel.save` wrote, checked whole
+    before it is returned: the graph's structure, every node's inputs produced before it,
+    every QGemm's attributes and constants (:func:`check_qgemm`), quantization scales and zero
+    points; of the constants only those the graph names are read, and only when they fit in
+    the memory available. Anything else raises :class:`ModelError` naming the file, the node
+    and what is wrong."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with data:
             graph = json.loads(bytes(data["graph"]).decode())
-            constants = {key[len("const/"):]: data[key] for key in data.files
-                         if key.startswith("const/")}
-    except (OSError, KeyError, ValueError) as error:
+            if not isinstance(graph, dict):
+                raise ValueError("its graph is not a JSON object")
+            if graph.get("format") != FORMAT:
+                raise ModelError(f"path: {path!s} is not a sparsa compiled model")
+            if graph.get("version") != VERSION:
+                raise ModelError(f"path: {path!s} has format version {graph.get('version')}; "
+                                 f"this sparsa reads version {VERSION}")
+            nodes = [_node(i, entry) for i, entry in enumerate(_list(graph, "nodes"))]
+            inputs = [_tensor_info("inputs", entry) for entry in _list(graph, "inputs")]
+            outputs = [_tensor_info("outputs", entry) for entry in _list(graph, "outputs")]
+            shifted = _list(graph, "shifted") if "shifted" in graph else []
+            if not all(isinstance(name, str) for name in shifted):
+                raise ModelError("the graph's 'shifted': expected tensor names")
+            constants = _constants(data, nodes)
+    except ModelError as error:
+        if str(path) in str(error):
+            raise
+        raise ModelError(f"path: {path!s}: {error}") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, UnicodeError) as error:
         raise ModelError(f"path: {path!s} is not a model sparsa saved ({error})") from error
-    if graph.get("format") != FORMAT:
-        raise ModelError(f"path: {path!s} is not a sparsa compiled model")
-    if graph.get("version") != VERSION:
-        raise ModelError(f"path: {path!s} has format version {graph.get('version')}; this "
-                         f"sparsa reads version {VERSION}")
-    return CompiledModel([Node(**n) for n in graph["nodes"]], constants,
-                         [TensorInfo(**t) for t in graph["inputs"]],
-                         [TensorInfo(**t) for t in graph["outputs"]], graph.get("source", ""),
-                         graph.get("shifted", ()))
+    try:
+        return CompiledModel(nodes, constants, inputs, outputs, str(graph.get("source", "")),
+                             shifted)
+    except ModelError as error:
+        raise ModelError(f"path: {path!s}: {error}") from None
+
+
+def _list(graph, key):
+    value = graph.get(key)
+    if not isinstance(value, list):
+        raise ModelError(f"the graph's {key!r}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _node(index, entry):
+    """A graph entry as a :class:`Node`: op, name, inputs and outputs (names) and attrs."""
+    fields = {"op": str, "name": str, "inputs": list, "outputs": list, "attrs": dict}
+    if not isinstance(entry, dict) or set(entry) != set(fields) or not all(
+            isinstance(entry[key], kind) for key, kind in fields.items()):
+        raise ModelError(f"node {index}: expected op, name, inputs, outputs and attrs, got "
+                         f"{str(entry)[:120]}")
+    if not all(isinstance(name, str) for name in entry["inputs"] + entry["outputs"]):
+        raise ModelError(f"node {index} ({entry['name']!r}): tensor names must be strings")
+    return Node(**entry)
+
+
+def _tensor_info(where, entry):
+    if not (isinstance(entry, dict) and set(entry) == {"name", "dtype", "shape"}
+            and isinstance(entry["name"], str) and entry["dtype"] in _NUMPY_TYPE
+            and isinstance(entry["shape"], list)
+            and all(d is None or _is_int(d, 0) for d in entry["shape"])):
+        raise ModelError(f"the graph's {where}: expected name, dtype (one of "
+                         f"{sorted(_NUMPY_TYPE)}) and shape, got {str(entry)[:120]}")
+    return TensorInfo(**entry)
+
+
+def _constants(data, nodes):
+    """The constants the graph names (node inputs, QGemm attributes), read once their sizes,
+    from the archive's directory, are known to fit in the memory available."""
+    named = set()
+    for node in nodes:
+        named.update(node.inputs)
+        if node.op == "QGemm":
+            named.update(value for value in node.attrs.values() if isinstance(value, str))
+    keys = [key for key in data.files if key.startswith("const/") and key[6:] in named]
+    size = sum(data.zip.getinfo(f"{key}.npy").file_size for key in keys)
+    available = _available_memory()
+    if available is not None and size > available // 2:
+        raise ModelError(f"its constants take {size / 2**30:.1f} GiB, more than half the "
+                         f"{available / 2**30:.1f} GiB of memory available")
+    return {key[len("const/"):]: data[key] for key in keys}
+
+
+def _available_memory():
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def loads(data):

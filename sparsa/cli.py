@@ -281,6 +281,21 @@ def _load_array(path, what):
 def cmd_compile(args):
     from sparsa import onnx as sparsa_onnx
 
+    if args.check:
+        try:
+            report = sparsa_onnx.check(args.model)
+        except sparsa_onnx.ModelError as error:
+            print(f"sparsa compile: {error}", file=sys.stderr)
+            return 1
+        ops = ", ".join(f"{op} {count}" for op, count in sorted(report["ops"].items()))
+        print(f"sparsa compile --check: {args.model}: {report['nodes']} nodes ({ops})")
+        for line in report["refused"]:
+            print(f"  refused: {line}")
+        print("  every node is supported" if not report["refused"]
+              else f"  {len(report['refused'])} refused")
+        return 1 if report["refused"] else 0
+    if args.output is None:
+        raise UserError("-o/--output: the compiled model's file is needed (or --check)")
     calibration = _load_array(args.calibration, "--calibration") if args.calibration else None
     outputs = args.outputs.split(",") if args.outputs else None
     started = time.perf_counter()
@@ -491,7 +506,7 @@ EXAMPLES = {
     "run": "sparsa run --backend reference -m 100 -k 300 -n 77 --sparsity 0.5 --requant",
     "selftest": "sparsa selftest --backend pynq --json selftest.json",
     "bench": "sparsa bench models",
-    "compile": "sparsa compile model_int8.onnx -o model.npz",
+    "compile": "sparsa compile model_int8.onnx -o model.npz  (or --check model_int8.onnx)",
     "infer": "sparsa infer model.npz --input images.npy --output logits.npy --json layers.json",
     "synth": "sparsa synth --target ecp5 --seeds 1,2,3",
 }
@@ -607,8 +622,10 @@ def build_parser():
         "compile", help="compile an ONNX model (quantized, or float with --calibration) for "
                         "the accelerator into one .npz file; needs sparsa[onnx]")
     compile_.add_argument("model", type=Path, help="the .onnx file")
-    compile_.add_argument("-o", "--output", type=Path, required=True,
-                          help="the compiled model (.npz)")
+    compile_.add_argument("-o", "--output", type=Path, help="the compiled model (.npz)")
+    compile_.add_argument("--check", action="store_true",
+                          help="only list the nodes sparsa would refuse (op, node, why), "
+                               "without compiling")
     compile_.add_argument("--calibration", type=Path,
                           help="float inputs (.npy, or .npz by input name) to quantize a "
                                "float model with")

@@ -51,6 +51,25 @@ _ACTIVATIONS = ("Relu", "Clip")
 OPSETS = (11, 20)
 
 
+def check(model):
+    """Which of ``model``'s nodes sparsa compiles, without compiling it: ``{"nodes": count,
+    "ops": {op: count}, "refused": [one line per refused node: op, node, why, the fix where
+    there is one]}`` (the nodes that read a refused node's outputs are not checked)."""
+    model, _ = _read_model(model, "check")
+    ops = {}
+    for node in model.graph.node:
+        domain = "" if node.domain in ("", "ai.onnx") else f"{node.domain}."
+        ops[domain + node.op_type] = ops.get(domain + node.op_type, 0) + 1
+    try:
+        _import(model, None)
+        refused = []
+    except ModelError as error:
+        lines = str(error).split("\n  ")
+        refused = [line for line in lines[1:] if not line.startswith("(sparsa compiles")] \
+            if len(lines) > 1 else lines
+    return {"nodes": len(model.graph.node), "ops": ops, "refused": refused}
+
+
 def compile(model, *, calibration=None, outputs=None):  # noqa: A001  (sparsa.onnx.compile)
     """A :class:`~sparsa.host.graph.CompiledModel` for ``model`` (a path or an
     ``onnx.ModelProto``).
@@ -215,14 +234,23 @@ def _import(model, outputs):
         if any(out in needed for out in nodes[position].output):
             used.add(position)
             needed.update(nodes[position].input)
+    # Every node is looked at before compile stops: a refused node's outputs are marked, the
+    # nodes that read them are passed over, and the refusals are reported together.
+    refused, passed_over, marked = [], 0, set()
     for index, node in _topological([nodes[i] for i in sorted(used)], set(graph.types)):
+        if any(name in marked for name in node.input):
+            passed_over += 1
+            marked.update(node.output)
+            continue
         name = graph.fresh(node.name or f"{node.op_type}_{index}")
         try:
             _import_node(graph, node, name)
         except ModelError as error:
-            if name in str(error):
-                raise
-            raise ModelError(f"{node.op_type} node {name!r}: {error}") from error
+            refused.append(str(error) if name in str(error)
+                           else f"{node.op_type} node {name!r}: {error}")
+            marked.update(out for out in node.output if out)
+    if refused:
+        raise ModelError(_refusals(refused, passed_over))
     infos = {vi.name: vi for vi in list(g.output) + list(g.value_info)}
     if not names:
         raise ModelError("outputs: the model names no outputs")
@@ -258,6 +286,21 @@ def _shift_constant(graph, name, value):
         graph.shifted.add(name)
         return hold_uint8(value)
     return value
+
+
+def _refusals(refused, passed_over=0):
+    """One message for every refused node, each on its own line (one alone is the whole
+    message), the list of supported ops once at the end."""
+    if len(refused) == 1:
+        return refused[0]
+    after = (f" ({passed_over} node{'s' if passed_over > 1 else ''} reading their outputs "
+             f"not checked)" if passed_over else "")
+    supported = f"; sparsa compiles {', '.join(SUPPORTED_OPS)}"
+    lines = [line.replace(supported, "") for line in refused]
+    if lines != refused:
+        lines.append(f"(sparsa compiles {', '.join(SUPPORTED_OPS)})")
+    return (f"{len(refused)} node{'s' if len(refused) > 1 else ''} refused{after}:\n  "
+            + "\n  ".join(lines))
 
 
 def _unsupported(node, name, why=None):
@@ -382,8 +425,10 @@ def _pool_attrs(node, name, attrs):
                                        f"convolution are supported")
     pads = list(attrs.get("pads", [0, 0, 0, 0]))
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
-        raise _unsupported(node, name, f"auto_pad {attrs['auto_pad']!r}: give explicit pads "
-                                       f"(export with auto_pad NOTSET)")
+        auto_pad = attrs["auto_pad"]
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        raise _unsupported(node, name, f"auto_pad {auto_pad}: give explicit pads (export with "
+                                       f"auto_pad NOTSET)")
     if attrs.get("ceil_mode", 0):
         raise _unsupported(node, name, "ceil_mode=1 is not supported")
     strides = list(attrs.get("strides", [1, 1]))

@@ -696,3 +696,48 @@ def test_softmax_before_opset_13_normalizes_every_axis_from_its_own(tmp_path):
     theirs = sparsa_onnx.onnxruntime_tensors(model, {"x": x})[0]
     assert np.allclose(ours.reshape(5, -1).sum(axis=1), 1, atol=1e-5)
     assert np.abs(ours - theirs).max() < 0.01  # the int8 projection's rounding only
+
+
+def test_every_refused_node_reported_together(tmp_path, capsys):
+    """Compile looks at every node before it stops and reports each refused one (op, node,
+    why, the fix where there is one); the nodes reading a refused node's outputs are passed
+    over, not reported again. ``check`` and ``sparsa compile --check`` list them without
+    compiling."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsa import cli
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    k = numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "k")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], "project"),
+             helper.make_node("Erf", ["h"], ["e"], "erf"),
+             helper.make_node("Add", ["e", "h"], ["a"], "after_erf"),
+             helper.make_node("Sigmoid", ["h"], ["s"], "gate"),
+             helper.make_node("Add", ["a", "s"], ["y"], "join"),
+             helper.make_node("Conv", ["image", "k"], ["c"], "same", auto_pad="SAME_UPPER")]
+    graph_ = helper.make_graph(
+        nodes, "three_refused",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 1, 4, 4])], [w, k])
+    model = helper.make_model(graph_, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    with pytest.raises(graph.ModelError) as error:
+        sparsa_onnx.compile(model)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "3 nodes refused (2 nodes reading their outputs not checked):"
+    assert sorted(line.strip().split(":")[0] for line in lines[1:4]) == [
+        "Conv node 'same'", "Erf node 'erf'", "Sigmoid node 'gate'"]
+    assert any("export with auto_pad NOTSET" in line for line in lines[1:4])
+    assert lines[4].strip().startswith("(sparsa compiles Add")
+    report = sparsa_onnx.check(model)
+    assert report["nodes"] == 6 and report["ops"]["Add"] == 2 and len(report["refused"]) == 3
+    path = tmp_path / "three.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert cli.main(["compile", "--check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("  refused: ") == 3 and "3 refused" in out
+    assert sparsa_onnx.check(onnx_models.cnn(np.random.default_rng(0)))["refused"] == []
+    assert cli.main(["compile", str(path)]) == 2  # neither an output nor --check
+    assert "-o/--output" in capsys.readouterr().err

@@ -291,6 +291,39 @@ def _cast(node, x):
     return hold_uint8(y) if node.attrs.get("to_shifted") else y
 
 
+def _reduce_mean(node, x, axes=None):
+    """ONNX ReduceMean in float32: ``axes`` an attribute (before opset 18) or an input; none
+    reduce every axis, or nothing with ``noop_with_empty_axes``."""
+    axes = _axes(node, axes)
+    x = np.asarray(x, np.float32)
+    if not axes:
+        if node.attrs.get("noop_with_empty_axes", 0):
+            return x
+        axes = range(x.ndim)
+    return np.mean(x, axis=tuple(a % x.ndim for a in axes),
+                   keepdims=bool(node.attrs.get("keepdims", 1)), dtype=np.float32)
+
+
+def _shape(node, x):
+    start, end = node.attrs.get("start", 0), node.attrs.get("end")
+    return np.array(np.shape(x)[start:end], np.int64)
+
+
+def _gather(node, x, indices):
+    axis = _axis(node, np.ndim(x))
+    return np.take(x, np.asarray(indices, np.int64) % np.shape(x)[axis], axis=axis)
+
+
+def _batch_norm(node, x, scale, bias, mean, var):
+    """ONNX BatchNormalization (inference) in float32 over axis 1."""
+    x = np.asarray(x, np.float32)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    params = [np.asarray(v, np.float32).reshape(shape) for v in (scale, bias, mean, var)]
+    scale, bias, mean, var = params
+    inverse = np.float32(1) / np.sqrt(var + np.float32(node.attrs.get("epsilon", 1e-5)))
+    return ((x - mean) * (inverse * scale) + bias).astype(np.float32)
+
+
 def _relu(node, x):
     return np.maximum(x, np.zeros((), x.dtype))
 
@@ -320,6 +353,10 @@ HOST_OPS = {
     "Clip": _clip,
     "Identity": lambda node, x: x,
     "Dropout": lambda node, x, *rest: x,
+    "ReduceMean": _reduce_mean,
+    "Shape": _shape,
+    "Gather": _gather,
+    "BatchNormalization": _batch_norm,
 }
 """ONNX ops the host runs, by ONNX op type: ``f(node, *inputs) -> output(s)``."""
 
@@ -401,6 +438,17 @@ def _concat_shape(node, *xs):
     return tuple(out)
 
 
+def _reduce_mean_shape(node, x, axes=None):
+    axes = _axes(node, axes)
+    if not axes:
+        if node.attrs.get("noop_with_empty_axes", 0):
+            return tuple(x)
+        axes = range(len(x))
+    axes = {a % len(x) for a in axes}
+    keep = node.attrs.get("keepdims", 1)
+    return tuple(1 if i in axes else d for i, d in enumerate(x) if keep or i not in axes)
+
+
 def _qgemm_shape(node, x):
     a = node.attrs
     conv = a.get("conv")
@@ -434,10 +482,16 @@ SHAPES = {
     "Pad": _pad_shape,
     "ArgMax": _argmax_shape,
     "QGemm": _qgemm_shape,
+    "ReduceMean": _reduce_mean_shape,
+    "Shape": lambda node, x: (len(x[node.attrs.get("start", 0):node.attrs.get("end")]),),
+    "Gather": lambda node, x, indices: (tuple(x[:_axis(node, len(x))]) + tuple(indices)
+                                        + tuple(x[_axis(node, len(x)) + 1:])),
+    "BatchNormalization": _SAME,
 }
 """Output shapes of each op from its input shapes (a constant input as its value), without
 running it: ``f(node, *inputs) -> shape`` (or a tuple of shapes, one per output)."""
-_VALUE_INPUTS = {"Reshape": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Pad": (1, 2, 3)}
+_VALUE_INPUTS = {"Reshape": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Pad": (1, 2, 3),
+                 "ReduceMean": (1,)}
 
 
 # ---- the accelerator's node -----------------------------------------------------------------

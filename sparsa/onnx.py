@@ -13,7 +13,7 @@ Accepted models:
   uint8 activations with any zero point;
 - float models with ``calibration`` data, quantized here: activations symmetric int8 (zero point
   0, so a ReLU's zeros stay zeros for sparse-skip), weights symmetric int8 per output channel,
-  BatchNormalization folded into the Conv before it.
+  BatchNormalization folded into the Conv before it (a host op elsewhere).
 
 Each Conv, MatMul (with a constant weight) and Gemm becomes a ``QGemm`` node: accelerator jobs
 with the int32 bias, the requantization to the following QuantizeLinear and a Relu or Clip
@@ -39,7 +39,7 @@ _QLINEAR_GEMM = "QLinearGemm"  # com.microsoft QGemm, renamed apart from the gra
 MICROSOFT_OPS = ("QGemm", "QLinearAdd", "QLinearMul", "QLinearAveragePool",
                  "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax")
 SUPPORTED_OPS = tuple(sorted(set(GEMM_OPS + QOPERATOR_OPS + MICROSOFT_OPS) | set(HOST_OPS)
-                             | {"BatchNormalization", "Constant"}))
+                             | {"Constant"}))
 """The ONNX op types :func:`compile` accepts."""
 
 _ACTIVATIONS = ("Relu", "Clip")
@@ -383,7 +383,7 @@ def _import_node(graph, node, name):
         graph.types.update({outputs[0]: "uint8", outputs[1]: "float32", outputs[2]: "uint8"})
         graph.shifted.update({outputs[0], outputs[2]})
         return
-    if op in GEMM_OPS or op in QOPERATOR_OPS or op == "BatchNormalization":
+    if op in GEMM_OPS or op in QOPERATOR_OPS:
         dtype = {"MatMulInteger": "int32", "ConvInteger": "int32"}.get(
             op, graph.types.get(inputs[7]) if op.startswith("QLinear") else first)
         _add(graph, op, name, inputs, outputs, _gemm_attrs(node, name, op, attrs), dtype)
@@ -404,12 +404,13 @@ def _import_node(graph, node, name):
             host_attrs["value"] = int(host_attrs.get("value", 0)) - 128
         elif len(inputs) < 3 or not inputs[2]:  # the default pad value, 0, is -128 here
             inputs = (inputs + [""])[:2] + [graph.constant(f"{name}_value", np.int8(-128))]
-    dtype = {"Cast": host_attrs.get("to"), "ArgMax": "int64"}.get(op, first)
+    dtype = {"Cast": host_attrs.get("to"), "ArgMax": "int64", "Shape": "int64"}.get(op, first)
     _add(graph, op, name, inputs, outputs, host_attrs, dtype)
-    if op in ("Softmax", "AveragePool", "GlobalAveragePool") and first not in ("float32",
-                                                                               "float64"):
+    if op in ("Softmax", "AveragePool", "GlobalAveragePool", "ReduceMean",
+              "BatchNormalization") and first not in ("float32", "float64"):
         raise _unsupported(node, name, f"input type {first}: {op} runs on float tensors")
-    if dtype == "uint8" or (op not in ("Cast", "ArgMax") and inputs and inputs[0] in graph.shifted):
+    if dtype == "uint8" or (op not in ("Cast", "ArgMax", "Shape") and inputs
+                            and inputs[0] in graph.shifted):
         graph.shifted.update(o for o in outputs[:1] if o)
 
 
@@ -456,8 +457,6 @@ def _gemm_attrs(node, name, op, attrs):
                                            "with a Transpose node)")
         return {"transB": attrs.get("transB", 0), "alpha": attrs.get("alpha", 1.0),
                 "beta": attrs.get("beta", 1.0)}
-    if op == "BatchNormalization":
-        return {"epsilon": attrs.get("epsilon", 1e-5)}
     return {}
 
 
@@ -487,6 +486,21 @@ def _host_attrs(graph, node, name, op, attrs, inputs):
         return {k: v for k, v in attrs.items() if k in ("pads", "value")}
     if op == "Concat":
         return {"axis": attrs["axis"]}
+    if op == "ReduceMean":
+        if len(inputs) > 1 and inputs[1] and inputs[1] not in graph.constants:
+            raise _unsupported(node, name, "the axes must be a constant")
+        return {k: v for k, v in attrs.items() if k in ("axes", "keepdims",
+                                                        "noop_with_empty_axes")}
+    if op == "Shape":
+        return {k: v for k, v in attrs.items() if k in ("start", "end")}
+    if op == "Gather":
+        if inputs[1] not in graph.constants:
+            raise _unsupported(node, name, "the indices must be a constant")
+        return {"axis": attrs.get("axis", 0)}
+    if op == "BatchNormalization":
+        if len(node.output) > 1 and any(node.output[1:]):
+            raise _unsupported(node, name, "only inference (one output) is supported")
+        return {"epsilon": attrs.get("epsilon", 1e-5)}
     if op in ("Clip",):
         return {k: v for k, v in attrs.items() if k in ("min", "max")}
     return {k: v for k, v in attrs.items()
@@ -612,10 +626,6 @@ def _lower(graph):
     for node in graph.nodes:
         if id(node) in removed:
             continue
-        if node.op == "BatchNormalization":
-            raise ModelError(f"{node.describe()}: BatchNormalization is folded only into the "
-                             f"Conv it follows (when that Conv feeds nothing else) and only "
-                             f"for a float model compiled with calibration=")
         if node.op in GEMM_OPS or node.op in QOPERATOR_OPS or node.op == _QLINEAR_GEMM:
             try:
                 qgemm, absorbed = _lower_gemm(graph, node, producers, consumers)
@@ -955,8 +965,8 @@ def _fold_batch_norm(graph):
         if (conv is None or conv.op != "Conv" or len(consumers.get(conv.outputs[0], [])) != 1
                 or conv.inputs[1] not in graph.constants
                 or not all(i in graph.constants for i in node.inputs[1:5])):
-            raise ModelError(f"{node.describe()}: BatchNormalization is folded only into a "
-                             f"float Conv (with constant weights) that feeds nothing else")
+            kept.append(node)  # not after a Conv of its own: a host op
+            continue
         gamma, beta, mean, var = (np.asarray(graph.constants[i], np.float64)
                                   for i in node.inputs[1:5])
         factor = gamma / np.sqrt(var + node.attrs["epsilon"])

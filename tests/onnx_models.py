@@ -173,3 +173,47 @@ def quantize_dynamic(model, directory, op_types):
     quantization.quantize_dynamic(str(source), str(target), op_types_to_quantize=op_types,
                                   weight_type=quantization.QuantType.QInt8, reduce_range=True)
     return onnx.load(target)
+
+
+def exporter_idioms(rng, opset=17):
+    """What exporters write: x (N, 3, 8, 8) -> Conv, Relu, BatchNormalization not after a Conv
+    (onnxruntime's quantizer without quant_pre_process leaves it between Q/DQ pairs), Conv,
+    Relu, ReduceMean over H and W (tf2onnx's global pooling; its axes an input from opset 18),
+    PyTorch's flatten (Shape -> Gather -> Unsqueeze -> Concat -> Reshape), Gemm -> (N, 10)."""
+    f = _weights(rng)
+    constants = [_constant("w1", f(8, 3, 3, 3)), _constant("b1", f(8)),
+                 _constant("gamma", (1 + 0.1 * rng.standard_normal(8)).astype(np.float32)),
+                 _constant("beta", f(8)), _constant("mean", f(8)),
+                 _constant("var", (1 + rng.random(8)).astype(np.float32)),
+                 _constant("w2", f(16, 8, 3, 3)), _constant("b2", f(16)),
+                 _constant("w3", f(10, 16)), _constant("b3", f(10)),
+                 _constant("zero", np.array(0, np.int64)),
+                 _constant("minus_one", np.array([-1], np.int64)),
+                 _constant("axis0", np.array([0], np.int64))]
+    node = helper.make_node
+    if opset >= 18:
+        constants.append(_constant("hw", np.array([2, 3], np.int64)))
+        reduce = node("ReduceMean", ["r2", "hw"], ["pooled"], "pool", keepdims=1)
+    else:
+        reduce = node("ReduceMean", ["r2"], ["pooled"], "pool", axes=[2, 3], keepdims=1)
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        node("Relu", ["c1"], ["r1"], "relu1"),
+        node("BatchNormalization", ["r1", "gamma", "beta", "mean", "var"], ["bn"], "bn"),
+        node("Conv", ["bn", "w2", "b2"], ["c2"], "conv2", pads=[1, 1, 1, 1]),
+        node("Relu", ["c2"], ["r2"], "relu2"),
+        reduce,
+        node("Shape", ["pooled"], ["shape"], "shape"),
+        node("Gather", ["shape", "zero"], ["batch"], "batch", axis=0),
+        node("Unsqueeze", ["batch", "axis0"], ["batch1"], "batch1"),
+        node("Concat", ["batch1", "minus_one"], ["target"], "target", axis=0),
+        node("Reshape", ["pooled", "target"], ["flat"], "flatten"),
+        node("Gemm", ["flat", "w3", "b3"], ["logits"], "fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, f"exporter_idioms_{opset}", _input([3, 8, 8]),
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                             ["N", 10])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model

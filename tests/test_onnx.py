@@ -741,3 +741,34 @@ def test_every_refused_node_reported_together(tmp_path, capsys):
     assert sparsa_onnx.check(onnx_models.cnn(np.random.default_rng(0)))["refused"] == []
     assert cli.main(["compile", str(path)]) == 2  # neither an output nor --check
     assert "-o/--output" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_exporter_idioms_agree_with_onnxruntime(tmp_path, opset):
+    """A BatchNormalization between Q/DQ pairs (onnxruntime's quantizer without
+    quant_pre_process), ReduceMean over H and W (its axes an input from opset 18) and PyTorch's
+    flatten (Shape, Gather, Unsqueeze, Concat, Reshape) run on the host; every accelerated
+    node agrees with onnxruntime's, and the logits' classes."""
+    rng = np.random.default_rng(12)
+    model = onnx_models.exporter_idioms(rng, opset)
+    calibration = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    quantized_model = onnx_models.quantize_static(model, calibration, tmp_path)
+    ops = {node.op_type for node in quantized_model.graph.node}
+    assert {"BatchNormalization", "ReduceMean", "Shape", "Gather"} <= ops
+    compiled = sparsa_onnx.compile(quantized_model)
+    host = {node.op for node in compiled.nodes if node.op != "QGemm"}
+    assert {"BatchNormalization", "ReduceMean", "Shape", "Gather", "Reshape"} <= host
+    x = rng.standard_normal((64, 3, 8, 8)).astype(np.float32)
+    with sparsa.open("reference") as acc:
+        agreement = sparsa_onnx.node_agreement(quantized_model, compiled, {"x": x[:16]}, acc)
+        ours = compiled.run(acc, x)[0]
+    assert len(agreement) == 3 and all(equal >= 0.999 and largest <= 1
+                                       for equal, largest in agreement.values()), agreement
+    theirs = sparsa_onnx.onnxruntime_tensors(quantized_model, {"x": x}, optimize=False)[0]
+    assert ours.shape == theirs.shape == (64, 10)
+    assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.95
+    assert np.abs(ours - theirs).max() < 0.2 * np.abs(theirs).max()
+    # The same float model through sparsa's own quantizer: the BatchNormalization after a
+    # Relu stays a host op.
+    own = sparsa_onnx.compile(model, calibration=calibration)
+    assert "BatchNormalization" in {node.op for node in own.nodes}

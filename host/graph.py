@@ -324,6 +324,36 @@ def _batch_norm(node, x, scale, bias, mean, var):
     return ((x - mean) * (inverse * scale) + bias).astype(np.float32)
 
 
+def _erf(x):
+    """The error function in float32, from float64 (Abramowitz and Stegun 7.1.26: an error
+    below 1.5e-7, about a float32 step near 1)."""
+    x = np.asarray(x, np.float64)
+    t = 1.0 / (1.0 + 0.3275911 * np.abs(x))
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                          + t * 1.061405429))))
+    return (np.sign(x) * (1.0 - poly * np.exp(-x * x))).astype(np.float32)
+
+
+def _layer_norm(node, x, scale, bias=None):
+    """ONNX LayerNormalization in float32: over the axes from ``axis`` on."""
+    x = np.asarray(x, np.float32)
+    axes = tuple(range(_axis(node, x.ndim, default=-1), x.ndim))
+    mean = x.mean(axis=axes, keepdims=True, dtype=np.float32)
+    centered = x - mean
+    variance = np.mean(centered * centered, axis=axes, keepdims=True, dtype=np.float32)
+    y = centered / np.sqrt(variance + np.float32(node.attrs.get("epsilon", 1e-5)))
+    y = y * np.asarray(scale, np.float32)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float32)
+    return y.astype(np.float32)
+
+
+def _float(function):
+    """An element-wise float op as a host op (float32 in, float32 out)."""
+    return lambda node, *xs: np.asarray(function(*(np.asarray(x, np.float32) for x in xs)),
+                                        np.float32)
+
+
 def _relu(node, x):
     return np.maximum(x, np.zeros((), x.dtype))
 
@@ -354,6 +384,15 @@ HOST_OPS = {
     "Identity": lambda node, x: x,
     "Dropout": lambda node, x, *rest: x,
     "ReduceMean": _reduce_mean,
+    "Div": lambda node, a, b: a / b,
+    "Erf": _float(_erf),
+    "Sqrt": _float(np.sqrt),
+    "Pow": _float(np.power),
+    "Sigmoid": _float(lambda x: np.float32(1) / (np.float32(1) + np.exp(-x))),
+    "Tanh": _float(np.tanh),
+    "LayerNormalization": _layer_norm,
+    "Expand": lambda node, x, shape: np.array(np.broadcast_to(
+        x, np.broadcast_shapes(np.shape(x), tuple(int(v) for v in np.asarray(shape))))),
     "Shape": _shape,
     "Gather": _gather,
     "BatchNormalization": _batch_norm,
@@ -482,11 +521,16 @@ SHAPES = {
     "Pad": _pad_shape,
     "ArgMax": _argmax_shape,
     "QGemm": _qgemm_shape,
+    "QMatMul": lambda node, a, b: (tuple(np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2])))
+                                   + (a[-2], b[-1])),
     "ReduceMean": _reduce_mean_shape,
     "Shape": lambda node, x: (len(x[node.attrs.get("start", 0):node.attrs.get("end")]),),
     "Gather": lambda node, x, indices: (tuple(x[:_axis(node, len(x))]) + tuple(indices)
                                         + tuple(x[_axis(node, len(x)) + 1:])),
     "BatchNormalization": _SAME,
+    "Div": lambda node, *xs: np.broadcast_shapes(*xs),
+    "Pow": lambda node, *xs: np.broadcast_shapes(*xs),
+    "Erf": _SAME, "Sqrt": _SAME, "Sigmoid": _SAME, "Tanh": _SAME, "LayerNormalization": _SAME,
 }
 """Output shapes of each op from its input shapes (a constant input as its value), without
 running it: ``f(node, *inputs) -> shape`` (or a tuple of shapes, one per output)."""
@@ -626,6 +670,46 @@ def _qgemm(model, node, env, accelerator, stats):
         y = y.reshape(tuple(shape) + (n,))
     stats["host_s"] += time.perf_counter() - started
     return y
+
+
+def _qmatmul(node, env, accelerator, stats):
+    """A QMatMul node: int8 ``a`` (..., M, K) times int8 ``b`` (..., K, N), the leading axes
+    broadcast, each pair's product on the accelerator (int32); then on the host the zero
+    points' terms, ``sum((a - za)(b - zb)) = sum(ab) - za colsum(b) - zb rowsum(a) + K za zb``
+    (exact, int64), and gemmlowp's requantization to int8."""
+    at = node.attrs
+    a, b = env[node.inputs[0]], env[node.inputs[1]]
+    if a.dtype != np.int8 or b.dtype != np.int8 or a.ndim < 2 or b.ndim < 2 \
+            or a.shape[-1] != b.shape[-2]:
+        raise ModelError(f"{node.describe()}: expected int8 (..., M, K) and (..., K, N), got "
+                         f"{a.dtype} {a.shape} and {b.dtype} {b.shape}")
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    pairs = zip(np.broadcast_to(a, lead + (m, k)).reshape(-1, m, k),
+                np.broadcast_to(b, lead + (k, n)).reshape(-1, k, n))
+    out = np.empty((int(np.prod(lead, dtype=np.int64)), m, n), np.int8)
+    za, zb = at["a_zero"], at["b_zero"]
+    concurrent = getattr(accelerator, "concurrent", False)
+    for index, (x, y) in enumerate(pairs):
+        x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+        started = time.perf_counter()
+        with contextlib.nullcontext() if concurrent else accelerator.lock:
+            product = accelerator.matmul(x, y)
+            stats["counters"].append(accelerator.counters_later())
+        stats["device_s"] += time.perf_counter() - started
+        stats["calls"] += 1
+        started = time.perf_counter()
+        acc = product.astype(np.int64)
+        if za:
+            acc -= za * y.sum(axis=0, dtype=np.int64)
+        if zb:
+            acc -= zb * x.sum(axis=1, dtype=np.int64)[:, None]
+        acc += k * za * zb
+        out[index] = arith.requantize(np.clip(acc, arith.INT32_MIN, arith.INT32_MAX),
+                                      at["multiplier"], at["shift"], at["out_zero"])
+        stats["host_s"] += time.perf_counter() - started
+    stats["products"] += out.size * k
+    return out.reshape(lead + (m, n))
 
 
 def _patches(node, x, zero_point):
@@ -819,6 +903,20 @@ def check_qgemm(node, constants):
             bad("float_bias", "values that are not finite")
 
 
+def check_qmatmul(node):
+    """A QMatMul node's attributes: zero points in int8, a positive int32 multiplier, a shift
+    0..31."""
+    a = node.attrs
+    expected = {"a_zero": (-128, 127), "b_zero": (-128, 127), "out_zero": (-128, 127),
+                "multiplier": (1, 2**31 - 1), "shift": (0, 31)}
+    for name in sorted(set(a) - set(expected) - {"source_op"}):
+        raise ModelError(f"{node.describe()}: attribute {name!r}: not a QMatMul attribute")
+    for name, (low, high) in expected.items():
+        if not _is_int(a.get(name), low, high):
+            raise ModelError(f"{node.describe()}: attribute {name!r}: expected an int in "
+                             f"{low}..{high}, got {a.get(name)!r}")
+
+
 def _check_window(node):
     """A pooling node's kernel_shape, strides (and dilations): 2 ints >= 1; pads: 4 >= 0."""
     a = node.attrs
@@ -920,10 +1018,12 @@ class CompiledModel:
     def _check(self):
         known = set(self.constants) | {t.name for t in self.inputs}
         for node in self.nodes:
-            if node.op != "QGemm" and node.op not in HOST_OPS:
+            if node.op not in ("QGemm", "QMatMul") and node.op not in HOST_OPS:
                 raise ModelError(f"{node.describe()}: not an op this runtime has")
             if node.op == "QGemm":
                 check_qgemm(node, self.constants)
+            elif node.op == "QMatMul":
+                check_qmatmul(node)
             elif node.op in ("QuantizeLinear", "DequantizeLinear"):
                 _check_quantization(node, self.constants)
             elif node.op in ("MaxPool", "AveragePool"):
@@ -1173,6 +1273,8 @@ class CompiledModel:
         """One node's outputs (a tuple), its host and device time added to ``stats``."""
         if node.op == "QGemm":
             return (_qgemm(self, node, env, accelerator, stats),)
+        if node.op == "QMatMul":
+            return (_qmatmul(node, env, accelerator, stats),)
         started = time.perf_counter()
         results = run_host_op(node, env)
         stats["host_s"] += time.perf_counter() - started

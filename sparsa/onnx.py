@@ -38,8 +38,8 @@ QOPERATOR_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger")
 _QLINEAR_GEMM = "QLinearGemm"  # com.microsoft QGemm, renamed apart from the graph's QGemm
 MICROSOFT_OPS = ("QGemm", "QLinearAdd", "QLinearMul", "QLinearAveragePool",
                  "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax")
-SUPPORTED_OPS = tuple(sorted(set(GEMM_OPS + QOPERATOR_OPS + MICROSOFT_OPS) | set(HOST_OPS)
-                             | {"Constant"}))
+SUPPORTED_OPS = tuple(sorted((set(GEMM_OPS + QOPERATOR_OPS + MICROSOFT_OPS) | set(HOST_OPS)
+                              | {"Constant"}) - {"QGemm"}))
 """The ONNX op types :func:`compile` accepts."""
 
 _ACTIVATIONS = ("Relu", "Clip")
@@ -393,8 +393,8 @@ def _import_node(graph, node, name):
     if op not in HOST_OPS:
         raise _unsupported(node, name)
     host_attrs = _host_attrs(graph, node, name, op, attrs, inputs)
-    if op in ("Add", "Sub", "Mul", "Sum") and any(graph.types.get(i) in ("int8", "uint8")
-                                                  for i in inputs):
+    if op in ("Add", "Sub", "Mul", "Sum", "Div", "Pow") and any(
+            graph.types.get(i) in ("int8", "uint8") for i in inputs):
         raise _unsupported(node, name, "integer arithmetic on 8-bit tensors; quantized models "
                                        "add through DequantizeLinear/QuantizeLinear or QLinearAdd")
     if op == "Pad" and len(inputs) > 2 and inputs[2] and inputs[2] not in graph.constants:
@@ -407,7 +407,8 @@ def _import_node(graph, node, name):
     dtype = {"Cast": host_attrs.get("to"), "ArgMax": "int64", "Shape": "int64"}.get(op, first)
     _add(graph, op, name, inputs, outputs, host_attrs, dtype)
     if op in ("Softmax", "AveragePool", "GlobalAveragePool", "ReduceMean",
-              "BatchNormalization") and first not in ("float32", "float64"):
+              "BatchNormalization", "Erf", "Sqrt", "Pow", "Sigmoid", "Tanh",
+              "LayerNormalization") and first not in ("float32", "float64"):
         raise _unsupported(node, name, f"input type {first}: {op} runs on float tensors")
     if dtype == "uint8" or (op not in ("Cast", "ArgMax", "Shape") and inputs
                             and inputs[0] in graph.shifted):
@@ -491,6 +492,10 @@ def _host_attrs(graph, node, name, op, attrs, inputs):
             raise _unsupported(node, name, "the axes must be a constant")
         return {k: v for k, v in attrs.items() if k in ("axes", "keepdims",
                                                         "noop_with_empty_axes")}
+    if op == "LayerNormalization":
+        if len(node.output) > 1 and any(node.output[1:]):
+            raise _unsupported(node, name, "only the normalized output is supported")
+        return {"axis": attrs.get("axis", -1), "epsilon": attrs.get("epsilon", 1e-5)}
     if op == "Shape":
         return {k: v for k, v in attrs.items() if k in ("start", "end")}
     if op == "Gather":
@@ -628,7 +633,11 @@ def _lower(graph):
             continue
         if node.op in GEMM_OPS or node.op in QOPERATOR_OPS or node.op == _QLINEAR_GEMM:
             try:
-                qgemm, absorbed = _lower_gemm(graph, node, producers, consumers)
+                if _of_two_activations(graph, node, producers):
+                    qgemm, absorbed = _lower_activation_matmul(graph, node, producers,
+                                                               consumers)
+                else:
+                    qgemm, absorbed = _lower_gemm(graph, node, producers, consumers)
             except ModelError as error:
                 if node.name in str(error):
                     raise
@@ -638,6 +647,50 @@ def _lower(graph):
             continue
         lowered.append(node)
     graph.nodes = [n for n in lowered if id(n) not in removed]
+
+
+def _of_two_activations(graph, node, producers):
+    """Whether ``node`` is a MatMul whose second operand is not constant weights (attention's
+    Q x K^T and P x V)."""
+    if node.op != "MatMul":
+        return False
+    found = _dequantized(graph, producers, node.inputs[1], node)
+    tensor = found[0].tensor if found is not None else node.inputs[1]
+    return tensor not in graph.constants
+
+
+def _lower_activation_matmul(graph, node, producers, consumers):
+    """A MatMul of two quantized activations, each from a DequantizeLinear (per tensor), into
+    a QuantizeLinear (per tensor): a ``QMatMul`` node, the int8 product of each pair of
+    matrices (broadcast over the leading axes) on the device, the zero points' terms and
+    gemmlowp's requantization on the host."""
+    operands = [_dequantized(graph, producers, name, node) for name in node.inputs[:2]]
+    if any(found is None for found in operands):
+        raise ModelError("a MatMul of two activations needs both from a DequantizeLinear "
+                         "(quantize the model, e.g. onnxruntime's quantize_static)")
+    (a, _), (b, _) = operands
+    follow = _single_consumer(consumers, node.outputs[0])
+    if follow is None or follow.op != "QuantizeLinear" or not all(
+            name in graph.constants for name in follow.inputs[1:3]):
+        raise ModelError("a MatMul of two activations needs a QuantizeLinear after it")
+    out_scale = np.asarray(graph.constants[follow.inputs[1]], np.float64)
+    out_zero = np.asarray(graph.constants[follow.inputs[2]], np.int64)
+    if any(np.size(v) != 1 for v in (a.scale, a.zero_point, b.scale, b.zero_point, out_scale,
+                                     out_zero)):
+        raise ModelError("a MatMul of two activations is quantized per tensor only")
+    real = float(np.asarray(a.scale).reshape(-1)[0] * np.asarray(b.scale).reshape(-1)[0]
+                 / out_scale.reshape(-1)[0])
+    if not 0 < real < 1:
+        raise ModelError(f"the scales give a multiplier of {real}: expected below 1")
+    # The shift whose two roundings most often give one rounding of the exact product (what
+    # a float computation of the QDQ graph gives), for outputs across the int8 range.
+    multiplier, shift = rounding_multiplier(real)
+    attrs = {"a_zero": int(np.asarray(a.zero_point).reshape(-1)[0]),
+             "b_zero": int(np.asarray(b.zero_point).reshape(-1)[0]),
+             "multiplier": int(multiplier), "shift": int(shift),
+             "out_zero": int(out_zero.reshape(-1)[0]), "source_op": "MatMul"}
+    output = follow.outputs[0]
+    return Node("QMatMul", node.name, [a.tensor, b.tensor], [output], attrs), [follow]
 
 
 def _weight_operand(graph, node, producers, name, operand=None):
@@ -1314,7 +1367,7 @@ def node_agreement(model, compiled, feeds, accelerator):
     of output elements equal, largest difference)}``. Needs onnxruntime."""
     result = {}
     for node in compiled.nodes:
-        if node.op != "QGemm":
+        if node.op not in ("QGemm", "QMatMul"):
             continue
         tensors = onnxruntime_tensors(model, feeds, [i for i in node.inputs if i]
                                       + node.outputs)

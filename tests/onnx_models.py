@@ -217,3 +217,114 @@ def exporter_idioms(rng, opset=17):
     model.ir_version = 9
     onnx.checker.check_model(model)
     return model
+
+
+def _encoder_layer(prefix, x, rng, d, heads, t, ff, nodes, constants):
+    """A transformer encoder layer (post-norm, as BERT's): multi-head self-attention (Q, K, V
+    projections, Q x K^T / sqrt(d_head), Softmax, x V), a residual Add, LayerNormalization, a
+    feed-forward block with Erf-form GELU, a residual Add, LayerNormalization. Appends to
+    ``nodes`` and ``constants``; returns the output's name."""
+    dh = d // heads
+    f = _weights(rng)
+
+    def c(name, value):
+        value = np.asarray(value)
+        constants.append(_constant(f"{prefix}{name}", value.astype(np.float32)
+                                   if value.dtype == np.float64 else value))
+        return f"{prefix}{name}"
+    node = helper.make_node
+
+    def add(op, inputs, name, **attrs):
+        nodes.append(node(op, inputs, [f"{prefix}{name}"], f"{prefix}{name}", **attrs))
+        return f"{prefix}{name}"
+    heads_shape = c("heads_shape", np.array([0, t, heads, dh], np.int64))
+    merged_shape = c("merged_shape", np.array([0, t, d], np.int64))
+    split = {}
+    for part, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        projected = add("MatMul", [x, c(f"w{part}", f(d, d) / np.sqrt(d))], f"{part}_proj")
+        biased = add("Add", [projected, c(f"b{part}", f(d))], f"{part}_bias")
+        shaped = add("Reshape", [biased, heads_shape], f"{part}_heads")
+        split[part] = add("Transpose", [shaped], f"{part}_t", perm=perm)
+    scores = add("MatMul", [split["q"], split["k"]], "scores")
+    scaled = add("Div", [scores, c("sqrt_dh", np.array(np.sqrt(dh), np.float32))], "scaled")
+    probabilities = add("Softmax", [scaled], "softmax", axis=-1)
+    context = add("MatMul", [probabilities, split["v"]], "context")
+    merged = add("Reshape", [add("Transpose", [context], "context_t", perm=[0, 2, 1, 3]),
+                             merged_shape], "merged")
+    attended = add("Add", [add("MatMul", [merged, c("wo", f(d, d) / np.sqrt(d))], "o_proj"),
+                           c("bo", f(d))], "o_bias")
+    norm1 = add("LayerNormalization", [add("Add", [attended, x], "residual1"),
+                                       c("gamma1", np.ones(d, np.float32)),
+                                       c("beta1", np.zeros(d, np.float32))], "norm1", axis=-1)
+    hidden = add("Add", [add("MatMul", [norm1, c("w1", f(d, ff) / np.sqrt(d))], "ff1"),
+                         c("b1", f(ff))], "ff1_bias")
+    erf = add("Erf", [add("Div", [hidden, c("sqrt2", np.array(np.sqrt(2), np.float32))],
+                          "gelu_div")], "gelu_erf")
+    gelu = add("Mul", [add("Mul", [hidden, add("Add", [erf, c("one", np.array(1, np.float32))],
+                                               "gelu_one")], "gelu_mul"),
+                       c("half", np.array(0.5, np.float32))], "gelu")
+    out = add("Add", [add("MatMul", [gelu, c("w2", f(ff, d) / np.sqrt(ff))], "ff2"),
+                      c("b2", f(d))], "ff2_bias")
+    return add("LayerNormalization", [add("Add", [out, norm1], "residual2"),
+                                      c("gamma2", np.ones(d, np.float32)),
+                                      c("beta2", np.zeros(d, np.float32))], "norm2", axis=-1)
+
+
+def bert_encoder(rng, layers=2, d=128, heads=4, t=32, ff=256):
+    """A BERT-style encoder: x (N, t, d) embeddings -> ``layers`` encoder layers -> (N, t, d)."""
+    nodes, constants, x = [], [], "x"
+    for layer in range(layers):
+        x = _encoder_layer(f"l{layer}_", x, rng, d, heads, t, ff, nodes, constants)
+    nodes.append(helper.make_node("Identity", [x], ["y"], "output"))
+    graph = helper.make_graph(
+        nodes, "bert_encoder", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                              ["N", t, d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", t, d])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def vit_encoder(rng, layers=2, d=64, heads=4, image=32, patch=8, ff=128, classes=10):
+    """A ViT-style classifier: x (N, 3, image, image) -> patch embedding as a Conv with
+    stride = kernel -> tokens (Reshape, Transpose), a class token (Expand to the batch from
+    Shape/Gather/Unsqueeze/Concat, Concat) and position embeddings (Add) -> ``layers`` encoder
+    layers -> the class token (Gather) -> Gemm -> (N, classes)."""
+    f = _weights(rng)
+    t = (image // patch) ** 2 + 1
+    constants = [_constant("patch_w", f(d, 3, patch, patch) / np.float32(patch)),
+                 _constant("patch_b", f(d)),
+                 _constant("tokens_shape", np.array([0, d, t - 1], np.int64)),
+                 _constant("cls", f(1, 1, d)), _constant("positions", f(1, t, d)),
+                 _constant("first", np.array(0, np.int64)),
+                 _constant("axis0", np.array([0], np.int64)),
+                 _constant("one_and_d", np.array([1, d], np.int64)),
+                 _constant("head_w", f(classes, d) / np.float32(np.sqrt(d))),
+                 _constant("head_b", f(classes))]
+    node = helper.make_node
+    nodes = [node("Conv", ["x", "patch_w", "patch_b"], ["patches"], "patch_embed",
+                  kernel_shape=[patch, patch], strides=[patch, patch]),
+             node("Reshape", ["patches", "tokens_shape"], ["tokens_t"], "flatten_patches"),
+             node("Transpose", ["tokens_t"], ["tokens"], "tokens", perm=[0, 2, 1]),
+             node("Shape", ["tokens"], ["token_shape"], "token_shape"),
+             node("Gather", ["token_shape", "first"], ["batch"], "batch", axis=0),
+             node("Unsqueeze", ["batch", "axis0"], ["batch1"], "batch1"),
+             node("Concat", ["batch1", "one_and_d"], ["cls_shape"], "cls_shape", axis=0),
+             node("Expand", ["cls", "cls_shape"], ["cls_tokens"], "cls_tokens"),
+             node("Concat", ["cls_tokens", "tokens"], ["sequence"], "with_cls", axis=1),
+             node("Add", ["sequence", "positions"], ["embedded"], "positions")]
+    x = "embedded"
+    for layer in range(layers):
+        x = _encoder_layer(f"l{layer}_", x, rng, d, heads, t, ff, nodes, constants)
+    nodes += [node("Gather", [x, "first"], ["cls_out"], "class_token", axis=1),
+              node("Gemm", ["cls_out", "head_w", "head_b"], ["logits"], "head", transB=1)]
+    graph = helper.make_graph(
+        nodes, "vit_encoder", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                             ["N", 3, image, image])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model

@@ -1346,12 +1346,21 @@ class CompiledModel:
                     layers["macs"] += int(macs)
                 if node.name in projected:
                     jobs, cycles = (projected[node.name][key] for key in ("jobs", "cycles"))
+            elif node.op == "QMatMul":
+                where = "device"
+                layers["device"] += 1
+                a_shape = shapes.get(node.inputs[0])
+                if shape is not None and a_shape is not None:
+                    macs = f"{int(np.prod(shape)) * a_shape[-1]}"
+                    layers["macs"] += int(macs)
+                if node.name in projected:
+                    jobs, cycles = (projected[node.name][key] for key in ("jobs", "cycles"))
             line = (f"{node.name[:28]:<28} {node.attrs.get('source_op', node.op)[:18]:<18} "
                     f"{str(tuple(shape)) if shape is not None else '?':<18} {where:<11} "
                     f"{macs:>11} {zeros:>7} {jobs:>8} {cycles:>10}")
             if ran:
                 s = ran[index]
-                device = node.op == "QGemm"
+                device = node.op in ("QGemm", "QMatMul")
                 busy = s["busy_s"] or s["device_s"]  # (the reference: its CPU kernels' time)
                 line += (f" {s['jobs'] if device else '':>5} {s['cycles'] if device else '':>10}"
                          f" {s['macs'] if device else '':>11} "
@@ -1403,6 +1412,14 @@ class CompiledModel:
         result = {}
         with ReferenceAccelerator(**geometry) as reference:
             for node in self.nodes:
+                if node.op == "QMatMul" and node.outputs[0] in shapes \
+                        and node.inputs[0] in shapes:
+                    out, k = shapes[node.outputs[0]], shapes[node.inputs[0]][-1]
+                    counts = reference.counters_of(np.broadcast_to(np.int8(1), out[-2:-1] + (k,)),
+                                                   np.ones((k, out[-1]), np.int8))
+                    pairs = int(np.prod(out[:-2], dtype=np.int64))
+                    result[node.name] = {key: pairs * int(counts[key])
+                                         for key in ("jobs", "cycles", "macs")}
                 if node.op != "QGemm" or node.outputs[0] not in shapes:
                     continue
                 a = node.attrs

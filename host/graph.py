@@ -1649,14 +1649,15 @@ def _constants(data, nodes):
             named.update(value for value in node.attrs.values() if isinstance(value, str))
     keys = [key for key in data.files if key.startswith("const/") and key[6:] in named]
     size = sum(data.zip.getinfo(f"{key}.npy").file_size for key in keys)
-    available = _available_memory()
+    available = available_memory()
     if available is not None and size > available // 2:
         raise ModelError(f"its constants take {size / 2**30:.1f} GiB, more than half the "
                          f"{available / 2**30:.1f} GiB of memory available")
     return {key[len("const/"):]: data[key] for key in keys}
 
 
-def _available_memory():
+def available_memory():
+    """Bytes of memory available to allocate (Linux's MemAvailable), or None."""
     try:
         with open("/proc/meminfo") as info:
             for line in info:

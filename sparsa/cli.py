@@ -85,18 +85,6 @@ def _check_outputs(args):
                 path.unlink()
 
 
-def _available_memory():
-    """Bytes of memory available to allocate (Linux's MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _open(args):
     """``sparsa.open`` for ``--backend``, its refusals (a missing package or simulator, a
     build no device can have) as one line."""
@@ -203,7 +191,9 @@ def cmd_run(args):
     m, k, n = args.m, args.k, args.n
     # A and B, their random draws (float64), the result and NumPy's int64 check of it.
     need = 9 * (m * k + k * n) + 20 * m * n
-    available = _available_memory()
+    from sparsa.host.graph import available_memory
+
+    available = available_memory()
     if available is not None and need > available:
         raise UserError(f"-m {m} -k {k} -n {n}: needs about {need / 2**30:.1f} GiB of memory, "
                         f"{available / 2**30:.1f} GiB is available")

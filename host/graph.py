@@ -354,6 +354,55 @@ def _float(function):
                                         np.float32)
 
 
+def _gelu(node, x):
+    """ONNX Gelu (opset 20): exact (the error function) or, with approximate="tanh", its tanh
+    form, in float32."""
+    x = np.asarray(x, np.float32)
+    if node.attrs.get("approximate", "none") == "tanh":
+        inner = np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
+        return (np.float32(0.5) * x * (np.float32(1) + np.tanh(inner))).astype(np.float32)
+    return (np.float32(0.5) * x * (np.float32(1) + _erf(x / np.float32(np.sqrt(2))))).astype(
+        np.float32)
+
+
+def _hard_sigmoid(node, x, alpha=None, beta=None):
+    alpha = np.float32(node.attrs.get("alpha", 0.2) if alpha is None else alpha)
+    beta = np.float32(node.attrs.get("beta", 0.5) if beta is None else beta)
+    return np.clip(alpha * np.asarray(x, np.float32) + beta, 0, 1).astype(np.float32)
+
+
+def _slice(node, x, starts, ends, axes=None, steps=None):
+    """ONNX Slice (starts, ends, axes and steps as inputs: opset 10 on)."""
+    starts, ends = np.asarray(starts).reshape(-1), np.asarray(ends).reshape(-1)
+    axes = range(len(starts)) if axes is None else np.asarray(axes).reshape(-1)
+    steps = np.ones(len(starts), np.int64) if steps is None else np.asarray(steps).reshape(-1)
+    index = [slice(None)] * np.ndim(x)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = int(axis) % np.ndim(x)
+        if step == 0:
+            raise ModelError(f"{node.describe()}: a step of 0")
+        index[axis] = slice(*slice(int(start), int(end), int(step)).indices(np.shape(x)[axis]))
+    return np.ascontiguousarray(np.asarray(x)[tuple(index)])
+
+
+def _split(node, x, split=None):
+    """ONNX Split along ``axis``: sizes from the ``split`` input (opset 13 on) or attribute,
+    else equal parts (``num_outputs`` from opset 18, else one per output)."""
+    axis = _axis(node, np.ndim(x))
+    size = np.shape(x)[axis]
+    sizes = split if split is not None else node.attrs.get("split")
+    if sizes is None:
+        parts = node.attrs.get("num_outputs") or len(node.outputs)
+        chunk = -(-size // parts)
+        sizes = [min(chunk, size - i * chunk) for i in range(parts)]
+    bounds = np.cumsum([0] + [int(v) for v in np.asarray(sizes).reshape(-1)])
+    if bounds[-1] != size:
+        raise ModelError(f"{node.describe()}: split sizes {list(np.diff(bounds))} do not add "
+                         f"up to axis {axis}'s {size}")
+    return tuple(np.ascontiguousarray(np.take(x, range(low, high), axis=axis))
+                 for low, high in zip(bounds[:-1], bounds[1:]))
+
+
 def _relu(node, x):
     return np.maximum(x, np.zeros((), x.dtype))
 
@@ -391,6 +440,13 @@ HOST_OPS = {
     "Sigmoid": _float(lambda x: np.float32(1) / (np.float32(1) + np.exp(-x))),
     "Tanh": _float(np.tanh),
     "LayerNormalization": _layer_norm,
+    "Gelu": _gelu,
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": lambda node, x: (np.asarray(x, np.float32) * np.clip(
+        np.asarray(x, np.float32) / np.float32(6) + np.float32(0.5), 0, 1)).astype(np.float32),
+    "Slice": _slice,
+    "Split": _split,
+    "Where": lambda node, condition, x, y: np.where(np.asarray(condition, bool), x, y),
     "Expand": lambda node, x, shape: np.array(np.broadcast_to(
         x, np.broadcast_shapes(np.shape(x), tuple(int(v) for v in np.asarray(shape))))),
     "Shape": _shape,
@@ -531,11 +587,16 @@ SHAPES = {
     "Div": lambda node, *xs: np.broadcast_shapes(*xs),
     "Pow": lambda node, *xs: np.broadcast_shapes(*xs),
     "Erf": _SAME, "Sqrt": _SAME, "Sigmoid": _SAME, "Tanh": _SAME, "LayerNormalization": _SAME,
+    "Gelu": _SAME, "HardSigmoid": _SAME, "HardSwish": _SAME,
+    "Where": lambda node, *xs: np.broadcast_shapes(*xs),
+    "Slice": lambda node, x, *rest: _slice(node, np.broadcast_to(np.int8(0), x), *rest).shape,
+    "Split": lambda node, x, split=None: tuple(part.shape for part in _split(
+        node, np.broadcast_to(np.int8(0), x), split)),
 }
 """Output shapes of each op from its input shapes (a constant input as its value), without
 running it: ``f(node, *inputs) -> shape`` (or a tuple of shapes, one per output)."""
 _VALUE_INPUTS = {"Reshape": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Pad": (1, 2, 3),
-                 "ReduceMean": (1,)}
+                 "ReduceMean": (1,), "Slice": (1, 2, 3, 4), "Split": (1,)}
 
 
 # ---- the accelerator's node -----------------------------------------------------------------

@@ -408,7 +408,8 @@ def _import_node(graph, node, name):
     _add(graph, op, name, inputs, outputs, host_attrs, dtype)
     if op in ("Softmax", "AveragePool", "GlobalAveragePool", "ReduceMean",
               "BatchNormalization", "Erf", "Sqrt", "Pow", "Sigmoid", "Tanh",
-              "LayerNormalization") and first not in ("float32", "float64"):
+              "LayerNormalization", "Gelu", "HardSigmoid", "HardSwish") \
+            and first not in ("float32", "float64"):
         raise _unsupported(node, name, f"input type {first}: {op} runs on float tensors")
     if dtype == "uint8" or (op not in ("Cast", "ArgMax", "Shape") and inputs
                             and inputs[0] in graph.shifted):
@@ -498,6 +499,20 @@ def _host_attrs(graph, node, name, op, attrs, inputs):
         return {"axis": attrs.get("axis", -1), "epsilon": attrs.get("epsilon", 1e-5)}
     if op == "Shape":
         return {k: v for k, v in attrs.items() if k in ("start", "end")}
+    if op in ("HardSigmoid", "Gelu"):
+        value = attrs.get("approximate")
+        result = {k: v for k, v in attrs.items() if k in ("alpha", "beta")}
+        if value is not None:
+            result["approximate"] = value.decode() if isinstance(value, bytes) else value
+        return result
+    if op == "Split":
+        return {k: (list(v) if k == "split" else v) for k, v in attrs.items()
+                if k in ("axis", "split", "num_outputs")}
+    if op == "Slice":
+        if len(inputs) < 3 or not all(i in graph.constants for i in inputs[1:] if i):
+            raise _unsupported(node, name, "starts, ends, axes and steps must be constants "
+                                           "(given as inputs: opset 10 on)")
+        return {}
     if op == "Gather":
         if inputs[1] not in graph.constants:
             raise _unsupported(node, name, "the indices must be a constant")

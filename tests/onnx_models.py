@@ -328,3 +328,34 @@ def vit_encoder(rng, layers=2, d=64, heads=4, image=32, patch=8, ff=128, classes
     model.ir_version = 9
     onnx.checker.check_model(model)
     return model
+
+
+def more_host_ops(rng, opset=20):
+    """x (N, 16) -> MatMul -> Gelu (exact), HardSigmoid, HardSwish, Gelu (tanh), Where on a
+    constant mask, Split in two, Slice of each, Concat -> MatMul -> (N, 8)."""
+    f = _weights(rng)
+    constants = [_constant("w1", f(16, 32)), _constant("w2", f(16, 8)),
+                 _constant("mask", rng.random(32) < 0.5), _constant("other", f(32)),
+                 _constant("halves", np.array([16, 16], np.int64)),
+                 _constant("starts", np.array([0], np.int64)),
+                 _constant("ends", np.array([8], np.int64)),
+                 _constant("axis1", np.array([1], np.int64))]
+    node = helper.make_node
+    nodes = [node("MatMul", ["x", "w1"], ["h"], "up"),
+             node("Gelu", ["h"], ["g"], "gelu"),
+             node("HardSigmoid", ["g"], ["hs"], "hard_sigmoid", alpha=0.3, beta=0.4),
+             node("HardSwish", ["hs"], ["hw"], "hard_swish"),
+             node("Gelu", ["hw"], ["gt"], "gelu_tanh", approximate="tanh"),
+             node("Where", ["mask", "gt", "other"], ["wh"], "where"),
+             node("Split", ["wh", "halves"], ["left", "right"], "split", axis=1),
+             node("Slice", ["left", "starts", "ends", "axis1"], ["left8"], "slice_left"),
+             node("Slice", ["right", "starts", "ends", "axis1"], ["right8"], "slice_right"),
+             node("Concat", ["left8", "right8"], ["joined"], "join", axis=1),
+             node("MatMul", ["joined", "w2"], ["y"], "down")]
+    graph = helper.make_graph(nodes, "more_host_ops", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 16])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["N", 8])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model

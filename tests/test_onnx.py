@@ -805,3 +805,25 @@ def test_transformer_encoders_agree_with_onnxruntime(tmp_path, build, shape):
     # The same integers through the whole driver on the device model (micro-batches too).
     with sparsa.open("reference", device_model=True) as device:
         assert np.array_equal(compiled.run(device, x[:4])[0], ours[:4])
+
+
+def test_more_host_ops_agree_with_onnxruntime(tmp_path):
+    """Gelu (exact and tanh, opset 20), HardSigmoid, HardSwish, Where on a constant mask,
+    Split, Slice: quantized by onnxruntime, both accelerated nodes equal onnxruntime's and the
+    output within its quantization steps."""
+    rng = np.random.default_rng(13)
+    model = onnx_models.more_host_ops(rng)
+    calibration = rng.standard_normal((64, 16)).astype(np.float32)
+    quantized_model = onnx_models.quantize_static(model, calibration, tmp_path)
+    compiled = sparsa_onnx.compile(quantized_model)
+    host = {node.op for node in compiled.nodes}
+    assert {"Gelu", "HardSigmoid", "HardSwish", "Where", "Split", "Slice"} <= host
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    with sparsa.open("reference") as acc:
+        agreement = sparsa_onnx.node_agreement(quantized_model, compiled, {"x": x}, acc)
+        ours = compiled.run(acc, x)[0]
+    assert len(agreement) == 2 and all(equal >= 0.999 and largest <= 1
+                                       for equal, largest in agreement.values()), agreement
+    theirs = sparsa_onnx.onnxruntime_tensors(quantized_model, {"x": x}, optimize=False)[0]
+    assert np.abs(ours - theirs).max() <= 0.02 * np.abs(theirs).max()
+    assert compiled._shapes(3)[compiled.outputs[0].name] == (3, 8)

@@ -595,6 +595,9 @@ SHAPES = {
 }
 """Output shapes of each op from its input shapes (a constant input as its value), without
 running it: ``f(node, *inputs) -> shape`` (or a tuple of shapes, one per output)."""
+_SHAPE_VALUE_OPS = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "Reshape",
+                    "Mul", "Add", "Sub", "Div")
+"""Ops that shape rules follow the values of, on small integer tensors made from shapes."""
 _VALUE_INPUTS = {"Reshape": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Pad": (1, 2, 3),
                  "ReduceMean": (1,), "Slice": (1, 2, 3, 4), "Split": (1,)}
 
@@ -1276,6 +1279,8 @@ class CompiledModel:
             return False
         shapes = [self._shapes(batch) for batch in (2, 3)]
         for node in self.nodes:
+            if all(name in self._shape_values for name in node.outputs if name):
+                continue  # a shape's numbers: each micro-batch works out its own
             if node.op in ("DynamicQuantizeLinear",):
                 return False
             if node.op in ("Softmax", "ArgMax", "Concat") and node.attrs.get("axis", 0) == 0:
@@ -1283,6 +1288,8 @@ class CompiledModel:
             if node.op == "Transpose" and (node.attrs.get("perm") or [1])[0] != 0:
                 return False
             for name in node.outputs:
+                if name in self._shape_values:
+                    continue  # a shape's numbers: each micro-batch works out its own
                 if name and any(name not in s or not s[name] or s[name][0] != batch
                                 for s, batch in zip(shapes, (2, 3))):
                     return False
@@ -1515,15 +1522,37 @@ class CompiledModel:
             shapes[t.name] = (batch,) + tuple(int(d) for d in t.shape[1:])
         for name, value in self.constants.items():
             shapes[name] = value.shape
+        # The values of small integer tensors computed from shapes (Shape, then Gather,
+        # Unsqueeze, Concat and the like: PyTorch's flatten), worked out too.
+        values = {}
         for node in self.nodes:
+            if node.op == "Shape" and node.inputs[0] in shapes:
+                values[node.outputs[0]] = _shape(node, np.broadcast_to(np.int8(0),
+                                                                       shapes[node.inputs[0]]))
+            elif node.op in _SHAPE_VALUE_OPS and node.inputs and all(
+                    not name or name in values or (name in self.constants
+                                                   and self.constants[name].size <= 64)
+                    for name in node.inputs) and any(name in values for name in node.inputs):
+                env = {name: values.get(name, self.constants.get(name))
+                       for name in node.inputs if name}
+                try:
+                    results = run_host_op(node, env)
+                except (ValueError, KeyError, TypeError, IndexError, ModelError):
+                    continue
+                values.update((name, value) for name, value in zip(node.outputs, results)
+                              if name)
+            for name in node.outputs:
+                if name in values:
+                    shapes[name] = np.shape(values[name])
             rule = SHAPES.get(node.op)
             if rule is None or any(name and name not in shapes for name in node.inputs):
                 continue
             args = []
             for i, name in enumerate(node.inputs):
                 if i in _VALUE_INPUTS.get(node.op, ()):
-                    args.append(self.constants.get(name) if name else None)
-                    if name and name not in self.constants:
+                    value = self.constants.get(name, values.get(name)) if name else None
+                    args.append(value)
+                    if name and value is None:
                         break  # a shape worked out at run time
                 else:
                     args.append(shapes[name] if name else None)
@@ -1538,6 +1567,7 @@ class CompiledModel:
                 for name, shape in zip(node.outputs, outs):
                     if name:
                         shapes[name] = tuple(int(d) for d in shape)
+        self._shape_values = set(values)
         return shapes
 
     def run_counters(self):

@@ -758,6 +758,7 @@ def test_exporter_idioms_agree_with_onnxruntime(tmp_path, opset):
     compiled = sparsa_onnx.compile(quantized_model)
     host = {node.op for node in compiled.nodes if node.op != "QGemm"}
     assert {"BatchNormalization", "ReduceMean", "Shape", "Gather", "Reshape"} <= host
+    assert compiled.separable()  # (the flatten works out each micro-batch's own shape)
     x = rng.standard_normal((64, 3, 8, 8)).astype(np.float32)
     with sparsa.open("reference") as acc:
         agreement = sparsa_onnx.node_agreement(quantized_model, compiled, {"x": x[:16]}, acc)
@@ -768,6 +769,10 @@ def test_exporter_idioms_agree_with_onnxruntime(tmp_path, opset):
     assert ours.shape == theirs.shape == (64, 10)
     assert np.mean(ours.argmax(1) == theirs.argmax(1)) >= 0.95
     assert np.abs(ours - theirs).max() < 0.2 * np.abs(theirs).max()
+    # On a device, in two micro-batches, each working out its own flatten: the same outputs.
+    with sparsa.open("reference", device_model=True) as device:
+        assert np.array_equal(compiled.run(device, x[:6])[0], ours[:6])
+        assert compiled.run_counters()["jobs"] == 2 * 3  # two parts, three GEMMs each
     # The same float model through sparsa's own quantizer: the BatchNormalization after a
     # Relu stays a host op.
     own = sparsa_onnx.compile(model, calibration=calibration)

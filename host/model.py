@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .graph import im2col
-from .quant import rounding_multiplier
+from .quant import activation_scale, quantize_weights, rounding_multiplier, weight_scales
 from .validate import check_float_array, check_int8_array
 
 # ---- the float network ----------------------------------------------------------------------
@@ -270,17 +270,12 @@ def _as_float(values, name):
     return check_float_array(values, name)
 
 
-def _activation_scale(values):
-    bound = float(np.max(np.abs(values)))
-    return bound / 127.0 if bound > 0 else 1.0
-
-
 def quantize_model(layers, calibration):
     """Quantize a float network (see the module docstring), calibrating the activation scales
     on ``calibration`` (float inputs, a batch)."""
     layers = _check_layers(layers)
     x = _as_float(calibration, "calibration")
-    input_scale = _activation_scale(x)
+    input_scale = activation_scale(x)
     scale = input_scale
     gemm_positions = [i for i, layer in enumerate(layers) if not isinstance(layer, Flatten)]
     quantized = []
@@ -291,17 +286,13 @@ def quantize_model(layers, calibration):
             quantized.append(layer)
             continue
         w = layer.weight_matrix()  # (K, out)
-        bound = np.max(np.abs(w), axis=0)
-        # A channel of near-zero weights would put its bias beyond int32: its scale is raised
-        # until the bias fits (its weights then round to fewer levels, or to zero).
-        w_scale = np.maximum(bound / 127.0, np.abs(layer.bias) / (scale * 2**30))
-        w_scale = np.where(w_scale > 0, w_scale, 1.0)
-        w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+        w_scale = weight_scales(w, 1, layer.bias, scale)
+        w_q = quantize_weights(w, w_scale, 1)
         acc_scale = scale * w_scale
         bias = np.round(layer.bias / acc_scale).astype(np.int32)
         q = QuantizedLayer(layer, scale, np.ascontiguousarray(w_q), w_scale, bias)
         if index != gemm_positions[-1]:
-            out_scale = _activation_scale(x)
+            out_scale = activation_scale(x)
             # The device only scales down (multiplier < 1); a layer that shrinks its range
             # more than that gets a coarser output scale.
             out_scale = max(out_scale, float(np.max(acc_scale)) * (1 + 2**-20))

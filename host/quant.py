@@ -190,3 +190,33 @@ def requant_params(input_scale, weight_scale, output_scale, output_zero_point=0,
         multiplier, shift = quantize_multiplier(real, shared_shift=False)
     zero_point = int(_check_zero_point(output_zero_point))
     return multiplier, shift, zero_point
+
+
+# ---- post-training quantization: the rules sparsa's quantizers share ------------------------
+# (sparsa.onnx.compile(calibration=...) and sparsa.host.model.quantize_model)
+
+def activation_scale(values):
+    """The scale of a symmetric int8 activation (zero point 0): the largest magnitude among
+    ``values`` over 127 (1 when every value is zero or there are none)."""
+    bound = float(np.max(np.abs(values))) if np.size(values) else 0.0
+    return bound / 127.0 if bound > 0 else 1.0
+
+
+def weight_scales(w, axis, bias, input_scale):
+    """Symmetric int8 scales per output channel (``axis`` of ``w``; zero point 0): each
+    channel's largest magnitude over 127, raised where the channel's float ``bias`` would not
+    fit int32 at the accumulator's scale ``input_scale * scale`` (its weights then round to
+    fewer levels, or to zero); 1 for a channel of zeros."""
+    w = np.asarray(w, np.float64)
+    reduce = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+    scales = np.maximum(np.max(np.abs(w), axis=reduce) / 127.0,
+                        np.abs(np.asarray(bias, np.float64)) / (input_scale * 2**30))
+    return np.where(scales > 0, scales, 1.0)
+
+
+def quantize_weights(w, scales, axis):
+    """``w`` in int8 at per-channel ``scales`` along ``axis``: rounded half to even, -127..127."""
+    w = np.asarray(w, np.float64)
+    shape = [1] * w.ndim
+    shape[axis % w.ndim] = -1
+    return np.clip(np.rint(w / np.asarray(scales).reshape(shape)), -127, 127).astype(np.int8)

@@ -28,7 +28,8 @@ import numpy as np
 from sparsa.host.graph import (HOST_OPS, CompiledModel, ModelError, Node, TensorInfo, by_name,
                                hold_uint8, run_host_op)
 from sparsa.host.graph import im2col, load, loads  # noqa: F401  (re-exported)
-from sparsa.host.quant import rounding_multiplier
+from sparsa.host.quant import (activation_scale, quantize_weights, rounding_multiplier,
+                               weight_scales)
 
 __all__ = ["compile", "load", "loads", "ModelError", "SUPPORTED_OPS", "node_agreement",
            "onnxruntime_tensors", "prune_weights"]
@@ -1179,11 +1180,6 @@ def _calibration_feeds(graph, calibration):
     return feeds
 
 
-def _symmetric_scale(values):
-    bound = float(np.max(np.abs(values))) if np.size(values) else 0.0
-    return bound / 127.0 if bound > 0 else 1.0
-
-
 def _calibrate_and_quantize(graph, calibration):
     """A float graph made a QDQ graph: each Conv/MatMul/Gemm with constant weights gets its
     input quantized (symmetric, zero point 0, scale from the calibration data's range), its
@@ -1214,7 +1210,7 @@ def _calibrate_and_quantize(graph, calibration):
             return quantized[tensor]
         if tensor in quantized.values():
             return tensor
-        scale = scales.setdefault(tensor, _symmetric_scale(env[tensor]))
+        scale = scales.setdefault(tensor, activation_scale(env[tensor]))
         base = tensor.replace("/", "_")
         s = graph.constant(f"{base}/scale", np.float32(scale))
         z = graph.constant(f"{base}/zero_point", np.int8(0))
@@ -1234,20 +1230,13 @@ def _calibrate_and_quantize(graph, calibration):
             t for t, d in quantized.items() if d == x_name)]
         w = np.asarray(graph.constants[node.inputs[1]], np.float64)
         out_axis = 0 if node.op == "Conv" or (node.op == "Gemm" and node.attrs["transB"]) else 1
-        reduce = tuple(i for i in range(w.ndim) if i != out_axis)
         bias = (np.asarray(graph.constants[node.inputs[2]], np.float64).reshape(-1)
                 if len(node.inputs) > 2 and node.inputs[2] else np.zeros(w.shape[out_axis]))
         if node.op == "Gemm":
             bias = np.broadcast_to(bias * node.attrs["beta"], (w.shape[out_axis],))
         alpha = node.attrs.get("alpha", 1.0) if node.op == "Gemm" else 1.0
-        # A channel of near-zero weights would put its bias beyond int32: its scale is raised
-        # until the bias fits (as the layer quantizer of sparsa.host.model does).
-        w_scale = np.maximum(np.max(np.abs(w), axis=reduce) / 127.0,
-                             np.abs(bias) / (x_scale * alpha * 2**30))
-        w_scale = np.where(w_scale > 0, w_scale, 1.0)
-        shape = [1] * w.ndim
-        shape[out_axis] = -1
-        w_q = np.clip(np.rint(w / w_scale.reshape(shape)), -127, 127).astype(np.int8)
+        w_scale = weight_scales(w, out_axis, bias, x_scale * alpha)
+        w_q = quantize_weights(w, w_scale, out_axis)
         base = node.name.replace("/", "_")
         wq, ws = (graph.constant(f"{base}/weight_quantized", w_q),
                   graph.constant(f"{base}/weight_scale", w_scale.astype(np.float32)))
@@ -1277,7 +1266,7 @@ def _calibrate_and_quantize(graph, calibration):
             users = consumers.get(out, [])
         if out in outputs or not users:
             continue
-        out_scale = max(_symmetric_scale(env[out]), float(np.max(acc_scale)) * (1 + 2**-20))
+        out_scale = max(activation_scale(env[out]), float(np.max(acc_scale)) * (1 + 2**-20))
         scales[out] = out_scale
         dq = qdq(out)
         for user in users:

@@ -25,8 +25,9 @@ from sparsa.protocol import DMA_CELL, IP_CELL, IP_VLNV
 from .errors import DeviceError, TransferError
 
 DMA_VLNV_PREFIX = "xilinx.com:ip:axi_dma:"
-# Bytes per DMA buffer at most: a send and a receive buffer of this size stay well inside the
-# PYNQ-Z2's 128 MB of contiguous memory; larger GEMMs are cut into more jobs.
+# Bytes per DMA buffer at most: the driver's two slots of a send and a receive buffer of this
+# size (64 MiB) stay inside the PYNQ-Z2's 128 MB of contiguous memory; larger GEMMs are cut
+# into more jobs.
 DEFAULT_MAX_BUFFER = 16 * 2**20
 DEFAULT_CLOCK_HZ = 100e6  # when the overlay's PL clock cannot be read
 

@@ -208,7 +208,7 @@ class ConvKernel:
 
     def __call__(self, x, pad_value, bias):
         return self._session.run(None, {
-            "x": x, "pad": np.array(pad_value, np.int8),
+            "x": np.ascontiguousarray(x), "pad": np.array(pad_value, np.int8),
             "bias": bias.reshape(1, self.n, 1, 1)})[0]
 
 

@@ -589,6 +589,8 @@ SHAPES = {
     "Erf": _SAME, "Sqrt": _SAME, "Sigmoid": _SAME, "Tanh": _SAME, "LayerNormalization": _SAME,
     "Gelu": _SAME, "HardSigmoid": _SAME, "HardSwish": _SAME,
     "Where": lambda node, *xs: np.broadcast_shapes(*xs),
+    "Expand": lambda node, x, shape: np.broadcast_shapes(
+        tuple(x), tuple(int(v) for v in np.asarray(shape).reshape(-1))),
     "Slice": lambda node, x, *rest: _slice(node, np.broadcast_to(np.int8(0), x), *rest).shape,
     "Split": lambda node, x, split=None: tuple(part.shape for part in _split(
         node, np.broadcast_to(np.int8(0), x), split)),
@@ -599,7 +601,7 @@ _SHAPE_VALUE_OPS = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice",
                     "Mul", "Add", "Sub", "Div")
 """Ops that shape rules follow the values of, on small integer tensors made from shapes."""
 _VALUE_INPUTS = {"Reshape": (1,), "Squeeze": (1,), "Unsqueeze": (1,), "Pad": (1, 2, 3),
-                 "ReduceMean": (1,), "Slice": (1, 2, 3, 4), "Split": (1,)}
+                 "ReduceMean": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Expand": (1,)}
 
 
 # ---- the accelerator's node -----------------------------------------------------------------

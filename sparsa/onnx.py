@@ -41,7 +41,7 @@ MICROSOFT_OPS = ("QGemm", "QLinearAdd", "QLinearMul", "QLinearAveragePool",
                  "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax")
 SUPPORTED_OPS = tuple(sorted((set(GEMM_OPS + QOPERATOR_OPS + MICROSOFT_OPS) | set(HOST_OPS)
                               | {"Constant"}) - {"QGemm"}))
-"""The ONNX op types :func:`compile` accepts."""
+"""The ONNX op types :func:`compile` accepts (:data:`CONVERTERS` has each one's converter)."""
 
 _ACTIVATIONS = ("Relu", "Clip")
 
@@ -334,65 +334,82 @@ def _zero_point(graph, node, name, zp_name, data_type=None):
 
 
 def _import_node(graph, node, name):
-    op = node.op_type
-    attrs = _attributes(node)
+    """``node`` into ``graph`` through its op's converter (:data:`CONVERTERS`), or refused."""
     inputs = list(node.input)
-    outputs = list(node.output)
     for i in inputs:
         if i and i not in graph.types:
             raise ModelError(f"input {i!r} is produced by no earlier node")
-    if node.domain not in ("", "ai.onnx"):
-        if node.domain == "com.microsoft" and op in MICROSOFT_OPS:
-            return _import_microsoft(graph, node, name, attrs, inputs, outputs)
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    converter = CONVERTERS.get((domain, node.op_type))
+    if converter is None:
         raise _unsupported(node, name)
-    if op == "Constant":
-        from onnx import numpy_helper
+    converter(graph, node, name, _attributes(node), inputs, list(node.output))
 
-        if "value" not in attrs:
-            raise _unsupported(node, name, "only the tensor form (value=) of Constant is "
-                                           "supported")
-        value = numpy_helper.to_array(attrs["value"])
-        graph.types[outputs[0]] = value.dtype.name
-        graph.constants[outputs[0]] = _shift_constant(graph, outputs[0], value)
-        graph._names.add(outputs[0])
-        return
+
+def _convert_constant(graph, node, name, attrs, inputs, outputs):
+    from onnx import numpy_helper
+
+    if "value" not in attrs:
+        raise _unsupported(node, name, "only the tensor form (value=) of Constant is supported")
+    value = numpy_helper.to_array(attrs["value"])
+    graph.types[outputs[0]] = value.dtype.name
+    graph.constants[outputs[0]] = _shift_constant(graph, outputs[0], value)
+    graph._names.add(outputs[0])
+
+
+def _convert_quantize(graph, node, name, attrs, inputs, outputs):
+    if "output_dtype" in attrs and attrs["output_dtype"] not in (2, 3):
+        raise _unsupported(node, name, "only int8 and uint8 outputs are supported")
+    zp, dtype = _zero_point(graph, node, name, inputs[2] if len(inputs) > 2 else "")
+    if dtype not in ("int8", "uint8"):
+        raise _unsupported(node, name, f"output type {dtype}: sparsa quantizes to int8 and "
+                                       f"uint8")
+    _check_scale(graph, node, name, inputs[1])
+    _add(graph, node.op_type, name, [inputs[0], inputs[1], zp], outputs,
+         {"axis": attrs.get("axis", 1)}, dtype)
+    if dtype == "uint8":
+        graph.shifted.add(outputs[0])
+
+
+def _convert_dequantize(graph, node, name, attrs, inputs, outputs):
+    first = graph.types.get(inputs[0])
+    if first not in ("int8", "uint8", "int32"):
+        raise _unsupported(node, name, f"input type {first}: sparsa runs int8, uint8 and int32 "
+                                       f"quantized tensors")
+    zp, _ = _zero_point(graph, node, name, inputs[2] if len(inputs) > 2 else "", first)
+    _check_scale(graph, node, name, inputs[1])
+    _add(graph, node.op_type, name, [inputs[0], inputs[1], zp], outputs,
+         {"axis": attrs.get("axis", 1)}, graph.types[inputs[1]])
+
+
+def _convert_dynamic_quantize(graph, node, name, attrs, inputs, outputs):
+    _add(graph, node.op_type, name, inputs, outputs, {}, None)
+    graph.types.update({outputs[0]: "uint8", outputs[1]: "float32", outputs[2]: "uint8"})
+    graph.shifted.update({outputs[0], outputs[2]})
+
+
+def _convert_gemm(graph, node, name, attrs, inputs, outputs):
+    """Conv, MatMul, Gemm and the QOperator GEMMs: kept as they are until lowering."""
+    op = node.op_type
+    first = graph.types.get(inputs[0])
+    dtype = {"MatMulInteger": "int32", "ConvInteger": "int32"}.get(
+        op, graph.types.get(inputs[7]) if op.startswith("QLinear") else first)
+    _add(graph, op, name, inputs, outputs, _gemm_attrs(node, name, op, attrs), dtype)
+    if op.startswith("QLinear") and graph.types[outputs[0]] == "uint8":
+        graph.shifted.add(outputs[0])
+
+
+# Host ops that run on float tensors only.
+_FLOAT_OPS = ("Softmax", "AveragePool", "GlobalAveragePool", "ReduceMean", "BatchNormalization",
+              "Erf", "Sqrt", "Pow", "Sigmoid", "Tanh", "LayerNormalization", "Gelu",
+              "HardSigmoid", "HardSwish")
+
+
+def _convert_host(graph, node, name, attrs, inputs, outputs):
+    """An op the runtime runs on the host (:data:`sparsa.host.graph.HOST_OPS`), its
+    attributes as the runtime reads them."""
+    op = node.op_type
     first = graph.types.get(inputs[0]) if inputs else None
-    if op == "QuantizeLinear":
-        if "output_dtype" in attrs and attrs["output_dtype"] not in (2, 3):
-            raise _unsupported(node, name, "only int8 and uint8 outputs are supported")
-        zp, dtype = _zero_point(graph, node, name, inputs[2] if len(inputs) > 2 else "")
-        if dtype not in ("int8", "uint8"):
-            raise _unsupported(node, name, f"output type {dtype}: sparsa quantizes to int8 "
-                                           f"and uint8")
-        _check_scale(graph, node, name, inputs[1])
-        _add(graph, op, name, [inputs[0], inputs[1], zp], outputs,
-             {"axis": attrs.get("axis", 1)}, dtype)
-        if dtype == "uint8":
-            graph.shifted.add(outputs[0])
-        return
-    if op == "DequantizeLinear":
-        if first not in ("int8", "uint8", "int32"):
-            raise _unsupported(node, name, f"input type {first}: sparsa runs int8, uint8 and "
-                                           f"int32 quantized tensors")
-        zp, _ = _zero_point(graph, node, name, inputs[2] if len(inputs) > 2 else "", first)
-        _check_scale(graph, node, name, inputs[1])
-        _add(graph, op, name, [inputs[0], inputs[1], zp], outputs,
-             {"axis": attrs.get("axis", 1)}, graph.types[inputs[1]])
-        return
-    if op == "DynamicQuantizeLinear":
-        _add(graph, op, name, inputs, outputs, {}, None)
-        graph.types.update({outputs[0]: "uint8", outputs[1]: "float32", outputs[2]: "uint8"})
-        graph.shifted.update({outputs[0], outputs[2]})
-        return
-    if op in GEMM_OPS or op in QOPERATOR_OPS:
-        dtype = {"MatMulInteger": "int32", "ConvInteger": "int32"}.get(
-            op, graph.types.get(inputs[7]) if op.startswith("QLinear") else first)
-        _add(graph, op, name, inputs, outputs, _gemm_attrs(node, name, op, attrs), dtype)
-        if op.startswith("QLinear") and graph.types[outputs[0]] == "uint8":
-            graph.shifted.add(outputs[0])
-        return
-    if op not in HOST_OPS:
-        raise _unsupported(node, name)
     host_attrs = _host_attrs(graph, node, name, op, attrs, inputs)
     if op in ("Add", "Sub", "Mul", "Sum", "Div", "Pow") and any(
             graph.types.get(i) in ("int8", "uint8") for i in inputs):
@@ -407,10 +424,7 @@ def _import_node(graph, node, name):
             inputs = (inputs + [""])[:2] + [graph.constant(f"{name}_value", np.int8(-128))]
     dtype = {"Cast": host_attrs.get("to"), "ArgMax": "int64", "Shape": "int64"}.get(op, first)
     _add(graph, op, name, inputs, outputs, host_attrs, dtype)
-    if op in ("Softmax", "AveragePool", "GlobalAveragePool", "ReduceMean",
-              "BatchNormalization", "Erf", "Sqrt", "Pow", "Sigmoid", "Tanh",
-              "LayerNormalization", "Gelu", "HardSigmoid", "HardSwish") \
-            and first not in ("float32", "float64"):
+    if op in _FLOAT_OPS and first not in ("float32", "float64"):
         raise _unsupported(node, name, f"input type {first}: {op} runs on float tensors")
     if dtype == "uint8" or (op not in ("Cast", "ArgMax", "Shape") and inputs
                             and inputs[0] in graph.shifted):
@@ -591,6 +605,22 @@ def _import_microsoft(graph, node, name, attrs, inputs, outputs):
 
 
 # ---- graph passes -----------------------------------------------------------------------------
+
+CONVERTERS = {
+    **{("", op): _convert_host for op in HOST_OPS if op not in (
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")},
+    **{("", op): _convert_gemm for op in GEMM_OPS + QOPERATOR_OPS},
+    ("", "Constant"): _convert_constant,
+    ("", "QuantizeLinear"): _convert_quantize,
+    ("", "DequantizeLinear"): _convert_dequantize,
+    ("", "DynamicQuantizeLinear"): _convert_dynamic_quantize,
+    **{("com.microsoft", op): _import_microsoft for op in MICROSOFT_OPS},
+}
+"""Each (domain, op type) the compiler reads, to its converter: ``f(graph, node, name, attrs,
+inputs, outputs)`` adds the op's nodes to ``graph`` or raises :class:`ModelError` saying why
+not (what the model's opset changes, e.g. Softmax's axes, the converter reads from
+``graph.opset``)."""
+
 
 def _fold_constants(graph, keep_ops=()):
     """Host nodes whose inputs are all constants, evaluated now."""

@@ -832,3 +832,13 @@ def test_more_host_ops_agree_with_onnxruntime(tmp_path):
     theirs = sparsa_onnx.onnxruntime_tensors(quantized_model, {"x": x}, optimize=False)[0]
     assert np.abs(ours - theirs).max() <= 0.02 * np.abs(theirs).max()
     assert compiled._shapes(3)[compiled.outputs[0].name] == (3, 8)
+
+
+def test_every_supported_op_has_a_converter_and_runs():
+    """One registry from (domain, op) to its converter: every op the docs list has one, every
+    host op a converter reaches is one the runtime runs and has a shape rule for."""
+    ops = {op for _, op in sparsa_onnx.CONVERTERS}
+    assert ops - {"QGemm"} == set(sparsa_onnx.SUPPORTED_OPS)
+    host = {op for (domain, op), convert in sparsa_onnx.CONVERTERS.items()
+            if convert is sparsa_onnx._convert_host}
+    assert host <= set(graph.HOST_OPS) and host <= set(graph.SHAPES)

@@ -275,7 +275,7 @@ def test_selftest_on_sim(sim):
     for job in report["jobs"]:
         assert job["cycles"] > 0 and not job["estimated"]
         assert job["device_s"] > 0 and job["pack_s"] > 0 and job["implied_mhz"] > 0
-    assert report["overlap"]["exact"] and report["overlap"]["busy_s"] > 0  # two threads
+    assert report["overlap"] is None  # (the simulator's speed is no board's)
 
 
 def test_unclosed_sim_exits_quietly(verilator):

@@ -33,8 +33,7 @@ from .quantizer import (_calibrate_and_quantize, _fold_batch_norm,  # noqa: F401
                         _fuse_matmul_bias, prune_weights)
 
 __all__ = ["compile", "check", "load", "loads", "ModelError", "SUPPORTED_OPS", "CONVERTERS",
-           "node_agreement",
-           "onnxruntime_tensors", "prune_weights"]
+           "node_agreement", "onnxruntime_tensors", "prune_weights"]
 
 
 def check(model):

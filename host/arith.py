@@ -38,8 +38,8 @@ class Workspace:
 
 def matmul(a, b, out=None, workspace=None):
     """``a @ b`` for int8 ``a`` (M x K) and ``b`` (K x N) as int32 with wrap-around (wider
-    integers go through int64, exactly but without BLAS; large int8 products through
-    onnxruntime's kernel when it is installed, :func:`sparsa.host.cpu.matmul`)."""
+    integers go through int64, exactly but without BLAS; int8 products through onnxruntime's
+    kernel when it is installed, :func:`sparsa.host.cpu.matmul`)."""
     (m, k), n = a.shape, b.shape[1]
     if a.dtype != np.int8 or b.dtype != np.int8:
         product = a.astype(np.int64) @ b.astype(np.int64)

@@ -117,14 +117,15 @@ def _exact(run):
 
 def _gemm_kernel():
     if "gemm" not in _state:
-        kernel = None
         with _lock:
-            for b_signed in (True, False):
-                candidate = _matmul_integer(b_signed)
-                if _exact(candidate):
-                    kernel = candidate
-                    break
-            _state["gemm"] = kernel
+            if "gemm" not in _state:  # (another thread may have made it meanwhile)
+                kernel = None
+                for b_signed in (True, False):
+                    candidate = _matmul_integer(b_signed)
+                    if _exact(candidate):
+                        kernel = candidate
+                        break
+                _state["gemm"] = kernel
     return _state["gemm"]
 
 

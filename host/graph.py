@@ -365,9 +365,9 @@ def _gelu(node, x):
         np.float32)
 
 
-def _hard_sigmoid(node, x, alpha=None, beta=None):
-    alpha = np.float32(node.attrs.get("alpha", 0.2) if alpha is None else alpha)
-    beta = np.float32(node.attrs.get("beta", 0.5) if beta is None else beta)
+def _hard_sigmoid(node, x):
+    alpha = np.float32(node.attrs.get("alpha", 0.2))
+    beta = np.float32(node.attrs.get("beta", 0.5))
     return np.clip(alpha * np.asarray(x, np.float32) + beta, 0, 1).astype(np.float32)
 
 
@@ -442,8 +442,7 @@ HOST_OPS = {
     "LayerNormalization": _layer_norm,
     "Gelu": _gelu,
     "HardSigmoid": _hard_sigmoid,
-    "HardSwish": lambda node, x: (np.asarray(x, np.float32) * np.clip(
-        np.asarray(x, np.float32) / np.float32(6) + np.float32(0.5), 0, 1)).astype(np.float32),
+    "HardSwish": _float(lambda x: x * np.clip(x / np.float32(6) + np.float32(0.5), 0, 1)),
     "Slice": _slice,
     "Split": _split,
     "Where": lambda node, condition, x, y: np.where(np.asarray(condition, bool), x, y),
@@ -918,14 +917,8 @@ def check_qgemm(node, constants):
         bad("relu", repr(a["relu"]))
     conv = a.get("conv")
     if conv is not None:
-        ok = isinstance(conv, dict) and set(conv) == {"kernel_shape", "strides", "pads",
-                                                      "dilations"}
-        for key, count, low in (("kernel_shape", 2, 1), ("strides", 2, 1), ("dilations", 2, 1),
-                                ("pads", 4, 0)):
-            values = conv.get(key) if ok else None
-            ok = ok and isinstance(values, list) and len(values) == count and all(
-                _is_int(v, low) for v in values)
-        if not ok or k % (conv["kernel_shape"][0] * conv["kernel_shape"][1]):
+        if not isinstance(conv, dict) or set(conv) != set(_WINDOW) or _bad_window(conv) \
+                or k % (conv["kernel_shape"][0] * conv["kernel_shape"][1]):
             bad("conv", repr(conv))
 
     def constant(name, kinds, shapes, required=True):
@@ -983,16 +976,30 @@ def check_qmatmul(node):
                              f"{low}..{high}, got {a.get(name)!r}")
 
 
-def _check_window(node):
-    """A pooling node's kernel_shape, strides (and dilations): 2 ints >= 1; pads: 4 >= 0."""
-    a = node.attrs
-    for key, count, low in (("kernel_shape", 2, 1), ("strides", 2, 1), ("pads", 4, 0)) + (
-            (("dilations", 2, 1),) if node.op == "MaxPool" else ()):
-        values = a.get(key)
+_WINDOW = {"kernel_shape": (2, 1), "strides": (2, 1), "dilations": (2, 1), "pads": (4, 0)}
+"""A window's attributes (a convolution's, a pooling's): how many ints each holds, the least."""
+
+
+def _bad_window(attrs, keys=tuple(_WINDOW)):
+    """The first of ``keys`` in ``attrs`` that is not its count of ints of at least its least
+    (:data:`_WINDOW`), or None."""
+    for key in keys:
+        count, low = _WINDOW[key]
+        values = attrs.get(key)
         if not (isinstance(values, list) and len(values) == count
                 and all(_is_int(v, low) for v in values)):
-            raise ModelError(f"{node.describe()}: attribute {key!r}: expected {count} ints of "
-                             f"at least {low}, got {values!r}")
+            return key
+    return None
+
+
+def _check_window(node):
+    """A pooling node's kernel_shape, strides (and dilations): 2 ints >= 1; pads: 4 >= 0."""
+    key = _bad_window(node.attrs, ("kernel_shape", "strides", "pads")
+                      + (("dilations",) if node.op == "MaxPool" else ()))
+    if key is not None:
+        count, low = _WINDOW[key]
+        raise ModelError(f"{node.describe()}: attribute {key!r}: expected {count} ints of "
+                         f"at least {low}, got {node.attrs.get(key)!r}")
 
 
 def _check_quantization(node, constants):
@@ -1038,7 +1045,6 @@ class _QuantizedAdd:
         self.nodes = list(dequantize) + [add] + list(chain)
         self.inputs = [dq.inputs[0] for dq in dequantize]
         self.output = chain[-1].outputs[0]
-        self.model = model
         values = np.arange(-128, 128, dtype=np.int8)
         env = dict(model.constants)
         env[self.inputs[0]] = values.reshape(256, 1)
@@ -1121,8 +1127,8 @@ class CompiledModel:
     def _prepared_weights(self, accelerator):
         """Each QGemm's weights prepared for ``accelerator`` (once per accelerator): the groups
         per ``matmul`` call and a list of weight matrices, one per call. The groups of a
-        grouped convolution go side by side, as many as one device job takes (:func:`group_batches`), in a block-diagonal
-        B: the device skips the k-steps whose B vector is all zero in an n-tile, and the driver
+        grouped convolution go side by side, as many as one device job takes
+        (:func:`group_batches`), in a block-diagonal B: the device skips the k-steps whose B vector is all zero in an n-tile, and the driver
         leaves out columns of B that are all zero, so the zeros between groups cost little."""
         prepared = self._prepared.get(accelerator)
         if prepared is not None:
@@ -1279,9 +1285,10 @@ class CompiledModel:
     def _check_separable(self):
         if not self.inputs or any(not t.shape or t.shape[0] is not None for t in self.inputs):
             return False
-        shapes = [self._shapes(batch) for batch in (2, 3)]
+        (two, shape_values), (three, _) = (self._infer(batch) for batch in (2, 3))
+        shapes = [two, three]
         for node in self.nodes:
-            if all(name in self._shape_values for name in node.outputs if name):
+            if all(name in shape_values for name in node.outputs if name):
                 continue  # a shape's numbers: each micro-batch works out its own
             if node.op in ("DynamicQuantizeLinear",):
                 return False
@@ -1290,8 +1297,8 @@ class CompiledModel:
             if node.op == "Transpose" and (node.attrs.get("perm") or [1])[0] != 0:
                 return False
             for name in node.outputs:
-                if name in self._shape_values:
-                    continue  # a shape's numbers: each micro-batch works out its own
+                if name in shape_values:
+                    continue
                 if name and any(name not in s or not s[name] or s[name][0] != batch
                                 for s, batch in zip(shapes, (2, 3))):
                     return False
@@ -1488,8 +1495,8 @@ class CompiledModel:
                     counts = reference.counters_of(np.broadcast_to(np.int8(1), out[-2:-1] + (k,)),
                                                    np.ones((k, out[-1]), np.int8))
                     pairs = int(np.prod(out[:-2], dtype=np.int64))
-                    result[node.name] = {key: pairs * int(counts[key])
-                                         for key in ("jobs", "cycles", "macs")}
+                    result[node.name] = {name: pairs * int(counts[name])
+                                         for name in ("jobs", "cycles", "macs")}
                 if node.op != "QGemm" or node.outputs[0] not in shapes:
                     continue
                 a = node.attrs
@@ -1513,10 +1520,15 @@ class CompiledModel:
         """The shape of every tensor for a batch of ``batch``, from the inputs' shapes through
         each op's shape rule (:data:`SHAPES`), nothing run; a tensor whose shape a rule
         cannot tell (an input the model leaves open, an op without a rule) is left out."""
+        return self._infer(batch)[0]
+
+    def _infer(self, batch):
+        """:meth:`_shapes`, and the names of the small integer tensors made from shapes
+        whose values the rules followed."""
         shapes = {}
         for t in self.inputs:
             if any(d is None for d in t.shape[1:]):
-                return {}
+                return {}, set()
             if t.shape and t.shape[0] is not None and int(t.shape[0]) != batch:
                 raise ModelError(f"batch: the model's input {t.name!r} has a fixed batch of "
                                  f"{t.shape[0]} (shape {t.shape}); ask for summary(batch="
@@ -1569,8 +1581,7 @@ class CompiledModel:
                 for name, shape in zip(node.outputs, outs):
                     if name:
                         shapes[name] = tuple(int(d) for d in shape)
-        self._shape_values = set(values)
-        return shapes
+        return shapes, set(values)
 
     def run_counters(self):
         """The last run's figures summed over nodes: device cycles, MACs issued and skipped,

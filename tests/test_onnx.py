@@ -839,6 +839,8 @@ def test_every_supported_op_has_a_converter_and_runs():
     host op a converter reaches is one the runtime runs and has a shape rule for."""
     ops = {op for _, op in sparsa_onnx.CONVERTERS}
     assert ops - {"QGemm"} == set(sparsa_onnx.SUPPORTED_OPS)
+    from sparsa.onnx.importer import _convert_host
+
     host = {op for (domain, op), convert in sparsa_onnx.CONVERTERS.items()
-            if convert is sparsa_onnx._convert_host}
+            if convert is _convert_host}
     assert host <= set(graph.HOST_OPS) and host <= set(graph.SHAPES)

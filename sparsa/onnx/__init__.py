@@ -24,8 +24,7 @@ Anything else is refused here, naming the node.
 from sparsa.host.graph import CompiledModel, ModelError, im2col, load, loads  # noqa: F401
 
 from .compare import node_agreement, onnxruntime_tensors  # noqa: F401
-from .importer import (CONVERTERS, _convert_host, _fold_constants, _import,  # noqa: F401
-                       _prune)
+from .importer import CONVERTERS, _fold_constants, _import, _prune  # noqa: F401
 from .ir import (GEMM_OPS, MICROSOFT_OPS, OPSETS, QOPERATOR_OPS, SUPPORTED_OPS,  # noqa: F401
                  _read_model)
 from .lowering import _lower, _skip_requantization

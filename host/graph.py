@@ -354,6 +354,17 @@ def _float(function):
                                         np.float32)
 
 
+def _div(node, a, b):
+    """ONNX Div: integers divide truncating toward zero (as onnxruntime's C++ does), floats as
+    floats."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind in "iu" and b.dtype.kind in "iu":
+        dtype = np.result_type(a, b)
+        quotient = np.abs(a.astype(np.int64)) // np.abs(b.astype(np.int64))
+        return (quotient * (np.sign(a) * np.sign(b))).astype(dtype)
+    return a / b
+
+
 def _gelu(node, x):
     """ONNX Gelu (opset 20): exact (the error function) or, with approximate="tanh", its tanh
     form, in float32."""
@@ -433,7 +444,7 @@ HOST_OPS = {
     "Identity": lambda node, x: x,
     "Dropout": lambda node, x, *rest: x,
     "ReduceMean": _reduce_mean,
-    "Div": lambda node, a, b: a / b,
+    "Div": _div,
     "Erf": _float(_erf),
     "Sqrt": _float(np.sqrt),
     "Pow": _float(np.power),

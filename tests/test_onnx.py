@@ -844,3 +844,25 @@ def test_every_supported_op_has_a_converter_and_runs():
     host = {op for (domain, op), convert in sparsa_onnx.CONVERTERS.items()
             if convert is _convert_host}
     assert host <= set(graph.HOST_OPS) and host <= set(graph.SHAPES)
+
+
+def test_integer_division_truncates_as_onnxruntime_does():
+    """Div of integer tensors (shape arithmetic, say) is integer division truncating toward
+    zero, onnxruntime's result, not a float quotient."""
+    from onnx import TensorProto, helper
+
+    a = np.array([-7, 7, -8, 9, 0], np.int64)
+    b = np.array([2, -2, 3, 3, 5], np.int64)
+    node = graph.Node("Div", "divide", ["a", "b"], ["c"])
+    (ours,) = graph.run_host_op(node, {"a": a, "b": b})
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Div", ["a", "b"], ["c"])], "div",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, [5]) for n in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.INT64, [5])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    theirs = sparsa_onnx.onnxruntime_tensors(model, {"a": a, "b": b})[0]
+    assert ours.dtype == np.int64 and np.array_equal(ours, theirs)
+    assert ours.tolist() == [-3, -3, -2, 3, 0]
+    (half,) = graph.run_host_op(node, {"a": np.float32([1, -3]), "b": np.float32([2, 2])})
+    assert half.dtype == np.float32 and half.tolist() == [0.5, -1.5]

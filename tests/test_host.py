@@ -1033,3 +1033,30 @@ def test_transports_sit_below_the_driver():
         sparsa.open("fpga")
     with pytest.raises(TypeError, match="max_transfer is the device model's"):
         sparsa.open("reference", max_transfer=4096)
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, TimeoutError])
+def test_a_job_failing_inside_a_double_buffered_gemm_leaves_the_device_usable(failure):
+    """The second of several jobs fails on the device (Ctrl-C while it waits, a device that
+    stops answering): the call raises (KeyboardInterrupt as it is, a timeout as DeviceError),
+    the jobs already on their way end and both slots come back, the device is soft-reset, and
+    the next call is exact."""
+    class Failing(reference.ReferenceDevice):
+        def __init__(self, **build):
+            super().__init__(**build)
+            self.transfers = 0
+
+        def transfer(self, *args, **kwargs):
+            self.transfers += 1
+            if self.transfers == 2:
+                raise failure("stopped")
+            return super().transfer(*args, **kwargs)
+
+    device = Failing(**SMALL)
+    acc = driver.DeviceAccelerator(device, "reference-device", max_transfer=4096)
+    a, b = operands(np.random.default_rng(6), 600, 40, 12)
+    with pytest.raises(KeyboardInterrupt if failure is KeyboardInterrupt else driver.DeviceError):
+        acc.matmul(a, b)
+    assert acc._slots.qsize() == driver.SLOTS and device.transfers >= 2
+    assert np.array_equal(acc.matmul(a, b), golden.matmul_int32(a, b))
+    acc.close()

@@ -1,5 +1,10 @@
-"""The errors a device and its transports raise (below the driver: transports import these and
-nothing of the driver)."""
+"""The errors sparsa raises: a model's, a device's and its transports' (below the driver:
+transports import these and nothing of the driver)."""
+
+
+class ModelError(ValueError):
+    """A model, a saved file or an input that sparsa cannot run; the message names the node
+    or argument and what was expected."""
 
 
 class DeviceError(RuntimeError):

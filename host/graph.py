@@ -32,14 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import arith, cpu
+from .errors import ModelError
+from .schema import RECORDS, WINDOW, bad_window, is_int
 
 FORMAT = "sparsa-compiled-model"
 VERSION = 1
-
-
-class ModelError(ValueError):
-    """A model, a saved file or an input that sparsa cannot run; the message names the node
-    or argument and what was expected."""
 
 
 @dataclass
@@ -53,6 +50,9 @@ class Node:
     inputs: list
     outputs: list
     attrs: dict = field(default_factory=dict)
+    spec: object = field(default=None, compare=False, repr=False)
+    """A device node's typed attributes (:mod:`sparsa.host.schema`), set when the model
+    is checked."""
 
     def describe(self):
         return f"{self.attrs.get('source_op', self.op)} node {self.name!r}"
@@ -555,12 +555,11 @@ def _reduce_mean_shape(node, x, axes=None):
 
 
 def _qgemm_shape(node, x):
-    a = node.attrs
-    conv = a.get("conv")
-    if conv:
-        return (x[0], a["n"]) + _window_shape(Node("", "", [], [], conv), x,
-                                                conv["dilations"])[2:]
-    return tuple(x[:-1]) + (a["n"],)
+    spec = node.spec
+    if spec.conv:
+        return (x[0], spec.n) + _window_shape(Node("", "", [], [], spec.conv), x,
+                                              spec.conv["dilations"])[2:]
+    return tuple(x[:-1]) + (spec.n,)
 
 
 _SAME = lambda node, x, *rest: x  # noqa: E731
@@ -675,9 +674,9 @@ class _Run:
 
 def _bias(node, constants, zero_point):
     """The device's int32 bias: the model's, less ``zero_point * colsum(w)`` (exact)."""
-    bias = constants[node.attrs["bias"]].astype(np.int64)
+    bias = constants[node.spec.bias].astype(np.int64)
     if zero_point:
-        bias = bias - int(zero_point) * constants[node.attrs["colsum"]]
+        bias = bias - int(zero_point) * constants[node.spec.colsum]
     if bias.min(initial=0) < -2**31 or bias.max(initial=0) > 2**31 - 1:
         raise ModelError(f"{node.describe()}: the int32 bias with the input zero point "
                          f"{zero_point} folded in exceeds int32 ({bias.min()}..{bias.max()})")
@@ -687,19 +686,18 @@ def _bias(node, constants, zero_point):
 def _qgemm(model, node, env, accelerator, stats):
     """Run a QGemm node: im2col or flatten, one ``matmul`` per group of groups, the output
     mode; on the reference backend a convolution runs whole (:func:`_whole_conv`)."""
-    a = node.attrs
+    spec = node.spec
     consts = model.constants
     x = env[node.inputs[0]]
     if x.dtype != np.int8:
         raise ModelError(f"{node.describe()}: expected an int8 input, got {x.dtype}")
     zero_point = (_int(env[node.inputs[1]]) if len(node.inputs) > 1 and node.inputs[1]
-                  else a.get("x_zero", 0))
-    k, n = a["k"], a["n"]
-    conv = a.get("conv")
+                  else spec.x_zero)
+    k, n, conv = spec.k, spec.n, spec.conv
     started = time.perf_counter()  # host time: the operands (im2col) and the output's layout
     if conv:
         _check_4d(node, x)
-        channels = k // (conv["kernel_shape"][0] * conv["kernel_shape"][1]) * a["groups"]
+        channels = k // (conv["kernel_shape"][0] * conv["kernel_shape"][1]) * spec.groups
         if x.shape[1] != channels:
             raise ModelError(f"{node.describe()}: expected {channels} input channels, got "
                              f"shape {x.shape}")
@@ -707,10 +705,7 @@ def _qgemm(model, node, env, accelerator, stats):
         raise ModelError(f"{node.describe()}: expected the input's last axis of {k}, got "
                          f"shape {x.shape}")
     bias = _bias(node, consts, zero_point)
-    requant = None
-    if a["mode"] == "device":
-        mult = consts[a["multiplier"]]
-        requant = (mult if mult.size > 1 else int(mult[0]), a["shift"], a["out_zero"])
+    requant = _requant(spec, consts)
     if conv and getattr(accelerator, "whole_layers", False):
         kernel = model._cpu_kernel(node)
         if kernel is not None and kernel.usable(bias):
@@ -753,7 +748,7 @@ def _qmatmul(node, env, accelerator, stats):
     broadcast, each pair's product on the accelerator (int32); then on the host the zero
     points' terms, ``sum((a - za)(b - zb)) = sum(ab) - za colsum(b) - zb rowsum(a) + K za zb``
     (exact, int64), and gemmlowp's requantization to int8."""
-    at = node.attrs
+    spec = node.spec
     a, b = env[node.inputs[0]], env[node.inputs[1]]
     if a.dtype != np.int8 or b.dtype != np.int8 or a.ndim < 2 or b.ndim < 2 \
             or a.shape[-1] != b.shape[-2]:
@@ -764,7 +759,7 @@ def _qmatmul(node, env, accelerator, stats):
     pairs = zip(np.broadcast_to(a, lead + (m, k)).reshape(-1, m, k),
                 np.broadcast_to(b, lead + (k, n)).reshape(-1, k, n))
     out = np.empty((int(np.prod(lead, dtype=np.int64)), m, n), np.int8)
-    za, zb = at["a_zero"], at["b_zero"]
+    za, zb = spec.a_zero, spec.b_zero
     concurrent = getattr(accelerator, "concurrent", False)
     for index, (x, y) in enumerate(pairs):
         x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
@@ -782,7 +777,7 @@ def _qmatmul(node, env, accelerator, stats):
             acc -= zb * x.sum(axis=1, dtype=np.int64)[:, None]
         acc += k * za * zb
         out[index] = arith.requantize(np.clip(acc, arith.INT32_MIN, arith.INT32_MAX),
-                                      at["multiplier"], at["shift"], at["out_zero"])
+                                      spec.multiplier, spec.shift, spec.out_zero)
         stats["host_s"] += time.perf_counter() - started
     stats["products"] += out.size * k
     return out.reshape(lead + (m, n))
@@ -791,22 +786,22 @@ def _qmatmul(node, env, accelerator, stats):
 def _patches(node, x, zero_point):
     """The node's A: a convolution's im2col patches (with the output's batch and spatial
     shape) or the rows of an ``[..., K]`` input (with its leading shape)."""
-    conv = node.attrs.get("conv")
+    conv = node.spec.conv
     if conv:
         # (A group's channels are consecutive, so its patches are the columns g*k:(g+1)*k.)
         return im2col(x, conv["kernel_shape"], conv["strides"], conv["pads"],
                       conv["dilations"], zero_point)
-    return x.reshape(-1, node.attrs["k"]), x.shape[:-1]
+    return x.reshape(-1, node.spec.k), x.shape[:-1]
 
 
 def _calls(model, node, accelerator, patches, bias, requant):
     """The node's ``matmul`` calls on ``accelerator``, as (A, prepared B, bias, requant, relu):
     one per batch of groups (:meth:`CompiledModel._prepared_weights`)."""
-    a = node.attrs
-    groups, k, n = a["groups"], a["k"], a["n"]
+    spec = node.spec
+    groups, k, n = spec.groups, spec.k, spec.n
     per_call, weights = model._prepared_weights(accelerator)[node.name]
     n_group = n // groups
-    relu = bool(a.get("relu")) and a["mode"] == "device"
+    relu = spec.relu and spec.mode == "device"
     for first, w in zip(range(0, groups, per_call), weights):
         last = min(groups, first + per_call)
         cols = slice(first * n_group, last * n_group)
@@ -821,22 +816,20 @@ def _whole_conv(model, node, kernel, x, zero_point, bias, requant, accelerator, 
     (:class:`sparsa.host.cpu.ConvKernel`, NCHW in and out, no im2col), with the device's
     requantization along the channel axis; its device counters are those of the device's
     calls (:func:`_calls`), worked out from the input when they are asked for."""
-    a = node.attrs
+    spec = node.spec
     started = time.perf_counter()
     acc = kernel(x, zero_point, bias)
     if requant is not None:
         mult = requant[0]
         if isinstance(mult, np.ndarray):
             mult = mult.reshape(-1, 1, 1)
-        acc = arith.postprocess(acc, None, (mult, requant[1], requant[2]),
-                                bool(a.get("relu")))
+        acc = arith.postprocess(acc, None, (mult, requant[1], requant[2]), spec.relu)
     stats["device_s"] += time.perf_counter() - started
     started = time.perf_counter()
     y = _output(node, model.constants, acc, 1)
     stats["host_s"] += time.perf_counter() - started
-    groups = a["groups"]
-    stats["calls"] += -(-groups // model._prepared_weights(accelerator)[node.name][0])
-    stats["products"] += acc.size // a["n"] * a["k"] * a["n"]
+    stats["calls"] += -(-spec.groups // model._prepared_weights(accelerator)[node.name][0])
+    stats["products"] += acc.size // spec.n * spec.k * spec.n
 
     def counters():
         patches, _ = _patches(node, x, zero_point)
@@ -853,162 +846,42 @@ def _output(node, consts, y, axis):
     """The node's output from the device's (``y``: int8 in the device mode, else int32) along
     channel axis ``axis``: requantized on the host (a multiplier the device cannot take),
     dequantized to float32 (the float mode), clipped."""
-    a = node.attrs
+    spec = node.spec
 
-    def per_channel(name):
-        values = consts[a[name]]
+    def per_channel(values):
         return values.reshape((-1,) + (1,) * (y.ndim - 1 - axis)) if axis != -1 else values
-    mode = a["mode"]
-    if mode == "host":  # requantization the device cannot apply (a multiplier of 1 or more)
-        q = np.rint(y.astype(np.float64) * per_channel("scale")) + a["out_zero"]
+    if spec.mode == "host":  # requantization the device cannot apply (a multiplier >= 1)
+        q = np.rint(y.astype(np.float64) * per_channel(consts[spec.scale])) + spec.out_zero
         y = np.clip(q, -128, 127).astype(np.int8)
-        if a.get("relu"):
-            y = np.maximum(y, np.int8(a["out_zero"]))
-    elif mode == "float":
-        y = y.astype(np.float32) * per_channel("scale").astype(np.float32)
-        if "float_bias" in a:
-            y = y + per_channel("float_bias")
-        if a.get("relu"):
+        if spec.relu:
+            y = np.maximum(y, np.int8(spec.out_zero))
+    elif spec.mode == "float":
+        y = y.astype(np.float32) * per_channel(consts[spec.scale]).astype(np.float32)
+        if spec.relu:
             y = np.maximum(y, np.float32(0))
-    if a.get("clip"):
-        low, high = a["clip"]
-        dtype = y.dtype.type
-        y = np.clip(y, dtype(low), dtype(high))
+    if spec.clip:
+        low, high = spec.clip
+        y = np.clip(y, np.int8(low), np.int8(high))
     return y
 
 
-# ---- the QGemm node's format -----------------------------------------------------------------
-
-QGEMM_MODES = ("device", "host", "float", "int32")
-QGEMM_ATTRS = {
-    "groups": "int >= 1", "k": "int >= 1", "n": "int >= 1, a multiple of groups",
-    "source_op": "the ONNX op it came from", "x_zero": "the input's zero point, -128..127",
-    "conv": "kernel_shape, strides, dilations (2 ints >= 1), pads (4 ints >= 0)",
-    "weight": "constant: int8 (groups, k, n / groups)", "colsum": "constant: n integers",
-    "bias": "constant: n int32", "mode": " | ".join(QGEMM_MODES),
-    "multiplier": "constant (device): 1 or n int32", "shift": "(device) 0..31",
-    "out_zero": "(device, host) -128..127", "scale": "constant (host, float): 1 or n finite "
-    "numbers, > 0 on the host", "float_bias": "constant (float): n finite numbers",
-    "relu": "true or false", "clip": "[low, high] (device, host)",
-}
-"""The QGemm node's attributes and what each holds (:func:`check_qgemm`); the compiler writes
-them, :func:`load` checks them, :func:`_qgemm` reads them."""
+def _requant(spec, constants):
+    """A device-mode QGemm's requantization as the accelerator takes it: (multiplier, a
+    scalar when all channels share it, shift, output zero point), else None."""
+    if spec.mode != "device":
+        return None
+    mult = constants[spec.multiplier]
+    return (mult if mult.size > 1 else int(mult[0]), spec.shift, spec.out_zero)
 
 
-def _is_int(value, low=None, high=None):
-    return (isinstance(value, int) and not isinstance(value, bool)
-            and (low is None or value >= low) and (high is None or value <= high))
-
-
-def check_qgemm(node, constants):
-    """Raise :class:`ModelError` naming the node and the attribute when a QGemm node's
-    attributes are not what :data:`QGEMM_ATTRS` says (types, ranges, constants' dtypes and
-    shapes, the mode's own attributes)."""
-    a = node.attrs
-
-    def bad(name, got):
-        raise ModelError(f"{node.describe()}: attribute {name!r}: expected "
-                         f"{QGEMM_ATTRS.get(name, 'no such attribute')}, got {got}")
-
-    unknown = sorted(set(a) - set(QGEMM_ATTRS))
-    if unknown:
-        bad(unknown[0], repr(a[unknown[0]]))
-    for name in ("groups", "k", "n"):
-        if not _is_int(a.get(name), 1):
-            bad(name, repr(a.get(name)))
-    groups, k, n = a["groups"], a["k"], a["n"]
-    if n % groups:
-        bad("n", f"{n} with {groups} groups")
-    if "x_zero" in a and not _is_int(a["x_zero"], -128, 127):
-        bad("x_zero", repr(a["x_zero"]))
-    if a.get("mode") not in QGEMM_MODES:
-        bad("mode", repr(a.get("mode")))
-    mode = a["mode"]
-    if "relu" in a and not isinstance(a["relu"], bool):
-        bad("relu", repr(a["relu"]))
-    conv = a.get("conv")
-    if conv is not None:
-        if not isinstance(conv, dict) or set(conv) != set(_WINDOW) or _bad_window(conv) \
-                or k % (conv["kernel_shape"][0] * conv["kernel_shape"][1]):
-            bad("conv", repr(conv))
-
-    def constant(name, kinds, shapes, required=True):
-        key = a.get(name)
-        if key is None and not required:
-            return None
-        if not isinstance(key, str) or key not in constants:
-            bad(name, f"{key!r}, not one of the model's constants")
-        value = constants[key]
-        if value.dtype.kind not in kinds or value.shape not in shapes:
-            bad(name, f"{value.dtype} {value.shape}")
-        return value
-
-    constant("weight", "i", [(groups, k, n // groups)])
-    if constants[a["weight"]].dtype != np.int8:
-        bad("weight", str(constants[a["weight"]].dtype))
-    constant("colsum", "iu", [(n,)])
-    bias = constant("bias", "iu", [(n,)])
-    if bias.size and (bias.min() < -2**31 or bias.max() > 2**31 - 1):
-        bad("bias", f"values {bias.min()}..{bias.max()}")
-    if mode in ("device", "host"):
-        if not _is_int(a.get("out_zero"), -128, 127):
-            bad("out_zero", repr(a.get("out_zero")))
-        clip = a.get("clip")
-        if clip is not None and not (isinstance(clip, list) and len(clip) == 2 and all(
-                _is_int(v, -128, 127) for v in clip)):
-            bad("clip", repr(clip))
-    if mode == "device":
-        mult = constant("multiplier", "iu", [(1,), (n,)])
-        if mult.min() < -2**31 or mult.max() > 2**31 - 1:
-            bad("multiplier", f"values {mult.min()}..{mult.max()}")
-        if not _is_int(a.get("shift"), 0, 31):
-            bad("shift", repr(a.get("shift")))
-    if mode in ("host", "float"):
-        scale = constant("scale", "f", [(1,), (n,)])
-        if not np.all(np.isfinite(scale)) or (mode == "host" and not np.all(scale > 0)):
-            bad("scale", f"values {scale.min()}..{scale.max()}")
-    if mode == "float":
-        float_bias = constant("float_bias", "f", [(n,)], required=False)
-        if float_bias is not None and not np.all(np.isfinite(float_bias)):
-            bad("float_bias", "values that are not finite")
-
-
-def check_qmatmul(node):
-    """A QMatMul node's attributes: zero points in int8, a positive int32 multiplier, a shift
-    0..31."""
-    a = node.attrs
-    expected = {"a_zero": (-128, 127), "b_zero": (-128, 127), "out_zero": (-128, 127),
-                "multiplier": (1, 2**31 - 1), "shift": (0, 31)}
-    for name in sorted(set(a) - set(expected) - {"source_op"}):
-        raise ModelError(f"{node.describe()}: attribute {name!r}: not a QMatMul attribute")
-    for name, (low, high) in expected.items():
-        if not _is_int(a.get(name), low, high):
-            raise ModelError(f"{node.describe()}: attribute {name!r}: expected an int in "
-                             f"{low}..{high}, got {a.get(name)!r}")
-
-
-_WINDOW = {"kernel_shape": (2, 1), "strides": (2, 1), "dilations": (2, 1), "pads": (4, 0)}
-"""A window's attributes (a convolution's, a pooling's): how many ints each holds, the least."""
-
-
-def _bad_window(attrs, keys=tuple(_WINDOW)):
-    """The first of ``keys`` in ``attrs`` that is not its count of ints of at least its least
-    (:data:`_WINDOW`), or None."""
-    for key in keys:
-        count, low = _WINDOW[key]
-        values = attrs.get(key)
-        if not (isinstance(values, list) and len(values) == count
-                and all(_is_int(v, low) for v in values)):
-            return key
-    return None
-
+# ---- checks of host nodes -----------------------------------------------------------------
 
 def _check_window(node):
     """A pooling node's kernel_shape, strides (and dilations): 2 ints >= 1; pads: 4 >= 0."""
-    key = _bad_window(node.attrs, ("kernel_shape", "strides", "pads")
+    key = bad_window(node.attrs, ("kernel_shape", "strides", "pads")
                       + (("dilations",) if node.op == "MaxPool" else ()))
     if key is not None:
-        count, low = _WINDOW[key]
+        count, low = WINDOW[key]
         raise ModelError(f"{node.describe()}: attribute {key!r}: expected {count} ints of "
                          f"at least {low}, got {node.attrs.get(key)!r}")
 
@@ -1103,10 +976,9 @@ class CompiledModel:
         for node in self.nodes:
             if node.op not in ("QGemm", "QMatMul") and node.op not in HOST_OPS:
                 raise ModelError(f"{node.describe()}: not an op this runtime has")
-            if node.op == "QGemm":
-                check_qgemm(node, self.constants)
-            elif node.op == "QMatMul":
-                check_qmatmul(node)
+            if node.op in RECORDS:
+                node.spec = RECORDS[node.op].parse(node.attrs, self.constants,
+                                                   node.describe())
             elif node.op in ("QuantizeLinear", "DequantizeLinear"):
                 _check_quantization(node, self.constants)
             elif node.op in ("MaxPool", "AveragePool"):
@@ -1150,7 +1022,7 @@ class CompiledModel:
                 prepared = {}
                 for node in self.nodes:
                     if node.op == "QGemm":
-                        w = self.constants[node.attrs["weight"]]
+                        w = self.constants[node.spec.weight]
                         per_call = group_batches(accelerator.info, *w.shape)
                         prepared[node.name] = per_call, [
                             accelerator.prepare(block_diagonal(w[first:first + per_call]))
@@ -1167,8 +1039,8 @@ class CompiledModel:
         if node.name not in kernels:
             with self._building:
                 if node.name not in kernels:
-                    kernels[node.name] = cpu.conv_kernel(self.constants[node.attrs["weight"]],
-                                                         node.attrs["conv"])
+                    kernels[node.name] = cpu.conv_kernel(self.constants[node.spec.weight],
+                                                         node.spec.conv)
         return kernels[node.name]
 
     def _fused(self):
@@ -1420,17 +1292,18 @@ class CompiledModel:
             macs = zeros = jobs = cycles = ""
             where = "host"
             if node.op == "QGemm":
-                groups = node.attrs["groups"]
+                spec = node.spec
+                groups = spec.groups
                 where = "device" + (f" g={groups}" if groups > 1 else "")
-                w = self.constants[node.attrs["weight"]]
+                w = self.constants[spec.weight]
                 zeros = f"{np.mean(w == 0):.0%}"
                 layers["device"] += 1
                 layers["grouped"] += groups > 1
                 layers["weights"] += w.size
                 layers["zeros"] += int(np.count_nonzero(w == 0))
                 if shape is not None:
-                    pixels = int(np.prod(shape)) // node.attrs["n"]
-                    macs = f"{pixels * node.attrs['k'] * node.attrs['n']}"
+                    pixels = int(np.prod(shape)) // spec.n
+                    macs = f"{pixels * spec.k * spec.n}"
                     layers["macs"] += int(macs)
                 if node.name in projected:
                     jobs, cycles = (projected[node.name][key] for key in ("jobs", "cycles"))
@@ -1510,15 +1383,11 @@ class CompiledModel:
                                          for name in ("jobs", "cycles", "macs")}
                 if node.op != "QGemm" or node.outputs[0] not in shapes:
                     continue
-                a = node.attrs
-                rows = int(np.prod(shapes[node.outputs[0]])) // a["n"]
-                dense = np.broadcast_to(np.int8(1), (rows, a["groups"] * a["k"]))
-                requant = None
-                if a["mode"] == "device":
-                    mult = self.constants[a["multiplier"]]
-                    requant = (mult if mult.size > 1 else int(mult[0]), a["shift"],
-                               a["out_zero"])
-                bias = np.zeros(a["n"], np.int32)
+                spec = node.spec
+                rows = int(np.prod(shapes[node.outputs[0]])) // spec.n
+                dense = np.broadcast_to(np.int8(1), (rows, spec.groups * spec.k))
+                requant = _requant(spec, self.constants)
+                bias = np.zeros(spec.n, np.int32)
                 counts = [reference.counters_of(*args[:2], bias=args[2], requant=args[3],
                                                 relu=args[4])
                           for args in _calls(self, node, reference, dense, bias, requant)]
@@ -1619,7 +1488,8 @@ class CompiledModel:
                  "shifted": sorted(self.shifted),
                  "inputs": [vars(t) for t in self.inputs],
                  "outputs": [vars(t) for t in self.outputs],
-                 "nodes": [vars(n) for n in self.nodes]}
+                 "nodes": [{"op": n.op, "name": n.name, "inputs": n.inputs,
+                            "outputs": n.outputs, "attrs": n.attrs} for n in self.nodes]}
         arrays = {f"const/{name}": value for name, value in self.constants.items()}
         arrays["graph"] = np.frombuffer(json.dumps(graph).encode(), np.uint8)
         with open(path, "wb") as f:
@@ -1688,7 +1558,7 @@ def _output_array(info, value):
 def load(path):
     """A :class:`CompiledModel` from a file :meth:`CompiledModel.save` wrote, checked whole
     before it is returned: the graph's structure, every node's inputs produced before it,
-    every QGemm's attributes and constants (:func:`check_qgemm`), quantization scales and zero
+    every QGemm's attributes and constants (:class:`sparsa.host.schema.QGemm`), quantization scales and zero
     points; of the constants only those the graph names are read, and only when they fit in
     the memory available. Anything else raises :class:`ModelError` naming the file, the node
     and what is wrong."""
@@ -1748,7 +1618,7 @@ def _tensor_info(where, entry):
     if not (isinstance(entry, dict) and set(entry) == {"name", "dtype", "shape"}
             and isinstance(entry["name"], str) and entry["dtype"] in _NUMPY_TYPE
             and isinstance(entry["shape"], list)
-            and all(d is None or _is_int(d, 0) for d in entry["shape"])):
+            and all(d is None or is_int(d, 0) for d in entry["shape"])):
         raise ModelError(f"the graph's {where}: expected name, dtype (one of "
                          f"{sorted(_NUMPY_TYPE)}) and shape, got {str(entry)[:120]}")
     return TensorInfo(**entry)
@@ -1760,8 +1630,9 @@ def _constants(data, nodes):
     named = set()
     for node in nodes:
         named.update(node.inputs)
-        if node.op == "QGemm":
-            named.update(value for value in node.attrs.values() if isinstance(value, str))
+        for key in RECORDS[node.op].CONSTANTS if node.op in RECORDS else ():
+            if isinstance(node.attrs.get(key), str):
+                named.add(node.attrs[key])
     keys = [key for key in data.files if key.startswith("const/") and key[6:] in named]
     size = sum(data.zip.getinfo(f"{key}.npy").file_size for key in keys)
     available = available_memory()

@@ -100,6 +100,13 @@ CASES = [
     ("conv negative pad", lambda g, a: qgemm(g)["attrs"]["conv"].update(pads=[-1, 0, 0, 0]),
      "attribute 'conv'"),
     ("an unknown attribute", edit_attr("turbo", True), "attribute 'turbo'"),
+    ("no weight attribute", lambda g, a: qgemm(g)["attrs"].pop("weight"),
+     "attribute 'weight': expected constant: int8 (groups, k, n / groups), got absent"),
+    ("a scale in the device mode", edit_attr("scale", "x"), "'x' in the device mode"),
+    ("QMatMul multiplier 0", lambda g, a: g["nodes"].__setitem__(1, {
+        **g["nodes"][1], "op": "QMatMul", "attrs": {"a_zero": 0, "b_zero": 0, "out_zero": 0,
+                                                    "multiplier": 0, "shift": 3}}),
+     "attribute 'multiplier': expected an int in 1..2147483647, got 0"),
     ("missing weight constant", edit_attr("weight", "nowhere"), "not one of the model's"),
     ("weight of another shape", edit_constant("weight", lambda w: w[:, :-1]),
      "attribute 'weight'"),
@@ -205,3 +212,20 @@ def test_unused_constants_are_not_read_and_the_model_still_loads(saved, tmp_path
 
     with sparsa.open("reference") as acc:
         assert np.array_equal(model.run(acc, x)[0], graph.load(io.BytesIO(saved)).run(acc, x)[0])
+
+
+def test_device_nodes_are_their_records(saved, tmp_path):
+    """A loaded model's device nodes carry their typed records (what the runtime reads),
+    whose JSON form is what the file holds."""
+    from sparsa.host import schema
+
+    path = tmp_path / "model.npz"
+    path.write_bytes(saved)
+    model = graph.load(path)
+    device = [node for node in model.nodes if node.op in schema.RECORDS]
+    assert device and all(isinstance(node.spec, schema.QGemm) for node in device)
+    graph_, _ = parts(saved)
+    written = {node["name"]: node["attrs"] for node in graph_["nodes"]}
+    for node in device:
+        assert node.spec.attrs() == written[node.name]
+        assert set(written[node.name]) <= set(schema.QGemm.docs())

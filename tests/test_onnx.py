@@ -841,9 +841,40 @@ def test_every_supported_op_has_a_converter_and_runs():
     assert ops - {"QGemm"} == set(sparsa_onnx.SUPPORTED_OPS)
     from sparsa.onnx.importer import _convert_host
 
-    host = {op for (domain, op), convert in sparsa_onnx.CONVERTERS.items()
-            if convert is _convert_host}
+    host = {op for (domain, op), converter in sparsa_onnx.CONVERTERS.items()
+            if converter.convert is _convert_host}
     assert host <= set(graph.HOST_OPS) and host <= set(graph.SHAPES)
+
+
+def test_each_converters_opsets_are_the_ops():
+    """Each ai.onnx converter's first opset is where onnx's operator schemas define the op (or
+    the first opset read), checked against onnx.defs; an op used below it is refused."""
+    from onnx import TensorProto, defs, helper
+
+    low, high = sparsa_onnx.OPSETS
+    for (domain, op), converter in sparsa_onnx.CONVERTERS.items():
+        if domain:
+            assert converter.opsets is None
+            continue
+        first, last = converter.opsets
+        assert last == high, op
+        defined = min(v for v in range(1, high + 1) if _defined(defs, op, v))
+        assert first == max(low, defined), (op, first, defined)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("HardSwish", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(graph.ModelError, match="HardSwish is an op of ai.onnx opsets 14 to "):
+        sparsa_onnx.compile(model)
+
+
+def _defined(defs, op, version):
+    try:
+        defs.get_schema(op, version, "")
+        return True
+    except Exception:  # onnx's SchemaError: no such op at that opset
+        return False
 
 
 def test_integer_division_truncates_as_onnxruntime_does():

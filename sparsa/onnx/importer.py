@@ -1,8 +1,12 @@
 """Reading an ONNX graph: each (domain, op) through its converter (:data:`CONVERTERS`)."""
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import numpy as np
 
 from sparsa.host.graph import HOST_OPS, ModelError, TensorInfo, run_host_op
+from sparsa.host.schema import WINDOW, bad_window
 
 from .ir import (GEMM_OPS, MICROSOFT_OPS, OPSETS, QOPERATOR_OPS, _Graph, _QLINEAR_GEMM, _add,
                  _attributes, _dtype_name, _refusals, _shape, _shift_constant, _unsupported)
@@ -128,7 +132,12 @@ def _import_node(graph, node, name):
     converter = CONVERTERS.get((domain, node.op_type))
     if converter is None:
         raise _unsupported(node, name)
-    converter(graph, node, name, _attributes(node), inputs, list(node.output))
+    if converter.opsets is not None:
+        low, high = converter.opsets
+        if not low <= graph.opset <= high:
+            raise _unsupported(node, name, f"{node.op_type} is an op of ai.onnx opsets {low} "
+                                           f"to {high}; the model's opset is {graph.opset}")
+    converter.convert(graph, node, name, _attributes(node), inputs, list(node.output))
 
 
 def _convert_constant(graph, node, name, attrs, inputs, outputs):
@@ -234,15 +243,15 @@ def _pool_attrs(node, name, attrs):
                                        f"auto_pad NOTSET)")
     if attrs.get("ceil_mode", 0):
         raise _unsupported(node, name, "ceil_mode=1 is not supported")
-    strides = list(attrs.get("strides", [1, 1]))
-    dilations = list(attrs.get("dilations", [1, 1]))
-    for what, values, count, low in (("strides", strides, 2, 1), ("dilations", dilations, 2, 1),
-                                     ("pads", pads, 4, 0), ("kernel_shape", kernel, 2, 0)):
-        if len(values) != count or any(int(v) < low for v in values):
-            raise ModelError(f"{node.op_type} node {name!r}: {what} {values}: expected {count} "
-                             f"integers of at least {low}")
-    return {"kernel_shape": kernel, "strides": strides,
-            "pads": [pads[0], pads[1], pads[2], pads[3]], "dilations": dilations}
+    result = {"kernel_shape": kernel, "strides": list(attrs.get("strides", [1, 1])),
+              "pads": pads, "dilations": list(attrs.get("dilations", [1, 1]))}
+    # (A convolution's kernel_shape of [0, 0]: not given, the weights' shape.)
+    key = bad_window(result, [key for key in WINDOW if key != "kernel_shape" or any(kernel)])
+    if key is not None:
+        count, low = WINDOW[key]
+        raise ModelError(f"{node.op_type} node {name!r}: {key} {result[key]}: expected {count} "
+                         f"integers of at least {low}")
+    return result
 
 
 def _gemm_attrs(node, name, op, attrs):
@@ -389,20 +398,37 @@ def _import_microsoft(graph, node, name, attrs, inputs, outputs):
         graph.shifted.add(outputs[0])
 
 
-CONVERTERS = {
-    **{("", op): _convert_host for op in HOST_OPS if op not in (
-        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")},
-    **{("", op): _convert_gemm for op in GEMM_OPS + QOPERATOR_OPS},
-    ("", "Constant"): _convert_constant,
-    ("", "QuantizeLinear"): _convert_quantize,
-    ("", "DequantizeLinear"): _convert_dequantize,
-    ("", "DynamicQuantizeLinear"): _convert_dynamic_quantize,
-    **{("com.microsoft", op): _import_microsoft for op in MICROSOFT_OPS},
-}
-"""Each (domain, op type) the compiler reads, to its converter: ``f(graph, node, name, attrs,
-inputs, outputs)`` adds the op's nodes to ``graph`` or raises :class:`ModelError` saying why
-not (what the model's opset changes, e.g. Softmax's axes, the converter reads from
-``graph.opset``)."""
+@dataclass(frozen=True)
+class Converter:
+    """How the compiler reads one (domain, op): ``convert(graph, node, name, attrs, inputs,
+    outputs)`` adds the op's nodes to ``graph`` or raises :class:`ModelError` saying why not;
+    ``opsets``, the ai.onnx opsets (first, last) of the op as the converter reads it (None
+    for another domain's op). What an opset changes within them (Softmax's axes, attributes
+    that became inputs) the converter reads from ``graph.opset``."""
+
+    convert: Callable
+    opsets: Optional[tuple] = OPSETS
+
+
+_FIRST_OPSET = {"LayerNormalization": 17, "Gelu": 20, "HardSwish": 14}
+"""The supported ops defined after the first opset read (onnx's operator schemas)."""
+
+
+def _ai_onnx(op, convert):
+    return ("", op), Converter(convert, (_FIRST_OPSET.get(op, OPSETS[0]), OPSETS[1]))
+
+
+CONVERTERS = dict([
+    *(_ai_onnx(op, _convert_host) for op in HOST_OPS if op not in (
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")),
+    *(_ai_onnx(op, _convert_gemm) for op in GEMM_OPS + QOPERATOR_OPS),
+    _ai_onnx("Constant", _convert_constant),
+    _ai_onnx("QuantizeLinear", _convert_quantize),
+    _ai_onnx("DequantizeLinear", _convert_dequantize),
+    _ai_onnx("DynamicQuantizeLinear", _convert_dynamic_quantize),
+    *((("com.microsoft", op), Converter(_import_microsoft, None)) for op in MICROSOFT_OPS),
+])
+"""Each (domain, op type) the compiler reads, to its :class:`Converter`."""
 
 
 def _fold_constants(graph, keep_ops=()):

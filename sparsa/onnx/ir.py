@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsa.host.graph import HOST_OPS, ModelError, Node, hold_uint8
+from sparsa.host.schema import RECORDS
 
 
 GEMM_OPS = ("Conv", "MatMul", "Gemm")
@@ -78,7 +79,7 @@ class _Graph:
     def used_constants(self):
         used = {name for node in self.nodes for name in node.inputs}
         for node in self.nodes:
-            for key in ("weight", "bias", "colsum", "multiplier", "scale", "float_bias"):
+            for key in RECORDS[node.op].CONSTANTS if node.op in RECORDS else ():
                 if key in node.attrs:
                     used.add(node.attrs[key])
         return {name: value for name, value in self.constants.items() if name in used}

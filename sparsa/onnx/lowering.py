@@ -1,9 +1,12 @@
 """Conv, MatMul and Gemm lowered to the runtime's QGemm (and QMatMul) nodes."""
 
+import dataclasses
+
 import numpy as np
 
 from sparsa.host.graph import ModelError, Node
 from sparsa.host.quant import rounding_multiplier
+from sparsa.host.schema import QGemm, QMatMul
 
 from .ir import GEMM_OPS, QOPERATOR_OPS, _ACTIVATIONS, _QLINEAR_GEMM, _const, _single_consumer
 
@@ -24,6 +27,12 @@ def _dequantized(graph, producers, name, node):
     zero_point = np.asarray(graph.constants[dq.inputs[2]], np.int64)
     axis = dq.attrs.get("axis", 1)
     return _Operand(dq.inputs[0], scale, zero_point), axis
+
+
+def device_node(name, inputs, outputs, spec):
+    """A device node of the record ``spec`` (:mod:`sparsa.host.schema`), its attributes the
+    record's JSON form."""
+    return Node(type(spec).__name__, name, inputs, outputs, spec.attrs(), spec)
 
 
 def _lower(graph):
@@ -88,12 +97,11 @@ def _lower_activation_matmul(graph, node, producers, consumers):
     # The shift whose two roundings most often give one rounding of the exact product (what
     # a float computation of the QDQ graph gives), for outputs across the int8 range.
     multiplier, shift = rounding_multiplier(real)
-    attrs = {"a_zero": int(np.asarray(a.zero_point).reshape(-1)[0]),
-             "b_zero": int(np.asarray(b.zero_point).reshape(-1)[0]),
-             "multiplier": int(multiplier), "shift": int(shift),
-             "out_zero": int(out_zero.reshape(-1)[0]), "source_op": "MatMul"}
-    output = follow.outputs[0]
-    return Node("QMatMul", node.name, [a.tensor, b.tensor], [output], attrs), [follow]
+    spec = QMatMul(a_zero=int(np.asarray(a.zero_point).reshape(-1)[0]),
+                   b_zero=int(np.asarray(b.zero_point).reshape(-1)[0]),
+                   multiplier=int(multiplier), shift=int(shift),
+                   out_zero=int(out_zero.reshape(-1)[0]))
+    return device_node(node.name, [a.tensor, b.tensor], [follow.outputs[0]], spec), [follow]
 
 
 def _weight_operand(graph, node, producers, name, operand=None):
@@ -264,26 +272,24 @@ def _lower_gemm(graph, node, producers, consumers):
     if mode == "device":
         matrix, bias, acc_scale = _sharpen_multipliers(
             matrix, bias, acc_scale, float(np.asarray(out_q[0]).reshape(-1)[0]), k, groups)
-    attrs = {"groups": groups, "k": k, "n": n, "source_op": op, "x_zero": x_zero}
+    window = None
     if conv:
-        attrs["conv"] = {key: a[key] for key in ("strides", "pads", "dilations")}
-        attrs["conv"]["kernel_shape"] = kernel
+        window = {key: a[key] for key in ("strides", "pads", "dilations")}
+        window["kernel_shape"] = kernel
     base = node.name.replace("/", "_")
-    attrs["weight"] = graph.constant(f"{base}/weight", matrix)
     colsum = matrix.astype(np.int64).sum(axis=1).reshape(-1)
-    attrs["colsum"] = graph.constant(f"{base}/colsum", colsum)
-    attrs["bias"] = graph.constant(f"{base}/bias", bias)
     # The bias the device adds: the input zero point folded in (at run time for a zero point
     # that is a tensor). It must still fit int32.
     folded = bias.astype(np.int64) - (0 if x_zero_tensor else x_zero * colsum)
     if folded.min() < -2**31 or folded.max() > 2**31 - 1:
         raise ModelError(f"the int32 bias with the input zero point {x_zero} folded in "
                          f"exceeds int32 ({folded.min()}..{folded.max()})")
+    fields = {}  # the mode's own
     if mode == "device":
         out_scale = float(np.asarray(out_q[0]).reshape(-1)[0])
-        out_zero = int(np.asarray(out_q[1]).reshape(-1)[0])
         real = acc_scale / out_scale
-        attrs["out_zero"] = out_zero
+        fields.update(out_zero=int(np.asarray(out_q[1]).reshape(-1)[0]), relu=relu,
+                      clip=tuple(clip) if clip is not None else None)
         if np.all(real < 1) and np.all(real > 2.0**-32):
             # How far inputs of int8 magnitude move each column's output, and how large the
             # output gets with the bias.
@@ -292,23 +298,22 @@ def _lower_gemm(graph, node, producers, consumers):
                 real, magnitude=spread + real * np.abs(folded), spread=spread, center=folded)
             if np.all(multiplier == multiplier[0]):
                 multiplier = multiplier[:1]
-            attrs["multiplier"] = graph.constant(f"{base}/multiplier", multiplier)
-            attrs["shift"] = int(shift)
+            fields.update(multiplier=graph.constant(f"{base}/multiplier", multiplier),
+                          shift=int(shift))
         else:  # the device only scales down: requantize on the host
             mode = "host"
-            attrs["scale"] = graph.constant(f"{base}/scale", real)
-        if relu:
-            attrs["relu"] = True
-        if clip is not None:
-            attrs["clip"] = clip
+            fields.update(scale=graph.constant(f"{base}/scale", real))
     elif mode == "float":
-        attrs["scale"] = graph.constant(f"{base}/scale", acc_scale.astype(np.float32))
-    attrs["mode"] = mode
+        fields.update(scale=graph.constant(f"{base}/scale", acc_scale.astype(np.float32)))
+    spec = QGemm(groups=groups, k=k, n=n, mode=mode, source_op=op, x_zero=x_zero, conv=window,
+                 weight=graph.constant(f"{base}/weight", matrix),
+                 colsum=graph.constant(f"{base}/colsum", colsum),
+                 bias=graph.constant(f"{base}/bias", bias), **fields)
     inputs = [x.tensor] + ([x_zero_tensor] if x_zero_tensor else [])
     dtype = {"device": "int8", "host": "int8", "float": "float32", "int32": "int32"}[mode]
     if mode in ("device", "host"):
         dtype = graph.types.get(output, "int8")
-    qgemm = Node("QGemm", node.name, inputs, [output], attrs)
+    qgemm = device_node(node.name, inputs, [output], spec)
     graph.types[output] = dtype
     return qgemm, absorbed
 
@@ -429,10 +434,11 @@ def _skip_requantization(graph):
     removed = set()
     for node in graph.nodes:
         gemm = producers.get(node.inputs[0]) if node.op == "Relu" else None
-        if (gemm is not None and gemm.op == "QGemm" and gemm.attrs["mode"] == "device"
-                and gemm.attrs["out_zero"] == 0 and not gemm.attrs.get("clip")
+        if (gemm is not None and gemm.op == "QGemm" and gemm.spec.mode == "device"
+                and gemm.spec.out_zero == 0 and not gemm.spec.clip
                 and _single_consumer(consumers, gemm.outputs[0]) is node):
-            gemm.attrs["relu"] = True
+            gemm.spec = dataclasses.replace(gemm.spec, relu=True)
+            gemm.attrs = gemm.spec.attrs()
             gemm.outputs = list(node.outputs)
             removed.add(id(node))
     graph.nodes = [n for n in graph.nodes if id(n) not in removed]

@@ -30,8 +30,8 @@ def _weights(rng):
     return lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)
 
 
-def _input(shape):
-    return [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])]
+def _input(shape, batch="N"):
+    return [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *shape])]
 
 
 def cnn(rng):
@@ -175,11 +175,12 @@ def quantize_dynamic(model, directory, op_types):
     return onnx.load(target)
 
 
-def exporter_idioms(rng, opset=17):
+def exporter_idioms(rng, opset=17, batch="N"):
     """What exporters write: x (N, 3, 8, 8) -> Conv, Relu, BatchNormalization not after a Conv
     (onnxruntime's quantizer without quant_pre_process leaves it between Q/DQ pairs), Conv,
     Relu, ReduceMean over H and W (tf2onnx's global pooling; its axes an input from opset 18),
-    PyTorch's flatten (Shape -> Gather -> Unsqueeze -> Concat -> Reshape), Gemm -> (N, 10)."""
+    PyTorch's flatten (Shape -> Gather -> Unsqueeze -> Concat -> Reshape), Gemm -> (N, 10);
+    ``batch`` fixes N."""
     f = _weights(rng)
     constants = [_constant("w1", f(8, 3, 3, 3)), _constant("b1", f(8)),
                  _constant("gamma", (1 + 0.1 * rng.standard_normal(8)).astype(np.float32)),
@@ -210,9 +211,9 @@ def exporter_idioms(rng, opset=17):
         node("Reshape", ["pooled", "target"], ["flat"], "flatten"),
         node("Gemm", ["flat", "w3", "b3"], ["logits"], "fc", transB=1),
     ]
-    graph = helper.make_graph(nodes, f"exporter_idioms_{opset}", _input([3, 8, 8]),
+    graph = helper.make_graph(nodes, f"exporter_idioms_{opset}", _input([3, 8, 8], batch),
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                             ["N", 10])], constants)
+                                                             [batch, 10])], constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 9
     onnx.checker.check_model(model)

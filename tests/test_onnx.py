@@ -779,6 +779,29 @@ def test_exporter_idioms_agree_with_onnxruntime(tmp_path, opset):
     assert "BatchNormalization" in {node.op for node in own.nodes}
 
 
+def test_shape_subgraphs_fold_for_fixed_input_shapes(tmp_path):
+    """With the input's shape fixed (its batch too), PyTorch's flatten (Shape, Gather,
+    Unsqueeze, Concat) is folded at compile time to a Reshape to a constant target; the
+    outputs are onnxruntime's."""
+    rng = np.random.default_rng(13)
+    model = onnx_models.exporter_idioms(rng, 17, batch=4)
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    quantized_model = onnx_models.quantize_static(model, x, tmp_path)
+    compiled = sparsa_onnx.compile(quantized_model)
+    ops = [node.op for node in compiled.nodes]
+    assert not {"Shape", "Gather", "Unsqueeze", "Concat"} & set(ops) and "Reshape" in ops
+    reshape = next(node for node in compiled.nodes if node.op == "Reshape")
+    assert compiled.constants[reshape.inputs[1]].tolist() == [4, -1]
+    with sparsa.open("reference") as acc:
+        ours = compiled.run(acc, x)[0]
+        dynamic = sparsa_onnx.compile(onnx_models.quantize_static(
+            onnx_models.exporter_idioms(np.random.default_rng(13), 17), x, tmp_path))
+        assert np.array_equal(dynamic.run(acc, x)[0], ours)
+    theirs = sparsa_onnx.onnxruntime_tensors(quantized_model, {"x": x}, optimize=False)[0]
+    assert np.array_equal(ours.argmax(1), theirs.argmax(1))
+    assert np.abs(ours - theirs).max() < 0.2 * np.abs(theirs).max()
+
+
 @pytest.mark.parametrize("build, shape", [(onnx_models.bert_encoder, (32, 128)),
                                           (onnx_models.vit_encoder, (3, 32, 32))],
                          ids=["bert", "vit"])

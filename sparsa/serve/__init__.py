@@ -1,0 +1,105 @@
+"""``sparsa serve``: compiled models behind the KServe v2 / Triton HTTP/REST inference protocol,
+with dynamic batching, a device instance and a CPU fallback, and Prometheus metrics.
+
+The batching core (:mod:`.batching`) needs NumPy alone; the HTTP side (:mod:`.http`, Starlette
+on uvicorn) and the metrics (prometheus-client) come with ``pip install 'sparsa[serve]'``.
+"""
+
+import contextlib
+import logging
+import signal
+import socket
+
+from .batching import Instance, QueueFull, RequestTimeout, Server, ServedModel  # noqa: F401
+
+__all__ = ["Instance", "Server", "ServedModel", "QueueFull", "RequestTimeout", "build", "run"]
+
+log = logging.getLogger("sparsa.serve")
+
+
+def build(models, *, backend="reference", backend_options=None, device_model=False,
+          clock_mhz=None, fallback=None, device_workers=2, max_batch_size=8,
+          max_queue_delay=0.0005, max_queue=256, fault_every=0):
+    """A :class:`Server` and its :class:`~.metrics.Metrics` for ``models`` (a dict of name to
+    compiled-model path): an instance on ``backend`` (the CPU when it is the reference without
+    ``device_model``, else a device) and, with ``fallback="reference"``, a CPU instance.
+    ``fault_every``: every that-many-th device batch fails (for measuring recovery)."""
+    import sparsa
+
+    from .metrics import Metrics
+
+    options = dict(backend_options or {})
+    if backend == "reference" and device_model:
+        options.update(device_model=True, clock_mhz=clock_mhz)
+    kind = "cpu" if backend == "reference" and not device_model else "device"
+    served = [ServedModel(name, path, max_batch_size=max_batch_size,
+                          max_queue_delay=max_queue_delay, max_queue=max_queue)
+              for name, path in models.items()]
+    instances = []
+    try:
+        instances.append(Instance(backend + ("-device-model" if device_model else ""),
+                                  lambda: sparsa.open(backend, **options), kind,
+                                  workers=device_workers if kind == "device" else 1,
+                                  fault_every=fault_every if kind == "device" else 0))
+        if fallback is not None:
+            if kind == "cpu":
+                raise ValueError(f"--fallback {fallback}: the {backend} backend is already "
+                                 f"the CPU")
+            instances.append(Instance(f"{fallback}-cpu", lambda: sparsa.open(fallback), "cpu"))
+    except BaseException:
+        for instance in instances:
+            instance.close()
+        raise
+    metrics = Metrics()
+    server = Server(served, instances, metrics)
+    metrics.watch(server)
+    return server, metrics
+
+
+def bind(host, port):
+    """A listening socket on ``host``:``port`` (0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def run(server, metrics, sock, *, request_timeout=30.0, latency_budget=None,
+        on_ready=None):
+    """Serve on ``sock`` until SIGTERM or SIGINT: then accept no more, answer every request
+    already accepted, close the instances (buffers freed, DMA stopped)."""
+    import uvicorn
+
+    from .http import app
+
+    application = app(server, metrics, request_timeout=request_timeout,
+                      latency_budget=latency_budget)
+    config = uvicorn.Config(application, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=request_timeout + 5, access_log=False)
+
+    class Web(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # SIGTERM and SIGINT start the graceful shutdown, and the process then exits 0
+            # (uvicorn's own handling raises the signal again once it has stopped).
+            previous = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+    web = Web(config)
+    if on_ready is not None:
+        started = web.startup
+
+        async def startup(sockets=None):
+            await started(sockets=sockets)
+            on_ready()
+        web.startup = startup
+    try:
+        web.run(sockets=[sock])
+    finally:
+        server.close()

@@ -1,0 +1,433 @@
+"""The serving core, without HTTP: models with a bounded request queue each, dynamic batching as
+Triton defines it, and instances (a device, a CPU fallback) whose workers take batches from the
+queues. NumPy and the standard library only.
+
+A request waits in its model's queue until a worker takes it in a batch: requests with the same
+input shapes (but for the batch axis) and dtypes join, oldest first, up to ``max_batch_size``
+rows, the oldest waiting at most ``max_queue_delay`` for company. A device instance's workers
+take any request; the CPU instance's take a request only once it has waited past its latency
+budget, or while no device instance is in service. A batch whose device fails goes back to the
+front of the queue (no accepted request is lost) and the instance is recovered in the
+background: closed, opened again, checked with a GEMM against NumPy, put back.
+"""
+
+import collections
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+
+import numpy as np
+
+from sparsa.host.errors import DeviceError, ModelError
+from sparsa.host.graph import load
+
+log = logging.getLogger("sparsa.serve")
+
+DEVICE_FAILURES = (DeviceError, TimeoutError, OSError)
+"""What takes a device instance out of service (its batch goes back to the queue)."""
+
+
+class QueueFull(Exception):
+    """The model's queue holds ``max_queue`` requests; the request was not accepted."""
+
+
+class RequestTimeout(Exception):
+    """The request was not answered within its timeout."""
+
+
+class Request:
+    """One client request: its inputs by name, rows (its batch), the key of the requests it may
+    join, when it came, its deadlines and the future its outputs go to."""
+
+    def __init__(self, inputs, rows, key, budget, timeout):
+        self.inputs, self.rows, self.key = inputs, rows, key
+        self.arrived = time.monotonic()
+        self.budget_at = None if budget is None else self.arrived + budget
+        self.expires = None if timeout is None else self.arrived + timeout
+        self.future = concurrent.futures.Future()
+        self.running = False  # taken by a worker once (a failed batch's requests run again)
+        self.instance = None  # which instance answered
+
+
+class Instance:
+    """An accelerator that serves: ``opener()`` gives it (again, after a failure); ``kind`` is
+    "device" (requests go here first) or "cpu" (the fallback); ``workers`` threads per model
+    take batches (two on a device: one batch's host work beside another's device jobs)."""
+
+    def __init__(self, name, opener, kind="device", workers=None, fault_every=0):
+        self.name, self.opener, self.kind = name, opener, kind
+        self.workers = workers or (2 if kind == "device" else 1)
+        self.accelerator = _FaultInjector(opener(), fault_every) if fault_every else opener()
+        self.fault_every = fault_every
+        self.in_service = True
+        self.failures = 0
+        self.recoveries = 0
+        self.batches = 0
+        self.busy_s = 0.0
+        self.started = time.monotonic()
+        self._lock = threading.Condition()
+        self._active = 0  # batches running on the accelerator
+        self._servers = []  # the Server whose queues wait for this instance
+        self._recovering = None
+
+    def fail(self, error):
+        """Take the instance out of service and recover it in the background."""
+        with self._lock:
+            self.failures += 1
+            if not self.in_service:
+                return
+            self.in_service = False
+            log.warning("instance %s out of service: %s", self.name, error)
+            self._recovering = threading.Thread(target=self._recover, daemon=True,
+                                                name=f"sparsa-recover-{self.name}")
+            self._recovering.start()
+        self._notify()
+
+    def acquire(self):
+        """The accelerator for a batch about to run, or None while out of service; a batch
+        that got one ends with :meth:`release`."""
+        with self._lock:
+            if not self.in_service:
+                return None
+            self._active += 1
+            return self.accelerator
+
+    def release(self):
+        with self._lock:
+            self._active -= 1
+            self._lock.notify_all()
+
+    def _recover(self):
+        with self._lock:  # the batches still running on the failed device end first
+            self._lock.wait_for(lambda: self._active == 0, timeout=60)
+        delay = 0.05
+        while not getattr(self, "_closing", False):
+            try:
+                try:
+                    self.accelerator.close()
+                except Exception:  # a failed device may fail to close; it is replaced
+                    pass
+                accelerator = self.opener()
+                if self.fault_every:
+                    accelerator = _FaultInjector(accelerator, self.fault_every,
+                                                 self.accelerator.count)
+                _probe(accelerator)
+            except Exception as error:  # noqa: BLE001  (any failure: try again later)
+                log.warning("instance %s: recovery failed (%s); again in %.1f s", self.name,
+                            error, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+                continue
+            with self._lock:
+                self.accelerator = accelerator
+                self.in_service = True
+                self.recoveries += 1
+            log.warning("instance %s back in service", self.name)
+            self._notify()
+            return
+
+    def _notify(self):
+        for server in self._servers:
+            server.wake()
+
+    def close(self):
+        self._closing = True
+        if self._recovering is not None:
+            self._recovering.join(timeout=10)
+        try:
+            self.accelerator.close()
+        except Exception as error:  # noqa: BLE001  (closing a failed device: log, go on)
+            log.warning("instance %s: close: %s", self.name, error)
+
+
+def _probe(accelerator):
+    """A small GEMM on ``accelerator``, checked against NumPy (raises DeviceError if wrong)."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, (8, 16), dtype=np.int8)
+    b = rng.integers(-128, 128, (16, 8), dtype=np.int8)
+    got = accelerator.matmul(a, b)
+    if not np.array_equal(got, a.astype(np.int32) @ b.astype(np.int32)):
+        raise DeviceError("the probe GEMM gave a wrong result")
+
+
+class _FaultInjector:
+    """An accelerator whose next ``matmul`` after an ``arm()`` that comes up raises DeviceError,
+    as a device that stops answering does: for measuring the server's recovery (``sparsa
+    bench serve``, the tests). Everything else is the accelerator's."""
+
+    def __init__(self, accelerator, every, count=None):
+        self._accelerator, self.every = accelerator, every
+        self.count = count or itertools.count(1)
+        self._armed = False
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+    def arm(self):
+        """Called per batch: every ``every``-th batch, the next matmul (of any thread: a
+        batch runs in parts) fails."""
+        if next(self.count) % self.every == 0:
+            self._armed = True
+
+    def matmul(self, *args, **kwargs):
+        with self._lock:
+            armed, self._armed = self._armed, False
+        if armed:
+            raise DeviceError("injected fault: the device did not answer")
+        return self._accelerator.matmul(*args, **kwargs)
+
+    def close(self):
+        self._accelerator.close()
+
+
+class ServedModel:
+    """A compiled model behind a queue: ``submit`` accepts a request (or refuses it), the
+    instances' workers ``take`` batches."""
+
+    def __init__(self, name, path, max_batch_size=8, max_queue_delay=0.0005, max_queue=256):
+        self.name, self.path = name, path
+        self.model = load(path)
+        inputs = self.model.inputs
+        open_batch = all(t.shape and t.shape[0] is None for t in inputs)
+        # Requests join along the batch axis only where the model treats each sample on its
+        # own (a model that mixes a batch's samples is served one request at a time).
+        self.batching = open_batch and self.model.separable() and max_batch_size > 1
+        self.max_batch_size = max_batch_size if self.batching else (0 if open_batch else 1)
+        self.max_rows = max_batch_size if self.batching else None
+        self.max_queue_delay = max_queue_delay
+        self.max_queue = max_queue
+        self.queue = collections.deque()
+        self.cond = threading.Condition()
+        self.closing = False
+
+    # -- requests --
+
+    def submit(self, inputs, *, budget=None, timeout=None):
+        """Queue ``inputs`` (a dict by input name of arrays of the model's dtypes); a
+        :class:`Request` whose future gets the outputs (a list of arrays, this request's
+        rows). :class:`ModelError` for inputs that are not the model's, :class:`QueueFull`."""
+        inputs = self._check(inputs)
+        rows = None
+        if self.max_batch_size != 1 and all(t.shape and t.shape[0] is None
+                                            for t in self.model.inputs):
+            rows = {value.shape[0] for value in inputs.values()}
+            if len(rows) != 1:
+                raise ModelError(f"inputs: expected one batch size for all inputs, got "
+                                 f"{sorted(rows)}")
+            rows = rows.pop()
+            if self.max_rows and rows > self.max_rows:
+                raise ModelError(f"inputs: a batch of {rows} is more than the model's "
+                                 f"max_batch_size {self.max_rows}")
+        key = tuple((name, value.dtype.str, value.shape[1:] if rows is not None
+                     else value.shape) for name, value in sorted(inputs.items()))
+        request = Request(inputs, rows or 1, key, budget, timeout)
+        with self.cond:
+            if self.closing:
+                raise QueueFull(f"model {self.name!r}: the server is shutting down")
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"model {self.name!r}: the queue holds {self.max_queue} "
+                                f"requests")
+            self.queue.append(request)
+            self.cond.notify_all()
+        return request
+
+    def _check(self, inputs):
+        """The inputs as the model's dtypes and ranks, or ModelError naming the input."""
+        names = {t.name for t in self.model.inputs}
+        unknown = sorted(set(inputs) - names)
+        if unknown:
+            raise ModelError(f"input {unknown[0]!r}: not an input of model {self.name!r} "
+                             f"(its inputs: {', '.join(sorted(names))})")
+        checked = {}
+        for t in self.model.inputs:
+            if t.name not in inputs:
+                raise ModelError(f"input {t.name!r}: missing")
+            value = np.asarray(inputs[t.name])
+            if value.dtype != np.dtype(t.dtype) or value.ndim != len(t.shape) or any(
+                    d is not None and d != s for d, s in zip(t.shape, value.shape)):
+                raise ModelError(f"input {t.name!r}: expected {t.dtype} of shape "
+                                 f"{_shape_text(t.shape)}, got {value.dtype} {value.shape}")
+            checked[t.name] = value
+        return checked
+
+    # -- batches --
+
+    def take(self, instance):
+        """The next batch for ``instance``'s worker (a list of requests), waiting for one;
+        None once the model is closing and its queue is empty."""
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                self._expire(now)
+                if not instance.in_service:
+                    if self.closing and not self.queue:
+                        return None
+                    self.cond.wait(0.05)
+                    continue
+                first, wake = self._eligible(instance, now)
+                if first is None:
+                    if self.closing and not self.queue:
+                        return None
+                    self.cond.wait(None if wake is None else max(wake - now, 0.0005))
+                    continue
+                batch, rows = [first], first.rows
+                if self.batching:
+                    for request in self.queue:
+                        if request is not first and request.key == first.key \
+                                and rows + request.rows <= self.max_rows:
+                            batch.append(request)
+                            rows += request.rows
+                    due = first.arrived + self.max_queue_delay
+                    if rows < self.max_rows and now < due and not self.closing:
+                        self.cond.wait(due - now)
+                        continue
+                for request in batch:
+                    self.queue.remove(request)
+                return batch
+
+    def _eligible(self, instance, now):
+        """The oldest request ``instance`` may take, or (None, when one becomes takeable)."""
+        if not self.queue:
+            return None, None
+        if instance.kind == "device":
+            return self.queue[0], None
+        devices = [i for i in self.server.instances if i.kind == "device"]
+        if not any(i.in_service for i in devices):
+            return self.queue[0], None
+        wake = None
+        for request in self.queue:
+            if request.budget_at is not None:
+                if request.budget_at <= now:
+                    return request, None
+                wake = request.budget_at if wake is None else min(wake, request.budget_at)
+        return None, wake
+
+    def _expire(self, now):
+        """Requests past their timeout, or whose client went, leave the queue answered."""
+        for request in [r for r in self.queue if r.future.done()
+                        or (r.expires is not None and r.expires <= now)]:
+            self.queue.remove(request)
+            if not request.future.done():
+                request.future.set_exception(RequestTimeout(
+                    f"model {self.name!r}: no answer within the request's timeout"))
+
+    def requeue(self, batch):
+        """A failed batch back at the front of the queue, in its order."""
+        with self.cond:
+            self.queue.extendleft(reversed(batch))
+            self.cond.notify_all()
+
+
+def _shape_text(shape):
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+
+
+class Server:
+    """Models and instances: each model's workers on each instance, metrics, shutdown."""
+
+    def __init__(self, models, instances, metrics=None):
+        self.models = {model.name: model for model in models}
+        self.instances = list(instances)
+        self.metrics = metrics
+        self._threads = []
+        for instance in self.instances:
+            instance._servers.append(self)
+        for model in self.models.values():
+            model.server = self
+            for instance in self.instances:
+                for index in range(instance.workers):
+                    thread = threading.Thread(target=self._work, args=(model, instance),
+                                              name=f"sparsa-{model.name}-{instance.name}-{index}",
+                                              daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+
+    @property
+    def ready(self):
+        return any(i.in_service for i in self.instances)
+
+    def wake(self):
+        for model in self.models.values():
+            with model.cond:
+                model.cond.notify_all()
+
+    def _work(self, model, instance):
+        compiled = load(model.path)  # a worker's own: its run's figures are its own
+        while True:
+            batch = model.take(instance)
+            if batch is None:
+                return
+            batch = [r for r in batch if r.running or r.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            for request in batch:
+                request.running = True
+            feeds = {name: np.concatenate([r.inputs[name] for r in batch]) if len(batch) > 1
+                     else batch[0].inputs[name] for name in batch[0].inputs}
+            accelerator = instance.acquire()
+            if accelerator is None:  # failed since the batch was taken
+                model.requeue(batch)
+                continue
+            started = time.perf_counter()
+            try:
+                if isinstance(accelerator, _FaultInjector):
+                    accelerator.arm()
+                outputs = compiled.run(accelerator, feeds)
+            except DEVICE_FAILURES as error:
+                instance.release()
+                if instance.kind == "cpu":
+                    self._answer_error(batch, error)
+                    continue
+                model.requeue(batch)
+                instance.fail(error)
+                if self.metrics:
+                    self.metrics.failure(instance)
+                continue
+            except Exception as error:  # noqa: BLE001  (the requests get the error)
+                instance.release()
+                self._answer_error(batch, error)
+                continue
+            instance.release()
+            seconds = time.perf_counter() - started
+            counters = compiled.run_counters() if instance.kind == "device" else None
+            instance.batches += 1
+            if counters:
+                instance.busy_s += counters["busy_s"]
+            row = 0
+            for request in batch:
+                request.instance = instance
+                if len(batch) > 1:
+                    part = [value[row:row + request.rows] for value in outputs]
+                else:
+                    part = outputs
+                row += request.rows
+                request.future.set_result(part)
+            if self.metrics:
+                self.metrics.batch(model, instance, batch, seconds, counters)
+
+    @staticmethod
+    def _answer_error(batch, error):
+        for request in batch:
+            request.future.set_exception(error)
+
+    def close(self, timeout=30.0):
+        """Accept no more; answer every request already accepted; stop the workers; close
+        the instances."""
+        for model in self.models.values():
+            with model.cond:
+                model.closing = True
+                model.cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for model in self.models.values():
+            with model.cond:
+                for request in model.queue:
+                    if not request.future.done():
+                        request.future.set_exception(RequestTimeout("the server shut down"))
+                model.queue.clear()
+        for instance in self.instances:
+            instance.close()

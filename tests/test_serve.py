@@ -1,0 +1,251 @@
+"""sparsa serve: the KServe v2 protocol through Triton's own client, dynamic batching, the CPU
+fallback, a device that fails and comes back, a full queue, shutdown on SIGTERM. Every answer
+is checked against ``CompiledModel.run`` on the reference backend (bit-exact)."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sparsa
+from sparsa.host import graph
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("starlette")
+httpclient = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from sparsa import serve  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import onnx_models  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A compiled CNN (x (N, 1, 8, 8) float32 -> prob (N, 10)) saved as .npz."""
+    from sparsa import onnx as sparsa_onnx
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("serve")
+    model = onnx_models.quantize_static(onnx_models.cnn(rng),
+                                        rng.standard_normal((16, 1, 8, 8)).astype(np.float32),
+                                        folder)
+    sparsa_onnx.compile(model).save(folder / "cnn.npz")
+    return folder / "cnn.npz"
+
+
+def expected(path, x):
+    """The outputs of ``CompiledModel.run`` on the reference backend."""
+    with sparsa.open("reference") as acc:
+        return graph.load(path).run(acc, x)[0]
+
+
+def images(count, seed=1):
+    return np.random.default_rng(seed).standard_normal((count, 1, 8, 8)).astype(np.float32)
+
+
+def start(args, env=None):
+    """``sparsa serve ARGS --port 0`` in a process; (process, port) once it listens."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sparsa.cli", "serve", *map(str, args), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})})
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if " on http://" in line:
+            return process, int(line.rsplit(":", 1)[1].split("/")[0])
+    raise AssertionError("sparsa serve did not start: " + "".join(lines)
+                         + process.stderr.read())
+
+
+def post(port, path, body, headers=None):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
+                                     headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), dict(error.headers)
+
+
+def test_tritonclient_against_sparsa_serve(model_path):
+    """Triton's client unchanged: health, metadata, readiness, inference in binary and JSON
+    (the same outputs as CompiledModel.run), the protocol's errors, metrics; then SIGTERM
+    with requests in flight: each answered, exit status 0."""
+    process, port = start([f"digits={model_path}", "--backend", "reference",
+                           "--device-model", "--fallback", "reference"])
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", concurrency=8)
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("digits") and not client.is_model_ready("other")
+        meta = client.get_model_metadata("digits")
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+        assert meta["outputs"] == [{"name": "prob", "datatype": "FP32", "shape": [-1, 10]}]
+        assert client.get_model_config("digits")["max_batch_size"] == 8
+        x = images(3)
+        for binary in (True, False):
+            given = httpclient.InferInput("x", list(x.shape), "FP32")
+            given.set_data_from_numpy(x, binary_data=binary)
+            asked = httpclient.InferRequestedOutput("prob", binary_data=binary)
+            result = client.infer("digits", [given], outputs=[asked], request_id="r1")
+            assert np.array_equal(result.as_numpy("prob"), expected(model_path, x))
+            assert result.get_response()["id"] == "r1"
+        # A plain JSON request, as curl sends it.
+        status, body, _ = post(port, "/v2/models/digits/infer", json.dumps(
+            {"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                         "data": x[:1].ravel().tolist()}]}).encode())
+        assert status == 200
+        answer = json.loads(body)["outputs"][0]
+        assert answer["shape"] == [1, 10]
+        assert np.array_equal(np.float32(answer["data"]), expected(model_path, x[:1])[0])
+        # Mistakes: the protocol's error body, the reason named.
+        wrong = httpclient.InferInput("x", [1, 1, 4, 4], "FP32")
+        wrong.set_data_from_numpy(np.zeros((1, 1, 4, 4), np.float32))
+        with pytest.raises(InferenceServerException, match=r"input 'x': expected float32"):
+            client.infer("digits", [wrong])
+        with pytest.raises(InferenceServerException, match="not served"):
+            client.infer("other", [wrong])
+        for body, headers, fragment in [
+                (b"{not json", {}, "JSON"),
+                (json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8],
+                                         "datatype": "FP32",
+                                         "parameters": {"binary_data_size": 256}}]}).encode(),
+                 {}, "binary_data_size"),
+                (json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8],
+                                         "datatype": "BYTES", "data": []}]}).encode(), {},
+                 "datatype 'BYTES'")]:
+            status, answer, _ = post(port, "/v2/models/digits/infer", body, headers)
+            assert status == 400 and fragment in json.loads(answer)["error"], answer
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as page:
+            text = page.read().decode()
+        assert 'sparsa_requests_total{model="digits",outcome="success"} 3.0' in text
+        assert 'sparsa_requests_total{model="digits",outcome="bad_request"} 4.0' in text
+        assert 'sparsa_instance_up{instance="reference-device-model",kind="device"} 1.0' in text
+        jobs = [line for line in text.splitlines()
+                if line.startswith('sparsa_device_jobs_total{instance="reference-device-model"}')]
+        assert jobs and float(jobs[0].split()[-1]) > 0
+        # SIGTERM with requests in flight: every one answered, then exit 0.
+        pending = []
+        for index in range(12):
+            given = httpclient.InferInput("x", [1, 1, 8, 8], "FP32")
+            given.set_data_from_numpy(x[index % 3:index % 3 + 1])
+            pending.append((index % 3, client.async_infer("digits", [given])))
+        time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        reference = expected(model_path, x)
+        for row, request in pending:
+            assert np.array_equal(request.get_result().as_numpy("prob")[0], reference[row])
+        assert process.wait(timeout=60) == 0
+        assert "Traceback" not in process.stderr.read()
+        client.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def server_for(path, **options):
+    return serve.build({"cnn": path}, **options)
+
+
+def run_concurrently(server, model, inputs, threads=16, **submit):
+    """Each row of ``inputs`` submitted from its own client thread; the answers in order."""
+    def one(row):
+        request = server.models[model].submit({"x": inputs[row:row + 1]}, **submit)
+        return request.future.result(timeout=60)[0]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return np.concatenate(list(pool.map(one, range(len(inputs)))))
+
+
+def test_dynamic_batching_joins_requests(model_path):
+    """Sixteen clients at once on the timed device model: requests join batches of up to 8,
+    each client gets its own rows back, exactly."""
+    server, metrics = server_for(model_path, backend="reference", device_model=True,
+                                 clock_mhz=100, max_batch_size=8, max_queue_delay=0.02)
+    try:
+        x = images(64, seed=2)
+        got = run_concurrently(server, "cnn", x)
+        assert np.array_equal(got, expected(model_path, x))
+        device = server.instances[0]
+        assert device.batches < 64 / 2  # most batches joined requests
+        sizes = metrics.batch_size.labels("cnn")
+        assert sizes._sum.get() == 64
+    finally:
+        server.close()
+
+
+def test_a_failing_device_loses_no_request(model_path):
+    """Every 5th device batch fails as a device that stops answering: its requests go back to
+    the queue and are answered (exactly) by the CPU instance or the recovered device; the
+    device is back in service afterwards."""
+    server, metrics = server_for(model_path, backend="reference", device_model=True,
+                                 clock_mhz=100, fallback="reference", max_batch_size=4,
+                                 max_queue_delay=0.002, fault_every=5)
+    try:
+        x = images(120, seed=3)
+        got = run_concurrently(server, "cnn", x)
+        assert np.array_equal(got, expected(model_path, x))
+        device = server.instances[0]
+        assert device.failures >= 2 and device.recoveries >= 1
+        deadline = time.monotonic() + 10
+        while not device.in_service and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert device.in_service
+        assert metrics.failures.labels(device.name)._value.get() == device.failures
+    finally:
+        server.close()
+
+
+def test_cpu_takes_requests_past_their_budget(model_path):
+    """A slow device (the timed model at 0.05 MHz) and a 1 ms latency budget: the CPU instance
+    answers requests that waited past it; every answer exact."""
+    server, metrics = server_for(model_path, backend="reference", device_model=True,
+                                 clock_mhz=0.05, fallback="reference", max_batch_size=2,
+                                 max_queue_delay=0.0)
+    try:
+        x = images(24, seed=4)
+        got = run_concurrently(server, "cnn", x, threads=8, budget=0.001)
+        assert np.array_equal(got, expected(model_path, x))
+        fallbacks = metrics.fallbacks.labels("cnn")._value.get()
+        assert 0 < fallbacks < 24 and server.instances[0].batches > 0
+    finally:
+        server.close()
+
+
+def test_full_queue_refuses_and_answers_the_accepted(model_path):
+    """A burst of 10x the queue's capacity: the accepted requests answered exactly, the rest
+    refused with QueueFull at once; a request past its timeout answered with RequestTimeout."""
+    server, _ = server_for(model_path, backend="reference", device_model=True, clock_mhz=1,
+                           max_batch_size=1, max_queue=4)
+    try:
+        x = images(40, seed=5)
+        accepted, refused = [], 0
+        for row in range(40):
+            try:
+                accepted.append((row, server.models["cnn"].submit({"x": x[row:row + 1]})))
+            except serve.QueueFull:
+                refused += 1
+        assert 4 <= len(accepted) <= 6 and refused == 40 - len(accepted)
+        reference = expected(model_path, x)
+        for row, request in accepted:
+            assert np.array_equal(request.future.result(timeout=60)[0][0], reference[row])
+        blocker = [server.models["cnn"].submit({"x": x[:1]}) for _ in range(3)]
+        late = server.models["cnn"].submit({"x": x[:1]}, timeout=0.001)
+        with pytest.raises(serve.RequestTimeout):
+            late.future.result(timeout=60)
+        for request in blocker:
+            request.future.result(timeout=60)
+        with pytest.raises(graph.ModelError, match="input 'x': expected float32"):
+            server.models["cnn"].submit({"x": x[:1].astype(np.float64)})
+    finally:
+        server.close()

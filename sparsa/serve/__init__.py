@@ -59,7 +59,9 @@ def build(models, *, backend="reference", backend_options=None, device_model=Fal
 def bind(host, port):
     """A listening socket on ``host``:``port`` (0: any free port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # (IPPROTO_TCP named: asyncio sets TCP_NODELAY only on connections of such a socket, and
+    # without it a response's body waits for the client's delayed ACK of its headers.)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)

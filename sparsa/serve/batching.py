@@ -200,6 +200,7 @@ class ServedModel:
         self.max_queue_delay = max_queue_delay
         self.max_queue = max_queue
         self.queue = collections.deque()
+        self.running = collections.Counter()  # batches running, per instance
         self.cond = threading.Condition()
         self.closing = False
 
@@ -280,13 +281,23 @@ class ServedModel:
                                 and rows + request.rows <= self.max_rows:
                             batch.append(request)
                             rows += request.rows
+                    # Waiting for company only while another of the model's batches runs on
+                    # this instance: an idle instance gains nothing by waiting.
                     due = first.arrived + self.max_queue_delay
-                    if rows < self.max_rows and now < due and not self.closing:
+                    if rows < self.max_rows and now < due and not self.closing \
+                            and self.running[instance.name]:
                         self.cond.wait(due - now)
                         continue
                 for request in batch:
                     self.queue.remove(request)
+                self.running[instance.name] += 1
                 return batch
+
+    def done(self, instance):
+        """A batch ``take`` gave ``instance`` has ended."""
+        with self.cond:
+            self.running[instance.name] -= 1
+            self.cond.notify_all()
 
     def _eligible(self, instance, now):
         """The oldest request ``instance`` may take, or (None, when one becomes takeable)."""
@@ -360,53 +371,61 @@ class Server:
             batch = model.take(instance)
             if batch is None:
                 return
-            batch = [r for r in batch if r.running or r.future.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            for request in batch:
-                request.running = True
-            feeds = {name: np.concatenate([r.inputs[name] for r in batch]) if len(batch) > 1
-                     else batch[0].inputs[name] for name in batch[0].inputs}
-            accelerator = instance.acquire()
-            if accelerator is None:  # failed since the batch was taken
-                model.requeue(batch)
-                continue
-            started = time.perf_counter()
             try:
-                if isinstance(accelerator, _FaultInjector):
-                    accelerator.arm()
-                outputs = compiled.run(accelerator, feeds)
-            except DEVICE_FAILURES as error:
-                instance.release()
-                if instance.kind == "cpu":
-                    self._answer_error(batch, error)
-                    continue
-                model.requeue(batch)
-                instance.fail(error)
-                if self.metrics:
-                    self.metrics.failure(instance)
-                continue
-            except Exception as error:  # noqa: BLE001  (the requests get the error)
-                instance.release()
-                self._answer_error(batch, error)
-                continue
+                self._run(model, instance, compiled, batch)
+            finally:
+                model.done(instance)
+
+    def _run(self, model, instance, compiled, batch):
+        """One batch on ``instance``: each request answered, or (the device failed) the batch
+        back in the queue."""
+        batch = [r for r in batch if r.running or r.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        for request in batch:
+            request.running = True
+        feeds = {name: np.concatenate([r.inputs[name] for r in batch]) if len(batch) > 1
+                 else batch[0].inputs[name] for name in batch[0].inputs}
+        accelerator = instance.acquire()
+        if accelerator is None:  # failed since the batch was taken
+            model.requeue(batch)
+            return
+        started = time.perf_counter()
+        try:
+            if isinstance(accelerator, _FaultInjector):
+                accelerator.arm()
+            outputs = compiled.run(accelerator, feeds)
+        except DEVICE_FAILURES as error:
             instance.release()
-            seconds = time.perf_counter() - started
-            counters = compiled.run_counters() if instance.kind == "device" else None
-            instance.batches += 1
-            if counters:
-                instance.busy_s += counters["busy_s"]
-            row = 0
-            for request in batch:
-                request.instance = instance
-                if len(batch) > 1:
-                    part = [value[row:row + request.rows] for value in outputs]
-                else:
-                    part = outputs
-                row += request.rows
-                request.future.set_result(part)
+            if instance.kind == "cpu":
+                self._answer_error(batch, error)
+                return
+            model.requeue(batch)
+            instance.fail(error)
             if self.metrics:
-                self.metrics.batch(model, instance, batch, seconds, counters)
+                self.metrics.failure(instance)
+            return
+        except Exception as error:  # noqa: BLE001  (the requests get the error)
+            instance.release()
+            self._answer_error(batch, error)
+            return
+        instance.release()
+        seconds = time.perf_counter() - started
+        counters = compiled.run_counters() if instance.kind == "device" else None
+        instance.batches += 1
+        if counters:
+            instance.busy_s += counters["busy_s"]
+        row = 0
+        for request in batch:
+            request.instance = instance
+            if len(batch) > 1:
+                part = [value[row:row + request.rows] for value in outputs]
+            else:
+                part = outputs
+            row += request.rows
+            request.future.set_result(part)
+        if self.metrics:
+            self.metrics.batch(model, instance, batch, seconds, counters)
 
     @staticmethod
     def _answer_error(batch, error):

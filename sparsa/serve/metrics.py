@@ -39,6 +39,9 @@ class Metrics:
                                ["instance"], registry=r)
         self.busy = Counter("sparsa_device_busy_seconds", "Seconds the device was busy",
                             ["instance"], registry=r)
+        self.host = Counter("sparsa_host_seconds", "Seconds of host work for a device's "
+                            "batches (host ops, im2col, the driver's packing and unpacking)",
+                            ["instance"], registry=r)
         self.failures = Counter("sparsa_instance_failures", "Times an instance was taken out "
                                 "of service", ["instance"], registry=r)
         self._up = Gauge("sparsa_instance_up", "1 while an instance serves, 0 while it is "
@@ -72,6 +75,7 @@ class Metrics:
             self.macs.labels(instance.name).inc(counters["macs"])
             self.skipped.labels(instance.name).inc(counters["macs_skipped"])
             self.busy.labels(instance.name).inc(counters["busy_s"])
+            self.host.labels(instance.name).inc(counters["host_s"])
 
     def failure(self, instance):
         self.failures.labels(instance.name).inc()

@@ -371,14 +371,17 @@ class Server:
             batch = model.take(instance)
             if batch is None:
                 return
+            ended = []  # (the batch counts as running until its run ends, not its answers)
             try:
-                self._run(model, instance, compiled, batch)
+                self._run(model, instance, compiled, batch, ended)
             finally:
-                model.done(instance)
+                if not ended:
+                    model.done(instance)
 
-    def _run(self, model, instance, compiled, batch):
+    def _run(self, model, instance, compiled, batch, ended):
         """One batch on ``instance``: each request answered, or (the device failed) the batch
-        back in the queue."""
+        back in the queue. The model hears that the batch ended before its requests are
+        answered (a client's next request then finds no batch running)."""
         batch = [r for r in batch if r.running or r.future.set_running_or_notify_cancel()]
         if not batch:
             return
@@ -410,6 +413,8 @@ class Server:
             self._answer_error(batch, error)
             return
         instance.release()
+        model.done(instance)
+        ended.append(True)
         seconds = time.perf_counter() - started
         counters = compiled.run_counters() if instance.kind == "device" else None
         instance.batches += 1

@@ -166,8 +166,10 @@ def _delta(after, before, name, **labels):
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
-def direct_latency(path, sample, clock_mhz, repeats=30):
-    """The median time of ``CompiledModel.run`` of one sample on the timed device model."""
+def direct_latency(path, samples, clock_mhz, repeats=16):
+    """The median time of ``CompiledModel.run`` of one sample (the samples in turn, as the
+    clients send them: sparse-skip makes the time depend on the data) on the timed device
+    model, in this process."""
     import sparsa
     from sparsa.host.graph import load as load_model
 
@@ -176,7 +178,7 @@ def direct_latency(path, sample, clock_mhz, repeats=30):
     with sparsa.open("reference", device_model=True, clock_mhz=clock_mhz) as device:
         for index in range(repeats + 2):
             started = time.perf_counter()
-            model.run(device, sample[None])
+            model.run(device, samples[index % len(samples)][None])
             if index >= 2:  # (the first runs choose the jobs' formats)
                 times.append(time.perf_counter() - started)
     return float(np.median(times))
@@ -196,8 +198,7 @@ def run(duration=3.0, concurrencies=(1, 4, 16, 64), clock_mhz=100.0, max_batch_s
         if models:
             compiled = {name: compiled[name] for name in models}
         names = {name: load_model(path).inputs[0].name for name, (path, _) in compiled.items()}
-        direct = {name: direct_latency(path, samples[0], clock_mhz)
-                  for name, (path, samples) in compiled.items()}
+        direct = {}
         for batching in (True, False):
             server = ServerProcess(compiled, *device, "--max-batch-size",
                                    max_batch_size if batching else 1,
@@ -205,6 +206,9 @@ def run(duration=3.0, concurrencies=(1, 4, 16, 64), clock_mhz=100.0, max_batch_s
                                    "--max-queue", 1024)
             instance = "reference-device-model"
             for name, (path, samples) in compiled.items():
+                # The direct run's time again beside this (idle) server: the figure its
+                # single client's latency is compared with.
+                direct[name] = direct_latency(path, samples, clock_mhz)
                 for concurrency in concurrencies:
                     before, scraped = server.metrics(), time.monotonic()
                     # Long enough for each client's requests to go round several times

@@ -24,6 +24,24 @@ def _positive(text):
     return value
 
 
+def _positive_number(text):
+    """A positive number (a time, a clock)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _count(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def _fraction(text):
     value = float(text)
     if not 0 <= value <= 1:
@@ -758,7 +776,7 @@ def build_parser():
     serve.add_argument("--device-model", action="store_true",
                        help="--backend reference: the timed device model (a board's "
                             "timing on a PC)")
-    serve.add_argument("--clock-mhz", type=float, default=100.0,
+    serve.add_argument("--clock-mhz", type=_positive_number, default=100.0,
                        help="the device model's clock")
     serve.add_argument("--fallback", choices=("reference",),
                        help="a CPU instance for requests the device cannot take in time, "
@@ -767,20 +785,20 @@ def build_parser():
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
     serve.add_argument("--max-batch-size", type=_positive, default=8,
                        help="rows a batch joins at most (1: no batching)")
-    serve.add_argument("--max-queue-delay-us", type=int, default=500,
+    serve.add_argument("--max-queue-delay-us", type=_count, default=500,
                        help="how long the oldest request waits for others to join it")
     serve.add_argument("--max-queue", type=_positive, default=256,
                        help="requests waiting per model; more are answered 503")
-    serve.add_argument("--request-timeout-s", type=float, default=30.0,
+    serve.add_argument("--request-timeout-s", type=_positive_number, default=30.0,
                        help="a request not answered by then is answered 504 (a request's "
                             "'timeout' parameter, in microseconds, overrides it)")
-    serve.add_argument("--latency-budget-ms", type=float,
+    serve.add_argument("--latency-budget-ms", type=_positive_number,
                        help="with --fallback: a request waiting longer goes to the CPU (a "
                             "request's 'latency_budget_us' parameter overrides it)")
     serve.add_argument("--device-workers", type=_positive, default=2,
                        help="batches in flight on the device per model (2: one's host work "
                             "beside another's device jobs)")
-    serve.add_argument("--inject-faults", type=int, default=0, metavar="N",
+    serve.add_argument("--inject-faults", type=_count, default=0, metavar="N",
                        help="testing: every N-th device batch fails as a device that stops "
                             "answering does")
     serve.set_defaults(func=cmd_serve)

@@ -252,3 +252,25 @@ def test_full_queue_refuses_and_answers_the_accepted(model_path):
             server.models["cnn"].submit({"x": x[:1].astype(np.float64)})
     finally:
         server.close()
+
+
+def test_serve_command_line_mistakes(model_path, tmp_path, capsys):
+    """Each mistake on sparsa serve's command line is one line and exit status 2, before
+    anything listens."""
+    from sparsa import cli
+
+    taken = serve.bind("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    cases = [([str(tmp_path / "missing.npz")], "missing.npz: no such file"),
+             ([f"a={model_path}", f"a={model_path}"], "model name 'a' given twice"),
+             ([str(model_path), "--port", str(port)], f"--port {port}:"),
+             ([str(model_path), "--fallback", "reference"], "already the CPU"),
+             ([str(tmp_path / "bad.npz")], "bad.npz is not a model sparsa saved")]
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not a model")
+    for args, fragment in cases:
+        assert cli.main(["serve", "--backend", "reference", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", str(model_path), "--request-timeout-s", "0"])
+    taken.close()

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from sparsa.host.errors import DeviceError, ModelError
-from sparsa.host.graph import load
+from sparsa.host.graph import load, loads
 
 log = logging.getLogger("sparsa.serve")
 
@@ -189,7 +189,9 @@ class ServedModel:
 
     def __init__(self, name, path, max_batch_size=8, max_queue_delay=0.0005, max_queue=256):
         self.name, self.path = name, path
-        self.model = load(path)
+        self.model = load(path)  # (errors name the file)
+        with open(path, "rb") as file:  # each worker's own copy is loaded from these bytes
+            self.data = file.read()
         inputs = self.model.inputs
         open_batch = all(t.shape and t.shape[0] is None for t in inputs)
         # Requests join along the batch axis only where the model treats each sample on its
@@ -366,7 +368,7 @@ class Server:
                 model.cond.notify_all()
 
     def _work(self, model, instance):
-        compiled = load(model.path)  # a worker's own: its run's figures are its own
+        compiled = loads(model.data)  # a worker's own: its run's figures are its own
         while True:
             batch = model.take(instance)
             if batch is None:

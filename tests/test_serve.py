@@ -127,13 +127,19 @@ def test_tritonclient_against_sparsa_serve(model_path):
                  {}, "binary_data_size"),
                 (json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8],
                                          "datatype": "BYTES", "data": []}]}).encode(), {},
-                 "datatype 'BYTES'")]:
+                 "datatype 'BYTES'"),
+                (json.dumps({"inputs": [], "parameters": [1]}).encode(), {},
+                 "parameters: expected a JSON object"),
+                (json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8],
+                                         "datatype": "FP32", "data": [0.0] * 64}],
+                             "parameters": {"timeout": -5}}).encode(), {},
+                 "parameter 'timeout'")]:
             status, answer, _ = post(port, "/v2/models/digits/infer", body, headers)
             assert status == 400 and fragment in json.loads(answer)["error"], answer
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as page:
             text = page.read().decode()
         assert 'sparsa_requests_total{model="digits",outcome="success"} 3.0' in text
-        assert 'sparsa_requests_total{model="digits",outcome="bad_request"} 4.0' in text
+        assert 'sparsa_requests_total{model="digits",outcome="bad_request"} 6.0' in text
         assert 'sparsa_instance_up{instance="reference-device-model",kind="device"} 1.0' in text
         jobs = [line for line in text.splitlines()
                 if line.startswith('sparsa_device_jobs_total{instance="reference-device-model"}')]

@@ -1,12 +1,13 @@
-"""The serving core, without HTTP: models with a bounded request queue each, dynamic batching as
-Triton defines it, and instances (a device, a CPU fallback) whose workers take batches from the
+"""The serving core, without HTTP: models with a bounded request queue each, dynamic batching
+(Triton's, but for when the oldest request waits), and instances (a device, a CPU fallback) whose workers take batches from the
 queues. NumPy and the standard library only.
 
 A request waits in its model's queue until a worker takes it in a batch: requests with the same
 input shapes (but for the batch axis) and dtypes join, oldest first, up to ``max_batch_size``
-rows, the oldest waiting at most ``max_queue_delay`` for company. A device instance's workers
-take any request; the CPU instance's take a request only once it has waited past its latency
-budget, or while no device instance is in service. A batch whose device fails goes back to the
+rows, the oldest waiting at most ``max_queue_delay`` for company, and only while another batch
+of the model runs on that instance (an idle instance gains nothing by waiting). A device
+instance's workers take any request; the CPU instance's take requests only once they have
+waited past their latency budget, or while no device instance is in service. A batch whose device fails goes back to the
 front of the queue (no accepted request is lost) and the instance is recovered in the
 background: closed, opened again, checked with a GEMM against NumPy, put back.
 """
@@ -71,6 +72,7 @@ class Instance:
         self._active = 0  # batches running on the accelerator
         self._servers = []  # the Server whose queues wait for this instance
         self._recovering = None
+        self._closing = False
 
     def fail(self, error):
         """Take the instance out of service and recover it in the background."""
@@ -102,19 +104,19 @@ class Instance:
     def _recover(self):
         with self._lock:  # the batches still running on the failed device end first
             self._lock.wait_for(lambda: self._active == 0, timeout=60)
+        _close_quietly(self.accelerator)
         delay = 0.05
-        while not getattr(self, "_closing", False):
+        while not self._closing:
+            accelerator = None
             try:
-                try:
-                    self.accelerator.close()
-                except Exception:  # a failed device may fail to close; it is replaced
-                    pass
                 accelerator = self.opener()
                 if self.fault_every:
                     accelerator = _FaultInjector(accelerator, self.fault_every,
                                                  self.accelerator.count)
                 _probe(accelerator)
             except Exception as error:  # noqa: BLE001  (any failure: try again later)
+                if accelerator is not None:
+                    _close_quietly(accelerator)
                 log.warning("instance %s: recovery failed (%s); again in %.1f s", self.name,
                             error, delay)
                 time.sleep(delay)
@@ -140,6 +142,14 @@ class Instance:
             self.accelerator.close()
         except Exception as error:  # noqa: BLE001  (closing a failed device: log, go on)
             log.warning("instance %s: close: %s", self.name, error)
+
+
+def _close_quietly(accelerator):
+    """Close a failed device's accelerator: it may fail to close, and is replaced anyway."""
+    try:
+        accelerator.close()
+    except Exception as error:  # noqa: BLE001
+        log.info("closing a failed accelerator: %s", error)
 
 
 def _probe(accelerator):
@@ -270,7 +280,7 @@ class ServedModel:
                         return None
                     self.cond.wait(0.05)
                     continue
-                first, wake = self._eligible(instance, now)
+                first, wake, joins = self._eligible(instance, now)
                 if first is None:
                     if self.closing and not self.queue:
                         return None
@@ -280,7 +290,7 @@ class ServedModel:
                 if self.batching:
                     for request in self.queue:
                         if request is not first and request.key == first.key \
-                                and rows + request.rows <= self.max_rows:
+                                and rows + request.rows <= self.max_rows and joins(request):
                             batch.append(request)
                             rows += request.rows
                     # Waiting for company only while another of the model's batches runs on
@@ -302,36 +312,48 @@ class ServedModel:
             self.cond.notify_all()
 
     def _eligible(self, instance, now):
-        """The oldest request ``instance`` may take, or (None, when one becomes takeable)."""
+        """``(request, wake, joins)``: the oldest request ``instance`` may take (or None, and
+        when one becomes takeable) and which others may join its batch."""
         if not self.queue:
-            return None, None
-        if instance.kind == "device":
-            return self.queue[0], None
+            return None, None, None
         devices = [i for i in self.server.instances if i.kind == "device"]
-        if not any(i.in_service for i in devices):
-            return self.queue[0], None
+        if instance.kind == "device" or not any(i.in_service for i in devices):
+            return self.queue[0], None, lambda request: True
+
+        def past_budget(request):
+            return request.budget_at is not None and request.budget_at <= now
         wake = None
         for request in self.queue:
+            if past_budget(request):
+                return request, None, past_budget
             if request.budget_at is not None:
-                if request.budget_at <= now:
-                    return request, None
                 wake = request.budget_at if wake is None else min(wake, request.budget_at)
-        return None, wake
+        return None, wake, None
 
     def _expire(self, now):
         """Requests past their timeout, or whose client went, leave the queue answered."""
         for request in [r for r in self.queue if r.future.done()
                         or (r.expires is not None and r.expires <= now)]:
             self.queue.remove(request)
-            if not request.future.done():
-                request.future.set_exception(RequestTimeout(
-                    f"model {self.name!r}: no answer within the request's timeout"))
+            _settle(request.future, exception=RequestTimeout(
+                f"model {self.name!r}: no answer within the request's timeout"))
 
     def requeue(self, batch):
         """A failed batch back at the front of the queue, in its order."""
         with self.cond:
             self.queue.extendleft(reversed(batch))
             self.cond.notify_all()
+
+
+def _settle(future, result=None, exception=None):
+    """A request's answer, unless it already has one (its timeout)."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _shape_text(shape):
@@ -376,6 +398,9 @@ class Server:
             ended = []  # (the batch counts as running until its run ends, not its answers)
             try:
                 self._run(model, instance, compiled, batch, ended)
+            except Exception as error:  # noqa: BLE001  (the worker goes on serving)
+                log.exception("model %s on %s: a batch failed", model.name, instance.name)
+                self._answer_error(batch, error)
             finally:
                 if not ended:
                     model.done(instance)
@@ -430,14 +455,14 @@ class Server:
             else:
                 part = outputs
             row += request.rows
-            request.future.set_result(part)
+            _settle(request.future, result=part)
         if self.metrics:
             self.metrics.batch(model, instance, batch, seconds, counters)
 
     @staticmethod
     def _answer_error(batch, error):
         for request in batch:
-            request.future.set_exception(error)
+            _settle(request.future, exception=error)
 
     def close(self, timeout=30.0):
         """Accept no more; answer every request already accepted; stop the workers; close
@@ -452,8 +477,7 @@ class Server:
         for model in self.models.values():
             with model.cond:
                 for request in model.queue:
-                    if not request.future.done():
-                        request.future.set_exception(RequestTimeout("the server shut down"))
+                    _settle(request.future, exception=RequestTimeout("the server shut down"))
                 model.queue.clear()
         for instance in self.instances:
             instance.close()

@@ -108,7 +108,7 @@ def app(server, metrics, *, request_timeout=30.0, latency_budget=None,
         try:
             body = await request.body()
             header, inputs, wanted = _parse(body, request.headers.get(HEADER_LENGTH), model)
-            parameters = header.get("parameters") or {}
+            parameters = _parameters(header, "the request")
             timeout = _micros(parameters, "timeout", request_timeout)
             budget = _micros(parameters, "latency_budget_us", latency_budget)
             pending = model.submit(inputs, budget=budget, timeout=timeout)
@@ -150,6 +150,17 @@ def app(server, metrics, *, request_timeout=30.0, latency_budget=None,
 def _tensor_metadata(info):
     return {"name": info.name, "datatype": _NAMES.get(info.dtype, info.dtype.upper()),
             "shape": [-1 if d is None else d for d in info.shape]}
+
+
+def _parameters(entry, where):
+    """An entry's ``parameters`` object ({} when absent)."""
+    parameters = entry.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{where}: parameters: expected a JSON object, got "
+                         f"{type(parameters).__name__}")
+    return parameters
 
 
 def _micros(parameters, name, default):
@@ -194,7 +205,7 @@ def _parse(body, header_length, model):
             raise BadRequest(f"input {name!r}: shape {shape!r}: expected a list of sizes")
         dtype = np.dtype(DATATYPES[datatype])
         count = int(np.prod(shape, dtype=np.int64))
-        size = (entry.get("parameters") or {}).get("binary_data_size")
+        size = _parameters(entry, f"input {name!r}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size != count * dtype.itemsize \
                     or offset + size > len(binary):
@@ -220,7 +231,7 @@ def _parse(body, header_length, model):
     if offset != len(binary):
         raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data no input "
                          f"names")
-    every_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    every_binary = bool(_parameters(header, "the request").get("binary_data_output", False))
     names = [t.name for t in model.model.outputs]
     asked = header.get("outputs")
     if asked is None:
@@ -230,9 +241,8 @@ def _parse(body, header_length, model):
                 isinstance(o, dict) and o.get("name") in names for o in asked):
             raise BadRequest(f"outputs: expected a list of the model's outputs "
                              f"({', '.join(names)})")
-        wanted = {o["name"]: bool((o.get("parameters") or {}).get("binary_data",
-                                                                    every_binary))
-                  for o in asked}
+        wanted = {o["name"]: bool(_parameters(o, f"output {o['name']!r}").get(
+            "binary_data", every_binary)) for o in asked}
     return header, inputs, wanted
 
 

@@ -137,8 +137,7 @@ for name in {sorted(cases)!r}:
 from sparsa import serve
 x = np.load({str(tmp_path)!r} + "/cnn_x.npy")
 server = serve.Server([serve.ServedModel("cnn", {str(tmp_path)!r} + "/cnn.npz")],
-                      [serve.Instance("cpu", lambda: sparsa.open("reference", rows=4, cols=4),
-                                      "cpu")])
+                      [serve.Instance(lambda: sparsa.open("reference", rows=4, cols=4))])
 requests = [server.models["cnn"].submit({{"x": x[i:i + 1]}}) for i in range(len(x))]
 np.save({str(tmp_path)!r} + "/served.npy",
         np.concatenate([r.future.result(timeout=60)[0] for r in requests]))

@@ -140,9 +140,9 @@ def test_tritonclient_against_sparsa_serve(model_path):
             text = page.read().decode()
         assert 'sparsa_requests_total{model="digits",outcome="success"} 3.0' in text
         assert 'sparsa_requests_total{model="digits",outcome="bad_request"} 6.0' in text
-        assert 'sparsa_instance_up{instance="reference-device-model",kind="device"} 1.0' in text
+        assert 'sparsa_instance_up{instance="reference-device",kind="device"} 1.0' in text
         jobs = [line for line in text.splitlines()
-                if line.startswith('sparsa_device_jobs_total{instance="reference-device-model"}')]
+                if line.startswith('sparsa_device_jobs_total{instance="reference-device"}')]
         assert jobs and float(jobs[0].split()[-1]) > 0
         # SIGTERM with requests in flight: every one answered, then exit 0.
         pending = []

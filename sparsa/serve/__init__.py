@@ -21,8 +21,9 @@ def build(models, *, backend="reference", backend_options=None, device_model=Fal
           clock_mhz=None, fallback=None, device_workers=2, max_batch_size=8,
           max_queue_delay=0.0005, max_queue=256, fault_every=0):
     """A :class:`Server` and its :class:`~.metrics.Metrics` for ``models`` (a dict of name to
-    compiled-model path): an instance on ``backend`` (the CPU when it is the reference without
-    ``device_model``, else a device) and, with ``fallback="reference"``, a CPU instance.
+    compiled-model path): an instance on ``backend`` (the CPU when it opens the reference
+    without ``device_model``, else a device) and, with ``fallback="reference"``, a CPU
+    instance.
     ``fault_every``: every that-many-th device batch fails (for measuring recovery)."""
     import sparsa
 
@@ -31,25 +32,22 @@ def build(models, *, backend="reference", backend_options=None, device_model=Fal
     options = dict(backend_options or {})
     if backend == "reference" and device_model:
         options.update(device_model=True, clock_mhz=clock_mhz)
-    kind = "cpu" if backend == "reference" and not device_model else "device"
     served = [ServedModel(name, path, max_batch_size=max_batch_size,
                           max_queue_delay=max_queue_delay, max_queue=max_queue)
               for name, path in models.items()]
-    instances = []
-    try:
-        instances.append(Instance(backend + ("-device-model" if device_model else ""),
-                                  lambda: sparsa.open(backend, **options), kind,
-                                  workers=device_workers if kind == "device" else 1,
-                                  fault_every=fault_every if kind == "device" else 0))
-        if fallback is not None:
-            if kind == "cpu":
-                raise ValueError(f"--fallback {fallback}: the {backend} backend is already "
-                                 f"the CPU")
-            instances.append(Instance(f"{fallback}-cpu", lambda: sparsa.open(fallback), "cpu"))
-    except BaseException:
-        for instance in instances:
-            instance.close()
-        raise
+    instances = [Instance(lambda: sparsa.open(backend, **options), workers=None,
+                          fault_every=fault_every)]
+    if instances[0].kind == "device":
+        instances[0].workers = device_workers
+    if fallback is not None:
+        if instances[0].kind == "cpu":
+            instances[0].close()
+            raise ValueError(f"--fallback {fallback}: the {backend} backend is already the CPU")
+        try:
+            instances.append(Instance(lambda: sparsa.open(fallback), "cpu"))
+        except BaseException:
+            instances[0].close()
+            raise
     metrics = Metrics()
     server = Server(served, instances, metrics)
     metrics.watch(server)

@@ -54,14 +54,23 @@ class Request:
 
 class Instance:
     """An accelerator that serves: ``opener()`` gives it (again, after a failure); ``kind`` is
-    "device" (requests go here first) or "cpu" (the fallback); ``workers`` threads per model
-    take batches (two on a device: one batch's host work beside another's device jobs)."""
+    "device" (requests go here first) or "cpu" (the fallback; by default, the reference
+    backend without its device model); ``workers`` threads per model take batches (two on a
+    device: one batch's host work beside another's device jobs); ``name`` defaults to the
+    accelerator's backend."""
 
-    def __init__(self, name, opener, kind="device", workers=None, fault_every=0):
-        self.name, self.opener, self.kind = name, opener, kind
-        self.workers = workers or (2 if kind == "device" else 1)
-        self.accelerator = _FaultInjector(opener(), fault_every) if fault_every else opener()
-        self.fault_every = fault_every
+    def __init__(self, opener, kind=None, workers=None, fault_every=0, name=None):
+        from sparsa.host.driver import ReferenceAccelerator
+
+        accelerator = opener()
+        self.opener = opener
+        self.kind = kind or ("cpu" if isinstance(accelerator, ReferenceAccelerator)
+                             else "device")
+        self.name = name or accelerator.backend
+        self.workers = workers or (2 if self.kind == "device" else 1)
+        self.fault_every = fault_every if self.kind == "device" else 0
+        self.accelerator = (_FaultInjector(accelerator, fault_every) if self.fault_every
+                            else accelerator)
         self.in_service = True
         self.failures = 0
         self.recoveries = 0

@@ -204,7 +204,7 @@ def run(duration=3.0, concurrencies=(1, 4, 16, 64), clock_mhz=100.0, max_batch_s
                                    max_batch_size if batching else 1,
                                    "--max-queue-delay-us", max_queue_delay_us,
                                    "--max-queue", 1024)
-            instance = "reference-device-model"
+            instance = "reference-device"
             for name, (path, samples) in compiled.items():
                 # The direct run's time again beside this (idle) server: the figure its
                 # single client's latency is compared with.
@@ -274,7 +274,7 @@ def _faults(compiled, device, max_batch_size, max_queue_delay_us, duration, name
         deadline = time.monotonic() + 10
         while True:
             metrics = server.metrics()
-            up = metrics.get(("sparsa_instance_up", ("instance", "reference-device-model"),
+            up = metrics.get(("sparsa_instance_up", ("instance", "reference-device"),
                               ("kind", "device")))
             if up == 1.0 or time.monotonic() > deadline:
                 break
@@ -282,7 +282,7 @@ def _faults(compiled, device, max_batch_size, max_queue_delay_us, duration, name
         figures = {"model": name, "every": every, "concurrency": concurrency,
                    "answered": len(latencies), "lost": failed, "wrong": wrong,
                    "device_failures": metrics.get(("sparsa_instance_failures_total",
-                                                   ("instance", "reference-device-model")), 0),
+                                                   ("instance", "reference-device")), 0),
                    "fallbacks": metrics.get(("sparsa_fallbacks_total", ("model", name)), 0),
                    "device_back": up == 1.0, "throughput": len(latencies) / seconds}
     finally:

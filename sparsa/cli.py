@@ -795,9 +795,10 @@ def build_parser():
     serve.add_argument("--latency-budget-ms", type=_positive_number,
                        help="with --fallback: a request waiting longer goes to the CPU (a "
                             "request's 'latency_budget_us' parameter overrides it)")
-    serve.add_argument("--device-workers", type=_positive, default=2,
-                       help="batches in flight on the device per model (2: one's host work "
-                            "beside another's device jobs)")
+    serve.add_argument("--device-workers", type=_positive, default=1,
+                       help="batches of a model in flight on the device at once (each batch "
+                            "already runs as micro-batches, one's host work beside the "
+                            "other's device jobs)")
     serve.add_argument("--inject-faults", type=_count, default=0, metavar="N",
                        help="testing: every N-th device batch fails as a device that stops "
                             "answering does")

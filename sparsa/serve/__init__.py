@@ -18,7 +18,7 @@ log = logging.getLogger("sparsa.serve")
 
 
 def build(models, *, backend="reference", backend_options=None, device_model=False,
-          clock_mhz=None, fallback=None, device_workers=2, max_batch_size=8,
+          clock_mhz=None, fallback=None, device_workers=1, max_batch_size=8,
           max_queue_delay=0.0005, max_queue=256, fault_every=0):
     """A :class:`Server` and its :class:`~.metrics.Metrics` for ``models`` (a dict of name to
     compiled-model path): an instance on ``backend`` (the CPU when it opens the reference

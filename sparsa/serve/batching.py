@@ -4,8 +4,9 @@ queues. NumPy and the standard library only.
 
 A request waits in its model's queue until a worker takes it in a batch: requests with the same
 input shapes (but for the batch axis) and dtypes join, oldest first, up to ``max_batch_size``
-rows, the oldest waiting at most ``max_queue_delay`` for company, and only while another batch
-of the model runs on that instance (an idle instance gains nothing by waiting). A device
+rows, the oldest waiting at most ``max_queue_delay`` for company, and only when there is
+company about: other requests queued, or another batch of the model running on that instance (a
+lone request gains nothing by waiting). A device
 instance's workers take any request; the CPU instance's take requests only once they have
 waited past their latency budget, or while no device instance is in service. A batch whose device fails goes back to the
 front of the queue (no accepted request is lost) and the instance is recovered in the
@@ -55,8 +56,9 @@ class Request:
 class Instance:
     """An accelerator that serves: ``opener()`` gives it (again, after a failure); ``kind`` is
     "device" (requests go here first) or "cpu" (the fallback; by default, the reference
-    backend without its device model); ``workers`` threads per model take batches (two on a
-    device: one batch's host work beside another's device jobs); ``name`` defaults to the
+    backend without its device model); ``workers`` threads per model take batches (one: a
+    batch runs as micro-batches on a device, one's host work beside the other's device jobs,
+    and fewer, larger batches serve more than two at once); ``name`` defaults to the
     accelerator's backend."""
 
     def __init__(self, opener, kind=None, workers=None, fault_every=0, name=None):
@@ -67,7 +69,7 @@ class Instance:
         self.kind = kind or ("cpu" if isinstance(accelerator, ReferenceAccelerator)
                              else "device")
         self.name = name or accelerator.backend
-        self.workers = workers or (2 if self.kind == "device" else 1)
+        self.workers = workers or 1
         self.fault_every = fault_every if self.kind == "device" else 0
         self.accelerator = (_FaultInjector(accelerator, fault_every) if self.fault_every
                             else accelerator)
@@ -302,11 +304,12 @@ class ServedModel:
                                 and rows + request.rows <= self.max_rows and joins(request):
                             batch.append(request)
                             rows += request.rows
-                    # Waiting for company only while another of the model's batches runs on
-                    # this instance: an idle instance gains nothing by waiting.
+                    # Waiting for company only when there is company about: other requests
+                    # queued, or another of the model's batches running on this instance (a
+                    # lone request gains nothing by waiting).
                     due = first.arrived + self.max_queue_delay
                     if rows < self.max_rows and now < due and not self.closing \
-                            and self.running[instance.name]:
+                            and (len(self.queue) > 1 or self.running[instance.name]):
                         self.cond.wait(due - now)
                         continue
                 for request in batch:

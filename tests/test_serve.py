@@ -119,6 +119,8 @@ def test_tritonclient_against_sparsa_serve(model_path):
             client.infer("digits", [wrong])
         with pytest.raises(InferenceServerException, match="not served"):
             client.infer("other", [wrong])
+        with pytest.raises(InferenceServerException, match="version 2: not served"):
+            client.infer("digits", [wrong], model_version="2")
         for body, headers, fragment in [
                 (b"{not json", {}, "JSON"),
                 (json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8],

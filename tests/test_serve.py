@@ -273,6 +273,8 @@ def test_serve_command_line_mistakes(model_path, tmp_path, capsys):
              ([f"a={model_path}", f"a={model_path}"], "model name 'a' given twice"),
              ([str(model_path), "--port", str(port)], f"--port {port}:"),
              ([str(model_path), "--fallback", "reference"], "already the CPU"),
+             ([str(model_path), "--backend", "sim", "--device-model"],
+              "--device-model is the reference backend's"),
              ([str(tmp_path / "bad.npz")], "bad.npz is not a model sparsa saved")]
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not a model")
     for args, fragment in cases:

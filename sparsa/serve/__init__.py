@@ -6,15 +6,13 @@ on uvicorn) and the metrics (prometheus-client) come with ``pip install 'sparsa[
 """
 
 import contextlib
-import logging
 import signal
 import socket
 
 from .batching import Instance, QueueFull, RequestTimeout, Server, ServedModel  # noqa: F401
 
-__all__ = ["Instance", "Server", "ServedModel", "QueueFull", "RequestTimeout", "build", "run"]
-
-log = logging.getLogger("sparsa.serve")
+__all__ = ["Instance", "Server", "ServedModel", "QueueFull", "RequestTimeout", "build", "bind",
+           "run"]
 
 
 def build(models, *, backend="reference", backend_options=None, device_model=False,
@@ -30,7 +28,9 @@ def build(models, *, backend="reference", backend_options=None, device_model=Fal
     from .metrics import Metrics
 
     options = dict(backend_options or {})
-    if backend == "reference" and device_model:
+    if device_model:
+        if backend != "reference":
+            raise ValueError("--device-model is the reference backend's (--backend reference)")
         options.update(device_model=True, clock_mhz=clock_mhz)
     served = [ServedModel(name, path, max_batch_size=max_batch_size,
                           max_queue_delay=max_queue_delay, max_queue=max_queue)

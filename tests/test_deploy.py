@@ -93,6 +93,15 @@ def test_compose_nginx_prometheus_docker():
     entry = json.loads(re.search(r"^ENTRYPOINT (.*)$", docker, re.M).group(1))
     assert entry[:2] == ["sparsa", "serve"] and entry[entry.index("--port") + 1] == "8000"
     assert "/v2/health/ready" in docker and "EXPOSE 8000" in docker
+    grafana = compose["services"]["grafana"]["volumes"]
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    assert "prometheus" in compose["services"]
+    dashboards = yaml.safe_load((provisioning / "dashboards" / "sparsa.yaml").read_text())
+    folder = dashboards["providers"][0]["options"]["path"]
+    assert any(v.startswith("./grafana/sparsa.json:" + folder) for v in grafana)
+    assert any(v.startswith("./grafana/provisioning:/etc/grafana/provisioning") for v in grafana)
     from sparsa import cli
 
     command = compose["services"][servers[0]]["command"]

@@ -93,6 +93,13 @@ def test_compose_nginx_prometheus_docker():
     entry = json.loads(re.search(r"^ENTRYPOINT (.*)$", docker, re.M).group(1))
     assert entry[:2] == ["sparsa", "serve"] and entry[entry.index("--port") + 1] == "8000"
     assert "/v2/health/ready" in docker and "EXPOSE 8000" in docker
+    # The extras it installs (by default, and with sim) are the package's.
+    import tomllib
+
+    pyproject = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    extras = set(pyproject["project"]["optional-dependencies"])
+    default = re.search(r"^ARG EXTRAS=(\S+)$", docker, re.M).group(1).split(",")
+    assert "serve" in default and set(default) | {"sim"} <= extras
     grafana = compose["services"]["grafana"]["volumes"]
     provisioning = DEPLOY / "grafana" / "provisioning"
     source = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())

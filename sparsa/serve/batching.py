@@ -50,7 +50,6 @@ class Request:
         self.expires = None if timeout is None else self.arrived + timeout
         self.future = concurrent.futures.Future()
         self.running = False  # taken by a worker once (a failed batch's requests run again)
-        self.instance = None  # which instance answered
 
 
 class Instance:
@@ -200,8 +199,6 @@ class _FaultInjector:
             raise DeviceError("injected fault: the device did not answer")
         return self._accelerator.matmul(*args, **kwargs)
 
-    def close(self):
-        self._accelerator.close()
 
 
 class ServedModel:
@@ -213,12 +210,11 @@ class ServedModel:
         self.model = load(path)  # (errors name the file)
         with open(path, "rb") as file:  # each worker's own copy is loaded from these bytes
             self.data = file.read()
-        inputs = self.model.inputs
-        open_batch = all(t.shape and t.shape[0] is None for t in inputs)
-        # Requests join along the batch axis only where the model treats each sample on its
-        # own (a model that mixes a batch's samples is served one request at a time).
-        self.batching = open_batch and self.model.separable() and max_batch_size > 1
-        self.max_batch_size = max_batch_size if self.batching else (0 if open_batch else 1)
+        # Inputs with an open batch axis; requests join along it only where the model treats
+        # each sample on its own (a model that mixes a batch's samples is served one request
+        # at a time).
+        self.open_batch = all(t.shape and t.shape[0] is None for t in self.model.inputs)
+        self.batching = self.open_batch and self.model.separable() and max_batch_size > 1
         self.max_rows = max_batch_size if self.batching else None
         self.max_queue_delay = max_queue_delay
         self.max_queue = max_queue
@@ -235,8 +231,7 @@ class ServedModel:
         rows). :class:`ModelError` for inputs that are not the model's, :class:`QueueFull`."""
         inputs = self._check(inputs)
         rows = None
-        if self.max_batch_size != 1 and all(t.shape and t.shape[0] is None
-                                            for t in self.model.inputs):
+        if self.open_batch:
             rows = {value.shape[0] for value in inputs.values()}
             if len(rows) != 1:
                 raise ModelError(f"inputs: expected one batch size for all inputs, got "
@@ -461,7 +456,6 @@ class Server:
             instance.busy_s += counters["busy_s"]
         row = 0
         for request in batch:
-            request.instance = instance
             if len(batch) > 1:
                 part = [value[row:row + request.rows] for value in outputs]
             else:

@@ -31,6 +31,10 @@ class BadRequest(Exception):
     """A request the protocol or the model cannot take; answered 400."""
 
 
+class NotServed(Exception):
+    """A model (or version) the server does not serve; answered 404."""
+
+
 def _error(status, message):
     return JSONResponse({"error": message}, status_code=status)
 
@@ -46,8 +50,8 @@ def app(server, metrics, *, request_timeout=30.0, latency_budget=None,
         model = server.models.get(name)
         version = request.path_params.get("version")
         if model is None or version not in (None, "1"):
-            raise KeyError(f"model {name!r}" + (f" version {version}" if version else "")
-                           + f": not served (served: {', '.join(sorted(server.models))})")
+            raise NotServed(f"model {name!r}" + (f" version {version}" if version else "")
+                            + f": not served (served: {', '.join(sorted(server.models))})")
         return model
 
     async def live(request):
@@ -61,10 +65,7 @@ def app(server, metrics, *, request_timeout=30.0, latency_budget=None,
                              "extensions": ["binary_tensor_data"]})
 
     async def model_metadata(request):
-        try:
-            model = model_of(request)
-        except KeyError as error:
-            return _error(404, str(error.args[0]))
+        model = model_of(request)
         compiled = model.model
         return JSONResponse({
             "name": model.name, "versions": ["1"], "platform": "sparsa",
@@ -72,10 +73,7 @@ def app(server, metrics, *, request_timeout=30.0, latency_budget=None,
             "outputs": [_tensor_metadata(t) for t in compiled.outputs]})
 
     async def model_config(request):
-        try:
-            model = model_of(request)
-        except KeyError as error:
-            return _error(404, str(error.args[0]))
+        model = model_of(request)
         config = {"name": model.name, "platform": "sparsa",
                   "max_batch_size": model.max_rows or 0,
                   "input": [_tensor_metadata(t) for t in model.model.inputs],
@@ -88,18 +86,12 @@ def app(server, metrics, *, request_timeout=30.0, latency_budget=None,
         return JSONResponse(config)
 
     async def model_ready(request):
-        try:
-            model_of(request)
-        except KeyError as error:
-            return _error(404, str(error.args[0]))
+        model_of(request)
         return Response(status_code=200 if server.ready else 503)
 
     async def infer(request):
         arrived = time.monotonic()
-        try:
-            model = model_of(request)
-        except KeyError as error:
-            return _error(404, str(error.args[0]))
+        model = model_of(request)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_request_bytes:
             metrics.answered(model.name, "bad_request")
@@ -144,7 +136,8 @@ def app(server, metrics, *, request_timeout=30.0, latency_budget=None,
         routes += [Route(base, model_metadata), Route(base + "/ready", model_ready),
                    Route(base + "/config", model_config),
                    Route(base + "/infer", infer, methods=["POST"])]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={
+        NotServed: lambda request, error: _error(404, str(error))})
 
 
 def _tensor_metadata(info):

@@ -284,3 +284,31 @@ def test_serve_command_line_mistakes(model_path, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["serve", str(model_path), "--request-timeout-s", "0"])
     taken.close()
+
+
+def test_a_device_that_stays_down_times_out_requests(model_path):
+    """A device whose batch fails and that cannot be opened again, with no CPU instance: the
+    server is not ready, a request gets RequestTimeout at its timeout (no hang), and close
+    returns."""
+    opened = []
+
+    def opener():
+        if opened:
+            raise sparsa.DeviceError("the device is gone")
+        opened.append(True)
+        return sparsa.open("reference", device_model=True)
+    device = serve.Instance(opener, fault_every=1)
+    server = serve.Server([serve.ServedModel("cnn", model_path)], [device])
+    try:
+        x = images(1)
+        first = server.models["cnn"].submit({"x": x}, timeout=0.5)
+        with pytest.raises(serve.RequestTimeout):
+            first.future.result(timeout=30)
+        assert device.failures == 1 and not device.in_service and not server.ready
+        late = server.models["cnn"].submit({"x": x}, timeout=0.2)
+        with pytest.raises(serve.RequestTimeout):
+            late.future.result(timeout=30)
+    finally:
+        started = time.monotonic()
+        server.close()
+        assert time.monotonic() - started < 20

@@ -15,7 +15,10 @@ already under way); input sent while no job is started is refused with an except
 hardware holds TREADY low, so the DMA would time out).
 """
 
+import collections
+import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,7 +35,8 @@ def _signed(value):
     return value - (1 << 32) if value & 0x80000000 else value
 
 
-def counters(geometry, a, b, skip=True, requant=False, groups=False, b_beats=None, vectors=0):
+def counters(geometry, a, b, skip=True, requant=False, groups=False, b_beats=None, vectors=0,
+             terms=None):
     """The counters of ``a @ b`` on ``geometry`` (B in the group format with ``groups``, in
     ``b_beats`` beats when given: a packet's own): exact work counts, estimated cycles.
 
@@ -49,25 +53,18 @@ def counters(geometry, a, b, skip=True, requant=False, groups=False, b_beats=Non
     (``tests/test_host_sim.py``, ``tests/test_host.py``). With ``groups``, a tile's issued
     steps are, per group whose four A vectors are not all zero, the largest count of nonzeros
     of one of its columns in the group, and B streams in its beats plus a cycle per group of
-    no steps. ``vectors``: the packet's bias and multiplier beats.
+    no steps. ``vectors``: the packet's bias and multiplier beats. ``terms``: B's
+    :func:`b_terms`, when the caller has them.
     """
     g = geometry
     m, k = a.shape
     n = b.shape[1]
     m_tiles, n_tiles = g.tiles(m, n)
+    b_count, group_steps = terms if terms is not None else b_terms(g, b, groups)
     # Nonzero counts per (tile, k-step), summed in uint8 (tiles are at most 32 lanes wide).
     a_count = np.zeros((m_tiles * g.rows, k), np.uint8)
     np.not_equal(a, 0, out=a_count[:m].view(bool))
     a_count = a_count.reshape(m_tiles, g.rows, k).sum(axis=1, dtype=np.uint8)  # [m-tile, k]
-    b_nonzero = np.zeros((k, n_tiles, g.cols), np.uint8)
-    np.not_equal(b, 0, out=b_nonzero.reshape(k, -1)[:, :n].view(bool))
-    if g.cols % 8 == 0 and hasattr(np, "bitwise_count"):  # popcount 8 lanes (0/1 bytes) at once
-        b_count = np.bitwise_count(b_nonzero.view(np.uint64)).reshape(k, n_tiles, g.cols // 8)
-        b_count = b_count.sum(axis=2, dtype=np.uint8) if g.cols > 8 else b_count[:, :, 0]
-    else:  # lane by lane (a sum over a short inner axis is slow in NumPy)
-        b_count = b_nonzero[:, :, 0].copy()  # [k, n-tile]
-        for lane in range(1, g.cols):
-            b_count += b_nonzero[:, :, lane]
     a_live, b_live = a_count != 0, b_count != 0
     nonzero_products = int(a_count.sum(axis=0, dtype=np.int64) @ b_count.sum(axis=1, dtype=np.int64))
     steps = None
@@ -76,7 +73,7 @@ def counters(geometry, a, b, skip=True, requant=False, groups=False, b_beats=Non
         a_group = np.zeros((m_tiles, count * GROUP), bool)
         a_group[:, :k] = a_live
         a_group = a_group.reshape(m_tiles, count, GROUP).any(axis=2)
-        steps = protocol.group_counts(b, g.cols).T  # [group, n-tile]
+        steps = group_steps
         # Counts <= K: exact in float32.
         issued = np.rint(a_group.astype(np.float32) @ steps.astype(np.float32)).astype(np.int64)
     elif skip:
@@ -99,6 +96,26 @@ def counters(geometry, a, b, skip=True, requant=False, groups=False, b_beats=Non
     return {"CYCLES": wrap(cycles), "STALL_IN": wrap(stall_in), "STALL_OUT": wrap(stall_out),
             "MACS": wrap(macs), "MACS_SKIPPED": wrap(m * k * n - nonzero_products),
             "KSTEPS_SKIPPED": wrap(m_tiles * n_tiles * k - issued.sum())}
+
+
+def b_terms(geometry, b, groups=False):
+    """What :func:`counters` needs of B alone (a model's weights are the B of job after job):
+    nonzeros per k-step and n-tile (``[k, n-tile]``, uint8) and, with ``groups``, the group
+    format's step counts (``[group, n-tile]``, :func:`sparsa.protocol.group_counts`), else
+    None."""
+    g = geometry
+    k, n = b.shape
+    n_tiles = -(-n // g.cols)
+    b_nonzero = np.zeros((k, n_tiles, g.cols), np.uint8)
+    np.not_equal(b, 0, out=b_nonzero.reshape(k, -1)[:, :n].view(bool))
+    if g.cols % 8 == 0 and hasattr(np, "bitwise_count"):  # popcount 8 lanes (0/1 bytes) at once
+        b_count = np.bitwise_count(b_nonzero.view(np.uint64)).reshape(k, n_tiles, g.cols // 8)
+        b_count = b_count.sum(axis=2, dtype=np.uint8) if g.cols > 8 else b_count[:, :, 0]
+    else:  # lane by lane (a sum over a short inner axis is slow in NumPy)
+        b_count = b_nonzero[:, :, 0].copy()  # [k, n-tile]
+        for lane in range(1, g.cols):
+            b_count += b_nonzero[:, :, lane]
+    return b_count, (protocol.group_counts(b, g.cols).T if groups else None)
 
 
 # The schedule's constants (cycles), measured against the RTL: the input link and the panel
@@ -182,12 +199,25 @@ def choose_format(geometry, a, b, requant=False, counts=None, vectors=0):
     return False, plain, None
 
 
+class Operands(NamedTuple):
+    """An input packet's operands: ``a``, ``b`` (views where the format allows), ``bias`` and
+    ``multipliers`` (or None), the bytes they took (``taken``), B's beats and, when B came
+    from a :class:`DecodedB`, its :func:`b_terms` (else None)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    bias: object
+    multipliers: object
+    taken: int
+    b_beats: int
+    terms: object = None
+
+
 def unpack_input(geometry, data, m, k, n, bias, channel_quant=False, groups=False,
-                 slots=protocol.GROUP):
-    """The operands in an input packet (views where the format allows): (a, b, bias or None,
-    multipliers or None, the bytes they took); B in the group format with ``groups``, ``slots``
-    per group (see :func:`sparsa.protocol.read_groups`). Raises ValueError when the packet ends
-    early."""
+                 slots=protocol.GROUP, decoded=None):
+    """The :class:`Operands` of an input packet; B in the group format with ``groups``,
+    ``slots`` per group (see :func:`sparsa.protocol.read_groups`), through ``decoded`` (a
+    :class:`DecodedB`) when given. Raises ValueError when the packet ends early."""
     g = geometry
     m_tiles, n_tiles = g.tiles(m, n)
     data = data.view(np.int8)
@@ -201,15 +231,11 @@ def unpack_input(geometry, data, m, k, n, bias, channel_quant=False, groups=Fals
             values = np.ascontiguousarray(region[:, :4 * g.cols]).view("<i4").reshape(-1)[:n]
             position += n_tiles * vector
         columns.append(values)
-    if groups:
-        b, span = protocol.read_groups(g, data[position:], k, n, slots)
+    if decoded is not None:
+        b, span, terms = decoded.read(g, data[position:], k, n, groups, slots)
     else:
-        vector = g.vector_beats(g.cols) * g.beat_bytes
-        span = n_tiles * k * vector
-        if position + span > data.size:
-            raise ValueError("the input packet ends inside B")
-        b_tiles = data[position:position + span].reshape(n_tiles, k, vector)[:, :, :g.cols]
-        b = b_tiles.transpose(1, 0, 2).reshape(k, n_tiles * g.cols)[:, :n]
+        (b, span), terms = read_b(g, data[position:], k, n, groups, slots), None
+    b_beats = span // g.beat_bytes
     position += span
     vector = g.vector_beats(g.rows) * g.beat_bytes
     span = m_tiles * k * vector
@@ -217,7 +243,79 @@ def unpack_input(geometry, data, m, k, n, bias, channel_quant=False, groups=Fals
         raise ValueError("the input packet ends inside A")
     a_tiles = data[position:position + span].reshape(m_tiles, k, vector)[:, :, :g.rows]
     a = a_tiles.transpose(0, 2, 1).reshape(m_tiles * g.rows, k)[:m]
-    return a, b, *columns, position + span
+    return Operands(a, b, *columns, position + span, b_beats, terms)
+
+
+def read_b(geometry, data, k, n, groups, slots=protocol.GROUP):
+    """B (K x N, int8; a view of ``data`` in the plain format) from the start of ``data`` (a
+    packet's bytes from B's first), and the bytes it took. Raises ValueError when the data ends
+    inside it."""
+    g = geometry
+    if groups:
+        return protocol.read_groups(g, data, k, n, slots)
+    n_tiles = -(-n // g.cols)
+    vector = g.vector_beats(g.cols) * g.beat_bytes
+    span = n_tiles * k * vector
+    if span > data.size:
+        raise ValueError("the input packet ends inside B")
+    b_tiles = data[:span].view(np.int8).reshape(n_tiles, k, vector)[:, :, :g.cols]
+    return b_tiles.transpose(1, 0, 2).reshape(k, n_tiles * g.cols)[:, :n], span
+
+
+class DecodedB:
+    """B operands decoded once per distinct packet bytes: a model's weights are the B of job
+    after job, unchanged, and their group format's decode and :func:`b_terms` are most of the
+    device model's work on small jobs. An entry is used only for the very bytes it was decoded
+    from (the decode reads no byte past the span it returns), so results are those of a fresh
+    decode. At most ``limit`` bytes of packets and operands are kept, least recently used
+    first out."""
+
+    SPANS = 8  # the most recent B sizes tried per shape and format
+
+    def __init__(self, limit=64 << 20):
+        self.limit = limit
+        self.size = 0
+        self._entries = collections.OrderedDict()  # (shape, bytes) -> (b, terms)
+        self._spans = {}  # shape -> B sizes seen (bytes), newest last
+        self._lock = threading.Lock()
+
+    def read(self, geometry, data, k, n, groups, slots):
+        """``(b, span, terms)`` as :func:`read_b` and :func:`b_terms` give them (``b``
+        read-only)."""
+        shape = (geometry, k, n, bool(groups), slots)
+        data = data.view(np.uint8)
+        with self._lock:
+            for span in reversed(self._spans.get(shape, ())):
+                if span <= data.size:
+                    key = (shape, data[:span].tobytes())
+                    found = self._entries.get(key)
+                    if found is not None:
+                        self._entries.move_to_end(key)
+                        return found[0], span, found[1]
+        b, span = read_b(geometry, data, k, n, groups, slots)
+        b = np.array(b)  # (not a view of a buffer the sender reuses)
+        b.flags.writeable = False
+        terms = b_terms(geometry, b, groups)
+        key = (shape, data[:span].tobytes())
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = (b, terms)
+                self.size += 2 * span + b.nbytes
+                spans = self._spans.setdefault(shape, [])
+                if span in spans:
+                    spans.remove(span)
+                spans.append(span)
+                del spans[:-self.SPANS]
+                while self.size > self.limit and len(self._entries) > 1:
+                    (old_shape, raw), (old_b, _) = self._entries.popitem(last=False)
+                    self.size -= 2 * len(raw) + old_b.nbytes
+        return b, span, terms
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+            self._spans.clear()
+            self.size = 0
 
 
 def pack_output(geometry, c, buffer, requant):
@@ -266,6 +364,7 @@ class ReferenceDevice:
                               FEATURES=int(self.features))
         self._by_address = {register.address: register for register in REGISTERS}
         self._job = None
+        self._decoded = DecodedB()
 
     def read(self, address):
         register = self._by_address.get(address)
@@ -345,31 +444,32 @@ class ReferenceDevice:
         groups = bool(options & Option.GROUPS)
         if error == Error.NONE:
             try:
-                a, b, bias_values, mult, taken = unpack_input(
-                    g, send[:send_bytes], m, k, n, bias, channel_quant, groups,
-                    protocol.slots_per_group(options))
+                operands = unpack_input(g, send[:send_bytes], m, k, n, bias, channel_quant,
+                                        groups, protocol.slots_per_group(options), self._decoded)
             except ValueError:
                 error = Error.TLAST_EARLY
             else:
-                if send_bytes > taken:
+                if send_bytes > operands.taken:
                     error = Error.TLAST_MISSING  # extra beats discarded; results complete
         if error not in (Error.NONE, Error.TLAST_MISSING):
             size = _fits(beat, receive_bytes)
             receive[:size] = 0
             self.registers.update(STATUS=Status.DONE | Status.ERROR, ERROR=error)
             return size
+        a, b = operands.a, operands.b
         if channel_quant:
-            quant = (mult.astype(np.int64), *quant[1:])
+            quant = (operands.multipliers.astype(np.int64), *quant[1:])
         size = _fits(g.output_beats(m, n, requant) * beat, receive_bytes)
-        c = arith.gemm(a, b, bias_values, quant if requant else None, bool(options & Option.RELU))
+        c = arith.gemm(a, b, operands.bias, quant if requant else None,
+                       bool(options & Option.RELU))
         pack_output(g, c, receive, requant)
         skip = bool(self.features & Feature.SPARSE_SKIP) and not options & Option.NO_SKIP
-        self.registers.update(counters(g, a, b, skip, requant, groups,
-                                       vectors=g.column_beats(n, bias, channel_quant)))
+        self.registers.update(counters(g, a, b, skip, requant, groups, operands.b_beats,
+                                       g.column_beats(n, bias, channel_quant), operands.terms))
         status = Status.DONE | (Status.ERROR if error != Error.NONE else 0)
         self.registers.update(STATUS=status, ERROR=error)
         return size
 
     def close(self):
-        pass
+        self._decoded.clear()
 

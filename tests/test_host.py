@@ -1060,3 +1060,61 @@ def test_a_job_failing_inside_a_double_buffered_gemm_leaves_the_device_usable(fa
     assert acc._slots.qsize() == driver.SLOTS and device.transfers >= 2
     assert np.array_equal(acc.matmul(a, b), golden.matmul_int32(a, b))
     acc.close()
+
+
+def test_device_model_decodes_each_b_once():
+    """The device model's decoded-B cache (a model's weights are the B of job after job): a
+    B whose bytes were decoded before is taken from it, equal to a fresh decode; a B that
+    differs in one byte, or whose packet differs past B only, is read as a fresh decode reads
+    it; the cache keeps within its limit; results and counters stay the golden model's."""
+    from sparsa.sim import patterns
+
+    rng = np.random.default_rng(5)
+    g = protocol.Geometry(**{**protocol.DEFAULT_BUILD})
+    for groups in (False, True):
+        decoded = reference.DecodedB()
+        k, n = 40, 20
+        b = patterns.n_of_m(rng, (k, n), 2, 4)
+        for trial in range(3):
+            a = rng.integers(-128, 128, (5, k), dtype=np.int8)  # A differs job to job
+            packet = protocol.pack_input(g, a, b, groups=groups)
+            fresh, span = reference.read_b(g, packet, k, n, groups)
+            got, got_span, terms = decoded.read(g, packet, k, n, groups, protocol.GROUP)
+            assert got_span == span and np.array_equal(got, fresh) and np.array_equal(got, b)
+            assert not got.flags.writeable
+            want = reference.b_terms(g, b, groups)
+            assert np.array_equal(terms[0], want[0])
+            assert (terms[1] is None) == (not groups)
+            if groups:
+                assert np.array_equal(terms[1], want[1])
+            assert len(decoded._entries) == 1, trial  # decoded once
+        for place in range(span - 1, 0, -1):  # B's last byte that is a value of B
+            changed = packet.copy()
+            changed[place] ^= 0x01
+            fresh, _ = reference.read_b(g, changed, k, n, groups)
+            if not np.array_equal(fresh, b):
+                break
+        got, _, _ = decoded.read(g, changed, k, n, groups, protocol.GROUP)
+        assert np.array_equal(got, fresh) and not np.array_equal(got, b)
+        assert len(decoded._entries) == 2
+    small = reference.DecodedB(limit=3000)
+    for _ in range(20):
+        b = rng.integers(-128, 128, (64, 8), dtype=np.int8)
+        packet = protocol.pack_input(g, np.ones((1, 64), np.int8), b)
+        assert np.array_equal(small.read(g, packet, 64, 8, False, protocol.GROUP)[0], b)
+        assert small.size <= 3000
+    # Through the driver, job after job: the golden model's results, and the counters the
+    # fast reference works out on the host (no packet, no cache).
+    device = reference.ReferenceDevice()
+    acc = driver.DeviceAccelerator(device, "reference-device")
+    fast = sparsa.open("reference")
+    for pattern in ((1, 4), (4, 4)):  # the group format, the plain one
+        b = patterns.n_of_m(rng, (96, 24), *pattern)
+        for trial in range(3):
+            a = patterns.relu_like(rng, (9, 96), 0.3)
+            assert_same(acc.matmul(a, b), golden.matmul_int32(a, b), f"{pattern} job {trial}")
+            fast.matmul(a, b)
+            assert acc.last_counters == fast.last_counters, (pattern, trial)
+    assert len(device._decoded._entries) == 2
+    device.close()
+    assert device._decoded.size == 0

@@ -312,3 +312,24 @@ def test_a_device_that_stays_down_times_out_requests(model_path):
         started = time.monotonic()
         server.close()
         assert time.monotonic() - started < 20
+
+
+def test_bench_serve_says_what_bounds_a_row():
+    """``sparsa bench serve``'s limits: the device's (one over its time per image at the
+    clock) and the machine's (its cores over the CPU time per image); the smaller binds, the
+    table names it and by how much."""
+    from sparsa.serve import loadgen
+
+    # 4 ms per image at the clock: 250/s; 25 ms of CPU per image on 2 cores: 80/s.
+    row = {"throughput": 40.0, "device_ms_per_image": 4.0, "cpu_ms_per_image": 25.0}
+    row.update(loadgen._limits(row, cores=2))
+    assert (row["device_limit"], row["cpu_limit"]) == (pytest.approx(250), pytest.approx(80))
+    assert row["bound"] == "CPU" and row["bound_by"] == pytest.approx(250 / 80)
+    assert row["of_limit"] == pytest.approx(0.5)
+    assert row["of_device_limit"] == pytest.approx(40 / 250)
+    assert loadgen._bound(row) == "CPU (3.1x below the device's limit)"
+    # 80 ms per image at the clock: 12.5/s; 100 ms of CPU per image on 2 cores: 20/s.
+    row = {"throughput": 11.0, "device_ms_per_image": 80.0, "cpu_ms_per_image": 100.0}
+    row.update(loadgen._limits(row, cores=2))
+    assert row["bound"] == "device" and loadgen._bound(row) == "device"
+    assert row["of_limit"] == pytest.approx(11 / 12.5)

@@ -5,10 +5,15 @@ dynamic batching on and off; a device failing under load; a burst past the queue
 Closed loop: each of ``concurrency`` client threads sends one request (one sample) and waits for
 its answer, for a fixed duration (at least four rounds of the clients' requests at the direct
 run's time each) after a warm-up (one such round). The server's own figures (batch sizes, device
-busy and host seconds) come from its /metrics page, read before and after each run.
+cycles, busy and host seconds) come from its /metrics page, read before and after each run; the
+CPU time of the server and the client from /proc and the client's process. Each row names what
+bounds it: the device (its time per image at the clock) or this machine's CPU (its cores over the
+CPU time per image). A single client's latency is set against the direct run's in one window,
+taking turns (:func:`side_by_side`).
 """
 
 import concurrent.futures
+import os
 import signal
 import subprocess
 import sys
@@ -90,6 +95,12 @@ class ServerProcess:
                     fields[key] = int(value.split()[0]) * 1024
         return fields
 
+    def cpu_seconds(self):
+        """The server's CPU time so far (user and system, all threads), from /proc."""
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         """SIGTERM; the exit status."""
         self.process.send_signal(signal.SIGTERM)
@@ -166,22 +177,40 @@ def _delta(after, before, name, **labels):
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
-def direct_latency(path, samples, clock_mhz, repeats=16):
-    """The median time of ``CompiledModel.run`` of one sample (the samples in turn, as the
-    clients send them: sparse-skip makes the time depend on the data) on the timed device
-    model, in this process."""
+def side_by_side(url, model_name, input_name, path, samples, clock_mhz, duration):
+    """One client's latency against the direct run's, taken in turn in one window (so that a
+    slower or faster spell of the machine falls on both): ``CompiledModel.run`` of a sample on
+    the timed device model in this process, then the same sample through the server; for
+    ``duration`` seconds, at least 16 of each (the samples in turn, as the clients send them:
+    sparse-skip makes the time depend on the data). The medians, direct and served, in
+    seconds."""
+    import tritonclient.http as client_module
+
     import sparsa
     from sparsa.host.graph import load as load_model
 
     model = load_model(path)
-    times = []
-    with sparsa.open("reference", device_model=True, clock_mhz=clock_mhz) as device:
-        for index in range(repeats + 2):
-            started = time.perf_counter()
-            model.run(device, samples[index % len(samples)][None])
-            if index >= 2:  # (the first runs choose the jobs' formats)
-                times.append(time.perf_counter() - started)
-    return float(np.median(times))
+    client = client_module.InferenceServerClient(url, network_timeout=120)
+    inputs = [_input(client_module, input_name, sample) for sample in samples]
+    direct, served = [], []
+    try:
+        with sparsa.open("reference", device_model=True, clock_mhz=clock_mhz) as device:
+            end = time.monotonic() + duration
+            index = 0
+            while index < 18 or time.monotonic() < end:
+                row = index % len(samples)
+                started = time.perf_counter()
+                model.run(device, samples[row][None])
+                between = time.perf_counter()
+                client.infer(model_name, [inputs[row]])
+                done = time.perf_counter()
+                if index >= 2:  # (the first runs choose the jobs' formats)
+                    direct.append(between - started)
+                    served.append(done - between)
+                index += 1
+    finally:
+        client.close()
+    return float(np.median(direct)), float(np.median(served))
 
 
 def run(duration=3.0, concurrencies=(1, 4, 16, 64), clock_mhz=100.0, max_batch_size=16,
@@ -190,7 +219,8 @@ def run(duration=3.0, concurrencies=(1, 4, 16, 64), clock_mhz=100.0, max_batch_s
     from sparsa.host.graph import load as load_model
 
     device = ["--backend", "reference", "--device-model", "--clock-mhz", clock_mhz]
-    results = {"clock_mhz": clock_mhz, "duration_s": duration, "rows": [],
+    cores = len(os.sched_getaffinity(0))
+    results = {"clock_mhz": clock_mhz, "duration_s": duration, "rows": [], "cores": cores,
                "max_batch_size": max_batch_size, "max_queue_delay_us": max_queue_delay_us}
     with tempfile.TemporaryDirectory() as folder:
         printer("compiling the models ...")
@@ -199,6 +229,7 @@ def run(duration=3.0, concurrencies=(1, 4, 16, 64), clock_mhz=100.0, max_batch_s
             compiled = {name: compiled[name] for name in models}
         names = {name: load_model(path).inputs[0].name for name, (path, _) in compiled.items()}
         direct = {}
+        results["single"] = {}
         for batching in (True, False):
             server = ServerProcess(compiled, *device, "--max-batch-size",
                                    max_batch_size if batching else 1,
@@ -206,39 +237,42 @@ def run(duration=3.0, concurrencies=(1, 4, 16, 64), clock_mhz=100.0, max_batch_s
                                    "--max-queue", 1024)
             instance = "reference-device"
             for name, (path, samples) in compiled.items():
-                # The direct run's time again beside this (idle) server: the figure its
-                # single client's latency is compared with.
-                direct[name] = direct_latency(path, samples, clock_mhz)
+                if batching:
+                    direct[name], served = side_by_side(server.url, name, names[name], path,
+                                                        samples, clock_mhz, duration)
+                    results["single"][name] = {"direct_ms": 1e3 * direct[name],
+                                               "served_ms": 1e3 * served}
                 for concurrency in concurrencies:
                     before, scraped = server.metrics(), time.monotonic()
+                    cpu = server.cpu_seconds() + time.process_time()
                     # Long enough for each client's requests to go round several times
                     # (a slow model at high concurrency answers in rounds of seconds).
                     rounds = concurrency * direct[name]
                     latencies, seconds, failed, _ = load(
                         server.url, name, names[name], samples, concurrency,
                         max(duration, 4 * rounds), warmup=max(0.5, rounds))
+                    cpu = server.cpu_seconds() + time.process_time() - cpu
                     after, between = server.metrics(), time.monotonic() - scraped
                     batches = _delta(after, before, "sparsa_batch_size_count", model=name)
                     rows = _delta(after, before, "sparsa_batch_size_sum", model=name)
-                    busy = _delta(after, before, "sparsa_device_busy_seconds_total",
-                                  instance=instance)
-                    host = _delta(after, before, "sparsa_host_seconds_total",
-                                  instance=instance)
+                    totals = {key: _delta(after, before, f"sparsa_{key}_total",
+                                          instance=instance)
+                              for key in ("device_cycles", "device_busy_seconds",
+                                          "host_seconds")}
                     row = {"model": name, "batching": batching, "concurrency": concurrency,
                            "throughput": len(latencies) / seconds,
                            "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
                            "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
                            "mean_batch": rows / batches if batches else 0.0,
-                           "busy_fraction": busy / between,  # (warm-up and tail too)
-                           "device_ms_per_image": 1e3 * busy / rows if rows else 0.0,
-                           "host_ms_per_image": 1e3 * host / rows if rows else 0.0,
-                           "failed": failed, "direct_ms": 1e3 * direct[name]}
-                    row["device_limit"] = 1e3 / row["device_ms_per_image"] \
-                        if row["device_ms_per_image"] else 0.0
-                    row["of_limit"] = row["throughput"] / row["device_limit"] \
-                        if row["device_limit"] else 0.0
-                    row["bound"] = ("device" if row["device_ms_per_image"]
-                                    >= row["host_ms_per_image"] else "host")
+                           # (warm-up and tail too)
+                           "busy_fraction": totals["device_busy_seconds"] / between,
+                           "failed": failed}
+                    per_image = {"device_ms": totals["device_cycles"] / (clock_mhz * 1e3),
+                                 "busy_ms": 1e3 * totals["device_busy_seconds"],
+                                 "host_ms": 1e3 * totals["host_seconds"], "cpu_ms": 1e3 * cpu}
+                    row.update({f"{key}_per_image": value / rows if rows else 0.0
+                                for key, value in per_image.items()})
+                    row.update(_limits(row, cores))
                     results["rows"].append(row)
                     printer(_line(row))
             status = server.stop()
@@ -248,6 +282,20 @@ def run(duration=3.0, concurrencies=(1, 4, 16, 64), clock_mhz=100.0, max_batch_s
                                     duration, names, printer)
         results["overload"] = _overload(compiled, device, names, printer)
     return results
+
+
+def _limits(row, cores):
+    """A row's two limits in images per second: the device's (one over its time per image at
+    the clock) and this machine's (its cores over the CPU time per image of the server and the
+    client together: HTTP, batching, the model's host work, the device model's own
+    arithmetic); which of them binds, by how much, and the throughput's share of it."""
+    device = 1e3 / row["device_ms_per_image"] if row["device_ms_per_image"] else float("inf")
+    cpu = 1e3 * cores / row["cpu_ms_per_image"] if row["cpu_ms_per_image"] else float("inf")
+    bound = "device" if device <= cpu else "CPU"
+    return {"device_limit": device, "cpu_limit": cpu, "bound": bound,
+            "bound_by": max(device, cpu) / min(device, cpu),
+            "of_device_limit": row["throughput"] / device,
+            "of_limit": row["throughput"] / min(device, cpu)}
 
 
 def _expected(path, samples):
@@ -343,37 +391,47 @@ def _line(row):
     return (f"{row['model']:<12} {'batching' if row['batching'] else 'one by one':<10} "
             f"c={row['concurrency']:<3} {row['throughput']:8.1f} req/s  p50 {row['p50_ms']:7.1f} "
             f"ms  p99 {row['p99_ms']:7.1f} ms  batch {row['mean_batch']:5.2f}  busy "
-            f"{row['busy_fraction']:.0%}  limit {row['device_limit']:7.1f}/s "
-            f"({row['of_limit']:.0%})  {row['bound']}-bound")
+            f"{row['busy_fraction']:.0%}  limits: device {row['device_limit']:7.1f}/s, CPU "
+            f"{row['cpu_limit']:7.1f}/s  {row['bound']}-bound ({row['of_limit']:.0%})")
+
+
+def _bound(row):
+    if row["bound"] == "device":
+        return "device"
+    return f"CPU ({row['bound_by']:.1f}x below the device's limit)"
 
 
 def markdown(results):
     """The README's table and the targets' figures."""
-    lines = ["| model | batching | concurrency | requests/s | p50 ms | p99 ms | mean batch | "
-             "device busy | device ms/image | host ms/image | device-bound limit /s | "
-             "of limit |", "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | batching | clients | requests/s | p50 ms | p99 ms | mean batch | "
+             "device busy | device ms/image (clock) | device model busy ms/image | "
+             "host ms/image | CPU ms/image | device limit /s | CPU limit /s | bound | "
+             "of its limit |",
+             "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|---:|"]
     for r in results["rows"]:
         lines.append(f"| {r['model']} | {'on' if r['batching'] else 'off'} | "
                      f"{r['concurrency']} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r['mean_batch']:.2f} | {r['busy_fraction']:.0%} | "
-                     f"{r['device_ms_per_image']:.2f} | {r['host_ms_per_image']:.2f} | "
-                     f"{r['device_limit']:.0f} | {r['of_limit']:.0%} |")
-    lines += ["", "| model | c=16: batching on / off | c=16, on: of the device-bound limit | "
-              "bound (c=16, on) | c=1: p50 / direct run | c=1: p50 - direct run |",
-              "|:---|---:|---:|:---|---:|---:|"]
+                     f"{r['device_ms_per_image']:.3f} | {r['busy_ms_per_image']:.2f} | "
+                     f"{r['host_ms_per_image']:.2f} | {r['cpu_ms_per_image']:.2f} | "
+                     f"{r['device_limit']:.0f} | {r['cpu_limit']:.0f} | {r['bound']} | "
+                     f"{r['of_limit']:.0%} |")
+    lines += ["", "| model | c=16: batching on / off | device ms/image at c=16, off / on | "
+              "bound (c=16, on) | of its limit | one client: p50 / direct run | "
+              "one client: p50 - direct run |",
+              "|:---|---:|---:|:---|---:|---:|---:|"]
     for name in dict.fromkeys(r["model"] for r in results["rows"]):
         pick = {(r["batching"], r["concurrency"]): r for r in results["rows"]
                 if r["model"] == name}
-        on, off, single = pick.get((True, 16)), pick.get((False, 16)), pick.get((True, 1))
-        if on is None or off is None or single is None:
+        on, off, single = pick.get((True, 16)), pick.get((False, 16)), results["single"][name]
+        if on is None or off is None:
             continue
-        bound = on["bound"] + ("" if on["bound"] == "device" else
-                               f" (host {on['host_ms_per_image']:.2f} ms/image against the "
-                               f"device's {on['device_ms_per_image']:.2f})")
+        gain = off["device_ms_per_image"] / on["device_ms_per_image"]
         lines.append(f"| {name} | {on['throughput'] / off['throughput']:.1f}x | "
-                     f"{on['of_limit']:.0%} | {bound} | "
-                     f"{single['p50_ms'] / single['direct_ms']:.2f} | "
-                     f"{single['p50_ms'] - single['direct_ms']:+.1f} ms |")
+                     f"{off['device_ms_per_image']:.3f} / {on['device_ms_per_image']:.3f} "
+                     f"({gain:.1f}x) | {_bound(on)} | {on['of_limit']:.0%} | "
+                     f"{single['served_ms'] / single['direct_ms']:.2f} | "
+                     f"{single['served_ms'] - single['direct_ms']:+.1f} ms |")
     f, o = results["faults"], results["overload"]
     lines += ["", f"Faults ({f['model']}, concurrency {f['concurrency']}, a DeviceError in 1 "
               f"of every {f['every']} device batches): {f['answered']} answered, {f['lost']} "

@@ -134,18 +134,64 @@ def _schedule(g, issued, panel, stall_in, requant, groups=False):
     before has issued its last k-step and its A panel is in; it takes its issued k-steps and
     set-up, at least the array's issue rule; its last k-step waits until the row FIFO has room
     for its rows (two tiles' rows: the tile two before has left it); its rows reach the FIFO
-    ``cols + enter`` cycles later and leave one after another at the output stream's pace."""
+    ``cols + enter`` cycles later and leave one after another at the output stream's pace.
+
+    Jobs of many tiles whose row FIFO always has room in time (most: a tile's k-steps outlast
+    two tiles' rows leaving) and whose panels' banks are free in time are worked out at once
+    (:func:`_schedule_unstalled`); the others tile by tile (:func:`_schedule_tiles`)."""
     s = SCHEDULE
-    m_tiles, n_tiles = issued.shape
     steps = issued + s["setup"]
-    tile_cycles = np.maximum(steps, max(g.rows, g.cols) + 1).tolist()
-    steps = steps.tolist()
-    tile_cycles[0][0] = steps[0][0]  # (the issue rule spaces two tiles)
+    cycles = np.maximum(steps, max(g.rows, g.cols) + 1)
+    cycles[0, 0] = steps[0, 0]  # (the issue rule spaces two tiles)
     row_beats = g.vector_beats((1 if requant else 4) * g.cols)
-    tile_out = g.rows * row_beats
     reload = max(panel + s["group_panel"], s["group_reload"]) if groups else panel + s["panel"]
-    panel_step, room_delay, m_tile = panel + s["panel"], s["room"], s["m_tile"]
-    read_out = g.cols + s["enter"]
+    timing = dict(tile_out=g.rows * row_beats, reload=reload, panel_step=panel + s["panel"],
+                  room_delay=s["room"], m_tile=s["m_tile"], read_out=g.cols + s["enter"])
+    if issued.size >= 64:
+        done = _schedule_unstalled(steps, cycles, stall_in, **timing)
+        if done is not None:
+            return done
+    return _schedule_tiles(steps.tolist(), cycles.tolist(), stall_in, **timing)
+
+
+def _schedule_unstalled(steps, cycles, stall_in, tile_out, reload, panel_step, room_delay,
+                        m_tile, read_out):
+    """:func:`_schedule_tiles`'s result, worked out for all tiles at once on the premise that no
+    tile waits for room in the row FIFO and no m-tile waits for its panel's bank (an m-tile may
+    wait for its panel to stream in); None where one would (the premise is checked against the
+    times it gives, so a result is the tile-by-tile one)."""
+    m_tiles, n_tiles = steps.shape
+    # The m-tiles: each starts at the later of the one before's end and its panel's arrival,
+    # and takes its tiles' cycles: row_end[i] = max(row_end[i - 1], ready[i]) + row[i], as a
+    # running maximum.
+    ready = stall_in + panel_step * np.arange(m_tiles)
+    row = cycles.sum(axis=1) + m_tile
+    before = np.cumsum(row) - row  # the rows' cycles before each
+    row_end = np.maximum.accumulate(np.maximum(ready - before, stall_in)) + before + row
+    row_begin = row_end - row
+    previous = np.concatenate([[stall_in], row_end[:-1]])  # the end before each m-tile
+    if m_tiles > 2 and (row_end[:-2] + reload > row_begin[2:]).any():
+        return None  # a panel's bank still held by the m-tile two before
+    waited = int((ready - previous)[ready > previous].sum())
+    added = cycles.copy()
+    added[:, 0] += m_tile
+    end = (row_begin[:, None] + np.cumsum(added, axis=1)).reshape(-1)  # each tile's last step
+    # A tile's rows leave after the rows before them: left[t] = max(entered[t], left[t - 1])
+    # + tile_out, as a running maximum.
+    order = np.arange(end.size) * tile_out
+    left = np.maximum.accumulate(end + read_out - order) + order + tile_out
+    room = left[:-2] + room_delay  # the row FIFO's room for tile t, from tile t - 2
+    if (room > end[2:]).any():
+        return None
+    begin = end - cycles.reshape(-1)
+    wait = room - begin[2:] - steps.reshape(-1)[2:]
+    return int(left[-1]) + SCHEDULE["end"], stall_in + waited, int(wait[wait > 0].sum())
+
+
+def _schedule_tiles(steps, tile_cycles, stall_in, tile_out, reload, panel_step, room_delay,
+                    m_tile, read_out):
+    """:func:`_schedule`, tile by tile (``steps`` and ``tile_cycles`` as lists of rows)."""
+    m_tiles, n_tiles = len(steps), len(steps[0])
     # (A hot loop: conditionals rather than max(), locals, no appends.)
     popped = [0] * (m_tiles * n_tiles)
     m_ends = [0] * m_tiles
@@ -179,7 +225,7 @@ def _schedule(g, issued, panel, stall_in, requant, groups=False):
             popped[t] = left
             t += 1
         m_ends[i] = end
-    return left + s["end"], stall_in, stall_out
+    return left + SCHEDULE["end"], stall_in, stall_out
 
 
 def choose_format(geometry, a, b, requant=False, counts=None, vectors=0):

@@ -1118,3 +1118,41 @@ def test_device_model_decodes_each_b_once():
     assert len(device._decoded._entries) == 2
     device.close()
     assert device._decoded.size == 0
+
+
+def test_cycle_estimate_at_once_is_the_tile_by_tile_one():
+    """The cycle estimate's schedule worked out for all tiles at once (jobs whose tiles never
+    wait for a panel or for room in the row FIFO) gives the tile-by-tile walk's cycles and
+    stalls, and declines the jobs where a tile would wait; on random jobs of dense, sparse and
+    mostly-dense-with-empty tiles, on four geometries."""
+    rng = np.random.default_rng(17)
+    s = reference.SCHEDULE
+    taken = declined = 0
+    for trial in range(1200):
+        g = (protocol.Geometry(**protocol.DEFAULT_BUILD), protocol.Geometry(4, 4, 32, 64, 64),
+             protocol.Geometry(3, 5, 16, 64, 64), protocol.Geometry(16, 16, 128, 512, 512))[
+            trial % 4]
+        m_tiles, n_tiles, k = (int(rng.integers(1, high)) for high in (80, 12, 300))
+        issued = (rng.integers(0, k + 1, (m_tiles, n_tiles)), np.full((m_tiles, n_tiles), k),
+                  np.where(rng.random((m_tiles, n_tiles)) < 0.2,
+                           rng.integers(0, 5, (m_tiles, n_tiles)), k))[trial % 3]
+        issued = issued.astype(np.int64)
+        panel, stall_in = k * g.vector_beats(g.rows), int(rng.integers(5, 5000))
+        requant, groups = bool(rng.integers(2)), bool(rng.integers(2))
+        steps = issued + s["setup"]
+        cycles = np.maximum(steps, max(g.rows, g.cols) + 1)
+        cycles[0, 0] = steps[0, 0]
+        reload = (max(panel + s["group_panel"], s["group_reload"]) if groups
+                  else panel + s["panel"])
+        timing = dict(tile_out=g.rows * g.vector_beats((1 if requant else 4) * g.cols),
+                      reload=reload, panel_step=panel + s["panel"], room_delay=s["room"],
+                      m_tile=s["m_tile"], read_out=g.cols + s["enter"])
+        walked = reference._schedule_tiles(steps.tolist(), cycles.tolist(), stall_in, **timing)
+        at_once = reference._schedule_unstalled(steps, cycles, stall_in, **timing)
+        if at_once is None:
+            declined += 1
+        else:
+            taken += 1
+            assert at_once == walked, trial
+        assert reference._schedule(g, issued, panel, stall_in, requant, groups) == walked
+    assert taken > 300 and declined > 300, (taken, declined)

@@ -333,3 +333,39 @@ def test_bench_serve_says_what_bounds_a_row():
     row.update(loadgen._limits(row, cores=2))
     assert row["bound"] == "device" and loadgen._bound(row) == "device"
     assert row["of_limit"] == pytest.approx(11 / 12.5)
+
+
+def test_bench_serve_end_to_end_on_one_model():
+    """``sparsa bench serve``'s run on the digits MLP, briefly: a row per batching mode and
+    concurrency with its limits and bound, one client against the direct run, a failing device
+    losing and spoiling no request and coming back, a burst answered exactly or refused 503,
+    every server stopped with status 0; the markdown has them."""
+    from sparsa.serve import loadgen
+
+    lines = []
+    results = loadgen.run(duration=0.6, concurrencies=(1, 4), models=["digits-mlp"],
+                          printer=lines.append)
+    rows = results["rows"]
+    assert [(r["batching"], r["concurrency"]) for r in rows] == [
+        (True, 1), (True, 4), (False, 1), (False, 4)]
+    for row in rows:
+        assert row["model"] == "digits-mlp" and row["throughput"] > 0 and row["failed"] == 0
+        assert row["p50_ms"] <= row["p99_ms"]
+        assert row["device_ms_per_image"] > 0 and row["cpu_ms_per_image"] > 0
+        assert row["bound"] == ("device" if row["device_limit"] <= row["cpu_limit"] else "CPU")
+        if not row["batching"]:
+            assert row["mean_batch"] == 1.0
+    single = results["single"]["digits-mlp"]
+    assert single["direct_ms"] > 0 and single["served_ms"] > 0
+    faults = results["faults"]
+    assert faults["answered"] > 0 and faults["lost"] == 0 and faults["wrong"] == 0
+    assert faults["device_failures"] >= 1 and faults["device_back"]
+    assert faults["exit_status"] == 0
+    overload = results["overload"]
+    assert overload["ok"] > 0 and overload["503"] > 0 and overload["ok"] + overload["503"] == 160
+    assert overload["wrong"] == overload["other"] == 0 and overload["exit_status"] == 0
+    text = loadgen.markdown(results)
+    assert text.count("| digits-mlp | on |") == 2 and text.count("| digits-mlp | off |") == 2
+    assert "Faults (digits-mlp" in text and "Overload (digits-mlp" in text
+    with pytest.raises(ValueError, match="models: lenet not among"):
+        loadgen.compile_models(".", names=["lenet"])

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 
-def compile_models(folder, seed=0):
+def compile_models(folder, seed=0, names=None):
     """The demo's digit classifiers (MLP, CNN) and the MobileNetV2- and ResNet-18-style
-    networks, quantized by onnxruntime and compiled; ``{name: (path, sample inputs)}``."""
+    networks (those of ``names`` when given), quantized by onnxruntime and compiled;
+    ``{name: (path, sample inputs)}``."""
     from sparsa import models
     from sparsa import onnx as sparsa_onnx
     from sparsa.demo import cnn_onnx, digits, mlp_onnx, quantize_with_onnxruntime
@@ -45,8 +46,14 @@ def compile_models(folder, seed=0):
     samples = rng.standard_normal((16, *models.INPUT)).astype(np.float32)
     sources["mobilenetv2"] = (models.mobilenet_v2(rng), calibration, samples, True, None)
     sources["resnet18"] = (models.resnet18(rng), calibration, samples, False, None)
+    unknown = sorted(set(names or ()) - set(sources))
+    if unknown:
+        raise ValueError(f"models: {', '.join(unknown)} not among the benchmark's "
+                         f"({', '.join(sources)})")
     compiled = {}
     for name, (model, train, test, per_channel, outputs) in sources.items():
+        if names and name not in names:
+            continue
         quantized = quantize_with_onnxruntime(model, train, folder, per_channel)
         path = Path(folder) / f"{name}.npz"
         sparsa_onnx.compile(quantized, outputs=outputs).save(path)
@@ -224,9 +231,7 @@ def run(duration=3.0, concurrencies=(1, 4, 16, 64), clock_mhz=100.0, max_batch_s
                "max_batch_size": max_batch_size, "max_queue_delay_us": max_queue_delay_us}
     with tempfile.TemporaryDirectory() as folder:
         printer("compiling the models ...")
-        compiled = compile_models(folder, seed)
-        if models:
-            compiled = {name: compiled[name] for name in models}
+        compiled = compile_models(folder, seed, models)
         names = {name: load_model(path).inputs[0].name for name, (path, _) in compiled.items()}
         direct = {}
         results["single"] = {}

@@ -1070,7 +1070,7 @@ def test_device_model_decodes_each_b_once():
     from sparsa.sim import patterns
 
     rng = np.random.default_rng(5)
-    g = protocol.Geometry(**{**protocol.DEFAULT_BUILD})
+    g = protocol.Geometry(**protocol.DEFAULT_BUILD)
     for groups in (False, True):
         decoded = reference.DecodedB()
         k, n = 40, 20

@@ -366,5 +366,6 @@ def test_bench_serve_end_to_end_on_one_model():
     text = loadgen.markdown(results)
     assert text.count("| digits-mlp | on |") == 1 and text.count("| digits-mlp | off |") == 1
     assert "Faults (digits-mlp" in text and "Overload (digits-mlp" in text
+    assert sum(line.startswith(("faults:", "overload:")) for line in lines) == 2
     with pytest.raises(ValueError, match="models: lenet not among"):
         loadgen.compile_models(".", names=["lenet"])

@@ -1528,6 +1528,15 @@ def by_name(infos, values, argument):
 def _input_array(info, value):
     """A model input as the graph holds it (uint8 as int8 less 128), checked against the
     model's type and fixed dimensions."""
+    value = check_input(info, value)
+    return hold_uint8(value) if value.dtype == np.uint8 else value
+
+
+def check_input(info, value):
+    """``value`` for the model input ``info`` (a :class:`TensorInfo`) as
+    :meth:`CompiledModel.run` takes it (integers and other floats cast to a float input's
+    type), or ModelError naming the input and what was expected: its type, its fixed
+    dimensions, no empty dimension, finite floats."""
     name = f"inputs[{info.name!r}]"
     if not isinstance(value, np.ndarray):
         raise ModelError(f"{name}: expected a numpy.ndarray, got {type(value).__name__}")
@@ -1545,8 +1554,6 @@ def _input_array(info, value):
         raise ModelError(f"{name}: expected no empty dimension, got shape {value.shape}")
     if expected.kind == "f" and not np.all(np.isfinite(value)):
         raise ModelError(f"{name}: expected finite values")
-    if expected == np.uint8:
-        value = hold_uint8(value)
     return value
 
 

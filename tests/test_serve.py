@@ -195,6 +195,29 @@ def test_dynamic_batching_joins_requests(model_path):
         server.close()
 
 
+def test_a_request_the_run_would_refuse_is_refused_alone(model_path):
+    """A request with a non-finite value, or no rows, is refused when submitted, naming the
+    input, so that it never joins (and fails) a batch of other clients' requests: those are
+    answered exactly."""
+    server, _ = server_for(model_path, backend="reference", device_model=True,
+                           max_batch_size=8, max_queue_delay=0.05)
+    try:
+        x = images(4, seed=3)
+        bad = x[:1].copy()
+        bad[0, 0, 0, 0] = np.nan
+        for value, words in ((bad, "expected finite values"),
+                             (x[:0], "expected no empty dimension")):
+            good = server.models["cnn"].submit({"x": x[1:2]})
+            with pytest.raises(graph.ModelError, match=rf"inputs\['x'\]: {words}"):
+                server.models["cnn"].submit({"x": value})
+            later = server.models["cnn"].submit({"x": x[2:3]})
+            for request, row in ((good, 1), (later, 2)):
+                assert np.array_equal(request.future.result(timeout=60)[0],
+                                      expected(model_path, x[row:row + 1]))
+    finally:
+        server.close()
+
+
 def test_a_failing_device_loses_no_request(model_path):
     """Every 5th device batch fails as a device that stops answering: its requests go back to
     the queue and are answered (exactly) by the CPU instance or the recovered device; the

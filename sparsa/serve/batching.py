@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from sparsa.host.errors import DeviceError, ModelError
-from sparsa.host.graph import load, loads
+from sparsa.host.graph import check_input, load, loads
 
 log = logging.getLogger("sparsa.serve")
 
@@ -254,7 +254,9 @@ class ServedModel:
         return request
 
     def _check(self, inputs):
-        """The inputs as the model's dtypes and ranks, or ModelError naming the input."""
+        """The inputs, each of the model's dtype and shape and one the model's run takes
+        (:func:`~sparsa.host.graph.check_input`: a request the run would refuse is refused
+        here, alone, not in a batch with others), or ModelError naming the input."""
         names = {t.name for t in self.model.inputs}
         unknown = sorted(set(inputs) - names)
         if unknown:
@@ -269,7 +271,7 @@ class ServedModel:
                     d is not None and d != s for d, s in zip(t.shape, value.shape)):
                 raise ModelError(f"input {t.name!r}: expected {t.dtype} of shape "
                                  f"{_shape_text(t.shape)}, got {value.dtype} {value.shape}")
-            checked[t.name] = value
+            checked[t.name] = check_input(t, value)
         return checked
 
     # -- batches --

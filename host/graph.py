@@ -1568,8 +1568,8 @@ def load(path):
     before it is returned: the graph's structure, every node's inputs produced before it,
     every device node's attributes and constants (its record in :mod:`sparsa.host.schema`),
     quantization scales and zero points; of the constants only those the graph names are
-    read, and only when they fit in the memory available. Anything else raises :class:`ModelError` naming the file, the node
-    and what is wrong."""
+    read, and only when they fit in the memory available. Anything else raises
+    :class:`ModelError` naming the file, the node and what is wrong."""
     try:
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):

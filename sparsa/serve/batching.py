@@ -1,16 +1,17 @@
 """The serving core, without HTTP: models with a bounded request queue each, dynamic batching
-(Triton's, but for when the oldest request waits), and instances (a device, a CPU fallback) whose workers take batches from the
-queues. NumPy and the standard library only.
+(Triton's, but for when the oldest request waits), and instances (a device, a CPU fallback)
+whose workers take batches from the queues. NumPy and the standard library only.
 
 A request waits in its model's queue until a worker takes it in a batch: requests with the same
 input shapes (but for the batch axis) and dtypes join, oldest first, up to ``max_batch_size``
 rows, the oldest waiting at most ``max_queue_delay`` for company, and only when there is
 company about: other requests queued, or another batch of the model running on that instance (a
-lone request gains nothing by waiting). A device
-instance's workers take any request; the CPU instance's take requests only once they have
-waited past their latency budget, or while no device instance is in service. A batch whose device fails goes back to the
-front of the queue (no accepted request is lost) and the instance is recovered in the
-background: closed, opened again, checked with a GEMM against NumPy, put back.
+lone request gains nothing by waiting). A device instance's workers take any request; the CPU
+instance's take requests only once they have waited past their latency budget, or while no
+device instance is in service. A batch whose device fails goes back to the front of the queue
+(no accepted request is lost) and the instance is recovered in the background: closed, opened
+again, checked with a GEMM against NumPy, put back. A request the model's run would refuse is
+refused when submitted, so that it never fails a batch of other requests.
 """
 
 import collections
